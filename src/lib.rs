@@ -1,0 +1,39 @@
+//! shardq: a thread-per-core message broker for bare-metal Linux.
+//!
+//! Map of the crate and the data path:
+//! - [`protocol`]: the sans-IO wire codec (frames, requests, record batches). Shared by the
+//!   broker and the client; no runtime.
+//! - `storage`: one partition's log: O_DIRECT segment files written through io_uring
+//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery.
+//! - `shard`: the per-core event loop: owns partitions, places partitions on shards,
+//!   forwards requests between shards over glommio's channel mesh.
+//! - `server`: listeners, connections, request dispatch, start-up and shutdown.
+//! - `client`: the tokio client (feature `client`), built on `protocol` only.
+//! - `config`: broker settings and their limits.
+//!
+//! ```text
+//! client ──TCP──> shard k: decode frame, validate batches, split by partition
+//!                  ├─ own partition ──> log append (aligned chunk) ──> group commit
+//!                  └─ other shard's ──> channel mesh ──> owner, same path, reply back
+//! owner: io_uring write ──> fdatasync ──> durable watermark ──> acks, woken fetches
+//! ```
+//! See docs/architecture.md for the invariants and which core does what.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod shard;
+#[cfg(feature = "server")]
+pub mod storage;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+/// Partition placement, shared by the broker (which routes) and smart clients (which skip
+/// the hop). Pure: the same inputs give the same shard on every host and every run.
+pub mod placement;

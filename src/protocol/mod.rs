@@ -1,0 +1,1175 @@
+//! Wire protocol v1: a sans-IO codec shared by the broker and the client.
+//!
+//! What it is: the frame header, the request and response bodies, the record batch format
+//! and the error codes. What it is not: anything that reads a socket. `decode_frame_header`
+//! looks at a byte slice and says `Incomplete` when it needs more bytes; bodies decode from
+//! a `Bytes` so that record batches stay zero-copy slices of the received frame; encoders
+//! append to a caller-owned `BytesMut`. It runs on whatever core calls it.
+//!
+//! The byte-level spec, with diagrams, is docs/protocol.md.
+//!
+//! ```text
+//! frame header (16 bytes, little-endian)
+//!  0 body_length    u32  bytes after the header
+//!  4 version        u8   PROTOCOL_VERSION
+//!  5 opcode         u8   Opcode
+//!  6 flags          u16  bit 0: response
+//!  8 correlation_id u64  chosen by the client, echoed in the response
+//! ```
+
+pub mod batch;
+pub mod codec;
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub use codec::{Reader, Writer};
+
+pub const PROTOCOL_VERSION: u8 = 1;
+pub const FRAME_HEADER_SIZE: usize = 16;
+pub const FLAG_RESPONSE: u16 = 1;
+/// Topic names: what fits in a directory name on every filesystem we target.
+pub const TOPIC_NAME_BYTES_MAX: usize = 200;
+
+const _: () = assert!(
+    4 + 1 + 1 + 2 + 8 == FRAME_HEADER_SIZE,
+    "frame header fields must fill the header or every frame after the first misparses"
+);
+
+/// Operations of protocol v1. The numbers are the wire values and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    Handshake = 1,
+    Metadata = 2,
+    CreateTopic = 3,
+    DeleteTopic = 4,
+    Produce = 5,
+    Fetch = 6,
+}
+
+impl Opcode {
+    pub fn from_wire(value: u8) -> Option<Opcode> {
+        Some(match value {
+            1 => Opcode::Handshake,
+            2 => Opcode::Metadata,
+            3 => Opcode::CreateTopic,
+            4 => Opcode::DeleteTopic,
+            5 => Opcode::Produce,
+            6 => Opcode::Fetch,
+            _ => return None,
+        })
+    }
+}
+
+/// Error codes carried in responses. Zero is success. The numbers are the wire values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    None = 0,
+    /// The frame or body did not parse; the connection is closed after this response.
+    MalformedFrame = 1,
+    UnsupportedVersion = 2,
+    UnknownOpcode = 3,
+    FrameTooLarge = 4,
+    UnknownTopic = 5,
+    UnknownPartition = 6,
+    TopicAlreadyExists = 7,
+    InvalidTopicName = 8,
+    InvalidPartitionCount = 9,
+    /// A record batch failed its CRC check.
+    CorruptBatch = 10,
+    /// A record batch was framed wrongly (lengths, counts, offset deltas) or too large.
+    InvalidBatch = 11,
+    OffsetOutOfRange = 12,
+    /// The log could not be written or read; the message says what the disk said.
+    StorageError = 13,
+    /// The request waited longer than its timeout (produce) for durability.
+    Timeout = 14,
+    ShuttingDown = 15,
+    /// A configured limit was reached (connections, in-flight requests, memory).
+    LimitExceeded = 16,
+    InvalidRequest = 17,
+    Internal = 18,
+}
+
+impl ErrorCode {
+    pub fn from_wire(value: u16) -> ErrorCode {
+        match value {
+            0 => ErrorCode::None,
+            1 => ErrorCode::MalformedFrame,
+            2 => ErrorCode::UnsupportedVersion,
+            3 => ErrorCode::UnknownOpcode,
+            4 => ErrorCode::FrameTooLarge,
+            5 => ErrorCode::UnknownTopic,
+            6 => ErrorCode::UnknownPartition,
+            7 => ErrorCode::TopicAlreadyExists,
+            8 => ErrorCode::InvalidTopicName,
+            9 => ErrorCode::InvalidPartitionCount,
+            10 => ErrorCode::CorruptBatch,
+            11 => ErrorCode::InvalidBatch,
+            12 => ErrorCode::OffsetOutOfRange,
+            13 => ErrorCode::StorageError,
+            14 => ErrorCode::Timeout,
+            15 => ErrorCode::ShuttingDown,
+            16 => ErrorCode::LimitExceeded,
+            17 => ErrorCode::InvalidRequest,
+            // Codes from a newer broker read as Internal rather than failing the decode.
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::None => "none",
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::UnknownOpcode => "unknown_opcode",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnknownTopic => "unknown_topic",
+            ErrorCode::UnknownPartition => "unknown_partition",
+            ErrorCode::TopicAlreadyExists => "topic_already_exists",
+            ErrorCode::InvalidTopicName => "invalid_topic_name",
+            ErrorCode::InvalidPartitionCount => "invalid_partition_count",
+            ErrorCode::CorruptBatch => "corrupt_batch",
+            ErrorCode::InvalidBatch => "invalid_batch",
+            ErrorCode::OffsetOutOfRange => "offset_out_of_range",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An error with its code and a message for people. Carried in responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Why bytes could not be decoded. Each variant says where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    Truncated {
+        field: &'static str,
+        offset: usize,
+        need: usize,
+        have: usize,
+    },
+    InvalidUtf8 {
+        field: &'static str,
+        offset: usize,
+        source: std::str::Utf8Error,
+    },
+    TooMany {
+        field: &'static str,
+        count: u32,
+        count_max: u32,
+    },
+    TrailingBytes {
+        offset: usize,
+        count: usize,
+    },
+    UnsupportedVersion {
+        version: u8,
+    },
+    UnknownOpcode {
+        opcode: u8,
+    },
+    FrameTooLarge {
+        body_length: u32,
+        body_length_max: u32,
+    },
+    InvalidValue {
+        field: &'static str,
+        value: u64,
+    },
+}
+
+impl ProtocolError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            ProtocolError::UnknownOpcode { .. } => ErrorCode::UnknownOpcode,
+            ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::Truncated {
+                field,
+                offset,
+                need,
+                have,
+            } => write!(
+                f,
+                "{field} at byte {offset} needs {need} bytes, only {have} left"
+            ),
+            ProtocolError::InvalidUtf8 {
+                field,
+                offset,
+                source,
+            } => write!(f, "{field} at byte {offset} is not UTF-8: {source}"),
+            ProtocolError::TooMany {
+                field,
+                count,
+                count_max,
+            } => write!(f, "{field} lists {count} entries, at most {count_max} allowed"),
+            ProtocolError::TrailingBytes { offset, count } => {
+                write!(f, "{count} unexpected bytes after the body, from byte {offset}")
+            }
+            ProtocolError::UnsupportedVersion { version } => write!(
+                f,
+                "protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION})"
+            ),
+            ProtocolError::UnknownOpcode { opcode } => write!(f, "unknown opcode {opcode}"),
+            ProtocolError::FrameTooLarge {
+                body_length,
+                body_length_max,
+            } => write!(
+                f,
+                "frame body of {body_length} bytes exceeds the maximum of {body_length_max}"
+            ),
+            ProtocolError::InvalidValue { field, value } => {
+                write!(f, "{field} has invalid value {value}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// The outcome of decoding from a buffer that may not hold a whole item yet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// More bytes are needed: at least this many in total.
+    Incomplete { need: usize },
+    Complete(T),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub body_length: u32,
+    pub version: u8,
+    /// Raw opcode: an unknown value is reported after the body is skipped, so that the
+    /// connection can answer it and keep going.
+    pub opcode: u8,
+    pub flags: u16,
+    pub correlation_id: u64,
+}
+
+impl FrameHeader {
+    pub fn is_response(&self) -> bool {
+        self.flags & FLAG_RESPONSE != 0
+    }
+
+    pub fn frame_length(&self) -> usize {
+        FRAME_HEADER_SIZE + self.body_length as usize
+    }
+}
+
+/// Decodes a frame header and checks it against `body_length_max` and the version.
+/// The header is returned inside the error's context by the caller (it has the bytes), so
+/// it can answer with the right correlation id before closing.
+pub fn decode_frame_header(
+    bytes: &[u8],
+    body_length_max: u32,
+) -> Result<Decoded<FrameHeader>, ProtocolError> {
+    if bytes.len() < FRAME_HEADER_SIZE {
+        return Ok(Decoded::Incomplete {
+            need: FRAME_HEADER_SIZE,
+        });
+    }
+    let header = FrameHeader {
+        body_length: u32::from_le_bytes(bytes[0..4].try_into().expect("four bytes")),
+        version: bytes[4],
+        opcode: bytes[5],
+        flags: u16::from_le_bytes([bytes[6], bytes[7]]),
+        correlation_id: u64::from_le_bytes(bytes[8..16].try_into().expect("eight bytes")),
+    };
+    if header.version != PROTOCOL_VERSION {
+        return Err(ProtocolError::UnsupportedVersion {
+            version: header.version,
+        });
+    }
+    if header.body_length > body_length_max {
+        return Err(ProtocolError::FrameTooLarge {
+            body_length: header.body_length,
+            body_length_max,
+        });
+    }
+    Ok(Decoded::Complete(header))
+}
+
+/// Reads the correlation id of a header-sized prefix without validating anything, so that
+/// a refusal can still be addressed to the request it refuses.
+pub fn peek_correlation_id(bytes: &[u8]) -> Option<u64> {
+    bytes
+        .get(8..16)
+        .map(|id| u64::from_le_bytes(id.try_into().expect("eight bytes")))
+}
+
+/// Writes a frame: reserves the header, lets `body` append, then fills in the length.
+pub fn encode_frame(
+    out: &mut BytesMut,
+    opcode: Opcode,
+    flags: u16,
+    correlation_id: u64,
+    body: impl FnOnce(&mut Writer<'_>),
+) {
+    let start = out.len();
+    out.put_bytes(0, FRAME_HEADER_SIZE);
+    body(&mut Writer::new(out));
+    let body_length = u32::try_from(out.len() - start - FRAME_HEADER_SIZE).expect("frame below 4 GiB");
+    let header = &mut out[start..start + FRAME_HEADER_SIZE];
+    header[0..4].copy_from_slice(&body_length.to_le_bytes());
+    header[4] = PROTOCOL_VERSION;
+    header[5] = opcode as u8;
+    header[6..8].copy_from_slice(&flags.to_le_bytes());
+    header[8..16].copy_from_slice(&correlation_id.to_le_bytes());
+}
+
+/// Writes the status that opens every response body.
+fn encode_status(writer: &mut Writer<'_>, error: Option<&WireError>) {
+    match error {
+        None => {
+            writer.u16(ErrorCode::None as u16);
+            writer.string("");
+        }
+        Some(error) => {
+            writer.u16(error.code as u16);
+            writer.string(truncate_message(&error.message));
+        }
+    }
+}
+
+fn truncate_message(message: &str) -> &str {
+    const MESSAGE_BYTES_MAX: usize = 4096;
+    if message.len() <= MESSAGE_BYTES_MAX {
+        return message;
+    }
+    let mut end = MESSAGE_BYTES_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+fn decode_status(reader: &mut Reader) -> Result<Option<WireError>, ProtocolError> {
+    let code = ErrorCode::from_wire(reader.u16("error_code")?);
+    let message = reader.string("error_message")?;
+    Ok(match code {
+        ErrorCode::None => None,
+        code => Some(WireError { code, message }),
+    })
+}
+
+/// Durability a producer asks for, per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Acks {
+    /// No response at all; errors are only logged by the broker.
+    None = 0,
+    /// Answered once the batch is in the partition's memory.
+    Memory = 1,
+    /// Answered once an fdatasync covering the batch has completed.
+    Durable = 2,
+}
+
+impl Acks {
+    pub fn from_wire(value: u8) -> Option<Acks> {
+        match value {
+            0 => Some(Acks::None),
+            1 => Some(Acks::Memory),
+            2 => Some(Acks::Durable),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Acks::None => "none",
+            Acks::Memory => "memory",
+            Acks::Durable => "durable",
+        }
+    }
+}
+
+impl std::str::FromStr for Acks {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Acks, String> {
+        match text {
+            "none" => Ok(Acks::None),
+            "memory" => Ok(Acks::Memory),
+            "durable" => Ok(Acks::Durable),
+            other => Err(format!("acks must be none, memory or durable, not {other:?}")),
+        }
+    }
+}
+
+/// Limits the decoder enforces on list lengths. Frame size bounds the total; these bound
+/// the work per request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    pub topics_per_request_max: u32,
+    pub partitions_per_request_max: u32,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            topics_per_request_max: 1024,
+            partitions_per_request_max: 16384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeRequest {
+    pub client_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeResponse {
+    pub protocol_version: u8,
+    pub shard_count: u16,
+    /// The shard that accepted this connection.
+    pub shard_id: u16,
+    pub server_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRequest {
+    /// Empty means every topic.
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    pub partition: u32,
+    pub shard: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMetadata {
+    pub name: String,
+    pub error: Option<WireError>,
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataResponse {
+    /// Port of each shard's own listener, indexed by shard id. The host is the one the
+    /// client connected to.
+    pub shard_ports: Vec<u16>,
+    pub topics: Vec<TopicMetadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateTopicRequest {
+    pub name: String,
+    pub partitions: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteTopicRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducePartition {
+    pub partition: u32,
+    /// Exactly one record batch.
+    pub batch: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceTopic {
+    pub name: String,
+    pub partitions: Vec<ProducePartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceRequest {
+    pub acks: Acks,
+    pub timeout_ms: u32,
+    pub topics: Vec<ProduceTopic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducePartitionResult {
+    pub partition: u32,
+    /// The offset given to the batch's first record, or the error.
+    pub result: Result<u64, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceTopicResult {
+    pub name: String,
+    pub partitions: Vec<ProducePartitionResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceResponse {
+    pub topics: Vec<ProduceTopicResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartition {
+    pub partition: u32,
+    pub offset: u64,
+    pub bytes_max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchTopic {
+    pub name: String,
+    pub partitions: Vec<FetchPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// How long to wait for data when none is readable yet.
+    pub wait_ms_max: u32,
+    /// Total across partitions; each partition still returns at least one whole batch.
+    pub bytes_max: u32,
+    pub topics: Vec<FetchTopic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartitionData {
+    /// The first offset still stored.
+    pub log_start_offset: u64,
+    /// One past the last offset a consumer may read (the durable watermark).
+    pub high_watermark: u64,
+    /// Whole record batches, concatenated; may begin before the requested offset.
+    pub batches: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartitionResult {
+    pub partition: u32,
+    pub result: Result<FetchPartitionData, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchTopicResult {
+    pub name: String,
+    pub partitions: Vec<FetchPartitionResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchResponse {
+    pub topics: Vec<FetchTopicResult>,
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Handshake(HandshakeRequest),
+    Metadata(MetadataRequest),
+    CreateTopic(CreateTopicRequest),
+    DeleteTopic(DeleteTopicRequest),
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+}
+
+impl Request {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Handshake(_) => Opcode::Handshake,
+            Request::Metadata(_) => Opcode::Metadata,
+            Request::CreateTopic(_) => Opcode::CreateTopic,
+            Request::DeleteTopic(_) => Opcode::DeleteTopic,
+            Request::Produce(_) => Opcode::Produce,
+            Request::Fetch(_) => Opcode::Fetch,
+        }
+    }
+
+    /// Decodes a request body for a known opcode.
+    pub fn decode(opcode: Opcode, body: Bytes, limits: &DecodeLimits) -> Result<Request, ProtocolError> {
+        let mut reader = Reader::new(body);
+        let request = match opcode {
+            Opcode::Handshake => Request::Handshake(HandshakeRequest {
+                client_name: reader.string("client_name")?,
+            }),
+            Opcode::Metadata => {
+                let count = reader.count("topics", limits.topics_per_request_max, 2)?;
+                let mut topics = Vec::with_capacity(count);
+                for _ in 0..count {
+                    topics.push(reader.string("topic")?);
+                }
+                Request::Metadata(MetadataRequest { topics })
+            }
+            Opcode::CreateTopic => Request::CreateTopic(CreateTopicRequest {
+                name: reader.string("topic")?,
+                partitions: reader.u32("partitions")?,
+            }),
+            Opcode::DeleteTopic => Request::DeleteTopic(DeleteTopicRequest {
+                name: reader.string("topic")?,
+            }),
+            Opcode::Produce => {
+                let acks_value = reader.u8("acks")?;
+                let acks = Acks::from_wire(acks_value).ok_or(ProtocolError::InvalidValue {
+                    field: "acks",
+                    value: u64::from(acks_value),
+                })?;
+                let timeout_ms = reader.u32("timeout_ms")?;
+                let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
+                let mut topics = Vec::with_capacity(topic_count);
+                let mut partitions_total = 0u32;
+                for _ in 0..topic_count {
+                    let name = reader.string("topic")?;
+                    let count = reader.count("partitions", limits.partitions_per_request_max, 8)?;
+                    partitions_total += count as u32;
+                    if partitions_total > limits.partitions_per_request_max {
+                        return Err(ProtocolError::TooMany {
+                            field: "partitions",
+                            count: partitions_total,
+                            count_max: limits.partitions_per_request_max,
+                        });
+                    }
+                    let mut partitions = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        partitions.push(ProducePartition {
+                            partition: reader.u32("partition")?,
+                            batch: reader.bytes("batch")?,
+                        });
+                    }
+                    topics.push(ProduceTopic { name, partitions });
+                }
+                Request::Produce(ProduceRequest {
+                    acks,
+                    timeout_ms,
+                    topics,
+                })
+            }
+            Opcode::Fetch => {
+                let wait_ms_max = reader.u32("wait_ms_max")?;
+                let bytes_max = reader.u32("bytes_max")?;
+                let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
+                let mut topics = Vec::with_capacity(topic_count);
+                let mut partitions_total = 0u32;
+                for _ in 0..topic_count {
+                    let name = reader.string("topic")?;
+                    let count = reader.count("partitions", limits.partitions_per_request_max, 16)?;
+                    partitions_total += count as u32;
+                    if partitions_total > limits.partitions_per_request_max {
+                        return Err(ProtocolError::TooMany {
+                            field: "partitions",
+                            count: partitions_total,
+                            count_max: limits.partitions_per_request_max,
+                        });
+                    }
+                    let mut partitions = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        partitions.push(FetchPartition {
+                            partition: reader.u32("partition")?,
+                            offset: reader.u64("offset")?,
+                            bytes_max: reader.u32("bytes_max")?,
+                        });
+                    }
+                    topics.push(FetchTopic { name, partitions });
+                }
+                Request::Fetch(FetchRequest {
+                    wait_ms_max,
+                    bytes_max,
+                    topics,
+                })
+            }
+        };
+        reader.finish()?;
+        Ok(request)
+    }
+
+    /// Encodes the whole request frame.
+    pub fn encode(&self, correlation_id: u64, out: &mut BytesMut) {
+        encode_frame(out, self.opcode(), 0, correlation_id, |writer| match self {
+            Request::Handshake(request) => writer.string(&request.client_name),
+            Request::Metadata(request) => {
+                writer.count(request.topics.len());
+                for topic in &request.topics {
+                    writer.string(topic);
+                }
+            }
+            Request::CreateTopic(request) => {
+                writer.string(&request.name);
+                writer.u32(request.partitions);
+            }
+            Request::DeleteTopic(request) => writer.string(&request.name),
+            Request::Produce(request) => {
+                writer.u8(request.acks as u8);
+                writer.u32(request.timeout_ms);
+                writer.count(request.topics.len());
+                for topic in &request.topics {
+                    writer.string(&topic.name);
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        writer.bytes(&partition.batch);
+                    }
+                }
+            }
+            Request::Fetch(request) => {
+                writer.u32(request.wait_ms_max);
+                writer.u32(request.bytes_max);
+                writer.count(request.topics.len());
+                for topic in &request.topics {
+                    writer.string(&topic.name);
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        writer.u64(partition.offset);
+                        writer.u32(partition.bytes_max);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A decoded response body (after the status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseBody {
+    Handshake(HandshakeResponse),
+    Metadata(MetadataResponse),
+    CreateTopic,
+    DeleteTopic,
+    Produce(ProduceResponse),
+    Fetch(FetchResponse),
+}
+
+/// Encodes a response frame: status, then the body when the status is success.
+pub fn encode_response(
+    out: &mut BytesMut,
+    opcode: Opcode,
+    correlation_id: u64,
+    response: Result<&ResponseBody, &WireError>,
+) {
+    encode_frame(out, opcode, FLAG_RESPONSE, correlation_id, |writer| {
+        let body = match response {
+            Ok(body) => {
+                encode_status(writer, None);
+                body
+            }
+            Err(error) => {
+                encode_status(writer, Some(error));
+                return;
+            }
+        };
+        match body {
+            ResponseBody::Handshake(response) => {
+                writer.u8(response.protocol_version);
+                writer.u16(response.shard_count);
+                writer.u16(response.shard_id);
+                writer.string(&response.server_version);
+            }
+            ResponseBody::Metadata(response) => {
+                writer.count(response.shard_ports.len());
+                for port in &response.shard_ports {
+                    writer.u16(*port);
+                }
+                writer.count(response.topics.len());
+                for topic in &response.topics {
+                    writer.string(&topic.name);
+                    encode_status(writer, topic.error.as_ref());
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        writer.u16(partition.shard);
+                    }
+                }
+            }
+            ResponseBody::CreateTopic | ResponseBody::DeleteTopic => {}
+            ResponseBody::Produce(response) => {
+                writer.count(response.topics.len());
+                for topic in &response.topics {
+                    writer.string(&topic.name);
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        match &partition.result {
+                            Ok(base_offset) => {
+                                encode_status(writer, None);
+                                writer.u64(*base_offset);
+                            }
+                            Err(error) => {
+                                encode_status(writer, Some(error));
+                                writer.u64(0);
+                            }
+                        }
+                    }
+                }
+            }
+            ResponseBody::Fetch(response) => {
+                writer.count(response.topics.len());
+                for topic in &response.topics {
+                    writer.string(&topic.name);
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        match &partition.result {
+                            Ok(data) => {
+                                encode_status(writer, None);
+                                writer.u64(data.log_start_offset);
+                                writer.u64(data.high_watermark);
+                                writer.bytes(&data.batches);
+                            }
+                            Err(error) => {
+                                encode_status(writer, Some(error));
+                                writer.u64(0);
+                                writer.u64(0);
+                                writer.bytes(&[]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Decodes a response body: `Err(WireError)` inside `Ok` is the broker's refusal.
+pub fn decode_response(
+    opcode: Opcode,
+    body: Bytes,
+) -> Result<Result<ResponseBody, WireError>, ProtocolError> {
+    let mut reader = Reader::new(body);
+    if let Some(error) = decode_status(&mut reader)? {
+        // A refusal may come with a body from a newer broker; ignore what follows.
+        return Ok(Err(error));
+    }
+    // Lists in responses come from the broker we asked; bound them by the bytes present.
+    let unbounded = u32::MAX;
+    let body = match opcode {
+        Opcode::Handshake => ResponseBody::Handshake(HandshakeResponse {
+            protocol_version: reader.u8("protocol_version")?,
+            shard_count: reader.u16("shard_count")?,
+            shard_id: reader.u16("shard_id")?,
+            server_version: reader.string("server_version")?,
+        }),
+        Opcode::Metadata => {
+            let port_count = reader.count("shard_ports", unbounded, 2)?;
+            let mut shard_ports = Vec::with_capacity(port_count);
+            for _ in 0..port_count {
+                shard_ports.push(reader.u16("shard_port")?);
+            }
+            let topic_count = reader.count("topics", unbounded, 8)?;
+            let mut topics = Vec::with_capacity(topic_count);
+            for _ in 0..topic_count {
+                let name = reader.string("topic")?;
+                let error = decode_status(&mut reader)?;
+                let partition_count = reader.count("partitions", unbounded, 6)?;
+                let mut partitions = Vec::with_capacity(partition_count);
+                for _ in 0..partition_count {
+                    partitions.push(PartitionMetadata {
+                        partition: reader.u32("partition")?,
+                        shard: reader.u16("shard")?,
+                    });
+                }
+                topics.push(TopicMetadata {
+                    name,
+                    error,
+                    partitions,
+                });
+            }
+            ResponseBody::Metadata(MetadataResponse {
+                shard_ports,
+                topics,
+            })
+        }
+        Opcode::CreateTopic => ResponseBody::CreateTopic,
+        Opcode::DeleteTopic => ResponseBody::DeleteTopic,
+        Opcode::Produce => {
+            let topic_count = reader.count("topics", unbounded, 6)?;
+            let mut topics = Vec::with_capacity(topic_count);
+            for _ in 0..topic_count {
+                let name = reader.string("topic")?;
+                let partition_count = reader.count("partitions", unbounded, 16)?;
+                let mut partitions = Vec::with_capacity(partition_count);
+                for _ in 0..partition_count {
+                    let partition = reader.u32("partition")?;
+                    let error = decode_status(&mut reader)?;
+                    let base_offset = reader.u64("base_offset")?;
+                    partitions.push(ProducePartitionResult {
+                        partition,
+                        result: match error {
+                            None => Ok(base_offset),
+                            Some(error) => Err(error),
+                        },
+                    });
+                }
+                topics.push(ProduceTopicResult { name, partitions });
+            }
+            ResponseBody::Produce(ProduceResponse { topics })
+        }
+        Opcode::Fetch => {
+            let topic_count = reader.count("topics", unbounded, 6)?;
+            let mut topics = Vec::with_capacity(topic_count);
+            for _ in 0..topic_count {
+                let name = reader.string("topic")?;
+                let partition_count = reader.count("partitions", unbounded, 28)?;
+                let mut partitions = Vec::with_capacity(partition_count);
+                for _ in 0..partition_count {
+                    let partition = reader.u32("partition")?;
+                    let error = decode_status(&mut reader)?;
+                    let log_start_offset = reader.u64("log_start_offset")?;
+                    let high_watermark = reader.u64("high_watermark")?;
+                    let batches = reader.bytes("batches")?;
+                    partitions.push(FetchPartitionResult {
+                        partition,
+                        result: match error {
+                            None => Ok(FetchPartitionData {
+                                log_start_offset,
+                                high_watermark,
+                                batches,
+                            }),
+                            Some(error) => Err(error),
+                        },
+                    });
+                }
+                topics.push(FetchTopicResult { name, partitions });
+            }
+            ResponseBody::Fetch(FetchResponse { topics })
+        }
+    };
+    reader.finish()?;
+    Ok(Ok(body))
+}
+
+/// Checks a topic name: 1 to 200 bytes of ASCII letters, digits, '.', '_' and '-', and
+/// not "." or "..", since it becomes a directory name.
+pub fn validate_topic_name(name: &str) -> Result<(), WireError> {
+    let valid_characters = name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
+    if name.is_empty()
+        || name.len() > TOPIC_NAME_BYTES_MAX
+        || !valid_characters
+        || name == "."
+        || name == ".."
+    {
+        return Err(WireError::new(
+            ErrorCode::InvalidTopicName,
+            format!(
+                "topic name {name:?} must be 1 to {TOPIC_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip_request(request: Request) {
+        let mut out = BytesMut::new();
+        request.encode(42, &mut out);
+        let header = match decode_frame_header(&out, 1 << 20).unwrap() {
+            Decoded::Complete(header) => header,
+            Decoded::Incomplete { .. } => panic!("whole frame was given"),
+        };
+        assert_eq!(header.correlation_id, 42);
+        assert_eq!(header.frame_length(), out.len());
+        let opcode = Opcode::from_wire(header.opcode).unwrap();
+        let body = out.freeze().slice(FRAME_HEADER_SIZE..);
+        let decoded = Request::decode(opcode, body, &DecodeLimits::default()).unwrap();
+        assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn every_request_roundtrips() {
+        roundtrip_request(Request::Handshake(HandshakeRequest {
+            client_name: "test".into(),
+        }));
+        roundtrip_request(Request::Metadata(MetadataRequest {
+            topics: vec!["a".into(), "b".into()],
+        }));
+        roundtrip_request(Request::CreateTopic(CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 4,
+        }));
+        roundtrip_request(Request::DeleteTopic(DeleteTopicRequest {
+            name: "orders".into(),
+        }));
+        roundtrip_request(Request::Produce(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 5000,
+            topics: vec![ProduceTopic {
+                name: "orders".into(),
+                partitions: vec![ProducePartition {
+                    partition: 3,
+                    batch: Bytes::from_static(b"not validated here"),
+                }],
+            }],
+        }));
+        roundtrip_request(Request::Fetch(FetchRequest {
+            wait_ms_max: 100,
+            bytes_max: 1 << 20,
+            topics: vec![FetchTopic {
+                name: "orders".into(),
+                partitions: vec![FetchPartition {
+                    partition: 1,
+                    offset: 77,
+                    bytes_max: 4096,
+                }],
+            }],
+        }));
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        let bodies = vec![
+            ResponseBody::Handshake(HandshakeResponse {
+                protocol_version: 1,
+                shard_count: 2,
+                shard_id: 1,
+                server_version: "0.1.0".into(),
+            }),
+            ResponseBody::Metadata(MetadataResponse {
+                shard_ports: vec![9741, 9742],
+                topics: vec![TopicMetadata {
+                    name: "t".into(),
+                    error: Some(WireError::new(ErrorCode::UnknownTopic, "no such topic")),
+                    partitions: vec![PartitionMetadata {
+                        partition: 0,
+                        shard: 1,
+                    }],
+                }],
+            }),
+            ResponseBody::Produce(ProduceResponse {
+                topics: vec![ProduceTopicResult {
+                    name: "t".into(),
+                    partitions: vec![
+                        ProducePartitionResult {
+                            partition: 0,
+                            result: Ok(10),
+                        },
+                        ProducePartitionResult {
+                            partition: 1,
+                            result: Err(WireError::new(ErrorCode::CorruptBatch, "crc")),
+                        },
+                    ],
+                }],
+            }),
+            ResponseBody::Fetch(FetchResponse {
+                topics: vec![FetchTopicResult {
+                    name: "t".into(),
+                    partitions: vec![FetchPartitionResult {
+                        partition: 0,
+                        result: Ok(FetchPartitionData {
+                            log_start_offset: 0,
+                            high_watermark: 5,
+                            batches: Bytes::from_static(b"xyz"),
+                        }),
+                    }],
+                }],
+            }),
+        ];
+        for body in bodies {
+            let opcode = match &body {
+                ResponseBody::Handshake(_) => Opcode::Handshake,
+                ResponseBody::Metadata(_) => Opcode::Metadata,
+                ResponseBody::Produce(_) => Opcode::Produce,
+                ResponseBody::Fetch(_) => Opcode::Fetch,
+                _ => unreachable!(),
+            };
+            let mut out = BytesMut::new();
+            encode_response(&mut out, opcode, 9, Ok(&body));
+            let decoded = decode_response(opcode, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
+            assert_eq!(decoded, Ok(body));
+        }
+        let mut out = BytesMut::new();
+        let error = WireError::new(ErrorCode::UnknownTopic, "nope");
+        encode_response(&mut out, Opcode::Fetch, 9, Err(&error));
+        let decoded = decode_response(Opcode::Fetch, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
+        assert_eq!(decoded, Err(error));
+    }
+
+    #[test]
+    fn header_refuses_bad_version_and_oversize() {
+        let mut out = BytesMut::new();
+        Request::DeleteTopic(DeleteTopicRequest { name: "x".into() }).encode(1, &mut out);
+        assert_eq!(
+            decode_frame_header(&out[..FRAME_HEADER_SIZE - 1], 1 << 20),
+            Ok(Decoded::Incomplete {
+                need: FRAME_HEADER_SIZE
+            })
+        );
+        assert!(matches!(
+            decode_frame_header(&out, 2),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        out[4] = 9;
+        assert_eq!(
+            decode_frame_header(&out, 1 << 20),
+            Err(ProtocolError::UnsupportedVersion { version: 9 })
+        );
+    }
+
+    #[test]
+    fn hostile_counts_and_truncation_are_refused() {
+        let mut out = BytesMut::new();
+        Request::Metadata(MetadataRequest {
+            topics: vec!["abc".into()],
+        })
+        .encode(1, &mut out);
+        let body = out.freeze().slice(FRAME_HEADER_SIZE..);
+        for cut in 0..body.len() {
+            assert!(Request::decode(Opcode::Metadata, body.slice(..cut), &DecodeLimits::default()).is_err());
+        }
+        let mut hostile = BytesMut::new();
+        hostile.put_u32_le(u32::MAX);
+        assert!(matches!(
+            Request::decode(Opcode::Metadata, hostile.freeze(), &DecodeLimits::default()),
+            Err(ProtocolError::TooMany { .. })
+        ));
+        let mut trailing = body.to_vec();
+        trailing.push(0);
+        assert!(matches!(
+            Request::decode(Opcode::Metadata, Bytes::from(trailing), &DecodeLimits::default()),
+            Err(ProtocolError::TrailingBytes { .. })
+        ));
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic_name("orders-v2.eu_1").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(201)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
