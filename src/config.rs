@@ -1,0 +1,140 @@
+//! Broker settings. Every limit the broker enforces lives here, with its default; the
+//! `serve` flags set the common ones. `validate` refuses combinations that cannot work
+//! before any shard starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Root of the partition logs: `<data_dir>/<topic>/<partition>/`.
+    pub data_dir: PathBuf,
+    /// The shared listener (SO_REUSEPORT on every shard). Each shard also listens on
+    /// `port + 1 + shard_id`; with port 0 every listener gets an ephemeral port.
+    pub listen: SocketAddr,
+    /// Number of shards, one pinned per CPU. `None`: every online CPU.
+    pub cores: Option<usize>,
+    /// Largest frame body accepted from a client.
+    pub frame_body_bytes_max: u32,
+    /// Most records in one batch.
+    pub batch_records_max: u32,
+    /// Most topics and partitions a request may name.
+    pub topics_per_request_max: u32,
+    pub partitions_per_request_max: u32,
+    /// Most partitions a topic may have.
+    pub partitions_per_topic_max: u32,
+    /// Most topics the broker holds.
+    pub topics_max: u32,
+    /// Most open client connections per shard; more are accepted and closed at once.
+    pub connections_per_shard_max: u32,
+    /// Most requests one connection may have in flight; reading pauses at the limit.
+    pub connection_requests_in_flight_max: u32,
+    /// A segment is sealed and a new one started once it reaches this size.
+    pub segment_size_bytes: u64,
+    /// Size of one aligned append chunk; a batch must fit in one chunk.
+    pub chunk_size_bytes: usize,
+    /// Per-shard budget for append chunks, written or waiting to be; appends wait
+    /// (backpressure) when it is spent.
+    pub chunk_memory_bytes_per_shard_max: usize,
+    /// Longest long-poll a fetch may ask for; longer waits are cut to this.
+    pub fetch_wait_ms_max: u32,
+    /// Largest fetch response body.
+    pub fetch_bytes_max: u32,
+    /// One in-memory index entry per this many bytes of log.
+    pub index_interval_bytes: u32,
+    /// Depth of each shard-to-shard channel.
+    pub mesh_channel_capacity: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("./shardq-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9740)),
+            cores: None,
+            frame_body_bytes_max: 16 << 20,
+            batch_records_max: 100_000,
+            topics_per_request_max: 1024,
+            partitions_per_request_max: 16_384,
+            partitions_per_topic_max: 4096,
+            topics_max: 10_000,
+            connections_per_shard_max: 10_000,
+            connection_requests_in_flight_max: 256,
+            segment_size_bytes: 1 << 30,
+            chunk_size_bytes: 1 << 20,
+            chunk_memory_bytes_per_shard_max: 64 << 20,
+            fetch_wait_ms_max: 30_000,
+            fetch_bytes_max: 16 << 20,
+            index_interval_bytes: 4096,
+            mesh_channel_capacity: 1024,
+        }
+    }
+}
+
+/// A setting that cannot work, with the numbers involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub const ALIGNMENT_BYTES: usize = 4096;
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(ConfigError(message));
+        if self.cores == Some(0) {
+            return fail("cores must be at least 1".into());
+        }
+        if self.chunk_size_bytes < 2 * ALIGNMENT_BYTES || self.chunk_size_bytes % ALIGNMENT_BYTES != 0 {
+            return fail(format!(
+                "chunk_size_bytes {} must be a multiple of {ALIGNMENT_BYTES} and at least {}",
+                self.chunk_size_bytes,
+                2 * ALIGNMENT_BYTES
+            ));
+        }
+        if self.chunk_memory_bytes_per_shard_max < 4 * self.chunk_size_bytes {
+            return fail(format!(
+                "chunk_memory_bytes_per_shard_max {} must hold at least 4 chunks of {} bytes",
+                self.chunk_memory_bytes_per_shard_max, self.chunk_size_bytes
+            ));
+        }
+        if self.segment_size_bytes < self.chunk_size_bytes as u64 {
+            return fail(format!(
+                "segment_size_bytes {} must be at least chunk_size_bytes {}",
+                self.segment_size_bytes, self.chunk_size_bytes
+            ));
+        }
+        if self.index_interval_bytes == 0 {
+            return fail("index_interval_bytes must be at least 1".into());
+        }
+        for (name, value) in [
+            ("frame_body_bytes_max", u64::from(self.frame_body_bytes_max)),
+            ("batch_records_max", u64::from(self.batch_records_max)),
+            ("topics_per_request_max", u64::from(self.topics_per_request_max)),
+            ("partitions_per_request_max", u64::from(self.partitions_per_request_max)),
+            ("partitions_per_topic_max", u64::from(self.partitions_per_topic_max)),
+            ("topics_max", u64::from(self.topics_max)),
+            ("connections_per_shard_max", u64::from(self.connections_per_shard_max)),
+            ("connection_requests_in_flight_max", u64::from(self.connection_requests_in_flight_max)),
+            ("fetch_bytes_max", u64::from(self.fetch_bytes_max)),
+            ("mesh_channel_capacity", self.mesh_channel_capacity as u64),
+        ] {
+            if value == 0 {
+                return fail(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The largest batch one chunk can take: a chunk may begin with up to one partial
+    /// block carried over from the previous chunk.
+    pub fn batch_bytes_max(&self) -> usize {
+        self.chunk_size_bytes - ALIGNMENT_BYTES
+    }
+}
