@@ -344,7 +344,7 @@ pub fn peek_correlation_id(bytes: &[u8]) -> Option<u64> {
 /// Writes a frame: reserves the header, lets `body` append, then fills in the length.
 pub fn encode_frame(
     out: &mut BytesMut,
-    opcode: Opcode,
+    opcode: u8,
     flags: u16,
     correlation_id: u64,
     body: impl FnOnce(&mut Writer<'_>),
@@ -356,7 +356,7 @@ pub fn encode_frame(
     let header = &mut out[start..start + FRAME_HEADER_SIZE];
     header[0..4].copy_from_slice(&body_length.to_le_bytes());
     header[4] = PROTOCOL_VERSION;
-    header[5] = opcode as u8;
+    header[5] = opcode;
     header[6..8].copy_from_slice(&flags.to_le_bytes());
     header[8..16].copy_from_slice(&correlation_id.to_le_bytes());
 }
@@ -568,7 +568,7 @@ pub struct FetchRequest {
     pub topics: Vec<FetchTopic>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchPartitionData {
     /// The first offset still stored.
     pub log_start_offset: u64,
@@ -716,7 +716,7 @@ impl Request {
 
     /// Encodes the whole request frame.
     pub fn encode(&self, correlation_id: u64, out: &mut BytesMut) {
-        encode_frame(out, self.opcode(), 0, correlation_id, |writer| match self {
+        encode_frame(out, self.opcode() as u8, 0, correlation_id, |writer| match self {
             Request::Handshake(request) => writer.string(&request.client_name),
             Request::Metadata(request) => {
                 writer.count(request.topics.len());
@@ -778,7 +778,7 @@ pub fn encode_response(
     correlation_id: u64,
     response: Result<&ResponseBody, &WireError>,
 ) {
-    encode_frame(out, opcode, FLAG_RESPONSE, correlation_id, |writer| {
+    encode_frame(out, opcode as u8, FLAG_RESPONSE, correlation_id, |writer| {
         let body = match response {
             Ok(body) => {
                 encode_status(writer, None);
@@ -858,6 +858,14 @@ pub fn encode_response(
                 }
             }
         }
+    });
+}
+
+/// Encodes an error response for a raw opcode, which may be one this broker does not
+/// know (the refusal of an unknown opcode echoes it).
+pub fn encode_error_response(out: &mut BytesMut, opcode: u8, correlation_id: u64, error: &WireError) {
+    encode_frame(out, opcode, FLAG_RESPONSE, correlation_id, |writer| {
+        encode_status(writer, Some(error));
     });
 }
 

@@ -1,0 +1,372 @@
+//! Request dispatch on the shard that received the request: validate, split by owning
+//! shard, route, and reassemble one response in the order the request listed things.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::protocol::batch::{validate_batch, BatchError};
+use crate::protocol::{
+    ErrorCode, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult, HandshakeResponse,
+    MetadataRequest, MetadataResponse, PartitionMetadata, ProducePartitionResult, ProduceRequest,
+    ProduceResponse, ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError,
+    PROTOCOL_VERSION,
+};
+use crate::shard::{FetchItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest};
+
+/// Produce requests that name no timeout get this one.
+const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody, WireError> {
+    if shard.is_shutting_down() {
+        return Err(WireError::new(ErrorCode::ShuttingDown, "the broker is shutting down"));
+    }
+    match request {
+        Request::Handshake(_) => Ok(ResponseBody::Handshake(HandshakeResponse {
+            protocol_version: PROTOCOL_VERSION,
+            shard_count: shard.count,
+            shard_id: shard.id,
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        })),
+        Request::Metadata(request) => Ok(ResponseBody::Metadata(metadata(shard, request))),
+        Request::CreateTopic(request) => {
+            into_done(
+                shard
+                    .route(
+                        0,
+                        ShardRequest::CreateTopic {
+                            name: request.name,
+                            partitions: request.partitions,
+                        },
+                    )
+                    .await,
+            )?;
+            Ok(ResponseBody::CreateTopic)
+        }
+        Request::DeleteTopic(request) => {
+            into_done(shard.route(0, ShardRequest::DeleteTopic { name: request.name }).await)?;
+            Ok(ResponseBody::DeleteTopic)
+        }
+        Request::Produce(request) => Ok(ResponseBody::Produce(produce(shard, request).await)),
+        Request::Fetch(request) => Ok(ResponseBody::Fetch(fetch(shard, request).await)),
+    }
+}
+
+fn into_done(reply: ShardReply) -> Result<(), WireError> {
+    match reply {
+        ShardReply::Done(result) => result,
+        other => Err(WireError::new(
+            ErrorCode::Internal,
+            format!("unexpected reply {other:?} to a topic change"),
+        )),
+    }
+}
+
+fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
+    let topics = if request.topics.is_empty() {
+        shard.topics()
+    } else {
+        request
+            .topics
+            .into_iter()
+            .map(|name| {
+                let partitions = shard.partition_count(&name).unwrap_or(0);
+                (name, partitions)
+            })
+            .collect()
+    };
+    MetadataResponse {
+        shard_ports: shard.shard_ports.clone(),
+        topics: topics
+            .into_iter()
+            .map(|(name, partitions)| TopicMetadata {
+                error: (partitions == 0).then(|| {
+                    WireError::new(ErrorCode::UnknownTopic, format!("topic {name:?} does not exist"))
+                }),
+                partitions: (0..partitions)
+                    .map(|partition| PartitionMetadata {
+                        partition,
+                        shard: shard.owner_of(&name, partition),
+                    })
+                    .collect(),
+                name,
+            })
+            .collect(),
+    }
+}
+
+/// Checks that a partition exists in this shard's catalog.
+fn check_partition(shard: &Shard, topic: &str, partition: u32) -> Result<ShardId, WireError> {
+    match shard.partition_count(topic) {
+        None => Err(WireError::new(
+            ErrorCode::UnknownTopic,
+            format!("topic {topic:?} does not exist"),
+        )),
+        Some(count) if partition >= count => Err(WireError::new(
+            ErrorCode::UnknownPartition,
+            format!("topic {topic:?} has {count} partitions; {partition} does not exist"),
+        )),
+        Some(_) => Ok(shard.owner_of(topic, partition)),
+    }
+}
+
+fn batch_error(error: BatchError) -> WireError {
+    let code = match error {
+        BatchError::CrcMismatch { .. } => ErrorCode::CorruptBatch,
+        _ => ErrorCode::InvalidBatch,
+    };
+    WireError::new(code, error.to_string())
+}
+
+/// Slots for one request's results: `(topic index, partition index)` per item, grouped by
+/// owner so each owner gets one sub-request.
+struct Split<T> {
+    groups: Vec<(ShardId, Vec<(usize, usize)>, Vec<T>)>,
+}
+
+impl<T> Split<T> {
+    fn new() -> Split<T> {
+        Split { groups: Vec::new() }
+    }
+
+    fn push(&mut self, owner: ShardId, slot: (usize, usize), item: T) {
+        match self.groups.iter_mut().find(|(shard, _, _)| *shard == owner) {
+            Some((_, slots, items)) => {
+                slots.push(slot);
+                items.push(item);
+            }
+            None => self.groups.push((owner, vec![slot], vec![item])),
+        }
+    }
+}
+
+async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse {
+    let timeout = match request.timeout_ms {
+        0 => PRODUCE_TIMEOUT_DEFAULT,
+        milliseconds => Duration::from_millis(u64::from(milliseconds)),
+    };
+    let batch_bytes_max = shard.config.batch_bytes_max();
+    let mut response = ProduceResponse {
+        topics: Vec::with_capacity(request.topics.len()),
+    };
+    let mut split = Split::new();
+    for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
+            // Validation happens here, on the receiving shard, so a bad batch never
+            // costs its owner anything and CRC work spreads over every core.
+            let checked = check_partition(shard, &topic.name, entry.partition).and_then(|owner| {
+                if entry.batch.len() > batch_bytes_max {
+                    return Err(WireError::new(
+                        ErrorCode::InvalidBatch,
+                        format!(
+                            "batch of {} bytes exceeds the largest batch, {batch_bytes_max} bytes (chunk_size_bytes minus 4096)",
+                            entry.batch.len()
+                        ),
+                    ));
+                }
+                validate_batch(&entry.batch, shard.config.batch_records_max).map_err(batch_error)?;
+                Ok(owner)
+            });
+            let result = match checked {
+                Ok(owner) => {
+                    split.push(
+                        owner,
+                        (topic_index, partition_index),
+                        ProduceItem {
+                            topic: topic.name.clone(),
+                            partition: entry.partition,
+                            batch: entry.batch,
+                        },
+                    );
+                    // Filled in below from the owner's reply.
+                    Ok(0)
+                }
+                Err(error) => Err(error),
+            };
+            partitions.push(ProducePartitionResult {
+                partition: entry.partition,
+                result,
+            });
+        }
+        response.topics.push(ProduceTopicResult {
+            name: topic.name,
+            partitions,
+        });
+    }
+    let replies = run_groups(shard, split, |items| ShardRequest::Produce {
+        acks: request.acks,
+        timeout,
+        items,
+    })
+    .await;
+    for (slots, reply) in replies {
+        let results = match reply {
+            ShardReply::Produce(results) => results,
+            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
+            other => vec![Err(unexpected(&other)); slots.len()],
+        };
+        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
+            response.topics[topic_index].partitions[partition_index].result = result;
+        }
+    }
+    response
+}
+
+fn unexpected(reply: &ShardReply) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("unexpected shard reply {reply:?}"))
+}
+
+/// Sends each owner its group concurrently and collects `(slots, reply)` pairs.
+async fn run_groups<T: 'static>(
+    shard: &Rc<Shard>,
+    split: Split<T>,
+    make: impl Fn(Vec<T>) -> ShardRequest,
+) -> Vec<(Vec<(usize, usize)>, ShardReply)> {
+    let mut tasks = Vec::with_capacity(split.groups.len());
+    for (owner, slots, items) in split.groups {
+        let request = make(items);
+        let shard = Rc::clone(shard);
+        tasks.push((
+            slots,
+            glommio::spawn_local(async move { shard.route(owner, request).await }),
+        ));
+    }
+    let mut replies = Vec::with_capacity(tasks.len());
+    for (slots, task) in tasks {
+        replies.push((slots, task.await));
+    }
+    replies
+}
+
+async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
+    let wait = Duration::from_millis(u64::from(request.wait_ms_max));
+    let mut response = FetchResponse {
+        topics: Vec::with_capacity(request.topics.len()),
+    };
+    let mut split = Split::new();
+    for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
+            let result = check_partition(shard, &topic.name, entry.partition).map(|owner| {
+                split.push(
+                    owner,
+                    (topic_index, partition_index),
+                    FetchItem {
+                        topic: topic.name.clone(),
+                        partition: entry.partition,
+                        offset: entry.offset,
+                        bytes_max: entry.bytes_max,
+                    },
+                );
+            });
+            partitions.push(FetchPartitionResult {
+                partition: entry.partition,
+                result: result.map(|()| Default::default()),
+            });
+        }
+        response.topics.push(FetchTopicResult {
+            name: topic.name,
+            partitions,
+        });
+    }
+    // One owner: it long-polls itself. Several: a first pass that does not wait, and only
+    // if nothing at all is readable a second pass that waits, so one idle shard cannot
+    // hold back data another shard already has.
+    let several = split.groups.len() > 1;
+    let bytes_max = request.bytes_max;
+    let groups: Vec<_> = split
+        .groups
+        .iter()
+        .map(|(owner, slots, items)| (*owner, slots.clone(), items.clone()))
+        .collect();
+    let first_wait = if several { Duration::ZERO } else { wait };
+    let mut replies = run_groups(shard, split, |items| ShardRequest::Fetch {
+        wait: first_wait,
+        bytes_max,
+        items,
+    })
+    .await;
+    let anything = replies.iter().any(|(_, reply)| match reply {
+        ShardReply::Fetch(results) => results.iter().any(|result| match result {
+            Ok(data) => !data.batches.is_empty(),
+            Err(_) => true,
+        }),
+        _ => true,
+    });
+    if several && !anything && !wait.is_zero() {
+        replies = wait_for_first(shard, groups, wait, bytes_max).await;
+    }
+    for (slots, reply) in replies {
+        let results = match reply {
+            ShardReply::Fetch(results) => results,
+            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
+            other => vec![Err(unexpected(&other)); slots.len()],
+        };
+        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
+            response.topics[topic_index].partitions[partition_index].result = result;
+        }
+    }
+    response
+}
+
+/// Long-polls every owner at once and answers as soon as one of them has data. Owners
+/// still waiting then are asked again without waiting, so every partition gets a real
+/// answer; their abandoned long-polls end by themselves at the deadline.
+async fn wait_for_first(
+    shard: &Rc<Shard>,
+    groups: Vec<(ShardId, Vec<(usize, usize)>, Vec<FetchItem>)>,
+    wait: Duration,
+    bytes_max: u32,
+) -> Vec<(Vec<(usize, usize)>, ShardReply)> {
+    use futures_lite::StreamExt;
+    let (sender, mut receiver) = futures_channel::mpsc::unbounded();
+    for (index, (owner, _, items)) in groups.iter().enumerate() {
+        let shard = Rc::clone(shard);
+        let sender = sender.clone();
+        let request = ShardRequest::Fetch {
+            wait,
+            bytes_max,
+            items: items.clone(),
+        };
+        let owner = *owner;
+        glommio::spawn_local(async move {
+            let reply = shard.route(owner, request).await;
+            let _ = sender.unbounded_send((index, reply));
+        })
+        .detach();
+    }
+    drop(sender);
+    let mut replies: Vec<Option<ShardReply>> = groups.iter().map(|_| None).collect();
+    while let Some((index, reply)) = receiver.next().await {
+        let has_data = match &reply {
+            ShardReply::Fetch(results) => results
+                .iter()
+                .any(|result| result.as_ref().map_or(true, |data| !data.batches.is_empty())),
+            _ => true,
+        };
+        replies[index] = Some(reply);
+        if has_data {
+            break;
+        }
+    }
+    let mut answered = Vec::with_capacity(groups.len());
+    for ((owner, slots, items), reply) in groups.into_iter().zip(replies) {
+        let reply = match reply {
+            Some(reply) => reply,
+            None => {
+                shard
+                    .route(
+                        owner,
+                        ShardRequest::Fetch {
+                            wait: Duration::ZERO,
+                            bytes_max,
+                            items,
+                        },
+                    )
+                    .await
+            }
+        };
+        answered.push((slots, reply));
+    }
+    answered
+}

@@ -1,0 +1,580 @@
+//! The per-core shard: owns partitions outright, executes work for them, and routes work
+//! for partitions it does not own to their owner.
+//!
+//! Runs on exactly one glommio executor pinned to one CPU. Every field is `Rc`/`RefCell`
+//! and never leaves the thread: only the owning shard mutates a partition (invariant 4).
+//! Work for another shard travels as a `MeshMessage` over glommio's channel mesh and the
+//! answer comes back on a oneshot channel; the shard that received the client's request
+//! writes the response.
+//!
+//! Topics. Every shard keeps its own copy of the topic catalog (name -> partition count),
+//! so routing needs no lock and no hop. Shard 0 coordinates changes: it persists the
+//! topic's metadata, then tells every shard (itself included) to install or remove it, and
+//! answers only when all have. Placement is `crate::placement::shard_for`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::Senders;
+
+use crate::config::ServerConfig;
+use crate::placement::shard_for;
+use crate::protocol::{validate_topic_name, Acks, ErrorCode, FetchPartitionData, WireError};
+use crate::storage::{ChunkBudget, LogConfig, Notify, PartitionLog, StorageError};
+
+/// File in a topic's directory that records its partition count.
+pub const TOPIC_METADATA_FILE: &str = "topic.meta";
+
+pub type ShardId = u16;
+
+/// One partition's share of a produce request.
+#[derive(Debug, Clone)]
+pub struct ProduceItem {
+    pub topic: String,
+    pub partition: u32,
+    pub batch: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchItem {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub bytes_max: u32,
+}
+
+/// Work a shard does on partitions (or topics) it owns.
+#[derive(Debug)]
+pub enum ShardRequest {
+    Produce {
+        acks: Acks,
+        timeout: Duration,
+        items: Vec<ProduceItem>,
+    },
+    Fetch {
+        wait: Duration,
+        bytes_max: u32,
+        items: Vec<FetchItem>,
+    },
+    /// To shard 0: create a topic everywhere.
+    CreateTopic { name: String, partitions: u32 },
+    /// To shard 0: delete a topic everywhere.
+    DeleteTopic { name: String },
+    /// From shard 0 to every shard: add to the catalog, open owned partitions.
+    InstallTopic { name: String, partitions: u32 },
+    /// From shard 0 to every shard: drop from the catalog, close and remove owned
+    /// partitions.
+    RemoveTopic { name: String },
+}
+
+#[derive(Debug)]
+pub enum ShardReply {
+    Produce(Vec<Result<u64, WireError>>),
+    Fetch(Vec<Result<FetchPartitionData, WireError>>),
+    Done(Result<(), WireError>),
+}
+
+/// What travels between shards. `Send` by construction: owned bytes and strings only.
+pub struct MeshMessage {
+    pub request: ShardRequest,
+    pub reply: oneshot::Sender<ShardReply>,
+}
+
+pub fn storage_to_wire(error: &StorageError) -> WireError {
+    let code = match error {
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::BatchTooLarge { .. } => ErrorCode::InvalidBatch,
+        StorageError::Closed => ErrorCode::UnknownTopic,
+        StorageError::Io { .. } | StorageError::Corrupt { .. } => ErrorCode::StorageError,
+    };
+    WireError::new(code, error.to_string())
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub count: u16,
+    pub config: ServerConfig,
+    /// Port of every shard's own listener, by shard id.
+    pub shard_ports: Vec<u16>,
+    catalog: RefCell<BTreeMap<String, u32>>,
+    logs: RefCell<HashMap<String, Vec<Option<Rc<PartitionLog>>>>>,
+    /// Shard 0 only: topics being created or deleted right now.
+    topics_changing: RefCell<HashSet<String>>,
+    budget: Rc<ChunkBudget>,
+    data_arrived: Rc<Notify>,
+    mesh: Senders<MeshMessage>,
+    shutting_down: Cell<bool>,
+}
+
+impl Shard {
+    pub fn new(id: ShardId, count: u16, config: ServerConfig, shard_ports: Vec<u16>, mesh: Senders<MeshMessage>) -> Rc<Shard> {
+        let budget = ChunkBudget::new(config.chunk_memory_bytes_per_shard_max, config.chunk_size_bytes);
+        Rc::new(Shard {
+            id,
+            count,
+            config,
+            shard_ports,
+            catalog: RefCell::new(BTreeMap::new()),
+            logs: RefCell::new(HashMap::new()),
+            topics_changing: RefCell::new(HashSet::new()),
+            budget,
+            data_arrived: Rc::new(Notify::new()),
+            mesh,
+            shutting_down: Cell::new(false),
+        })
+    }
+
+    fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_size_bytes: self.config.segment_size_bytes,
+            chunk_size_bytes: self.config.chunk_size_bytes,
+            index_interval_bytes: self.config.index_interval_bytes,
+        }
+    }
+
+    pub fn owner_of(&self, topic: &str, partition: u32) -> ShardId {
+        shard_for(topic, partition, self.count)
+    }
+
+    /// Partition count of a topic in this shard's copy of the catalog.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.catalog.borrow().get(topic).copied()
+    }
+
+    pub fn topics(&self) -> Vec<(String, u32)> {
+        self.catalog
+            .borrow()
+            .iter()
+            .map(|(name, partitions)| (name.clone(), *partitions))
+            .collect()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    fn partition_directory(&self, topic: &str, partition: u32) -> PathBuf {
+        self.config.data_dir.join(topic).join(partition.to_string())
+    }
+
+    /// Start-up: install every topic found on disk and open the partitions this shard
+    /// owns (recovering them).
+    pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
+        for (name, partitions) in read_topic_catalog(&self.config.data_dir)? {
+            self.install_topic(&name, partitions).await?;
+        }
+        Ok(())
+    }
+
+    async fn install_topic(&self, name: &str, partitions: u32) -> Result<(), StorageError> {
+        let mut owned = vec![None; partitions as usize];
+        for partition in 0..partitions {
+            if self.owner_of(name, partition) == self.id {
+                let log = PartitionLog::open(
+                    self.partition_directory(name, partition),
+                    self.log_config(),
+                    Rc::clone(&self.budget),
+                    Rc::clone(&self.data_arrived),
+                )
+                .await?;
+                owned[partition as usize] = Some(log);
+            }
+        }
+        self.logs.borrow_mut().insert(name.to_owned(), owned);
+        self.catalog.borrow_mut().insert(name.to_owned(), partitions);
+        Ok(())
+    }
+
+    async fn remove_topic(&self, name: &str) -> Result<(), WireError> {
+        self.catalog.borrow_mut().remove(name);
+        let owned = self.logs.borrow_mut().remove(name).unwrap_or_default();
+        for log in owned.into_iter().flatten() {
+            log.close().await;
+            let directory = log.directory().to_path_buf();
+            drop(log);
+            std::fs::remove_dir_all(&directory).map_err(|source| {
+                WireError::new(
+                    ErrorCode::StorageError,
+                    format!("removing {}: {source}", directory.display()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn log(&self, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, WireError> {
+        let logs = self.logs.borrow();
+        let Some(partitions) = logs.get(topic) else {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {topic:?} does not exist"),
+            ));
+        };
+        match partitions.get(partition as usize) {
+            Some(Some(log)) => Ok(Rc::clone(log)),
+            Some(None) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!(
+                    "partition {partition} of {topic:?} is owned by shard {}, not shard {}",
+                    self.owner_of(topic, partition),
+                    self.id
+                ),
+            )),
+            None => Err(WireError::new(
+                ErrorCode::UnknownPartition,
+                format!("topic {topic:?} has {} partitions, not {}", partitions.len(), partition + 1),
+            )),
+        }
+    }
+
+    /// Closes every owned partition, flushing what is pending.
+    pub async fn close_all(&self) {
+        self.shutting_down.set(true);
+        let logs: Vec<Rc<PartitionLog>> = self
+            .logs
+            .borrow()
+            .values()
+            .flat_map(|partitions| partitions.iter().flatten().cloned())
+            .collect();
+        for log in logs {
+            log.close().await;
+        }
+        self.data_arrived.notify_all();
+    }
+
+    /// Runs `request` on shard `owner`: directly when that is this shard, else over the
+    /// mesh. The reply comes back to this shard either way.
+    pub async fn route(self: &Rc<Self>, owner: ShardId, request: ShardRequest) -> ShardReply {
+        if owner == self.id {
+            // Boxed: a topic change executes on shard 0, which routes to every shard,
+            // itself included.
+            let local: std::pin::Pin<Box<dyn std::future::Future<Output = ShardReply>>> =
+                Box::pin(Rc::clone(self).execute(request));
+            return local.await;
+        }
+        let (reply, receiver) = oneshot::channel();
+        if self
+            .mesh
+            .send_to(owner as usize, MeshMessage { request, reply })
+            .await
+            .is_err()
+        {
+            return failed_reply(WireError::new(
+                ErrorCode::ShuttingDown,
+                format!("shard {owner} is not accepting work"),
+            ));
+        }
+        receiver.await.unwrap_or_else(|_| {
+            failed_reply(WireError::new(
+                ErrorCode::ShuttingDown,
+                format!("shard {owner} stopped before answering"),
+            ))
+        })
+    }
+
+    /// Executes work on the partitions this shard owns.
+    pub async fn execute(self: Rc<Self>, request: ShardRequest) -> ShardReply {
+        match request {
+            ShardRequest::Produce {
+                acks,
+                timeout,
+                items,
+            } => ShardReply::Produce(self.produce_owned(acks, timeout, items).await),
+            ShardRequest::Fetch {
+                wait,
+                bytes_max,
+                items,
+            } => ShardReply::Fetch(self.fetch_owned(wait, bytes_max, items).await),
+            ShardRequest::CreateTopic { name, partitions } => {
+                ShardReply::Done(self.coordinate_create(name, partitions).await)
+            }
+            ShardRequest::DeleteTopic { name } => ShardReply::Done(self.coordinate_delete(name).await),
+            ShardRequest::InstallTopic { name, partitions } => ShardReply::Done(
+                self.install_topic(&name, partitions)
+                    .await
+                    .map_err(|error| storage_to_wire(&error)),
+            ),
+            ShardRequest::RemoveTopic { name } => ShardReply::Done(self.remove_topic(&name).await),
+        }
+    }
+
+    async fn produce_owned(
+        &self,
+        acks: Acks,
+        timeout: Duration,
+        items: Vec<ProduceItem>,
+    ) -> Vec<Result<u64, WireError>> {
+        let mut results = Vec::with_capacity(items.len());
+        let mut durable_waits = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let log = match self.log(&item.topic, item.partition) {
+                Ok(log) => log,
+                Err(error) => {
+                    results.push(Err(error));
+                    continue;
+                }
+            };
+            match log.append(&item.batch).await {
+                Ok(outcome) => {
+                    results.push(Ok(outcome.base_offset));
+                    durable_waits.push((index, log, outcome.next_offset));
+                }
+                Err(error) => results.push(Err(storage_to_wire(&error))),
+            }
+        }
+        if acks == Acks::Durable {
+            let deadline = Instant::now() + timeout;
+            for (index, log, next_offset) in durable_waits {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let outcome = glommio::timer::timeout(remaining, async {
+                    Ok(log.wait_durable(next_offset).await)
+                })
+                .await;
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => results[index] = Err(storage_to_wire(&error)),
+                    Err(_) => {
+                        results[index] = Err(WireError::new(
+                            ErrorCode::Timeout,
+                            format!(
+                                "not durable within {} ms; the batch was appended and may still become durable",
+                                timeout.as_millis()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    async fn fetch_owned(
+        &self,
+        wait: Duration,
+        bytes_max: u32,
+        items: Vec<FetchItem>,
+    ) -> Vec<Result<FetchPartitionData, WireError>> {
+        let wait = wait.min(Duration::from_millis(u64::from(self.config.fetch_wait_ms_max)));
+        let deadline = Instant::now() + wait;
+        // Long-poll: wait until one of the partitions has something to read (or an error
+        // to report), then read them all.
+        loop {
+            let listener = self.data_arrived.listen();
+            let ready = items.iter().any(|item| match self.log(&item.topic, item.partition) {
+                Ok(log) => log.high_watermark() != item.offset || self.is_shutting_down(),
+                Err(_) => true,
+            });
+            let now = Instant::now();
+            if ready || now >= deadline {
+                break;
+            }
+            let _ = glommio::timer::timeout(deadline - now, async {
+                let _ = listener.await;
+                Ok(())
+            })
+            .await;
+        }
+        let bytes_max = bytes_max.min(self.config.fetch_bytes_max) as usize;
+        let mut used = 0usize;
+        let mut results = Vec::with_capacity(items.len());
+        for item in &items {
+            let log = match self.log(&item.topic, item.partition) {
+                Ok(log) => log,
+                Err(error) => {
+                    results.push(Err(error));
+                    continue;
+                }
+            };
+            // Each partition gets at most its own limit and what the request has left;
+            // a partition still returns one whole batch when it has one, so a batch
+            // larger than the limits cannot stall a consumer.
+            let budget = (item.bytes_max as usize).min(bytes_max.saturating_sub(used)).max(1);
+            match log.read(item.offset, budget).await {
+                Ok(batches) => {
+                    used += batches.len();
+                    results.push(Ok(FetchPartitionData {
+                        log_start_offset: log.log_start_offset(),
+                        high_watermark: log.high_watermark(),
+                        batches,
+                    }));
+                }
+                Err(error) => results.push(Err(storage_to_wire(&error))),
+            }
+        }
+        results
+    }
+
+    fn validate_new_topic(&self, name: &str, partitions: u32) -> Result<(), WireError> {
+        validate_topic_name(name)?;
+        if partitions == 0 || partitions > self.config.partitions_per_topic_max {
+            return Err(WireError::new(
+                ErrorCode::InvalidPartitionCount,
+                format!(
+                    "a topic has 1 to {} partitions (partitions_per_topic_max), not {partitions}",
+                    self.config.partitions_per_topic_max
+                ),
+            ));
+        }
+        if self.catalog.borrow().contains_key(name) || self.topics_changing.borrow().contains(name) {
+            return Err(WireError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name:?} already exists"),
+            ));
+        }
+        let topics = self.catalog.borrow().len() + self.topics_changing.borrow().len();
+        if topics as u64 >= u64::from(self.config.topics_max) {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!("the broker holds {topics} topics, the most topics_max allows"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `request` built by `make` on every shard; the first error wins.
+    async fn broadcast(self: &Rc<Self>, make: impl Fn() -> ShardRequest) -> Result<(), WireError> {
+        let mut first_error = None;
+        for shard in 0..self.count {
+            if let ShardReply::Done(Err(error)) = self.route(shard, make()).await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn coordinate_create(self: &Rc<Self>, name: String, partitions: u32) -> Result<(), WireError> {
+        assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
+        self.validate_new_topic(&name, partitions)?;
+        self.topics_changing.borrow_mut().insert(name.clone());
+        let outcome = async {
+            write_topic_metadata(&self.config.data_dir, &name, partitions).map_err(|error| {
+                WireError::new(ErrorCode::StorageError, format!("writing topic metadata: {error}"))
+            })?;
+            self.broadcast(|| ShardRequest::InstallTopic {
+                name: name.clone(),
+                partitions,
+            })
+            .await
+        }
+        .await;
+        self.topics_changing.borrow_mut().remove(&name);
+        outcome
+    }
+
+    async fn coordinate_delete(self: &Rc<Self>, name: String) -> Result<(), WireError> {
+        assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
+        if self.topics_changing.borrow().contains(&name) {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("topic {name:?} is being created or deleted"),
+            ));
+        }
+        if !self.catalog.borrow().contains_key(&name) {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {name:?} does not exist"),
+            ));
+        }
+        self.topics_changing.borrow_mut().insert(name.clone());
+        let outcome = async {
+            // The metadata file goes first: once it is gone the topic does not come back
+            // after a crash, whatever is left of its partitions.
+            remove_topic_metadata(&self.config.data_dir, &name).map_err(|error| {
+                WireError::new(ErrorCode::StorageError, format!("removing topic metadata: {error}"))
+            })?;
+            self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
+                .await?;
+            let directory = self.config.data_dir.join(&name);
+            std::fs::remove_dir_all(&directory).map_err(|error| {
+                WireError::new(
+                    ErrorCode::StorageError,
+                    format!("removing {}: {error}", directory.display()),
+                )
+            })
+        }
+        .await;
+        self.topics_changing.borrow_mut().remove(&name);
+        outcome
+    }
+}
+
+fn failed_reply(error: WireError) -> ShardReply {
+    // The caller matches on the reply kind it asked for; a Done error is understood by
+    // every caller as "the whole sub-request failed".
+    ShardReply::Done(Err(error))
+}
+
+// Topic metadata is tiny and changes rarely; it is written with plain blocking file calls
+// on the coordinator shard, which is acceptable for an admin operation and keeps the
+// format a readable text file.
+
+fn write_topic_metadata(data_dir: &Path, name: &str, partitions: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let directory = data_dir.join(name);
+    std::fs::create_dir_all(&directory)?;
+    let temporary = directory.join(format!("{TOPIC_METADATA_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    writeln!(file, "partitions={partitions}")?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, directory.join(TOPIC_METADATA_FILE))?;
+    std::fs::File::open(&directory)?.sync_all()?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(())
+}
+
+fn remove_topic_metadata(data_dir: &Path, name: &str) -> std::io::Result<()> {
+    let directory = data_dir.join(name);
+    std::fs::remove_file(directory.join(TOPIC_METADATA_FILE))?;
+    std::fs::File::open(&directory)?.sync_all()
+}
+
+/// Reads every `<data_dir>/<topic>/topic.meta`. Directories without one (a topic whose
+/// deletion was interrupted) are skipped with a warning.
+pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, u32)>, StorageError> {
+    let mut topics = Vec::new();
+    let entries = std::fs::read_dir(data_dir)
+        .map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
+    for entry in entries {
+        let entry = entry.map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if validate_topic_name(&name).is_err() {
+            continue;
+        }
+        let metadata_path = path.join(TOPIC_METADATA_FILE);
+        let text = match std::fs::read_to_string(&metadata_path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "shardq: skipping {}: no {TOPIC_METADATA_FILE} (an interrupted delete?)",
+                    path.display()
+                );
+                continue;
+            }
+            Err(source) => return Err(StorageError::io("reading topic metadata", &metadata_path, source)),
+        };
+        let partitions = text
+            .lines()
+            .find_map(|line| line.strip_prefix("partitions="))
+            .and_then(|value| value.trim().parse::<u32>().ok())
+            .filter(|partitions| *partitions > 0)
+            .ok_or_else(|| StorageError::Corrupt {
+                path: metadata_path.clone(),
+                position: 0,
+                reason: format!("expected a line partitions=N, found {text:?}"),
+            })?;
+        topics.push((name, partitions));
+    }
+    topics.sort();
+    Ok(topics)
+}

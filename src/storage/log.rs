@@ -1,0 +1,676 @@
+//! The partition log: append into aligned chunks, group commit, reads up to the durable
+//! watermark, segment rolling.
+//!
+//! Chunks. Appends copy batch bytes into the *active chunk*, a 4 KiB-aligned buffer from
+//! glommio's registered io_uring arena that mirrors a 4 KiB-aligned range of the active
+//! segment file. A chunk is *sealed* (made immutable and queued for writing) in two ways:
+//! - it is full: it is cut at its last whole block; the partial block's bytes move to the
+//!   front of the next chunk, so consecutive sealed chunks never overlap on disk and can
+//!   be written concurrently;
+//! - a flush starts: it is padded with zeros to the end of its partial block and written
+//!   whole; the partial block's valid bytes are kept (`tail_bytes`) and become the start
+//!   of the next chunk, so the next flush rewrites that block with more data in it.
+//! Worked example, 4096-byte blocks: 10,000 bytes appended to an empty segment, then a
+//! flush: the chunk covers file bytes 0..12,288 (10,000 valid, 2,288 zeros); `tail_bytes`
+//! holds bytes 8,192..10,000; the next chunk starts at file position 8,192 with those 1,808
+//! bytes and the next flush writes from 8,192 again.
+//!
+//! Group commit. One flusher task per partition runs rounds: take every sealed chunk (and
+//! seal the active one), write them, fdatasync each file written, then advance the durable
+//! watermark and release the producers waiting on it. Appends that arrive during a round
+//! go into the next one. Rounds never overlap, which is what makes rewriting the partial
+//! block safe: two writes of the same block are never in flight together.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_channel::oneshot;
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::sync::StaticPermit;
+use glommio::task::JoinHandle;
+
+use super::recovery::{self, RecoveredSegment};
+use super::{align_down, align_up, ChunkBudget, Notify, StorageError, ALIGNMENT_BYTES};
+use crate::protocol::batch::{stamp_batch, BatchHeader, BATCH_HEADER_SIZE};
+
+#[derive(Debug, Clone, Copy)]
+pub struct LogConfig {
+    pub segment_size_bytes: u64,
+    pub chunk_size_bytes: usize,
+    pub index_interval_bytes: u32,
+}
+
+impl LogConfig {
+    /// A batch must fit in a chunk behind the partial block the chunk may start with.
+    pub fn batch_bytes_max(&self) -> usize {
+        self.chunk_size_bytes - ALIGNMENT_BYTES
+    }
+}
+
+/// Where a batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: u64,
+    /// One past the batch's last offset: what `wait_durable` takes.
+    pub next_offset: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IndexEntry {
+    pub offset: u64,
+    pub position: u64,
+}
+
+pub(crate) struct Segment {
+    pub base_offset: u64,
+    pub path: PathBuf,
+    pub file: Rc<DmaFile>,
+    /// Sparse: the first batch, then one batch per `index_interval_bytes`.
+    pub index: Vec<IndexEntry>,
+    /// Bytes appended (in memory, maybe not yet on disk).
+    pub end_position: u64,
+    /// Bytes covered by a completed fdatasync.
+    pub durable_position: u64,
+    pub next_offset: u64,
+}
+
+impl Segment {
+    fn record_index(&mut self, offset: u64, position: u64, interval: u32) {
+        let due = match self.index.last() {
+            None => true,
+            Some(last) => position - last.position >= u64::from(interval),
+        };
+        if due {
+            self.index.push(IndexEntry { offset, position });
+        }
+    }
+}
+
+struct ActiveChunk {
+    buffer: DmaBuffer,
+    permit: StaticPermit,
+    file: Rc<DmaFile>,
+    path: PathBuf,
+    /// File position of `buffer[0]`; a multiple of the alignment.
+    file_start: u64,
+    filled: usize,
+    /// Bytes at the front that were carried over and are already on disk.
+    carried: usize,
+}
+
+struct SealedChunk {
+    buffer: DmaBuffer,
+    _permit: StaticPermit,
+    file: Rc<DmaFile>,
+    path: PathBuf,
+    file_start: u64,
+}
+
+struct State {
+    segments: Vec<Segment>,
+    next_offset: u64,
+    durable_offset: u64,
+    active: Option<ActiveChunk>,
+    /// When no chunk is active: the valid bytes of the active segment's partial last
+    /// block, which the next chunk starts with.
+    tail_bytes: Vec<u8>,
+    sealed: Vec<SealedChunk>,
+    rolling: bool,
+    closed: bool,
+    durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
+}
+
+/// What one group-commit round writes and what it makes durable.
+struct Round {
+    chunks: Vec<SealedChunk>,
+    next_offset: u64,
+    segment_base_offset: u64,
+    segment_end_position: u64,
+}
+
+pub struct PartitionLog {
+    directory: PathBuf,
+    config: LogConfig,
+    budget: Rc<ChunkBudget>,
+    state: RefCell<State>,
+    flush_wanted: Notify,
+    /// Shared by every partition of the shard, so one long-poll can wait on many.
+    data_arrived: Rc<Notify>,
+    roll_done: Notify,
+    flusher: RefCell<Option<JoinHandle<()>>>,
+}
+
+pub(crate) async fn open_segment_file(path: &Path, create: bool) -> Result<DmaFile, StorageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .dma_open(path)
+        .await
+        .map_err(|source| StorageError::io("opening segment", path, source))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A log write or sync failed: the partition's durable state is no longer known, so the
+/// process stops rather than let this shard keep serving (or let siblings serve) data it
+/// cannot vouch for. Issue-level fault handling (ENOSPC recovery) refines this later.
+fn storage_failed(error: &StorageError) -> ! {
+    eprintln!("shardq: fatal: the log can no longer be trusted: {error}");
+    std::process::exit(super::EXIT_STORAGE_FAILED);
+}
+
+impl PartitionLog {
+    /// Opens (recovering) or creates the log in `directory`, and starts its flusher.
+    pub async fn open(
+        directory: PathBuf,
+        config: LogConfig,
+        budget: Rc<ChunkBudget>,
+        data_arrived: Rc<Notify>,
+    ) -> Result<Rc<PartitionLog>, StorageError> {
+        assert!(
+            config.chunk_size_bytes <= budget.chunk_size_bytes(),
+            "chunks must fit the budget's unit"
+        );
+        let recovered = recovery::recover(&directory, &config).await?;
+        let RecoveredSegment {
+            segments,
+            tail_bytes,
+        } = recovered;
+        let next_offset = segments.last().expect("recovery leaves a segment").next_offset;
+        let log = Rc::new(PartitionLog {
+            directory,
+            config,
+            budget,
+            state: RefCell::new(State {
+                segments,
+                next_offset,
+                durable_offset: next_offset,
+                active: None,
+                tail_bytes,
+                sealed: Vec::new(),
+                rolling: false,
+                closed: false,
+                durable_waiters: VecDeque::new(),
+            }),
+            flush_wanted: Notify::new(),
+            data_arrived,
+            roll_done: Notify::new(),
+            flusher: RefCell::new(None),
+        });
+        let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
+        *log.flusher.borrow_mut() = Some(flusher);
+        Ok(log)
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The first offset still stored.
+    pub fn log_start_offset(&self) -> u64 {
+        self.state.borrow().segments[0].base_offset
+    }
+
+    /// One past the last durable offset: what consumers may read up to.
+    pub fn high_watermark(&self) -> u64 {
+        self.state.borrow().durable_offset
+    }
+
+    /// One past the last appended offset (durable or not).
+    pub fn next_offset(&self) -> u64 {
+        self.state.borrow().next_offset
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.state.borrow().segments.len()
+    }
+
+    /// Copies a validated batch into the log, assigning its offsets. Resolves once the
+    /// batch is in memory; `wait_durable` says when it is on disk. Waits (backpressure)
+    /// while the shard's chunk budget is spent or a segment is being rolled.
+    pub async fn append(&self, batch: &[u8]) -> Result<AppendOutcome, StorageError> {
+        let length = batch.len();
+        if length > self.config.batch_bytes_max() {
+            return Err(StorageError::BatchTooLarge {
+                length,
+                length_max: self.config.batch_bytes_max(),
+            });
+        }
+        let header = BatchHeader::read(batch).expect("appended batches are validated first");
+        assert_eq!(
+            header.batch_length as usize, length,
+            "appended batches are validated first"
+        );
+        loop {
+            let mut state = self.state.borrow_mut();
+            if state.closed {
+                return Err(StorageError::Closed);
+            }
+            if state.rolling {
+                let done = self.roll_done.listen();
+                drop(state);
+                let _ = done.await;
+                continue;
+            }
+            let segment = state.segments.last().expect("a log has a segment");
+            if segment.end_position > 0
+                && segment.end_position + length as u64 > self.config.segment_size_bytes
+            {
+                state.rolling = true;
+                drop(state);
+                let rolled = self.roll().await;
+                let mut state = self.state.borrow_mut();
+                state.rolling = false;
+                drop(state);
+                self.roll_done.notify_all();
+                rolled?;
+                continue;
+            }
+            let fits = state
+                .active
+                .as_ref()
+                .is_some_and(|active| active.filled + length <= active.buffer.len());
+            if fits {
+                return Ok(self.copy_into_active(&mut state, batch, header.record_count));
+            }
+            if state.active.is_some() {
+                // Full: cut at the last whole block and queue it; the partial block moves
+                // to the next chunk.
+                Self::seal_full_chunk(&mut state);
+                self.flush_wanted.notify_all();
+            }
+            drop(state);
+            let permit = self.budget.acquire().await;
+            let mut state = self.state.borrow_mut();
+            if state.closed {
+                return Err(StorageError::Closed);
+            }
+            if state.active.is_some() || state.rolling {
+                // Another append installed a chunk (or started a roll) while this one
+                // waited; the permit goes back and the loop re-examines.
+                continue;
+            }
+            let segment = state.segments.last().expect("a log has a segment");
+            let file = Rc::clone(&segment.file);
+            let path = segment.path.clone();
+            let file_start = align_down(segment.end_position);
+            let mut buffer = file.alloc_dma_buffer(self.config.chunk_size_bytes);
+            let carried = state.tail_bytes.len();
+            debug_assert_eq!(file_start + carried as u64, segment.end_position);
+            buffer.as_bytes_mut()[..carried].copy_from_slice(&state.tail_bytes);
+            state.tail_bytes.clear();
+            state.active = Some(ActiveChunk {
+                buffer,
+                permit,
+                file,
+                path,
+                file_start,
+                filled: carried,
+                carried,
+            });
+        }
+    }
+
+    fn copy_into_active(&self, state: &mut State, batch: &[u8], record_count: u32) -> AppendOutcome {
+        let base_offset = state.next_offset;
+        let active = state.active.as_mut().expect("checked by the caller");
+        let start = active.filled;
+        let target = &mut active.buffer.as_bytes_mut()[start..start + batch.len()];
+        target.copy_from_slice(batch);
+        stamp_batch(target, base_offset, now_ms());
+        active.filled += batch.len();
+        let position = active.file_start + start as u64;
+        let next_offset = base_offset + u64::from(record_count);
+        let interval = self.config.index_interval_bytes;
+        let segment = state.segments.last_mut().expect("a log has a segment");
+        debug_assert_eq!(segment.end_position, position, "chunk and segment disagree");
+        segment.record_index(base_offset, position, interval);
+        segment.end_position = position + batch.len() as u64;
+        segment.next_offset = next_offset;
+        state.next_offset = next_offset;
+        self.flush_wanted.notify_all();
+        AppendOutcome {
+            base_offset,
+            next_offset,
+        }
+    }
+
+    fn seal_full_chunk(state: &mut State) {
+        let mut active = state.active.take().expect("sealing needs an active chunk");
+        let whole = align_down(active.filled as u64) as usize;
+        assert!(
+            whole >= ALIGNMENT_BYTES,
+            "a full chunk holds at least one whole block, since batches are a block smaller than chunks"
+        );
+        state.tail_bytes.clear();
+        state
+            .tail_bytes
+            .extend_from_slice(&active.buffer.as_bytes()[whole..active.filled]);
+        active.buffer.trim_to_size(whole);
+        state.sealed.push(SealedChunk {
+            buffer: active.buffer,
+            _permit: active.permit,
+            file: active.file,
+            path: active.path,
+            file_start: active.file_start,
+        });
+    }
+
+    /// Seals the active chunk for a flush: zero-pad to the block end, keep the partial
+    /// block's bytes for the next chunk. Returns whether anything new was sealed.
+    fn seal_for_flush(state: &mut State) {
+        let Some(mut active) = state.active.take() else {
+            return;
+        };
+        if active.filled == active.carried {
+            // Nothing new since the chunk was started: its bytes are already on disk.
+            state.tail_bytes.clear();
+            state
+                .tail_bytes
+                .extend_from_slice(&active.buffer.as_bytes()[..active.filled]);
+            return;
+        }
+        let padded = align_up(active.filled as u64) as usize;
+        let partial_start = align_down(active.filled as u64) as usize;
+        let bytes = active.buffer.as_bytes_mut();
+        // The arena recycles memory: padding must be zeros, not a previous chunk's bytes,
+        // or recovery could mistake them for a batch.
+        bytes[active.filled..padded].fill(0);
+        state.tail_bytes.clear();
+        state
+            .tail_bytes
+            .extend_from_slice(&bytes[partial_start..active.filled]);
+        active.buffer.trim_to_size(padded);
+        state.sealed.push(SealedChunk {
+            buffer: active.buffer,
+            _permit: active.permit,
+            file: active.file,
+            path: active.path,
+            file_start: active.file_start,
+        });
+    }
+
+    /// Starts a new segment at the next offset. The old segment is made durable first, so
+    /// a segment file exists only once every segment before it is complete on disk: after
+    /// a crash, only the last segment can have a torn tail.
+    async fn roll(&self) -> Result<(), StorageError> {
+        let base_offset = {
+            let mut state = self.state.borrow_mut();
+            Self::seal_for_flush(&mut state);
+            state.tail_bytes.clear();
+            state.next_offset
+        };
+        self.flush_wanted.notify_all();
+        self.wait_durable(base_offset).await?;
+        let segment = recovery::create_segment(&self.directory, base_offset, &self.config).await?;
+        let mut state = self.state.borrow_mut();
+        state.segments.push(segment);
+        Ok(())
+    }
+
+    /// Resolves once every offset below `next_offset` is durable.
+    pub async fn wait_durable(&self, next_offset: u64) -> Result<(), StorageError> {
+        let receiver = {
+            let mut state = self.state.borrow_mut();
+            if state.durable_offset >= next_offset {
+                return Ok(());
+            }
+            if state.closed {
+                return Err(StorageError::Closed);
+            }
+            let (sender, receiver) = oneshot::channel();
+            // Appends that finished in one order may wait in another: keep the queue
+            // sorted so a round releases exactly a prefix.
+            let at = state
+                .durable_waiters
+                .partition_point(|(target, _)| *target <= next_offset);
+            state.durable_waiters.insert(at, (next_offset, sender));
+            receiver
+        };
+        self.flush_wanted.notify_all();
+        receiver.await.unwrap_or(Err(StorageError::Closed))
+    }
+
+    /// Waits until data beyond `offset` is readable, the log closes, or `wait` passes.
+    pub async fn wait_for_data(&self, offset: u64, wait: Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let listener = self.data_arrived.listen();
+            {
+                let state = self.state.borrow();
+                if state.durable_offset > offset || state.closed {
+                    return;
+                }
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let _ = glommio::timer::timeout(deadline - now, async {
+                let _ = listener.await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    /// Reads whole batches starting with the one that holds `offset`, up to `bytes_max`
+    /// (at least one batch when any is readable), never past the durable watermark and
+    /// never across a segment end: the next read continues in the next segment.
+    pub async fn read(&self, offset: u64, bytes_max: usize) -> Result<Bytes, StorageError> {
+        let (file, path, mut position, end_position) = {
+            let state = self.state.borrow();
+            let log_start_offset = state.segments[0].base_offset;
+            if offset < log_start_offset || offset > state.durable_offset {
+                return Err(StorageError::OffsetOutOfRange {
+                    requested: offset,
+                    log_start_offset,
+                    high_watermark: state.durable_offset,
+                });
+            }
+            if offset == state.durable_offset {
+                return Ok(Bytes::new());
+            }
+            let segment_index = state
+                .segments
+                .partition_point(|segment| segment.base_offset <= offset)
+                - 1;
+            let segment = &state.segments[segment_index];
+            let entry = segment.index.partition_point(|entry| entry.offset <= offset);
+            assert!(entry > 0, "a readable offset lies at or after its segment's first batch");
+            (
+                Rc::clone(&segment.file),
+                segment.path.clone(),
+                segment.index[entry - 1].position,
+                segment.durable_position,
+            )
+        };
+        let window_max = (bytes_max as u64)
+            .max(64 * 1024)
+            .saturating_add(u64::from(self.config.index_interval_bytes))
+            .saturating_add(BATCH_HEADER_SIZE as u64);
+        let mut out = BytesMut::new();
+        let mut need = 0u64;
+        'windows: while position < end_position {
+            let length = (end_position - position).min(window_max.max(need));
+            let data = file
+                .read_at(position, length as usize)
+                .await
+                .map_err(|source| StorageError::io("reading segment", &path, source))?;
+            need = 0;
+            let mut at = 0usize;
+            while at + BATCH_HEADER_SIZE <= data.len() {
+                let header = BatchHeader::read(&data[at..]).expect("length checked");
+                let batch_length = header.batch_length as usize;
+                if batch_length < BATCH_HEADER_SIZE {
+                    return Err(StorageError::Corrupt {
+                        path,
+                        position: position + at as u64,
+                        reason: format!("batch length {batch_length} below the header size"),
+                    });
+                }
+                if at + batch_length > data.len() {
+                    // The batch runs past this window: read again from its start.
+                    need = batch_length as u64;
+                    break;
+                }
+                if header.next_offset() > offset {
+                    if !out.is_empty() && out.len() + batch_length > bytes_max {
+                        break 'windows;
+                    }
+                    out.extend_from_slice(&data[at..at + batch_length]);
+                }
+                at += batch_length;
+            }
+            position += at as u64;
+            if out.len() >= bytes_max || (at == 0 && need == 0) {
+                break;
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Flushes what is pending, stops the flusher and fails anyone still waiting.
+    pub async fn close(&self) {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.closed {
+                return;
+            }
+            state.closed = true;
+        }
+        self.flush_wanted.notify_all();
+        let flusher = self.flusher.borrow_mut().take();
+        if let Some(flusher) = flusher {
+            flusher.await;
+        }
+        let waiters: Vec<_> = self.state.borrow_mut().durable_waiters.drain(..).collect();
+        for (_, waiter) in waiters {
+            let _ = waiter.send(Err(StorageError::Closed));
+        }
+        self.data_arrived.notify_all();
+        self.roll_done.notify_all();
+    }
+
+    fn take_round(&self, state: &mut State) -> Option<Round> {
+        Self::seal_for_flush(state);
+        if state.sealed.is_empty() {
+            return None;
+        }
+        let segment = state.segments.last().expect("a log has a segment");
+        Some(Round {
+            chunks: std::mem::take(&mut state.sealed),
+            next_offset: state.next_offset,
+            segment_base_offset: segment.base_offset,
+            segment_end_position: segment.end_position,
+        })
+    }
+
+    async fn run_flusher(self: Rc<Self>) {
+        loop {
+            let wanted = self.flush_wanted.listen();
+            let (round, closed) = {
+                let mut state = self.state.borrow_mut();
+                // While a roll is creating the next segment, the old segment's last chunk
+                // is already sealed; writing it now is fine.
+                (self.take_round(&mut state), state.closed)
+            };
+            match round {
+                Some(round) => {
+                    if let Err(error) = self.write_round(round).await {
+                        storage_failed(&error);
+                    }
+                }
+                None if closed => return,
+                None => {
+                    let _ = wanted.await;
+                }
+            }
+        }
+    }
+
+    async fn write_round(&self, round: Round) -> Result<(), StorageError> {
+        let mut writes = Vec::with_capacity(round.chunks.len());
+        let mut files: Vec<(Rc<DmaFile>, PathBuf)> = Vec::new();
+        for chunk in round.chunks {
+            if !files.iter().any(|(file, _)| Rc::ptr_eq(file, &chunk.file)) {
+                files.push((Rc::clone(&chunk.file), chunk.path.clone()));
+            }
+            writes.push(glommio::spawn_local(async move {
+                let expected = chunk.buffer.len();
+                let buffer = Rc::new(chunk.buffer);
+                let written = chunk
+                    .file
+                    .write_rc_at(Rc::clone(&buffer), chunk.file_start)
+                    .await
+                    .map_err(|source| StorageError::io("writing segment", &chunk.path, source))?;
+                if written != expected {
+                    return Err(StorageError::io(
+                        "writing segment",
+                        &chunk.path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::WriteZero,
+                            format!("short write of {written} of {expected} bytes at {}", chunk.file_start),
+                        ),
+                    ));
+                }
+                Ok(())
+            }));
+        }
+        let mut first_error = None;
+        for write in writes {
+            if let Err(error) = write.await {
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        for (file, path) in &files {
+            file.fdatasync()
+                .await
+                .map_err(|source| StorageError::io("syncing segment", path, source))?;
+        }
+        let released = {
+            let mut state = self.state.borrow_mut();
+            assert!(
+                round.next_offset >= state.durable_offset,
+                "the durable watermark only moves forward"
+            );
+            state.durable_offset = round.next_offset;
+            for segment in state.segments.iter_mut() {
+                match segment.base_offset.cmp(&round.segment_base_offset) {
+                    std::cmp::Ordering::Less => segment.durable_position = segment.end_position,
+                    std::cmp::Ordering::Equal => {
+                        segment.durable_position = round.segment_end_position
+                    }
+                    std::cmp::Ordering::Greater => {}
+                }
+            }
+            let mut released = Vec::new();
+            while state
+                .durable_waiters
+                .front()
+                .is_some_and(|(target, _)| *target <= round.next_offset)
+            {
+                released.push(state.durable_waiters.pop_front().expect("checked").1);
+            }
+            released
+        };
+        for waiter in released {
+            let _ = waiter.send(Ok(()));
+        }
+        self.data_arrived.notify_all();
+        Ok(())
+    }
+}

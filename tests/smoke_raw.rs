@@ -1,0 +1,50 @@
+mod common;
+
+use common::*;
+use shardq::protocol::*;
+
+#[test]
+fn produce_and_fetch_one_batch_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let mut client = RawClient::connect(broker.addr());
+    client
+        .call(&Request::CreateTopic(CreateTopicRequest {
+            name: "t".into(),
+            partitions: 2,
+        }))
+        .unwrap();
+    let response = client
+        .call(&Request::Produce(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 5000,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: vec![
+                    ProducePartition { partition: 0, batch: batch_of(&[b"a", b"b"]) },
+                    ProducePartition { partition: 1, batch: batch_of(&[b"c"]) },
+                ],
+            }],
+        }))
+        .unwrap();
+    let ResponseBody::Produce(response) = response else { panic!() };
+    assert_eq!(response.topics[0].partitions[0].result, Ok(0));
+    assert_eq!(response.topics[0].partitions[1].result, Ok(0));
+    let response = client
+        .call(&Request::Fetch(FetchRequest {
+            wait_ms_max: 0,
+            bytes_max: 1 << 20,
+            topics: vec![FetchTopic {
+                name: "t".into(),
+                partitions: vec![FetchPartition { partition: 0, offset: 0, bytes_max: 1 << 20 }],
+            }],
+        }))
+        .unwrap();
+    let ResponseBody::Fetch(response) = response else { panic!() };
+    let data = response.topics[0].partitions[0].result.clone().unwrap();
+    assert_eq!(data.high_watermark, 2);
+    let mut records = Vec::new();
+    batch::decode_records(&data.batches, 0, &mut records).unwrap();
+    let values: Vec<&[u8]> = records.iter().map(|r| &r.value[..]).collect();
+    assert_eq!(values, vec![&b"a"[..], &b"b"[..]]);
+}
