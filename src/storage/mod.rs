@@ -124,7 +124,7 @@ pub(crate) fn align_up(value: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     #[test]
@@ -146,3 +146,6 @@ mod tests {
         assert_eq!(align_down(4095), 0);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! Partition log tests on a real filesystem (the default temp dir is ext4 here; tmpfs
+//! would hide alignment bugs), each inside its own glommio executor.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use glommio::LocalExecutorBuilder;
+
+use super::*;
+use crate::protocol::batch::{decode_records, BatchBuilder, Record};
+
+fn config() -> LogConfig {
+    LogConfig {
+        segment_size_bytes: 256 * 1024,
+        chunk_size_bytes: 64 * 1024,
+        index_interval_bytes: 4096,
+    }
+}
+
+/// Runs `body` on a fresh executor, after the O_DIRECT probe DESIGN.md asks for.
+fn run<F, Fut>(directory: &Path, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let probe = directory.join("probe");
+    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+    LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let file = glommio::io::DmaFile::open(&probe).await.unwrap();
+            file.close().await.unwrap();
+            body().await;
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+async fn open(directory: &Path) -> Rc<PartitionLog> {
+    PartitionLog::open(
+        directory.to_path_buf(),
+        config(),
+        ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+        Rc::new(Notify::new()),
+    )
+    .await
+    .unwrap()
+}
+
+fn batch(first: u64, count: usize, value_size: usize) -> Bytes {
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    for index in 0..count {
+        let mut value = format!("{}:", first + index as u64).into_bytes();
+        value.resize(value_size.max(value.len()), b'x');
+        builder.push(1_000, None, &value, &[]);
+    }
+    builder.finish()
+}
+
+async fn read_all(log: &PartitionLog, from: u64) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut offset = from;
+    while offset < log.high_watermark() {
+        let bytes = log.read(offset, 32 * 1024).await.unwrap();
+        assert!(!bytes.is_empty(), "offset {offset} below the watermark reads something");
+        let before = records.len();
+        decode_records(&bytes, offset, &mut records).unwrap();
+        assert!(records.len() > before);
+        offset = records.last().unwrap().offset + 1;
+    }
+    records
+}
+
+fn check_dense(records: &[Record], from: u64) {
+    for (index, record) in records.iter().enumerate() {
+        let offset = from + index as u64;
+        assert_eq!(record.offset, offset);
+        let prefix = format!("{offset}:");
+        assert!(record.value.starts_with(prefix.as_bytes()), "offset {offset} holds its own value");
+    }
+}
+
+fn partition_dir() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let partition = root.path().join("p");
+    (root, partition)
+}
+
+#[test]
+fn appends_become_durable_readable_and_survive_reopen_across_segments() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        let mut next = 0;
+        // ~600 KiB over 256 KiB segments: at least three segments, chunks filled and cut.
+        for round in 0..150 {
+            let count = 1 + round % 7;
+            let outcome = log.append(&batch(next, count, 1400)).await.unwrap();
+            assert_eq!(outcome.base_offset, next);
+            next += count as u64;
+            assert_eq!(outcome.next_offset, next);
+            if round % 5 == 0 {
+                log.wait_durable(next).await.unwrap();
+                assert!(log.high_watermark() >= next);
+            }
+        }
+        log.wait_durable(next).await.unwrap();
+        assert!(log.segment_count() >= 3, "segments rolled: {}", log.segment_count());
+        let records = read_all(&log, 0).await;
+        assert_eq!(records.len() as u64, next);
+        check_dense(&records, 0);
+        // A read from the middle of a batch starts with that batch's later records.
+        let middle = read_all(&log, next / 2).await;
+        check_dense(&middle, next / 2);
+        log.close().await;
+        drop(log);
+
+        let log = open(&directory).await;
+        assert_eq!(log.next_offset(), next, "reopen restores the next offset");
+        assert_eq!(log.high_watermark(), next);
+        let outcome = log.append(&batch(next, 3, 10)).await.unwrap();
+        assert_eq!(outcome.base_offset, next, "offsets continue, never reused");
+        log.wait_durable(next + 3).await.unwrap();
+        let records = read_all(&log, 0).await;
+        check_dense(&records, 0);
+        assert_eq!(records.len() as u64, next + 3);
+        log.close().await;
+    });
+}
+
+#[test]
+fn reads_stop_at_the_durable_watermark_and_out_of_range_is_typed() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        log.append(&batch(0, 2, 10)).await.unwrap();
+        log.wait_durable(2).await.unwrap();
+        // Not yet flushed: the flusher has not had a chance to run since this append.
+        log.append(&batch(2, 2, 10)).await.unwrap();
+        let high_watermark = log.high_watermark();
+        let bytes = log.read(0, 1 << 20).await.unwrap();
+        let mut records = Vec::new();
+        decode_records(&bytes, 0, &mut records).unwrap();
+        assert!(records.iter().all(|record| record.offset < high_watermark));
+        match log.read(high_watermark + 1, 1024).await {
+            Err(StorageError::OffsetOutOfRange {
+                requested,
+                log_start_offset: 0,
+                high_watermark: reported,
+            }) => {
+                assert_eq!(requested, high_watermark + 1);
+                assert_eq!(reported, high_watermark);
+            }
+            other => panic!("expected OffsetOutOfRange, got {other:?}"),
+        }
+        assert!(log.read(high_watermark, 1024).await.unwrap().is_empty());
+        log.close().await;
+    });
+}
+
+fn last_segment(directory: &Path) -> PathBuf {
+    let mut names: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .collect();
+    names.sort();
+    names.pop().unwrap()
+}
+
+/// Writes `batches` (sizes in records) and returns the byte range of each batch in the
+/// last segment, as (start, end).
+fn write_batches(root: &Path, directory: &Path, counts: Vec<usize>) -> Vec<(u64, u64)> {
+    let directory = directory.to_path_buf();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root, move || async move {
+        let log = open(&directory).await;
+        let mut next = 0;
+        let mut position = 0;
+        let mut ranges = Vec::new();
+        for count in counts {
+            let bytes = batch(next, count, 100);
+            log.append(&bytes).await.unwrap();
+            next += count as u64;
+            ranges.push((position, position + bytes.len() as u64));
+            position += bytes.len() as u64;
+        }
+        log.wait_durable(next).await.unwrap();
+        log.close().await;
+        sender.send(ranges).unwrap();
+    });
+    receiver.recv().unwrap()
+}
+
+fn reopen_and_collect(root: &Path, directory: &Path) -> (u64, Vec<Record>) {
+    let directory = directory.to_path_buf();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root, move || async move {
+        let log = open(&directory).await;
+        let records = read_all(&log, 0).await;
+        let next = log.next_offset();
+        // The log must accept appends after cutting a tail, at the right offset.
+        let outcome = log.append(&batch(next, 1, 10)).await.unwrap();
+        assert_eq!(outcome.base_offset, next);
+        log.wait_durable(next + 1).await.unwrap();
+        log.close().await;
+        sender.send((next, records)).unwrap();
+    });
+    receiver.recv().unwrap()
+}
+
+#[test]
+fn recovery_cuts_a_truncated_last_batch_at_every_sampled_position() {
+    let root = tempfile::tempdir().unwrap();
+    let pristine = root.path().join("pristine");
+    let ranges = write_batches(root.path(), &pristine, vec![3, 5, 4]);
+    let segment_name = last_segment(&pristine).file_name().unwrap().to_owned();
+    let (last_start, last_end) = *ranges.last().unwrap();
+    // Every cut inside the last batch: header bytes, record bytes, the last byte.
+    let cuts: Vec<u64> = (last_start..last_end).step_by(7).chain([last_end - 1]).collect();
+    for cut in cuts {
+        let copy = root.path().join(format!("cut-{cut}"));
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(pristine.join(&segment_name), copy.join(&segment_name)).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(copy.join(&segment_name)).unwrap();
+        file.set_len(cut).unwrap();
+        drop(file);
+        let (next, records) = reopen_and_collect(root.path(), &copy);
+        assert_eq!(next, 8, "cut at {cut}: exactly the two whole batches survive");
+        check_dense(&records, 0);
+        assert_eq!(records.len(), 8);
+        // The appended record after recovery lands right after them.
+        let (next_again, records_again) = reopen_and_collect(root.path(), &copy);
+        assert_eq!(next_again, 9, "cut at {cut}: the post-recovery append is durable");
+        assert_eq!(records_again.len(), 9);
+        check_dense(&records_again[..8], 0);
+        std::fs::remove_dir_all(&copy).unwrap();
+    }
+}
+
+#[test]
+fn recovery_cuts_a_corrupted_last_batch_and_keeps_earlier_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let directory = root.path().join("p");
+    let ranges = write_batches(root.path(), &directory, vec![2, 2, 2]);
+    let segment = last_segment(&directory);
+    let (last_start, last_end) = ranges[2];
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // Flip one byte in the middle of the last batch's records.
+    bytes[((last_start + last_end) / 2) as usize] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let (next, records) = reopen_and_collect(root.path(), &directory);
+    assert_eq!(next, 4);
+    check_dense(&records, 0);
+}
+
+#[test]
+fn recovery_refuses_a_gap_between_sealed_segments() {
+    let (root, directory) = partition_dir();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&moved).await;
+        let mut next = 0;
+        while log.segment_count() < 3 {
+            log.append(&batch(next, 10, 1000)).await.unwrap();
+            next += 10;
+        }
+        log.wait_durable(next).await.unwrap();
+        log.close().await;
+    });
+    let mut segments: Vec<_> = std::fs::read_dir(&directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    segments.sort();
+    // Damage the middle of the first (sealed) segment.
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    bytes[9000] ^= 0xff;
+    std::fs::write(&segments[0], &bytes).unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root.path(), move || async move {
+        let outcome = PartitionLog::open(
+            directory,
+            config(),
+            ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+            Rc::new(Notify::new()),
+        )
+        .await;
+        sender.send(outcome.err().map(|error| error.to_string())).unwrap();
+    });
+    let error = receiver.recv().unwrap().expect("a damaged sealed segment is refused");
+    assert!(error.contains("corrupt"), "{error}");
+}
+
+#[test]
+fn oversized_batch_is_refused_without_touching_the_log() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        let too_big = batch(0, 1, config().batch_bytes_max());
+        match log.append(&too_big).await {
+            Err(StorageError::BatchTooLarge { length, length_max }) => {
+                assert_eq!(length, too_big.len());
+                assert_eq!(length_max, config().batch_bytes_max());
+            }
+            other => panic!("expected BatchTooLarge, got {other:?}"),
+        }
+        assert_eq!(log.next_offset(), 0);
+        let fits = batch(0, 1, config().batch_bytes_max() - 200);
+        assert_eq!(log.append(&fits).await.unwrap().base_offset, 0);
+        log.wait_durable(1).await.unwrap();
+        log.close().await;
+    });
+}
