@@ -140,3 +140,76 @@ pub fn batch_of(values: &[&[u8]]) -> Bytes {
     }
     builder.finish()
 }
+
+use shardq::protocol::{
+    Acks, CreateTopicRequest, FetchPartition, FetchRequest, FetchTopic, ProducePartition, ProduceRequest,
+    ProduceTopic,
+};
+use shardq::protocol::batch::{decode_records, Record};
+
+impl RawClient {
+    pub fn create_topic(&mut self, name: &str, partitions: u32) {
+        self.call(&Request::CreateTopic(CreateTopicRequest {
+            name: name.into(),
+            partitions,
+        }))
+        .expect("topic created");
+    }
+
+    /// Produces one batch to one partition with durable acks; the base offset or error.
+    pub fn produce(&mut self, topic: &str, partition: u32, batch: Bytes) -> Result<u64, WireError> {
+        let response = self.call(&Request::Produce(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition { partition, batch }],
+            }],
+        }))?;
+        let ResponseBody::Produce(response) = response else {
+            panic!("produce answered with {response:?}")
+        };
+        response.topics[0].partitions[0].result.clone()
+    }
+
+    /// Every record of a partition from `offset` to the high watermark.
+    pub fn fetch_all(&mut self, topic: &str, partition: u32, offset: u64) -> Vec<Record> {
+        let mut records: Vec<Record> = Vec::new();
+        let mut next = offset;
+        loop {
+            let response = self
+                .call(&Request::Fetch(FetchRequest {
+                    wait_ms_max: 0,
+                    bytes_max: 1 << 20,
+                    topics: vec![FetchTopic {
+                        name: topic.into(),
+                        partitions: vec![FetchPartition {
+                            partition,
+                            offset: next,
+                            bytes_max: 1 << 20,
+                        }],
+                    }],
+                }))
+                .expect("fetch");
+            let ResponseBody::Fetch(response) = response else {
+                panic!("fetch answered with {response:?}")
+            };
+            let data = response.topics[0].partitions[0].result.clone().expect("partition readable");
+            let before = records.len();
+            decode_records(&data.batches, next, &mut records).expect("batches pass their CRC");
+            if records.len() == before {
+                assert_eq!(next, data.high_watermark, "an empty fetch happens only at the watermark");
+                return records;
+            }
+            next = records.last().expect("non-empty").offset + 1;
+        }
+    }
+}
+
+/// Values of records, as strings.
+pub fn values(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|record| String::from_utf8_lossy(&record.value).into_owned())
+        .collect()
+}
