@@ -91,7 +91,9 @@ impl ServerConfig {
         if self.cores == Some(0) {
             return fail("cores must be at least 1".into());
         }
-        if self.chunk_size_bytes < 2 * ALIGNMENT_BYTES || self.chunk_size_bytes % ALIGNMENT_BYTES != 0 {
+        if self.chunk_size_bytes < 2 * ALIGNMENT_BYTES
+            || self.chunk_size_bytes % ALIGNMENT_BYTES != 0
+        {
             return fail(format!(
                 "chunk_size_bytes {} must be a multiple of {ALIGNMENT_BYTES} and at least {}",
                 self.chunk_size_bytes,
@@ -116,12 +118,27 @@ impl ServerConfig {
         for (name, value) in [
             ("frame_body_bytes_max", u64::from(self.frame_body_bytes_max)),
             ("batch_records_max", u64::from(self.batch_records_max)),
-            ("topics_per_request_max", u64::from(self.topics_per_request_max)),
-            ("partitions_per_request_max", u64::from(self.partitions_per_request_max)),
-            ("partitions_per_topic_max", u64::from(self.partitions_per_topic_max)),
+            (
+                "topics_per_request_max",
+                u64::from(self.topics_per_request_max),
+            ),
+            (
+                "partitions_per_request_max",
+                u64::from(self.partitions_per_request_max),
+            ),
+            (
+                "partitions_per_topic_max",
+                u64::from(self.partitions_per_topic_max),
+            ),
             ("topics_max", u64::from(self.topics_max)),
-            ("connections_per_shard_max", u64::from(self.connections_per_shard_max)),
-            ("connection_requests_in_flight_max", u64::from(self.connection_requests_in_flight_max)),
+            (
+                "connections_per_shard_max",
+                u64::from(self.connections_per_shard_max),
+            ),
+            (
+                "connection_requests_in_flight_max",
+                u64::from(self.connection_requests_in_flight_max),
+            ),
             ("fetch_bytes_max", u64::from(self.fetch_bytes_max)),
             ("mesh_channel_capacity", self.mesh_channel_capacity as u64),
         ] {

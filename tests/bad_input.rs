@@ -11,9 +11,13 @@ use common::*;
 use shardq::protocol::*;
 
 fn error_of(client: &mut RawClient) -> (u64, WireError) {
-    let (id, raw_opcode, body) = client.read_frame().expect("an error response before closing");
+    let (id, raw_opcode, body) = client
+        .read_frame()
+        .expect("an error response before closing");
     let opcode = Opcode::from_wire(raw_opcode).unwrap_or(Opcode::Handshake);
-    let error = decode_response(opcode, body).expect("decodes").expect_err("an error status");
+    let error = decode_response(opcode, body)
+        .expect("decodes")
+        .expect_err("an error status");
     (id, error)
 }
 
@@ -65,10 +69,17 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
 
     // An oversized length: refused before any body is read, then closed.
     let mut oversized = RawClient::connect(broker.addr());
-    oversized.send_bytes(&header(u32::MAX, PROTOCOL_VERSION, Opcode::Produce as u8, 7));
+    oversized.send_bytes(&header(
+        u32::MAX,
+        PROTOCOL_VERSION,
+        Opcode::Produce as u8,
+        7,
+    ));
     let (id, error) = error_of(&mut oversized);
     assert_eq!((id, error.code), (7, ErrorCode::FrameTooLarge));
-    assert!(error.message.contains(&broker.config.frame_body_bytes_max.to_string()));
+    assert!(error
+        .message
+        .contains(&broker.config.frame_body_bytes_max.to_string()));
     assert!(oversized.is_closed_by_peer());
 
     // An unknown opcode with a sane length: refused, and the connection carries on.
@@ -78,7 +89,10 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
     unknown.send_bytes(&frame);
     let (id, error) = error_of(&mut unknown);
     assert_eq!((id, error.code), (9, ErrorCode::UnknownOpcode));
-    assert_eq!(unknown.produce("target", 0, batch_of(&[b"after-unknown"])), Ok(0));
+    assert_eq!(
+        unknown.produce("target", 0, batch_of(&[b"after-unknown"])),
+        Ok(0)
+    );
 
     // A body that does not decode (a produce cut short): refused, then closed.
     let mut truncated = RawClient::connect(broker.addr());
@@ -96,7 +110,10 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
     let last = batch.len() - 3;
     batch[last] ^= 0x01;
     let result = corrupt.produce("target", 0, batch.into());
-    assert_eq!(result.as_ref().map_err(|error| error.code), Err(ErrorCode::CorruptBatch));
+    assert_eq!(
+        result.as_ref().map_err(|error| error.code),
+        Err(ErrorCode::CorruptBatch)
+    );
     assert!(result.unwrap_err().message.contains("CRC32C"));
     // A batch that lies about its record count: InvalidBatch.
     let mut lying = batch_of(&[b"x", b"y"]).to_vec();
@@ -104,8 +121,14 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
     let crc = batch::compute_crc(&lying);
     lying[20..24].copy_from_slice(&crc.to_le_bytes());
     let result = corrupt.produce("target", 0, lying.into());
-    assert_eq!(result.map_err(|error| error.code), Err(ErrorCode::InvalidBatch));
-    assert_eq!(values(&corrupt.fetch_all("target", 0, 0)), vec!["after-unknown"]);
+    assert_eq!(
+        result.map_err(|error| error.code),
+        Err(ErrorCode::InvalidBatch)
+    );
+    assert_eq!(
+        values(&corrupt.fetch_all("target", 0, 0)),
+        vec!["after-unknown"]
+    );
 
     stop.store(true, Ordering::Relaxed);
     let acked = bystander.join().expect("the bystander never saw an error");
@@ -115,9 +138,15 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
         let records = reader.fetch_all("steady", partition, 0);
         for (index, record) in records.iter().enumerate() {
             assert_eq!(record.offset, index as u64);
-            assert_eq!(record.value, format!("m{}", index as u64 * 2 + u64::from(partition)).as_bytes());
+            assert_eq!(
+                record.value,
+                format!("m{}", index as u64 * 2 + u64::from(partition)).as_bytes()
+            );
         }
         stored += records.len() as u64;
     }
-    assert_eq!(stored, acked, "every acknowledged message of the bystander is stored");
+    assert_eq!(
+        stored, acked,
+        "every acknowledged message of the bystander is stored"
+    );
 }

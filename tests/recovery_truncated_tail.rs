@@ -10,8 +10,14 @@ fn truncated_last_batch_is_dropped_on_restart_and_earlier_data_survives() {
     let mut broker = TestBroker::start(dir.path(), 1);
     let mut client = RawClient::connect(broker.addr());
     client.create_topic("orders", 1);
-    assert_eq!(client.produce("orders", 0, batch_of(&[b"a0", b"a1"])), Ok(0));
-    assert_eq!(client.produce("orders", 0, batch_of(&[b"b2", b"b3", b"b4"])), Ok(2));
+    assert_eq!(
+        client.produce("orders", 0, batch_of(&[b"a0", b"a1"])),
+        Ok(0)
+    );
+    assert_eq!(
+        client.produce("orders", 0, batch_of(&[b"b2", b"b3", b"b4"])),
+        Ok(2)
+    );
     let last = batch_of(&[b"c5", b"c6"]);
     let last_length = last.len() as u64;
     assert_eq!(client.produce("orders", 0, last), Ok(5));
@@ -20,10 +26,14 @@ fn truncated_last_batch_is_dropped_on_restart_and_earlier_data_survives() {
 
     let segment = dir.path().join("orders/0/00000000000000000000.log");
     let records = std::fs::read(&segment).unwrap();
-    let end = records.len() as u64 - records.iter().rev().take_while(|byte| **byte == 0).count() as u64;
+    let end =
+        records.len() as u64 - records.iter().rev().take_while(|byte| **byte == 0).count() as u64;
     assert!(end >= last_length);
     let cut = end - last_length / 2;
-    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
     file.set_len(cut).unwrap();
     drop(file);
 

@@ -21,13 +21,21 @@ fn produce_and_fetch_one_batch_raw() {
             topics: vec![ProduceTopic {
                 name: "t".into(),
                 partitions: vec![
-                    ProducePartition { partition: 0, batch: batch_of(&[b"a", b"b"]) },
-                    ProducePartition { partition: 1, batch: batch_of(&[b"c"]) },
+                    ProducePartition {
+                        partition: 0,
+                        batch: batch_of(&[b"a", b"b"]),
+                    },
+                    ProducePartition {
+                        partition: 1,
+                        batch: batch_of(&[b"c"]),
+                    },
                 ],
             }],
         }))
         .unwrap();
-    let ResponseBody::Produce(response) = response else { panic!() };
+    let ResponseBody::Produce(response) = response else {
+        panic!()
+    };
     assert_eq!(response.topics[0].partitions[0].result, Ok(0));
     assert_eq!(response.topics[0].partitions[1].result, Ok(0));
     let response = client
@@ -36,11 +44,17 @@ fn produce_and_fetch_one_batch_raw() {
             bytes_max: 1 << 20,
             topics: vec![FetchTopic {
                 name: "t".into(),
-                partitions: vec![FetchPartition { partition: 0, offset: 0, bytes_max: 1 << 20 }],
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 0,
+                    bytes_max: 1 << 20,
+                }],
             }],
         }))
         .unwrap();
-    let ResponseBody::Fetch(response) = response else { panic!() };
+    let ResponseBody::Fetch(response) = response else {
+        panic!()
+    };
     let data = response.topics[0].partitions[0].result.clone().unwrap();
     assert_eq!(data.high_watermark, 2);
     let mut records = Vec::new();

@@ -98,18 +98,26 @@ impl std::fmt::Display for BatchError {
             ),
             BatchError::NoRecords => write!(f, "batch holds no records"),
             BatchError::TooManyRecords { count, count_max } => {
-                write!(f, "batch holds {count} records, at most {count_max} allowed")
+                write!(
+                    f,
+                    "batch holds {count} records, at most {count_max} allowed"
+                )
             }
             BatchError::RecordTruncated { index, position } => {
-                write!(f, "record {index} at byte {position} runs past the batch end")
+                write!(
+                    f,
+                    "record {index} at byte {position} runs past the batch end"
+                )
             }
             BatchError::OffsetDeltaMismatch { index, found } => {
-                write!(f, "record {index} has offset delta {found}, expected {index}")
+                write!(
+                    f,
+                    "record {index} has offset delta {found}, expected {index}"
+                )
             }
-            BatchError::CountMismatch { declared, found } => write!(
-                f,
-                "batch declares {declared} records but holds {found}"
-            ),
+            BatchError::CountMismatch { declared, found } => {
+                write!(f, "batch declares {declared} records but holds {found}")
+            }
             BatchError::TrailingBytes { position } => {
                 write!(f, "bytes after the last record, from byte {position}")
             }
@@ -171,7 +179,10 @@ impl BatchHeader {
 
 /// Writes the two broker-owned fields in place. The CRC does not cover them.
 pub fn stamp_batch(batch: &mut [u8], base_offset: u64, append_time_ms: i64) {
-    assert!(batch.len() >= BATCH_HEADER_SIZE, "stamping a batch shorter than its header");
+    assert!(
+        batch.len() >= BATCH_HEADER_SIZE,
+        "stamping a batch shorter than its header"
+    );
     batch[OFFSET_BASE_OFFSET..OFFSET_BASE_OFFSET + 8].copy_from_slice(&base_offset.to_le_bytes());
     batch[OFFSET_APPEND_TIME..OFFSET_APPEND_TIME + 8]
         .copy_from_slice(&append_time_ms.to_le_bytes());
@@ -379,7 +390,9 @@ pub fn decode_records(
                     headers: record
                         .headers
                         .iter()
-                        .map(|(name, value)| (String::from_utf8_lossy(name).into_owned(), slice(value)))
+                        .map(|(name, value)| {
+                            (String::from_utf8_lossy(name).into_owned(), slice(value))
+                        })
                         .collect(),
                 });
             }
@@ -518,8 +531,14 @@ mod tests {
         assert_eq!(records[0].offset, 41);
         assert_eq!(records[0].key, None);
         assert_eq!(&records[0].value[..], b"v2");
-        assert_eq!(records[0].headers, vec![("h".to_owned(), Bytes::from_static(b"x"))]);
-        assert_eq!(records[1].timestamp_ms, 1_000, "earlier timestamps clamp to the first");
+        assert_eq!(
+            records[0].headers,
+            vec![("h".to_owned(), Bytes::from_static(b"x"))]
+        );
+        assert_eq!(
+            records[1].timestamp_ms, 1_000,
+            "earlier timestamps clamp to the first"
+        );
         assert_eq!(records[1].key.as_deref(), Some(&b""[..]));
     }
 

@@ -275,7 +275,9 @@ impl std::error::Error for ProtocolError {}
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded<T> {
     /// More bytes are needed: at least this many in total.
-    Incomplete { need: usize },
+    Incomplete {
+        need: usize,
+    },
     Complete(T),
 }
 
@@ -352,7 +354,8 @@ pub fn encode_frame(
     let start = out.len();
     out.put_bytes(0, FRAME_HEADER_SIZE);
     body(&mut Writer::new(out));
-    let body_length = u32::try_from(out.len() - start - FRAME_HEADER_SIZE).expect("frame below 4 GiB");
+    let body_length =
+        u32::try_from(out.len() - start - FRAME_HEADER_SIZE).expect("frame below 4 GiB");
     let header = &mut out[start..start + FRAME_HEADER_SIZE];
     header[0..4].copy_from_slice(&body_length.to_le_bytes());
     header[4] = PROTOCOL_VERSION;
@@ -434,7 +437,9 @@ impl std::str::FromStr for Acks {
             "none" => Ok(Acks::None),
             "memory" => Ok(Acks::Memory),
             "durable" => Ok(Acks::Durable),
-            other => Err(format!("acks must be none, memory or durable, not {other:?}")),
+            other => Err(format!(
+                "acks must be none, memory or durable, not {other:?}"
+            )),
         }
     }
 }
@@ -619,7 +624,11 @@ impl Request {
     }
 
     /// Decodes a request body for a known opcode.
-    pub fn decode(opcode: Opcode, body: Bytes, limits: &DecodeLimits) -> Result<Request, ProtocolError> {
+    pub fn decode(
+        opcode: Opcode,
+        body: Bytes,
+        limits: &DecodeLimits,
+    ) -> Result<Request, ProtocolError> {
         let mut reader = Reader::new(body);
         let request = match opcode {
             Opcode::Handshake => Request::Handshake(HandshakeRequest {
@@ -684,7 +693,8 @@ impl Request {
                 let mut partitions_total = 0u32;
                 for _ in 0..topic_count {
                     let name = reader.string("topic")?;
-                    let count = reader.count("partitions", limits.partitions_per_request_max, 16)?;
+                    let count =
+                        reader.count("partitions", limits.partitions_per_request_max, 16)?;
                     partitions_total += count as u32;
                     if partitions_total > limits.partitions_per_request_max {
                         return Err(ProtocolError::TooMany {
@@ -716,47 +726,53 @@ impl Request {
 
     /// Encodes the whole request frame.
     pub fn encode(&self, correlation_id: u64, out: &mut BytesMut) {
-        encode_frame(out, self.opcode() as u8, 0, correlation_id, |writer| match self {
-            Request::Handshake(request) => writer.string(&request.client_name),
-            Request::Metadata(request) => {
-                writer.count(request.topics.len());
-                for topic in &request.topics {
-                    writer.string(topic);
-                }
-            }
-            Request::CreateTopic(request) => {
-                writer.string(&request.name);
-                writer.u32(request.partitions);
-            }
-            Request::DeleteTopic(request) => writer.string(&request.name),
-            Request::Produce(request) => {
-                writer.u8(request.acks as u8);
-                writer.u32(request.timeout_ms);
-                writer.count(request.topics.len());
-                for topic in &request.topics {
-                    writer.string(&topic.name);
-                    writer.count(topic.partitions.len());
-                    for partition in &topic.partitions {
-                        writer.u32(partition.partition);
-                        writer.bytes(&partition.batch);
+        encode_frame(
+            out,
+            self.opcode() as u8,
+            0,
+            correlation_id,
+            |writer| match self {
+                Request::Handshake(request) => writer.string(&request.client_name),
+                Request::Metadata(request) => {
+                    writer.count(request.topics.len());
+                    for topic in &request.topics {
+                        writer.string(topic);
                     }
                 }
-            }
-            Request::Fetch(request) => {
-                writer.u32(request.wait_ms_max);
-                writer.u32(request.bytes_max);
-                writer.count(request.topics.len());
-                for topic in &request.topics {
-                    writer.string(&topic.name);
-                    writer.count(topic.partitions.len());
-                    for partition in &topic.partitions {
-                        writer.u32(partition.partition);
-                        writer.u64(partition.offset);
-                        writer.u32(partition.bytes_max);
+                Request::CreateTopic(request) => {
+                    writer.string(&request.name);
+                    writer.u32(request.partitions);
+                }
+                Request::DeleteTopic(request) => writer.string(&request.name),
+                Request::Produce(request) => {
+                    writer.u8(request.acks as u8);
+                    writer.u32(request.timeout_ms);
+                    writer.count(request.topics.len());
+                    for topic in &request.topics {
+                        writer.string(&topic.name);
+                        writer.count(topic.partitions.len());
+                        for partition in &topic.partitions {
+                            writer.u32(partition.partition);
+                            writer.bytes(&partition.batch);
+                        }
                     }
                 }
-            }
-        });
+                Request::Fetch(request) => {
+                    writer.u32(request.wait_ms_max);
+                    writer.u32(request.bytes_max);
+                    writer.count(request.topics.len());
+                    for topic in &request.topics {
+                        writer.string(&topic.name);
+                        writer.count(topic.partitions.len());
+                        for partition in &topic.partitions {
+                            writer.u32(partition.partition);
+                            writer.u64(partition.offset);
+                            writer.u32(partition.bytes_max);
+                        }
+                    }
+                }
+            },
+        );
     }
 }
 
@@ -863,7 +879,12 @@ pub fn encode_response(
 
 /// Encodes an error response for a raw opcode, which may be one this broker does not
 /// know (the refusal of an unknown opcode echoes it).
-pub fn encode_error_response(out: &mut BytesMut, opcode: u8, correlation_id: u64, error: &WireError) {
+pub fn encode_error_response(
+    out: &mut BytesMut,
+    opcode: u8,
+    correlation_id: u64,
+    error: &WireError,
+) {
     encode_frame(out, opcode, FLAG_RESPONSE, correlation_id, |writer| {
         encode_status(writer, Some(error));
     });
@@ -1123,7 +1144,8 @@ mod tests {
         let mut out = BytesMut::new();
         let error = WireError::new(ErrorCode::UnknownTopic, "nope");
         encode_response(&mut out, Opcode::Fetch, 9, Err(&error));
-        let decoded = decode_response(Opcode::Fetch, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
+        let decoded =
+            decode_response(Opcode::Fetch, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
         assert_eq!(decoded, Err(error));
     }
 
@@ -1157,7 +1179,12 @@ mod tests {
         .encode(1, &mut out);
         let body = out.freeze().slice(FRAME_HEADER_SIZE..);
         for cut in 0..body.len() {
-            assert!(Request::decode(Opcode::Metadata, body.slice(..cut), &DecodeLimits::default()).is_err());
+            assert!(Request::decode(
+                Opcode::Metadata,
+                body.slice(..cut),
+                &DecodeLimits::default()
+            )
+            .is_err());
         }
         let mut hostile = BytesMut::new();
         hostile.put_u32_le(u32::MAX);
@@ -1168,7 +1195,11 @@ mod tests {
         let mut trailing = body.to_vec();
         trailing.push(0);
         assert!(matches!(
-            Request::decode(Opcode::Metadata, Bytes::from(trailing), &DecodeLimits::default()),
+            Request::decode(
+                Opcode::Metadata,
+                Bytes::from(trailing),
+                &DecodeLimits::default()
+            ),
             Err(ProtocolError::TrailingBytes { .. })
         ));
     }

@@ -21,8 +21,8 @@ use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
 use crate::protocol::{
-    decode_frame_header, encode_error_response, encode_response, peek_correlation_id, Acks, Decoded, DecodeLimits, ErrorCode, Opcode,
-    ProtocolError, Request, WireError, FRAME_HEADER_SIZE,
+    decode_frame_header, encode_error_response, encode_response, peek_correlation_id, Acks,
+    DecodeLimits, Decoded, ErrorCode, Opcode, ProtocolError, Request, WireError, FRAME_HEADER_SIZE,
 };
 use crate::shard::Shard;
 
@@ -95,7 +95,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             continue;
         };
         if header.is_response() {
-            let error = WireError::new(ErrorCode::InvalidRequest, "clients send requests, not responses");
+            let error = WireError::new(
+                ErrorCode::InvalidRequest,
+                "clients send requests, not responses",
+            );
             send_error(&responses, header.opcode, header.correlation_id, &error).await;
             break;
         }
@@ -137,7 +140,11 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 }
 
 /// Reads until `buffer` holds at least `need` bytes. False on end of stream or error.
-async fn read_more<R: futures_lite::AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut, need: usize) -> bool {
+async fn read_more<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: &mut BytesMut,
+    need: usize,
+) -> bool {
     while buffer.len() < need {
         let start = buffer.len();
         let room = (need - start).max(READ_CHUNK_BYTES);
@@ -153,12 +160,28 @@ async fn read_more<R: futures_lite::AsyncRead + Unpin>(reader: &mut R, buffer: &
     true
 }
 
-async fn refuse(responses: &LocalSender<Bytes>, opcode: u8, correlation_id: u64, error: &ProtocolError) {
-    send_error(responses, opcode, correlation_id, &WireError::new(error.code(), error.to_string())).await;
+async fn refuse(
+    responses: &LocalSender<Bytes>,
+    opcode: u8,
+    correlation_id: u64,
+    error: &ProtocolError,
+) {
+    send_error(
+        responses,
+        opcode,
+        correlation_id,
+        &WireError::new(error.code(), error.to_string()),
+    )
+    .await;
 }
 
 /// Answers with an error status; the opcode is echoed as received, known or not.
-async fn send_error(responses: &LocalSender<Bytes>, opcode: u8, correlation_id: u64, error: &WireError) {
+async fn send_error(
+    responses: &LocalSender<Bytes>,
+    opcode: u8,
+    correlation_id: u64,
+    error: &WireError,
+) {
     let mut out = BytesMut::new();
     encode_error_response(&mut out, opcode, correlation_id, error);
     let _ = responses.send(out.freeze()).await;

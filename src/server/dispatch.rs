@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crate::protocol::batch::{validate_batch, BatchError};
 use crate::protocol::{
-    ErrorCode, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult, HandshakeResponse,
-    MetadataRequest, MetadataResponse, PartitionMetadata, ProducePartitionResult, ProduceRequest,
-    ProduceResponse, ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError,
-    PROTOCOL_VERSION,
+    ErrorCode, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult,
+    HandshakeResponse, MetadataRequest, MetadataResponse, PartitionMetadata,
+    ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopicResult, Request,
+    ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
 };
 use crate::shard::{FetchItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest};
 
@@ -18,7 +18,10 @@ const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody, WireError> {
     if shard.is_shutting_down() {
-        return Err(WireError::new(ErrorCode::ShuttingDown, "the broker is shutting down"));
+        return Err(WireError::new(
+            ErrorCode::ShuttingDown,
+            "the broker is shutting down",
+        ));
     }
     match request {
         Request::Handshake(_) => Ok(ResponseBody::Handshake(HandshakeResponse {
@@ -43,7 +46,11 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
             Ok(ResponseBody::CreateTopic)
         }
         Request::DeleteTopic(request) => {
-            into_done(shard.route(0, ShardRequest::DeleteTopic { name: request.name }).await)?;
+            into_done(
+                shard
+                    .route(0, ShardRequest::DeleteTopic { name: request.name })
+                    .await,
+            )?;
             Ok(ResponseBody::DeleteTopic)
         }
         Request::Produce(request) => Ok(ResponseBody::Produce(produce(shard, request).await)),
@@ -80,7 +87,10 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
             .into_iter()
             .map(|(name, partitions)| TopicMetadata {
                 error: (partitions == 0).then(|| {
-                    WireError::new(ErrorCode::UnknownTopic, format!("topic {name:?} does not exist"))
+                    WireError::new(
+                        ErrorCode::UnknownTopic,
+                        format!("topic {name:?} does not exist"),
+                    )
                 }),
                 partitions: (0..partitions)
                     .map(|partition| PartitionMetadata {
@@ -117,10 +127,15 @@ fn batch_error(error: BatchError) -> WireError {
     WireError::new(code, error.to_string())
 }
 
-/// Slots for one request's results: `(topic index, partition index)` per item, grouped by
-/// owner so each owner gets one sub-request.
+/// Where an item's result goes in the response: (topic index, partition index).
+type Slot = (usize, usize);
+
+/// One owner's share of a request: its items and the slots their results fill.
+type Group<T> = (ShardId, Vec<Slot>, Vec<T>);
+
+/// A request's items grouped by owner so each owner gets one sub-request.
 struct Split<T> {
-    groups: Vec<(ShardId, Vec<(usize, usize)>, Vec<T>)>,
+    groups: Vec<Group<T>>,
 }
 
 impl<T> Split<T> {
@@ -128,7 +143,7 @@ impl<T> Split<T> {
         Split { groups: Vec::new() }
     }
 
-    fn push(&mut self, owner: ShardId, slot: (usize, usize), item: T) {
+    fn push(&mut self, owner: ShardId, slot: Slot, item: T) {
         match self.groups.iter_mut().find(|(shard, _, _)| *shard == owner) {
             Some((_, slots, items)) => {
                 slots.push(slot);
@@ -213,7 +228,10 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
 }
 
 fn unexpected(reply: &ShardReply) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("unexpected shard reply {reply:?}"))
+    WireError::new(
+        ErrorCode::Internal,
+        format!("unexpected shard reply {reply:?}"),
+    )
 }
 
 /// Sends each owner its group concurrently and collects `(slots, reply)` pairs.
@@ -221,7 +239,7 @@ async fn run_groups<T: 'static>(
     shard: &Rc<Shard>,
     split: Split<T>,
     make: impl Fn(Vec<T>) -> ShardRequest,
-) -> Vec<(Vec<(usize, usize)>, ShardReply)> {
+) -> Vec<(Vec<Slot>, ShardReply)> {
     let mut tasks = Vec::with_capacity(split.groups.len());
     for (owner, slots, items) in split.groups {
         let request = make(items);
@@ -314,10 +332,10 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
 /// answer; their abandoned long-polls end by themselves at the deadline.
 async fn wait_for_first(
     shard: &Rc<Shard>,
-    groups: Vec<(ShardId, Vec<(usize, usize)>, Vec<FetchItem>)>,
+    groups: Vec<Group<FetchItem>>,
     wait: Duration,
     bytes_max: u32,
-) -> Vec<(Vec<(usize, usize)>, ShardReply)> {
+) -> Vec<(Vec<Slot>, ShardReply)> {
     use futures_lite::StreamExt;
     let (sender, mut receiver) = futures_channel::mpsc::unbounded();
     for (index, (owner, _, items)) in groups.iter().enumerate() {
@@ -339,9 +357,11 @@ async fn wait_for_first(
     let mut replies: Vec<Option<ShardReply>> = groups.iter().map(|_| None).collect();
     while let Some((index, reply)) = receiver.next().await {
         let has_data = match &reply {
-            ShardReply::Fetch(results) => results
-                .iter()
-                .any(|result| result.as_ref().map_or(true, |data| !data.batches.is_empty())),
+            ShardReply::Fetch(results) => results.iter().any(|result| {
+                result
+                    .as_ref()
+                    .map_or(true, |data| !data.batches.is_empty())
+            }),
             _ => true,
         };
         replies[index] = Some(reply);

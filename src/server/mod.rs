@@ -19,11 +19,11 @@ use std::rc::Rc;
 use std::sync::mpsc;
 
 use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
+use glommio::net::TcpListener;
+use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use glommio::net::TcpListener;
-use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 
 use crate::config::{ConfigError, ServerConfig};
 use crate::shard::{MeshMessage, Shard};
@@ -32,11 +32,23 @@ use crate::shard::{MeshMessage, Shard};
 pub enum ServerError {
     Config(ConfigError),
     /// More shards were asked for than there are CPUs to pin them to.
-    Placement { requested: usize, available: usize },
-    Bind { address: SocketAddr, source: std::io::Error },
-    DataDirectory { path: std::path::PathBuf, source: std::io::Error },
+    Placement {
+        requested: usize,
+        available: usize,
+    },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    DataDirectory {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// A shard failed to start (its executor, the mesh, or recovering its partitions).
-    Shard { shard: u16, message: String },
+    Shard {
+        shard: u16,
+        message: String,
+    },
     Signal(std::io::Error),
 }
 
@@ -93,7 +105,8 @@ impl ServerHandle {
 fn listener_socket(address: SocketAddr, reuse_port: bool) -> Result<socket2::Socket, ServerError> {
     use socket2::{Domain, Socket, Type};
     let bind_error = |source| ServerError::Bind { address, source };
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None).map_err(bind_error)?;
+    let socket =
+        Socket::new(Domain::for_address(address), Type::STREAM, None).map_err(bind_error)?;
     socket.set_reuse_address(true).map_err(bind_error)?;
     if reuse_port {
         socket.set_reuse_port(true).map_err(bind_error)?;
@@ -195,10 +208,22 @@ impl ServerHandle {
             let spawned = builder.spawn(move || async move {
                 // SAFETY: both descriptors were just created by `listener_socket` and
                 // handed over with `into_raw_fd`; this is their only owner.
-                let (shared_listener, own_listener) =
-                    unsafe { (TcpListener::from_raw_fd(shared_fd), TcpListener::from_raw_fd(own_fd)) };
+                let (shared_listener, own_listener) = unsafe {
+                    (
+                        TcpListener::from_raw_fd(shared_fd),
+                        TcpListener::from_raw_fd(own_fd),
+                    )
+                };
                 let shard_id = shard as u16;
-                let started = start_shard(shard_id, shard_count as u16, config, ports, mesh, &probe_path).await;
+                let started = start_shard(
+                    shard_id,
+                    shard_count as u16,
+                    config,
+                    ports,
+                    mesh,
+                    &probe_path,
+                )
+                .await;
                 let (shard, receivers) = match started {
                     Ok(started) => {
                         let _ = ready.send(Ok(shard_id));
@@ -209,7 +234,14 @@ impl ServerHandle {
                         return;
                     }
                 };
-                run_shard(shard, receivers, shared_listener, own_listener, stopping_flag).await;
+                run_shard(
+                    shard,
+                    receivers,
+                    shared_listener,
+                    own_listener,
+                    stopping_flag,
+                )
+                .await;
             });
             match spawned {
                 Ok(handle) => executors.push(handle),
@@ -274,10 +306,19 @@ async fn start_shard(
         .await
         .map_err(|error| fail(format!("joining the channel mesh: {error}")))?;
     // Mesh peers are ordered by executor id, and executors are created in shard order.
-    assert_eq!(senders.peer_id(), usize::from(shard_id), "mesh peer ids follow shard ids");
+    assert_eq!(
+        senders.peer_id(),
+        usize::from(shard_id),
+        "mesh peer ids follow shard ids"
+    );
     let probe = glommio::io::DmaFile::open(probe_path)
         .await
-        .map_err(|error| fail(format!("opening {} with O_DIRECT: {error}", probe_path.display())))?;
+        .map_err(|error| {
+            fail(format!(
+                "opening {} with O_DIRECT: {error}",
+                probe_path.display()
+            ))
+        })?;
     let _ = probe.close().await;
     let shard = Shard::new(shard_id, shard_count, config, shard_ports, senders);
     shard

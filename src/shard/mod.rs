@@ -112,8 +112,17 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: ShardId, count: u16, config: ServerConfig, shard_ports: Vec<u16>, mesh: Senders<MeshMessage>) -> Rc<Shard> {
-        let budget = ChunkBudget::new(config.chunk_memory_bytes_per_shard_max, config.chunk_size_bytes);
+    pub fn new(
+        id: ShardId,
+        count: u16,
+        config: ServerConfig,
+        shard_ports: Vec<u16>,
+        mesh: Senders<MeshMessage>,
+    ) -> Rc<Shard> {
+        let budget = ChunkBudget::new(
+            config.chunk_memory_bytes_per_shard_max,
+            config.chunk_size_bytes,
+        );
         Rc::new(Shard {
             id,
             count,
@@ -186,7 +195,9 @@ impl Shard {
             }
         }
         self.logs.borrow_mut().insert(name.to_owned(), owned);
-        self.catalog.borrow_mut().insert(name.to_owned(), partitions);
+        self.catalog
+            .borrow_mut()
+            .insert(name.to_owned(), partitions);
         Ok(())
     }
 
@@ -227,7 +238,11 @@ impl Shard {
             )),
             None => Err(WireError::new(
                 ErrorCode::UnknownPartition,
-                format!("topic {topic:?} has {} partitions, not {}", partitions.len(), partition + 1),
+                format!(
+                    "topic {topic:?} has {} partitions, not {}",
+                    partitions.len(),
+                    partition + 1
+                ),
             )),
         }
     }
@@ -293,7 +308,9 @@ impl Shard {
             ShardRequest::CreateTopic { name, partitions } => {
                 ShardReply::Done(self.coordinate_create(name, partitions).await)
             }
-            ShardRequest::DeleteTopic { name } => ShardReply::Done(self.coordinate_delete(name).await),
+            ShardRequest::DeleteTopic { name } => {
+                ShardReply::Done(self.coordinate_delete(name).await)
+            }
             ShardRequest::InstallTopic { name, partitions } => ShardReply::Done(
                 self.install_topic(&name, partitions)
                     .await
@@ -359,16 +376,20 @@ impl Shard {
         bytes_max: u32,
         items: Vec<FetchItem>,
     ) -> Vec<Result<FetchPartitionData, WireError>> {
-        let wait = wait.min(Duration::from_millis(u64::from(self.config.fetch_wait_ms_max)));
+        let wait = wait.min(Duration::from_millis(u64::from(
+            self.config.fetch_wait_ms_max,
+        )));
         let deadline = Instant::now() + wait;
         // Long-poll: wait until one of the partitions has something to read (or an error
         // to report), then read them all.
         loop {
             let listener = self.data_arrived.listen();
-            let ready = items.iter().any(|item| match self.log(&item.topic, item.partition) {
-                Ok(log) => log.high_watermark() != item.offset || self.is_shutting_down(),
-                Err(_) => true,
-            });
+            let ready = items
+                .iter()
+                .any(|item| match self.log(&item.topic, item.partition) {
+                    Ok(log) => log.high_watermark() != item.offset || self.is_shutting_down(),
+                    Err(_) => true,
+                });
             let now = Instant::now();
             if ready || now >= deadline {
                 break;
@@ -393,7 +414,9 @@ impl Shard {
             // Each partition gets at most its own limit and what the request has left;
             // a partition still returns one whole batch when it has one, so a batch
             // larger than the limits cannot stall a consumer.
-            let budget = (item.bytes_max as usize).min(bytes_max.saturating_sub(used)).max(1);
+            let budget = (item.bytes_max as usize)
+                .min(bytes_max.saturating_sub(used))
+                .max(1);
             match log.read(item.offset, budget).await {
                 Ok(batches) => {
                     used += batches.len();
@@ -420,7 +443,8 @@ impl Shard {
                 ),
             ));
         }
-        if self.catalog.borrow().contains_key(name) || self.topics_changing.borrow().contains(name) {
+        if self.catalog.borrow().contains_key(name) || self.topics_changing.borrow().contains(name)
+        {
             return Err(WireError::new(
                 ErrorCode::TopicAlreadyExists,
                 format!("topic {name:?} already exists"),
@@ -447,13 +471,20 @@ impl Shard {
         first_error.map_or(Ok(()), Err)
     }
 
-    async fn coordinate_create(self: &Rc<Self>, name: String, partitions: u32) -> Result<(), WireError> {
+    async fn coordinate_create(
+        self: &Rc<Self>,
+        name: String,
+        partitions: u32,
+    ) -> Result<(), WireError> {
         assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
         self.validate_new_topic(&name, partitions)?;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
             write_topic_metadata(&self.config.data_dir, &name, partitions).map_err(|error| {
-                WireError::new(ErrorCode::StorageError, format!("writing topic metadata: {error}"))
+                WireError::new(
+                    ErrorCode::StorageError,
+                    format!("writing topic metadata: {error}"),
+                )
             })?;
             self.broadcast(|| ShardRequest::InstallTopic {
                 name: name.clone(),
@@ -485,7 +516,10 @@ impl Shard {
             // The metadata file goes first: once it is gone the topic does not come back
             // after a crash, whatever is left of its partitions.
             remove_topic_metadata(&self.config.data_dir, &name).map_err(|error| {
-                WireError::new(ErrorCode::StorageError, format!("removing topic metadata: {error}"))
+                WireError::new(
+                    ErrorCode::StorageError,
+                    format!("removing topic metadata: {error}"),
+                )
             })?;
             self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                 .await?;
@@ -540,7 +574,8 @@ pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, u32)>, Storage
     let entries = std::fs::read_dir(data_dir)
         .map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
     for entry in entries {
-        let entry = entry.map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
+        let entry =
+            entry.map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
         let path = entry.path();
         if !path.is_dir() {
             continue;
@@ -561,7 +596,13 @@ pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, u32)>, Storage
                 );
                 continue;
             }
-            Err(source) => return Err(StorageError::io("reading topic metadata", &metadata_path, source)),
+            Err(source) => {
+                return Err(StorageError::io(
+                    "reading topic metadata",
+                    &metadata_path,
+                    source,
+                ))
+            }
         };
         let partitions = text
             .lines()

@@ -10,6 +10,7 @@
 //! - a flush starts: it is padded with zeros to the end of its partial block and written
 //!   whole; the partial block's valid bytes are kept (`tail_bytes`) and become the start
 //!   of the next chunk, so the next flush rewrites that block with more data in it.
+//!
 //! Worked example, 4096-byte blocks: 10,000 bytes appended to an empty segment, then a
 //! flush: the chunk covers file bytes 0..12,288 (10,000 valid, 2,288 zeros); `tail_bytes`
 //! holds bytes 8,192..10,000; the next chunk starts at file position 8,192 with those 1,808
@@ -124,6 +125,12 @@ struct State {
     durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
 }
 
+enum AppendStep {
+    AwaitRoll(oneshot::Receiver<()>),
+    Roll,
+    AwaitChunk,
+}
+
 /// What one group-commit round writes and what it makes durable.
 struct Round {
     chunks: Vec<SealedChunk>,
@@ -186,7 +193,10 @@ impl PartitionLog {
             segments,
             tail_bytes,
         } = recovered;
-        let next_offset = segments.last().expect("recovery leaves a segment").next_offset;
+        let next_offset = segments
+            .last()
+            .expect("recovery leaves a segment")
+            .next_offset;
         let log = Rc::new(PartitionLog {
             directory,
             config,
@@ -252,76 +262,96 @@ impl PartitionLog {
             "appended batches are validated first"
         );
         loop {
-            let mut state = self.state.borrow_mut();
-            if state.closed {
-                return Err(StorageError::Closed);
-            }
-            if state.rolling {
-                let done = self.roll_done.listen();
-                drop(state);
-                let _ = done.await;
-                continue;
-            }
-            let segment = state.segments.last().expect("a log has a segment");
-            if segment.end_position > 0
-                && segment.end_position + length as u64 > self.config.segment_size_bytes
-            {
-                state.rolling = true;
-                drop(state);
-                let rolled = self.roll().await;
+            // Decide under the borrow, then await with no borrow held.
+            let step = {
                 let mut state = self.state.borrow_mut();
-                state.rolling = false;
-                drop(state);
-                self.roll_done.notify_all();
-                rolled?;
-                continue;
+                if state.closed {
+                    return Err(StorageError::Closed);
+                }
+                let segment = state.segments.last().expect("a log has a segment");
+                let roll_due = segment.end_position > 0
+                    && segment.end_position + length as u64 > self.config.segment_size_bytes;
+                let fits = state
+                    .active
+                    .as_ref()
+                    .is_some_and(|active| active.filled + length <= active.buffer.len());
+                if state.rolling {
+                    AppendStep::AwaitRoll(self.roll_done.listen())
+                } else if roll_due {
+                    state.rolling = true;
+                    AppendStep::Roll
+                } else if fits {
+                    return Ok(self.copy_into_active(&mut state, batch, header.record_count));
+                } else {
+                    if state.active.is_some() {
+                        // Full: cut at the last whole block and queue it; the partial
+                        // block moves to the next chunk.
+                        Self::seal_full_chunk(&mut state);
+                        self.flush_wanted.notify_all();
+                    }
+                    AppendStep::AwaitChunk
+                }
+            };
+            match step {
+                AppendStep::AwaitRoll(done) => {
+                    let _ = done.await;
+                }
+                AppendStep::Roll => {
+                    let rolled = self.roll().await;
+                    self.state.borrow_mut().rolling = false;
+                    self.roll_done.notify_all();
+                    rolled?;
+                }
+                AppendStep::AwaitChunk => {
+                    let permit = self.budget.acquire().await;
+                    self.install_chunk(permit)?;
+                }
             }
-            let fits = state
-                .active
-                .as_ref()
-                .is_some_and(|active| active.filled + length <= active.buffer.len());
-            if fits {
-                return Ok(self.copy_into_active(&mut state, batch, header.record_count));
-            }
-            if state.active.is_some() {
-                // Full: cut at the last whole block and queue it; the partial block moves
-                // to the next chunk.
-                Self::seal_full_chunk(&mut state);
-                self.flush_wanted.notify_all();
-            }
-            drop(state);
-            let permit = self.budget.acquire().await;
-            let mut state = self.state.borrow_mut();
-            if state.closed {
-                return Err(StorageError::Closed);
-            }
-            if state.active.is_some() || state.rolling {
-                // Another append installed a chunk (or started a roll) while this one
-                // waited; the permit goes back and the loop re-examines.
-                continue;
-            }
-            let segment = state.segments.last().expect("a log has a segment");
-            let file = Rc::clone(&segment.file);
-            let path = segment.path.clone();
-            let file_start = align_down(segment.end_position);
-            let mut buffer = file.alloc_dma_buffer(self.config.chunk_size_bytes);
-            let carried = state.tail_bytes.len();
-            debug_assert_eq!(file_start + carried as u64, segment.end_position);
-            buffer.as_bytes_mut()[..carried].copy_from_slice(&state.tail_bytes);
-            state.tail_bytes.clear();
-            state.active = Some(ActiveChunk {
-                buffer,
-                permit,
-                file,
-                path,
-                file_start,
-                filled: carried,
-                carried,
-            });
         }
     }
 
-    fn copy_into_active(&self, state: &mut State, batch: &[u8], record_count: u32) -> AppendOutcome {
+    /// Makes a new active chunk that starts with the partial block, unless another
+    /// append did so (or started a roll) while this one waited for budget: then the
+    /// permit simply goes back.
+    fn install_chunk(&self, permit: StaticPermit) -> Result<(), StorageError> {
+        let mut state = self.state.borrow_mut();
+        if state.closed {
+            return Err(StorageError::Closed);
+        }
+        if state.active.is_some() || state.rolling {
+            return Ok(());
+        }
+        let segment = state.segments.last().expect("a log has a segment");
+        let file = Rc::clone(&segment.file);
+        let path = segment.path.clone();
+        let file_start = align_down(segment.end_position);
+        let mut buffer = file.alloc_dma_buffer(self.config.chunk_size_bytes);
+        let carried = state.tail_bytes.len();
+        assert_eq!(
+            file_start + carried as u64,
+            segment.end_position,
+            "the carried partial block ends where the segment does"
+        );
+        buffer.as_bytes_mut()[..carried].copy_from_slice(&state.tail_bytes);
+        state.tail_bytes.clear();
+        state.active = Some(ActiveChunk {
+            buffer,
+            permit,
+            file,
+            path,
+            file_start,
+            filled: carried,
+            carried,
+        });
+        Ok(())
+    }
+
+    fn copy_into_active(
+        &self,
+        state: &mut State,
+        batch: &[u8],
+        record_count: u32,
+    ) -> AppendOutcome {
         let base_offset = state.next_offset;
         let active = state.active.as_mut().expect("checked by the caller");
         let start = active.filled;
@@ -486,8 +516,13 @@ impl PartitionLog {
                 .partition_point(|segment| segment.base_offset <= offset)
                 - 1;
             let segment = &state.segments[segment_index];
-            let entry = segment.index.partition_point(|entry| entry.offset <= offset);
-            assert!(entry > 0, "a readable offset lies at or after its segment's first batch");
+            let entry = segment
+                .index
+                .partition_point(|entry| entry.offset <= offset);
+            assert!(
+                entry > 0,
+                "a readable offset lies at or after its segment's first batch"
+            );
             (
                 Rc::clone(&segment.file),
                 segment.path.clone(),
@@ -620,7 +655,10 @@ impl PartitionLog {
                         &chunk.path,
                         std::io::Error::new(
                             std::io::ErrorKind::WriteZero,
-                            format!("short write of {written} of {expected} bytes at {}", chunk.file_start),
+                            format!(
+                                "short write of {written} of {expected} bytes at {}",
+                                chunk.file_start
+                            ),
                         ),
                     ));
                 }

@@ -60,7 +60,11 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(operation: &'static str, path: &std::path::Path, source: impl Into<std::io::Error>) -> StorageError {
+    pub(crate) fn io(
+        operation: &'static str,
+        path: &std::path::Path,
+        source: impl Into<std::io::Error>,
+    ) -> StorageError {
         StorageError::Io {
             operation,
             path: path.to_path_buf(),
@@ -130,7 +134,10 @@ mod unit_tests {
     #[test]
     fn segment_names_roundtrip_and_sort() {
         assert_eq!(segment_file_name(42), "00000000000000000042.log");
-        assert_eq!(parse_segment_file_name("00000000000000000042.log"), Some(42));
+        assert_eq!(
+            parse_segment_file_name("00000000000000000042.log"),
+            Some(42)
+        );
         assert_eq!(parse_segment_file_name("42.log"), None);
         assert_eq!(parse_segment_file_name("0000000000000000004x.log"), None);
         assert!(segment_file_name(9) < segment_file_name(10));

@@ -120,7 +120,9 @@ async fn scan_segment(
             let batch_position = position + at as u64;
             if !(BATCH_HEADER_SIZE..=batch_bytes_max).contains(&batch_length) {
                 stop = Some(ScanEnd::Torn {
-                    reason: format!("batch length {batch_length} at byte {batch_position} is impossible"),
+                    reason: format!(
+                        "batch length {batch_length} at byte {batch_position} is impossible"
+                    ),
                 });
                 break;
             }
@@ -149,9 +151,9 @@ async fn scan_segment(
                 });
                 break;
             }
-            let due = index
-                .last()
-                .is_none_or(|last| batch_position - last.position >= u64::from(config.index_interval_bytes));
+            let due = index.last().is_none_or(|last| {
+                batch_position - last.position >= u64::from(config.index_interval_bytes)
+            });
             if due {
                 index.push(IndexEntry {
                     offset: next_offset,
@@ -179,14 +181,18 @@ async fn scan_segment(
 
 /// Opens every segment in `directory` (creating the directory and a first segment when
 /// there are none), verifies them, and cuts a torn tail off the last one.
-pub(crate) async fn recover(directory: &Path, config: &LogConfig) -> Result<RecoveredSegment, StorageError> {
+pub(crate) async fn recover(
+    directory: &Path,
+    config: &LogConfig,
+) -> Result<RecoveredSegment, StorageError> {
     std::fs::create_dir_all(directory)
         .map_err(|source| StorageError::io("creating partition directory", directory, source))?;
     let mut base_offsets = Vec::new();
     let entries = std::fs::read_dir(directory)
         .map_err(|source| StorageError::io("listing partition directory", directory, source))?;
     for entry in entries {
-        let entry = entry.map_err(|source| StorageError::io("listing partition directory", directory, source))?;
+        let entry = entry
+            .map_err(|source| StorageError::io("listing partition directory", directory, source))?;
         if let Some(base_offset) = entry.file_name().to_str().and_then(parse_segment_file_name) {
             base_offsets.push(base_offset);
         }

@@ -48,7 +48,10 @@ pub struct ChunkBudget {
 impl ChunkBudget {
     pub fn new(budget_bytes: usize, chunk_size_bytes: usize) -> Rc<ChunkBudget> {
         let chunks = (budget_bytes / chunk_size_bytes) as u64;
-        assert!(chunks >= 2, "the chunk budget must hold at least two chunks");
+        assert!(
+            chunks >= 2,
+            "the chunk budget must hold at least two chunks"
+        );
         Rc::new(ChunkBudget {
             semaphore: Rc::new(Semaphore::new(chunks)),
             chunk_size_bytes,

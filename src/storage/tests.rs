@@ -64,7 +64,10 @@ async fn read_all(log: &PartitionLog, from: u64) -> Vec<Record> {
     let mut offset = from;
     while offset < log.high_watermark() {
         let bytes = log.read(offset, 32 * 1024).await.unwrap();
-        assert!(!bytes.is_empty(), "offset {offset} below the watermark reads something");
+        assert!(
+            !bytes.is_empty(),
+            "offset {offset} below the watermark reads something"
+        );
         let before = records.len();
         decode_records(&bytes, offset, &mut records).unwrap();
         assert!(records.len() > before);
@@ -78,7 +81,10 @@ fn check_dense(records: &[Record], from: u64) {
         let offset = from + index as u64;
         assert_eq!(record.offset, offset);
         let prefix = format!("{offset}:");
-        assert!(record.value.starts_with(prefix.as_bytes()), "offset {offset} holds its own value");
+        assert!(
+            record.value.starts_with(prefix.as_bytes()),
+            "offset {offset} holds its own value"
+        );
     }
 }
 
@@ -107,7 +113,11 @@ fn appends_become_durable_readable_and_survive_reopen_across_segments() {
             }
         }
         log.wait_durable(next).await.unwrap();
-        assert!(log.segment_count() >= 3, "segments rolled: {}", log.segment_count());
+        assert!(
+            log.segment_count() >= 3,
+            "segments rolled: {}",
+            log.segment_count()
+        );
         let records = read_all(&log, 0).await;
         assert_eq!(records.len() as u64, next);
         check_dense(&records, 0);
@@ -219,21 +229,33 @@ fn recovery_cuts_a_truncated_last_batch_at_every_sampled_position() {
     let segment_name = last_segment(&pristine).file_name().unwrap().to_owned();
     let (last_start, last_end) = *ranges.last().unwrap();
     // Every cut inside the last batch: header bytes, record bytes, the last byte.
-    let cuts: Vec<u64> = (last_start..last_end).step_by(7).chain([last_end - 1]).collect();
+    let cuts: Vec<u64> = (last_start..last_end)
+        .step_by(7)
+        .chain([last_end - 1])
+        .collect();
     for cut in cuts {
         let copy = root.path().join(format!("cut-{cut}"));
         std::fs::create_dir_all(&copy).unwrap();
         std::fs::copy(pristine.join(&segment_name), copy.join(&segment_name)).unwrap();
-        let file = std::fs::OpenOptions::new().write(true).open(copy.join(&segment_name)).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(copy.join(&segment_name))
+            .unwrap();
         file.set_len(cut).unwrap();
         drop(file);
         let (next, records) = reopen_and_collect(root.path(), &copy);
-        assert_eq!(next, 8, "cut at {cut}: exactly the two whole batches survive");
+        assert_eq!(
+            next, 8,
+            "cut at {cut}: exactly the two whole batches survive"
+        );
         check_dense(&records, 0);
         assert_eq!(records.len(), 8);
         // The appended record after recovery lands right after them.
         let (next_again, records_again) = reopen_and_collect(root.path(), &copy);
-        assert_eq!(next_again, 9, "cut at {cut}: the post-recovery append is durable");
+        assert_eq!(
+            next_again, 9,
+            "cut at {cut}: the post-recovery append is durable"
+        );
         assert_eq!(records_again.len(), 9);
         check_dense(&records_again[..8], 0);
         std::fs::remove_dir_all(&copy).unwrap();
@@ -288,9 +310,14 @@ fn recovery_refuses_a_gap_between_sealed_segments() {
             Rc::new(Notify::new()),
         )
         .await;
-        sender.send(outcome.err().map(|error| error.to_string())).unwrap();
+        sender
+            .send(outcome.err().map(|error| error.to_string()))
+            .unwrap();
     });
-    let error = receiver.recv().unwrap().expect("a damaged sealed segment is refused");
+    let error = receiver
+        .recv()
+        .unwrap()
+        .expect("a damaged sealed segment is refused");
     assert!(error.contains("corrupt"), "{error}");
 }
 

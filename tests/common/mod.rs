@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use shardq::config::ServerConfig;
 use shardq::protocol::batch::BatchBuilder;
 use shardq::protocol::{
-    decode_frame_header, decode_response, Decoded, Opcode, Request, ResponseBody, WireError, FRAME_HEADER_SIZE,
+    decode_frame_header, decode_response, Decoded, Opcode, Request, ResponseBody, WireError,
+    FRAME_HEADER_SIZE,
 };
 use shardq::server::ServerHandle;
 
@@ -79,7 +80,9 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         RawClient { stream, next_id: 1 }
     }
@@ -141,11 +144,11 @@ pub fn batch_of(values: &[&[u8]]) -> Bytes {
     builder.finish()
 }
 
-use shardq::protocol::{
-    Acks, CreateTopicRequest, FetchPartition, FetchRequest, FetchTopic, ProducePartition, ProduceRequest,
-    ProduceTopic,
-};
 use shardq::protocol::batch::{decode_records, Record};
+use shardq::protocol::{
+    Acks, CreateTopicRequest, FetchPartition, FetchRequest, FetchTopic, ProducePartition,
+    ProduceRequest, ProduceTopic,
+};
 
 impl RawClient {
     pub fn create_topic(&mut self, name: &str, partitions: u32) {
@@ -194,11 +197,17 @@ impl RawClient {
             let ResponseBody::Fetch(response) = response else {
                 panic!("fetch answered with {response:?}")
             };
-            let data = response.topics[0].partitions[0].result.clone().expect("partition readable");
+            let data = response.topics[0].partitions[0]
+                .result
+                .clone()
+                .expect("partition readable");
             let before = records.len();
             decode_records(&data.batches, next, &mut records).expect("batches pass their CRC");
             if records.len() == before {
-                assert_eq!(next, data.high_watermark, "an empty fetch happens only at the watermark");
+                assert_eq!(
+                    next, data.high_watermark,
+                    "an empty fetch happens only at the watermark"
+                );
                 return records;
             }
             next = records.last().expect("non-empty").offset + 1;
