@@ -312,8 +312,9 @@ impl Client {
         &self.config
     }
 
-    /// Fails every pending request and every later one with [`ClientError::Closed`] and
-    /// shuts the connection down. Other clones see the same.
+    /// Fails every pending request and every later one with [`ClientError::Closed`], on
+    /// every clone, and stops reading. The socket itself closes when the last clone is
+    /// dropped (the writer task then shuts it down).
     pub fn close(&self) {
         self.connection.close();
     }
