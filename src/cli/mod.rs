@@ -1,0 +1,703 @@
+//! The `shardq` command line: `serve` runs the broker; `topic`, `produce` and `consume`
+//! talk to one through [`shardq::client`].
+//!
+//! Exit status: 0 on success, 1 when the broker or I/O failed (with one line on stderr
+//! saying what), 2 for usage errors (clap's own). `serve` never starts tokio: the broker
+//! runs its own per-core executors. Client subcommands run on a current-thread runtime,
+//! which is plenty for one connection.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+use shardq::client::{
+    Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, SendHandle, StartPosition,
+};
+use shardq::config::ServerConfig;
+use shardq::server::ServerError;
+
+const SERVER_DEFAULT: &str = "127.0.0.1:9740";
+/// Longest single long-poll of `consume`, so that `--timeout-ms` and `--count` are
+/// checked at least this often.
+const CONSUME_WAIT_MS_MAX: u64 = 1_000;
+/// Send handles `produce` keeps before waiting on the oldest: bounds its memory on huge
+/// inputs while still letting many batches be in flight.
+const PRODUCE_HANDLES_MAX: usize = 100_000;
+
+#[derive(Debug, Parser)]
+#[command(name = "shardq", version, about = "A thread-per-core message broker")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Create, list, describe and delete topics.
+    Topic {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Send one message per line of standard input (the newline is not part of it).
+    Produce(ProduceArgs),
+    /// Print messages of a topic, one per line.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of the partition logs.
+    #[arg(long, default_value = "./shardq-data")]
+    pub data_dir: PathBuf,
+    /// Shared listening address; shard k also listens on port + 1 + k.
+    #[arg(long, default_value = SERVER_DEFAULT)]
+    pub listen: SocketAddr,
+    /// Number of shards (one per core); default: every online CPU.
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Broker address.
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDQ_SERVER",
+        default_value = SERVER_DEFAULT,
+        value_name = "HOST:PORT"
+    )]
+    pub server: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        partitions: u32,
+    },
+    /// List topics and their partition counts.
+    List {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a topic's partitions, the shard owning each and that shard's port.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a topic and its data.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    pub topic: String,
+    /// Key of every message (messages with one key go to one partition).
+    #[arg(long, value_name = "K")]
+    pub key: Option<String>,
+    /// Send every message to this partition.
+    #[arg(long, value_name = "P")]
+    pub partition: Option<u32>,
+    /// none: no answer from the broker; memory: acked in memory; durable: acked on disk.
+    #[arg(long, default_value = "durable", value_name = "none|memory|durable")]
+    pub acks: Acks,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    pub topic: String,
+    /// Start at the first stored message (default: only messages produced from now on).
+    #[arg(long, conflicts_with = "offset")]
+    pub from_beginning: bool,
+    /// Start at this offset (in every partition read).
+    #[arg(long, value_name = "N")]
+    pub offset: Option<u64>,
+    /// Read only this partition (default: all).
+    #[arg(long, value_name = "P")]
+    pub partition: Option<u32>,
+    /// Stop after this many messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Stop (with status 0) when no message arrives for this long.
+    #[arg(long, value_name = "T")]
+    pub timeout_ms: Option<u64>,
+    /// One JSON object per message: partition, offset, key, timestamp_ms, value, headers
+    /// (an object; strings are decoded as UTF-8, invalid bytes replaced).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Why a command failed; printed as one line on stderr.
+#[derive(Debug)]
+pub enum CliError {
+    Server(ServerError),
+    Client {
+        context: String,
+        source: ClientError,
+    },
+    Io {
+        context: &'static str,
+        source: io::Error,
+    },
+    UnknownTopic {
+        topic: String,
+    },
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Server(error) => write!(f, "server: {error}"),
+            CliError::Client { context, source } => write!(f, "{context}: {source}"),
+            CliError::Io { context, source } => write!(f, "{context}: {source}"),
+            CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
+        }
+    }
+}
+
+impl std::error::Error for CliError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CliError::Server(error) => Some(error),
+            CliError::Client { source, .. } => Some(source),
+            CliError::Io { source, .. } => Some(source),
+            CliError::UnknownTopic { .. } => None,
+        }
+    }
+}
+
+/// Wraps a client error with what we were doing.
+fn client_context(context: impl Into<String>) -> impl FnOnce(ClientError) -> CliError {
+    let context = context.into();
+    move |source| CliError::Client { context, source }
+}
+
+pub fn main() -> ExitCode {
+    // Clap exits with 2 on usage errors and 0 for --help/--version.
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shardq: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = ServerConfig {
+                data_dir: args.data_dir,
+                listen: args.listen,
+                cores: args.cores,
+                ..ServerConfig::default()
+            };
+            shardq::server::run_until_signal(config).map_err(CliError::Server)
+        }
+        command => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| CliError::Io {
+                    context: "starting the tokio runtime",
+                    source,
+                })?;
+            runtime.block_on(run_client_command(command))
+        }
+    }
+}
+
+async fn run_client_command(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Serve(_) => unreachable!("serve runs without tokio"),
+        Command::Topic { server, command } => {
+            let client = connect(&server).await?;
+            topic(&client, command).await
+        }
+        Command::Produce(args) => {
+            let client = connect(&args.server).await?;
+            produce(client, args).await
+        }
+        Command::Consume(args) => {
+            let client = connect(&args.server).await?;
+            consume(client, args).await
+        }
+    }
+}
+
+async fn connect(server: &ServerArgs) -> Result<Client, CliError> {
+    Client::connect(server.server.as_str())
+        .await
+        .map_err(client_context("connecting to the broker"))
+}
+
+fn write_stdout(text: &str) -> Result<(), CliError> {
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|source| CliError::Io {
+            context: "writing to standard output",
+            source,
+        })
+}
+
+async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
+    match command {
+        TopicCommand::Create { name, partitions } => client
+            .create_topic(&name, partitions)
+            .await
+            .map_err(client_context(format!("creating topic {name:?}"))),
+        TopicCommand::Delete { name } => client
+            .delete_topic(&name)
+            .await
+            .map_err(client_context(format!("deleting topic {name:?}"))),
+        TopicCommand::List { json } => {
+            let metadata = client
+                .metadata(&[])
+                .await
+                .map_err(client_context("listing topics"))?;
+            let mut topics: Vec<(String, usize)> = metadata
+                .topics
+                .into_iter()
+                .filter(|topic| topic.error.is_none())
+                .map(|topic| (topic.name, topic.partitions.len()))
+                .collect();
+            topics.sort();
+            let text = if json {
+                let list: Vec<_> = topics
+                    .iter()
+                    .map(|(name, partitions)| json!({ "name": name, "partitions": partitions }))
+                    .collect();
+                format!("{}\n", json!({ "topics": list }))
+            } else {
+                topics
+                    .iter()
+                    .map(|(name, partitions)| format!("{name}\tpartitions={partitions}\n"))
+                    .collect()
+            };
+            write_stdout(&text)
+        }
+        TopicCommand::Describe { name, json } => {
+            let metadata = client
+                .metadata(std::slice::from_ref(&name))
+                .await
+                .map_err(client_context(format!("describing topic {name:?}")))?;
+            let topic = metadata
+                .topics
+                .iter()
+                .find(|topic| topic.name == name)
+                .ok_or_else(|| CliError::UnknownTopic {
+                    topic: name.clone(),
+                })?;
+            if let Some(error) = &topic.error {
+                return Err(CliError::Client {
+                    context: format!("describing topic {name:?}"),
+                    source: ClientError::Broker(error.clone()),
+                });
+            }
+            let port_of = |shard: u16| metadata.shard_ports.get(usize::from(shard)).copied();
+            let text = if json {
+                let partitions: Vec<_> = topic
+                    .partitions
+                    .iter()
+                    .map(|partition| {
+                        json!({
+                            "partition": partition.partition,
+                            "shard": partition.shard,
+                            "port": port_of(partition.shard),
+                        })
+                    })
+                    .collect();
+                format!(
+                    "{}\n",
+                    json!({ "name": name, "partitions": partitions, "shard_ports": metadata.shard_ports })
+                )
+            } else {
+                let mut text = format!("topic {name}: {} partitions\n", topic.partitions.len());
+                for partition in &topic.partitions {
+                    let port = port_of(partition.shard)
+                        .map_or_else(|| "unknown".to_owned(), |port| port.to_string());
+                    text.push_str(&format!(
+                        "partition {}\tshard {}\tport {port}\n",
+                        partition.partition, partition.shard
+                    ));
+                }
+                text
+            };
+            write_stdout(&text)
+        }
+    }
+}
+
+async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
+    let topic = args.topic;
+    let failed = || client_context(format!("producing to topic {topic:?}"));
+    let config = ProducerConfig {
+        acks: args.acks,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(client, config).map_err(failed())?;
+    let key = args.key.map(Bytes::from);
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin());
+    let mut line = Vec::new();
+    let mut handles: VecDeque<SendHandle> = VecDeque::new();
+    loop {
+        line.clear();
+        let read = input
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|source| CliError::Io {
+                context: "reading standard input",
+                source,
+            })?;
+        if read == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let record = ProducerRecord {
+            key: key.clone(),
+            value: Bytes::copy_from_slice(&line),
+            headers: Vec::new(),
+            partition: args.partition,
+        };
+        handles.push_back(producer.send(&topic, record).await.map_err(failed())?);
+        // Stop at the first refusal rather than reading on, and keep memory bounded.
+        while let Some(front) = handles.front() {
+            match front.try_result() {
+                Some(Ok(_)) => {
+                    handles.pop_front();
+                }
+                Some(Err(error)) => return Err(failed()(error)),
+                None if handles.len() > PRODUCE_HANDLES_MAX => {
+                    let oldest = handles.pop_front().expect("front exists");
+                    oldest.await.map_err(failed())?;
+                }
+                None => break,
+            }
+        }
+    }
+    producer.close().await.map_err(failed())?;
+    for handle in handles {
+        handle.await.map_err(failed())?;
+    }
+    Ok(())
+}
+
+/// One line of `consume --json`.
+pub fn record_json(consumed: &ConsumedRecord) -> serde_json::Value {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let record = &consumed.record;
+    let headers: serde_json::Map<String, serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(name, value)| (name.clone(), serde_json::Value::String(text(value))))
+        .collect();
+    json!({
+        "partition": consumed.partition,
+        "offset": record.offset,
+        "key": record.key.as_deref().map(text),
+        "timestamp_ms": record.timestamp_ms,
+        "value": text(&record.value),
+        "headers": headers,
+    })
+}
+
+async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
+    let topic = args.topic;
+    let failed = || client_context(format!("consuming topic {topic:?}"));
+    let start = match (args.from_beginning, args.offset) {
+        (true, _) => StartPosition::Beginning,
+        (false, Some(offset)) => StartPosition::Offset(offset),
+        (false, None) => StartPosition::End,
+    };
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    match args.partition {
+        Some(partition) => {
+            consumer
+                .assign_from(&topic, partition, start)
+                .await
+                .map_err(failed())?;
+        }
+        None => {
+            consumer
+                .assign_topic(&topic, start)
+                .await
+                .map_err(failed())?;
+        }
+    }
+    let timeout = args.timeout_ms.map(Duration::from_millis);
+    let mut remaining = args.count;
+    let mut last_message_at = Instant::now();
+    let mut output = Vec::new();
+    while remaining != Some(0) {
+        let wait = match timeout {
+            Some(timeout) => {
+                let quiet = last_message_at.elapsed();
+                if quiet >= timeout {
+                    break;
+                }
+                (timeout - quiet).min(Duration::from_millis(CONSUME_WAIT_MS_MAX))
+            }
+            None => Duration::from_millis(CONSUME_WAIT_MS_MAX),
+        };
+        let records = consumer
+            .poll_with_wait(wait.as_millis() as u32)
+            .await
+            .map_err(failed())?;
+        if records.is_empty() {
+            continue;
+        }
+        last_message_at = Instant::now();
+        output.clear();
+        for consumed in &records {
+            if remaining == Some(0) {
+                break;
+            }
+            if args.json {
+                output.extend_from_slice(record_json(consumed).to_string().as_bytes());
+            } else {
+                output.extend_from_slice(&consumed.record.value);
+            }
+            output.push(b'\n');
+            remaining = remaining.map(|count| count - 1);
+        }
+        let mut stdout = io::stdout().lock();
+        match stdout.write_all(&output).and_then(|()| stdout.flush()) {
+            Ok(()) => {}
+            // The reader went away (`consume | head`): that is the end, not a failure.
+            Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(source) => {
+                return Err(CliError::Io {
+                    context: "writing to standard output",
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(arguments: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("shardq").chain(arguments.iter().copied()))
+    }
+
+    #[test]
+    fn serve_defaults_and_flags() {
+        let Command::Serve(args) = parse(&["serve"]).unwrap().command else {
+            panic!("expected serve")
+        };
+        assert_eq!(args.data_dir, PathBuf::from("./shardq-data"));
+        assert_eq!(args.listen, "127.0.0.1:9740".parse().unwrap());
+        assert_eq!(args.cores, None);
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--data-dir",
+            "/d",
+            "--listen",
+            "0.0.0.0:1",
+            "--cores",
+            "3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected serve")
+        };
+        assert_eq!(args.data_dir, PathBuf::from("/d"));
+        assert_eq!(args.listen.port(), 1);
+        assert_eq!(args.cores, Some(3));
+        assert_eq!(
+            parse(&["serve", "--listen", "nowhere"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn topic_subcommands_take_server_before_or_after() {
+        let Command::Topic { server, command } =
+            parse(&["topic", "create", "orders", "--partitions", "4"])
+                .unwrap()
+                .command
+        else {
+            panic!("expected topic")
+        };
+        assert_eq!(command_name(&command), "create");
+        assert!(
+            matches!(command, TopicCommand::Create { ref name, partitions: 4 } if name == "orders")
+        );
+        // Unless SHARDQ_SERVER is set in the test environment, the default applies.
+        if std::env::var_os("SHARDQ_SERVER").is_none() {
+            assert_eq!(server.server, SERVER_DEFAULT);
+        }
+        for arguments in [
+            &["topic", "--server", "h:1", "describe", "t", "--json"][..],
+            &["topic", "describe", "t", "--json", "--server", "h:1"][..],
+        ] {
+            let Command::Topic { server, command } = parse(arguments).unwrap().command else {
+                panic!("expected topic")
+            };
+            assert_eq!(server.server, "h:1");
+            assert!(matches!(command, TopicCommand::Describe { json: true, .. }));
+        }
+        assert!(matches!(
+            parse(&["topic", "list"]).unwrap().command,
+            Command::Topic {
+                command: TopicCommand::List { json: false },
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&["topic", "delete", "t"]).unwrap().command,
+            Command::Topic {
+                command: TopicCommand::Delete { .. },
+                ..
+            }
+        ));
+    }
+
+    fn command_name(command: &TopicCommand) -> &'static str {
+        match command {
+            TopicCommand::Create { .. } => "create",
+            TopicCommand::List { .. } => "list",
+            TopicCommand::Describe { .. } => "describe",
+            TopicCommand::Delete { .. } => "delete",
+        }
+    }
+
+    #[test]
+    fn produce_acks_parse_and_default_to_durable() {
+        let Command::Produce(args) = parse(&["produce", "t"]).unwrap().command else {
+            panic!("expected produce")
+        };
+        assert_eq!(args.acks, Acks::Durable);
+        assert_eq!(args.key, None);
+        let Command::Produce(args) = parse(&[
+            "produce",
+            "t",
+            "--acks",
+            "none",
+            "--key",
+            "k",
+            "--partition",
+            "2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected produce")
+        };
+        assert_eq!(args.acks, Acks::None);
+        assert_eq!(args.key.as_deref(), Some("k"));
+        assert_eq!(args.partition, Some(2));
+        let error = parse(&["produce", "t", "--acks", "sometimes"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ValueValidation);
+        assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn consume_flags_and_conflicts() {
+        let Command::Consume(args) = parse(&[
+            "consume",
+            "t",
+            "--from-beginning",
+            "--partition",
+            "1",
+            "--count",
+            "5",
+            "--timeout-ms",
+            "250",
+            "--json",
+            "--server",
+            "h:2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected consume")
+        };
+        assert!(args.from_beginning && args.json);
+        assert_eq!(
+            (args.partition, args.count, args.timeout_ms),
+            (Some(1), Some(5), Some(250))
+        );
+        assert_eq!(args.server.server, "h:2");
+        let error = parse(&["consume", "t", "--from-beginning", "--offset", "3"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(
+            parse(&["consume"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse(&["consume", "t", "--count", "-1"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn serve_has_no_server_flag() {
+        assert_eq!(
+            parse(&["serve", "--server", "h:1"]).unwrap_err().kind(),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn json_line_has_every_field_and_is_lossy() {
+        let consumed = ConsumedRecord {
+            topic: "t".into(),
+            partition: 2,
+            record: shardq::client::Record {
+                offset: 7,
+                timestamp_ms: 1_000,
+                key: Some(Bytes::from_static(b"k\xff")),
+                value: Bytes::from_static(b"hello"),
+                headers: vec![("h".into(), Bytes::from_static(b"v"))],
+            },
+        };
+        assert_eq!(
+            record_json(&consumed),
+            json!({
+                "partition": 2,
+                "offset": 7,
+                "key": "k\u{fffd}",
+                "timestamp_ms": 1_000,
+                "value": "hello",
+                "headers": { "h": "v" },
+            })
+        );
+    }
+}

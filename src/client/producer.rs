@@ -1,0 +1,679 @@
+//! The batching producer.
+//!
+//! `send` routes a record to a partition (explicit, else by key hash with
+//! [`placement::partition_for_key`], else round-robin), appends it to that partition's
+//! open batch and returns a [`SendHandle`] at once. A sender task seals batches that are
+//! full or have lingered `linger_ms`, packs sealed batches of many partitions into one
+//! Produce request, and keeps up to `requests_in_flight_max` requests pipelined on the
+//! client's connection. One batch per partition is in flight at a time, so a partition's
+//! records land in the log in the order they were sent.
+//!
+//! Contract: a handle resolves once the broker has answered for its batch: with the
+//! record's offset (the batch's base offset plus the record's index in it) when acked,
+//! with `offset: None` when sent with acks none (the broker never says), or with the
+//! error that refused the batch, shared by exactly the records of that batch. Nothing is
+//! retried, so nothing is written twice. Memory is bounded by `buffer_bytes_max`: `send`
+//! waits when the records accepted and not yet answered would exceed it.
+//!
+//! Partition counts come from metadata cached per topic; a topic not cached, or an
+//! explicit partition past the cached count, triggers one metadata refresh before the
+//! send fails. A batch refused with UnknownTopic or UnknownPartition drops the cached
+//! entry, so the next send refreshes it.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::accumulator::{
+    Accumulator, AccumulatorLimits, AppendRecord, BatchCompletion, SealedBatch,
+};
+use super::{Client, ClientError};
+use crate::placement;
+use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE, RECORD_OVERHEAD};
+use crate::protocol::{
+    Acks, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+};
+
+/// Producer settings. Every queue has a limit.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Durability asked of the broker for every request.
+    pub acks: Acks,
+    /// How long an open batch waits for more records before it is sent. 0 sends at the
+    /// next opportunity (still batching what arrives while requests are in flight).
+    pub linger_ms: u64,
+    /// A batch is sealed before it would grow past this. Must stay below the broker's
+    /// largest batch (chunk size minus 4 KiB, about 1 MiB by default).
+    pub batch_bytes_max: usize,
+    /// A batch is sealed when it holds this many records.
+    pub batch_records_max: u32,
+    /// The broker's own wait for durability, sent in each request; the client waits this
+    /// plus the client's `request_timeout_ms` before giving up on an answer.
+    pub request_timeout_ms: u32,
+    /// Produce requests written and not yet answered.
+    pub requests_in_flight_max: usize,
+    /// A request carries batches of many partitions up to about this size (at least one
+    /// batch). Below the broker's `frame_body_bytes_max`.
+    pub request_bytes_max: usize,
+    /// Bytes of records accepted by `send` and not yet answered; `send` waits beyond it.
+    pub buffer_bytes_max: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::Durable,
+            linger_ms: 5,
+            batch_bytes_max: 256 << 10,
+            batch_records_max: 10_000,
+            request_timeout_ms: 30_000,
+            requests_in_flight_max: 8,
+            request_bytes_max: 8 << 20,
+            buffer_bytes_max: 64 << 20,
+        }
+    }
+}
+
+impl ProducerConfig {
+    fn validate(&self) -> Result<(), ClientError> {
+        let invalid = |field: &'static str, value: usize| {
+            Err(ClientError::InvalidConfig {
+                field,
+                value: value as u64,
+            })
+        };
+        if self.batch_records_max == 0 {
+            return invalid("batch_records_max", 0);
+        }
+        if self.batch_bytes_max < BATCH_HEADER_SIZE + RECORD_OVERHEAD {
+            return invalid("batch_bytes_max", self.batch_bytes_max);
+        }
+        if self.requests_in_flight_max == 0 {
+            return invalid("requests_in_flight_max", 0);
+        }
+        if self.request_bytes_max == 0 {
+            return invalid("request_bytes_max", 0);
+        }
+        if self.buffer_bytes_max == 0 || self.buffer_bytes_max > Semaphore::MAX_PERMITS {
+            return invalid("buffer_bytes_max", self.buffer_bytes_max);
+        }
+        Ok(())
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerRecord {
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: Vec<(String, Bytes)>,
+    /// Send to this partition rather than routing by key or round-robin.
+    pub partition: Option<u32>,
+}
+
+impl ProducerRecord {
+    pub fn new(value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord {
+            value: value.into(),
+            ..ProducerRecord::default()
+        }
+    }
+
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> ProducerRecord {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn with_partition(mut self, partition: u32) -> ProducerRecord {
+        self.partition = Some(partition);
+        self
+    }
+
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> ProducerRecord {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    /// The record's offset; `None` when sent with acks none, since the broker does not
+    /// answer and so never says.
+    pub offset: Option<u64>,
+}
+
+/// Resolves to a record's [`RecordMetadata`] once its batch is answered. `.await` it, or
+/// call [`SendHandle::wait`]; dropping it does not cancel the send.
+#[derive(Debug, Clone)]
+pub struct SendHandle {
+    completion: Arc<BatchCompletion>,
+    index: u32,
+}
+
+impl SendHandle {
+    pub fn partition(&self) -> u32 {
+        self.completion.partition
+    }
+
+    fn metadata(
+        &self,
+        outcome: &Result<Option<u64>, ClientError>,
+    ) -> Result<RecordMetadata, ClientError> {
+        match outcome {
+            Ok(base_offset) => Ok(RecordMetadata {
+                topic: self.completion.topic.clone(),
+                partition: self.completion.partition,
+                offset: base_offset.map(|base| base + u64::from(self.index)),
+            }),
+            Err(error) => Err(error.clone()),
+        }
+    }
+
+    /// The outcome if the batch has been answered, without waiting.
+    pub fn try_result(&self) -> Option<Result<RecordMetadata, ClientError>> {
+        self.completion
+            .outcome()
+            .map(|outcome| self.metadata(outcome))
+    }
+
+    pub async fn wait(self) -> Result<RecordMetadata, ClientError> {
+        let outcome = self.completion.wait().await;
+        self.metadata(outcome)
+    }
+}
+
+impl IntoFuture for SendHandle {
+    type Output = Result<RecordMetadata, ClientError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+/// What the producer knows of a topic's partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TopicRoute {
+    pub(super) partition_count: u32,
+    next_round_robin: u32,
+}
+
+impl TopicRoute {
+    pub(super) fn new(partition_count: u32) -> TopicRoute {
+        assert!(
+            partition_count > 0,
+            "a route is only made for a topic with partitions"
+        );
+        TopicRoute {
+            partition_count,
+            next_round_robin: 0,
+        }
+    }
+
+    /// Explicit partition, else the key's hash, else the next partition in turn.
+    pub(super) fn choose(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+    ) -> Result<u32, ClientError> {
+        match (partition, key) {
+            (Some(partition), _) if partition < self.partition_count => Ok(partition),
+            (Some(partition), _) => Err(ClientError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+                partition_count: self.partition_count,
+            }),
+            (None, Some(key)) => Ok(placement::partition_for_key(key, self.partition_count)),
+            (None, None) => {
+                let partition = self.next_round_robin % self.partition_count;
+                self.next_round_robin = self.next_round_robin.wrapping_add(1);
+                Ok(partition)
+            }
+        }
+    }
+}
+
+struct ProducerState {
+    accumulator: Accumulator,
+    routes: HashMap<String, TopicRoute>,
+    /// Batches of each request in flight, for flush to wait on.
+    in_flight: HashMap<u64, Vec<Arc<BatchCompletion>>>,
+    next_request_id: u64,
+    /// Set by close (or when the last handle drops): no more sends; the sender drains
+    /// what is left and stops.
+    closing: bool,
+}
+
+struct ProducerShared {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<ProducerState>,
+    /// Wakes the sender: a batch was sealed, a batch opened (new linger deadline), a
+    /// request finished, or the producer is closing.
+    wake: Notify,
+    /// `buffer_bytes_max` worth of permits, one per byte of records not yet answered.
+    budget: Arc<Semaphore>,
+}
+
+impl ProducerShared {
+    fn state(&self) -> MutexGuard<'_, ProducerState> {
+        // Every mutation under this lock is completed before anything can panic, so a
+        // poisoned lock still guards consistent state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn begin_close(&self) {
+        {
+            let mut state = self.state();
+            state.closing = true;
+            state.accumulator.seal_all();
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Begins closing when the last [`Producer`] clone drops, so the sender task (which
+/// holds the shared state) does not outlive its users; records already sent still go
+/// out.
+struct Owner(Arc<ProducerShared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.begin_close();
+    }
+}
+
+/// A batching producer over one [`Client`]. Cheap to clone; clones share the batches.
+#[derive(Clone)]
+pub struct Producer {
+    shared: Arc<ProducerShared>,
+    _owner: Arc<Owner>,
+}
+
+impl Producer {
+    /// Starts the sender task; must be called within a tokio runtime.
+    pub fn new(client: Client, config: ProducerConfig) -> Result<Producer, ClientError> {
+        config.validate()?;
+        let limits = AccumulatorLimits {
+            batch_records_max: config.batch_records_max,
+            batch_bytes_max: config.batch_bytes_max,
+            linger: Duration::from_millis(config.linger_ms),
+        };
+        let shared = Arc::new(ProducerShared {
+            client,
+            budget: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            config,
+            state: Mutex::new(ProducerState {
+                accumulator: Accumulator::new(limits),
+                routes: HashMap::new(),
+                in_flight: HashMap::new(),
+                next_request_id: 0,
+                closing: false,
+            }),
+            wake: Notify::new(),
+        });
+        tokio::spawn(run_sender(shared.clone()));
+        Ok(Producer {
+            _owner: Arc::new(Owner(shared.clone())),
+            shared,
+        })
+    }
+
+    pub fn config(&self) -> &ProducerConfig {
+        &self.shared.config
+    }
+
+    /// Routes and queues a record. Waits only for memory (`buffer_bytes_max`) and, the
+    /// first time a topic is used, for its metadata. The returned handle resolves when
+    /// the record's batch is answered.
+    pub async fn send(
+        &self,
+        topic: &str,
+        record: ProducerRecord,
+    ) -> Result<SendHandle, ClientError> {
+        let headers: Vec<(&str, &[u8])> = record
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), &value[..]))
+            .collect();
+        let key = record.key.as_deref();
+        let size = BatchBuilder::record_size(key, &record.value, &headers);
+        // A record larger than the whole budget takes all of it rather than waiting forever.
+        let cost = size
+            .min(self.shared.config.buffer_bytes_max)
+            .min(u32::MAX as usize) as u32;
+        let budget = match self.shared.budget.clone().acquire_many_owned(cost).await {
+            Ok(budget) => budget,
+            Err(_closed) => return Err(ClientError::Closed),
+        };
+        let append = AppendRecord {
+            timestamp_ms: now_ms(),
+            key,
+            value: &record.value,
+            headers: &headers,
+        };
+        let mut budget = Some(budget);
+        let mut refreshed = false;
+        loop {
+            {
+                let mut state = self.shared.state();
+                if state.closing {
+                    return Err(ClientError::Closed);
+                }
+                if let Some(route) = state.routes.get_mut(topic) {
+                    match route.choose(topic, record.partition, key) {
+                        Ok(partition) => {
+                            let outcome = state.accumulator.append(
+                                topic,
+                                partition,
+                                &append,
+                                budget.take(),
+                                Instant::now(),
+                            );
+                            drop(state);
+                            if outcome.sealed || outcome.index == 0 {
+                                self.shared.wake.notify_one();
+                            }
+                            return Ok(SendHandle {
+                                completion: outcome.completion,
+                                index: outcome.index,
+                            });
+                        }
+                        Err(error) if refreshed => return Err(error),
+                        // Perhaps the topic was recreated with more partitions.
+                        Err(_stale) => {
+                            state.routes.remove(topic);
+                        }
+                    }
+                }
+            }
+            if refreshed {
+                return Err(ClientError::UnknownTopic {
+                    topic: topic.to_owned(),
+                });
+            }
+            refreshed = true;
+            let route = self.fetch_route(topic).await?;
+            self.shared.state().routes.insert(topic.to_owned(), route);
+        }
+    }
+
+    async fn fetch_route(&self, topic: &str) -> Result<TopicRoute, ClientError> {
+        let metadata = self.shared.client.metadata(&[topic.to_owned()]).await?;
+        let entry = metadata
+            .topics
+            .into_iter()
+            .find(|entry| entry.name == topic);
+        match entry {
+            Some(entry) => match entry.error {
+                Some(error) => Err(ClientError::Broker(error)),
+                None if entry.partitions.is_empty() => Err(ClientError::UnknownTopic {
+                    topic: topic.to_owned(),
+                }),
+                None => Ok(TopicRoute::new(entry.partitions.len() as u32)),
+            },
+            None => Err(ClientError::UnknownTopic {
+                topic: topic.to_owned(),
+            }),
+        }
+    }
+
+    /// Sends every record queued so far, without waiting for linger, and waits until all
+    /// of them are answered. Returns the first error among them (each handle still
+    /// carries its own outcome).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let completions: Vec<Arc<BatchCompletion>> = {
+            let mut state = self.shared.state();
+            state.accumulator.seal_all();
+            let mut completions = state.accumulator.sealed_completions();
+            completions.extend(state.in_flight.values().flatten().cloned());
+            completions
+        };
+        self.shared.wake.notify_one();
+        let mut first_error = None;
+        for completion in completions {
+            if let Err(error) = completion.wait().await {
+                first_error.get_or_insert_with(|| error.clone());
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses further sends (on every clone), then flushes.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.shared.begin_close();
+        self.flush().await
+    }
+}
+
+fn now_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(elapsed) => elapsed.as_millis() as i64,
+        // A clock before 1970 is a misconfigured host; the broker stamps its own time.
+        Err(_before_epoch) => 0,
+    }
+}
+
+/// The sender task: waits for an in-flight slot, then for sendable batches (or a linger
+/// deadline), and spawns one request at a time. Stops once closing and drained.
+async fn run_sender(shared: Arc<ProducerShared>) {
+    let slots = Arc::new(Semaphore::new(shared.config.requests_in_flight_max));
+    loop {
+        let slot = match slots.clone().acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
+        };
+        let (request_id, batches) = loop {
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = {
+                let mut state = shared.state();
+                state.accumulator.seal_expired(Instant::now());
+                let batches = state
+                    .accumulator
+                    .take_request(shared.config.request_bytes_max);
+                if !batches.is_empty() {
+                    let request_id = state.next_request_id;
+                    state.next_request_id += 1;
+                    let completions = batches
+                        .iter()
+                        .map(|batch| batch.completion.clone())
+                        .collect();
+                    state.in_flight.insert(request_id, completions);
+                    break (request_id, batches);
+                }
+                if state.closing && state.accumulator.is_empty() {
+                    return;
+                }
+                state.accumulator.next_deadline()
+            };
+            match deadline {
+                Some(deadline) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(deadline.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        };
+        tokio::spawn(send_request(shared.clone(), request_id, batches, slot));
+    }
+}
+
+fn build_request(config: &ProducerConfig, batches: &[SealedBatch]) -> ProduceRequest {
+    let mut topics: Vec<ProduceTopic> = Vec::new();
+    for batch in batches {
+        let partition = ProducePartition {
+            partition: batch.partition,
+            batch: batch.batch.clone(),
+        };
+        match topics.iter_mut().find(|topic| *topic.name == *batch.topic) {
+            Some(topic) => topic.partitions.push(partition),
+            None => topics.push(ProduceTopic {
+                name: batch.topic.to_string(),
+                partitions: vec![partition],
+            }),
+        }
+    }
+    ProduceRequest {
+        acks: config.acks,
+        timeout_ms: config.request_timeout_ms,
+        topics,
+    }
+}
+
+/// The outcome of one batch from the request's result.
+fn batch_outcome(
+    batch: &SealedBatch,
+    result: &Result<Option<ProduceResponse>, ClientError>,
+) -> Result<Option<u64>, ClientError> {
+    let response = match result {
+        Ok(None) => return Ok(None),
+        Ok(Some(response)) => response,
+        Err(error) => return Err(error.clone()),
+    };
+    let found = response
+        .topics
+        .iter()
+        .filter(|topic| *topic.name == *batch.topic)
+        .flat_map(|topic| topic.partitions.iter())
+        .find(|partition| partition.partition == batch.partition);
+    match found {
+        Some(partition) => match &partition.result {
+            Ok(base_offset) => Ok(Some(*base_offset)),
+            Err(error) => Err(ClientError::PartitionRefused {
+                topic: batch.topic.to_string(),
+                partition: batch.partition,
+                error: error.clone(),
+            }),
+        },
+        None => Err(ClientError::UnexpectedResponse {
+            correlation_id: 0,
+            reason: format!(
+                "produce response has no result for topic {:?} partition {}",
+                batch.topic, batch.partition
+            ),
+        }),
+    }
+}
+
+async fn send_request(
+    shared: Arc<ProducerShared>,
+    request_id: u64,
+    batches: Vec<SealedBatch>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let request = build_request(&shared.config, &batches);
+    let result = shared.client.produce(request).await;
+    let mut stale_topics = Vec::new();
+    for batch in &batches {
+        let outcome = batch_outcome(batch, &result);
+        if let Err(error) = &outcome {
+            if matches!(
+                error.wire_code(),
+                Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+            ) {
+                stale_topics.push(batch.topic.clone());
+            }
+        }
+        batch.completion.complete(outcome);
+    }
+    {
+        let mut state = shared.state();
+        for batch in &batches {
+            state.accumulator.finish(&batch.topic, batch.partition);
+        }
+        state.in_flight.remove(&request_id);
+        for topic in stale_topics {
+            state.routes.remove(&*topic);
+        }
+    }
+    // Return the memory budget before waking anyone.
+    drop(batches);
+    shared.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_partition_wins_and_is_checked() {
+        let mut route = TopicRoute::new(4);
+        assert_eq!(route.choose("t", Some(3), Some(b"k")).unwrap(), 3);
+        assert!(matches!(
+            route.choose("t", Some(4), None),
+            Err(ClientError::UnknownPartition {
+                partition: 4,
+                partition_count: 4,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn keyed_records_follow_placement_and_unkeyed_round_robin() {
+        let mut route = TopicRoute::new(3);
+        for key in [&b"alpha"[..], b"beta", b""] {
+            let expected = placement::partition_for_key(key, 3);
+            assert_eq!(route.choose("t", None, Some(key)).unwrap(), expected);
+            assert_eq!(
+                route.choose("t", None, Some(key)).unwrap(),
+                expected,
+                "stable per key"
+            );
+        }
+        let chosen: Vec<u32> = (0..7)
+            .map(|_| route.choose("t", None, None).unwrap())
+            .collect();
+        assert_eq!(chosen, vec![0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn config_limits_are_validated() {
+        assert!(ProducerConfig::default().validate().is_ok());
+        for config in [
+            ProducerConfig {
+                batch_records_max: 0,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                batch_bytes_max: 10,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                requests_in_flight_max: 0,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                buffer_bytes_max: 0,
+                ..ProducerConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(config.validate(), Err(ClientError::InvalidConfig { .. })),
+                "{config:?}"
+            );
+        }
+    }
+}
