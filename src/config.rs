@@ -106,6 +106,12 @@ impl ServerConfig {
                 self.chunk_memory_bytes_per_shard_max, self.chunk_size_bytes
             ));
         }
+        if self.segment_size_bytes % ALIGNMENT_BYTES as u64 != 0 {
+            return fail(format!(
+                "segment_size_bytes {} must be a multiple of {ALIGNMENT_BYTES}: padded block writes must stay inside the preallocated file",
+                self.segment_size_bytes
+            ));
+        }
         if self.segment_size_bytes < self.chunk_size_bytes as u64 {
             return fail(format!(
                 "segment_size_bytes {} must be at least chunk_size_bytes {}",

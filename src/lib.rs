@@ -31,6 +31,9 @@ pub mod shard;
 #[cfg(feature = "server")]
 pub mod storage;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 /// Partition placement, shared by the broker (which routes) and smart clients (which skip
 /// the hop). Pure: the same inputs give the same shard on every host and every run.
 pub mod placement;

@@ -196,7 +196,7 @@ impl BrokerModel {
                         } else if self
                             .partition_counts
                             .get(&topic.name)
-                            .map_or(true, |count| partition.partition >= *count)
+                            .is_none_or(|count| partition.partition >= *count)
                         {
                             Err(WireError::new(
                                 ErrorCode::UnknownPartition,

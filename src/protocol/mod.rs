@@ -658,15 +658,15 @@ impl Request {
                 let timeout_ms = reader.u32("timeout_ms")?;
                 let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
                 let mut topics = Vec::with_capacity(topic_count);
-                let mut partitions_total = 0u32;
+                let mut partitions_total = 0u64;
                 for _ in 0..topic_count {
                     let name = reader.string("topic")?;
                     let count = reader.count("partitions", limits.partitions_per_request_max, 8)?;
-                    partitions_total += count as u32;
-                    if partitions_total > limits.partitions_per_request_max {
+                    partitions_total += count as u64;
+                    if partitions_total > u64::from(limits.partitions_per_request_max) {
                         return Err(ProtocolError::TooMany {
                             field: "partitions",
-                            count: partitions_total,
+                            count: u32::try_from(partitions_total).unwrap_or(u32::MAX),
                             count_max: limits.partitions_per_request_max,
                         });
                     }
@@ -690,16 +690,16 @@ impl Request {
                 let bytes_max = reader.u32("bytes_max")?;
                 let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
                 let mut topics = Vec::with_capacity(topic_count);
-                let mut partitions_total = 0u32;
+                let mut partitions_total = 0u64;
                 for _ in 0..topic_count {
                     let name = reader.string("topic")?;
                     let count =
                         reader.count("partitions", limits.partitions_per_request_max, 16)?;
-                    partitions_total += count as u32;
-                    if partitions_total > limits.partitions_per_request_max {
+                    partitions_total += count as u64;
+                    if partitions_total > u64::from(limits.partitions_per_request_max) {
                         return Err(ProtocolError::TooMany {
                             field: "partitions",
-                            count: partitions_total,
+                            count: u32::try_from(partitions_total).unwrap_or(u32::MAX),
                             count_max: limits.partitions_per_request_max,
                         });
                     }

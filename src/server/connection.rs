@@ -86,14 +86,6 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         }
         let frame = buffer.split_to(frame_length).freeze();
         let body = frame.slice(FRAME_HEADER_SIZE..);
-        let Some(opcode) = Opcode::from_wire(header.opcode) else {
-            // The length was sane, so the stream stays in sync: refuse just this frame.
-            let error = ProtocolError::UnknownOpcode {
-                opcode: header.opcode,
-            };
-            refuse(&responses, header.opcode, header.correlation_id, &error).await;
-            continue;
-        };
         if header.is_response() {
             let error = WireError::new(
                 ErrorCode::InvalidRequest,
@@ -102,6 +94,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             send_error(&responses, header.opcode, header.correlation_id, &error).await;
             break;
         }
+        let Some(opcode) = Opcode::from_wire(header.opcode) else {
+            // The length was sane, so the stream stays in sync: refuse just this frame.
+            let error = ProtocolError::UnknownOpcode {
+                opcode: header.opcode,
+            };
+            refuse(&responses, header.opcode, header.correlation_id, &error).await;
+            continue;
+        };
         let request = match Request::decode(opcode, body, &limits) {
             Ok(request) => request,
             Err(error) => {

@@ -324,7 +324,29 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
             response.topics[topic_index].partitions[partition_index].result = result;
         }
     }
+    trim_to_budget(
+        &mut response,
+        bytes_max.min(shard.config.fetch_bytes_max) as usize,
+    );
     response
+}
+
+/// Each owner applies `bytes_max` to its own partitions; across owners the total can be
+/// larger. Walking the response in request order, data past the budget is dropped (the
+/// partition reads as empty at its watermark and the consumer fetches it next time), but
+/// the first partition with data always keeps it, so a large batch cannot stall anyone.
+fn trim_to_budget(response: &mut FetchResponse, bytes_max: usize) {
+    let mut used = 0usize;
+    for topic in &mut response.topics {
+        for partition in &mut topic.partitions {
+            if let Ok(data) = &mut partition.result {
+                if used > 0 && used + data.batches.len() > bytes_max {
+                    data.batches = bytes::Bytes::new();
+                }
+                used += data.batches.len();
+            }
+        }
+    }
 }
 
 /// Long-polls every owner at once and answers as soon as one of them has data. Owners
@@ -338,6 +360,9 @@ async fn wait_for_first(
 ) -> Vec<(Vec<Slot>, ShardReply)> {
     use futures_lite::StreamExt;
     let (sender, mut receiver) = futures_channel::mpsc::unbounded();
+    // Kept, not detached: dropping these at the end cancels the long-polls still
+    // running, here and (through the dropped reply channel) on their owners.
+    let mut polls = Vec::with_capacity(groups.len());
     for (index, (owner, _, items)) in groups.iter().enumerate() {
         let shard = Rc::clone(shard);
         let sender = sender.clone();
@@ -347,11 +372,10 @@ async fn wait_for_first(
             items: items.clone(),
         };
         let owner = *owner;
-        glommio::spawn_local(async move {
+        polls.push(glommio::spawn_local(async move {
             let reply = shard.route(owner, request).await;
             let _ = sender.unbounded_send((index, reply));
-        })
-        .detach();
+        }));
     }
     drop(sender);
     let mut replies: Vec<Option<ShardReply>> = groups.iter().map(|_| None).collect();
@@ -369,6 +393,7 @@ async fn wait_for_first(
             break;
         }
     }
+    drop(polls);
     let mut answered = Vec::with_capacity(groups.len());
     for ((owner, slots, items), reply) in groups.into_iter().zip(replies) {
         let reply = match reply {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ConfigError, ServerConfig};
-use crate::shard::{MeshMessage, Shard};
+use crate::shard::{MeshMessage, Shard, ShardRequest};
 
 #[derive(Debug)]
 pub enum ServerError {
@@ -146,9 +146,18 @@ impl ServerHandle {
                 available: online.len(),
             });
         }
+        let mut config = config;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDirectory {
             path: config.data_dir.clone(),
             source,
+        })?;
+        // Absolute from here on: glommio resolves some relative paths against a
+        // descriptor rather than the working directory, and logs read better anyway.
+        config.data_dir = std::fs::canonicalize(&config.data_dir).map_err(|source| {
+            ServerError::DataDirectory {
+                path: config.data_dir.clone(),
+                source,
+            }
         })?;
         let probe_path = prepare_probe_file(&config)?;
 
@@ -343,8 +352,25 @@ async fn run_shard(
                 while let Some(message) = stream.recv().await {
                     let shard = Rc::clone(&shard);
                     glommio::spawn_local(async move {
-                        let reply = shard.execute(message.request).await;
-                        let _ = message.reply.send(reply);
+                        let MeshMessage { request, mut reply } = message;
+                        let abandonable = matches!(request, ShardRequest::Fetch { .. });
+                        let outcome = if abandonable {
+                            // A long-poll the asking shard gave up on stops here too,
+                            // instead of holding memory until its deadline.
+                            futures_lite::future::or(
+                                async { Some(shard.execute(request).await) },
+                                async {
+                                    reply.cancellation().await;
+                                    None
+                                },
+                            )
+                            .await
+                        } else {
+                            Some(shard.execute(request).await)
+                        };
+                        if let Some(outcome) = outcome {
+                            let _ = reply.send(outcome);
+                        }
                     })
                     .detach();
                 }

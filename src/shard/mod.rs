@@ -85,10 +85,13 @@ pub struct MeshMessage {
     pub reply: oneshot::Sender<ShardReply>,
 }
 
-pub fn storage_to_wire(error: &StorageError) -> WireError {
+fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
     let code = match error {
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         StorageError::BatchTooLarge { .. } => ErrorCode::InvalidBatch,
+        // A partition closes for one of two reasons: the broker is stopping, or its topic
+        // was deleted while the request was in flight.
+        StorageError::Closed if shutting_down => ErrorCode::ShuttingDown,
         StorageError::Closed => ErrorCode::UnknownTopic,
         StorageError::Io { .. } | StorageError::Corrupt { .. } => ErrorCode::StorageError,
     };
@@ -165,6 +168,10 @@ impl Shard {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.get()
+    }
+
+    fn wire_error(&self, error: &StorageError) -> WireError {
+        storage_to_wire(error, self.is_shutting_down())
     }
 
     fn partition_directory(&self, topic: &str, partition: u32) -> PathBuf {
@@ -314,7 +321,7 @@ impl Shard {
             ShardRequest::InstallTopic { name, partitions } => ShardReply::Done(
                 self.install_topic(&name, partitions)
                     .await
-                    .map_err(|error| storage_to_wire(&error)),
+                    .map_err(|error| self.wire_error(&error)),
             ),
             ShardRequest::RemoveTopic { name } => ShardReply::Done(self.remove_topic(&name).await),
         }
@@ -326,6 +333,8 @@ impl Shard {
         timeout: Duration,
         items: Vec<ProduceItem>,
     ) -> Vec<Result<u64, WireError>> {
+        // The timeout covers the whole request, backpressure and segment rolls included.
+        let deadline = Instant::now() + timeout;
         let mut results = Vec::with_capacity(items.len());
         let mut durable_waits = Vec::new();
         for (index, item) in items.iter().enumerate() {
@@ -341,11 +350,10 @@ impl Shard {
                     results.push(Ok(outcome.base_offset));
                     durable_waits.push((index, log, outcome.next_offset));
                 }
-                Err(error) => results.push(Err(storage_to_wire(&error))),
+                Err(error) => results.push(Err(self.wire_error(&error))),
             }
         }
         if acks == Acks::Durable {
-            let deadline = Instant::now() + timeout;
             for (index, log, next_offset) in durable_waits {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let outcome = glommio::timer::timeout(remaining, async {
@@ -354,7 +362,7 @@ impl Shard {
                 .await;
                 match outcome {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => results[index] = Err(storage_to_wire(&error)),
+                    Ok(Err(error)) => results[index] = Err(self.wire_error(&error)),
                     Err(_) => {
                         results[index] = Err(WireError::new(
                             ErrorCode::Timeout,
@@ -426,7 +434,7 @@ impl Shard {
                         batches,
                     }));
                 }
-                Err(error) => results.push(Err(storage_to_wire(&error))),
+                Err(error) => results.push(Err(self.wire_error(&error))),
             }
         }
         results
@@ -480,17 +488,39 @@ impl Shard {
         self.validate_new_topic(&name, partitions)?;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
+            // A directory left by an interrupted delete must not lend its old segments
+            // (and offsets) to the new topic.
+            let leftover = self.config.data_dir.join(&name);
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover).map_err(|error| {
+                    WireError::new(
+                        ErrorCode::StorageError,
+                        format!("removing leftover {}: {error}", leftover.display()),
+                    )
+                })?;
+            }
             write_topic_metadata(&self.config.data_dir, &name, partitions).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
                 )
             })?;
-            self.broadcast(|| ShardRequest::InstallTopic {
-                name: name.clone(),
-                partitions,
-            })
-            .await
+            let installed = self
+                .broadcast(|| ShardRequest::InstallTopic {
+                    name: name.clone(),
+                    partitions,
+                })
+                .await;
+            if let Err(error) = installed {
+                // Undo on every shard, so no shard serves a topic the others lack and a
+                // restart does not bring back a topic whose creation failed.
+                let _ = self
+                    .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
+                    .await;
+                let _ = std::fs::remove_dir_all(self.config.data_dir.join(&name));
+                return Err(error);
+            }
+            Ok(())
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);

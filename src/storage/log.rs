@@ -363,7 +363,7 @@ impl PartitionLog {
         let next_offset = base_offset + u64::from(record_count);
         let interval = self.config.index_interval_bytes;
         let segment = state.segments.last_mut().expect("a log has a segment");
-        debug_assert_eq!(segment.end_position, position, "chunk and segment disagree");
+        assert_eq!(segment.end_position, position, "chunk and segment disagree");
         segment.record_index(base_offset, position, interval);
         segment.end_position = position + batch.len() as u64;
         segment.next_offset = next_offset;
@@ -397,7 +397,7 @@ impl PartitionLog {
     }
 
     /// Seals the active chunk for a flush: zero-pad to the block end, keep the partial
-    /// block's bytes for the next chunk. Returns whether anything new was sealed.
+    /// block's bytes for the next chunk.
     fn seal_for_flush(state: &mut State) {
         let Some(mut active) = state.active.take() else {
             return;
@@ -552,6 +552,17 @@ impl PartitionLog {
                         path,
                         position: position + at as u64,
                         reason: format!("batch length {batch_length} below the header size"),
+                    });
+                }
+                let batch_position = position + at as u64;
+                if batch_position + batch_length as u64 > end_position {
+                    // Durable data ends on a batch boundary, so this length is damage.
+                    return Err(StorageError::Corrupt {
+                        path,
+                        position: batch_position,
+                        reason: format!(
+                            "batch of {batch_length} bytes runs past the durable end at byte {end_position}"
+                        ),
                     });
                 }
                 if at + batch_length > data.len() {

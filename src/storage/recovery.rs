@@ -92,7 +92,6 @@ async fn scan_segment(
         .file_size()
         .await
         .map_err(|source| StorageError::io("sizing segment", path, source))?;
-    let batch_bytes_max = config.batch_bytes_max();
     let mut index: Vec<IndexEntry> = Vec::new();
     let mut position = 0u64;
     let mut next_offset = base_offset;
@@ -118,7 +117,9 @@ async fn scan_segment(
             let header = BatchHeader::read(rest).expect("length checked");
             let batch_length = header.batch_length as usize;
             let batch_position = position + at as u64;
-            if !(BATCH_HEADER_SIZE..=batch_bytes_max).contains(&batch_length) {
+            // Bounded by the file, not by today's chunk size: a batch written under a
+            // larger chunk_size_bytes is still a whole, acknowledged batch.
+            if batch_length < BATCH_HEADER_SIZE {
                 stop = Some(ScanEnd::Torn {
                     reason: format!(
                         "batch length {batch_length} at byte {batch_position} is impossible"
@@ -185,8 +186,15 @@ pub(crate) async fn recover(
     directory: &Path,
     config: &LogConfig,
 ) -> Result<RecoveredSegment, StorageError> {
-    std::fs::create_dir_all(directory)
-        .map_err(|source| StorageError::io("creating partition directory", directory, source))?;
+    if !directory.exists() {
+        std::fs::create_dir_all(directory).map_err(|source| {
+            StorageError::io("creating partition directory", directory, source)
+        })?;
+        // The new directory's entry must survive a crash too.
+        if let Some(parent) = directory.parent() {
+            sync_directory(parent).await?;
+        }
+    }
     let mut base_offsets = Vec::new();
     let entries = std::fs::read_dir(directory)
         .map_err(|source| StorageError::io("listing partition directory", directory, source))?;
@@ -238,9 +246,10 @@ pub(crate) async fn recover(
                 scan.end_position
             );
         }
-        if number == last {
-            // Cut whatever follows the last whole batch (a torn batch, or a whole batch
-            // whose successor tore) and preallocate again so the cut range reads as zeros.
+        if number == last && matches!(scan.end, ScanEnd::Torn { .. }) {
+            // Cut the torn batch and preallocate again so the cut range reads as zeros.
+            // A clean end (zeros after the last batch) is left alone: its blocks may be
+            // already-written extents, which are much faster to overwrite than fresh ones.
             file.truncate(scan.end_position)
                 .await
                 .map_err(|source| StorageError::io("truncating segment", &path, source))?;

@@ -12,6 +12,8 @@ use glommio::sync::{Semaphore, StaticPermit};
 #[derive(Default)]
 pub struct Notify {
     listeners: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Listener count after the last sweep of abandoned listeners.
+    swept_length: std::cell::Cell<usize>,
 }
 
 impl Notify {
@@ -23,9 +25,13 @@ impl Notify {
     pub fn listen(&self) -> oneshot::Receiver<()> {
         let (sender, receiver) = oneshot::channel();
         let mut listeners = self.listeners.borrow_mut();
-        // Drop listeners whose futures were abandoned (timed-out long polls), so the list
-        // stays bounded by the number of live waiters.
-        listeners.retain(|listener| !listener.is_canceled());
+        // Drop listeners whose futures were abandoned (timed-out long polls) whenever the
+        // list has doubled since the last sweep: it stays within twice the live waiters,
+        // at amortised constant cost per listen.
+        if listeners.len() >= 2 * self.swept_length.get().max(16) {
+            listeners.retain(|listener| !listener.is_canceled());
+            self.swept_length.set(listeners.len());
+        }
         listeners.push(sender);
         receiver
     }
@@ -34,6 +40,7 @@ impl Notify {
         for listener in self.listeners.borrow_mut().drain(..) {
             let _ = listener.send(());
         }
+        self.swept_length.set(0);
     }
 }
 
