@@ -25,7 +25,7 @@ use glommio::channels::channel_mesh::Senders;
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
 use crate::protocol::{validate_topic_name, Acks, ErrorCode, FetchPartitionData, WireError};
-use crate::storage::{ChunkBudget, LogConfig, Notify, PartitionLog, StorageError};
+use crate::storage::{ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError};
 
 /// File in a topic's directory that records its partition count.
 pub const TOPIC_METADATA_FILE: &str = "topic.meta";
@@ -192,6 +192,7 @@ impl Shard {
         for partition in 0..partitions {
             if self.owner_of(name, partition) == self.id {
                 let log = PartitionLog::open(
+                    Rc::new(DmaStorage),
                     self.partition_directory(name, partition),
                     self.log_config(),
                     Rc::clone(&self.budget),

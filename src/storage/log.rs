@@ -30,10 +30,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_channel::oneshot;
-use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::io::DmaBuffer;
 use glommio::sync::StaticPermit;
 use glommio::task::JoinHandle;
 
+use super::file::{DmaStorage, LogFile, LogStorage};
 use super::recovery::{self, RecoveredSegment};
 use super::{align_down, align_up, ChunkBudget, Notify, StorageError, ALIGNMENT_BYTES};
 use crate::protocol::batch::{stamp_batch, BatchHeader, BATCH_HEADER_SIZE};
@@ -66,10 +67,10 @@ pub(crate) struct IndexEntry {
     pub position: u64,
 }
 
-pub(crate) struct Segment {
+pub(crate) struct Segment<F> {
     pub base_offset: u64,
     pub path: PathBuf,
-    pub file: Rc<DmaFile>,
+    pub file: Rc<F>,
     /// Sparse: the first batch, then one batch per `index_interval_bytes`.
     pub index: Vec<IndexEntry>,
     /// Bytes appended (in memory, maybe not yet on disk).
@@ -79,7 +80,7 @@ pub(crate) struct Segment {
     pub next_offset: u64,
 }
 
-impl Segment {
+impl<F> Segment<F> {
     fn record_index(&mut self, offset: u64, position: u64, interval: u32) {
         let due = match self.index.last() {
             None => true,
@@ -91,10 +92,10 @@ impl Segment {
     }
 }
 
-struct ActiveChunk {
+struct ActiveChunk<F> {
     buffer: DmaBuffer,
     permit: StaticPermit,
-    file: Rc<DmaFile>,
+    file: Rc<F>,
     path: PathBuf,
     /// File position of `buffer[0]`; a multiple of the alignment.
     file_start: u64,
@@ -103,23 +104,23 @@ struct ActiveChunk {
     carried: usize,
 }
 
-struct SealedChunk {
+struct SealedChunk<F> {
     buffer: DmaBuffer,
     _permit: StaticPermit,
-    file: Rc<DmaFile>,
+    file: Rc<F>,
     path: PathBuf,
     file_start: u64,
 }
 
-struct State {
-    segments: Vec<Segment>,
+struct State<F> {
+    segments: Vec<Segment<F>>,
     next_offset: u64,
     durable_offset: u64,
-    active: Option<ActiveChunk>,
+    active: Option<ActiveChunk<F>>,
     /// When no chunk is active: the valid bytes of the active segment's partial last
     /// block, which the next chunk starts with.
     tail_bytes: Vec<u8>,
-    sealed: Vec<SealedChunk>,
+    sealed: Vec<SealedChunk<F>>,
     rolling: bool,
     closed: bool,
     durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
@@ -132,33 +133,24 @@ enum AppendStep {
 }
 
 /// What one group-commit round writes and what it makes durable.
-struct Round {
-    chunks: Vec<SealedChunk>,
+struct Round<F> {
+    chunks: Vec<SealedChunk<F>>,
     next_offset: u64,
     segment_base_offset: u64,
     segment_end_position: u64,
 }
 
-pub struct PartitionLog {
+pub struct PartitionLog<S: LogStorage = DmaStorage> {
+    storage: Rc<S>,
     directory: PathBuf,
     config: LogConfig,
     budget: Rc<ChunkBudget>,
-    state: RefCell<State>,
+    state: RefCell<State<S::File>>,
     flush_wanted: Notify,
     /// Shared by every partition of the shard, so one long-poll can wait on many.
     data_arrived: Rc<Notify>,
     roll_done: Notify,
     flusher: RefCell<Option<JoinHandle<()>>>,
-}
-
-pub(crate) async fn open_segment_file(path: &Path, create: bool) -> Result<DmaFile, StorageError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .dma_open(path)
-        .await
-        .map_err(|source| StorageError::io("opening segment", path, source))
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -176,19 +168,20 @@ fn storage_failed(error: &StorageError) -> ! {
     std::process::exit(super::EXIT_STORAGE_FAILED);
 }
 
-impl PartitionLog {
+impl<S: LogStorage> PartitionLog<S> {
     /// Opens (recovering) or creates the log in `directory`, and starts its flusher.
     pub async fn open(
+        storage: Rc<S>,
         directory: PathBuf,
         config: LogConfig,
         budget: Rc<ChunkBudget>,
         data_arrived: Rc<Notify>,
-    ) -> Result<Rc<PartitionLog>, StorageError> {
+    ) -> Result<Rc<PartitionLog<S>>, StorageError> {
         assert!(
             config.chunk_size_bytes <= budget.chunk_size_bytes(),
             "chunks must fit the budget's unit"
         );
-        let recovered = recovery::recover(&directory, &config).await?;
+        let recovered = recovery::recover(&*storage, &directory, &config).await?;
         let RecoveredSegment {
             segments,
             tail_bytes,
@@ -198,6 +191,7 @@ impl PartitionLog {
             .expect("recovery leaves a segment")
             .next_offset;
         let log = Rc::new(PartitionLog {
+            storage,
             directory,
             config,
             budget,
@@ -325,7 +319,7 @@ impl PartitionLog {
         let file = Rc::clone(&segment.file);
         let path = segment.path.clone();
         let file_start = align_down(segment.end_position);
-        let mut buffer = file.alloc_dma_buffer(self.config.chunk_size_bytes);
+        let mut buffer = glommio::allocate_dma_buffer(self.config.chunk_size_bytes);
         let carried = state.tail_bytes.len();
         assert_eq!(
             file_start + carried as u64,
@@ -348,7 +342,7 @@ impl PartitionLog {
 
     fn copy_into_active(
         &self,
-        state: &mut State,
+        state: &mut State<S::File>,
         batch: &[u8],
         record_count: u32,
     ) -> AppendOutcome {
@@ -375,7 +369,7 @@ impl PartitionLog {
         }
     }
 
-    fn seal_full_chunk(state: &mut State) {
+    fn seal_full_chunk(state: &mut State<S::File>) {
         let mut active = state.active.take().expect("sealing needs an active chunk");
         let whole = align_down(active.filled as u64) as usize;
         assert!(
@@ -398,7 +392,7 @@ impl PartitionLog {
 
     /// Seals the active chunk for a flush: zero-pad to the block end, keep the partial
     /// block's bytes for the next chunk.
-    fn seal_for_flush(state: &mut State) {
+    fn seal_for_flush(state: &mut State<S::File>) {
         let Some(mut active) = state.active.take() else {
             return;
         };
@@ -442,7 +436,7 @@ impl PartitionLog {
         };
         self.flush_wanted.notify_all();
         self.wait_durable(base_offset).await?;
-        let segment = recovery::create_segment(&self.directory, base_offset, &self.config).await?;
+        let segment = recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config).await?;
         let mut state = self.state.borrow_mut();
         state.segments.push(segment);
         Ok(())
@@ -608,7 +602,7 @@ impl PartitionLog {
         self.roll_done.notify_all();
     }
 
-    fn take_round(&self, state: &mut State) -> Option<Round> {
+    fn take_round(&self, state: &mut State<S::File>) -> Option<Round<S::File>> {
         Self::seal_for_flush(state);
         if state.sealed.is_empty() {
             return None;
@@ -645,9 +639,9 @@ impl PartitionLog {
         }
     }
 
-    async fn write_round(&self, round: Round) -> Result<(), StorageError> {
+    async fn write_round(&self, round: Round<S::File>) -> Result<(), StorageError> {
         let mut writes = Vec::with_capacity(round.chunks.len());
-        let mut files: Vec<(Rc<DmaFile>, PathBuf)> = Vec::new();
+        let mut files: Vec<(Rc<S::File>, PathBuf)> = Vec::new();
         for chunk in round.chunks {
             if !files.iter().any(|(file, _)| Rc::ptr_eq(file, &chunk.file)) {
                 files.push((Rc::clone(&chunk.file), chunk.path.clone()));
@@ -657,7 +651,7 @@ impl PartitionLog {
                 let buffer = Rc::new(chunk.buffer);
                 let written = chunk
                     .file
-                    .write_rc_at(Rc::clone(&buffer), chunk.file_start)
+                    .write_at(Rc::clone(&buffer), chunk.file_start)
                     .await
                     .map_err(|source| StorageError::io("writing segment", &chunk.path, source))?;
                 if written != expected {

@@ -18,10 +18,12 @@
 //!
 //! The on-disk format is docs/storage.md.
 
+mod file;
 mod log;
 mod recovery;
 mod sync;
 
+pub use file::{DmaStorage, LogFile, LogStorage};
 pub use log::{AppendOutcome, LogConfig, PartitionLog};
 pub use sync::{ChunkBudget, Notify};
 

@@ -13,14 +13,14 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use glommio::io::Directory;
 
-use super::log::{open_segment_file, IndexEntry, LogConfig, Segment};
+use super::file::{LogFile, LogStorage};
+use super::log::{IndexEntry, LogConfig, Segment};
 use super::{align_down, parse_segment_file_name, segment_file_name, StorageError};
 use crate::protocol::batch::{check_framing, BatchHeader, BATCH_HEADER_SIZE};
 
-pub(crate) struct RecoveredSegment {
-    pub segments: Vec<Segment>,
+pub(crate) struct RecoveredSegment<F> {
+    pub segments: Vec<Segment<F>>,
     pub tail_bytes: Vec<u8>,
 }
 
@@ -42,35 +42,38 @@ struct Scan {
     end: ScanEnd,
 }
 
-async fn sync_directory(directory: &Path) -> Result<(), StorageError> {
-    let handle = Directory::open(directory)
+async fn sync_directory<S: LogStorage>(storage: &S, directory: &Path) -> Result<(), StorageError> {
+    storage
+        .sync_directory(directory)
         .await
-        .map_err(|source| StorageError::io("opening directory", directory, source))?;
-    handle
-        .sync()
+        .map_err(|source| StorageError::io("syncing directory", directory, source))
+}
+
+async fn open_segment_file<S: LogStorage>(storage: &S, path: &Path, create: bool) -> Result<S::File, StorageError> {
+    storage
+        .open(path, create)
         .await
-        .map_err(|source| StorageError::io("syncing directory", directory, source))?;
-    let _ = handle.close().await;
-    Ok(())
+        .map_err(|source| StorageError::io("opening segment", path, source))
 }
 
 /// Creates, preallocates and makes durable a new empty segment.
-pub(crate) async fn create_segment(
+pub(crate) async fn create_segment<S: LogStorage>(
+    storage: &S,
     directory: &Path,
     base_offset: u64,
     config: &LogConfig,
-) -> Result<Segment, StorageError> {
+) -> Result<Segment<S::File>, StorageError> {
     let path = directory.join(segment_file_name(base_offset));
-    let file = open_segment_file(&path, true).await?;
+    let file = open_segment_file(storage, &path, true).await?;
     // Preallocating the whole segment (size included) means later writes never change
     // the file size, so an fdatasync commits data without an inode size update.
-    file.pre_allocate(config.segment_size_bytes, false)
+    file.pre_allocate(config.segment_size_bytes)
         .await
         .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
     file.fdatasync()
         .await
         .map_err(|source| StorageError::io("syncing new segment", &path, source))?;
-    sync_directory(directory).await?;
+    sync_directory(storage, directory).await?;
     Ok(Segment {
         base_offset,
         path,
@@ -82,14 +85,14 @@ pub(crate) async fn create_segment(
     })
 }
 
-async fn scan_segment(
-    file: &glommio::io::DmaFile,
+async fn scan_segment<F: LogFile>(
+    file: &F,
     path: &Path,
     base_offset: u64,
     config: &LogConfig,
 ) -> Result<Scan, StorageError> {
     let file_size = file
-        .file_size()
+        .size()
         .await
         .map_err(|source| StorageError::io("sizing segment", path, source))?;
     let mut index: Vec<IndexEntry> = Vec::new();
@@ -182,17 +185,18 @@ async fn scan_segment(
 
 /// Opens every segment in `directory` (creating the directory and a first segment when
 /// there are none), verifies them, and cuts a torn tail off the last one.
-pub(crate) async fn recover(
+pub(crate) async fn recover<S: LogStorage>(
+    storage: &S,
     directory: &Path,
     config: &LogConfig,
-) -> Result<RecoveredSegment, StorageError> {
+) -> Result<RecoveredSegment<S::File>, StorageError> {
     if !directory.exists() {
         std::fs::create_dir_all(directory).map_err(|source| {
             StorageError::io("creating partition directory", directory, source)
         })?;
         // The new directory's entry must survive a crash too.
         if let Some(parent) = directory.parent() {
-            sync_directory(parent).await?;
+            sync_directory(storage, parent).await?;
         }
     }
     let mut base_offsets = Vec::new();
@@ -207,7 +211,7 @@ pub(crate) async fn recover(
     }
     base_offsets.sort_unstable();
     if base_offsets.is_empty() {
-        let segment = create_segment(directory, 0, config).await?;
+        let segment = create_segment(storage, directory, 0, config).await?;
         return Ok(RecoveredSegment {
             segments: vec![segment],
             tail_bytes: Vec::new(),
@@ -218,7 +222,7 @@ pub(crate) async fn recover(
     for (number, base_offset) in base_offsets.iter().copied().enumerate() {
         let path: PathBuf = directory.join(segment_file_name(base_offset));
         if let Some(previous) = segments.last() {
-            let previous: &Segment = previous;
+            let previous: &Segment<S::File> = previous;
             if previous.next_offset != base_offset {
                 return Err(StorageError::Corrupt {
                     path: previous.path.clone(),
@@ -230,7 +234,7 @@ pub(crate) async fn recover(
                 });
             }
         }
-        let file = open_segment_file(&path, false).await?;
+        let file = open_segment_file(storage, &path, false).await?;
         let scan = scan_segment(&file, &path, base_offset, config).await?;
         if let ScanEnd::Torn { reason } = &scan.end {
             if number != last {
@@ -253,7 +257,7 @@ pub(crate) async fn recover(
             file.truncate(scan.end_position)
                 .await
                 .map_err(|source| StorageError::io("truncating segment", &path, source))?;
-            file.pre_allocate(config.segment_size_bytes, false)
+            file.pre_allocate(config.segment_size_bytes)
                 .await
                 .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
             file.fdatasync()

@@ -40,6 +40,7 @@ where
 
 async fn open(directory: &Path) -> Rc<PartitionLog> {
     PartitionLog::open(
+        Rc::new(DmaStorage),
         directory.to_path_buf(),
         config(),
         ChunkBudget::new(1 << 20, config().chunk_size_bytes),
@@ -303,7 +304,8 @@ fn recovery_refuses_a_gap_between_sealed_segments() {
     std::fs::write(&segments[0], &bytes).unwrap();
     let (sender, receiver) = std::sync::mpsc::channel();
     run(root.path(), move || async move {
-        let outcome = PartitionLog::open(
+        let outcome = PartitionLog::<DmaStorage>::open(
+            Rc::new(DmaStorage),
             directory,
             config(),
             ChunkBudget::new(1 << 20, config().chunk_size_bytes),
