@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::storage::FailurePolicy;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Root of the partition logs: `<data_dir>/<topic>/<partition>/`.
@@ -44,6 +46,12 @@ pub struct ServerConfig {
     pub index_interval_bytes: u32,
     /// Depth of each shard-to-shard channel.
     pub mesh_channel_capacity: usize,
+    /// After the disk reports it is full, a partition refuses appends and writes again
+    /// this often until the write succeeds.
+    pub storage_full_retry_ms: u32,
+    /// What a write or sync error other than "disk full" does once the partition has
+    /// stopped: exit the process (default) or leave the other partitions serving.
+    pub storage_failure_policy: FailurePolicy,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +75,8 @@ impl Default for ServerConfig {
             fetch_bytes_max: 16 << 20,
             index_interval_bytes: 4096,
             mesh_channel_capacity: 1024,
+            storage_full_retry_ms: 1000,
+            storage_failure_policy: FailurePolicy::ExitProcess,
         }
     }
 }
@@ -147,6 +157,10 @@ impl ServerConfig {
             ),
             ("fetch_bytes_max", u64::from(self.fetch_bytes_max)),
             ("mesh_channel_capacity", self.mesh_channel_capacity as u64),
+            (
+                "storage_full_retry_ms",
+                u64::from(self.storage_full_retry_ms),
+            ),
         ] {
             if value == 0 {
                 return fail(format!("{name} must be at least 1"));

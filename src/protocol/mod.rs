@@ -92,6 +92,8 @@ pub enum ErrorCode {
     LimitExceeded = 16,
     InvalidRequest = 17,
     Internal = 18,
+    /// The broker's disk is full: nothing was appended; try again later.
+    StorageFull = 19,
 }
 
 impl ErrorCode {
@@ -115,6 +117,7 @@ impl ErrorCode {
             15 => ErrorCode::ShuttingDown,
             16 => ErrorCode::LimitExceeded,
             17 => ErrorCode::InvalidRequest,
+            19 => ErrorCode::StorageFull,
             // Codes from a newer broker read as Internal rather than failing the decode.
             _ => ErrorCode::Internal,
         }
@@ -141,6 +144,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
+            ErrorCode::StorageFull => "storage_full",
         }
     }
 }

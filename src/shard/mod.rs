@@ -93,7 +93,10 @@ fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
         // was deleted while the request was in flight.
         StorageError::Closed if shutting_down => ErrorCode::ShuttingDown,
         StorageError::Closed => ErrorCode::UnknownTopic,
-        StorageError::Io { .. } | StorageError::Corrupt { .. } => ErrorCode::StorageError,
+        StorageError::NoSpace { .. } => ErrorCode::StorageFull,
+        StorageError::Io { .. } | StorageError::Corrupt { .. } | StorageError::Stopped { .. } => {
+            ErrorCode::StorageError
+        }
     };
     WireError::new(code, error.to_string())
 }
@@ -146,6 +149,8 @@ impl Shard {
             segment_size_bytes: self.config.segment_size_bytes,
             chunk_size_bytes: self.config.chunk_size_bytes,
             index_interval_bytes: self.config.index_interval_bytes,
+            storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
+            failure_policy: self.config.storage_failure_policy,
         }
     }
 

@@ -10,7 +10,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::rc::Rc;
 
-use glommio::io::{DmaBuffer, DmaFile, Directory, OpenOptions, ReadResult};
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 /// One segment file. Positions and lengths of writes are multiples of the alignment.
 // The futures are !Send by design: a shard's I/O never leaves its thread, so the auto-trait

@@ -44,6 +44,20 @@ pub struct LogConfig {
     pub segment_size_bytes: u64,
     pub chunk_size_bytes: usize,
     pub index_interval_bytes: u32,
+    /// How long a partition waits before writing again after the disk said it was full.
+    pub storage_full_retry: Duration,
+    pub failure_policy: FailurePolicy,
+}
+
+/// What a write or fdatasync error other than "disk full" does. Either way the partition
+/// stops first: appends are refused and nothing past the last good fdatasync is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Then the whole process exits with `EXIT_STORAGE_FAILED` (the broker's setting: one
+    /// shard must not die alone while its siblings serve on the same disk).
+    ExitProcess,
+    /// Only the partition stops (tests, and embedders that supervise partitions).
+    StopPartition,
 }
 
 impl LogConfig {
@@ -105,7 +119,9 @@ struct ActiveChunk<F> {
 }
 
 struct SealedChunk<F> {
-    buffer: DmaBuffer,
+    /// Immutable once sealed; shared with the write in flight so a round that must be
+    /// retried still has its bytes.
+    buffer: Rc<DmaBuffer>,
     _permit: StaticPermit,
     file: Rc<F>,
     path: PathBuf,
@@ -123,6 +139,13 @@ struct State<F> {
     sealed: Vec<SealedChunk<F>>,
     rolling: bool,
     closed: bool,
+    /// Set when the disk reported it was full; cleared by the next successful round.
+    /// Appends are refused meanwhile.
+    full: bool,
+    /// Set when a write or sync failed for another reason: the partition has stopped.
+    failed: Option<StorageError>,
+    /// A round the disk refused for lack of space, written again before anything newer.
+    retry: Option<Round<F>>,
     durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
 }
 
@@ -158,14 +181,6 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// A log write or sync failed: the partition's durable state is no longer known, so the
-/// process stops rather than let this shard keep serving (or let siblings serve) data it
-/// cannot vouch for. Issue-level fault handling (ENOSPC recovery) refines this later.
-fn storage_failed(error: &StorageError) -> ! {
-    eprintln!("shardq: fatal: the log can no longer be trusted: {error}");
-    std::process::exit(super::EXIT_STORAGE_FAILED);
 }
 
 impl<S: LogStorage> PartitionLog<S> {
@@ -204,6 +219,9 @@ impl<S: LogStorage> PartitionLog<S> {
                 sealed: Vec::new(),
                 rolling: false,
                 closed: false,
+                full: false,
+                failed: None,
+                retry: None,
                 durable_waiters: VecDeque::new(),
             }),
             flush_wanted: Notify::new(),
@@ -259,9 +277,7 @@ impl<S: LogStorage> PartitionLog<S> {
             // Decide under the borrow, then await with no borrow held.
             let step = {
                 let mut state = self.state.borrow_mut();
-                if state.closed {
-                    return Err(StorageError::Closed);
-                }
+                state.check_writable(&self.directory)?;
                 let segment = state.segments.last().expect("a log has a segment");
                 let roll_due = segment.end_position > 0
                     && segment.end_position + length as u64 > self.config.segment_size_bytes;
@@ -309,9 +325,7 @@ impl<S: LogStorage> PartitionLog<S> {
     /// permit simply goes back.
     fn install_chunk(&self, permit: StaticPermit) -> Result<(), StorageError> {
         let mut state = self.state.borrow_mut();
-        if state.closed {
-            return Err(StorageError::Closed);
-        }
+        state.check_writable(&self.directory)?;
         if state.active.is_some() || state.rolling {
             return Ok(());
         }
@@ -382,7 +396,7 @@ impl<S: LogStorage> PartitionLog<S> {
             .extend_from_slice(&active.buffer.as_bytes()[whole..active.filled]);
         active.buffer.trim_to_size(whole);
         state.sealed.push(SealedChunk {
-            buffer: active.buffer,
+            buffer: Rc::new(active.buffer),
             _permit: active.permit,
             file: active.file,
             path: active.path,
@@ -416,7 +430,7 @@ impl<S: LogStorage> PartitionLog<S> {
             .extend_from_slice(&bytes[partial_start..active.filled]);
         active.buffer.trim_to_size(padded);
         state.sealed.push(SealedChunk {
-            buffer: active.buffer,
+            buffer: Rc::new(active.buffer),
             _permit: active.permit,
             file: active.file,
             path: active.path,
@@ -431,13 +445,17 @@ impl<S: LogStorage> PartitionLog<S> {
         let base_offset = {
             let mut state = self.state.borrow_mut();
             Self::seal_for_flush(&mut state);
-            state.tail_bytes.clear();
             state.next_offset
         };
         self.flush_wanted.notify_all();
         self.wait_durable(base_offset).await?;
-        let segment = recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config).await?;
+        // On failure (a full disk, say) the old segment stays the active one, with its
+        // partial block kept, and a later append tries the roll again.
+        let segment =
+            recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config)
+                .await?;
         let mut state = self.state.borrow_mut();
+        state.tail_bytes.clear();
         state.segments.push(segment);
         Ok(())
     }
@@ -448,6 +466,9 @@ impl<S: LogStorage> PartitionLog<S> {
             let mut state = self.state.borrow_mut();
             if state.durable_offset >= next_offset {
                 return Ok(());
+            }
+            if let Some(error) = &state.failed {
+                return Err(error.clone());
             }
             if state.closed {
                 return Err(StorageError::Closed);
@@ -603,6 +624,12 @@ impl<S: LogStorage> PartitionLog<S> {
     }
 
     fn take_round(&self, state: &mut State<S::File>) -> Option<Round<S::File>> {
+        if state.failed.is_some() {
+            return None;
+        }
+        if let Some(round) = state.retry.take() {
+            return Some(round);
+        }
         Self::seal_for_flush(state);
         if state.sealed.is_empty() {
             return None;
@@ -626,11 +653,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 (self.take_round(&mut state), state.closed)
             };
             match round {
-                Some(round) => {
-                    if let Err(error) = self.write_round(round).await {
-                        storage_failed(&error);
-                    }
-                }
+                Some(round) => self.run_round(round).await,
                 None if closed => return,
                 None => {
                     let _ = wanted.await;
@@ -639,33 +662,85 @@ impl<S: LogStorage> PartitionLog<S> {
         }
     }
 
-    async fn write_round(&self, round: Round<S::File>) -> Result<(), StorageError> {
+    /// Writes a round and settles its outcome: durable, to be retried (disk full), or
+    /// the partition stops.
+    async fn run_round(&self, round: Round<S::File>) {
+        let error = match self.write_round(&round).await {
+            Ok(()) => {
+                self.round_durable(&round);
+                return;
+            }
+            Err(error) => error,
+        };
+        let retryable = matches!(error, StorageError::NoSpace { .. });
+        let waiters: Vec<_> = {
+            let mut state = self.state.borrow_mut();
+            if retryable {
+                state.full = true;
+                state.retry = Some(round);
+            } else {
+                state.failed = Some(StorageError::Stopped {
+                    reason: error.to_string(),
+                });
+            }
+            state.durable_waiters.drain(..).collect()
+        };
+        eprintln!(
+            "shardq: partition {}: {error}{}",
+            self.directory.display(),
+            if retryable {
+                "; appends are refused and the write is retried"
+            } else {
+                "; the partition has stopped"
+            }
+        );
+        // Waiters learn now; their batches stay queued and may still become durable once
+        // the write succeeds (a retrying producer may then store a record twice, as after
+        // a timeout).
+        let reported = match &error {
+            StorageError::NoSpace { .. } => error.clone(),
+            _ => StorageError::Stopped {
+                reason: error.to_string(),
+            },
+        };
+        for (_, waiter) in waiters {
+            let _ = waiter.send(Err(reported.clone()));
+        }
+        if retryable {
+            glommio::timer::sleep(self.config.storage_full_retry).await;
+        } else if self.config.failure_policy == FailurePolicy::ExitProcess {
+            eprintln!("shardq: fatal: the log can no longer be trusted: {error}");
+            std::process::exit(super::EXIT_STORAGE_FAILED);
+        }
+    }
+
+    async fn write_round(&self, round: &Round<S::File>) -> Result<(), StorageError> {
         let mut writes = Vec::with_capacity(round.chunks.len());
         let mut files: Vec<(Rc<S::File>, PathBuf)> = Vec::new();
-        for chunk in round.chunks {
+        for chunk in &round.chunks {
             if !files.iter().any(|(file, _)| Rc::ptr_eq(file, &chunk.file)) {
                 files.push((Rc::clone(&chunk.file), chunk.path.clone()));
             }
+            let file = Rc::clone(&chunk.file);
+            let buffer = Rc::clone(&chunk.buffer);
+            let path = chunk.path.clone();
+            let file_start = chunk.file_start;
             writes.push(glommio::spawn_local(async move {
-                let expected = chunk.buffer.len();
-                let buffer = Rc::new(chunk.buffer);
-                let written = chunk
-                    .file
-                    .write_at(Rc::clone(&buffer), chunk.file_start)
+                let expected = buffer.len();
+                let written = file
+                    .write_at(buffer, file_start)
                     .await
-                    .map_err(|source| StorageError::io("writing segment", &chunk.path, source))?;
+                    .map_err(|source| StorageError::io("writing segment", &path, source))?;
                 if written != expected {
-                    return Err(StorageError::io(
-                        "writing segment",
-                        &chunk.path,
-                        std::io::Error::new(
-                            std::io::ErrorKind::WriteZero,
-                            format!(
-                                "short write of {written} of {expected} bytes at {}",
-                                chunk.file_start
-                            ),
+                    // With O_DIRECT a short write means the file system ran out of room
+                    // part-way; the whole chunk is written again later.
+                    return Err(StorageError::NoSpace {
+                        operation: "writing segment",
+                        path,
+                        detail: format!(
+                            "short write of {written} of {expected} bytes at {file_start}"
                         ),
-                    ));
+                    });
                 }
                 Ok(())
             }));
@@ -684,8 +759,13 @@ impl<S: LogStorage> PartitionLog<S> {
                 .await
                 .map_err(|source| StorageError::io("syncing segment", path, source))?;
         }
+        Ok(())
+    }
+
+    fn round_durable(&self, round: &Round<S::File>) {
         let released = {
             let mut state = self.state.borrow_mut();
+            state.full = false;
             assert!(
                 round.next_offset >= state.durable_offset,
                 "the durable watermark only moves forward"
@@ -714,6 +794,24 @@ impl<S: LogStorage> PartitionLog<S> {
             let _ = waiter.send(Ok(()));
         }
         self.data_arrived.notify_all();
+    }
+}
+
+impl<F> State<F> {
+    fn check_writable(&self, directory: &Path) -> Result<(), StorageError> {
+        if self.closed {
+            return Err(StorageError::Closed);
+        }
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        if self.full {
+            return Err(StorageError::NoSpace {
+                operation: "appending",
+                path: directory.to_path_buf(),
+                detail: "the disk was full at the last write; retrying".into(),
+            });
+        }
         Ok(())
     }
 }

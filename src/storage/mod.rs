@@ -18,13 +18,15 @@
 //!
 //! The on-disk format is docs/storage.md.
 
+#[cfg(test)]
+pub(crate) mod faults;
 mod file;
 mod log;
 mod recovery;
 mod sync;
 
 pub use file::{DmaStorage, LogFile, LogStorage};
-pub use log::{AppendOutcome, LogConfig, PartitionLog};
+pub use log::{AppendOutcome, FailurePolicy, LogConfig, PartitionLog};
 pub use sync::{ChunkBudget, Notify};
 
 use std::path::PathBuf;
@@ -59,6 +61,17 @@ pub enum StorageError {
     },
     /// The partition was closed (topic deleted, broker shutting down).
     Closed,
+    /// The file system is out of space. Retried; nothing is lost or corrupted.
+    NoSpace {
+        operation: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    /// A write or sync failed for a reason other than space: the partition stopped
+    /// taking appends and serves only what an earlier fdatasync covered.
+    Stopped {
+        reason: String,
+    },
 }
 
 impl StorageError {
@@ -67,10 +80,20 @@ impl StorageError {
         path: &std::path::Path,
         source: impl Into<std::io::Error>,
     ) -> StorageError {
+        let source = source.into();
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.kind() == std::io::ErrorKind::StorageFull
+        {
+            return StorageError::NoSpace {
+                operation,
+                path: path.to_path_buf(),
+                detail: source.to_string(),
+            };
+        }
         StorageError::Io {
             operation,
             path: path.to_path_buf(),
-            source: Arc::new(source.into()),
+            source: Arc::new(source),
         }
     }
 }
@@ -101,6 +124,14 @@ impl std::fmt::Display for StorageError {
                 "offset {requested} is outside the readable range [{log_start_offset}, {high_watermark}]"
             ),
             StorageError::Closed => write!(f, "partition is closed"),
+            StorageError::NoSpace {
+                operation,
+                path,
+                detail,
+            } => write!(f, "no space left {operation} {}: {detail}", path.display()),
+            StorageError::Stopped { reason } => {
+                write!(f, "partition stopped after a storage failure: {reason}")
+            }
         }
     }
 }

@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-
 use super::file::{LogFile, LogStorage};
 use super::log::{IndexEntry, LogConfig, Segment};
 use super::{align_down, parse_segment_file_name, segment_file_name, StorageError};
@@ -49,7 +48,11 @@ async fn sync_directory<S: LogStorage>(storage: &S, directory: &Path) -> Result<
         .map_err(|source| StorageError::io("syncing directory", directory, source))
 }
 
-async fn open_segment_file<S: LogStorage>(storage: &S, path: &Path, create: bool) -> Result<S::File, StorageError> {
+async fn open_segment_file<S: LogStorage>(
+    storage: &S,
+    path: &Path,
+    create: bool,
+) -> Result<S::File, StorageError> {
     storage
         .open(path, create)
         .await
@@ -65,15 +68,12 @@ pub(crate) async fn create_segment<S: LogStorage>(
 ) -> Result<Segment<S::File>, StorageError> {
     let path = directory.join(segment_file_name(base_offset));
     let file = open_segment_file(storage, &path, true).await?;
-    // Preallocating the whole segment (size included) means later writes never change
-    // the file size, so an fdatasync commits data without an inode size update.
-    file.pre_allocate(config.segment_size_bytes)
-        .await
-        .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
-    file.fdatasync()
-        .await
-        .map_err(|source| StorageError::io("syncing new segment", &path, source))?;
-    sync_directory(storage, directory).await?;
+    let prepared = prepare_segment(storage, directory, &path, &file, config).await;
+    if let Err(error) = prepared {
+        // Leave no half-made segment behind: recovery would take it for the next one.
+        let _ = std::fs::remove_file(&path);
+        return Err(error);
+    }
     Ok(Segment {
         base_offset,
         path,
@@ -83,6 +83,24 @@ pub(crate) async fn create_segment<S: LogStorage>(
         durable_position: 0,
         next_offset: base_offset,
     })
+}
+
+async fn prepare_segment<S: LogStorage>(
+    storage: &S,
+    directory: &Path,
+    path: &Path,
+    file: &S::File,
+    config: &LogConfig,
+) -> Result<(), StorageError> {
+    // Preallocating the whole segment (size included) means later writes never change
+    // the file size, so an fdatasync commits data without an inode size update.
+    file.pre_allocate(config.segment_size_bytes)
+        .await
+        .map_err(|source| StorageError::io("preallocating segment", path, source))?;
+    file.fdatasync()
+        .await
+        .map_err(|source| StorageError::io("syncing new segment", path, source))?;
+    sync_directory(storage, directory).await
 }
 
 async fn scan_segment<F: LogFile>(
