@@ -222,3 +222,5 @@ pub fn values(records: &[Record]) -> Vec<String> {
         .map(|record| String::from_utf8_lossy(&record.value).into_owned())
         .collect()
 }
+
+pub mod client;
