@@ -202,3 +202,67 @@ async fn a_long_poll_returns_when_a_record_arrives() {
     let sent = producer.await.unwrap();
     assert_eq!((sent.partition, sent.offset), (1, Some(0)));
 }
+
+/// A long-poll over two partitions owned by different shards, on a connection to
+/// `connection_shard`, woken by a record for the partition owned by `data_shard`.
+async fn long_poll_across_shards(connection_shard: u16, data_shard: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let client = Client::connect(broker.shard_addr(usize::from(connection_shard)))
+        .await
+        .unwrap();
+    assert_eq!(client.shard_id(), connection_shard);
+    client.create_topic("t", 8).await.unwrap();
+    let owned_by = |shard: u16| {
+        (0..8u32)
+            .find(|partition| shardq::placement::shard_for("t", *partition, 2) == shard)
+            .expect("8 partitions cover both shards")
+    };
+    let partitions = [owned_by(0), owned_by(1)];
+    let data_partition = partitions[usize::from(data_shard)];
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for partition in partitions {
+        consumer.assign("t", partition, 0);
+    }
+    let poll = tokio::spawn(async move {
+        let records = consumer.poll_with_wait(30_000).await;
+        (consumer, records)
+    });
+    tokio::task::yield_now().await;
+    client.metadata(&[]).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let handle = producer
+        .send(
+            "t",
+            ProducerRecord::new("wake up").with_partition(data_partition),
+        )
+        .await
+        .unwrap();
+    producer.flush().await.unwrap();
+    handle.await.unwrap();
+    let (_consumer, records) = tokio::time::timeout(STEP_TIMEOUT, poll)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "connection on shard {connection_shard}, data on shard {data_shard}: \
+                 the poll did not return when the record arrived"
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        seen(&records.unwrap()),
+        vec![(data_partition, 0, "wake up".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_for_data_on_the_connections_own_shard() {
+    long_poll_across_shards(0, 0).await;
+    long_poll_across_shards(1, 1).await;
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_for_data_on_another_shard() {
+    long_poll_across_shards(0, 1).await;
+    long_poll_across_shards(1, 0).await;
+}

@@ -223,4 +223,5 @@ pub fn values(records: &[Record]) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "client")]
 pub mod client;
