@@ -222,3 +222,6 @@ pub fn values(records: &[Record]) -> Vec<String> {
         .map(|record| String::from_utf8_lossy(&record.value).into_owned())
         .collect()
 }
+
+#[cfg(feature = "client")]
+pub mod client;

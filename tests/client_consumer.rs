@@ -1,0 +1,268 @@
+//! The consumer against the real broker (2 shards, in-process): one poll across
+//! partitions, positions, start positions, offsets past the watermark, and a long-poll
+//! that returns when data arrives.
+
+mod common;
+
+use common::client::{records_until, STEP_TIMEOUT};
+use common::TestBroker;
+use shardq::client::{
+    is_offset_out_of_range, Client, ConsumedRecord, Consumer, ConsumerConfig, Producer,
+    ProducerConfig, ProducerRecord, StartPosition,
+};
+
+async fn start() -> (tempfile::TempDir, TestBroker, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let client = Client::connect(broker.addr()).await.unwrap();
+    (dir, broker, client)
+}
+
+/// Six records over two partitions: partition p gets values p, p+2, p+4 at offsets 0..3,
+/// each record in its own batch. Returns once all are readable.
+async fn produce_six(client: &Client) {
+    client.create_topic("t", 2).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for index in 0..6u32 {
+        let record = ProducerRecord::new(format!("{index}")).with_partition(index % 2);
+        producer.send("t", record).await.unwrap();
+        producer.flush().await.unwrap();
+    }
+    producer.close().await.unwrap();
+    for partition in 0..2 {
+        records_until(client, "t", partition, 3).await;
+    }
+}
+
+fn seen(records: &[ConsumedRecord]) -> Vec<(u32, u64, String)> {
+    records
+        .iter()
+        .map(|consumed| {
+            (
+                consumed.partition,
+                consumed.record.offset,
+                String::from_utf8_lossy(&consumed.record.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_poll_reads_every_partition_and_advances_positions() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    assert_eq!(
+        consumer
+            .assign_topic("t", StartPosition::Beginning)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(consumer.position("t", 0), Some(0));
+    assert_eq!(consumer.high_watermark("t", 0), None, "no poll yet");
+    // Re-assigning replaces the position rather than adding a second one.
+    consumer.assign("t", 1, 1);
+    let records = consumer.poll_with_wait(0).await.unwrap();
+    assert_eq!(
+        seen(&records),
+        vec![
+            (0, 0, "0".into()),
+            (0, 1, "2".into()),
+            (0, 2, "4".into()),
+            (1, 1, "3".into()),
+            (1, 2, "5".into()),
+        ]
+    );
+    assert!(records.iter().all(|consumed| &*consumed.topic == "t"));
+    for partition in 0..2 {
+        assert_eq!(consumer.position("t", partition), Some(3));
+        assert_eq!(consumer.high_watermark("t", partition), Some(3));
+    }
+    assert_eq!(consumer.position("t", 2), None, "never assigned");
+    assert!(consumer.poll_with_wait(0).await.unwrap().is_empty());
+    assert_eq!(
+        consumer.position("t", 0),
+        Some(3),
+        "an empty poll moves nothing"
+    );
+}
+
+#[tokio::test]
+async fn start_positions_resolve_against_the_broker() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    assert_eq!(
+        consumer
+            .assign_from("t", 0, StartPosition::Beginning)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        consumer
+            .assign_from("t", 1, StartPosition::End)
+            .await
+            .unwrap(),
+        3
+    );
+    let records = consumer.poll_with_wait(0).await.unwrap();
+    assert_eq!(
+        seen(&records),
+        vec![(0, 0, "0".into()), (0, 1, "2".into()), (0, 2, "4".into())],
+        "the partition assigned at its end has nothing yet"
+    );
+    let mut from_offset = Consumer::new(client, ConsumerConfig::default());
+    assert_eq!(
+        from_offset
+            .assign_from("t", 1, StartPosition::Offset(2))
+            .await
+            .unwrap(),
+        2
+    );
+    let records = from_offset.poll_with_wait(0).await.unwrap();
+    assert_eq!(seen(&records), vec![(1, 2, "5".into())]);
+    assert_eq!(from_offset.position("t", 1), Some(3));
+}
+
+#[tokio::test]
+async fn an_offset_past_the_watermark_is_out_of_range_and_loses_nothing() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    consumer.assign("t", 0, 0);
+    consumer.assign("t", 1, 4);
+    let error = consumer.poll_with_wait(0).await.unwrap_err();
+    assert!(is_offset_out_of_range(&error), "{error}");
+    // The good partition's records were not consumed by the failed poll.
+    assert_eq!(consumer.position("t", 0), Some(0));
+    assert_eq!(consumer.position("t", 1), Some(4));
+    // Exactly at the watermark is not an error.
+    consumer.assign("t", 1, 3);
+    let records = consumer.poll_with_wait(0).await.unwrap();
+    assert_eq!(
+        seen(&records),
+        vec![(0, 0, "0".into()), (0, 1, "2".into()), (0, 2, "4".into())]
+    );
+}
+
+#[tokio::test]
+async fn assigning_an_unknown_topic_fails() {
+    let (_dir, _broker, client) = start().await;
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let error = consumer
+        .assign_topic("missing", StartPosition::Beginning)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.wire_code(),
+        Some(shardq::protocol::ErrorCode::UnknownTopic),
+        "{error}"
+    );
+    assert!(consumer.poll_with_wait(0).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_when_a_record_arrives() {
+    let (_dir, _broker, client) = start().await;
+    client.create_topic("t", 2).await.unwrap();
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign_topic("t", StartPosition::End)
+        .await
+        .unwrap();
+    // The broker caps a wait at its fetch_wait_ms_max (30 s); the step timeout is
+    // shorter, so a poll that only returns at its deadline fails the test.
+    let poll = tokio::spawn(async move {
+        let records = consumer.poll_with_wait(30_000).await;
+        (consumer, records)
+    });
+    // Let the poll write its fetch, then make a round trip on the same connection: once
+    // it is answered the broker has read the fetch that was queued before it.
+    tokio::task::yield_now().await;
+    client.metadata(&[]).await.unwrap();
+    let producer = tokio::spawn(async move {
+        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+        let handle = producer
+            .send("t", ProducerRecord::new("wake up").with_partition(1))
+            .await
+            .unwrap();
+        producer.flush().await.unwrap();
+        handle.await.unwrap()
+    });
+    let (consumer, records) = tokio::time::timeout(STEP_TIMEOUT, poll)
+        .await
+        .expect("the poll returned when the record arrived, well before its wait")
+        .unwrap();
+    let records = records.unwrap();
+    assert_eq!(seen(&records), vec![(1, 0, "wake up".into())]);
+    assert_eq!(consumer.position("t", 1), Some(1));
+    assert_eq!(consumer.position("t", 0), Some(0));
+    let sent = producer.await.unwrap();
+    assert_eq!((sent.partition, sent.offset), (1, Some(0)));
+}
+
+/// A long-poll over two partitions owned by different shards, on a connection to
+/// `connection_shard`, woken by a record for the partition owned by `data_shard`.
+async fn long_poll_across_shards(connection_shard: u16, data_shard: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let client = Client::connect(broker.shard_addr(usize::from(connection_shard)))
+        .await
+        .unwrap();
+    assert_eq!(client.shard_id(), connection_shard);
+    client.create_topic("t", 8).await.unwrap();
+    let owned_by = |shard: u16| {
+        (0..8u32)
+            .find(|partition| shardq::placement::shard_for("t", *partition, 2) == shard)
+            .expect("8 partitions cover both shards")
+    };
+    let partitions = [owned_by(0), owned_by(1)];
+    let data_partition = partitions[usize::from(data_shard)];
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for partition in partitions {
+        consumer.assign("t", partition, 0);
+    }
+    let poll = tokio::spawn(async move {
+        let records = consumer.poll_with_wait(30_000).await;
+        (consumer, records)
+    });
+    tokio::task::yield_now().await;
+    client.metadata(&[]).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let handle = producer
+        .send(
+            "t",
+            ProducerRecord::new("wake up").with_partition(data_partition),
+        )
+        .await
+        .unwrap();
+    producer.flush().await.unwrap();
+    handle.await.unwrap();
+    let (_consumer, records) = tokio::time::timeout(STEP_TIMEOUT, poll)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "connection on shard {connection_shard}, data on shard {data_shard}: \
+                 the poll did not return when the record arrived"
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        seen(&records.unwrap()),
+        vec![(data_partition, 0, "wake up".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_for_data_on_the_connections_own_shard() {
+    long_poll_across_shards(0, 0).await;
+    long_poll_across_shards(1, 1).await;
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_for_data_on_another_shard() {
+    long_poll_across_shards(0, 1).await;
+    long_poll_across_shards(1, 0).await;
+}
