@@ -115,6 +115,28 @@ fn topic_produce_consume_round_trip() {
         "",
     );
     consumed.assert_success("consume --json");
+
+    // CRLF input: the "\r" is part of the line ending, not of the message; and
+    // `--timeout-ms 0` still reads what is there.
+    run(&["produce", "orders", "--partition", "0"], "crlf\r\n").assert_success("produce crlf");
+    let crlf = run(
+        &[
+            "consume",
+            "orders",
+            "--partition",
+            "0",
+            "--from-beginning",
+            "--timeout-ms",
+            "0",
+        ],
+        "",
+    );
+    crlf.assert_success("consume --timeout-ms 0");
+    assert!(
+        crlf.stdout.lines().any(|line| line == "crlf"),
+        "{:?}",
+        crlf.stdout
+    );
     let partition = partition_for_key(b"customer-7", 4);
     let lines: Vec<serde_json::Value> = consumed
         .stdout

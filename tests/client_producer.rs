@@ -465,3 +465,79 @@ async fn headers_and_keys_survive_the_round_trip() {
         .collect();
     assert_eq!(headers, vec![("trace", &b"abc"[..]), ("empty", &b""[..])]);
 }
+
+#[test]
+fn flush_reports_a_refusal_answered_before_it_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let addr = broker.addr();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(addr).await.unwrap();
+        client.create_topic("shrinking", 4).await.unwrap();
+        let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+        let first = producer
+            .send("shrinking", ProducerRecord::new("kept").with_partition(3))
+            .await
+            .unwrap();
+        first.await.expect("partition 3 exists at first");
+        producer.flush().await.expect("nothing refused yet");
+        // The producer's cached metadata still says 4 partitions: the broker refuses.
+        client.delete_topic("shrinking").await.unwrap();
+        client.create_topic("shrinking", 1).await.unwrap();
+        let refused = producer
+            .send(
+                "shrinking",
+                ProducerRecord::new("refused").with_partition(3),
+            )
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(20), refused)
+            .await
+            .expect("answered");
+        assert!(outcome.is_err(), "the broker refused partition 3");
+        let flushed = producer.flush().await;
+        assert!(
+            flushed.is_err(),
+            "flush reports the refusal it did not wait on: {flushed:?}"
+        );
+        producer.flush().await.expect("a refusal is reported once");
+    });
+}
+
+#[test]
+fn full_batches_fit_the_brokers_limit_from_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    // test_config: 256 KiB chunks, so this broker takes batches up to 252 KiB, below the
+    // producer's default batch_bytes_max of 256 KiB.
+    let broker = TestBroker::start(dir.path(), 1);
+    let addr = broker.addr();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(addr).await.unwrap();
+        client.create_topic("big", 1).await.unwrap();
+        let config = ProducerConfig {
+            linger_ms: 600_000,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config).unwrap();
+        assert!(producer.config().batch_bytes_max <= 256 * 1024 - 4096);
+        let mut handles = Vec::new();
+        for index in 0..3_000u32 {
+            let value = format!("{index:0100}");
+            handles.push(
+                producer
+                    .send("big", ProducerRecord::new(value))
+                    .await
+                    .unwrap(),
+            );
+        }
+        producer
+            .flush()
+            .await
+            .expect("no batch is refused for its size");
+        for (index, handle) in handles.into_iter().enumerate() {
+            assert_eq!(handle.await.unwrap().offset, Some(index as u64));
+        }
+    });
+}

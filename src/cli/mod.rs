@@ -378,8 +378,12 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
         if read == 0 {
             break;
         }
+        // A line ends at "\n" or "\r\n"; neither is part of the message.
         if line.last() == Some(&b'\n') {
             line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
         }
         let record = ProducerRecord {
             key: key.clone(),
@@ -456,14 +460,16 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
     let mut remaining = args.count;
     let mut last_message_at = Instant::now();
     let mut output = Vec::new();
+    let mut polled = false;
     while remaining != Some(0) {
         let wait = match timeout {
             Some(timeout) => {
                 let quiet = last_message_at.elapsed();
-                if quiet >= timeout {
+                // Always poll once: `--timeout-ms 0` means "what is there now".
+                if quiet >= timeout && polled {
                     break;
                 }
-                (timeout - quiet).min(Duration::from_millis(CONSUME_WAIT_MS_MAX))
+                timeout.saturating_sub(quiet).min(Duration::from_millis(CONSUME_WAIT_MS_MAX))
             }
             None => Duration::from_millis(CONSUME_WAIT_MS_MAX),
         };
@@ -471,6 +477,7 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
             .poll_with_wait(wait.as_millis() as u32)
             .await
             .map_err(failed())?;
+        polled = true;
         if records.is_empty() {
             continue;
         }

@@ -252,6 +252,9 @@ struct ProducerState {
     /// Batches of each request in flight, for flush to wait on.
     in_flight: HashMap<u64, Vec<Arc<BatchCompletion>>>,
     next_request_id: u64,
+    /// The first error of a batch answered since the last flush, so that a flush reports
+    /// a refusal even when the batch was answered before the flush began.
+    unreported_error: Option<ClientError>,
     /// Set by close (or when the last handle drops): no more sends; the sender drains
     /// what is left and stops.
     closing: bool,
@@ -307,7 +310,11 @@ pub struct Producer {
 
 impl Producer {
     /// Starts the sender task; must be called within a tokio runtime.
-    pub fn new(client: Client, config: ProducerConfig) -> Result<Producer, ClientError> {
+    /// `batch_bytes_max` is lowered to the broker's own limit (from the handshake), so
+    /// full batches are never refused for their size.
+    pub fn new(client: Client, mut config: ProducerConfig) -> Result<Producer, ClientError> {
+        let broker_batch_bytes_max = client.handshake().batch_bytes_max as usize;
+        config.batch_bytes_max = config.batch_bytes_max.min(broker_batch_bytes_max);
         config.validate()?;
         let limits = AccumulatorLimits {
             batch_records_max: config.batch_records_max,
@@ -323,6 +330,7 @@ impl Producer {
                 routes: HashMap::new(),
                 in_flight: HashMap::new(),
                 next_request_id: 0,
+                unreported_error: None,
                 closing: false,
             }),
             wake: Notify::new(),
@@ -445,13 +453,11 @@ impl Producer {
             completions
         };
         self.shared.wake.notify_one();
-        let mut first_error = None;
         for completion in completions {
-            if let Err(error) = completion.wait().await {
-                first_error.get_or_insert_with(|| error.clone());
-            }
+            // Errors are collected by the request that answered them, below.
+            let _ = completion.wait().await;
         }
-        match first_error {
+        match self.shared.state().unreported_error.take() {
             Some(error) => Err(error),
             None => Ok(()),
         }
@@ -586,9 +592,12 @@ async fn send_request(
     let request = build_request(&shared.config, &batches);
     let result = shared.client.produce(request).await;
     let mut stale_topics = Vec::new();
-    for batch in &batches {
-        let outcome = batch_outcome(batch, &result);
-        if let Err(error) = &outcome {
+    let outcomes: Vec<_> = batches
+        .iter()
+        .map(|batch| batch_outcome(batch, &result))
+        .collect();
+    for (batch, outcome) in batches.iter().zip(&outcomes) {
+        if let Err(error) = outcome {
             if matches!(
                 error.wire_code(),
                 Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
@@ -596,6 +605,15 @@ async fn send_request(
                 stale_topics.push(batch.topic.clone());
             }
         }
+    }
+    // Recorded before any handle resolves, so a flush that wakes on one of them sees it.
+    if let Some(error) = outcomes.iter().find_map(|outcome| outcome.as_ref().err()) {
+        shared
+            .state()
+            .unreported_error
+            .get_or_insert_with(|| error.clone());
+    }
+    for (batch, outcome) in batches.iter().zip(outcomes) {
         batch.completion.complete(outcome);
     }
     {

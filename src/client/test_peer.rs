@@ -97,5 +97,6 @@ pub(super) fn handshake_body() -> ResponseBody {
         shard_count: 2,
         shard_id: 1,
         server_version: "test-peer".into(),
+        batch_bytes_max: 1 << 20,
     })
 }

@@ -477,6 +477,8 @@ pub struct HandshakeResponse {
     /// The shard that accepted this connection.
     pub shard_id: u16,
     pub server_version: String,
+    /// The largest record batch this broker takes, so producers size batches to fit.
+    pub batch_bytes_max: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -815,6 +817,7 @@ pub fn encode_response(
                 writer.u16(response.shard_count);
                 writer.u16(response.shard_id);
                 writer.string(&response.server_version);
+                writer.u32(response.batch_bytes_max);
             }
             ResponseBody::Metadata(response) => {
                 writer.count(response.shard_ports.len());
@@ -912,6 +915,7 @@ pub fn decode_response(
             shard_count: reader.u16("shard_count")?,
             shard_id: reader.u16("shard_id")?,
             server_version: reader.string("server_version")?,
+            batch_bytes_max: reader.u32("batch_bytes_max")?,
         }),
         Opcode::Metadata => {
             let port_count = reader.count("shard_ports", unbounded, 2)?;
@@ -1091,6 +1095,7 @@ mod tests {
                 shard_count: 2,
                 shard_id: 1,
                 server_version: "0.1.0".into(),
+                batch_bytes_max: 1 << 20,
             }),
             ResponseBody::Metadata(MetadataResponse {
                 shard_ports: vec![9741, 9742],

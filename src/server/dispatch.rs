@@ -29,6 +29,7 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
             shard_count: shard.count,
             shard_id: shard.id,
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            batch_bytes_max: u32::try_from(shard.config.batch_bytes_max()).unwrap_or(u32::MAX),
         })),
         Request::Metadata(request) => Ok(ResponseBody::Metadata(metadata(shard, request))),
         Request::CreateTopic(request) => {
