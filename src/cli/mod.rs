@@ -469,7 +469,9 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
                 if quiet >= timeout && polled {
                     break;
                 }
-                timeout.saturating_sub(quiet).min(Duration::from_millis(CONSUME_WAIT_MS_MAX))
+                timeout
+                    .saturating_sub(quiet)
+                    .min(Duration::from_millis(CONSUME_WAIT_MS_MAX))
             }
             None => Duration::from_millis(CONSUME_WAIT_MS_MAX),
         };

@@ -35,9 +35,14 @@ use glommio::sync::StaticPermit;
 use glommio::task::JoinHandle;
 
 use super::file::{DmaStorage, LogFile, LogStorage};
+use super::index::{
+    encode_entries, floor_entry, time_floor_entry, IndexEntry, ENTRIES_PER_BLOCK, INDEX_ENTRY_SIZE,
+};
 use super::recovery::{self, RecoveredSegment};
 use super::{align_down, align_up, ChunkBudget, Notify, StorageError, ALIGNMENT_BYTES};
-use crate::protocol::batch::{stamp_batch, BatchHeader, BATCH_HEADER_SIZE};
+use crate::protocol::batch::{
+    check_framing, decode_records, stamp_batch, BatchHeader, BATCH_HEADER_SIZE,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct LogConfig {
@@ -75,34 +80,67 @@ pub struct AppendOutcome {
     pub next_offset: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct IndexEntry {
-    pub offset: u64,
-    pub position: u64,
-}
-
 pub(crate) struct Segment<F> {
     pub base_offset: u64,
     pub path: PathBuf,
     pub file: Rc<F>,
+    pub index_path: PathBuf,
+    pub index_file: Rc<F>,
     /// Sparse: the first batch, then one batch per `index_interval_bytes`.
     pub index: Vec<IndexEntry>,
+    /// Entries already written to the index file.
+    pub index_written: usize,
     /// Bytes appended (in memory, maybe not yet on disk).
     pub end_position: u64,
     /// Bytes covered by a completed fdatasync.
     pub durable_position: u64,
     pub next_offset: u64,
+    /// Largest batch timestamp in the segment (`i64::MIN` while empty).
+    pub max_timestamp_ms: i64,
 }
 
 impl<F> Segment<F> {
-    fn record_index(&mut self, offset: u64, position: u64, interval: u32) {
+    fn record_index(&mut self, offset: u64, position: u64, timestamp_ms: i64, interval: u32) {
+        self.max_timestamp_ms = self.max_timestamp_ms.max(timestamp_ms);
         let due = match self.index.last() {
             None => true,
             Some(last) => position - last.position >= u64::from(interval),
         };
         if due {
-            self.index.push(IndexEntry { offset, position });
+            self.index.push(IndexEntry {
+                offset,
+                position,
+                timestamp_ms: self.max_timestamp_ms,
+            });
         }
+    }
+
+    /// The index blocks to write: whole blocks of new entries, or (when `all`) every
+    /// entry not yet written, the partial last block zero-padded.
+    fn index_write(&mut self, all: bool) -> Option<IndexWrite<F>> {
+        let target = if all {
+            self.index.len()
+        } else {
+            self.index.len() / ENTRIES_PER_BLOCK * ENTRIES_PER_BLOCK
+        };
+        if target <= self.index_written {
+            return None;
+        }
+        let first = self.index_written / ENTRIES_PER_BLOCK * ENTRIES_PER_BLOCK;
+        let length = align_up(((target - first) * INDEX_ENTRY_SIZE) as u64) as usize;
+        let mut buffer = glommio::allocate_dma_buffer(length);
+        encode_entries(
+            &self.index[first..target],
+            self.base_offset,
+            buffer.as_bytes_mut(),
+        );
+        self.index_written = target;
+        Some(IndexWrite {
+            file: Rc::clone(&self.index_file),
+            path: self.index_path.clone(),
+            position: (first * INDEX_ENTRY_SIZE) as u64,
+            buffer: Rc::new(buffer),
+        })
     }
 }
 
@@ -144,6 +182,9 @@ struct State<F> {
     full: bool,
     /// Set when a write or sync failed for another reason: the partition has stopped.
     failed: Option<StorageError>,
+    /// The first offset found damaged on disk (by a read's CRC check), and the error:
+    /// nothing at or past it is served.
+    corrupt: Option<(u64, StorageError)>,
     /// A round the disk refused for lack of space, written again before anything newer.
     retry: Option<Round<F>>,
     durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
@@ -155,9 +196,44 @@ enum AppendStep {
     AwaitChunk,
 }
 
+/// A durable byte range of one segment to walk.
+struct ReadSpan<F> {
+    file: Rc<F>,
+    path: PathBuf,
+    position: u64,
+    end_position: u64,
+}
+
+impl<F> ReadSpan<F> {
+    fn of(segment: &Segment<F>, position: u64) -> ReadSpan<F> {
+        ReadSpan {
+            file: Rc::clone(&segment.file),
+            path: segment.path.clone(),
+            position,
+            end_position: segment.durable_position,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    Continue,
+    Stop,
+}
+
+/// Index blocks on their way to the index file.
+struct IndexWrite<F> {
+    file: Rc<F>,
+    path: PathBuf,
+    position: u64,
+    buffer: Rc<DmaBuffer>,
+}
+
 /// What one group-commit round writes and what it makes durable.
 struct Round<F> {
     chunks: Vec<SealedChunk<F>>,
+    /// Written with the chunks but not synced: an index is rebuilt from its segment.
+    index: Option<IndexWrite<F>>,
     next_offset: u64,
     segment_base_offset: u64,
     segment_end_position: u64,
@@ -221,6 +297,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 closed: false,
                 full: false,
                 failed: None,
+                corrupt: None,
                 retry: None,
                 durable_waiters: VecDeque::new(),
             }),
@@ -291,7 +368,7 @@ impl<S: LogStorage> PartitionLog<S> {
                     state.rolling = true;
                     AppendStep::Roll
                 } else if fits {
-                    return Ok(self.copy_into_active(&mut state, batch, header.record_count));
+                    return Ok(self.copy_into_active(&mut state, batch, &header));
                 } else {
                     if state.active.is_some() {
                         // Full: cut at the last whole block and queue it; the partial
@@ -358,7 +435,7 @@ impl<S: LogStorage> PartitionLog<S> {
         &self,
         state: &mut State<S::File>,
         batch: &[u8],
-        record_count: u32,
+        header: &BatchHeader,
     ) -> AppendOutcome {
         let base_offset = state.next_offset;
         let active = state.active.as_mut().expect("checked by the caller");
@@ -368,11 +445,11 @@ impl<S: LogStorage> PartitionLog<S> {
         stamp_batch(target, base_offset, now_ms());
         active.filled += batch.len();
         let position = active.file_start + start as u64;
-        let next_offset = base_offset + u64::from(record_count);
+        let next_offset = base_offset + u64::from(header.record_count);
         let interval = self.config.index_interval_bytes;
         let segment = state.segments.last_mut().expect("a log has a segment");
         assert_eq!(segment.end_position, position, "chunk and segment disagree");
-        segment.record_index(base_offset, position, interval);
+        segment.record_index(base_offset, position, header.max_timestamp_ms, interval);
         segment.end_position = position + batch.len() as u64;
         segment.next_offset = next_offset;
         state.next_offset = next_offset;
@@ -451,6 +528,7 @@ impl<S: LogStorage> PartitionLog<S> {
         self.wait_durable(base_offset).await?;
         // On failure (a full disk, say) the old segment stays the active one, with its
         // partial block kept, and a later append tries the roll again.
+        self.seal_index().await?;
         let segment =
             recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config)
                 .await?;
@@ -458,6 +536,33 @@ impl<S: LogStorage> PartitionLog<S> {
         state.tail_bytes.clear();
         state.segments.push(segment);
         Ok(())
+    }
+
+    /// Writes every index entry of the last segment and syncs the index file. Called
+    /// with no round in flight that could write the same block (a roll has waited for
+    /// durability and holds appends off; close runs after the flusher stopped).
+    async fn seal_index(&self) -> Result<(), StorageError> {
+        let write = {
+            let mut state = self.state.borrow_mut();
+            let segment = state.segments.last_mut().expect("a log has a segment");
+            segment.index_write(true)
+        };
+        let Some(write) = write else {
+            return Ok(());
+        };
+        write_whole(
+            &*write.file,
+            write.buffer,
+            write.position,
+            &write.path,
+            "writing index",
+        )
+        .await?;
+        write
+            .file
+            .fdatasync()
+            .await
+            .map_err(|source| StorageError::io("syncing index", &write.path, source))
     }
 
     /// Resolves once every offset below `next_offset` is durable.
@@ -513,7 +618,7 @@ impl<S: LogStorage> PartitionLog<S> {
     /// (at least one batch when any is readable), never past the durable watermark and
     /// never across a segment end: the next read continues in the next segment.
     pub async fn read(&self, offset: u64, bytes_max: usize) -> Result<Bytes, StorageError> {
-        let (file, path, mut position, end_position) = {
+        let span = {
             let state = self.state.borrow();
             let log_start_offset = state.segments[0].base_offset;
             if offset < log_start_offset || offset > state.durable_offset {
@@ -523,6 +628,11 @@ impl<S: LogStorage> PartitionLog<S> {
                     high_watermark: state.durable_offset,
                 });
             }
+            if let Some((corrupt_offset, error)) = &state.corrupt {
+                if offset >= *corrupt_offset {
+                    return Err(error.clone());
+                }
+            }
             if offset == state.durable_offset {
                 return Ok(Bytes::new());
             }
@@ -531,27 +641,116 @@ impl<S: LogStorage> PartitionLog<S> {
                 .partition_point(|segment| segment.base_offset <= offset)
                 - 1;
             let segment = &state.segments[segment_index];
-            let entry = segment
-                .index
-                .partition_point(|entry| entry.offset <= offset);
-            assert!(
-                entry > 0,
-                "a readable offset lies at or after its segment's first batch"
-            );
-            (
-                Rc::clone(&segment.file),
-                segment.path.clone(),
-                segment.index[entry - 1].position,
-                segment.durable_position,
-            )
+            let entry = floor_entry(&segment.index, offset)
+                .expect("a readable offset lies at or after its segment's first batch");
+            ReadSpan::of(segment, entry.position)
         };
-        let window_max = (bytes_max as u64)
-            .max(64 * 1024)
+        let mut out = BytesMut::new();
+        let scanned = self
+            .scan_batches(span, bytes_max as u64, |header, batch| {
+                if header.next_offset() <= offset {
+                    return Visit::Continue;
+                }
+                if !out.is_empty() && out.len() + batch.len() > bytes_max {
+                    return Visit::Stop;
+                }
+                out.extend_from_slice(batch);
+                if out.len() >= bytes_max {
+                    Visit::Stop
+                } else {
+                    Visit::Continue
+                }
+            })
+            .await;
+        match scanned {
+            Ok(()) => Ok(out.freeze()),
+            // What came before the damage is good; the next read starts at the damage
+            // and gets the error.
+            Err(StorageError::Corrupt { .. }) if !out.is_empty() => Ok(out.freeze()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The first offset whose record has a timestamp at or after `timestamp_ms`, or the
+    /// high watermark when no readable record is that late.
+    pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, StorageError> {
+        let (spans, high_watermark) = {
+            let state = self.state.borrow();
+            let spans: Vec<ReadSpan<S::File>> = state
+                .segments
+                .iter()
+                .filter(|segment| {
+                    segment.max_timestamp_ms >= timestamp_ms && segment.durable_position > 0
+                })
+                .map(|segment| {
+                    let entry = time_floor_entry(&segment.index, timestamp_ms)
+                        .expect("a segment with data has an index entry");
+                    ReadSpan::of(segment, entry.position)
+                })
+                .collect();
+            (spans, state.durable_offset)
+        };
+        for span in spans {
+            let mut found = None;
+            let mut failure = None;
+            self.scan_batches(span, u64::MAX, |header, batch| {
+                if header.max_timestamp_ms < timestamp_ms {
+                    return Visit::Continue;
+                }
+                let batch = Bytes::copy_from_slice(batch);
+                let mut records = Vec::new();
+                match decode_records(&batch, 0, &mut records) {
+                    Ok(()) => {
+                        found = records
+                            .iter()
+                            .find(|record| record.timestamp_ms >= timestamp_ms)
+                            .map(|record| record.offset);
+                    }
+                    Err(error) => failure = Some(error),
+                }
+                if found.is_some() || failure.is_some() {
+                    Visit::Stop
+                } else {
+                    Visit::Continue
+                }
+            })
+            .await?;
+            if let Some(error) = failure {
+                return Err(StorageError::Corrupt {
+                    path: self.directory.clone(),
+                    position: 0,
+                    reason: format!("a stored batch does not decode: {error}"),
+                });
+            }
+            if let Some(offset) = found {
+                return Ok(offset.min(high_watermark));
+            }
+        }
+        Ok(high_watermark)
+    }
+
+    /// Walks the durable batches of one segment from `span.position`, checking each
+    /// one's framing and CRC before handing it to `visit`. Damage is reported as
+    /// `Corrupt` with its position, and remembered: the partition serves nothing at or
+    /// past that offset again (invariant: never hand out data it cannot vouch for).
+    async fn scan_batches(
+        &self,
+        span: ReadSpan<S::File>,
+        bytes_hint: u64,
+        mut visit: impl FnMut(&BatchHeader, &[u8]) -> Visit,
+    ) -> Result<(), StorageError> {
+        let ReadSpan {
+            file,
+            path,
+            mut position,
+            end_position,
+        } = span;
+        let window_max = bytes_hint
+            .clamp(64 * 1024, 4 << 20)
             .saturating_add(u64::from(self.config.index_interval_bytes))
             .saturating_add(BATCH_HEADER_SIZE as u64);
-        let mut out = BytesMut::new();
         let mut need = 0u64;
-        'windows: while position < end_position {
+        while position < end_position {
             let length = (end_position - position).min(window_max.max(need));
             let data = file
                 .read_at(position, length as usize)
@@ -562,43 +761,54 @@ impl<S: LogStorage> PartitionLog<S> {
             while at + BATCH_HEADER_SIZE <= data.len() {
                 let header = BatchHeader::read(&data[at..]).expect("length checked");
                 let batch_length = header.batch_length as usize;
-                if batch_length < BATCH_HEADER_SIZE {
-                    return Err(StorageError::Corrupt {
-                        path,
-                        position: position + at as u64,
-                        reason: format!("batch length {batch_length} below the header size"),
-                    });
-                }
                 let batch_position = position + at as u64;
-                if batch_position + batch_length as u64 > end_position {
-                    // Durable data ends on a batch boundary, so this length is damage.
-                    return Err(StorageError::Corrupt {
-                        path,
-                        position: batch_position,
-                        reason: format!(
-                            "batch of {batch_length} bytes runs past the durable end at byte {end_position}"
-                        ),
-                    });
-                }
-                if at + batch_length > data.len() {
+                // Durable data ends on a batch boundary, so a batch running past it (or
+                // shorter than a header) is damage, as is a failed CRC.
+                let damage = if batch_length < BATCH_HEADER_SIZE
+                    || batch_position + batch_length as u64 > end_position
+                {
+                    Some(format!("impossible batch length {batch_length}"))
+                } else if at + batch_length > data.len() {
                     // The batch runs past this window: read again from its start.
                     need = batch_length as u64;
                     break;
+                } else {
+                    check_framing(&data[at..at + batch_length])
+                        .err()
+                        .map(|error| error.to_string())
+                };
+                if let Some(reason) = damage {
+                    let error = StorageError::Corrupt {
+                        path: path.clone(),
+                        position: batch_position,
+                        reason,
+                    };
+                    eprintln!(
+                        "shardq: partition {}: {error}; not serving at or past offset {}",
+                        self.directory.display(),
+                        header.base_offset
+                    );
+                    let mut state = self.state.borrow_mut();
+                    let corrupt_offset = state
+                        .corrupt
+                        .as_ref()
+                        .map_or(header.base_offset, |(known, _)| {
+                            (*known).min(header.base_offset)
+                        });
+                    state.corrupt = Some((corrupt_offset, error.clone()));
+                    return Err(error);
                 }
-                if header.next_offset() > offset {
-                    if !out.is_empty() && out.len() + batch_length > bytes_max {
-                        break 'windows;
-                    }
-                    out.extend_from_slice(&data[at..at + batch_length]);
+                if visit(&header, &data[at..at + batch_length]) == Visit::Stop {
+                    return Ok(());
                 }
                 at += batch_length;
             }
             position += at as u64;
-            if out.len() >= bytes_max || (at == 0 && need == 0) {
+            if at == 0 && need == 0 {
                 break;
             }
         }
-        Ok(out.freeze())
+        Ok(())
     }
 
     /// Flushes what is pending, stops the flusher and fails anyone still waiting.
@@ -614,6 +824,12 @@ impl<S: LogStorage> PartitionLog<S> {
         let flusher = self.flusher.borrow_mut().take();
         if let Some(flusher) = flusher {
             flusher.await;
+        }
+        if self.state.borrow().failed.is_none() {
+            if let Err(error) = self.seal_index().await {
+                // The index is rebuilt from the segment on the next open.
+                eprintln!("shardq: partition {}: {error}", self.directory.display());
+            }
         }
         let waiters: Vec<_> = self.state.borrow_mut().durable_waiters.drain(..).collect();
         for (_, waiter) in waiters {
@@ -634,9 +850,11 @@ impl<S: LogStorage> PartitionLog<S> {
         if state.sealed.is_empty() {
             return None;
         }
-        let segment = state.segments.last().expect("a log has a segment");
+        let segment = state.segments.last_mut().expect("a log has a segment");
+        let index = segment.index_write(false);
         Some(Round {
             chunks: std::mem::take(&mut state.sealed),
+            index,
             next_offset: state.next_offset,
             segment_base_offset: segment.base_offset,
             segment_end_position: segment.end_position,
@@ -745,6 +963,15 @@ impl<S: LogStorage> PartitionLog<S> {
                 Ok(())
             }));
         }
+        if let Some(index) = &round.index {
+            let file = Rc::clone(&index.file);
+            let buffer = Rc::clone(&index.buffer);
+            let path = index.path.clone();
+            let position = index.position;
+            writes.push(glommio::spawn_local(async move {
+                write_whole(&*file, buffer, position, &path, "writing index").await
+            }));
+        }
         let mut first_error = None;
         for write in writes {
             if let Err(error) = write.await {
@@ -795,6 +1022,29 @@ impl<S: LogStorage> PartitionLog<S> {
         }
         self.data_arrived.notify_all();
     }
+}
+
+/// Writes a whole buffer; a short write counts as a full disk.
+async fn write_whole<F: LogFile>(
+    file: &F,
+    buffer: Rc<DmaBuffer>,
+    position: u64,
+    path: &Path,
+    operation: &'static str,
+) -> Result<(), StorageError> {
+    let expected = buffer.len();
+    let written = file
+        .write_at(buffer, position)
+        .await
+        .map_err(|source| StorageError::io(operation, path, source))?;
+    if written != expected {
+        return Err(StorageError::NoSpace {
+            operation,
+            path: path.to_path_buf(),
+            detail: format!("short write of {written} of {expected} bytes at {position}"),
+        });
+    }
+    Ok(())
 }
 
 impl<F> State<F> {

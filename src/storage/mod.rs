@@ -21,6 +21,7 @@
 #[cfg(test)]
 pub(crate) mod faults;
 mod file;
+mod index;
 mod log;
 mod recovery;
 mod sync;

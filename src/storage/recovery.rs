@@ -1,12 +1,24 @@
-//! Opening a partition directory: find the segments, scan them, cut a torn tail.
+//! Opening a partition directory: find the segments, load their indexes, verify, and cut
+//! a torn tail.
 //!
 //! Rules (docs/storage.md has them in full):
-//! - every batch must pass its framing and CRC check and carry the next dense offset;
-//! - the scan of the last segment stops at the first batch that does not: that batch and
-//!   everything after it is a torn tail from a crash and is cut off (the file is truncated
-//!   there and preallocated again, so the bytes read back as zeros);
+//! - a segment's `.index` is trusted up to its last entry that checks out against the
+//!   segment (the batch there has the right base offset and CRC); from that entry the
+//!   segment is scanned to its end. With a whole index that is a scan of at most one
+//!   index interval plus what was written since the index was last written: restart
+//!   time does not grow with the amount of data. A missing or torn index just means a
+//!   longer scan, and the index is written again;
+//! - every scanned batch must pass its framing and CRC check and carry the next dense
+//!   offset;
+//! - the scan of the last segment stops at the first batch that does not: a batch whose
+//!   base offset is *older* than expected is stale data of a recycled file and simply
+//!   marks the end; anything else is a torn tail from a crash and is cut off (truncated
+//!   and preallocated again, so it reads as zeros);
 //! - a sealed segment (any but the last) must end exactly at the next segment's base
-//!   offset; anything else is corruption that recovery refuses to paper over;
+//!   offset; anything else is corruption that recovery refuses to paper over. Damage in
+//!   the middle of a sealed segment, before its last index entry, is found when a read
+//!   reaches it (reads check every batch's CRC), and the partition refuses to serve past
+//!   it;
 //! - the recovered tail is fdatasync'ed before the log serves it, so a consumer never
 //!   reads bytes a second crash could take back.
 
@@ -14,7 +26,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::file::{LogFile, LogStorage};
-use super::log::{IndexEntry, LogConfig, Segment};
+use super::index::{self, IndexEntry};
+use super::log::{LogConfig, Segment};
 use super::{align_down, parse_segment_file_name, segment_file_name, StorageError};
 use crate::protocol::batch::{check_framing, BatchHeader, BATCH_HEADER_SIZE};
 
@@ -28,7 +41,7 @@ const SCAN_WINDOW_BYTES: usize = 1 << 20;
 
 /// How a segment scan ended.
 enum ScanEnd {
-    /// Zeros after the last batch (or the end of the file).
+    /// Zeros, stale data of a recycled file, or the end of the file.
     Clean,
     /// Something that is not a whole, valid, next-in-line batch.
     Torn { reason: String },
@@ -38,6 +51,7 @@ struct Scan {
     index: Vec<IndexEntry>,
     end_position: u64,
     next_offset: u64,
+    max_timestamp_ms: i64,
     end: ScanEnd,
 }
 
@@ -48,7 +62,7 @@ async fn sync_directory<S: LogStorage>(storage: &S, directory: &Path) -> Result<
         .map_err(|source| StorageError::io("syncing directory", directory, source))
 }
 
-async fn open_segment_file<S: LogStorage>(
+async fn open_file<S: LogStorage>(
     storage: &S,
     path: &Path,
     create: bool,
@@ -59,7 +73,7 @@ async fn open_segment_file<S: LogStorage>(
         .map_err(|source| StorageError::io("opening segment", path, source))
 }
 
-/// Creates, preallocates and makes durable a new empty segment.
+/// Creates, preallocates and makes durable a new empty segment and its index.
 pub(crate) async fn create_segment<S: LogStorage>(
     storage: &S,
     directory: &Path,
@@ -67,55 +81,72 @@ pub(crate) async fn create_segment<S: LogStorage>(
     config: &LogConfig,
 ) -> Result<Segment<S::File>, StorageError> {
     let path = directory.join(segment_file_name(base_offset));
-    let file = open_segment_file(storage, &path, true).await?;
-    let prepared = prepare_segment(storage, directory, &path, &file, config).await;
-    if let Err(error) = prepared {
-        // Leave no half-made segment behind: recovery would take it for the next one.
-        let _ = std::fs::remove_file(&path);
-        return Err(error);
+    let index_path = directory.join(index::index_file_name(base_offset));
+    let created = async {
+        let file = open_file(storage, &path, true).await?;
+        // Preallocating the whole segment (size included) means later writes never
+        // change the file size, so an fdatasync commits data without an inode update.
+        preallocate(&file, &path, config.segment_size_bytes).await?;
+        let index_file = open_file(storage, &index_path, true).await?;
+        preallocate(
+            &index_file,
+            &index_path,
+            index::index_file_size(config.segment_size_bytes, config.index_interval_bytes),
+        )
+        .await?;
+        sync_directory(storage, directory).await?;
+        Ok::<_, StorageError>((file, index_file))
     }
+    .await;
+    let (file, index_file) = match created {
+        Ok(files) => files,
+        Err(error) => {
+            // Leave no half-made segment behind: recovery would take it for the next one.
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&index_path);
+            return Err(error);
+        }
+    };
     Ok(Segment {
         base_offset,
         path,
         file: Rc::new(file),
+        index_path,
+        index_file: Rc::new(index_file),
         index: Vec::new(),
+        index_written: 0,
         end_position: 0,
         durable_position: 0,
         next_offset: base_offset,
+        max_timestamp_ms: i64::MIN,
     })
 }
 
-async fn prepare_segment<S: LogStorage>(
-    storage: &S,
-    directory: &Path,
-    path: &Path,
-    file: &S::File,
-    config: &LogConfig,
-) -> Result<(), StorageError> {
-    // Preallocating the whole segment (size included) means later writes never change
-    // the file size, so an fdatasync commits data without an inode size update.
-    file.pre_allocate(config.segment_size_bytes)
+async fn preallocate<F: LogFile>(file: &F, path: &Path, size: u64) -> Result<(), StorageError> {
+    file.pre_allocate(size)
         .await
-        .map_err(|source| StorageError::io("preallocating segment", path, source))?;
+        .map_err(|source| StorageError::io("preallocating", path, source))?;
     file.fdatasync()
         .await
-        .map_err(|source| StorageError::io("syncing new segment", path, source))?;
-    sync_directory(storage, directory).await
+        .map_err(|source| StorageError::io("syncing new file", path, source))
 }
 
+/// Scans `file` from `start` (a batch boundary holding offset `start_offset`), extending
+/// `index`, until the valid batches end.
 async fn scan_segment<F: LogFile>(
     file: &F,
     path: &Path,
-    base_offset: u64,
+    start: &IndexEntry,
+    mut index: Vec<IndexEntry>,
     config: &LogConfig,
 ) -> Result<Scan, StorageError> {
     let file_size = file
         .size()
         .await
         .map_err(|source| StorageError::io("sizing segment", path, source))?;
-    let mut index: Vec<IndexEntry> = Vec::new();
-    let mut position = 0u64;
-    let mut next_offset = base_offset;
+    let mut position = start.position;
+    let mut next_offset = start.offset;
+    let mut max_timestamp_ms = start.timestamp_ms;
     let mut need = 0usize;
     let end = loop {
         if position + BATCH_HEADER_SIZE as u64 > file_size {
@@ -138,6 +169,11 @@ async fn scan_segment<F: LogFile>(
             let header = BatchHeader::read(rest).expect("length checked");
             let batch_length = header.batch_length as usize;
             let batch_position = position + at as u64;
+            if header.base_offset < next_offset && check_framing(rest).is_ok() {
+                // A whole batch from an earlier life of a recycled file.
+                stop = Some(ScanEnd::Clean);
+                break;
+            }
             // Bounded by the file, not by today's chunk size: a batch written under a
             // larger chunk_size_bytes is still a whole, acknowledged batch.
             if batch_length < BATCH_HEADER_SIZE {
@@ -173,6 +209,7 @@ async fn scan_segment<F: LogFile>(
                 });
                 break;
             }
+            max_timestamp_ms = max_timestamp_ms.max(header.max_timestamp_ms);
             let due = index.last().is_none_or(|last| {
                 batch_position - last.position >= u64::from(config.index_interval_bytes)
             });
@@ -180,6 +217,7 @@ async fn scan_segment<F: LogFile>(
                 index.push(IndexEntry {
                     offset: next_offset,
                     position: batch_position,
+                    timestamp_ms: max_timestamp_ms,
                 });
             }
             next_offset = header.next_offset();
@@ -197,8 +235,99 @@ async fn scan_segment<F: LogFile>(
         index,
         end_position: position,
         next_offset,
+        max_timestamp_ms,
         end,
     })
+}
+
+/// Whether the batch an index entry points at is really there: the right base offset
+/// and a valid CRC.
+async fn entry_checks_out<F: LogFile>(file: &F, entry: &IndexEntry) -> bool {
+    let Ok(header) = file.read_at(entry.position, BATCH_HEADER_SIZE).await else {
+        return false;
+    };
+    let Some(parsed) = BatchHeader::read(&header) else {
+        return false;
+    };
+    if parsed.base_offset != entry.offset {
+        return false;
+    }
+    match file
+        .read_at(entry.position, parsed.batch_length as usize)
+        .await
+    {
+        Ok(batch) => check_framing(&batch).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Loads the valid, verified prefix of an index file (empty when there is none).
+async fn load_index<S: LogStorage>(
+    storage: &S,
+    index_path: &Path,
+    segment: &S::File,
+    base_offset: u64,
+) -> Result<(S::File, Vec<IndexEntry>), StorageError> {
+    let index_file = open_file(storage, index_path, true).await?;
+    let size = index_file
+        .size()
+        .await
+        .map_err(|source| StorageError::io("sizing index", index_path, source))?;
+    let mut entries = if size == 0 {
+        Vec::new()
+    } else {
+        let bytes = index_file
+            .read_at(0, size as usize)
+            .await
+            .map_err(|source| StorageError::io("reading index", index_path, source))?;
+        index::decode_entries(&bytes, base_offset)
+    };
+    // Trust the last entry only once the segment confirms it; entries written ahead of
+    // a crash may point past the data that survived.
+    while let Some(last) = entries.last() {
+        if entry_checks_out(segment, last).await {
+            break;
+        }
+        entries.pop();
+    }
+    Ok((index_file, entries))
+}
+
+/// Writes a segment's whole index again (after recovery changed or rebuilt it) and makes
+/// it durable.
+pub(crate) async fn rewrite_index<F: LogFile>(
+    file: &F,
+    path: &Path,
+    entries: &[IndexEntry],
+    base_offset: u64,
+    config: &LogConfig,
+) -> Result<(), StorageError> {
+    let size = index::index_file_size(config.segment_size_bytes, config.index_interval_bytes);
+    file.truncate(0)
+        .await
+        .map_err(|source| StorageError::io("truncating index", path, source))?;
+    file.pre_allocate(size)
+        .await
+        .map_err(|source| StorageError::io("preallocating index", path, source))?;
+    if !entries.is_empty() {
+        let length = super::align_up((entries.len() * index::INDEX_ENTRY_SIZE) as u64) as usize;
+        let mut buffer = glommio::allocate_dma_buffer(length);
+        index::encode_entries(entries, base_offset, buffer.as_bytes_mut());
+        let written = file
+            .write_at(Rc::new(buffer), 0)
+            .await
+            .map_err(|source| StorageError::io("writing index", path, source))?;
+        if written != length {
+            return Err(StorageError::NoSpace {
+                operation: "writing index",
+                path: path.to_path_buf(),
+                detail: format!("short write of {written} of {length} bytes"),
+            });
+        }
+    }
+    file.fdatasync()
+        .await
+        .map_err(|source| StorageError::io("syncing index", path, source))
 }
 
 /// Opens every segment in `directory` (creating the directory and a first segment when
@@ -235,12 +364,12 @@ pub(crate) async fn recover<S: LogStorage>(
             tail_bytes: Vec::new(),
         });
     }
-    let mut segments = Vec::with_capacity(base_offsets.len());
+    let mut segments: Vec<Segment<S::File>> = Vec::with_capacity(base_offsets.len());
     let last = base_offsets.len() - 1;
     for (number, base_offset) in base_offsets.iter().copied().enumerate() {
         let path: PathBuf = directory.join(segment_file_name(base_offset));
+        let index_path = directory.join(index::index_file_name(base_offset));
         if let Some(previous) = segments.last() {
-            let previous: &Segment<S::File> = previous;
             if previous.next_offset != base_offset {
                 return Err(StorageError::Corrupt {
                     path: previous.path.clone(),
@@ -252,8 +381,15 @@ pub(crate) async fn recover<S: LogStorage>(
                 });
             }
         }
-        let file = open_segment_file(storage, &path, false).await?;
-        let scan = scan_segment(&file, &path, base_offset, config).await?;
+        let file = open_file(storage, &path, false).await?;
+        let (index_file, loaded) = load_index(storage, &index_path, &file, base_offset).await?;
+        let loaded_count = loaded.len();
+        let start = loaded.last().copied().unwrap_or(IndexEntry {
+            offset: base_offset,
+            position: 0,
+            timestamp_ms: i64::MIN,
+        });
+        let scan = scan_segment(&file, &path, &start, loaded, config).await?;
         if let ScanEnd::Torn { reason } = &scan.end {
             if number != last {
                 return Err(StorageError::Corrupt {
@@ -267,29 +403,38 @@ pub(crate) async fn recover<S: LogStorage>(
                 path.display(),
                 scan.end_position
             );
-        }
-        if number == last && matches!(scan.end, ScanEnd::Torn { .. }) {
             // Cut the torn batch and preallocate again so the cut range reads as zeros.
-            // A clean end (zeros after the last batch) is left alone: its blocks may be
-            // already-written extents, which are much faster to overwrite than fresh ones.
+            // A clean end is left alone: its blocks may be already-written extents, much
+            // faster to overwrite than fresh ones.
             file.truncate(scan.end_position)
                 .await
                 .map_err(|source| StorageError::io("truncating segment", &path, source))?;
             file.pre_allocate(config.segment_size_bytes)
                 .await
                 .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
+        }
+        if number == last {
             file.fdatasync()
                 .await
                 .map_err(|source| StorageError::io("syncing segment", &path, source))?;
         }
+        let index_complete = scan.index.len() == loaded_count && number != last;
+        if !index_complete {
+            rewrite_index(&index_file, &index_path, &scan.index, base_offset, config).await?;
+        }
+        let index_written = scan.index.len();
         segments.push(Segment {
             base_offset,
             path,
             file: Rc::new(file),
+            index_path,
+            index_file: Rc::new(index_file),
             index: scan.index,
+            index_written,
             end_position: scan.end_position,
             durable_position: scan.end_position,
             next_offset: scan.next_offset,
+            max_timestamp_ms: scan.max_timestamp_ms,
         });
     }
     let tail = segments.last().expect("at least one segment");

@@ -282,39 +282,44 @@ fn recovery_cuts_a_corrupted_last_batch_and_keeps_earlier_ones() {
     check_dense(&records, 0);
 }
 
-#[test]
-fn recovery_refuses_a_gap_between_sealed_segments() {
-    let (root, directory) = partition_dir();
-    let moved = directory.clone();
-    run(root.path(), move || async move {
-        let log = open(&moved).await;
+/// Writes ten-record batches until the log has `segments` segments; returns the next
+/// offset.
+fn fill_segments(root: &Path, directory: &Path, segments: usize) -> u64 {
+    let directory = directory.to_path_buf();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root, move || async move {
+        let log = open(&directory).await;
         let mut next = 0;
-        while log.segment_count() < 3 {
+        while log.segment_count() < segments {
             log.append(&batch(next, 10, 1000)).await.unwrap();
             next += 10;
         }
         log.wait_durable(next).await.unwrap();
         log.close().await;
+        sender.send(next).unwrap();
     });
-    let mut segments: Vec<_> = std::fs::read_dir(&directory)
+    receiver.recv().unwrap()
+}
+
+fn segment_files(directory: &Path) -> Vec<PathBuf> {
+    let mut segments: Vec<_> = std::fs::read_dir(directory)
         .unwrap()
         .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
         .collect();
     segments.sort();
-    // Damage the middle of the first (sealed) segment.
-    let mut bytes = std::fs::read(&segments[0]).unwrap();
-    bytes[9000] ^= 0xff;
-    std::fs::write(&segments[0], &bytes).unwrap();
+    segments
+}
+
+#[test]
+fn recovery_refuses_a_gap_between_sealed_segments() {
+    let (root, directory) = partition_dir();
+    fill_segments(root.path(), &directory, 3);
+    let segments = segment_files(&directory);
+    std::fs::remove_file(&segments[1]).unwrap();
     let (sender, receiver) = std::sync::mpsc::channel();
     run(root.path(), move || async move {
-        let outcome = PartitionLog::<DmaStorage>::open(
-            Rc::new(DmaStorage),
-            directory,
-            config(),
-            ChunkBudget::new(1 << 20, config().chunk_size_bytes),
-            Rc::new(Notify::new()),
-        )
-        .await;
+        let outcome = open_with(Rc::new(DmaStorage), &directory).await;
         sender
             .send(outcome.err().map(|error| error.to_string()))
             .unwrap();
@@ -322,8 +327,59 @@ fn recovery_refuses_a_gap_between_sealed_segments() {
     let error = receiver
         .recv()
         .unwrap()
-        .expect("a damaged sealed segment is refused");
-    assert!(error.contains("corrupt"), "{error}");
+        .expect("a missing sealed segment is refused");
+    assert!(
+        error.contains("corrupt") && error.contains("next segment starts"),
+        "{error}"
+    );
+}
+
+#[test]
+fn damage_inside_a_sealed_segment_is_reported_with_its_position_and_not_served_past() {
+    let (root, directory) = partition_dir();
+    let next = fill_segments(root.path(), &directory, 3);
+    let segments = segment_files(&directory);
+    // Damage a record byte in the middle of the first, sealed segment.
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    bytes[60_000] ^= 0xff;
+    std::fs::write(&segments[0], &bytes).unwrap();
+    run(root.path(), move || async move {
+        // The index spares the open a scan of sealed segments: it succeeds...
+        let log = open(&directory).await;
+        assert_eq!(log.next_offset(), next);
+        // ...and the first read that reaches the damage reports it, with its position.
+        let mut offset = 0;
+        let error = loop {
+            match log.read(offset, 16 * 1024).await {
+                Ok(bytes) => {
+                    let mut records = Vec::new();
+                    decode_records(&bytes, offset, &mut records).unwrap();
+                    check_dense(&records, offset);
+                    offset = records.last().expect("progress before the damage").offset + 1;
+                }
+                Err(error) => break error,
+            }
+        };
+        let StorageError::Corrupt { position, .. } = &error else {
+            panic!("expected Corrupt, got {error:?}")
+        };
+        assert!(
+            *position <= 60_000 && 60_000 - *position < 20_000,
+            "position {position}"
+        );
+        // Nothing at or past the damaged batch is served, however it is asked for.
+        assert!(matches!(
+            log.read(offset, 1024).await,
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            log.read(next - 1, 1024).await,
+            Err(StorageError::Corrupt { .. })
+        ));
+        // What lies before it still is.
+        assert!(!log.read(0, 1024).await.unwrap().is_empty());
+        log.close().await;
+    });
 }
 
 #[test]
@@ -662,4 +718,110 @@ async fn model_run(seed: u64, directory: &Path) {
         }
     }
     log.close().await;
+}
+
+#[test]
+fn a_missing_or_torn_index_is_rebuilt_from_its_segment() {
+    let (root, directory) = partition_dir();
+    let next = fill_segments(root.path(), &directory, 3);
+    let indexes: Vec<PathBuf> = {
+        let mut files: Vec<_> = std::fs::read_dir(&directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "index")
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(indexes.len(), 3, "one index per segment");
+    let sealed_index = std::fs::read(&indexes[0]).unwrap();
+    assert!(
+        sealed_index[16..32].iter().any(|byte| *byte != 0),
+        "a sealed index holds entries"
+    );
+    // Lose the first index entirely, tear the second one's second block with garbage.
+    std::fs::remove_file(&indexes[0]).unwrap();
+    let mut torn = std::fs::read(&indexes[1]).unwrap();
+    for byte in &mut torn[40..4096] {
+        *byte = 0x5a;
+    }
+    std::fs::write(&indexes[1], &torn).unwrap();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&moved).await;
+        assert_eq!(log.next_offset(), next);
+        let records = read_all(&log, 0).await;
+        check_dense(&records, 0);
+        assert_eq!(records.len() as u64, next);
+        log.close().await;
+    });
+    let rebuilt = std::fs::read(&indexes[0]).expect("the missing index is written again");
+    assert_eq!(
+        &rebuilt[..4096],
+        &sealed_index[..4096],
+        "rebuilt to the same entries"
+    );
+}
+
+fn batch_with_timestamps(timestamps: &[i64]) -> Bytes {
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    for timestamp in timestamps {
+        builder.push(*timestamp, None, format!("t{timestamp}").as_bytes(), &[]);
+    }
+    builder.finish()
+}
+
+#[test]
+fn offsets_are_found_by_timestamp_across_segments_and_restarts() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        // Timestamps 0, 10, 20, ... one record per 10 ms, in batches of 50 records of
+        // ~1 KiB, so several segments and many index entries are involved.
+        let mut next = 0u64;
+        while next < 1_000 {
+            let timestamps: Vec<i64> = (next..next + 50).map(|offset| offset as i64 * 10).collect();
+            let mut builder = BatchBuilder::new(BytesMut::new());
+            for timestamp in &timestamps {
+                builder.push(*timestamp, None, &[b'x'; 1000], &[]);
+            }
+            log.append(&builder.finish()).await.unwrap();
+            next += 50;
+        }
+        // A producer with a clock that went back: an earlier timestamp later in the log.
+        log.append(&batch_with_timestamps(&[5])).await.unwrap();
+        log.wait_durable(1_001).await.unwrap();
+        assert!(log.segment_count() >= 2);
+        for (timestamp, expected) in [
+            (0, 0),
+            (1, 1),
+            (10, 1),
+            (4_995, 500),
+            (9_990, 999),
+            (9_991, 1_001),
+        ] {
+            assert_eq!(
+                log.offset_for_timestamp(timestamp).await.unwrap(),
+                expected,
+                "t={timestamp}"
+            );
+        }
+        log.close().await;
+        drop(log);
+        let log = open(&directory).await;
+        assert_eq!(
+            log.offset_for_timestamp(4_995).await.unwrap(),
+            500,
+            "the time index survives a restart"
+        );
+        assert_eq!(
+            log.offset_for_timestamp(i64::MAX).await.unwrap(),
+            1_001,
+            "nothing that late: the end"
+        );
+        log.close().await;
+    });
 }
