@@ -55,10 +55,10 @@ fn produce_and_fetch_one_batch_raw() {
     let ResponseBody::Fetch(response) = response else {
         panic!()
     };
-    let data = response.topics[0].partitions[0].result.clone().unwrap();
+    let data = response.topics[0].partitions[0].data.clone();
     assert_eq!(data.high_watermark, 2);
     let mut records = Vec::new();
-    batch::decode_records(&data.batches, 0, &mut records).unwrap();
+    batch::decode_records(&data.batches.unwrap(), 0, &mut records).unwrap();
     let values: Vec<&[u8]> = records.iter().map(|r| &r.value[..]).collect();
     assert_eq!(values, vec![&b"a"[..], &b"b"[..]]);
 }

@@ -44,8 +44,18 @@ pub fn fetch_records_from_response(
             ),
         });
     };
-    let data = match &found.result {
-        Ok(data) => data,
+    let data = &found.data;
+    let batches = match &data.batches {
+        Ok(batches) => batches,
+        Err(error) if error.code == ErrorCode::OffsetOutOfRange => {
+            return Err(ClientError::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                partition,
+                requested: offset,
+                log_start_offset: data.log_start_offset,
+                high_watermark: data.high_watermark,
+            })
+        }
         Err(error) => {
             return Err(ClientError::PartitionRefused {
                 topic: topic.to_owned(),
@@ -55,7 +65,7 @@ pub fn fetch_records_from_response(
         }
     };
     let mut records = Vec::new();
-    decode_records(&data.batches, offset, &mut records).map_err(|source| ClientError::Batch {
+    decode_records(batches, offset, &mut records).map_err(|source| ClientError::Batch {
         topic: topic.to_owned(),
         partition,
         source,

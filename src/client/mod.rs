@@ -77,6 +77,14 @@ pub enum ClientError {
         partition: u32,
         error: WireError,
     },
+    /// A fetch asked for an offset outside what the partition stores.
+    OffsetOutOfRange {
+        topic: String,
+        partition: u32,
+        requested: u64,
+        log_start_offset: u64,
+        high_watermark: u64,
+    },
     /// A fetched record batch failed its CRC or framing check.
     Batch {
         topic: String,
@@ -117,6 +125,7 @@ impl ClientError {
             ClientError::Broker(error) | ClientError::PartitionRefused { error, .. } => {
                 Some(error.code)
             }
+            ClientError::OffsetOutOfRange { .. } => Some(ErrorCode::OffsetOutOfRange),
             _ => None,
         }
     }
@@ -138,6 +147,16 @@ impl fmt::Display for ClientError {
                 partition,
                 error,
             } => write!(f, "broker refused topic {topic:?} partition {partition}: {error}"),
+            ClientError::OffsetOutOfRange {
+                topic,
+                partition,
+                requested,
+                log_start_offset,
+                high_watermark,
+            } => write!(
+                f,
+                "offset {requested} of topic {topic:?} partition {partition} is outside the stored range [{log_start_offset}, {high_watermark}]"
+            ),
             ClientError::Batch {
                 topic,
                 partition,

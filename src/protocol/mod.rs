@@ -579,20 +579,34 @@ pub struct FetchRequest {
     pub topics: Vec<FetchTopic>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One partition's answer to a fetch. The offsets are sent with errors too, so an
+/// `OffsetOutOfRange` carries the valid range `[log_start_offset, high_watermark]`;
+/// they are 0 when the partition is unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchPartitionData {
     /// The first offset still stored.
     pub log_start_offset: u64,
     /// One past the last offset a consumer may read (the durable watermark).
     pub high_watermark: u64,
-    /// Whole record batches, concatenated; may begin before the requested offset.
-    pub batches: Bytes,
+    /// Whole record batches, concatenated (may begin before the requested offset), or
+    /// why there are none.
+    pub batches: Result<Bytes, WireError>,
+}
+
+impl FetchPartitionData {
+    pub fn refused(error: WireError) -> FetchPartitionData {
+        FetchPartitionData {
+            log_start_offset: 0,
+            high_watermark: 0,
+            batches: Err(error),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchPartitionResult {
     pub partition: u32,
-    pub result: Result<FetchPartitionData, WireError>,
+    pub data: FetchPartitionData,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -863,20 +877,11 @@ pub fn encode_response(
                     writer.count(topic.partitions.len());
                     for partition in &topic.partitions {
                         writer.u32(partition.partition);
-                        match &partition.result {
-                            Ok(data) => {
-                                encode_status(writer, None);
-                                writer.u64(data.log_start_offset);
-                                writer.u64(data.high_watermark);
-                                writer.bytes(&data.batches);
-                            }
-                            Err(error) => {
-                                encode_status(writer, Some(error));
-                                writer.u64(0);
-                                writer.u64(0);
-                                writer.bytes(&[]);
-                            }
-                        }
+                        let data = &partition.data;
+                        encode_status(writer, data.batches.as_ref().err());
+                        writer.u64(data.log_start_offset);
+                        writer.u64(data.high_watermark);
+                        writer.bytes(data.batches.as_deref().unwrap_or_default());
                     }
                 }
             }
@@ -987,13 +992,13 @@ pub fn decode_response(
                     let batches = reader.bytes("batches")?;
                     partitions.push(FetchPartitionResult {
                         partition,
-                        result: match error {
-                            None => Ok(FetchPartitionData {
-                                log_start_offset,
-                                high_watermark,
-                                batches,
-                            }),
-                            Some(error) => Err(error),
+                        data: FetchPartitionData {
+                            log_start_offset,
+                            high_watermark,
+                            batches: match error {
+                                None => Ok(batches),
+                                Some(error) => Err(error),
+                            },
                         },
                     });
                 }
@@ -1126,14 +1131,27 @@ mod tests {
             ResponseBody::Fetch(FetchResponse {
                 topics: vec![FetchTopicResult {
                     name: "t".into(),
-                    partitions: vec![FetchPartitionResult {
-                        partition: 0,
-                        result: Ok(FetchPartitionData {
-                            log_start_offset: 0,
-                            high_watermark: 5,
-                            batches: Bytes::from_static(b"xyz"),
-                        }),
-                    }],
+                    partitions: vec![
+                        FetchPartitionResult {
+                            partition: 0,
+                            data: FetchPartitionData {
+                                log_start_offset: 0,
+                                high_watermark: 5,
+                                batches: Ok(Bytes::from_static(b"xyz")),
+                            },
+                        },
+                        FetchPartitionResult {
+                            partition: 1,
+                            data: FetchPartitionData {
+                                log_start_offset: 7,
+                                high_watermark: 9,
+                                batches: Err(WireError::new(
+                                    ErrorCode::OffsetOutOfRange,
+                                    "offset 3 is outside [7, 9]",
+                                )),
+                            },
+                        },
+                    ],
                 }],
             }),
         ];

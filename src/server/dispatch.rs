@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::protocol::batch::{validate_batch, BatchError};
 use crate::protocol::{
-    ErrorCode, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult,
+    ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult,
     HandshakeResponse, MetadataRequest, MetadataResponse, PartitionMetadata,
     ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopicResult, Request,
     ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
@@ -228,6 +228,16 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
     response
 }
 
+/// Whether a fetch reply has something to tell the consumer: data or an error.
+fn has_news(reply: &ShardReply) -> bool {
+    match reply {
+        ShardReply::Fetch(results) => results
+            .iter()
+            .any(|data| data.batches.as_ref().map_or(true, |batches| !batches.is_empty())),
+        _ => true,
+    }
+}
+
 fn unexpected(reply: &ShardReply) -> WireError {
     WireError::new(
         ErrorCode::Internal,
@@ -280,7 +290,14 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
             });
             partitions.push(FetchPartitionResult {
                 partition: entry.partition,
-                result: result.map(|()| Default::default()),
+                // Filled in below from the owner's reply when the partition exists.
+                data: match result {
+                    Ok(()) => FetchPartitionData::refused(WireError::new(
+                        ErrorCode::Internal,
+                        "no reply from the owning shard",
+                    )),
+                    Err(error) => FetchPartitionData::refused(error),
+                },
             });
         }
         response.topics.push(FetchTopicResult {
@@ -305,24 +322,18 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
         items,
     })
     .await;
-    let anything = replies.iter().any(|(_, reply)| match reply {
-        ShardReply::Fetch(results) => results.iter().any(|result| match result {
-            Ok(data) => !data.batches.is_empty(),
-            Err(_) => true,
-        }),
-        _ => true,
-    });
+    let anything = replies.iter().any(|(_, reply)| has_news(reply));
     if several && !anything && !wait.is_zero() {
         replies = wait_for_first(shard, groups, wait, bytes_max).await;
     }
     for (slots, reply) in replies {
         let results = match reply {
             ShardReply::Fetch(results) => results,
-            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
-            other => vec![Err(unexpected(&other)); slots.len()],
+            ShardReply::Done(Err(error)) => vec![FetchPartitionData::refused(error); slots.len()],
+            other => vec![FetchPartitionData::refused(unexpected(&other)); slots.len()],
         };
-        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
-            response.topics[topic_index].partitions[partition_index].result = result;
+        for ((topic_index, partition_index), data) in slots.into_iter().zip(results) {
+            response.topics[topic_index].partitions[partition_index].data = data;
         }
     }
     trim_to_budget(
@@ -340,11 +351,11 @@ fn trim_to_budget(response: &mut FetchResponse, bytes_max: usize) {
     let mut used = 0usize;
     for topic in &mut response.topics {
         for partition in &mut topic.partitions {
-            if let Ok(data) = &mut partition.result {
-                if used > 0 && used + data.batches.len() > bytes_max {
-                    data.batches = bytes::Bytes::new();
+            if let Ok(batches) = &mut partition.data.batches {
+                if used > 0 && used + batches.len() > bytes_max {
+                    *batches = bytes::Bytes::new();
                 }
-                used += data.batches.len();
+                used += batches.len();
             }
         }
     }
@@ -381,14 +392,7 @@ async fn wait_for_first(
     drop(sender);
     let mut replies: Vec<Option<ShardReply>> = groups.iter().map(|_| None).collect();
     while let Some((index, reply)) = receiver.next().await {
-        let has_data = match &reply {
-            ShardReply::Fetch(results) => results.iter().any(|result| {
-                result
-                    .as_ref()
-                    .map_or(true, |data| !data.batches.is_empty())
-            }),
-            _ => true,
-        };
+        let has_data = has_news(&reply);
         replies[index] = Some(reply);
         if has_data {
             break;

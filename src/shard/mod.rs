@@ -75,7 +75,7 @@ pub enum ShardRequest {
 #[derive(Debug)]
 pub enum ShardReply {
     Produce(Vec<Result<u64, WireError>>),
-    Fetch(Vec<Result<FetchPartitionData, WireError>>),
+    Fetch(Vec<FetchPartitionData>),
     Done(Result<(), WireError>),
 }
 
@@ -389,7 +389,7 @@ impl Shard {
         wait: Duration,
         bytes_max: u32,
         items: Vec<FetchItem>,
-    ) -> Vec<Result<FetchPartitionData, WireError>> {
+    ) -> Vec<FetchPartitionData> {
         let wait = wait.min(Duration::from_millis(u64::from(
             self.config.fetch_wait_ms_max,
         )));
@@ -421,7 +421,7 @@ impl Shard {
             let log = match self.log(&item.topic, item.partition) {
                 Ok(log) => log,
                 Err(error) => {
-                    results.push(Err(error));
+                    results.push(FetchPartitionData::refused(error));
                     continue;
                 }
             };
@@ -431,17 +431,17 @@ impl Shard {
             let budget = (item.bytes_max as usize)
                 .min(bytes_max.saturating_sub(used))
                 .max(1);
-            match log.read(item.offset, budget).await {
-                Ok(batches) => {
-                    used += batches.len();
-                    results.push(Ok(FetchPartitionData {
-                        log_start_offset: log.log_start_offset(),
-                        high_watermark: log.high_watermark(),
-                        batches,
-                    }));
-                }
-                Err(error) => results.push(Err(self.wire_error(&error))),
-            }
+            let batches = log
+                .read(item.offset, budget)
+                .await
+                .map_err(|error| self.wire_error(&error));
+            used += batches.as_ref().map_or(0, Bytes::len);
+            // Sent with errors too: an OffsetOutOfRange carries the valid range.
+            results.push(FetchPartitionData {
+                log_start_offset: log.log_start_offset(),
+                high_watermark: log.high_watermark(),
+                batches,
+            });
         }
         results
     }

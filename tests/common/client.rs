@@ -61,11 +61,9 @@ pub async fn stored_batches(client: &Client, topic: &str, partition: u32) -> Vec
             })
             .await
             .expect("fetch");
-        let data = response.topics[0].partitions[0]
-            .result
-            .clone()
-            .expect("partition readable");
-        let mut bytes = &data.batches[..];
+        let data = response.topics[0].partitions[0].data.clone();
+        let batches = data.batches.clone().expect("partition readable");
+        let mut bytes = &batches[..];
         let before = headers.len();
         while !bytes.is_empty() {
             let header = check_framing(bytes).expect("stored batches pass framing and CRC");

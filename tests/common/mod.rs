@@ -197,12 +197,10 @@ impl RawClient {
             let ResponseBody::Fetch(response) = response else {
                 panic!("fetch answered with {response:?}")
             };
-            let data = response.topics[0].partitions[0]
-                .result
-                .clone()
-                .expect("partition readable");
+            let data = response.topics[0].partitions[0].data.clone();
+            let batches = data.batches.clone().expect("partition readable");
             let before = records.len();
-            decode_records(&data.batches, next, &mut records).expect("batches pass their CRC");
+            decode_records(&batches, next, &mut records).expect("batches pass their CRC");
             if records.len() == before {
                 assert_eq!(
                     next, data.high_watermark,
