@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// What a write or sync error other than "disk full" does once the partition has
     /// stopped: exit the process (default) or leave the other partitions serving.
     pub storage_failure_policy: FailurePolicy,
+    /// How often each shard applies its partitions' retention.
+    pub retention_check_interval_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +79,7 @@ impl Default for ServerConfig {
             mesh_channel_capacity: 1024,
             storage_full_retry_ms: 1000,
             storage_failure_policy: FailurePolicy::ExitProcess,
+            retention_check_interval_ms: 10_000,
         }
     }
 }
@@ -160,6 +163,10 @@ impl ServerConfig {
             (
                 "storage_full_retry_ms",
                 u64::from(self.storage_full_retry_ms),
+            ),
+            (
+                "retention_check_interval_ms",
+                u64::from(self.retention_check_interval_ms),
             ),
         ] {
             if value == 0 {

@@ -204,7 +204,9 @@ fn topic_list_describe_and_delete() {
     let described = run(&["topic", "describe", "orders"]);
     described.assert_success("topic describe");
     assert!(
-        described.stdout.starts_with("topic orders: 4 partitions\n"),
+        described
+            .stdout
+            .starts_with("topic orders: 4 partitions, retention bytes none ms none\n"),
         "{}",
         described.stdout
     );
@@ -375,4 +377,78 @@ fn serve_runs_until_sigterm_and_exits_cleanly() {
         }
     };
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn retention_flags_alter_and_consume_from_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 1);
+    let address = broker.addr().to_string();
+    let run = |arguments: &[&str], stdin: &str| shardq(&with_server(&address, arguments), stdin);
+
+    run(
+        &[
+            "topic",
+            "create",
+            "kept",
+            "--partitions",
+            "1",
+            "--retention-bytes",
+            "1048576",
+        ],
+        "",
+    )
+    .assert_success("topic create with retention");
+    let described = run(&["topic", "describe", "kept", "--json"], "");
+    described.assert_success("describe");
+    let json: serde_json::Value = serde_json::from_str(described.stdout.trim()).unwrap();
+    assert_eq!(json["retention_bytes"], 1_048_576);
+    assert_eq!(json["retention_ms"], 0);
+    run(&["topic", "alter", "kept", "--retention-ms", "60000"], "").assert_success("alter");
+    let described = run(&["topic", "describe", "kept"], "");
+    assert!(
+        described.stdout.contains("retention bytes none ms 60000"),
+        "{}",
+        described.stdout
+    );
+
+    // The CLI stamps records with the time of sending: everything produced after `middle`
+    // is found from it, nothing before.
+    run(&["produce", "kept"], "early\n").assert_success("produce early");
+    let middle = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1;
+    // Wait out the millisecond so "late" is stamped strictly after `middle - 1`.
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64)
+        < middle
+    {
+        std::hint::spin_loop();
+    }
+    run(&["produce", "kept"], "late\n").assert_success("produce late");
+    let from = middle.to_string();
+    let consumed = run(
+        &["consume", "kept", "--from-time", &from, "--timeout-ms", "0"],
+        "",
+    );
+    consumed.assert_success("consume --from-time");
+    assert_eq!(consumed.stdout, "late\n");
+    let all = run(
+        &[
+            "consume",
+            "kept",
+            "--from-time",
+            "1970-01-01T00:00:00Z",
+            "--timeout-ms",
+            "0",
+        ],
+        "",
+    );
+    assert_eq!(all.stdout, "early\nlate\n");
+    let bad = run(&["consume", "kept", "--from-time", "yesterday"], "");
+    assert_eq!(bad.status.code(), Some(2), "a bad time is a usage error");
 }

@@ -184,7 +184,16 @@ async fn fetch_records_skips_earlier_records_and_reports_partition_errors() {
         .unwrap_err();
     assert!(is_offset_out_of_range(&error), "{error}");
     assert!(
-        matches!(&error, ClientError::PartitionRefused { topic, partition: 0, .. } if topic == "t"),
+        matches!(
+            &error,
+            ClientError::OffsetOutOfRange {
+                topic,
+                partition: 0,
+                requested: 4,
+                log_start_offset: 0,
+                high_watermark: 3,
+            } if topic == "t"
+        ),
         "{error}"
     );
     let error = client

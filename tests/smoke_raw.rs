@@ -12,6 +12,7 @@ fn produce_and_fetch_one_batch_raw() {
         .call(&Request::CreateTopic(CreateTopicRequest {
             name: "t".into(),
             partitions: 2,
+            retention: Default::default(),
         }))
         .unwrap();
     let response = client

@@ -21,7 +21,7 @@ use tokio::io::AsyncBufReadExt;
 
 use shardq::client::{
     Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, SendHandle, StartPosition,
+    ProducerRecord, Retention, SendHandle, StartPosition,
 };
 use shardq::config::ServerConfig;
 use shardq::server::ServerError;
@@ -91,6 +91,14 @@ pub enum TopicCommand {
         name: String,
         #[arg(long, value_name = "N", default_value_t = 1)]
         partitions: u32,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// Change a topic's retention (both limits are set; an omitted one means no limit).
+    Alter {
+        name: String,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// List topics and their partition counts.
     List {
@@ -106,6 +114,27 @@ pub enum TopicCommand {
     },
     /// Delete a topic and its data.
     Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Delete whole old segments while each partition would still hold this many bytes
+    /// without them (default: no limit).
+    #[arg(long, value_name = "BYTES")]
+    pub retention_bytes: Option<u64>,
+    /// Delete whole old segments whose last append is older than this (default: no
+    /// limit).
+    #[arg(long, value_name = "MS")]
+    pub retention_ms: Option<u64>,
+}
+
+impl RetentionArgs {
+    fn retention(&self) -> Retention {
+        Retention {
+            bytes_max: self.retention_bytes.unwrap_or(0),
+            ms_max: self.retention_ms.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -128,11 +157,16 @@ pub struct ProduceArgs {
 pub struct ConsumeArgs {
     pub topic: String,
     /// Start at the first stored message (default: only messages produced from now on).
-    #[arg(long, conflicts_with = "offset")]
+    #[arg(long, conflicts_with_all = ["offset", "from_time"])]
     pub from_beginning: bool,
     /// Start at this offset (in every partition read).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "from_time")]
     pub offset: Option<u64>,
+    /// Start at the first message with a timestamp at or after this time: RFC 3339
+    /// (`2026-11-28T12:00:00Z`, `2026-11-28T13:00:00.5+01:00`) or milliseconds since the
+    /// epoch.
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    pub from_time: Option<i64>,
     /// Read only this partition (default: all).
     #[arg(long, value_name = "P")]
     pub partition: Option<u32>,
@@ -268,10 +302,18 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
 
 async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
     match command {
-        TopicCommand::Create { name, partitions } => client
-            .create_topic(&name, partitions)
+        TopicCommand::Create {
+            name,
+            partitions,
+            retention,
+        } => client
+            .create_topic_with(&name, partitions, retention.retention())
             .await
             .map_err(client_context(format!("creating topic {name:?}"))),
+        TopicCommand::Alter { name, retention } => client
+            .alter_topic(&name, retention.retention())
+            .await
+            .map_err(client_context(format!("altering topic {name:?}"))),
         TopicCommand::Delete { name } => client
             .delete_topic(&name)
             .await
@@ -335,10 +377,28 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                     .collect();
                 format!(
                     "{}\n",
-                    json!({ "name": name, "partitions": partitions, "shard_ports": metadata.shard_ports })
+                    json!({
+                        "name": name,
+                        "partitions": partitions,
+                        "shard_ports": metadata.shard_ports,
+                        "retention_bytes": topic.retention.bytes_max,
+                        "retention_ms": topic.retention.ms_max,
+                    })
                 )
             } else {
-                let mut text = format!("topic {name}: {} partitions\n", topic.partitions.len());
+                let limit = |value: u64| {
+                    if value == 0 {
+                        "none".to_owned()
+                    } else {
+                        value.to_string()
+                    }
+                };
+                let mut text = format!(
+                    "topic {name}: {} partitions, retention bytes {} ms {}\n",
+                    topic.partitions.len(),
+                    limit(topic.retention.bytes_max),
+                    limit(topic.retention.ms_max)
+                );
                 for partition in &topic.partitions {
                     let port = port_of(partition.shard)
                         .map_or_else(|| "unknown".to_owned(), |port| port.to_string());
@@ -352,6 +412,76 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
             write_stdout(&text)
         }
     }
+}
+
+/// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`) or plain epoch
+/// milliseconds into milliseconds since the epoch.
+pub fn parse_time_ms(text: &str) -> Result<i64, String> {
+    if let Ok(milliseconds) = text.parse::<i64>() {
+        return Ok(milliseconds);
+    }
+    let invalid =
+        || format!("{text:?} is neither RFC 3339 (2026-11-28T12:00:00Z) nor epoch milliseconds");
+    let bytes = text.as_bytes();
+    if bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !matches!(bytes[10], b'T' | b't' | b' ')
+        || bytes[13] != b':'
+        || bytes[16] != b':'
+    {
+        return Err(invalid());
+    }
+    let number = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        text.get(range)
+            .filter(|digits| digits.bytes().all(|byte| byte.is_ascii_digit()))
+            .and_then(|digits| digits.parse().ok())
+            .ok_or_else(invalid)
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return Err(invalid());
+    }
+    let mut rest = &text[19..];
+    let mut milliseconds = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
+        milliseconds = padded.parse().map_err(|_| invalid())?;
+        rest = &fraction[digits..];
+    }
+    let offset_minutes = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6
+            && matches!(rest.as_bytes()[0], b'+' | b'-')
+            && rest.as_bytes()[3] == b':' =>
+        {
+            let hours: i64 = rest[1..3].parse().map_err(|_| invalid())?;
+            let minutes: i64 = rest[4..6].parse().map_err(|_| invalid())?;
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (hours * 60 + minutes)
+        }
+        _ => return Err(invalid()),
+    };
+    // Days from the civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let shifted_year = if month <= 2 { year - 1 } else { year };
+    let era = shifted_year.div_euclid(400);
+    let year_of_era = shifted_year - era * 400;
+    let month_index = (month + 9) % 12;
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_minutes * 60;
+    Ok(seconds * 1_000 + milliseconds)
 }
 
 async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
@@ -436,10 +566,11 @@ pub fn record_json(consumed: &ConsumedRecord) -> serde_json::Value {
 async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
     let topic = args.topic;
     let failed = || client_context(format!("consuming topic {topic:?}"));
-    let start = match (args.from_beginning, args.offset) {
-        (true, _) => StartPosition::Beginning,
-        (false, Some(offset)) => StartPosition::Offset(offset),
-        (false, None) => StartPosition::End,
+    let start = match (args.from_beginning, args.offset, args.from_time) {
+        (true, _, _) => StartPosition::Beginning,
+        (false, Some(offset), _) => StartPosition::Offset(offset),
+        (false, None, Some(timestamp_ms)) => StartPosition::Time(timestamp_ms),
+        (false, None, None) => StartPosition::End,
     };
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
     match args.partition {
@@ -516,6 +647,31 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_parse_as_rfc3339_or_epoch_milliseconds() {
+        // Reference values computed with Python's datetime.
+        assert_eq!(parse_time_ms("2026-11-28T12:00:00Z"), Ok(1_795_867_200_000));
+        assert_eq!(
+            parse_time_ms("2026-11-28T13:00:00.5+01:00"),
+            Ok(1_795_867_200_500)
+        );
+        assert_eq!(parse_time_ms("1969-12-31T23:59:59Z"), Ok(-1_000));
+        assert_eq!(
+            parse_time_ms("2024-02-29T00:00:00-05:30"),
+            Ok(1_709_184_600_000)
+        );
+        assert_eq!(parse_time_ms("1795867200000"), Ok(1_795_867_200_000));
+        for bad in [
+            "2026-13-01T00:00:00Z",
+            "2026-11-28 12:00",
+            "yesterday",
+            "2026-11-28T12:00:00",
+            "2026-11-28T12:00:00.Z",
+        ] {
+            assert!(parse_time_ms(bad).is_err(), "{bad}");
+        }
+    }
     use clap::error::ErrorKind;
 
     fn parse(arguments: &[&str]) -> Result<Cli, clap::Error> {
@@ -564,7 +720,7 @@ mod tests {
         };
         assert_eq!(command_name(&command), "create");
         assert!(
-            matches!(command, TopicCommand::Create { ref name, partitions: 4 } if name == "orders")
+            matches!(command, TopicCommand::Create { ref name, partitions: 4, .. } if name == "orders")
         );
         // Unless SHARDQ_SERVER is set in the test environment, the default applies.
         if std::env::var_os("SHARDQ_SERVER").is_none() {
@@ -599,6 +755,7 @@ mod tests {
     fn command_name(command: &TopicCommand) -> &'static str {
         match command {
             TopicCommand::Create { .. } => "create",
+            TopicCommand::Alter { .. } => "alter",
             TopicCommand::List { .. } => "list",
             TopicCommand::Describe { .. } => "describe",
             TopicCommand::Delete { .. } => "delete",

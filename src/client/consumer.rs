@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{Client, ClientError};
+use super::{Client, ClientError, TIMESTAMP_LATEST};
 use crate::protocol::batch::{decode_records, Record};
 use crate::protocol::{ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 
@@ -85,23 +85,31 @@ pub enum StartPosition {
     /// The high watermark: only records produced from now on.
     End,
     Offset(u64),
+    /// The first record with a timestamp at or after this time (ms since the epoch).
+    Time(i64),
 }
 
 impl Client {
     /// The partition's `(log_start_offset, high_watermark)`.
-    ///
-    /// Protocol v1 has no offsets request, so this fetches from offset 0 without waiting
-    /// and reads the two numbers off the answer. Once retention has removed offset 0 the
-    /// broker answers OffsetOutOfRange, whose error carries no offsets; that case is
-    /// returned as the error until the protocol grows a way to ask.
     pub async fn partition_offsets(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<(u64, u64), ClientError> {
-        // One byte: the broker still returns one whole batch, which we ignore.
-        let fetched = self.fetch_records(topic, partition, 0, 0, 1).await?;
-        Ok((fetched.log_start_offset, fetched.high_watermark))
+        let answered = self
+            .list_offsets(topic, &[(partition, TIMESTAMP_LATEST)])
+            .await?;
+        let (_, offsets) =
+            answered
+                .into_iter()
+                .next()
+                .ok_or_else(|| ClientError::UnexpectedResponse {
+                    correlation_id: 0,
+                    reason: format!(
+                        "list offsets has no answer for {topic:?} partition {partition}"
+                    ),
+                })?;
+        Ok((offsets.log_start_offset, offsets.high_watermark))
     }
 }
 
@@ -192,6 +200,22 @@ impl Consumer {
             StartPosition::Offset(offset) => offset,
             StartPosition::Beginning => self.client.partition_offsets(topic, partition).await?.0,
             StartPosition::End => self.client.partition_offsets(topic, partition).await?.1,
+            StartPosition::Time(timestamp_ms) => {
+                let answered = self
+                    .client
+                    .list_offsets(topic, &[(partition, timestamp_ms)])
+                    .await?;
+                answered
+                    .into_iter()
+                    .next()
+                    .map(|(_, offsets)| offsets.offset)
+                    .ok_or_else(|| ClientError::UnexpectedResponse {
+                        correlation_id: 0,
+                        reason: format!(
+                            "list offsets has no answer for {topic:?} partition {partition}"
+                        ),
+                    })?
+            }
         };
         self.assign(topic, partition, offset);
         Ok(offset)

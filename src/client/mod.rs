@@ -37,15 +37,18 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::protocol::batch::BatchError;
 use crate::protocol::{
-    CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchRequest, FetchResponse,
-    HandshakeRequest, HandshakeResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, ProtocolError, Request, ResponseBody, WireError, PROTOCOL_VERSION,
+    AlterTopicRequest, CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchRequest,
+    FetchResponse, HandshakeRequest, HandshakeResponse, ListOffsetsPartition, ListOffsetsRequest,
+    ListOffsetsTopic, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    ProtocolError, Request, ResponseBody, WireError, PROTOCOL_VERSION,
 };
 
 use connection::Connection;
 
 pub use crate::protocol::batch::Record;
-pub use crate::protocol::Acks;
+pub use crate::protocol::{
+    Acks, PartitionOffsets, Retention, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+};
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,
     FetchedRecords, StartPosition,
@@ -358,10 +361,22 @@ impl Client {
         }
     }
 
+    /// Creates a topic that keeps everything (no retention limit).
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
+        self.create_topic_with(name, partitions, Retention::default())
+            .await
+    }
+
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: Retention,
+    ) -> Result<(), ClientError> {
         let request = Request::CreateTopic(CreateTopicRequest {
             name: name.to_owned(),
             partitions,
+            retention,
         });
         match self
             .connection
@@ -371,6 +386,70 @@ impl Client {
             ResponseBody::CreateTopic => Ok(()),
             other => Err(unexpected_body("create topic", &other)),
         }
+    }
+
+    /// Changes a topic's retention.
+    pub async fn alter_topic(&self, name: &str, retention: Retention) -> Result<(), ClientError> {
+        let request = Request::AlterTopic(AlterTopicRequest {
+            name: name.to_owned(),
+            retention,
+        });
+        match self
+            .connection
+            .call(request, self.timeout(), "alter topic")
+            .await?
+        {
+            ResponseBody::AlterTopic => Ok(()),
+            other => Err(unexpected_body("alter topic", &other)),
+        }
+    }
+
+    /// For each `(partition, timestamp_ms)`: the first offset whose record timestamp is
+    /// at or after the time (the high watermark when none is), with the partition's
+    /// range. `TIMESTAMP_EARLIEST` / `TIMESTAMP_LATEST` ask for the range's ends.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partitions: &[(u32, i64)],
+    ) -> Result<Vec<(u32, PartitionOffsets)>, ClientError> {
+        let request = Request::ListOffsets(ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: topic.to_owned(),
+                partitions: partitions
+                    .iter()
+                    .map(|(partition, timestamp_ms)| ListOffsetsPartition {
+                        partition: *partition,
+                        timestamp_ms: *timestamp_ms,
+                    })
+                    .collect(),
+            }],
+        });
+        let response = match self
+            .connection
+            .call(request, self.timeout(), "list offsets")
+            .await?
+        {
+            ResponseBody::ListOffsets(response) => response,
+            other => return Err(unexpected_body("list offsets", &other)),
+        };
+        let mut answered = Vec::with_capacity(partitions.len());
+        for result in response
+            .topics
+            .into_iter()
+            .flat_map(|topic| topic.partitions)
+        {
+            match result.result {
+                Ok(offsets) => answered.push((result.partition, offsets)),
+                Err(error) => {
+                    return Err(ClientError::PartitionRefused {
+                        topic: topic.to_owned(),
+                        partition: result.partition,
+                        error,
+                    })
+                }
+            }
+        }
+        Ok(answered)
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {

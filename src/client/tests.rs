@@ -19,6 +19,7 @@ fn metadata_body(topic: &str) -> ResponseBody {
             name: topic.to_owned(),
             error: None,
             partitions: vec![],
+            retention: Default::default(),
         }],
     })
 }

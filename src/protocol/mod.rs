@@ -47,6 +47,8 @@ pub enum Opcode {
     DeleteTopic = 4,
     Produce = 5,
     Fetch = 6,
+    AlterTopic = 7,
+    ListOffsets = 8,
 }
 
 impl Opcode {
@@ -58,6 +60,8 @@ impl Opcode {
             4 => Opcode::DeleteTopic,
             5 => Opcode::Produce,
             6 => Opcode::Fetch,
+            7 => Opcode::AlterTopic,
+            8 => Opcode::ListOffsets,
             _ => return None,
         })
     }
@@ -498,6 +502,16 @@ pub struct TopicMetadata {
     pub name: String,
     pub error: Option<WireError>,
     pub partitions: Vec<PartitionMetadata>,
+    pub retention: Retention,
+}
+
+/// How long a topic keeps data. Whole segments are deleted from the head once the
+/// partition is larger than `bytes_max`, or once their newest batch was appended more than
+/// `ms_max` ago; 0 means no limit. The active segment is never deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub bytes_max: u64,
+    pub ms_max: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,6 +526,63 @@ pub struct MetadataResponse {
 pub struct CreateTopicRequest {
     pub name: String,
     pub partitions: u32,
+    pub retention: Retention,
+}
+
+/// Changes a topic's retention; applies from the next retention check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterTopicRequest {
+    pub name: String,
+    pub retention: Retention,
+}
+
+/// `ListOffsets` timestamp meaning "the first offset still stored".
+pub const TIMESTAMP_EARLIEST: i64 = -2;
+/// `ListOffsets` timestamp meaning "the high watermark".
+pub const TIMESTAMP_LATEST: i64 = -1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsPartition {
+    pub partition: u32,
+    /// Milliseconds since the epoch, or `TIMESTAMP_EARLIEST` / `TIMESTAMP_LATEST`.
+    pub timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsTopic {
+    pub name: String,
+    pub partitions: Vec<ListOffsetsPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsRequest {
+    pub topics: Vec<ListOffsetsTopic>,
+}
+
+/// The first offset whose record timestamp is at or after the asked time (the high
+/// watermark when none is that late), with the partition's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub offset: u64,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsPartitionResult {
+    pub partition: u32,
+    pub result: Result<PartitionOffsets, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsTopicResult {
+    pub name: String,
+    pub partitions: Vec<ListOffsetsPartitionResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsResponse {
+    pub topics: Vec<ListOffsetsTopicResult>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -629,6 +700,8 @@ pub enum Request {
     DeleteTopic(DeleteTopicRequest),
     Produce(ProduceRequest),
     Fetch(FetchRequest),
+    AlterTopic(AlterTopicRequest),
+    ListOffsets(ListOffsetsRequest),
 }
 
 impl Request {
@@ -640,6 +713,8 @@ impl Request {
             Request::DeleteTopic(_) => Opcode::DeleteTopic,
             Request::Produce(_) => Opcode::Produce,
             Request::Fetch(_) => Opcode::Fetch,
+            Request::AlterTopic(_) => Opcode::AlterTopic,
+            Request::ListOffsets(_) => Opcode::ListOffsets,
         }
     }
 
@@ -665,7 +740,45 @@ impl Request {
             Opcode::CreateTopic => Request::CreateTopic(CreateTopicRequest {
                 name: reader.string("topic")?,
                 partitions: reader.u32("partitions")?,
+                retention: Retention {
+                    bytes_max: reader.u64("retention_bytes_max")?,
+                    ms_max: reader.u64("retention_ms_max")?,
+                },
             }),
+            Opcode::AlterTopic => Request::AlterTopic(AlterTopicRequest {
+                name: reader.string("topic")?,
+                retention: Retention {
+                    bytes_max: reader.u64("retention_bytes_max")?,
+                    ms_max: reader.u64("retention_ms_max")?,
+                },
+            }),
+            Opcode::ListOffsets => {
+                let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
+                let mut topics = Vec::with_capacity(topic_count);
+                let mut partitions_total = 0u64;
+                for _ in 0..topic_count {
+                    let name = reader.string("topic")?;
+                    let count =
+                        reader.count("partitions", limits.partitions_per_request_max, 12)?;
+                    partitions_total += count as u64;
+                    if partitions_total > u64::from(limits.partitions_per_request_max) {
+                        return Err(ProtocolError::TooMany {
+                            field: "partitions",
+                            count: u32::try_from(partitions_total).unwrap_or(u32::MAX),
+                            count_max: limits.partitions_per_request_max,
+                        });
+                    }
+                    let mut partitions = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        partitions.push(ListOffsetsPartition {
+                            partition: reader.u32("partition")?,
+                            timestamp_ms: reader.i64("timestamp_ms")?,
+                        });
+                    }
+                    topics.push(ListOffsetsTopic { name, partitions });
+                }
+                Request::ListOffsets(ListOffsetsRequest { topics })
+            }
             Opcode::DeleteTopic => Request::DeleteTopic(DeleteTopicRequest {
                 name: reader.string("topic")?,
             }),
@@ -762,6 +875,24 @@ impl Request {
                 Request::CreateTopic(request) => {
                     writer.string(&request.name);
                     writer.u32(request.partitions);
+                    writer.u64(request.retention.bytes_max);
+                    writer.u64(request.retention.ms_max);
+                }
+                Request::AlterTopic(request) => {
+                    writer.string(&request.name);
+                    writer.u64(request.retention.bytes_max);
+                    writer.u64(request.retention.ms_max);
+                }
+                Request::ListOffsets(request) => {
+                    writer.count(request.topics.len());
+                    for topic in &request.topics {
+                        writer.string(&topic.name);
+                        writer.count(topic.partitions.len());
+                        for partition in &topic.partitions {
+                            writer.u32(partition.partition);
+                            writer.i64(partition.timestamp_ms);
+                        }
+                    }
                 }
                 Request::DeleteTopic(request) => writer.string(&request.name),
                 Request::Produce(request) => {
@@ -805,6 +936,8 @@ pub enum ResponseBody {
     DeleteTopic,
     Produce(ProduceResponse),
     Fetch(FetchResponse),
+    AlterTopic,
+    ListOffsets(ListOffsetsResponse),
 }
 
 /// Encodes a response frame: status, then the body when the status is success.
@@ -847,9 +980,26 @@ pub fn encode_response(
                         writer.u32(partition.partition);
                         writer.u16(partition.shard);
                     }
+                    writer.u64(topic.retention.bytes_max);
+                    writer.u64(topic.retention.ms_max);
                 }
             }
-            ResponseBody::CreateTopic | ResponseBody::DeleteTopic => {}
+            ResponseBody::CreateTopic | ResponseBody::DeleteTopic | ResponseBody::AlterTopic => {}
+            ResponseBody::ListOffsets(response) => {
+                writer.count(response.topics.len());
+                for topic in &response.topics {
+                    writer.string(&topic.name);
+                    writer.count(topic.partitions.len());
+                    for partition in &topic.partitions {
+                        writer.u32(partition.partition);
+                        encode_status(writer, partition.result.as_ref().err());
+                        let offsets = partition.result.as_ref().ok();
+                        writer.u64(offsets.map_or(0, |offsets| offsets.offset));
+                        writer.u64(offsets.map_or(0, |offsets| offsets.log_start_offset));
+                        writer.u64(offsets.map_or(0, |offsets| offsets.high_watermark));
+                    }
+                }
+            }
             ResponseBody::Produce(response) => {
                 writer.count(response.topics.len());
                 for topic in &response.topics {
@@ -941,10 +1091,15 @@ pub fn decode_response(
                         shard: reader.u16("shard")?,
                     });
                 }
+                let retention = Retention {
+                    bytes_max: reader.u64("retention_bytes_max")?,
+                    ms_max: reader.u64("retention_ms_max")?,
+                };
                 topics.push(TopicMetadata {
                     name,
                     error,
                     partitions,
+                    retention,
                 });
             }
             ResponseBody::Metadata(MetadataResponse {
@@ -954,6 +1109,34 @@ pub fn decode_response(
         }
         Opcode::CreateTopic => ResponseBody::CreateTopic,
         Opcode::DeleteTopic => ResponseBody::DeleteTopic,
+        Opcode::AlterTopic => ResponseBody::AlterTopic,
+        Opcode::ListOffsets => {
+            let topic_count = reader.count("topics", unbounded, 6)?;
+            let mut topics = Vec::with_capacity(topic_count);
+            for _ in 0..topic_count {
+                let name = reader.string("topic")?;
+                let partition_count = reader.count("partitions", unbounded, 32)?;
+                let mut partitions = Vec::with_capacity(partition_count);
+                for _ in 0..partition_count {
+                    let partition = reader.u32("partition")?;
+                    let error = decode_status(&mut reader)?;
+                    let offsets = PartitionOffsets {
+                        offset: reader.u64("offset")?,
+                        log_start_offset: reader.u64("log_start_offset")?,
+                        high_watermark: reader.u64("high_watermark")?,
+                    };
+                    partitions.push(ListOffsetsPartitionResult {
+                        partition,
+                        result: match error {
+                            None => Ok(offsets),
+                            Some(error) => Err(error),
+                        },
+                    });
+                }
+                topics.push(ListOffsetsTopicResult { name, partitions });
+            }
+            ResponseBody::ListOffsets(ListOffsetsResponse { topics })
+        }
         Opcode::Produce => {
             let topic_count = reader.count("topics", unbounded, 6)?;
             let mut topics = Vec::with_capacity(topic_count);
@@ -1063,9 +1246,32 @@ mod tests {
         roundtrip_request(Request::CreateTopic(CreateTopicRequest {
             name: "orders".into(),
             partitions: 4,
+            retention: Default::default(),
         }));
         roundtrip_request(Request::DeleteTopic(DeleteTopicRequest {
             name: "orders".into(),
+        }));
+        roundtrip_request(Request::AlterTopic(AlterTopicRequest {
+            name: "orders".into(),
+            retention: Retention {
+                bytes_max: 1 << 30,
+                ms_max: 86_400_000,
+            },
+        }));
+        roundtrip_request(Request::ListOffsets(ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: "orders".into(),
+                partitions: vec![
+                    ListOffsetsPartition {
+                        partition: 0,
+                        timestamp_ms: TIMESTAMP_EARLIEST,
+                    },
+                    ListOffsetsPartition {
+                        partition: 1,
+                        timestamp_ms: 1_795_867_200_000,
+                    },
+                ],
+            }],
         }));
         roundtrip_request(Request::Produce(ProduceRequest {
             acks: Acks::Durable,
@@ -1111,6 +1317,10 @@ mod tests {
                         partition: 0,
                         shard: 1,
                     }],
+                    retention: Retention {
+                        bytes_max: 7,
+                        ms_max: 9,
+                    },
                 }],
             }),
             ResponseBody::Produce(ProduceResponse {
@@ -1124,6 +1334,25 @@ mod tests {
                         ProducePartitionResult {
                             partition: 1,
                             result: Err(WireError::new(ErrorCode::CorruptBatch, "crc")),
+                        },
+                    ],
+                }],
+            }),
+            ResponseBody::ListOffsets(ListOffsetsResponse {
+                topics: vec![ListOffsetsTopicResult {
+                    name: "t".into(),
+                    partitions: vec![
+                        ListOffsetsPartitionResult {
+                            partition: 0,
+                            result: Ok(PartitionOffsets {
+                                offset: 4,
+                                log_start_offset: 2,
+                                high_watermark: 9,
+                            }),
+                        },
+                        ListOffsetsPartitionResult {
+                            partition: 5,
+                            result: Err(WireError::new(ErrorCode::UnknownPartition, "no")),
                         },
                     ],
                 }],
@@ -1161,6 +1390,7 @@ mod tests {
                 ResponseBody::Metadata(_) => Opcode::Metadata,
                 ResponseBody::Produce(_) => Opcode::Produce,
                 ResponseBody::Fetch(_) => Opcode::Fetch,
+                ResponseBody::ListOffsets(_) => Opcode::ListOffsets,
                 _ => unreachable!(),
             };
             let mut out = BytesMut::new();

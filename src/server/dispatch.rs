@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use crate::protocol::batch::{validate_batch, BatchError};
 use crate::protocol::{
-    ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest, FetchResponse, FetchTopicResult,
-    HandshakeResponse, MetadataRequest, MetadataResponse, PartitionMetadata,
-    ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopicResult, Request,
-    ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
+    ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest, FetchResponse,
+    FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult, ListOffsetsRequest,
+    ListOffsetsResponse, ListOffsetsTopicResult, MetadataRequest, MetadataResponse,
+    PartitionMetadata, ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopicResult,
+    Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
 };
-use crate::shard::{FetchItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest};
+use crate::shard::{
+    FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
+};
 
 /// Produce requests that name no timeout get this one.
 const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -39,7 +42,10 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
                         0,
                         ShardRequest::CreateTopic {
                             name: request.name,
-                            partitions: request.partitions,
+                            topic: TopicConfig {
+                                partitions: request.partitions,
+                                retention: request.retention,
+                            },
                         },
                     )
                     .await,
@@ -54,9 +60,73 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
             )?;
             Ok(ResponseBody::DeleteTopic)
         }
+        Request::AlterTopic(request) => {
+            into_done(
+                shard
+                    .route(
+                        0,
+                        ShardRequest::AlterTopic {
+                            name: request.name,
+                            retention: request.retention,
+                        },
+                    )
+                    .await,
+            )?;
+            Ok(ResponseBody::AlterTopic)
+        }
         Request::Produce(request) => Ok(ResponseBody::Produce(produce(shard, request).await)),
         Request::Fetch(request) => Ok(ResponseBody::Fetch(fetch(shard, request).await)),
+        Request::ListOffsets(request) => Ok(ResponseBody::ListOffsets(
+            list_offsets(shard, request).await,
+        )),
     }
+}
+
+async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut response = ListOffsetsResponse {
+        topics: Vec::with_capacity(request.topics.len()),
+    };
+    let mut split = Split::new();
+    for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
+            let result = check_partition(shard, &topic.name, entry.partition).map(|owner| {
+                split.push(
+                    owner,
+                    (topic_index, partition_index),
+                    ListOffsetsItem {
+                        topic: topic.name.clone(),
+                        partition: entry.partition,
+                        timestamp_ms: entry.timestamp_ms,
+                    },
+                );
+            });
+            partitions.push(ListOffsetsPartitionResult {
+                partition: entry.partition,
+                // Filled in below from the owner's reply when the partition exists.
+                result: result.and(Err(WireError::new(
+                    ErrorCode::Internal,
+                    "no reply from the owning shard",
+                ))),
+            });
+        }
+        response.topics.push(ListOffsetsTopicResult {
+            name: topic.name,
+            partitions,
+        });
+    }
+    let replies = run_groups(shard, split, |items| ShardRequest::ListOffsets { items }).await;
+    for (slots, reply) in replies {
+        let results = match reply {
+            ShardReply::ListOffsets(results) => results,
+            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
+            other => vec![Err(unexpected(&other)); slots.len()],
+        };
+        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
+            response.topics[topic_index].partitions[partition_index].result = result;
+        }
+    }
+    response
 }
 
 fn into_done(reply: ShardReply) -> Result<(), WireError> {
@@ -70,15 +140,19 @@ fn into_done(reply: ShardReply) -> Result<(), WireError> {
 }
 
 fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
-    let topics = if request.topics.is_empty() {
-        shard.topics()
+    let topics: Vec<(String, Option<TopicConfig>)> = if request.topics.is_empty() {
+        shard
+            .topics()
+            .into_iter()
+            .map(|(name, topic)| (name, Some(topic)))
+            .collect()
     } else {
         request
             .topics
             .into_iter()
             .map(|name| {
-                let partitions = shard.partition_count(&name).unwrap_or(0);
-                (name, partitions)
+                let topic = shard.topic(&name);
+                (name, topic)
             })
             .collect()
     };
@@ -86,14 +160,15 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
         shard_ports: shard.shard_ports.clone(),
         topics: topics
             .into_iter()
-            .map(|(name, partitions)| TopicMetadata {
-                error: (partitions == 0).then(|| {
+            .map(|(name, topic)| TopicMetadata {
+                retention: topic.map(|topic| topic.retention).unwrap_or_default(),
+                error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
                         format!("topic {name:?} does not exist"),
                     )
                 }),
-                partitions: (0..partitions)
+                partitions: (0..topic.map_or(0, |topic| topic.partitions))
                     .map(|partition| PartitionMetadata {
                         partition,
                         shard: shard.owner_of(&name, partition),
@@ -231,9 +306,11 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
 /// Whether a fetch reply has something to tell the consumer: data or an error.
 fn has_news(reply: &ShardReply) -> bool {
     match reply {
-        ShardReply::Fetch(results) => results
-            .iter()
-            .any(|data| data.batches.as_ref().map_or(true, |batches| !batches.is_empty())),
+        ShardReply::Fetch(results) => results.iter().any(|data| {
+            data.batches
+                .as_ref()
+                .map_or(true, |batches| !batches.is_empty())
+        }),
         _ => true,
     }
 }

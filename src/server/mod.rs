@@ -378,6 +378,19 @@ async fn run_shard(
             .detach(),
         );
     }
+    {
+        let shard = Rc::clone(&shard);
+        let interval = Duration::from_millis(u64::from(shard.config.retention_check_interval_ms));
+        background.push(
+            glommio::spawn_local(async move {
+                loop {
+                    glommio::timer::sleep(interval).await;
+                    shard.apply_retention().await;
+                }
+            })
+            .detach(),
+        );
+    }
     let connections = Rc::new(std::cell::Cell::new(0u32));
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);

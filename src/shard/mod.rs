@@ -24,7 +24,10 @@ use glommio::channels::channel_mesh::Senders;
 
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
-use crate::protocol::{validate_topic_name, Acks, ErrorCode, FetchPartitionData, WireError};
+use crate::protocol::{
+    validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets, Retention,
+    WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+};
 use crate::storage::{ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError};
 
 /// File in a topic's directory that records its partition count.
@@ -38,6 +41,20 @@ pub struct ProduceItem {
     pub topic: String,
     pub partition: u32,
     pub batch: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListOffsetsItem {
+    pub topic: String,
+    pub partition: u32,
+    pub timestamp_ms: i64,
+}
+
+/// What the catalog knows of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicConfig {
+    pub partitions: u32,
+    pub retention: Retention,
 }
 
 #[derive(Debug, Clone)]
@@ -62,11 +79,17 @@ pub enum ShardRequest {
         items: Vec<FetchItem>,
     },
     /// To shard 0: create a topic everywhere.
-    CreateTopic { name: String, partitions: u32 },
+    CreateTopic { name: String, topic: TopicConfig },
+    /// To shard 0: change a topic's retention everywhere.
+    AlterTopic { name: String, retention: Retention },
+    /// From shard 0 to every shard: take the new retention.
+    UpdateTopic { name: String, retention: Retention },
+    /// Offsets by time (or earliest/latest) of owned partitions.
+    ListOffsets { items: Vec<ListOffsetsItem> },
     /// To shard 0: delete a topic everywhere.
     DeleteTopic { name: String },
     /// From shard 0 to every shard: add to the catalog, open owned partitions.
-    InstallTopic { name: String, partitions: u32 },
+    InstallTopic { name: String, topic: TopicConfig },
     /// From shard 0 to every shard: drop from the catalog, close and remove owned
     /// partitions.
     RemoveTopic { name: String },
@@ -76,6 +99,7 @@ pub enum ShardRequest {
 pub enum ShardReply {
     Produce(Vec<Result<u64, WireError>>),
     Fetch(Vec<FetchPartitionData>),
+    ListOffsets(Vec<Result<PartitionOffsets, WireError>>),
     Done(Result<(), WireError>),
 }
 
@@ -107,7 +131,7 @@ pub struct Shard {
     pub config: ServerConfig,
     /// Port of every shard's own listener, by shard id.
     pub shard_ports: Vec<u16>,
-    catalog: RefCell<BTreeMap<String, u32>>,
+    catalog: RefCell<BTreeMap<String, TopicConfig>>,
     logs: RefCell<HashMap<String, Vec<Option<Rc<PartitionLog>>>>>,
     /// Shard 0 only: topics being created or deleted right now.
     topics_changing: RefCell<HashSet<String>>,
@@ -160,14 +184,21 @@ impl Shard {
 
     /// Partition count of a topic in this shard's copy of the catalog.
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
-        self.catalog.borrow().get(topic).copied()
+        self.catalog
+            .borrow()
+            .get(topic)
+            .map(|topic| topic.partitions)
     }
 
-    pub fn topics(&self) -> Vec<(String, u32)> {
+    pub fn topic(&self, name: &str) -> Option<TopicConfig> {
+        self.catalog.borrow().get(name).copied()
+    }
+
+    pub fn topics(&self) -> Vec<(String, TopicConfig)> {
         self.catalog
             .borrow()
             .iter()
-            .map(|(name, partitions)| (name.clone(), *partitions))
+            .map(|(name, topic)| (name.clone(), *topic))
             .collect()
     }
 
@@ -186,13 +217,14 @@ impl Shard {
     /// Start-up: install every topic found on disk and open the partitions this shard
     /// owns (recovering them).
     pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
-        for (name, partitions) in read_topic_catalog(&self.config.data_dir)? {
-            self.install_topic(&name, partitions).await?;
+        for (name, topic) in read_topic_catalog(&self.config.data_dir)? {
+            self.install_topic(&name, topic).await?;
         }
         Ok(())
     }
 
-    async fn install_topic(&self, name: &str, partitions: u32) -> Result<(), StorageError> {
+    async fn install_topic(&self, name: &str, topic: TopicConfig) -> Result<(), StorageError> {
+        let partitions = topic.partitions;
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
             if self.owner_of(name, partition) == self.id {
@@ -208,9 +240,7 @@ impl Shard {
             }
         }
         self.logs.borrow_mut().insert(name.to_owned(), owned);
-        self.catalog
-            .borrow_mut()
-            .insert(name.to_owned(), partitions);
+        self.catalog.borrow_mut().insert(name.to_owned(), topic);
         Ok(())
     }
 
@@ -318,18 +348,103 @@ impl Shard {
                 bytes_max,
                 items,
             } => ShardReply::Fetch(self.fetch_owned(wait, bytes_max, items).await),
-            ShardRequest::CreateTopic { name, partitions } => {
-                ShardReply::Done(self.coordinate_create(name, partitions).await)
+            ShardRequest::CreateTopic { name, topic } => {
+                ShardReply::Done(self.coordinate_create(name, topic).await)
+            }
+            ShardRequest::AlterTopic { name, retention } => {
+                ShardReply::Done(self.coordinate_alter(name, retention).await)
+            }
+            ShardRequest::UpdateTopic { name, retention } => {
+                let mut catalog = self.catalog.borrow_mut();
+                ShardReply::Done(match catalog.get_mut(&name) {
+                    Some(topic) => {
+                        topic.retention = retention;
+                        Ok(())
+                    }
+                    None => Err(WireError::new(
+                        ErrorCode::UnknownTopic,
+                        format!("topic {name:?} does not exist"),
+                    )),
+                })
+            }
+            ShardRequest::ListOffsets { items } => {
+                ShardReply::ListOffsets(self.list_offsets_owned(items).await)
             }
             ShardRequest::DeleteTopic { name } => {
                 ShardReply::Done(self.coordinate_delete(name).await)
             }
-            ShardRequest::InstallTopic { name, partitions } => ShardReply::Done(
-                self.install_topic(&name, partitions)
+            ShardRequest::InstallTopic { name, topic } => ShardReply::Done(
+                self.install_topic(&name, topic)
                     .await
                     .map_err(|error| self.wire_error(&error)),
             ),
             ShardRequest::RemoveTopic { name } => ShardReply::Done(self.remove_topic(&name).await),
+        }
+    }
+
+    async fn list_offsets_owned(
+        &self,
+        items: Vec<ListOffsetsItem>,
+    ) -> Vec<Result<PartitionOffsets, WireError>> {
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let log = match self.log(&item.topic, item.partition) {
+                Ok(log) => log,
+                Err(error) => {
+                    results.push(Err(error));
+                    continue;
+                }
+            };
+            let offset = match item.timestamp_ms {
+                TIMESTAMP_EARLIEST => Ok(log.log_start_offset()),
+                TIMESTAMP_LATEST => Ok(log.high_watermark()),
+                timestamp_ms if timestamp_ms < 0 => Err(WireError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("timestamp {timestamp_ms} is neither a time nor -1 (latest) or -2 (earliest)"),
+                )),
+                timestamp_ms => log
+                    .offset_for_timestamp(timestamp_ms)
+                    .await
+                    .map_err(|error| self.wire_error(&error)),
+            };
+            results.push(offset.map(|offset| PartitionOffsets {
+                offset,
+                log_start_offset: log.log_start_offset(),
+                high_watermark: log.high_watermark(),
+            }));
+        }
+        results
+    }
+
+    /// Applies every owned partition's retention. Runs every
+    /// `retention_check_interval_ms` on each shard.
+    pub async fn apply_retention(&self) {
+        let work: Vec<(Rc<PartitionLog>, Retention)> = {
+            let catalog = self.catalog.borrow();
+            let logs = self.logs.borrow();
+            logs.iter()
+                .filter_map(|(name, partitions)| {
+                    let retention = catalog.get(name)?.retention;
+                    (retention != Retention::default()).then_some((partitions, retention))
+                })
+                .flat_map(|(partitions, retention)| {
+                    partitions
+                        .iter()
+                        .flatten()
+                        .map(move |log| (Rc::clone(log), retention))
+                })
+                .collect()
+        };
+        for (log, retention) in work {
+            if let Err(error) = log
+                .apply_retention(retention.bytes_max, retention.ms_max)
+                .await
+            {
+                eprintln!(
+                    "shardq: retention of {}: {error}",
+                    log.directory().display()
+                );
+            }
         }
     }
 
@@ -446,7 +561,8 @@ impl Shard {
         results
     }
 
-    fn validate_new_topic(&self, name: &str, partitions: u32) -> Result<(), WireError> {
+    fn validate_new_topic(&self, name: &str, topic: &TopicConfig) -> Result<(), WireError> {
+        let partitions = topic.partitions;
         validate_topic_name(name)?;
         if partitions == 0 || partitions > self.config.partitions_per_topic_max {
             return Err(WireError::new(
@@ -485,13 +601,51 @@ impl Shard {
         first_error.map_or(Ok(()), Err)
     }
 
+    async fn coordinate_alter(
+        self: &Rc<Self>,
+        name: String,
+        retention: Retention,
+    ) -> Result<(), WireError> {
+        assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
+        if self.topics_changing.borrow().contains(&name) {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("topic {name:?} is being created or deleted"),
+            ));
+        }
+        let Some(mut topic) = self.topic(&name) else {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {name:?} does not exist"),
+            ));
+        };
+        topic.retention = retention;
+        self.topics_changing.borrow_mut().insert(name.clone());
+        let outcome = async {
+            write_topic_metadata(&self.config.data_dir, &name, &topic).map_err(|error| {
+                WireError::new(
+                    ErrorCode::StorageError,
+                    format!("writing topic metadata: {error}"),
+                )
+            })?;
+            self.broadcast(|| ShardRequest::UpdateTopic {
+                name: name.clone(),
+                retention,
+            })
+            .await
+        }
+        .await;
+        self.topics_changing.borrow_mut().remove(&name);
+        outcome
+    }
+
     async fn coordinate_create(
         self: &Rc<Self>,
         name: String,
-        partitions: u32,
+        topic: TopicConfig,
     ) -> Result<(), WireError> {
         assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
-        self.validate_new_topic(&name, partitions)?;
+        self.validate_new_topic(&name, &topic)?;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
             // A directory left by an interrupted delete must not lend its old segments
@@ -505,7 +659,7 @@ impl Shard {
                     )
                 })?;
             }
-            write_topic_metadata(&self.config.data_dir, &name, partitions).map_err(|error| {
+            write_topic_metadata(&self.config.data_dir, &name, &topic).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
@@ -514,7 +668,7 @@ impl Shard {
             let installed = self
                 .broadcast(|| ShardRequest::InstallTopic {
                     name: name.clone(),
-                    partitions,
+                    topic,
                 })
                 .await;
             if let Err(error) = installed {
@@ -583,13 +737,15 @@ fn failed_reply(error: WireError) -> ShardReply {
 // on the coordinator shard, which is acceptable for an admin operation and keeps the
 // format a readable text file.
 
-fn write_topic_metadata(data_dir: &Path, name: &str, partitions: u32) -> std::io::Result<()> {
+fn write_topic_metadata(data_dir: &Path, name: &str, topic: &TopicConfig) -> std::io::Result<()> {
     use std::io::Write;
     let directory = data_dir.join(name);
     std::fs::create_dir_all(&directory)?;
     let temporary = directory.join(format!("{TOPIC_METADATA_FILE}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
-    writeln!(file, "partitions={partitions}")?;
+    writeln!(file, "partitions={}", topic.partitions)?;
+    writeln!(file, "retention_bytes_max={}", topic.retention.bytes_max)?;
+    writeln!(file, "retention_ms_max={}", topic.retention.ms_max)?;
     file.sync_all()?;
     std::fs::rename(&temporary, directory.join(TOPIC_METADATA_FILE))?;
     std::fs::File::open(&directory)?.sync_all()?;
@@ -605,7 +761,7 @@ fn remove_topic_metadata(data_dir: &Path, name: &str) -> std::io::Result<()> {
 
 /// Reads every `<data_dir>/<topic>/topic.meta`. Directories without one (a topic whose
 /// deletion was interrupted) are skipped with a warning.
-pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, u32)>, StorageError> {
+pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, TopicConfig)>, StorageError> {
     let mut topics = Vec::new();
     let entries = std::fs::read_dir(data_dir)
         .map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
@@ -640,18 +796,36 @@ pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, u32)>, Storage
                 ))
             }
         };
-        let partitions = text
-            .lines()
-            .find_map(|line| line.strip_prefix("partitions="))
-            .and_then(|value| value.trim().parse::<u32>().ok())
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+        };
+        let partitions = field("partitions")
+            .and_then(|value| value.parse::<u32>().ok())
             .filter(|partitions| *partitions > 0)
             .ok_or_else(|| StorageError::Corrupt {
                 path: metadata_path.clone(),
                 position: 0,
                 reason: format!("expected a line partitions=N, found {text:?}"),
             })?;
-        topics.push((name, partitions));
+        // Absent in files written before retention existed: no limit.
+        let limit = |key: &str| {
+            field(key)
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        topics.push((
+            name,
+            TopicConfig {
+                partitions,
+                retention: Retention {
+                    bytes_max: limit("retention_bytes_max"),
+                    ms_max: limit("retention_ms_max"),
+                },
+            },
+        ));
     }
-    topics.sort();
+    topics.sort_by(|left, right| left.0.cmp(&right.0));
     Ok(topics)
 }

@@ -97,6 +97,9 @@ pub(crate) struct Segment<F> {
     pub next_offset: u64,
     /// Largest batch timestamp in the segment (`i64::MIN` while empty).
     pub max_timestamp_ms: i64,
+    /// When the broker last appended to it (`i64::MIN` while empty): what time-based
+    /// retention goes by, since producers' clocks cannot be trusted to.
+    pub last_append_ms: i64,
 }
 
 impl<F> Segment<F> {
@@ -442,7 +445,8 @@ impl<S: LogStorage> PartitionLog<S> {
         let start = active.filled;
         let target = &mut active.buffer.as_bytes_mut()[start..start + batch.len()];
         target.copy_from_slice(batch);
-        stamp_batch(target, base_offset, now_ms());
+        let append_time_ms = now_ms();
+        stamp_batch(target, base_offset, append_time_ms);
         active.filled += batch.len();
         let position = active.file_start + start as u64;
         let next_offset = base_offset + u64::from(header.record_count);
@@ -450,6 +454,7 @@ impl<S: LogStorage> PartitionLog<S> {
         let segment = state.segments.last_mut().expect("a log has a segment");
         assert_eq!(segment.end_position, position, "chunk and segment disagree");
         segment.record_index(base_offset, position, header.max_timestamp_ms, interval);
+        segment.last_append_ms = segment.last_append_ms.max(append_time_ms);
         segment.end_position = position + batch.len() as u64;
         segment.next_offset = next_offset;
         state.next_offset = next_offset;
@@ -536,6 +541,65 @@ impl<S: LogStorage> PartitionLog<S> {
         state.tail_bytes.clear();
         state.segments.push(segment);
         Ok(())
+    }
+
+    /// Deletes whole segments from the head while the partition would still hold at
+    /// least `bytes_max` bytes without them, or while their last append is older than
+    /// `ms_max` milliseconds (0: no limit). The active segment is never deleted, and a
+    /// sealed one is entirely durable (a roll waits for that), so nothing unwritten goes.
+    /// Returns how many segments went.
+    pub async fn apply_retention(
+        &self,
+        bytes_max: u64,
+        ms_max: u64,
+    ) -> Result<usize, StorageError> {
+        let now = now_ms();
+        let removed: Vec<Segment<S::File>> = {
+            let mut state = self.state.borrow_mut();
+            let mut total: u64 = state
+                .segments
+                .iter()
+                .map(|segment| segment.end_position)
+                .sum();
+            let mut removed = Vec::new();
+            while state.segments.len() > 1 {
+                let head = &state.segments[0];
+                let by_size = bytes_max > 0 && total - head.end_position >= bytes_max;
+                let by_age = ms_max > 0
+                    && head.last_append_ms != i64::MIN
+                    && now.saturating_sub(head.last_append_ms)
+                        > i64::try_from(ms_max).unwrap_or(i64::MAX);
+                if !(by_size || by_age) {
+                    break;
+                }
+                assert_eq!(
+                    head.durable_position, head.end_position,
+                    "retention deletes only segments that are entirely durable"
+                );
+                total -= head.end_position;
+                removed.push(state.segments.remove(0));
+            }
+            removed
+        };
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        // The log start has already moved: reads below it get OffsetOutOfRange, and a
+        // read in flight keeps its own handle on the file until it finishes.
+        for segment in &removed {
+            for path in [&segment.path, &segment.index_path] {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(StorageError::io("deleting segment", path, source)),
+                }
+            }
+        }
+        self.storage
+            .sync_directory(&self.directory)
+            .await
+            .map_err(|source| StorageError::io("syncing directory", &self.directory, source))?;
+        Ok(removed.len())
     }
 
     /// Writes every index entry of the last segment and syncs the index file. Called

@@ -52,6 +52,7 @@ struct Scan {
     end_position: u64,
     next_offset: u64,
     max_timestamp_ms: i64,
+    last_append_ms: i64,
     end: ScanEnd,
 }
 
@@ -119,6 +120,7 @@ pub(crate) async fn create_segment<S: LogStorage>(
         durable_position: 0,
         next_offset: base_offset,
         max_timestamp_ms: i64::MIN,
+        last_append_ms: i64::MIN,
     })
 }
 
@@ -147,6 +149,7 @@ async fn scan_segment<F: LogFile>(
     let mut position = start.position;
     let mut next_offset = start.offset;
     let mut max_timestamp_ms = start.timestamp_ms;
+    let mut last_append_ms = i64::MIN;
     let mut need = 0usize;
     let end = loop {
         if position + BATCH_HEADER_SIZE as u64 > file_size {
@@ -210,6 +213,7 @@ async fn scan_segment<F: LogFile>(
                 break;
             }
             max_timestamp_ms = max_timestamp_ms.max(header.max_timestamp_ms);
+            last_append_ms = last_append_ms.max(header.append_time_ms);
             let due = index.last().is_none_or(|last| {
                 batch_position - last.position >= u64::from(config.index_interval_bytes)
             });
@@ -236,6 +240,7 @@ async fn scan_segment<F: LogFile>(
         end_position: position,
         next_offset,
         max_timestamp_ms,
+        last_append_ms,
         end,
     })
 }
@@ -435,6 +440,7 @@ pub(crate) async fn recover<S: LogStorage>(
             durable_position: scan.end_position,
             next_offset: scan.next_offset,
             max_timestamp_ms: scan.max_timestamp_ms,
+            last_append_ms: scan.last_append_ms,
         });
     }
     let tail = segments.last().expect("at least one segment");

@@ -155,6 +155,7 @@ impl RawClient {
         self.call(&Request::CreateTopic(CreateTopicRequest {
             name: name.into(),
             partitions,
+            retention: Default::default(),
         }))
         .expect("topic created");
     }
