@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub storage_failure_policy: FailurePolicy,
     /// How often each shard applies its partitions' retention.
     pub retention_check_interval_ms: u32,
+    /// Per-shard memory for recently written batches, shared by all its partitions, so
+    /// consumers at the tail are served without disk reads. 0 turns the cache off.
+    pub tail_cache_bytes_per_shard: usize,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             storage_full_retry_ms: 1000,
             storage_failure_policy: FailurePolicy::ExitProcess,
             retention_check_interval_ms: 10_000,
+            tail_cache_bytes_per_shard: 64 << 20,
         }
     }
 }
@@ -129,6 +133,12 @@ impl ServerConfig {
             return fail(format!(
                 "segment_size_bytes {} must be at least chunk_size_bytes {}",
                 self.segment_size_bytes, self.chunk_size_bytes
+            ));
+        }
+        if self.segment_size_bytes > u64::from(u32::MAX) {
+            return fail(format!(
+                "segment_size_bytes {} must be below 4 GiB: index entries hold 32-bit positions",
+                self.segment_size_bytes
             ));
         }
         if self.index_interval_bytes == 0 {

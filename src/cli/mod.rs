@@ -591,13 +591,14 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
     let mut remaining = args.count;
     let mut last_message_at = Instant::now();
     let mut output = Vec::new();
-    let mut polled = false;
+    // Stop only after a poll that found nothing: `--timeout-ms 0` means "everything that
+    // is there now", however many polls that takes.
+    let mut last_poll_empty = false;
     while remaining != Some(0) {
         let wait = match timeout {
             Some(timeout) => {
                 let quiet = last_message_at.elapsed();
-                // Always poll once: `--timeout-ms 0` means "what is there now".
-                if quiet >= timeout && polled {
+                if quiet >= timeout && last_poll_empty {
                     break;
                 }
                 timeout
@@ -610,7 +611,7 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
             .poll_with_wait(wait.as_millis() as u32)
             .await
             .map_err(failed())?;
-        polled = true;
+        last_poll_empty = records.is_empty();
         if records.is_empty() {
             continue;
         }

@@ -28,7 +28,9 @@ use crate::protocol::{
     validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets, Retention,
     WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
-use crate::storage::{ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError};
+use crate::storage::{
+    ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError, TailCache,
+};
 
 /// File in a topic's directory that records its partition count.
 pub const TOPIC_METADATA_FILE: &str = "topic.meta";
@@ -136,6 +138,7 @@ pub struct Shard {
     /// Shard 0 only: topics being created or deleted right now.
     topics_changing: RefCell<HashSet<String>>,
     budget: Rc<ChunkBudget>,
+    tail_cache: Rc<TailCache>,
     data_arrived: Rc<Notify>,
     mesh: Senders<MeshMessage>,
     shutting_down: Cell<bool>,
@@ -153,6 +156,7 @@ impl Shard {
             config.chunk_memory_bytes_per_shard_max,
             config.chunk_size_bytes,
         );
+        let tail_cache = TailCache::new(config.tail_cache_bytes_per_shard);
         Rc::new(Shard {
             id,
             count,
@@ -162,6 +166,7 @@ impl Shard {
             logs: RefCell::new(HashMap::new()),
             topics_changing: RefCell::new(HashSet::new()),
             budget,
+            tail_cache,
             data_arrived: Rc::new(Notify::new()),
             mesh,
             shutting_down: Cell::new(false),
@@ -233,6 +238,7 @@ impl Shard {
                     self.partition_directory(name, partition),
                     self.log_config(),
                     Rc::clone(&self.budget),
+                    Rc::clone(&self.tail_cache),
                     Rc::clone(&self.data_arrived),
                 )
                 .await?;

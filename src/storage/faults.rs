@@ -65,6 +65,8 @@ pub struct FaultPlan {
     pub next_write: Cell<Option<Fault>>,
     /// The next fdatasync fails this way (once).
     pub next_sync: Cell<Option<Fault>>,
+    /// Reads that reached the files: what the tail cache is meant to spare.
+    pub reads: Cell<u64>,
     crashed: Cell<bool>,
     unsynced: RefCell<Vec<UnsyncedWrite>>,
 }
@@ -164,6 +166,7 @@ impl LogFile for FaultyFile {
 
     async fn read_at(&self, position: u64, length: usize) -> io::Result<Self::ReadBuffer> {
         self.plan.check()?;
+        self.plan.reads.set(self.plan.reads.get() + 1);
         Ok(self.inner.read_at(position, length).await?)
     }
 

@@ -34,6 +34,7 @@ use glommio::io::DmaBuffer;
 use glommio::sync::StaticPermit;
 use glommio::task::JoinHandle;
 
+use super::cache::{PartitionCache, TailCache};
 use super::file::{DmaStorage, LogFile, LogStorage};
 use super::index::{
     encode_entries, floor_entry, time_floor_entry, IndexEntry, ENTRIES_PER_BLOCK, INDEX_ENTRY_SIZE,
@@ -155,8 +156,24 @@ struct ActiveChunk<F> {
     /// File position of `buffer[0]`; a multiple of the alignment.
     file_start: u64,
     filled: usize,
-    /// Bytes at the front that were carried over and are already on disk.
+    /// Bytes at the front that were carried over from the previous chunk.
     carried: usize,
+    /// Whether those carried bytes are already written (they came from a flush, which
+    /// writes the partial block) or still only here (a full chunk writes whole blocks).
+    carried_written: bool,
+    segment_base: u64,
+    /// Offset of the first batch appended into this chunk.
+    first_offset: Option<u64>,
+}
+
+impl<F> ActiveChunk<F> {
+    /// A copy of the bytes appended into this chunk, for the tail cache once they are
+    /// durable; `None` when caching is off or nothing was appended.
+    fn appended_bytes(&self, cache: bool) -> Option<(u64, u64, Bytes)> {
+        let first_offset = self.first_offset.filter(|_| cache)?;
+        let bytes = Bytes::copy_from_slice(&self.buffer.as_bytes()[self.carried..self.filled]);
+        Some((self.segment_base, first_offset, bytes))
+    }
 }
 
 struct SealedChunk<F> {
@@ -167,6 +184,8 @@ struct SealedChunk<F> {
     file: Rc<F>,
     path: PathBuf,
     file_start: u64,
+    /// (segment base offset, first offset, bytes) for the tail cache.
+    appended: Option<(u64, u64, Bytes)>,
 }
 
 struct State<F> {
@@ -177,6 +196,8 @@ struct State<F> {
     /// When no chunk is active: the valid bytes of the active segment's partial last
     /// block, which the next chunk starts with.
     tail_bytes: Vec<u8>,
+    /// Whether `tail_bytes` are on disk already.
+    tail_written: bool,
     sealed: Vec<SealedChunk<F>>,
     rolling: bool,
     closed: bool,
@@ -249,6 +270,9 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     budget: Rc<ChunkBudget>,
     state: RefCell<State<S::File>>,
     flush_wanted: Notify,
+    /// Recently written batches of this partition, within the shard's cache budget.
+    cache: Rc<PartitionCache>,
+    tail_cache: Rc<TailCache>,
     /// Shared by every partition of the shard, so one long-poll can wait on many.
     data_arrived: Rc<Notify>,
     roll_done: Notify,
@@ -269,6 +293,7 @@ impl<S: LogStorage> PartitionLog<S> {
         directory: PathBuf,
         config: LogConfig,
         budget: Rc<ChunkBudget>,
+        tail_cache: Rc<TailCache>,
         data_arrived: Rc<Notify>,
     ) -> Result<Rc<PartitionLog<S>>, StorageError> {
         assert!(
@@ -295,6 +320,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 durable_offset: next_offset,
                 active: None,
                 tail_bytes,
+                tail_written: true,
                 sealed: Vec::new(),
                 rolling: false,
                 closed: false,
@@ -305,6 +331,8 @@ impl<S: LogStorage> PartitionLog<S> {
                 durable_waiters: VecDeque::new(),
             }),
             flush_wanted: Notify::new(),
+            cache: Rc::new(PartitionCache::default()),
+            tail_cache,
             data_arrived,
             roll_done: Notify::new(),
             flusher: RefCell::new(None),
@@ -376,7 +404,7 @@ impl<S: LogStorage> PartitionLog<S> {
                     if state.active.is_some() {
                         // Full: cut at the last whole block and queue it; the partial
                         // block moves to the next chunk.
-                        Self::seal_full_chunk(&mut state);
+                        Self::seal_full_chunk(&mut state, self.caching());
                         self.flush_wanted.notify_all();
                     }
                     AppendStep::AwaitChunk
@@ -421,7 +449,9 @@ impl<S: LogStorage> PartitionLog<S> {
             "the carried partial block ends where the segment does"
         );
         buffer.as_bytes_mut()[..carried].copy_from_slice(&state.tail_bytes);
+        let segment_base = segment.base_offset;
         state.tail_bytes.clear();
+        let carried_written = state.tail_written;
         state.active = Some(ActiveChunk {
             buffer,
             permit,
@@ -430,6 +460,9 @@ impl<S: LogStorage> PartitionLog<S> {
             file_start,
             filled: carried,
             carried,
+            carried_written,
+            segment_base,
+            first_offset: None,
         });
         Ok(())
     }
@@ -443,6 +476,7 @@ impl<S: LogStorage> PartitionLog<S> {
         let base_offset = state.next_offset;
         let active = state.active.as_mut().expect("checked by the caller");
         let start = active.filled;
+        active.first_offset.get_or_insert(base_offset);
         let target = &mut active.buffer.as_bytes_mut()[start..start + batch.len()];
         target.copy_from_slice(batch);
         let append_time_ms = now_ms();
@@ -465,17 +499,25 @@ impl<S: LogStorage> PartitionLog<S> {
         }
     }
 
-    fn seal_full_chunk(state: &mut State<S::File>) {
+    fn caching(&self) -> bool {
+        self.tail_cache.bytes_max() > 0
+    }
+
+    fn seal_full_chunk(state: &mut State<S::File>, cache: bool) {
         let mut active = state.active.take().expect("sealing needs an active chunk");
         let whole = align_down(active.filled as u64) as usize;
         assert!(
             whole >= ALIGNMENT_BYTES,
             "a full chunk holds at least one whole block, since batches are a block smaller than chunks"
         );
+        let appended = active.appended_bytes(cache);
         state.tail_bytes.clear();
         state
             .tail_bytes
             .extend_from_slice(&active.buffer.as_bytes()[whole..active.filled]);
+        // This chunk writes only whole blocks: the partial block reaches the disk with
+        // the next chunk, which must therefore be written even if nothing else is added.
+        state.tail_written = false;
         active.buffer.trim_to_size(whole);
         state.sealed.push(SealedChunk {
             buffer: Rc::new(active.buffer),
@@ -483,23 +525,25 @@ impl<S: LogStorage> PartitionLog<S> {
             file: active.file,
             path: active.path,
             file_start: active.file_start,
+            appended,
         });
     }
 
     /// Seals the active chunk for a flush: zero-pad to the block end, keep the partial
     /// block's bytes for the next chunk.
-    fn seal_for_flush(state: &mut State<S::File>) {
+    fn seal_for_flush(state: &mut State<S::File>, cache: bool) {
         let Some(mut active) = state.active.take() else {
             return;
         };
-        if active.filled == active.carried {
-            // Nothing new since the chunk was started: its bytes are already on disk.
+        if active.filled == active.carried && active.carried_written {
+            // Nothing new since the chunk was started, and what it carried is on disk.
             state.tail_bytes.clear();
             state
                 .tail_bytes
                 .extend_from_slice(&active.buffer.as_bytes()[..active.filled]);
             return;
         }
+        let appended = active.appended_bytes(cache);
         let padded = align_up(active.filled as u64) as usize;
         let partial_start = align_down(active.filled as u64) as usize;
         let bytes = active.buffer.as_bytes_mut();
@@ -510,6 +554,7 @@ impl<S: LogStorage> PartitionLog<S> {
         state
             .tail_bytes
             .extend_from_slice(&bytes[partial_start..active.filled]);
+        state.tail_written = true;
         active.buffer.trim_to_size(padded);
         state.sealed.push(SealedChunk {
             buffer: Rc::new(active.buffer),
@@ -517,6 +562,7 @@ impl<S: LogStorage> PartitionLog<S> {
             file: active.file,
             path: active.path,
             file_start: active.file_start,
+            appended,
         });
     }
 
@@ -526,7 +572,7 @@ impl<S: LogStorage> PartitionLog<S> {
     async fn roll(&self) -> Result<(), StorageError> {
         let base_offset = {
             let mut state = self.state.borrow_mut();
-            Self::seal_for_flush(&mut state);
+            Self::seal_for_flush(&mut state, self.caching());
             state.next_offset
         };
         self.flush_wanted.notify_all();
@@ -587,6 +633,7 @@ impl<S: LogStorage> PartitionLog<S> {
         // The log start has already moved: reads below it get OffsetOutOfRange, and a
         // read in flight keeps its own handle on the file until it finishes.
         for segment in &removed {
+            self.cache.drop_segment(segment.base_offset);
             for path in [&segment.path, &segment.index_path] {
                 match std::fs::remove_file(path) {
                     Ok(()) => {}
@@ -705,6 +752,12 @@ impl<S: LogStorage> PartitionLog<S> {
                 .partition_point(|segment| segment.base_offset <= offset)
                 - 1;
             let segment = &state.segments[segment_index];
+            let ranges =
+                self.cache
+                    .ranges_from(segment.base_offset, offset, CACHED_RANGES_PER_READ_MAX);
+            if let Some(batches) = cached_batches(&ranges, offset, bytes_max) {
+                return Ok(batches);
+            }
             let entry = floor_entry(&segment.index, offset)
                 .expect("a readable offset lies at or after its segment's first batch");
             ReadSpan::of(segment, entry.position)
@@ -899,6 +952,7 @@ impl<S: LogStorage> PartitionLog<S> {
         for (_, waiter) in waiters {
             let _ = waiter.send(Err(StorageError::Closed));
         }
+        self.cache.clear();
         self.data_arrived.notify_all();
         self.roll_done.notify_all();
     }
@@ -910,7 +964,7 @@ impl<S: LogStorage> PartitionLog<S> {
         if let Some(round) = state.retry.take() {
             return Some(round);
         }
-        Self::seal_for_flush(state);
+        Self::seal_for_flush(state, self.caching());
         if state.sealed.is_empty() {
             return None;
         }
@@ -1084,7 +1138,70 @@ impl<S: LogStorage> PartitionLog<S> {
         for waiter in released {
             let _ = waiter.send(Ok(()));
         }
+        for chunk in &round.chunks {
+            if let Some((segment_base, first_offset, bytes)) = &chunk.appended {
+                self.tail_cache
+                    .insert(&self.cache, *segment_base, *first_offset, bytes.clone());
+            }
+        }
         self.data_arrived.notify_all();
+    }
+}
+
+/// Most cached ranges one read stitches together.
+const CACHED_RANGES_PER_READ_MAX: usize = 64;
+
+/// What a read at `offset` returns from cached ranges: the batch holding `offset`, then
+/// following batches while they fit in `bytes_max` and the ranges are contiguous. A slice
+/// of one range when it holds it all (no copy); one copy when several ranges are joined.
+/// `None` when the cache does not hold `offset`'s batch.
+fn cached_batches(ranges: &[(u64, Bytes)], offset: u64, bytes_max: usize) -> Option<Bytes> {
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut taken = 0usize;
+    let mut wanted = offset;
+    'ranges: for (first_offset, range) in ranges {
+        if *first_offset > wanted {
+            break; // a gap: evicted or never cached
+        }
+        let mut at = 0usize;
+        let mut start: Option<usize> = None;
+        while at + BATCH_HEADER_SIZE <= range.len() {
+            let header = BatchHeader::read(&range[at..]).expect("length checked");
+            let length = header.batch_length as usize;
+            assert!(
+                length >= BATCH_HEADER_SIZE && at + length <= range.len(),
+                "cached ranges are whole batches that were validated before they were appended"
+            );
+            if header.next_offset() > wanted {
+                if taken > 0 && taken + length > bytes_max {
+                    if let Some(start) = start {
+                        parts.push(range.slice(start..at));
+                    }
+                    break 'ranges;
+                }
+                start.get_or_insert(at);
+                taken += length;
+                wanted = header.next_offset();
+            }
+            at += length;
+        }
+        if let Some(start) = start {
+            parts.push(range.slice(start..at));
+        }
+        if taken >= bytes_max {
+            break;
+        }
+    }
+    match parts.len() {
+        0 => None,
+        1 => parts.pop(),
+        _ => {
+            let mut joined = BytesMut::with_capacity(taken);
+            for part in &parts {
+                joined.extend_from_slice(part);
+            }
+            Some(joined.freeze())
+        }
     }
 }
 

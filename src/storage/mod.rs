@@ -18,6 +18,7 @@
 //!
 //! The on-disk format is docs/storage.md.
 
+mod cache;
 #[cfg(test)]
 pub(crate) mod faults;
 mod file;
@@ -26,6 +27,7 @@ mod log;
 mod recovery;
 mod sync;
 
+pub use cache::TailCache;
 pub use file::{DmaStorage, LogFile, LogStorage};
 pub use log::{AppendOutcome, FailurePolicy, LogConfig, PartitionLog};
 pub use sync::{ChunkBudget, Notify};

@@ -12,6 +12,12 @@ use super::faults::{Fault, FaultyStorage, TestRng};
 use super::*;
 use crate::protocol::batch::{decode_records, BatchBuilder, Record};
 
+thread_local! {
+    /// Tail cache budget for logs opened on this thread's executor. Most tests run with
+    /// the cache off so that reads exercise the disk path.
+    static TEST_CACHE_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn config() -> LogConfig {
     LogConfig {
         segment_size_bytes: 256 * 1024,
@@ -47,6 +53,7 @@ async fn open(directory: &Path) -> Rc<PartitionLog> {
         directory.to_path_buf(),
         config(),
         ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+        TailCache::new(TEST_CACHE_BYTES.with(|bytes| bytes.get())),
         Rc::new(Notify::new()),
     )
     .await
@@ -412,6 +419,7 @@ async fn open_with<S: LogStorage>(
         directory.to_path_buf(),
         config(),
         ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+        TailCache::new(TEST_CACHE_BYTES.with(|bytes| bytes.get())),
         Rc::new(Notify::new()),
     )
     .await
@@ -643,6 +651,8 @@ fn model_based_crash_recovery() {
 }
 
 async fn model_run(seed: u64, directory: &Path) {
+    // Odd seeds read through the tail cache, even ones from disk only.
+    TEST_CACHE_BYTES.with(|bytes| bytes.set(if seed % 2 == 1 { 256 << 10 } else { 0 }));
     let mut rng = TestRng::new(seed);
     let mut storage = Rc::new(FaultyStorage::new());
     let mut log = open_with(Rc::clone(&storage), directory).await.unwrap();
@@ -823,5 +833,68 @@ fn offsets_are_found_by_timestamp_across_segments_and_restarts() {
             "nothing that late: the end"
         );
         log.close().await;
+    });
+}
+
+#[test]
+fn tail_reads_come_from_the_cache_without_disk_reads_and_memory_stays_in_budget() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let budget = 256 << 10;
+        let cache = TailCache::new(budget);
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let mut logs = Vec::new();
+        // Many partitions share one shard budget.
+        for partition in 0..40 {
+            let log = PartitionLog::open(
+                Rc::clone(&storage),
+                directory.join(partition.to_string()),
+                config(),
+                ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+                Rc::clone(&cache),
+                Rc::new(Notify::new()),
+            )
+            .await
+            .unwrap();
+            logs.push(log);
+        }
+        for round in 0..5u64 {
+            for log in &logs {
+                log.append(&batch(round * 4, 4, 2000)).await.unwrap();
+            }
+            for log in &logs {
+                log.wait_durable(round * 4 + 4).await.unwrap();
+            }
+            assert!(
+                cache.bytes_used() <= budget,
+                "{} of {budget}",
+                cache.bytes_used()
+            );
+        }
+        // The last partition written is at the tail of the cache: reading its newest
+        // batch touches no file.
+        let tail = logs.last().unwrap();
+        let reads_before = plan.reads.get();
+        let bytes = tail.read(16, 1 << 20).await.unwrap();
+        assert_eq!(plan.reads.get(), reads_before, "served from memory");
+        let mut records = Vec::new();
+        decode_records(&bytes, 16, &mut records).unwrap();
+        check_dense(&records, 16);
+        assert_eq!(records.len(), 4);
+        // The first partition's early batches were evicted: the disk answers, and the
+        // answer is the same data.
+        let reads_before = plan.reads.get();
+        let records = read_all_from(&logs[0], 0).await;
+        assert!(
+            plan.reads.get() > reads_before,
+            "evicted ranges are read from disk"
+        );
+        check_dense(&records, 0);
+        assert_eq!(records.len(), 20);
+        for log in logs {
+            log.close().await;
+        }
+        assert!(cache.bytes_used() <= budget);
     });
 }
