@@ -120,12 +120,18 @@ impl<F> Segment<F> {
     }
 
     /// The index blocks to write: whole blocks of new entries, or (when `all`) every
-    /// entry not yet written, the partial last block zero-padded.
+    /// entry not yet written, the partial last block zero-padded. Only entries whose
+    /// batch is already durable go out: recovery trusts an index entry it can verify and
+    /// scans only after it, so an entry must never survive a crash that its batch, or a
+    /// batch before it, did not.
     fn index_write(&mut self, all: bool) -> Option<IndexWrite<F>> {
+        let durable_entries = self
+            .index
+            .partition_point(|entry| entry.position < self.durable_position);
         let target = if all {
-            self.index.len()
+            durable_entries
         } else {
-            self.index.len() / ENTRIES_PER_BLOCK * ENTRIES_PER_BLOCK
+            durable_entries / ENTRIES_PER_BLOCK * ENTRIES_PER_BLOCK
         };
         if target <= self.index_written {
             return None;
@@ -225,15 +231,18 @@ struct ReadSpan<F> {
     file: Rc<F>,
     path: PathBuf,
     position: u64,
+    /// Offset of the batch at `position` (from the index).
+    offset: u64,
     end_position: u64,
 }
 
 impl<F> ReadSpan<F> {
-    fn of(segment: &Segment<F>, position: u64) -> ReadSpan<F> {
+    fn of(segment: &Segment<F>, entry: &IndexEntry) -> ReadSpan<F> {
         ReadSpan {
             file: Rc::clone(&segment.file),
             path: segment.path.clone(),
-            position,
+            position: entry.position,
+            offset: entry.offset,
             end_position: segment.durable_position,
         }
     }
@@ -416,7 +425,21 @@ impl<S: LogStorage> PartitionLog<S> {
                 }
                 AppendStep::Roll => {
                     let rolled = self.roll().await;
-                    self.state.borrow_mut().rolling = false;
+                    {
+                        let mut state = self.state.borrow_mut();
+                        state.rolling = false;
+                        if let Err(error) = &rolled {
+                            // A full disk is retried by the next append; anything else
+                            // means the disk cannot be trusted, as for a failed round.
+                            if !matches!(error, StorageError::NoSpace { .. } | StorageError::Closed)
+                                && state.failed.is_none()
+                            {
+                                state.failed = Some(StorageError::Stopped {
+                                    reason: error.to_string(),
+                                });
+                            }
+                        }
+                    }
                     self.roll_done.notify_all();
                     rolled?;
                 }
@@ -760,7 +783,7 @@ impl<S: LogStorage> PartitionLog<S> {
             }
             let entry = floor_entry(&segment.index, offset)
                 .expect("a readable offset lies at or after its segment's first batch");
-            ReadSpan::of(segment, entry.position)
+            ReadSpan::of(segment, entry)
         };
         let mut out = BytesMut::new();
         let scanned = self
@@ -802,7 +825,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 .map(|segment| {
                     let entry = time_floor_entry(&segment.index, timestamp_ms)
                         .expect("a segment with data has an index entry");
-                    ReadSpan::of(segment, entry.position)
+                    ReadSpan::of(segment, entry)
                 })
                 .collect();
             (spans, state.durable_offset)
@@ -860,6 +883,7 @@ impl<S: LogStorage> PartitionLog<S> {
             file,
             path,
             mut position,
+            offset: mut expected_offset,
             end_position,
         } = span;
         let window_max = bytes_hint
@@ -894,30 +918,38 @@ impl<S: LogStorage> PartitionLog<S> {
                         .err()
                         .map(|error| error.to_string())
                 };
+                let damage = damage.or_else(|| {
+                    (header.base_offset != expected_offset).then(|| {
+                        format!(
+                            "batch has base offset {}, expected {expected_offset}",
+                            header.base_offset
+                        )
+                    })
+                });
                 if let Some(reason) = damage {
                     let error = StorageError::Corrupt {
                         path: path.clone(),
                         position: batch_position,
                         reason,
                     };
+                    // The damaged header's own offset cannot be trusted; the offset the
+                    // walk expected here can.
                     eprintln!(
-                        "shardq: partition {}: {error}; not serving at or past offset {}",
+                        "shardq: partition {}: {error}; not serving at or past offset {expected_offset}",
                         self.directory.display(),
-                        header.base_offset
                     );
                     let mut state = self.state.borrow_mut();
                     let corrupt_offset = state
                         .corrupt
                         .as_ref()
-                        .map_or(header.base_offset, |(known, _)| {
-                            (*known).min(header.base_offset)
-                        });
+                        .map_or(expected_offset, |(known, _)| (*known).min(expected_offset));
                     state.corrupt = Some((corrupt_offset, error.clone()));
                     return Err(error);
                 }
                 if visit(&header, &data[at..at + batch_length]) == Visit::Stop {
                     return Ok(());
                 }
+                expected_offset = header.next_offset();
                 at += batch_length;
             }
             position += at as u64;
@@ -962,6 +994,11 @@ impl<S: LogStorage> PartitionLog<S> {
             return None;
         }
         if let Some(round) = state.retry.take() {
+            if state.closed {
+                // Closing (shutdown, or the topic deleted to free space) must not wait for
+                // a disk that stays full; those appends were never acknowledged durable.
+                return None;
+            }
             return Some(round);
         }
         Self::seal_for_flush(state, self.caching());

@@ -16,13 +16,16 @@ thread_local! {
     /// Tail cache budget for logs opened on this thread's executor. Most tests run with
     /// the cache off so that reads exercise the disk path.
     static TEST_CACHE_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Index interval for logs opened on this thread: small values fill index blocks
+    /// within one round, which exercises index writes against crashes.
+    static TEST_INDEX_INTERVAL: std::cell::Cell<u32> = const { std::cell::Cell::new(4096) };
 }
 
 fn config() -> LogConfig {
     LogConfig {
         segment_size_bytes: 256 * 1024,
         chunk_size_bytes: 64 * 1024,
-        index_interval_bytes: 4096,
+        index_interval_bytes: TEST_INDEX_INTERVAL.with(|interval| interval.get()),
         storage_full_retry: std::time::Duration::from_millis(5),
         failure_policy: FailurePolicy::StopPartition,
     }
@@ -651,8 +654,11 @@ fn model_based_crash_recovery() {
 }
 
 async fn model_run(seed: u64, directory: &Path) {
-    // Odd seeds read through the tail cache, even ones from disk only.
+    // Odd seeds read through the tail cache, even ones from disk only; every third seed
+    // indexes every batch (an index entry per 64 bytes), so index blocks fill and are
+    // written within rounds that a crash then cuts.
     TEST_CACHE_BYTES.with(|bytes| bytes.set(if seed % 2 == 1 { 256 << 10 } else { 0 }));
+    TEST_INDEX_INTERVAL.with(|interval| interval.set(if seed % 3 == 0 { 64 } else { 4096 }));
     let mut rng = TestRng::new(seed);
     let mut storage = Rc::new(FaultyStorage::new());
     let mut log = open_with(Rc::clone(&storage), directory).await.unwrap();
@@ -660,7 +666,9 @@ async fn model_run(seed: u64, directory: &Path) {
     // by acknowledgement.
     let mut appended: Vec<Bytes> = Vec::new();
     let mut acknowledged = 0usize;
-    for _ in 0..120 {
+    // Runs that index every batch are longer, so that their index grows past a block.
+    let operations = if seed % 3 == 0 { 400 } else { 120 };
+    for _ in 0..operations {
         match rng.below(100) {
             0..=54 => {
                 let count = 1 + rng.below(6) as usize;
@@ -896,5 +904,31 @@ fn tail_reads_come_from_the_cache_without_disk_reads_and_memory_stays_in_budget(
             log.close().await;
         }
         assert!(cache.bytes_used() <= budget);
+    });
+}
+
+#[test]
+fn close_does_not_wait_for_a_disk_that_stays_full() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+        plan.no_space.set(true);
+        log.append(&batch(0, 1, 10)).await.unwrap();
+        assert!(matches!(
+            log.wait_durable(1).await,
+            Err(StorageError::NoSpace { .. })
+        ));
+        // Bounded: a close that waited for space would never return.
+        let closed = glommio::timer::timeout(std::time::Duration::from_secs(20), async {
+            log.close().await;
+            Ok(())
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "close returned while the disk was still full"
+        );
     });
 }
