@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub storage_failure_policy: FailurePolicy,
     /// How often each shard applies its partitions' retention.
     pub retention_check_interval_ms: u32,
+    /// Keep one segment that retention deletes per partition and reuse it for the next
+    /// new segment: overwriting written blocks is much faster than writing fresh ones.
+    pub recycle_segments: bool,
     /// Per-shard memory for recently written batches, shared by all its partitions, so
     /// consumers at the tail are served without disk reads. 0 turns the cache off.
     pub tail_cache_bytes_per_shard: usize,
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             storage_full_retry_ms: 1000,
             storage_failure_policy: FailurePolicy::ExitProcess,
             retention_check_interval_ms: 10_000,
+            recycle_segments: true,
             tail_cache_bytes_per_shard: 64 << 20,
         }
     }

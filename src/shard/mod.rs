@@ -180,6 +180,7 @@ impl Shard {
             index_interval_bytes: self.config.index_interval_bytes,
             storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
             failure_policy: self.config.storage_failure_policy,
+            recycle_segments: self.config.recycle_segments,
         }
     }
 

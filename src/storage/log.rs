@@ -52,6 +52,8 @@ pub struct LogConfig {
     pub index_interval_bytes: u32,
     /// How long a partition waits before writing again after the disk said it was full.
     pub storage_full_retry: Duration,
+    /// Keep one segment deleted by retention and reuse it for the next roll.
+    pub recycle_segments: bool,
     pub failure_policy: FailurePolicy,
 }
 
@@ -654,9 +656,16 @@ impl<S: LogStorage> PartitionLog<S> {
             return Ok(0);
         }
         // The log start has already moved: reads below it get OffsetOutOfRange, and a
-        // read in flight keeps its own handle on the file until it finishes.
+        // read in flight keeps its own handle on the file until it finishes. One deleted
+        // segment is kept as the spare the next roll recycles (fast fresh writes).
+        let spare = self.directory.join(recovery::SPARE_SEGMENT_FILE);
         for segment in &removed {
             self.cache.drop_segment(segment.base_offset);
+            if self.config.recycle_segments && !spare.exists() {
+                std::fs::rename(&segment.path, &spare).map_err(|source| {
+                    StorageError::io("keeping a spare segment", &segment.path, source)
+                })?;
+            }
             for path in [&segment.path, &segment.index_path] {
                 match std::fs::remove_file(path) {
                     Ok(()) => {}

@@ -74,7 +74,12 @@ async fn open_file<S: LogStorage>(
         .map_err(|source| StorageError::io("opening segment", path, source))
 }
 
-/// Creates, preallocates and makes durable a new empty segment and its index.
+/// A segment deleted by retention, kept to become the next segment (at most one per
+/// partition).
+pub(crate) const SPARE_SEGMENT_FILE: &str = "spare.log";
+
+/// Creates, preallocates and makes durable a new empty segment and its index, recycling
+/// the partition's spare segment file when there is one.
 pub(crate) async fn create_segment<S: LogStorage>(
     storage: &S,
     directory: &Path,
@@ -83,7 +88,17 @@ pub(crate) async fn create_segment<S: LogStorage>(
 ) -> Result<Segment<S::File>, StorageError> {
     let path = directory.join(segment_file_name(base_offset));
     let index_path = directory.join(index::index_file_name(base_offset));
+    let spare = directory.join(SPARE_SEGMENT_FILE);
+    let recycled = spare.exists();
     let created = async {
+        if recycled {
+            // A segment retention deleted, kept for this: its blocks are written
+            // extents, much faster to overwrite than fresh ones. Its old bytes are never
+            // read (reads stop at the durable end) and recovery tells them apart by their
+            // older offsets.
+            std::fs::rename(&spare, &path)
+                .map_err(|source| StorageError::io("recycling segment", &spare, source))?;
+        }
         let file = open_file(storage, &path, true).await?;
         // Preallocating the whole segment (size included) means later writes never
         // change the file size, so an fdatasync commits data without an inode update.

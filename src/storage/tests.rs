@@ -28,6 +28,7 @@ fn config() -> LogConfig {
         index_interval_bytes: TEST_INDEX_INTERVAL.with(|interval| interval.get()),
         storage_full_retry: std::time::Duration::from_millis(5),
         failure_policy: FailurePolicy::StopPartition,
+        recycle_segments: true,
     }
 }
 
@@ -930,5 +931,61 @@ fn close_does_not_wait_for_a_disk_that_stays_full() {
             closed.is_ok(),
             "close returned while the disk was still full"
         );
+    });
+}
+
+#[test]
+fn retention_keeps_a_spare_segment_that_the_next_roll_recycles() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        let mut next = 0;
+        while log.segment_count() < 3 {
+            log.append(&batch(next, 10, 1000)).await.unwrap();
+            next += 10;
+        }
+        log.wait_durable(next).await.unwrap();
+        let first_segment = directory.join(segment_file_name(0));
+        let first_bytes = std::fs::read(&first_segment).unwrap();
+        // Keep about one segment: the oldest goes, and becomes the spare.
+        let removed = log
+            .apply_retention(config().segment_size_bytes, 0)
+            .await
+            .unwrap();
+        assert!(removed >= 1);
+        let spare = directory.join("spare.log");
+        assert!(spare.exists(), "a deleted segment is kept as the spare");
+        assert!(!first_segment.exists());
+        assert!(log.log_start_offset() > 0);
+        let start = log.log_start_offset();
+        // The next roll takes the spare: it still holds the old segment's bytes, which
+        // nothing must ever read back.
+        let segments_before = log.segment_count();
+        while log.segment_count() == segments_before {
+            log.append(&batch(next, 10, 1000)).await.unwrap();
+            next += 10;
+        }
+        log.append(&batch(next, 3, 10)).await.unwrap();
+        next += 3;
+        log.wait_durable(next).await.unwrap();
+        assert!(!spare.exists(), "the roll recycled the spare");
+        let records = read_all(&log, start).await;
+        check_dense(&records, start);
+        assert_eq!(records.len() as u64, next - start);
+        log.close().await;
+        drop(log);
+        // Reopening finds the end of the recycled segment's new data although old
+        // batches follow it, and cuts nothing that was written.
+        let newest = segment_files(&directory).pop().unwrap();
+        let newest_bytes = std::fs::read(&newest).unwrap();
+        assert!(
+            newest_bytes[newest_bytes.len() - 4096..] == first_bytes[first_bytes.len() - 4096..],
+            "the recycled file still holds the old segment's bytes past its new data"
+        );
+        let log = open(&directory).await;
+        assert_eq!(log.next_offset(), next);
+        let records = read_all(&log, start).await;
+        check_dense(&records, start);
+        log.close().await;
     });
 }
