@@ -6,8 +6,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shardq::protocol::batch::{validate_batch, BatchBuilder};
 use shardq::protocol::{
-    decode_frame_header, Acks, DecodeLimits, Decoded, Opcode, ProducePartition, ProduceRequest, ProduceTopic,
-    Request, FRAME_HEADER_SIZE,
+    decode_frame_header, Acks, DecodeLimits, Decoded, Opcode, ProducePartition, ProduceRequest,
+    ProduceTopic, Request, FRAME_HEADER_SIZE,
 };
 
 /// A batch of `count` records of `size` bytes each: the shape of the W1 workload.
@@ -28,7 +28,9 @@ fn checksum_and_validation(criterion: &mut Criterion) {
     group.bench_function("memcpy_baseline", |bencher| {
         bencher.iter(|| target.copy_from_slice(black_box(&batch)))
     });
-    group.bench_function("crc32c", |bencher| bencher.iter(|| crc32c::crc32c(black_box(&batch))));
+    group.bench_function("crc32c", |bencher| {
+        bencher.iter(|| crc32c::crc32c(black_box(&batch)))
+    });
     group.bench_function("validate_batch", |bencher| {
         bencher.iter(|| validate_batch(black_box(&batch), 100_000).expect("valid"))
     });
@@ -69,23 +71,32 @@ fn produce_frames(criterion: &mut Criterion) {
         request.encode(1, &mut encoded);
         let encoded = encoded.freeze();
         group.throughput(Throughput::Bytes(encoded.len() as u64));
-        group.bench_with_input(BenchmarkId::new("encode", partitions), &request, |bencher, request| {
-            let mut out = BytesMut::with_capacity(encoded.len());
-            bencher.iter(|| {
-                out.clear();
-                request.encode(1, &mut out);
-            })
-        });
-        group.bench_with_input(BenchmarkId::new("decode", partitions), &encoded, |bencher, encoded| {
-            let limits = DecodeLimits::default();
-            bencher.iter(|| {
-                let Ok(Decoded::Complete(header)) = decode_frame_header(encoded, u32::MAX) else {
-                    panic!("a whole frame")
-                };
-                let body = encoded.slice(FRAME_HEADER_SIZE..header.frame_length());
-                Request::decode(Opcode::Produce, body, &limits).expect("decodes")
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("encode", partitions),
+            &request,
+            |bencher, request| {
+                let mut out = BytesMut::with_capacity(encoded.len());
+                bencher.iter(|| {
+                    out.clear();
+                    request.encode(1, &mut out);
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("decode", partitions),
+            &encoded,
+            |bencher, encoded| {
+                let limits = DecodeLimits::default();
+                bencher.iter(|| {
+                    let Ok(Decoded::Complete(header)) = decode_frame_header(encoded, u32::MAX)
+                    else {
+                        panic!("a whole frame")
+                    };
+                    let body = encoded.slice(FRAME_HEADER_SIZE..header.frame_length());
+                    Request::decode(Opcode::Produce, body, &limits).expect("decodes")
+                })
+            },
+        );
     }
     group.finish();
 }

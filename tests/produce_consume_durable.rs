@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use shardq::client::{Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition};
+use shardq::client::{
+    Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
+};
 use shardq::placement::partition_for_key;
 use shardq::protocol::Acks;
 
@@ -32,15 +34,27 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
     for index in from..from + count {
         let key = format!("customer-{}", index % 97);
         let record = ProducerRecord::new(format!("m{index}")).with_key(key);
-        handles.push((index, producer.send("orders", record).await.expect("queued")));
+        handles.push((
+            index,
+            producer.send("orders", record).await.expect("queued"),
+        ));
     }
     producer.flush().await.expect("flushed");
     let mut placed = BTreeMap::new();
     for (index, handle) in handles {
         let metadata = handle.await.expect("acknowledged durable");
         let key = format!("customer-{}", index % 97);
-        assert_eq!(metadata.partition, partition_for_key(key.as_bytes(), PARTITIONS));
-        placed.insert(index, (metadata.partition, metadata.offset.expect("durable acks carry offsets")));
+        assert_eq!(
+            metadata.partition,
+            partition_for_key(key.as_bytes(), PARTITIONS)
+        );
+        placed.insert(
+            index,
+            (
+                metadata.partition,
+                metadata.offset.expect("durable acks carry offsets"),
+            ),
+        );
     }
     placed
 }
@@ -48,12 +62,19 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
 async fn consume_all(addr: std::net::SocketAddr, expected: usize) -> Contents {
     let client = Client::connect(addr).await.expect("connect");
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
-    consumer.assign_topic("orders", StartPosition::Beginning).await.expect("assigned");
+    consumer
+        .assign_topic("orders", StartPosition::Beginning)
+        .await
+        .expect("assigned");
     let mut contents = Contents::new();
     let mut polls = 0;
     while contents.len() < expected {
         polls += 1;
-        assert!(polls < 100_000, "bounded: {} of {expected} consumed", contents.len());
+        assert!(
+            polls < 100_000,
+            "bounded: {} of {expected} consumed",
+            contents.len()
+        );
         let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())
             .await
             .expect("a poll answers within its long-poll bound")
@@ -61,7 +82,12 @@ async fn consume_all(addr: std::net::SocketAddr, expected: usize) -> Contents {
         for consumed in records {
             let value = String::from_utf8(consumed.record.value.to_vec()).unwrap();
             let previous = contents.insert((consumed.partition, consumed.record.offset), value);
-            assert!(previous.is_none(), "offset {} of partition {} delivered twice", consumed.record.offset, consumed.partition);
+            assert!(
+                previous.is_none(),
+                "offset {} of partition {} delivered twice",
+                consumed.record.offset,
+                consumed.partition
+            );
         }
     }
     assert_eq!(contents.len(), expected, "nothing beyond what was produced");
@@ -72,15 +98,28 @@ fn check(contents: &Contents, placed: &BTreeMap<u64, (u32, u64)>) {
     // Every message once, where its ack said it was.
     assert_eq!(contents.len(), placed.len());
     for (index, (partition, offset)) in placed {
-        assert_eq!(contents.get(&(*partition, *offset)), Some(&format!("m{index}")), "message {index}");
+        assert_eq!(
+            contents.get(&(*partition, *offset)),
+            Some(&format!("m{index}")),
+            "message {index}"
+        );
     }
     // Offsets dense from 0 per partition, and per-partition order = send order.
     for partition in 0..PARTITIONS {
         let mut last_index = None;
-        for (expected_offset, ((_, offset), value)) in contents.range((partition, 0)..(partition + 1, 0)).enumerate() {
-            assert_eq!(*offset, expected_offset as u64, "partition {partition} is dense");
+        for (expected_offset, ((_, offset), value)) in contents
+            .range((partition, 0)..(partition + 1, 0))
+            .enumerate()
+        {
+            assert_eq!(
+                *offset, expected_offset as u64,
+                "partition {partition} is dense"
+            );
             let index: u64 = value[1..].parse().unwrap();
-            assert!(last_index < Some(index), "partition {partition} keeps send order");
+            assert!(
+                last_index < Some(index),
+                "partition {partition} keeps send order"
+            );
             last_index = Some(index);
         }
     }
@@ -97,8 +136,11 @@ fn durable_produce_consume_survives_restart_and_offsets_continue() {
         let admin = Client::connect(addr).await.unwrap();
         admin.create_topic("orders", PARTITIONS).await.unwrap();
         let metadata = admin.metadata(&["orders".into()]).await.unwrap();
-        let shards: std::collections::BTreeSet<u16> =
-            metadata.topics[0].partitions.iter().map(|partition| partition.shard).collect();
+        let shards: std::collections::BTreeSet<u16> = metadata.topics[0]
+            .partitions
+            .iter()
+            .map(|partition| partition.shard)
+            .collect();
         assert_eq!(shards.len(), 2, "the topic spans both shards");
         let placed = produce(addr, 0, MESSAGES).await;
         let contents = consume_all(addr, MESSAGES as usize).await;
@@ -114,7 +156,10 @@ fn durable_produce_consume_survives_restart_and_offsets_continue() {
         let more = produce(addr, MESSAGES, 1_000).await;
         (contents, more)
     });
-    assert_eq!(after_restart, first, "a restart changes nothing that was acknowledged");
+    assert_eq!(
+        after_restart, first,
+        "a restart changes nothing that was acknowledged"
+    );
 
     // Offsets continue where each partition left off: never reused.
     let mut ends = BTreeMap::new();
@@ -123,7 +168,10 @@ fn durable_produce_consume_survives_restart_and_offsets_continue() {
         *end = (*end).max(offset + 1);
     }
     for (partition, offset) in more.values() {
-        assert!(*offset >= ends[partition], "partition {partition} reused offset {offset}");
+        assert!(
+            *offset >= ends[partition],
+            "partition {partition} reused offset {offset}"
+        );
     }
     let mut all = placed.clone();
     all.extend(more);
