@@ -823,12 +823,18 @@ async fn collect_acks(
     let mut result = ProducerResult::empty();
     let mut pending = Vec::with_capacity(1024);
     while receiver.recv_many(&mut pending, 1024).await > 0 {
+        // Handles already answered when this chunk arrived share one clock reading: a
+        // clock read per message was 5% of the client's CPU.
+        let mut now = now_ns();
         for (handle, sent_ns) in pending.drain(..) {
             let outcome = match handle.try_result() {
                 Some(outcome) => outcome,
-                None => handle.wait().await,
+                None => {
+                    let outcome = handle.wait().await;
+                    now = now_ns();
+                    outcome
+                }
             };
-            let now = now_ns();
             if let Err(source) = outcome {
                 return Err(BenchError::Client {
                     context: "the broker refused a batch".into(),
@@ -944,6 +950,8 @@ pub struct Verifier {
     strict_run: Option<u32>,
     /// The last stream touched, to skip the hash lookup within a batch.
     last: Option<((u32, u32, u32), u64)>,
+    /// Each producer's filler, built on first sight, as long as the longest message.
+    fillers: HashMap<u32, Vec<u8>>,
 }
 
 impl Verifier {
@@ -969,6 +977,15 @@ impl Verifier {
                 header.partition
             ));
         }
+        let filler = self
+            .fillers
+            .entry(header.producer)
+            .or_insert_with(|| payload::filler(value.len(), u64::from(header.producer) + 1));
+        if filler.len() < value.len() {
+            *filler = payload::filler(value.len(), u64::from(header.producer) + 1);
+        }
+        payload::verify_body(value, filler)
+            .map_err(|error| format!("partition {partition} offset {offset}: {error}"))?;
         if let Some(run) = self.strict_run {
             if header.run_id != run {
                 return Err(format!(
@@ -1352,7 +1369,7 @@ mod tests {
     use super::*;
 
     fn message(run: u32, producer: u32, partition: u32, sequence: u64) -> Vec<u8> {
-        let mut bytes = payload::filler(64, 1);
+        let mut bytes = payload::filler(64, u64::from(producer) + 1);
         payload::encode(
             &mut bytes,
             &PayloadHeader {

@@ -94,7 +94,7 @@ pub struct BenchArgs {
     pub producers: u32,
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub consumers: u32,
-    /// Bytes per message (at least 32: the bench header).
+    /// Bytes per message (at least 36: the bench header).
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub message_size: usize,
     /// Messages per batch (the producer's batch_records_max).
