@@ -33,6 +33,7 @@ results="$work/results.jsonl"
 : > "$results"
 server_pid=
 epmd_started=
+rabbit_dir=
 stop_server() {
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill "$server_pid" 2>/dev/null || true
@@ -67,6 +68,7 @@ cleanup() {
     stop_broker
     if [ -n "$epmd_started" ]; then kill "$epmd_started" 2>/dev/null || true; fi
     rm -rf "$work" 2>/dev/null || true
+    [ -n "${rabbit_dir:-}" ] && rm -rf "$rabbit_dir"
 }
 trap cleanup EXIT
 
@@ -74,8 +76,10 @@ record() { # peer, variant, json fragment
     printf '{"peer": "%s", "variant": "%s", %s}\n' "$1" "$2" "${3#\{}" | sed 's/}}$/}/' >> "$results"
 }
 skip() { # peer, reason
-    echo "SKIP $1: $2" >&2
-    printf '{"peer": "%s", "variant": "skipped", "skipped": "%s"}\n' "$1" "$2" >> "$results"
+    local reason
+    reason=$(printf '%s' "$2" | tr -d '\000-\037"\\' | cut -c1-200)
+    echo "SKIP $1: $reason" >&2
+    printf '{"peer": "%s", "variant": "skipped", "skipped": "%s"}\n' "$1" "$reason" >> "$results"
 }
 ensure_packages() { # packages... ; returns non-zero if any cannot be installed
     local missing=()
@@ -166,9 +170,10 @@ if ensure_packages rabbitmq-server && python_env; then
     port=$((30000 + RANDOM % 10000))
     epmd_before=$(pgrep -x epmd || true)
     # The Debian wrapper runs the node as user rabbitmq: its directories must be theirs.
-    rabbit_dir="$work/rabbit"
+    # (its own temp dir: $work may sit under a private 0700 folder)
+    rabbit_dir=$(mktemp -d "${TMPDIR:-/tmp}/shardq-rabbit.XXXXXX")
     mkdir -p "$rabbit_dir/mnesia" "$rabbit_dir/log"
-    chmod 755 "$work"
+    chmod 755 "$rabbit_dir"
     chown -R rabbitmq: "$rabbit_dir" 2>/dev/null || true
     export RABBITMQ_NODE_PORT=$port RABBITMQ_NODENAME="shardqbench$port@localhost" \
         RABBITMQ_MNESIA_BASE="$rabbit_dir/mnesia" RABBITMQ_LOG_BASE="$rabbit_dir/log" \

@@ -537,6 +537,7 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         produce_latency: Percentiles::of(&produced.latency),
         e2e_latency: Percentiles::of(&consumed.latency),
         verified: consumed.verified,
+        unsent_due: produced.unsent_due,
         client_cpus,
         server_cpus,
         server_cpu_percent,
@@ -642,6 +643,8 @@ struct ProducerResult {
     latency: Histogram<u64>,
     measured_messages: u64,
     last_ack_ns: u64,
+    /// Fixed-rate mode: messages due before the end that the producer never got to send.
+    unsent_due: u64,
 }
 
 impl ProducerResult {
@@ -650,6 +653,7 @@ impl ProducerResult {
             latency: latency_histogram(),
             measured_messages: 0,
             last_ack_ns: 0,
+            unsent_due: 0,
         }
     }
 
@@ -659,6 +663,7 @@ impl ProducerResult {
             .expect("histograms share bounds");
         self.measured_messages += other.measured_messages;
         self.last_ack_ns = self.last_ack_ns.max(other.last_ack_ns);
+        self.unsent_due += other.unsent_due;
     }
 }
 
@@ -726,11 +731,19 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
     let mut measured: u64 = 0;
     let topic = config.topic.as_str();
     let mut error = None;
+    let mut unsent_due: u64 = 0;
     while sends_anything && measured < context.quota && !shared.failed.load(Ordering::Relaxed) {
         let sent_ns = match &schedule {
             Some(schedule) => {
                 let intended = schedule.intended_ns(index);
                 if intended >= end_ns {
+                    break;
+                }
+                // A producer that fell behind stops at the end time too, so the run stays
+                // bounded; what was due and never sent is reported, not hidden.
+                let now = now_ns();
+                if now >= end_ns {
+                    unsent_due = schedule.due_by(end_ns - 1).saturating_sub(index);
                     break;
                 }
                 wait_until(intended).await;
@@ -805,7 +818,8 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
     if let Some(error) = error {
         return Err(error);
     }
-    let result = collected?;
+    let mut result = collected?;
+    result.unsent_due = unsent_due;
     if result.measured_messages != measured {
         return Err(BenchError::Verification(format!(
             "producer {} sent {measured} measured messages but {} were acked",

@@ -34,11 +34,20 @@ pub struct PayloadHeader {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PayloadError {
-    TooShort { size: usize },
-    BadMagic { found: [u8; 4] },
-    Checksum { stored: u32, computed: u32 },
+    TooShort {
+        size: usize,
+    },
+    BadMagic {
+        found: [u8; 4],
+    },
+    Checksum {
+        stored: u32,
+        computed: u32,
+    },
     /// The body differs from the producer's filler from this byte on.
-    Content { at: usize },
+    Content {
+        at: usize,
+    },
 }
 
 impl fmt::Display for PayloadError {

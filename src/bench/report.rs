@@ -115,6 +115,9 @@ pub struct Report {
     pub e2e_latency: Percentiles,
     /// Messages verified on consume (warm-up included): count, order, checksum.
     pub verified: u64,
+    /// Fixed-rate mode: messages due before the end that were never sent because the
+    /// producer fell behind (the broker answered too slowly for the rate).
+    pub unsent_due: u64,
     pub client_cpus: String,
     pub server_cpus: String,
     /// Server CPU use over the measured window, percent of one core; negative when the
@@ -149,6 +152,7 @@ impl Report {
             "produced_messages": self.produced.messages,
             "consumed_messages": self.consumed.messages,
             "verified_messages": self.verified,
+            "unsent_due_messages": self.unsent_due,
             "produce_msgs_per_s": round3(self.produced.msgs_per_s()),
             "produce_mb_per_s": round3(self.produced.mb_per_s()),
             "consume_msgs_per_s": round3(self.consumed.msgs_per_s()),
@@ -221,6 +225,12 @@ impl Report {
             text.push_str(&format!(
                 "{:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10}\n",
                 name, p.p50, p.p90, p.p99, p.p999, p.p9999, p.max, p.count
+            ));
+        }
+        if self.unsent_due > 0 {
+            text.push_str(&format!(
+                "\nRATE NOT MET: {} messages were due before the end but never sent (the producer fell behind)\n",
+                self.unsent_due
             ));
         }
         text.push_str(&format!(
