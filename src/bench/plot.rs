@@ -137,14 +137,14 @@ pub fn render(
     let _ = write!(
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" viewBox="0 0 {width} {}" font-family="sans-serif">"##,
-        PANEL_HEIGHT + 30.0,
-        PANEL_HEIGHT + 30.0
+        PANEL_HEIGHT + 45.0,
+        PANEL_HEIGHT + 45.0
     );
     let _ = write!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
     latency_panel(&mut svg, produce_latency, e2e_latency);
     throughput_panel(&mut svg, report);
     let caption = format!(
-        "shardq bench {}: {} B x batch {}, acks {}, {} producer(s), {} consumer(s), {} partition(s); client cpus {}, server cpus {}",
+        "shardq bench {}: {} B x batch {}, acks {}, {} producer(s), {} consumer(s), {} partition(s)",
         report.workload,
         report.message_size,
         report.batch_size,
@@ -152,14 +152,18 @@ pub fn render(
         report.producers,
         report.consumers,
         report.partitions,
-        report.client_cpus,
-        report.server_cpus
+    );
+    let placement = format!(
+        "client cpus: {}; server: {}",
+        report.client_cpus, report.server_cpus
     );
     let _ = write!(
         svg,
-        r##"<text x="10" y="{:.1}" font-size="11" fill="#333">{}</text></svg>"##,
-        PANEL_HEIGHT + 20.0,
-        escape(&caption)
+        r##"<text x="10" y="{:.1}" font-size="11" fill="#333">{}</text><text x="10" y="{:.1}" font-size="11" fill="#333">{}</text></svg>"##,
+        PANEL_HEIGHT + 18.0,
+        escape(&caption),
+        PANEL_HEIGHT + 34.0,
+        escape(&placement)
     );
     svg.push('\n');
     svg
