@@ -101,6 +101,21 @@ def main():
             f"| end-to-end p50 / p99 / max | {w2['e2e_latency_us']['p50']:.0f} / {w2['e2e_latency_us']['p99']:.0f} / {w2['e2e_latency_us']['max']:.0f} us | | |",
             "",
         ]
+    w2s = load(folder, "w2-sustainable.json")
+    if w2s:
+        p = w2s["produce_latency_us"]
+        lines += [
+            "### W2 at a sustainable rate (1,000 msg/s)",
+            "",
+            f"`{read(folder, 'w2-sustainable.command')}`",
+            "",
+            "| measure | result |",
+            "|---|---|",
+            f"| rate achieved | {fmt(w2s['produce_msgs_per_s'])} msg/s; server CPU {w2s['server_cpu_percent']}% of one core |",
+            f"| produce ack p50 / p90 / p99 / p99.9 / max | {p['p50']:.0f} / {p['p90']:.0f} / {p['p99']:.0f} / {p['p999']:.0f} / {p['max']:.0f} us |",
+            f"| end-to-end p50 / p99 | {w2s['e2e_latency_us']['p50']:.0f} / {w2s['e2e_latency_us']['p99']:.0f} us |",
+            "",
+        ]
     if w3:
         lines += [
             "### W3 idle",
