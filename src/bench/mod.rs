@@ -396,14 +396,16 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
                 (Workload::Consume, Stop::Messages(count)) => Some(count),
                 _ => None,
             };
-            consumer_tasks.push(tokio::spawn(run_consumer(
-                consumer,
-                config.topic.clone(),
-                unit,
-                shared,
-                strict,
-                limit,
-            )));
+            let topic = config.topic.clone();
+            consumer_tasks.push(tokio::spawn(async move {
+                let result =
+                    run_consumer(consumer, topic, unit, shared.clone(), strict, limit).await;
+                if result.is_err() {
+                    // Stop the producers now: a failed verification ends the run at once.
+                    shared.failed.store(true, Ordering::Relaxed);
+                }
+                result
+            }));
         }
     }
     let server_cpu_before = config.server_pid.and_then(process_cpu_ticks);
