@@ -10,6 +10,7 @@
 #
 # Usage: scripts/bench-peers.sh [--json FILE] [--seconds S] [--data-dir DIR]
 # Bounded (each phase S seconds, default 5), loopback only, every server stopped by pid.
+# The Python venv for the peer clients is kept in DIR/shardq-peers-venv as a cache.
 # A peer that cannot be installed or started is reported as skipped, not a failure.
 set -uo pipefail
 

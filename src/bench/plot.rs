@@ -294,7 +294,9 @@ fn throughput_panel(svg: &mut String, report: &Report) {
         let label = if rate >= 1_000_000.0 {
             format!("{:.2}M", rate / 1_000_000.0)
         } else if rate >= 1_000.0 {
-            format!("{:.0}k", rate / 1_000.0)
+            // 1.5k, not a second "2k".
+            let thousands = format!("{:.1}", rate / 1_000.0);
+            format!("{}k", thousands.trim_end_matches(".0"))
         } else {
             format!("{rate:.0}")
         };
