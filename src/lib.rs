@@ -34,6 +34,10 @@ pub mod storage;
 #[cfg(feature = "client")]
 pub mod client;
 
+/// The load generator behind `shardq bench` (feature `bench`; client side only).
+#[cfg(feature = "bench")]
+pub mod bench;
+
 /// Partition placement, shared by the broker (which routes) and smart clients (which skip
 /// the hop). Pure: the same inputs give the same shard on every host and every run.
 pub mod placement;

@@ -56,6 +56,97 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print messages of a topic, one per line.
     Consume(ConsumeArgs),
+    /// Measure throughput and latency; every consumed message is verified.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `shardq bench` workloads. (`queue`, receive + ack, waits for queue groups.)
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Producers only: throughput and ack latency.
+    Produce(BenchArgs),
+    /// Consumers only: read and verify what the topic holds, from the beginning.
+    Consume(BenchArgs),
+    /// Producers and consumers at once: adds end-to-end latency.
+    E2e(BenchArgs),
+    /// Hold idle connections open and measure the server's CPU use (needs --server-pid).
+    Idle(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Topic to use; created if missing.
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Partitions of the topic when the bench creates it.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub partitions: u32,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub producers: u32,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub consumers: u32,
+    /// Bytes per message (at least 36: the bench header).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    pub message_size: usize,
+    /// Messages per batch (the producer's batch_records_max).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub batch_size: u32,
+    /// How long a batch may wait to fill (ignored for --batch-size 1).
+    #[arg(long, value_name = "MS", default_value_t = 2)]
+    pub linger_ms: u64,
+    /// Largest batch in bytes; the broker accepts at most its chunk size minus 4 KiB.
+    #[arg(long, value_name = "BYTES", default_value_t = shardq::bench::BROKER_BATCH_BYTES_MAX_DEFAULT)]
+    pub batch_bytes_max: usize,
+    #[arg(long, default_value = "durable", value_name = "none|memory|durable")]
+    pub acks: Acks,
+    /// Bytes each producer holds sent and not yet acked before `send` waits.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    pub buffer_bytes_max: usize,
+    /// Produce requests in flight per connection.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub requests_in_flight: usize,
+    /// Stop after this many measured messages (in all).
+    #[arg(long, value_name = "N", conflicts_with = "duration_s")]
+    pub messages: Option<u64>,
+    /// Stop after this many seconds of measurement (default 10).
+    #[arg(long, value_name = "S")]
+    pub duration_s: Option<f64>,
+    /// Fixed rate over all producers; latency counts from each message's intended send time.
+    #[arg(long, value_name = "MSGS_PER_S")]
+    pub rate: Option<u64>,
+    /// Seconds sent and verified but not measured, before the measurement.
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    pub warmup_s: f64,
+    /// Connect to each partition's owning shard on its own port.
+    #[arg(long, value_enum, default_value = "on")]
+    pub shard_aware: Switch,
+    /// Pin client threads to these CPUs, round-robin (e.g. 1 or 0,2-3).
+    #[arg(long, value_name = "LIST")]
+    pub client_cpus: Option<String>,
+    /// The broker's pid: report its CPU placement and use.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Idle workload: connections to hold open.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub connections: u32,
+    /// Write the results as one JSON object.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a latency percentile plot and throughput timeline as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +290,7 @@ pub enum CliError {
     UnknownTopic {
         topic: String,
     },
+    Bench(shardq::bench::BenchError),
 }
 
 impl fmt::Display for CliError {
@@ -208,6 +300,7 @@ impl fmt::Display for CliError {
             CliError::Client { context, source } => write!(f, "{context}: {source}"),
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
             CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
+            CliError::Bench(error) => write!(f, "bench: {error}"),
         }
     }
 }
@@ -219,6 +312,7 @@ impl std::error::Error for CliError {
             CliError::Client { source, .. } => Some(source),
             CliError::Io { source, .. } => Some(source),
             CliError::UnknownTopic { .. } => None,
+            CliError::Bench(error) => Some(error),
         }
     }
 }
@@ -252,6 +346,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             };
             shardq::server::run_until_signal(config).map_err(CliError::Server)
         }
+        // The bench runs its own multi-thread runtime and producer threads.
+        Command::Bench(command) => bench(command),
         command => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -267,7 +363,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn run_client_command(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(_) => unreachable!("serve runs without tokio"),
+        Command::Serve(_) | Command::Bench(_) => {
+            unreachable!("serve and bench do not run on this runtime")
+        }
         Command::Topic { server, command } => {
             let client = connect(&server).await?;
             topic(&client, command).await
@@ -540,6 +638,79 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
     producer.close().await.map_err(failed())?;
     for handle in handles {
         handle.await.map_err(failed())?;
+    }
+    Ok(())
+}
+
+fn bench(command: BenchCommand) -> Result<(), CliError> {
+    use shardq::bench::{BenchConfig, BenchError, Stop, Workload};
+    let (workload, args) = match command {
+        BenchCommand::Produce(args) => (Workload::Produce, args),
+        BenchCommand::Consume(args) => (Workload::Consume, args),
+        BenchCommand::E2e(args) => (Workload::EndToEnd, args),
+        BenchCommand::Idle(args) => (Workload::Idle, args),
+    };
+    let invalid = |text: String| CliError::Bench(BenchError::Config(text));
+    let client_cpus = match &args.client_cpus {
+        Some(list) => shardq::bench::parse_cpu_list(list).map_err(invalid)?,
+        None => Vec::new(),
+    };
+    let seconds = |value: f64, flag: &str| {
+        if value.is_finite() && value >= 0.0 {
+            Ok(Duration::from_secs_f64(value))
+        } else {
+            Err(invalid(format!(
+                "{flag} must be a non-negative number of seconds"
+            )))
+        }
+    };
+    let stop = match (args.messages, args.duration_s) {
+        (Some(messages), _) => Stop::Messages(messages),
+        (None, Some(duration)) => Stop::Duration(seconds(duration, "--duration-s")?),
+        (None, None) => Stop::Duration(Duration::from_secs(10)),
+    };
+    let config = BenchConfig {
+        workload,
+        server: args.server.server,
+        topic: args.topic,
+        partitions: args.partitions,
+        producers: args.producers,
+        consumers: args.consumers,
+        message_size: args.message_size,
+        batch_size: args.batch_size,
+        linger_ms: args.linger_ms,
+        batch_bytes_max: args.batch_bytes_max,
+        acks: args.acks,
+        buffer_bytes_max: args.buffer_bytes_max,
+        requests_in_flight_max: args.requests_in_flight,
+        stop,
+        rate_per_s: args.rate,
+        warmup: seconds(args.warmup_s, "--warmup-s")?,
+        shard_aware: args.shard_aware == Switch::On,
+        client_cpus,
+        server_pid: args.server_pid,
+        idle_connections: args.connections,
+        progress: !args.quiet,
+    };
+    let outcome = shardq::bench::run(config).map_err(CliError::Bench)?;
+    let report = &outcome.report;
+    write_stdout(&report.summary())?;
+    let write_file = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|source| {
+            CliError::Bench(BenchError::Io {
+                context: format!("writing {}", path.display()),
+                source,
+            })
+        })
+    };
+    if let Some(path) = &args.json {
+        write_file(path, format!("{:#}\n", report.to_json()))?;
+    }
+    if let Some(path) = &args.plot {
+        write_file(
+            path,
+            shardq::bench::plot::render(report, &outcome.produce_latency, &outcome.e2e_latency),
+        )?;
     }
     Ok(())
 }

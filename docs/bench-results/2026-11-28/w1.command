@@ -1,0 +1,1 @@
+shardq bench e2e --topic w1 --partitions 2 --producers 1 --consumers 1 --message-size 1024 --batch-size 1000 --acks durable --warmup-s 2 --duration-s 10 --server 127.0.0.1:PORT --server-pid PID --json w1.json --plot w1.svg

@@ -1,0 +1,1 @@
+shardq bench e2e --topic w2 --partitions 2 --producers 1 --consumers 1 --message-size 1024 --batch-size 1 --acks durable --rate 10000 --warmup-s 1 --duration-s 10 --server 127.0.0.1:PORT --server-pid PID --json w2.json --plot w2.svg

@@ -1,0 +1,61 @@
+//! 64-byte TCP ping-pong over loopback: the floor under any request/response latency on
+//! this host (two syscalls and a wake-up each way). Used by scripts/bench-baseline.sh.
+//!
+//! `cargo run --release --example tcp_pingpong -- [ITERATIONS] [MESSAGE_BYTES]` prints one
+//! JSON object: round-trip percentiles in microseconds. Bounded: ITERATIONS round trips
+//! (default 50,000) after 5,000 warm-up ones, then both threads exit.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+fn main() {
+    let mut arguments = std::env::args().skip(1);
+    let iterations: usize = arguments
+        .next()
+        .map_or(50_000, |text| text.parse().expect("ITERATIONS is a number"));
+    let size: usize = arguments
+        .next()
+        .map_or(64, |text| text.parse().expect("MESSAGE_BYTES is a number"));
+    let warmup = 5_000;
+    let total = warmup + iterations;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let address = listener.local_addr().expect("local address");
+    let echo = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut buffer = vec![0u8; size];
+        for _ in 0..total {
+            stream.read_exact(&mut buffer).expect("read ping");
+            stream.write_all(&buffer).expect("write pong");
+        }
+    });
+    let mut stream = TcpStream::connect(address).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let ping = vec![0x5au8; size];
+    let mut pong = vec![0u8; size];
+    let mut samples_ns: Vec<u64> = Vec::with_capacity(iterations);
+    for round in 0..total {
+        let started = Instant::now();
+        stream.write_all(&ping).expect("write ping");
+        stream.read_exact(&mut pong).expect("read pong");
+        if round >= warmup {
+            samples_ns.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    echo.join().expect("echo thread");
+    samples_ns.sort_unstable();
+    let at = |quantile: f64| {
+        let index =
+            ((samples_ns.len() as f64 * quantile).ceil() as usize).clamp(1, samples_ns.len());
+        samples_ns[index - 1] as f64 / 1_000.0
+    };
+    println!(
+        "{{\"message_bytes\": {size}, \"iterations\": {iterations}, \"p50_us\": {:.2}, \"p90_us\": {:.2}, \"p99_us\": {:.2}, \"p999_us\": {:.2}, \"max_us\": {:.2}}}",
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        at(0.999),
+        samples_ns[samples_ns.len() - 1] as f64 / 1_000.0
+    );
+}
