@@ -26,16 +26,13 @@ fn small_segments(dir: &Path) -> shardq::config::ServerConfig {
     }
 }
 
+/// Segments of partition 0 (not counting the spare kept for recycling).
 fn segment_count(dir: &Path, topic: &str) -> usize {
     std::fs::read_dir(dir.join(topic).join("0"))
         .unwrap()
         .filter(|entry| {
-            entry
-                .as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|extension| extension == "log")
+            let name = entry.as_ref().unwrap().file_name();
+            shardq::storage::parse_segment_file_name(name.to_str().unwrap()).is_some()
         })
         .count()
 }

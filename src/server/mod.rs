@@ -131,7 +131,7 @@ fn prepare_probe_file(config: &ServerConfig) -> Result<std::path::PathBuf, Serve
 impl ServerHandle {
     pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
-        let online: Vec<usize> = CpuSet::online()
+        let mut online: Vec<usize> = CpuSet::online()
             .map_err(|error| ServerError::Shard {
                 shard: 0,
                 message: format!("listing online CPUs: {error}"),
@@ -139,6 +139,10 @@ impl ServerHandle {
             .into_iter()
             .map(|location| location.cpu)
             .collect();
+        // glommio hands the set back in hash order; sorted, shard k always runs on the
+        // k-th CPU, so `--cores N` leaves the highest CPUs free for other work (a
+        // co-located client, say) and runs are reproducible.
+        online.sort_unstable();
         let shard_count = config.cores.unwrap_or(online.len());
         if shard_count > online.len() || shard_count > usize::from(u16::MAX) {
             return Err(ServerError::Placement {
