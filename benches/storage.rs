@@ -17,7 +17,9 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glommio::LocalExecutorBuilder;
 use shardq::protocol::batch::BatchBuilder;
-use shardq::storage::{ChunkBudget, DmaStorage, FailurePolicy, LogConfig, Notify, PartitionLog, TailCache};
+use shardq::storage::{
+    ChunkBudget, DmaStorage, FailurePolicy, LogConfig, Notify, PartitionLog, TailCache,
+};
 
 const SEGMENT_BYTES: u64 = 64 << 20;
 const CHUNK_BYTES: usize = 4 << 20;
@@ -54,7 +56,12 @@ where
     LocalExecutorBuilder::default()
         .io_memory(64 << 20)
         .spawn(move || async move {
-            glommio::io::DmaFile::open(&probe).await.unwrap().close().await.unwrap();
+            glommio::io::DmaFile::open(&probe)
+                .await
+                .unwrap()
+                .close()
+                .await
+                .unwrap();
             body().await
         })
         .unwrap()
@@ -99,7 +106,10 @@ fn durable_append(criterion: &mut Criterion) {
                         let mut last = Vec::with_capacity(partitions);
                         for _ in 0..batches_per_iteration {
                             for log in &logs {
-                                last.push((Rc::clone(log), log.append(&one).await.unwrap().next_offset));
+                                last.push((
+                                    Rc::clone(log),
+                                    log.append(&one).await.unwrap().next_offset,
+                                ));
                             }
                         }
                         for (log, next) in last {
@@ -137,7 +147,11 @@ fn durable_4k_append(criterion: &mut Criterion) {
     group.sample_size(20);
     let one = batch(1, 4000);
     for recycled in [false, true] {
-        let name = if recycled { "recycled_segment" } else { "fresh_segment" };
+        let name = if recycled {
+            "recycled_segment"
+        } else {
+            "fresh_segment"
+        };
         group.bench_function(name, |bencher| {
             bencher.iter_custom(|iterations| {
                 let root = tempfile::tempdir_in(".").unwrap();
