@@ -188,7 +188,7 @@ struct SealedChunk<F> {
     /// Immutable once sealed; shared with the write in flight so a round that must be
     /// retried still has its bytes.
     buffer: Rc<DmaBuffer>,
-    _permit: StaticPermit,
+    _permit: Option<StaticPermit>,
     file: Rc<F>,
     path: PathBuf,
     file_start: u64,
@@ -546,7 +546,7 @@ impl<S: LogStorage> PartitionLog<S> {
         active.buffer.trim_to_size(whole);
         state.sealed.push(SealedChunk {
             buffer: Rc::new(active.buffer),
-            _permit: active.permit,
+            _permit: Some(active.permit),
             file: active.file,
             path: active.path,
             file_start: active.file_start,
@@ -558,6 +558,28 @@ impl<S: LogStorage> PartitionLog<S> {
     /// block's bytes for the next chunk.
     fn seal_for_flush(state: &mut State<S::File>, cache: bool) {
         let Some(mut active) = state.active.take() else {
+            // A full chunk was sealed (whole blocks only) and no chunk has taken over its
+            // partial block yet (an append is waiting for budget): that block must be in
+            // this round, or the round would mark bytes durable that were never written.
+            if !state.tail_written && !state.tail_bytes.is_empty() {
+                let segment = state.segments.last().expect("a log has a segment");
+                let mut buffer = glommio::allocate_dma_buffer(ALIGNMENT_BYTES);
+                let bytes = buffer.as_bytes_mut();
+                bytes[..state.tail_bytes.len()].copy_from_slice(&state.tail_bytes);
+                bytes[state.tail_bytes.len()..].fill(0);
+                let sealed = SealedChunk {
+                    buffer: Rc::new(buffer),
+                    // One block, at most one per partition at a time: outside the chunk
+                    // budget.
+                    _permit: None,
+                    file: Rc::clone(&segment.file),
+                    path: segment.path.clone(),
+                    file_start: align_down(segment.end_position),
+                    appended: None,
+                };
+                state.sealed.push(sealed);
+                state.tail_written = true;
+            }
             return;
         };
         if active.filled == active.carried && active.carried_written {
@@ -583,7 +605,7 @@ impl<S: LogStorage> PartitionLog<S> {
         active.buffer.trim_to_size(padded);
         state.sealed.push(SealedChunk {
             buffer: Rc::new(active.buffer),
-            _permit: active.permit,
+            _permit: Some(active.permit),
             file: active.file,
             path: active.path,
             file_start: active.file_start,
@@ -661,7 +683,12 @@ impl<S: LogStorage> PartitionLog<S> {
         let spare = self.directory.join(recovery::SPARE_SEGMENT_FILE);
         for segment in &removed {
             self.cache.drop_segment(segment.base_offset);
-            if self.config.recycle_segments && !spare.exists() {
+            // Only a file no read or write still holds: a lagging reader must not see it
+            // overwritten as the next segment.
+            if self.config.recycle_segments
+                && !spare.exists()
+                && Rc::strong_count(&segment.file) == 1
+            {
                 std::fs::rename(&segment.path, &spare).map_err(|source| {
                     StorageError::io("keeping a spare segment", &segment.path, source)
                 })?;
@@ -948,6 +975,19 @@ impl<S: LogStorage> PartitionLog<S> {
                         self.directory.display(),
                     );
                     let mut state = self.state.borrow_mut();
+                    if !state
+                        .segments
+                        .iter()
+                        .any(|segment| Rc::ptr_eq(&segment.file, &file))
+                    {
+                        // Retention removed this segment during the read: what changed
+                        // is not damage of the log.
+                        return Err(StorageError::OffsetOutOfRange {
+                            requested: expected_offset,
+                            log_start_offset: state.segments[0].base_offset,
+                            high_watermark: state.durable_offset,
+                        });
+                    }
                     let corrupt_offset = state
                         .corrupt
                         .as_ref()
@@ -1064,6 +1104,10 @@ impl<S: LogStorage> PartitionLog<S> {
                 state.failed = Some(StorageError::Stopped {
                     reason: error.to_string(),
                 });
+                // Nothing pending can become durable now: give the shard its chunk
+                // budget back.
+                state.sealed.clear();
+                state.active = None;
             }
             state.durable_waiters.drain(..).collect()
         };

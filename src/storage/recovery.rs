@@ -39,6 +39,10 @@ pub(crate) struct RecoveredSegment<F> {
 /// Bytes read per scan step.
 const SCAN_WINDOW_BYTES: usize = 1 << 20;
 
+/// The largest batch a scan will read to check: far above any chunk size in use, but a
+/// bound on what a garbage length (stale or torn bytes) can make recovery allocate.
+const BATCH_BYTES_SCAN_MAX: usize = 256 << 20;
+
 /// How a segment scan ended.
 enum ScanEnd {
     /// Zeros, stale data of a recycled file, or the end of the file.
@@ -203,7 +207,9 @@ async fn scan_segment<F: LogFile>(
                 break;
             }
             if batch_length > rest.len() {
-                if batch_position + batch_length as u64 > file_size {
+                if batch_position + batch_length as u64 > file_size
+                    || batch_length > BATCH_BYTES_SCAN_MAX
+                {
                     stop = Some(ScanEnd::Torn {
                         reason: format!("batch at byte {batch_position} runs past the file end"),
                     });
@@ -269,7 +275,7 @@ async fn entry_checks_out<F: LogFile>(file: &F, entry: &IndexEntry) -> bool {
     let Some(parsed) = BatchHeader::read(&header) else {
         return false;
     };
-    if parsed.base_offset != entry.offset {
+    if parsed.base_offset != entry.offset || parsed.batch_length as usize > BATCH_BYTES_SCAN_MAX {
         return false;
     }
     match file
@@ -410,7 +416,12 @@ pub(crate) async fn recover<S: LogStorage>(
             timestamp_ms: i64::MIN,
         });
         let scan = scan_segment(&file, &path, &start, loaded, config).await?;
-        if let ScanEnd::Torn { reason } = &scan.end {
+        // A sealed segment that ends exactly where the next one begins is whole, even if
+        // what follows its data does not look like zeros (old bytes of a recycled file).
+        let complete = base_offsets
+            .get(number + 1)
+            .is_some_and(|next_base| scan.next_offset == *next_base);
+        if let (ScanEnd::Torn { reason }, false) = (&scan.end, complete) {
             if number != last {
                 return Err(StorageError::Corrupt {
                     path,

@@ -19,6 +19,9 @@ thread_local! {
     /// Index interval for logs opened on this thread: small values fill index blocks
     /// within one round, which exercises index writes against crashes.
     static TEST_INDEX_INTERVAL: std::cell::Cell<u32> = const { std::cell::Cell::new(4096) };
+    /// Chunk budget for logs opened on this thread: the smallest budget (two chunks) makes
+    /// appends wait for budget right after sealing a full chunk, while a round runs.
+    static TEST_BUDGET_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(1 << 20) };
 }
 
 fn config() -> LogConfig {
@@ -422,7 +425,10 @@ async fn open_with<S: LogStorage>(
         storage,
         directory.to_path_buf(),
         config(),
-        ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+        ChunkBudget::new(
+            TEST_BUDGET_BYTES.with(|bytes| bytes.get()),
+            config().chunk_size_bytes,
+        ),
         TailCache::new(TEST_CACHE_BYTES.with(|bytes| bytes.get())),
         Rc::new(Notify::new()),
     )
@@ -660,6 +666,15 @@ async fn model_run(seed: u64, directory: &Path) {
     // written within rounds that a crash then cuts.
     TEST_CACHE_BYTES.with(|bytes| bytes.set(if seed % 2 == 1 { 256 << 10 } else { 0 }));
     TEST_INDEX_INTERVAL.with(|interval| interval.set(if seed % 3 == 0 { 64 } else { 4096 }));
+    // Every fourth seed runs on the smallest chunk budget, so appends often wait for
+    // budget between sealing a full chunk and starting the next.
+    TEST_BUDGET_BYTES.with(|bytes| {
+        bytes.set(if seed % 4 == 1 {
+            2 * 64 * 1024
+        } else {
+            1 << 20
+        })
+    });
     let mut rng = TestRng::new(seed);
     let mut storage = Rc::new(FaultyStorage::new());
     let mut log = open_with(Rc::clone(&storage), directory).await.unwrap();
@@ -988,4 +1003,108 @@ fn retention_keeps_a_spare_segment_that_the_next_roll_recycles() {
         check_dense(&records, start);
         log.close().await;
     });
+}
+
+/// An append that seals a full chunk and then waits for budget leaves the chunk's partial
+/// last block in memory only. A round taken meanwhile must write that block too, or it
+/// would acknowledge bytes that are not on disk.
+#[test]
+fn a_round_taken_while_an_append_waits_for_budget_writes_the_partial_block() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let budget = ChunkBudget::new(2 * config().chunk_size_bytes, config().chunk_size_bytes);
+        let log = PartitionLog::open(
+            Rc::new(DmaStorage),
+            directory.clone(),
+            config(),
+            budget,
+            TailCache::new(0),
+            Rc::new(Notify::new()),
+        )
+        .await
+        .unwrap();
+        // 40 KiB batches in 64 KiB chunks: the second seals chunk A, the third seals
+        // chunk B and must wait for budget (A and B hold both chunks) with B's last
+        // block, the end of the second batch, in memory only.
+        let mut outcomes = Vec::new();
+        for first in 0..2u64 {
+            outcomes.push(log.append(&batch(first, 1, 40_000)).await.unwrap());
+        }
+        let waiting = {
+            let log = Rc::clone(&log);
+            glommio::spawn_local(async move { log.append(&batch(2, 1, 40_000)).await.unwrap() })
+        };
+        let acknowledged = outcomes.last().unwrap().next_offset;
+        log.wait_durable(acknowledged).await.unwrap();
+        // Right away, before the waiting append can start another round: every
+        // acknowledged batch must be whole on disk.
+        let bytes = std::fs::read(directory.join(segment_file_name(0))).unwrap();
+        let mut position = 0usize;
+        for outcome in &outcomes {
+            let header =
+                crate::protocol::batch::check_framing(&bytes[position..]).unwrap_or_else(|error| {
+                    panic!(
+                        "acknowledged batch {} is not on disk: {error}",
+                        outcome.base_offset
+                    )
+                });
+            assert_eq!(header.base_offset, outcome.base_offset);
+            position += header.batch_length as usize;
+        }
+        waiting.await;
+        log.wait_durable(3).await.unwrap();
+        log.close().await;
+    });
+}
+
+/// A recycled segment that is sealed with its data ending on a block boundary has old
+/// bytes right after its data; it is whole (the next segment starts where it ends) and
+/// must open.
+#[test]
+fn a_sealed_recycled_segment_ending_on_a_block_boundary_reopens() {
+    let (root, directory) = partition_dir();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&moved).await;
+        // What retention would have left: a spare full of old, non-zero bytes.
+        std::fs::write(
+            moved.join("spare.log"),
+            vec![0xa5u8; config().segment_size_bytes as usize],
+        )
+        .unwrap();
+        // 12,288-byte batches (three blocks): 21 fill 258,048 bytes of a 262,144-byte
+        // segment, block-aligned, and the 22nd rolls.
+        let block_batch = || {
+            let mut builder = BatchBuilder::new(BytesMut::new());
+            builder.push(1_000, None, &vec![b'v'; 12_288 - 70], &[]);
+            let batch = builder.finish();
+            assert_eq!(batch.len(), 12_288);
+            batch
+        };
+        let mut next = 0;
+        while log.segment_count() < 3 {
+            log.append(&block_batch()).await.unwrap();
+            next += 1;
+        }
+        log.wait_durable(next).await.unwrap();
+        assert!(
+            !moved.join("spare.log").exists(),
+            "the first roll recycled the spare"
+        );
+        log.close().await;
+    });
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root.path(), move || async move {
+        let outcome = open_with(Rc::new(DmaStorage), &directory).await;
+        let opened = outcome
+            .as_ref()
+            .map(|log| log.next_offset())
+            .map_err(|error| error.to_string());
+        if let Ok(log) = outcome {
+            log.close().await;
+        }
+        sender.send(opened).unwrap();
+    });
+    let opened = receiver.recv().unwrap();
+    assert!(opened.is_ok(), "{opened:?}");
 }
