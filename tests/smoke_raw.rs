@@ -63,3 +63,40 @@ fn produce_and_fetch_one_batch_raw() {
     let values: Vec<&[u8]> = records.iter().map(|r| &r.value[..]).collect();
     assert_eq!(values, vec![&b"a"[..], &b"b"[..]]);
 }
+
+#[test]
+fn a_fetch_past_its_byte_budget_returns_watermarks_without_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 1);
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("t", 1);
+    client.produce("t", 0, batch_of(&[b"a", b"b"])).unwrap();
+    // The same partition named many times with a 1-byte budget: one batch for the first
+    // entry (a consumer must always progress), nothing read for the others.
+    let response = client
+        .call(&Request::Fetch(FetchRequest {
+            wait_ms_max: 0,
+            bytes_max: 1,
+            topics: vec![FetchTopic {
+                name: "t".into(),
+                partitions: (0..100)
+                    .map(|_| FetchPartition {
+                        partition: 0,
+                        offset: 0,
+                        bytes_max: 1 << 20,
+                    })
+                    .collect(),
+            }],
+        }))
+        .unwrap();
+    let ResponseBody::Fetch(response) = response else {
+        panic!()
+    };
+    let partitions = &response.topics[0].partitions;
+    assert_eq!(partitions.len(), 100);
+    assert!(!partitions[0].data.batches.as_ref().unwrap().is_empty());
+    for partition in &partitions[1..] {
+        assert!(partition.data.batches.as_ref().unwrap().is_empty());
+        assert_eq!(partition.data.high_watermark, 2);
+    }
+}

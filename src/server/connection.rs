@@ -147,8 +147,9 @@ async fn read_more<R: futures_lite::AsyncRead + Unpin>(
 ) -> bool {
     while buffer.len() < need {
         let start = buffer.len();
-        let room = (need - start).max(READ_CHUNK_BYTES);
-        buffer.resize(start + room, 0);
+        // Grow with what arrives, never with what a frame header claims: a header alone
+        // must not make the shard allocate (and zero) a whole frame's worth of memory.
+        buffer.resize(start + READ_CHUNK_BYTES, 0);
         match reader.read(&mut buffer[start..]).await {
             Ok(0) | Err(_) => {
                 buffer.truncate(start);

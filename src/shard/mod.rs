@@ -230,6 +230,11 @@ impl Shard {
     }
 
     async fn install_topic(&self, name: &str, topic: TopicConfig) -> Result<(), StorageError> {
+        if self.topic(name).is_some() {
+            // Already installed: a shard still loading topics at start-up may have read
+            // this topic's metadata file before shard 0's install message reached it.
+            return Ok(());
+        }
         let partitions = topic.partitions;
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
@@ -550,13 +555,18 @@ impl Shard {
             // Each partition gets at most its own limit and what the request has left;
             // a partition still returns one whole batch when it has one, so a batch
             // larger than the limits cannot stall a consumer.
-            let budget = (item.bytes_max as usize)
-                .min(bytes_max.saturating_sub(used))
-                .max(1);
-            let batches = log
-                .read(item.offset, budget)
-                .await
-                .map_err(|error| self.wire_error(&error));
+            let left = bytes_max.saturating_sub(used);
+            let batches = if left == 0 && used > 0 {
+                // The request's budget is spent: report the partition's watermarks
+                // without reading (a request naming one partition thousands of times
+                // must not read a batch for each).
+                Ok(Bytes::new())
+            } else {
+                let budget = (item.bytes_max as usize).min(left).max(1);
+                log.read(item.offset, budget)
+                    .await
+                    .map_err(|error| self.wire_error(&error))
+            };
             used += batches.as_ref().map_or(0, Bytes::len);
             // Sent with errors too: an OffsetOutOfRange carries the valid range.
             results.push(FetchPartitionData {
@@ -587,7 +597,16 @@ impl Shard {
                 format!("topic {name:?} already exists"),
             ));
         }
-        let topics = self.catalog.borrow().len() + self.topics_changing.borrow().len();
+        // A topic being altered is in both sets; count it once.
+        let topics = {
+            let catalog = self.catalog.borrow();
+            let changing = self.topics_changing.borrow();
+            catalog.len()
+                + changing
+                    .iter()
+                    .filter(|name| !catalog.contains_key(*name))
+                    .count()
+        };
         if topics as u64 >= u64::from(self.config.topics_max) {
             return Err(WireError::new(
                 ErrorCode::LimitExceeded,
