@@ -36,23 +36,33 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let in_flight_max = shard.config.connection_requests_in_flight_max as usize;
     let (responses, outgoing) = local_channel::new_bounded::<Bytes>(in_flight_max + 1);
+    let writer_shard = Rc::clone(&shard);
     let writer_task = glommio::spawn_local(async move {
         let mut coalesced = BytesMut::new();
         while let Some(frame) = outgoing.recv().await {
             coalesced.extend_from_slice(&frame);
+            let mut frames = 1;
             // Coalesce every response already waiting into the same write.
             while let Some(Some(more)) = futures_lite::future::poll_once(outgoing.recv()).await {
                 coalesced.extend_from_slice(&more);
+                frames += 1;
             }
-            if writer.write_all(&coalesced).await.is_err() {
+            let written = writer.write_all(&coalesced).await;
+            writer_shard.settle_responses(frames);
+            if written.is_err() {
+                // The client is gone: what is queued for it is owed to nobody.
+                while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
+                    writer_shard.settle_responses(1);
+                }
                 return;
             }
             coalesced.clear();
         }
         let _ = writer.flush().await;
         let _ = writer.close().await;
-    })
-    .detach();
+    });
+    // Not detached: if this connection's task is cancelled (shutdown), dropping the
+    // writer with it closes the socket.
     let responses = Rc::new(responses);
     let in_flight = Rc::new(Semaphore::new(in_flight_max as u64));
     let limits = DecodeLimits {
@@ -73,7 +83,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             Err(error) => {
                 // The header itself is bad: answer what we can, then hang up.
                 let correlation_id = peek_correlation_id(&buffer).unwrap_or(0);
-                refuse(&responses, buffer[5], correlation_id, &error).await;
+                refuse(&shard, &responses, buffer[5], correlation_id, &error).await;
                 break;
             }
         };
@@ -91,7 +101,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 ErrorCode::InvalidRequest,
                 "clients send requests, not responses",
             );
-            send_error(&responses, header.opcode, header.correlation_id, &error).await;
+            send_error(
+                &shard,
+                &responses,
+                header.opcode,
+                header.correlation_id,
+                &error,
+            )
+            .await;
             break;
         }
         let Some(opcode) = Opcode::from_wire(header.opcode) else {
@@ -99,13 +116,27 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             let error = ProtocolError::UnknownOpcode {
                 opcode: header.opcode,
             };
-            refuse(&responses, header.opcode, header.correlation_id, &error).await;
+            refuse(
+                &shard,
+                &responses,
+                header.opcode,
+                header.correlation_id,
+                &error,
+            )
+            .await;
             continue;
         };
         let request = match Request::decode(opcode, body, &limits) {
             Ok(request) => request,
             Err(error) => {
-                refuse(&responses, header.opcode, header.correlation_id, &error).await;
+                refuse(
+                    &shard,
+                    &responses,
+                    header.opcode,
+                    header.correlation_id,
+                    &error,
+                )
+                .await;
                 break;
             }
         };
@@ -117,18 +148,23 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         let shard = Rc::clone(&shard);
         let responses = Rc::clone(&responses);
         let correlation_id = header.correlation_id;
+        shard.owe_response();
         glommio::spawn_local(async move {
             let outcome = dispatch::handle(&shard, request).await;
             if silent {
                 if let Err(error) = &outcome {
                     eprintln!("shardq: produce with acks=none failed: {error}");
                 }
+                shard.settle_responses(1);
                 drop(permit);
                 return;
             }
             let mut out = BytesMut::new();
             encode_response(&mut out, opcode, correlation_id, outcome.as_ref());
-            let _ = responses.send(out.freeze()).await;
+            if responses.send(out.freeze()).await.is_err() {
+                // The writer stopped (the client went away): nobody will write it.
+                shard.settle_responses(1);
+            }
             drop(permit);
         })
         .detach();
@@ -162,12 +198,14 @@ async fn read_more<R: futures_lite::AsyncRead + Unpin>(
 }
 
 async fn refuse(
+    shard: &Shard,
     responses: &LocalSender<Bytes>,
     opcode: u8,
     correlation_id: u64,
     error: &ProtocolError,
 ) {
     send_error(
+        shard,
         responses,
         opcode,
         correlation_id,
@@ -178,6 +216,7 @@ async fn refuse(
 
 /// Answers with an error status; the opcode is echoed as received, known or not.
 async fn send_error(
+    shard: &Shard,
     responses: &LocalSender<Bytes>,
     opcode: u8,
     correlation_id: u64,
@@ -185,5 +224,9 @@ async fn send_error(
 ) {
     let mut out = BytesMut::new();
     encode_error_response(&mut out, opcode, correlation_id, error);
-    let _ = responses.send(out.freeze()).await;
+    // Owed like any response: the writer settles every frame it writes.
+    shard.owe_response();
+    if responses.send(out.freeze()).await.is_err() {
+        shard.settle_responses(1);
+    }
 }

@@ -13,6 +13,11 @@ mod dispatch;
 /// How often a shard checks whether it has been asked to stop.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Longest a stopping shard waits for responses it owes to be written.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -20,6 +25,7 @@ use std::sync::mpsc;
 
 use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
 use glommio::net::TcpListener;
+use glommio::task::JoinHandle;
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -395,10 +401,14 @@ async fn run_shard(
             .detach(),
         );
     }
-    let connections = Rc::new(std::cell::Cell::new(0u32));
+    // Open connections by id, so that a shutdown can close the ones still open.
+    let connections: Rc<RefCell<HashMap<u64, JoinHandle<()>>>> =
+        Rc::new(RefCell::new(HashMap::new()));
+    let next_connection = Rc::new(std::cell::Cell::new(0u64));
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
         let connections = Rc::clone(&connections);
+        let next_connection = Rc::clone(&next_connection);
         background.push(
             glommio::spawn_local(async move {
                 loop {
@@ -410,20 +420,23 @@ async fn run_shard(
                             continue;
                         }
                     };
-                    if connections.get() >= shard.config.connections_per_shard_max {
+                    let open = connections.borrow().len() as u64;
+                    if open >= u64::from(shard.config.connections_per_shard_max) {
                         // Over the limit: closing at once is the clearest refusal a
                         // client that has not spoken yet can get.
                         drop(stream);
                         continue;
                     }
-                    connections.set(connections.get() + 1);
+                    let id = next_connection.get();
+                    next_connection.set(id + 1);
                     let shard = Rc::clone(&shard);
-                    let connections = Rc::clone(&connections);
-                    glommio::spawn_local(async move {
+                    let registry = Rc::clone(&connections);
+                    let handle = glommio::spawn_local(async move {
                         connection::serve(shard, stream).await;
-                        connections.set(connections.get() - 1);
+                        registry.borrow_mut().remove(&id);
                     })
                     .detach();
+                    connections.borrow_mut().insert(id, handle);
                 }
             })
             .detach(),
@@ -438,6 +451,24 @@ async fn run_shard(
         task.cancel();
     }
     shard.close_all().await;
+    // Closing flushed every partition, which completes the durable produces still
+    // waiting: let their connections write those acknowledgements before the executor
+    // (and every connection task with it) goes away, so no producer is told "connection
+    // closed" about a record that is stored. Bounded, for clients that stopped reading.
+    let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+    while shard.responses_owed() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Close what is still open: an embedding process that goes on after the broker
+    // stops must not keep its clients' sockets (and their memory) alive.
+    let open: Vec<JoinHandle<()>> = connections
+        .borrow_mut()
+        .drain()
+        .map(|(_, handle)| handle)
+        .collect();
+    for handle in open {
+        handle.cancel();
+    }
 }
 
 /// Runs the broker until SIGINT or SIGTERM, then shuts it down cleanly.

@@ -142,6 +142,9 @@ pub struct Shard {
     data_arrived: Rc<Notify>,
     mesh: Senders<MeshMessage>,
     shutting_down: Cell<bool>,
+    /// Requests accepted on this shard's connections whose response is not written yet
+    /// (or, for acks=none, that have not finished): what a shutdown waits for.
+    responses_owed: Cell<usize>,
 }
 
 impl Shard {
@@ -170,6 +173,7 @@ impl Shard {
             data_arrived: Rc::new(Notify::new()),
             mesh,
             shutting_down: Cell::new(false),
+            responses_owed: Cell::new(0),
         })
     }
 
@@ -210,6 +214,20 @@ impl Shard {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.get()
+    }
+
+    pub fn owe_response(&self) {
+        self.responses_owed.set(self.responses_owed.get() + 1);
+    }
+
+    pub fn settle_responses(&self, count: usize) {
+        let owed = self.responses_owed.get();
+        assert!(count <= owed, "settling {count} responses, {owed} owed");
+        self.responses_owed.set(owed - count);
+    }
+
+    pub fn responses_owed(&self) -> usize {
+        self.responses_owed.get()
     }
 
     fn wire_error(&self, error: &StorageError) -> WireError {

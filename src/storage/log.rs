@@ -209,6 +209,8 @@ struct State<F> {
     sealed: Vec<SealedChunk<F>>,
     rolling: bool,
     closed: bool,
+    /// Set by `close` once the flusher has written its last round.
+    flusher_stopped: bool,
     /// Set when the disk reported it was full; cleared by the next successful round.
     /// Appends are refused meanwhile.
     full: bool,
@@ -335,6 +337,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 sealed: Vec::new(),
                 rolling: false,
                 closed: false,
+                flusher_stopped: false,
                 full: false,
                 failed: None,
                 corrupt: None,
@@ -745,7 +748,9 @@ impl<S: LogStorage> PartitionLog<S> {
             if let Some(error) = &state.failed {
                 return Err(error.clone());
             }
-            if state.closed {
+            // Closing still writes what was appended: only once the flusher has stopped
+            // is an undurable offset lost to this log.
+            if state.flusher_stopped {
                 return Err(StorageError::Closed);
             }
             let (sender, receiver) = oneshot::channel();
@@ -1029,7 +1034,11 @@ impl<S: LogStorage> PartitionLog<S> {
                 eprintln!("shardq: partition {}: {error}", self.directory.display());
             }
         }
-        let waiters: Vec<_> = self.state.borrow_mut().durable_waiters.drain(..).collect();
+        let waiters: Vec<_> = {
+            let mut state = self.state.borrow_mut();
+            state.flusher_stopped = true;
+            state.durable_waiters.drain(..).collect()
+        };
         for (_, waiter) in waiters {
             let _ = waiter.send(Err(StorageError::Closed));
         }
