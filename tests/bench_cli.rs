@@ -8,6 +8,8 @@ use std::process::Command;
 
 use common::TestBroker;
 
+/// The list, written out again on purpose rather than taken from
+/// `bench::report::REQUIRED_KEYS`: a key dropped from the code's list must fail this test.
 const REQUIRED_KEYS: [&str; 15] = [
     "workload",
     "messages",

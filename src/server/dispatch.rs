@@ -116,16 +116,17 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
         });
     }
     let replies = run_groups(shard, split, |items| ShardRequest::ListOffsets { items }).await;
-    for (slots, reply) in replies {
-        let results = match reply {
-            ShardReply::ListOffsets(results) => results,
-            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
-            other => vec![Err(unexpected(&other)); slots.len()],
-        };
-        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::ListOffsets(results) => Ok(results),
+            other => Err(other),
+        },
+        Err,
+        |(topic_index, partition_index), result| {
             response.topics[topic_index].partitions[partition_index].result = result;
-        }
-    }
+        },
+    );
     response
 }
 
@@ -290,16 +291,17 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
         items,
     })
     .await;
-    for (slots, reply) in replies {
-        let results = match reply {
-            ShardReply::Produce(results) => results,
-            ShardReply::Done(Err(error)) => vec![Err(error); slots.len()],
-            other => vec![Err(unexpected(&other)); slots.len()],
-        };
-        for ((topic_index, partition_index), result) in slots.into_iter().zip(results) {
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::Produce(results) => Ok(results),
+            other => Err(other),
+        },
+        Err,
+        |(topic_index, partition_index), result| {
             response.topics[topic_index].partitions[partition_index].result = result;
-        }
-    }
+        },
+    );
     response
 }
 
@@ -312,6 +314,31 @@ fn has_news(reply: &ShardReply) -> bool {
                 .map_or(true, |batches| !batches.is_empty())
         }),
         _ => true,
+    }
+}
+
+/// Puts each owner's results into their slots of the response. A group whose owner
+/// failed (or answered the wrong kind of reply) fails in every one of its slots.
+fn place_replies<T: Clone>(
+    replies: Vec<(Vec<Slot>, ShardReply)>,
+    unpack: impl Fn(ShardReply) -> Result<Vec<T>, ShardReply>,
+    refused: impl Fn(WireError) -> T,
+    mut place: impl FnMut(Slot, T),
+) {
+    for (slots, reply) in replies {
+        let results = match unpack(reply) {
+            Ok(results) => results,
+            Err(ShardReply::Done(Err(error))) => vec![refused(error); slots.len()],
+            Err(other) => vec![refused(unexpected(&other)); slots.len()],
+        };
+        assert_eq!(
+            results.len(),
+            slots.len(),
+            "an owner answers every item it was given"
+        );
+        for (slot, result) in slots.into_iter().zip(results) {
+            place(slot, result);
+        }
     }
 }
 
@@ -403,16 +430,17 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
     if several && !anything && !wait.is_zero() {
         replies = wait_for_first(shard, groups, wait, bytes_max).await;
     }
-    for (slots, reply) in replies {
-        let results = match reply {
-            ShardReply::Fetch(results) => results,
-            ShardReply::Done(Err(error)) => vec![FetchPartitionData::refused(error); slots.len()],
-            other => vec![FetchPartitionData::refused(unexpected(&other)); slots.len()],
-        };
-        for ((topic_index, partition_index), data) in slots.into_iter().zip(results) {
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::Fetch(results) => Ok(results),
+            other => Err(other),
+        },
+        FetchPartitionData::refused,
+        |(topic_index, partition_index), data| {
             response.topics[topic_index].partitions[partition_index].data = data;
-        }
-    }
+        },
+    );
     trim_to_budget(
         &mut response,
         bytes_max.min(shard.config.fetch_bytes_max) as usize,
