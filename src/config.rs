@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub storage_failure_policy: FailurePolicy,
     /// How often each shard applies its partitions' retention.
     pub retention_check_interval_ms: u32,
+    /// Longest a stopping shard waits for the responses it owes (acknowledgements the
+    /// final flush released) to be written before it closes its connections.
+    pub shutdown_drain_ms: u32,
     /// Keep one segment that retention deletes per partition and reuse it for the next
     /// new segment: overwriting written blocks is much faster than writing fresh ones.
     pub recycle_segments: bool,
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             storage_failure_policy: FailurePolicy::ExitProcess,
             retention_check_interval_ms: 10_000,
             recycle_segments: true,
+            shutdown_drain_ms: 2_000,
             tail_cache_bytes_per_shard: 64 << 20,
         }
     }

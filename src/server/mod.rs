@@ -13,9 +13,6 @@ mod dispatch;
 /// How often a shard checks whether it has been asked to stop.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Longest a stopping shard waits for responses it owes to be written.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
-
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -455,7 +452,8 @@ async fn run_shard(
     // waiting: let their connections write those acknowledgements before the executor
     // (and every connection task with it) goes away, so no producer is told "connection
     // closed" about a record that is stored. Bounded, for clients that stopped reading.
-    let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+    let deadline = std::time::Instant::now()
+        + Duration::from_millis(u64::from(shard.config.shutdown_drain_ms));
     while shard.responses_owed() > 0 && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
