@@ -1138,9 +1138,7 @@ fn recovery_refuses_a_whole_batch_that_repeats_an_offset_of_its_segment() {
     let opened_directory = directory.clone();
     run(root.path(), move || async move {
         let outcome = open_with(Rc::new(DmaStorage), &opened_directory).await;
-        sender
-            .send(outcome.map(|_| ()).map_err(|error| error))
-            .unwrap();
+        sender.send(outcome.map(|_| ())).unwrap();
     });
     match receiver.recv().unwrap() {
         Err(StorageError::Corrupt {
