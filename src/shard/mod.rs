@@ -181,6 +181,7 @@ impl Shard {
     fn log_config(&self) -> LogConfig {
         LogConfig {
             segment_size_bytes: self.config.segment_size_bytes,
+            preallocate_step_bytes: self.config.segment_preallocate_step_bytes,
             chunk_size_bytes: self.config.chunk_size_bytes,
             index_interval_bytes: self.config.index_interval_bytes,
             storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
@@ -276,7 +277,7 @@ impl Shard {
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
             if self.owner_of(name, partition) == self.id {
-                let log = PartitionLog::open(
+                let opened = PartitionLog::open(
                     Rc::new(DmaStorage),
                     self.partition_directory(name, partition),
                     self.log_config(),
@@ -284,8 +285,19 @@ impl Shard {
                     Rc::clone(&self.tail_cache),
                     Rc::clone(&self.data_arrived),
                 )
-                .await?;
-                owned[partition as usize] = Some(log);
+                .await;
+                match opened {
+                    Ok(log) => owned[partition as usize] = Some(log),
+                    Err(error) => {
+                        // Close what this install opened: each log's flusher holds its
+                        // files open, so a create rolled back after this failure (a full
+                        // disk, say) would otherwise keep their space until a restart.
+                        for log in owned.into_iter().flatten() {
+                            log.close().await;
+                        }
+                        return Err(error);
+                    }
+                }
             }
         }
         self.logs.borrow_mut().insert(name.to_owned(), owned);
@@ -682,15 +694,21 @@ impl Shard {
                 format!("topic {name:?} does not exist"),
             ));
         };
+        let before = topic;
         topic.retention = retention;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
-            write_topic_metadata(&self.topics_directory(), &name, &topic).map_err(|error| {
-                WireError::new(
+            if let Err(error) = write_topic_metadata(&self.topics_directory(), &name, &topic) {
+                // The new file may be in place without its directory synced: put the old
+                // one back, so what a restart reads is what every shard serves.
+                if let Err(undo) = write_topic_metadata(&self.topics_directory(), &name, &before) {
+                    eprintln!("shardq: undoing the change to topic {name:?}: {undo}");
+                }
+                return Err(WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
-                )
-            })?;
+                ));
+            }
             self.broadcast(|| ShardRequest::UpdateTopic {
                 name: name.clone(),
                 retention,
@@ -735,12 +753,15 @@ impl Shard {
                 })
                 .await;
             if let Err(error) = installed {
-                // Undo on every shard, so no shard serves a topic the others lack and a
-                // restart does not bring back a topic whose creation failed.
+                // Undo on every shard, so no shard serves a topic the others lack, and
+                // durably, so a restart does not bring back a topic whose creation
+                // failed: the metadata file goes first, then the rest.
                 let _ = self
                     .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                     .await;
-                let _ = std::fs::remove_dir_all(self.topics_directory().join(&name));
+                if let Err(undo) = remove_topic_directory(&self.topics_directory(), &name) {
+                    eprintln!("shardq: undoing the creation of topic {name:?}: {undo}");
+                }
                 return Err(error);
             }
             Ok(())
@@ -776,11 +797,10 @@ impl Shard {
             })?;
             self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                 .await?;
-            let directory = self.topics_directory().join(&name);
-            std::fs::remove_dir_all(&directory).map_err(|error| {
+            remove_topic_directory(&self.topics_directory(), &name).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
-                    format!("removing {}: {error}", directory.display()),
+                    format!("removing topic {name:?}: {error}"),
                 )
             })
         }
@@ -814,6 +834,23 @@ fn write_topic_metadata(topics_dir: &Path, name: &str, topic: &TopicConfig) -> s
     std::fs::File::open(&directory)?.sync_all()?;
     std::fs::File::open(topics_dir)?.sync_all()?;
     Ok(())
+}
+
+/// Removes a topic's directory, metadata file first (once it is gone the topic does not
+/// come back after a crash, whatever is left of its partitions), and syncs the topics
+/// directory so the removal is durable.
+fn remove_topic_directory(topics_dir: &Path, name: &str) -> std::io::Result<()> {
+    match remove_topic_metadata(topics_dir, name) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    match std::fs::remove_dir_all(topics_dir.join(name)) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    std::fs::File::open(topics_dir)?.sync_all()
 }
 
 fn remove_topic_metadata(topics_dir: &Path, name: &str) -> std::io::Result<()> {
