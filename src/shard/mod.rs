@@ -4,8 +4,8 @@
 //! Runs on exactly one glommio executor pinned to one CPU. Every field is `Rc`/`RefCell`
 //! and never leaves the thread: only the owning shard mutates a partition (invariant 4).
 //! Work for another shard travels as a `MeshMessage` over glommio's channel mesh and the
-//! answer comes back on a oneshot channel; the shard that received the client's request
-//! writes the response.
+//! answer comes back the same way, matched by request id; the shard that received the
+//! client's request writes the response.
 //!
 //! Topics. Every shard keeps its own copy of the topic catalog (name -> partition count),
 //! so routing needs no lock and no hop. Shard 0 coordinates changes: it persists the
@@ -107,9 +107,26 @@ pub enum ShardReply {
 }
 
 /// What travels between shards. `Send` by construction: owned bytes and strings only.
-pub struct MeshMessage {
-    pub request: ShardRequest,
-    pub reply: oneshot::Sender<ShardReply>,
+///
+/// Replies travel back as messages too, never through a channel shared between threads:
+/// completing a futures oneshot from another thread wakes the waiting glommio task
+/// through glommio 0.9's foreign-waker path, which races with the task's destruction
+/// (seen as a segfault or a double free under cross-shard produce load). The mesh
+/// notifies its receivers without touching another thread's task, so every waker here
+/// is woken on its own thread.
+pub enum MeshMessage {
+    Request {
+        id: u64,
+        request: ShardRequest,
+    },
+    Reply {
+        id: u64,
+        reply: ShardReply,
+    },
+    /// The asking shard gave up on request `id` (a long-poll whose client left).
+    Cancel {
+        id: u64,
+    },
 }
 
 fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
@@ -142,6 +159,12 @@ pub struct Shard {
     tail_cache: Rc<TailCache>,
     data_arrived: Rc<Notify>,
     mesh: Senders<MeshMessage>,
+    /// Requests sent to other shards, by id: the owner and where its reply goes.
+    awaiting: RefCell<HashMap<u64, (ShardId, oneshot::Sender<ShardReply>)>>,
+    next_request_id: Cell<u64>,
+    /// Abandonable requests from other shards running here, by (asker, id): how to stop
+    /// each when its asker gives up.
+    cancellable: RefCell<HashMap<(ShardId, u64), oneshot::Sender<()>>>,
     shutting_down: Cell<bool>,
     /// Requests accepted on this shard's connections whose response is not written yet
     /// (or, for acks=none, that have not finished): what a shutdown waits for.
@@ -173,6 +196,9 @@ impl Shard {
             tail_cache,
             data_arrived: Rc::new(Notify::new()),
             mesh,
+            awaiting: RefCell::new(HashMap::new()),
+            next_request_id: Cell::new(0),
+            cancellable: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
             responses_owed: Cell::new(0),
         })
@@ -376,10 +402,22 @@ impl Shard {
                 Box::pin(Rc::clone(self).execute(request));
             return local.await;
         }
-        let (reply, receiver) = oneshot::channel();
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.awaiting.borrow_mut().insert(id, (owner, sender));
+        // Dropped with this future if the caller gives up before the reply: forgets the
+        // request here and, for a long-poll, tells the owner to stop it.
+        let mut forget = ForgetOnDrop {
+            shard: Rc::clone(self),
+            owner,
+            id,
+            cancel: matches!(request, ShardRequest::Fetch { .. }),
+            armed: true,
+        };
         if self
             .mesh
-            .send_to(owner as usize, MeshMessage { request, reply })
+            .send_to(owner as usize, MeshMessage::Request { id, request })
             .await
             .is_err()
         {
@@ -388,12 +426,82 @@ impl Shard {
                 format!("shard {owner} is not accepting work"),
             ));
         }
-        receiver.await.unwrap_or_else(|_| {
+        let reply = receiver.await;
+        forget.armed = false;
+        reply.unwrap_or_else(|_| {
             failed_reply(WireError::new(
                 ErrorCode::ShuttingDown,
                 format!("shard {owner} stopped before answering"),
             ))
         })
+    }
+
+    /// Serves what shard `peer` sends over the mesh until it stops sending: runs its
+    /// requests (each in its own task) and answers them, hands replies to the requests
+    /// waiting here, and stops long-polls it gave up on.
+    pub async fn serve_peer(
+        self: Rc<Self>,
+        peer: ShardId,
+        stream: glommio::channels::shared_channel::ConnectedReceiver<MeshMessage>,
+    ) {
+        while let Some(message) = stream.recv().await {
+            match message {
+                MeshMessage::Request { id, request } => {
+                    // Registered before the task starts, so a Cancel right behind the
+                    // request finds it.
+                    let cancelled = matches!(request, ShardRequest::Fetch { .. }).then(|| {
+                        let (stop, stopped) = oneshot::channel();
+                        self.cancellable.borrow_mut().insert((peer, id), stop);
+                        stopped
+                    });
+                    let shard = Rc::clone(&self);
+                    glommio::spawn_local(async move {
+                        let reply = match cancelled {
+                            // A long-poll the asking shard gave up on stops here too,
+                            // instead of holding memory until its deadline.
+                            Some(stopped) => {
+                                let reply = futures_lite::future::or(
+                                    async { Some(Rc::clone(&shard).execute(request).await) },
+                                    async {
+                                        let _ = stopped.await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                shard.cancellable.borrow_mut().remove(&(peer, id));
+                                reply
+                            }
+                            None => Some(Rc::clone(&shard).execute(request).await),
+                        };
+                        if let Some(reply) = reply {
+                            // An asker that stopped no longer reads: nothing to tell.
+                            let _ = shard
+                                .mesh
+                                .send_to(usize::from(peer), MeshMessage::Reply { id, reply })
+                                .await;
+                        }
+                    })
+                    .detach();
+                }
+                MeshMessage::Reply { id, reply } => {
+                    // Absent when the request was given up on: the reply just goes.
+                    let waiting = self.awaiting.borrow_mut().remove(&id);
+                    if let Some((_, sender)) = waiting {
+                        let _ = sender.send(reply);
+                    }
+                }
+                MeshMessage::Cancel { id } => {
+                    let running = self.cancellable.borrow_mut().remove(&(peer, id));
+                    if let Some(stop) = running {
+                        let _ = stop.send(());
+                    }
+                }
+            }
+        }
+        // The peer has stopped: nothing it was asked will be answered.
+        self.awaiting
+            .borrow_mut()
+            .retain(|_, (owner, _)| *owner != peer);
     }
 
     /// Executes work on the partitions this shard owns.
@@ -807,6 +915,33 @@ impl Shard {
         .await;
         self.topics_changing.borrow_mut().remove(&name);
         outcome
+    }
+}
+
+/// Forgets a request sent to another shard whose asker gave up before the reply came
+/// (a client that disconnected during a long-poll), and asks the owner to stop it.
+struct ForgetOnDrop {
+    shard: Rc<Shard>,
+    owner: ShardId,
+    id: u64,
+    cancel: bool,
+    armed: bool,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.shard.awaiting.borrow_mut().remove(&self.id);
+        if self.cancel {
+            // Best effort, since a drop cannot wait: with the channel full, the owner's
+            // long-poll simply runs to its deadline (fetch_wait_ms_max at most).
+            let _ = self
+                .shard
+                .mesh
+                .try_send_to(usize::from(self.owner), MeshMessage::Cancel { id: self.id });
+        }
     }
 }
 
