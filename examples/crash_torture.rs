@@ -41,7 +41,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::rc::Rc;
@@ -479,14 +479,15 @@ impl Broker {
         Ok(())
     }
 
-    /// SIGKILL and reap. Returns the exit status; an already exited broker is reported by
-    /// the caller (it should have been running).
+    /// SIGKILL and reap; the exit status says whether our SIGKILL is what ended it.
     fn kill(&mut self) -> Result<ExitStatus, std::io::Error> {
         let mut child = self.child.take().expect("a broker to kill");
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
         // `Child::kill` sends SIGKILL on Unix.
-        let kill_result = child.kill();
-        let status = child.wait()?;
-        kill_result.map(|()| status)
+        child.kill()?;
+        child.wait()
     }
 
     /// `Some(status)` if the broker has exited.
@@ -505,8 +506,14 @@ impl Broker {
         if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_string(&mut text).is_err() {
             return String::from("(broker log unreadable)");
         }
+        // This life's output only: from the last marker `spawn` wrote.
         let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let life_start = all
+            .iter()
+            .rposition(|line| line.starts_with("=== crash-torture:"))
+            .unwrap_or(0);
+        let from = life_start.max(all.len().saturating_sub(lines));
+        all[from..].join("\n")
     }
 }
 
@@ -858,18 +865,29 @@ async fn run_cycles(
         tokio::time::sleep(kill_after).await;
         // Flag first: every error a producer sees from here on may be the kill's.
         load.killed.set(true);
-        if let Some(status) = broker.exited() {
+        let status = broker
+            .kill()
+            .map_err(|error| harness(format!("kill -9 the broker: {error}")))?;
+        if status.signal() != Some(libc::SIGKILL) {
+            // It was already dead: it exited or crashed under load, before the kill.
+            let mut errors = Vec::new();
+            for task in tasks {
+                if let Ok(Ok(report)) =
+                    tokio::time::timeout(PRODUCERS_DRAIN_TIMEOUT * 2, task).await
+                {
+                    errors.extend(report.error_before_kill);
+                }
+            }
             return Err(Failure::Broker {
                 cycle,
                 message: format!(
-                    "the broker exited by itself ({status}) under load\n{}",
-                    broker.log_tail(30)
+                    "the broker died by itself under load, before the kill due {} ms into the cycle ({status}); producers saw:\n  {}\nits log ends:\n{}",
+                    kill_after.as_millis(),
+                    errors.join("\n  "),
+                    broker.log_tail(20)
                 ),
             });
         }
-        broker
-            .kill()
-            .map_err(|error| harness(format!("kill -9 the broker: {error}")))?;
         // At once: no sleep, no waiting for ports.
         broker.spawn(cycle)?;
         let restarted = Instant::now();
