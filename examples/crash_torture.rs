@@ -239,7 +239,10 @@ struct Totals {
     cycles_passed: u64,
     topics: u64,
     sent: u64,
+    /// Acknowledged and then looked for by a verification.
     acknowledged: u64,
+    /// Acknowledged in the cycle that failed before its verification could run.
+    acknowledged_unverified: u64,
     /// Sent, not acknowledged, found after the restart.
     unacknowledged_kept: u64,
     /// Sent, not acknowledged, not found after the restart.
@@ -294,11 +297,12 @@ impl Totals {
     fn summary_line(&self, seed: u64, cycles: u64, passed: bool) -> String {
         let v = &self.violations;
         format!(
-            "crash-torture: {} cycles={}/{} acknowledged={} lost={} duplicated={} out_of_nowhere={} misplaced={} rewritten={} offset_gaps={} sent={} unacknowledged_kept={} unacknowledged_dropped={} records_verified={} topics={} restart_ready_ms_max={} seed={}",
+            "crash-torture: {} cycles={}/{} acknowledged={} acknowledged_unverified={} lost={} duplicated={} out_of_nowhere={} misplaced={} rewritten={} offset_gaps={} sent={} unacknowledged_kept={} unacknowledged_dropped={} records_verified={} topics={} restart_ready_ms_max={} seed={}",
             if passed { "PASS" } else { "FAIL" },
             self.cycles_passed,
             cycles,
             self.acknowledged,
+            self.acknowledged_unverified,
             v.lost,
             v.duplicated,
             v.out_of_nowhere,
@@ -331,6 +335,7 @@ impl Totals {
             "cycles_requested": options.cycles,
             "cycles_passed": self.cycles_passed,
             "acknowledged": self.acknowledged,
+            "acknowledged_unverified": self.acknowledged_unverified,
             "lost": v.lost,
             "duplicated": v.duplicated,
             "out_of_nowhere": v.out_of_nowhere,
@@ -875,6 +880,8 @@ async fn run_cycles(
                 if let Ok(Ok(report)) =
                     tokio::time::timeout(PRODUCERS_DRAIN_TIMEOUT * 2, task).await
                 {
+                    totals.sent += report.sent;
+                    totals.acknowledged_unverified += report.acknowledged;
                     errors.extend(report.error_before_kill);
                 }
             }
@@ -910,7 +917,8 @@ async fn run_cycles(
             }
         }
         totals.sent += sent;
-        totals.acknowledged += acknowledged;
+        // Counted as acknowledged once a verification has looked for them.
+        totals.acknowledged_unverified = acknowledged;
         // Old connections are dead; drop the admin client of the old broker.
         admin.close();
         let ready = wait_ready(broker, options.cores, cycle).await?;
@@ -933,6 +941,8 @@ async fn run_cycles(
         for report in &verdict.reports {
             eprintln!("crash-torture: cycle {cycle} topic {topic_name}: {report}");
         }
+        totals.acknowledged += acknowledged;
+        totals.acknowledged_unverified = 0;
         totals.records_verified += verdict.records;
         totals.unacknowledged_kept += verdict.unacknowledged_kept;
         totals.unacknowledged_dropped += verdict.unacknowledged_dropped;
