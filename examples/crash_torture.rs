@@ -680,8 +680,10 @@ async fn produce(
         match producer.send(&topic_name, record).await {
             Ok(handle) => window.push_back((id, handle)),
             Err(error) => {
-                // Never queued: it cannot be in the log, but it may be; the verifier
-                // treats it like any unacknowledged send.
+                // Refused by the client before it was queued: never sent, so the
+                // verifier must count it as out of nowhere if it ever shows up.
+                load.topic.borrow_mut().sent.remove(&id);
+                report.sent -= 1;
                 if !load.killed.get() {
                     report.error_before_kill = Some(format!("send refused: {error}"));
                     return report;
