@@ -60,6 +60,15 @@ pub struct ServerConfig {
     /// Keep one segment that retention deletes per partition and reuse it for the next
     /// new segment: overwriting written blocks is much faster than writing fresh ones.
     pub recycle_segments: bool,
+    /// How far past the broker's clock a produced batch's timestamps may lie. A batch
+    /// stamped further ahead is refused (`invalid_timestamp`): one far-future timestamp
+    /// would otherwise become every later segment's time-index maximum, and lookups by
+    /// time would be wrong until it aged out.
+    pub timestamp_future_ms_max: u64,
+    /// How long start-up keeps trying to bind a listening address that is in use (a
+    /// broker killed a moment ago leaves its sockets bound for a few hundred ms).
+    /// 0: fail at once.
+    pub bind_retry_ms: u32,
     /// Per-shard memory for recently written batches, shared by all its partitions, so
     /// consumers at the tail are served without disk reads. 0 turns the cache off.
     pub tail_cache_bytes_per_shard: usize,
@@ -92,6 +101,8 @@ impl Default for ServerConfig {
             recycle_segments: true,
             shutdown_drain_ms: 2_000,
             tail_cache_bytes_per_shard: 64 << 20,
+            bind_retry_ms: 10_000,
+            timestamp_future_ms_max: 3_600_000,
         }
     }
 }

@@ -150,3 +150,49 @@ fn malformed_frames_are_refused_while_another_client_keeps_producing() {
         "every acknowledged message of the bystander is stored"
     );
 }
+
+/// A batch whose timestamps are built by hand: `first` and `max` as given (the builder
+/// derives max itself, so it is patched and the CRC recomputed).
+fn batch_with_timestamps(first: i64, max: i64) -> bytes::Bytes {
+    use shardq::protocol::batch::BatchBuilder;
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    builder.push(first, None, b"stamped", &[]);
+    let mut bytes = builder.finish().to_vec();
+    bytes[40..48].copy_from_slice(&max.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[24..]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    bytes.into()
+}
+
+#[test]
+fn impossible_or_far_future_timestamps_are_refused_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        timestamp_future_ms_max: 60_000,
+        ..test_config(dir.path(), 1)
+    });
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("times", 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for (first, max, why) in [
+        (now, i64::MAX, "i64::MAX would poison the time index"),
+        (now, now + 3_600_000, "an hour ahead, past the 60 s limit"),
+        (-5, 10, "before 1970"),
+        (now, now - 1, "max below first"),
+    ] {
+        let error = client
+            .produce("times", 0, batch_with_timestamps(first, max))
+            .expect_err(why);
+        assert_eq!(error.code, ErrorCode::InvalidTimestamp, "{why}: {error}");
+    }
+    // Within the limit (a producer clock a little ahead) is fine.
+    assert_eq!(
+        client.produce("times", 0, batch_with_timestamps(now, now + 5_000)),
+        Ok(0),
+        "nothing refused took an offset"
+    );
+    assert_eq!(client.fetch_all("times", 0, 0).len(), 1);
+}

@@ -24,7 +24,7 @@ fn truncated_last_batch_is_dropped_on_restart_and_earlier_data_survives() {
     drop(client);
     broker.stop();
 
-    let segment = dir.path().join("orders/0/00000000000000000000.log");
+    let segment = dir.path().join("topics/orders/0/00000000000000000000.log");
     let records = std::fs::read(&segment).unwrap();
     let end =
         records.len() as u64 - records.iter().rev().take_while(|byte| **byte == 0).count() as u64;

@@ -28,7 +28,7 @@ fn small_segments(dir: &Path) -> shardq::config::ServerConfig {
 
 /// Segments of partition 0 (not counting the spare kept for recycling).
 fn segment_count(dir: &Path, topic: &str) -> usize {
-    std::fs::read_dir(dir.join(topic).join("0"))
+    std::fs::read_dir(dir.join("topics").join(topic).join("0"))
         .unwrap()
         .filter(|entry| {
             let name = entry.as_ref().unwrap().file_name();

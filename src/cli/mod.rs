@@ -160,6 +160,10 @@ pub struct ServeArgs {
     /// Number of shards (one per core); default: every online CPU.
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
+    /// How long start-up retries binding an address still in use (a broker killed a
+    /// moment ago leaves its sockets bound briefly); 0 fails at once.
+    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().bind_retry_ms)]
+    pub bind_retry_ms: u32,
 }
 
 #[derive(Debug, Args)]
@@ -342,6 +346,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 cores: args.cores,
+                bind_retry_ms: args.bind_retry_ms,
                 ..ServerConfig::default()
             };
             shardq::server::run_until_signal(config).map_err(CliError::Server)

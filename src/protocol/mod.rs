@@ -98,6 +98,9 @@ pub enum ErrorCode {
     Internal = 18,
     /// The broker's disk is full: nothing was appended; try again later.
     StorageFull = 19,
+    /// A produced batch's timestamps are impossible (negative, max below first) or
+    /// further in the future than the broker allows.
+    InvalidTimestamp = 20,
 }
 
 impl ErrorCode {
@@ -122,6 +125,7 @@ impl ErrorCode {
             16 => ErrorCode::LimitExceeded,
             17 => ErrorCode::InvalidRequest,
             19 => ErrorCode::StorageFull,
+            20 => ErrorCode::InvalidTimestamp,
             // Codes from a newer broker read as Internal rather than failing the decode.
             _ => ErrorCode::Internal,
         }
@@ -149,6 +153,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::InvalidTimestamp => "invalid_timestamp",
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::protocol::batch::{validate_batch, BatchError};
+use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
 use crate::protocol::{
     ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest, FetchResponse,
     FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult, ListOffsetsRequest,
@@ -204,6 +204,34 @@ fn batch_error(error: BatchError) -> WireError {
     WireError::new(code, error.to_string())
 }
 
+/// A batch's timestamps must be possible (not before 1970, max not below first) and not
+/// further ahead of the broker's clock than `future_ms_max`.
+fn check_timestamps(
+    header: &BatchHeader,
+    now_ms: i64,
+    future_ms_max: u64,
+) -> Result<(), WireError> {
+    let first = header.first_timestamp_ms;
+    let max = header.max_timestamp_ms;
+    if first < 0 || max < first {
+        return Err(WireError::new(
+            ErrorCode::InvalidTimestamp,
+            format!("batch timestamps first {first} ms, max {max} ms: both must be >= 0 and max >= first"),
+        ));
+    }
+    let limit = now_ms.saturating_add(i64::try_from(future_ms_max).unwrap_or(i64::MAX));
+    if max > limit {
+        return Err(WireError::new(
+            ErrorCode::InvalidTimestamp,
+            format!(
+                "batch max timestamp {max} ms is {} ms ahead of the broker's clock, more than timestamp_future_ms_max ({future_ms_max} ms)",
+                max - now_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Where an item's result goes in the response: (topic index, partition index).
 type Slot = (usize, usize);
 
@@ -237,6 +265,7 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
         milliseconds => Duration::from_millis(u64::from(milliseconds)),
     };
     let batch_bytes_max = shard.config.batch_bytes_max();
+    let now_ms = crate::storage::now_ms();
     let mut response = ProduceResponse {
         topics: Vec::with_capacity(request.topics.len()),
     };
@@ -256,7 +285,9 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
                         ),
                     ));
                 }
-                validate_batch(&entry.batch, shard.config.batch_records_max).map_err(batch_error)?;
+                let header = validate_batch(&entry.batch, shard.config.batch_records_max)
+                    .map_err(batch_error)?;
+                check_timestamps(&header, now_ms, shard.config.timestamp_future_ms_max)?;
                 Ok(owner)
             });
             let result = match checked {

@@ -8,10 +8,15 @@
 //! own port (`listen port + 1 + shard id`, for shard-aware clients).
 
 mod connection;
+pub mod data_dir;
 mod dispatch;
+
+use data_dir::{DataDirectory, DataDirectoryError};
 
 /// How often a shard checks whether it has been asked to stop.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long start-up waits before binding again while an address is in use.
+const BIND_RETRY_INTERVAL: Duration = Duration::from_millis(25);
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -43,10 +48,9 @@ pub enum ServerError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    DataDirectory {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    /// The data directory could not be opened, is locked by another broker, or has a
+    /// layout this broker does not read.
+    DataDirectory(DataDirectoryError),
     /// A shard failed to start (its executor, the mesh, or recovering its partitions).
     Shard {
         shard: u16,
@@ -64,9 +68,7 @@ impl std::fmt::Display for ServerError {
                 "cannot run {requested} shards: only {available} CPUs are online (use --cores N with N <= {available})"
             ),
             ServerError::Bind { address, source } => write!(f, "cannot listen on {address}: {source}"),
-            ServerError::DataDirectory { path, source } => {
-                write!(f, "data directory {}: {source}", path.display())
-            }
+            ServerError::DataDirectory(error) => write!(f, "{error}"),
             ServerError::Shard { shard, message } => write!(f, "shard {shard} failed to start: {message}"),
             ServerError::Signal(source) => write!(f, "waiting for a signal: {source}"),
         }
@@ -89,6 +91,8 @@ pub struct ServerHandle {
     pub shard_ports: Vec<u16>,
     stopping: Arc<AtomicBool>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// Holds the data directory's lock until every shard has stopped.
+    data_directory: Option<DataDirectory>,
 }
 
 impl ServerHandle {
@@ -97,38 +101,199 @@ impl ServerHandle {
     }
 
     /// Stops accepting, flushes and closes every partition, and waits for every shard.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        for executor in self.executors {
+        for executor in self.executors.drain(..) {
             let _ = executor.join();
+        }
+        // Only now may another broker take the directory.
+        drop(self.data_directory.take());
+    }
+}
+
+/// Dropping the handle stops the broker too: the data directory's lock must never be
+/// released while shards still write to it.
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn listener_socket(address: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// Every listener of the broker: the shared port (one SO_REUSEPORT socket per shard) and
+/// each shard's own port.
+struct Listeners {
+    local_addr: SocketAddr,
+    shared: Vec<socket2::Socket>,
+    own: Vec<socket2::Socket>,
+    shard_ports: Vec<u16>,
+}
+
+/// Binds every listener once, or says which address could not be bound.
+fn bind_listeners(
+    listen: SocketAddr,
+    shard_count: usize,
+) -> Result<Listeners, (SocketAddr, std::io::Error)> {
+    if listen.port() != 0 {
+        // Any socket still listening on the shared port, above all the lingering
+        // SO_REUSEPORT sockets of a broker killed a moment ago, would join our
+        // reuse-port group and be handed a share of new connections that nobody ever
+        // accepts. A plain bind (no SO_REUSEPORT) fails while any of them exists.
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(listen),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|error| (listen, error))?;
+        probe
+            .set_reuse_address(true)
+            .map_err(|error| (listen, error))?;
+        probe
+            .bind(&listen.into())
+            .map_err(|error| (listen, error))?;
+    }
+    // The shared one first, so port 0 resolves once for every shard.
+    let first = listener_socket(listen, true).map_err(|error| (listen, error))?;
+    let local_addr = first
+        .local_addr()
+        .ok()
+        .and_then(|address| address.as_socket())
+        .expect("a bound TCP socket has an address");
+    let mut shared = vec![first];
+    for _ in 1..shard_count {
+        shared.push(listener_socket(local_addr, true).map_err(|error| (local_addr, error))?);
+    }
+    let mut own = Vec::with_capacity(shard_count);
+    let mut shard_ports = Vec::with_capacity(shard_count);
+    for shard in 0..shard_count {
+        let port = if listen.port() == 0 {
+            0
+        } else {
+            let port = u32::from(local_addr.port()) + 1 + shard as u32;
+            u16::try_from(port).map_err(|_| {
+                (
+                    local_addr,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("shard {shard}'s port {port} is above 65535"),
+                    ),
+                )
+            })?
+        };
+        let address = SocketAddr::new(local_addr.ip(), port);
+        let socket = listener_socket(address, false).map_err(|error| (address, error))?;
+        let bound = socket
+            .local_addr()
+            .ok()
+            .and_then(|address| address.as_socket())
+            .expect("a bound TCP socket has an address");
+        shard_ports.push(bound.port());
+        own.push(socket);
+    }
+    Ok(Listeners {
+        local_addr,
+        shared,
+        own,
+        shard_ports,
+    })
+}
+
+/// Binds every listener, retrying for up to `bind_retry_ms` while an address is in use.
+/// A broker killed with SIGKILL has its io_uring torn down asynchronously, and its
+/// listening sockets stay bound for a few hundred milliseconds after the process is
+/// reaped: a supervisor restarting it at once must not fail for that.
+fn bind_listeners_retrying(
+    listen: SocketAddr,
+    shard_count: usize,
+    bind_retry_ms: u32,
+) -> Result<Listeners, ServerError> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(u64::from(bind_retry_ms));
+    let mut logged = false;
+    loop {
+        match bind_listeners(listen, shard_count) {
+            Ok(listeners) => return Ok(listeners),
+            Err((address, source))
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !logged {
+                    eprintln!(
+                        "shardq: {address} is in use (a stopped broker's sockets may still be closing); retrying for up to {bind_retry_ms} ms (bind_retry_ms)"
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(BIND_RETRY_INTERVAL);
+            }
+            Err((address, source)) => return Err(ServerError::Bind { address, source }),
         }
     }
 }
 
-fn listener_socket(address: SocketAddr, reuse_port: bool) -> Result<socket2::Socket, ServerError> {
-    use socket2::{Domain, Socket, Type};
-    let bind_error = |source| ServerError::Bind { address, source };
-    let socket =
-        Socket::new(Domain::for_address(address), Type::STREAM, None).map_err(bind_error)?;
-    socket.set_reuse_address(true).map_err(bind_error)?;
-    if reuse_port {
-        socket.set_reuse_port(true).map_err(bind_error)?;
-    }
-    socket.bind(&address.into()).map_err(bind_error)?;
-    socket.listen(1024).map_err(bind_error)?;
-    Ok(socket)
+/// Reports a shard's start-up outcome exactly once: if the shard's thread ends before
+/// it reported (its executor failed to start, or it panicked), dropping the guard says
+/// so, and start-up fails instead of waiting for it forever.
+struct ReadyGuard {
+    shard: u16,
+    sender: Option<mpsc::Sender<Result<u16, ServerError>>>,
 }
 
-/// Creates the probe file glommio needs: opening an existing file of at least 512 bytes
-/// with O_DIRECT before any new one keeps its polled-I/O probe from misfiring (glommio
-/// issues 605 and 670; see DESIGN.md).
-fn prepare_probe_file(config: &ServerConfig) -> Result<std::path::PathBuf, ServerError> {
-    let path = config.data_dir.join(".direct-io-probe");
-    std::fs::write(&path, vec![0u8; 4096]).map_err(|source| ServerError::DataDirectory {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(path)
+impl ReadyGuard {
+    fn report(&mut self, outcome: Result<u16, ServerError>) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(outcome);
+        }
+    }
+}
+
+impl Drop for ReadyGuard {
+    fn drop(&mut self) {
+        let shard = self.shard;
+        self.report(Err(ServerError::Shard {
+            shard,
+            message: "its thread ended before it was ready (see the error above; a low locked-memory limit is a common cause: LimitMEMLOCK=infinity)".into(),
+        }));
+    }
+}
+
+/// Exit status of a broker one of whose shards panicked (EX_SOFTWARE).
+pub const EXIT_SHARD_PANIC: i32 = 70;
+const SHARD_THREAD_PREFIX: &str = "shardq-shard-";
+
+/// A panic on a shard thread ends the process: its partitions would otherwise answer
+/// `shutting_down` forever while the other shards keep serving, and no supervisor would
+/// notice. Installed once per process; other threads keep the previous behaviour.
+fn exit_on_shard_panic() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let on_shard = std::thread::current()
+                .name()
+                .is_some_and(|name| name.starts_with(SHARD_THREAD_PREFIX));
+            if on_shard {
+                eprintln!(
+                    "shardq: fatal: a shard panicked; exiting with status {EXIT_SHARD_PANIC} so that the supervisor restarts the broker"
+                );
+                std::process::exit(EXIT_SHARD_PANIC);
+            }
+        }));
+    });
 }
 
 impl ServerHandle {
@@ -153,81 +318,57 @@ impl ServerHandle {
                 available: online.len(),
             });
         }
+        exit_on_shard_panic();
+        // Everything the broker creates is its own: directories 0700, files 0600.
+        // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+        unsafe { libc::umask(0o077) };
         let mut config = config;
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDirectory {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-        // Absolute from here on: glommio resolves some relative paths against a
-        // descriptor rather than the working directory, and logs read better anyway.
-        config.data_dir = std::fs::canonicalize(&config.data_dir).map_err(|source| {
-            ServerError::DataDirectory {
-                path: config.data_dir.clone(),
-                source,
-            }
-        })?;
-        let probe_path = prepare_probe_file(&config)?;
+        let data_directory =
+            DataDirectory::open(&config.data_dir).map_err(ServerError::DataDirectory)?;
+        config.data_dir = data_directory.path.clone();
+        let probe_path = data_directory
+            .probe_file()
+            .map_err(ServerError::DataDirectory)?;
 
-        // Listeners: the shared one first, so port 0 resolves once for every shard.
-        let first = listener_socket(config.listen, true)?;
-        let local_addr = first
-            .local_addr()
-            .ok()
-            .and_then(|address| address.as_socket())
-            .expect("a bound TCP socket has an address");
-        let mut shared = vec![first];
-        for _ in 1..shard_count {
-            shared.push(listener_socket(local_addr, true)?);
-        }
-        let mut own = Vec::with_capacity(shard_count);
-        let mut shard_ports = Vec::with_capacity(shard_count);
-        for shard in 0..shard_count {
-            let port = if config.listen.port() == 0 {
-                0
-            } else {
-                let port = u32::from(local_addr.port()) + 1 + shard as u32;
-                u16::try_from(port).map_err(|_| ServerError::Bind {
-                    address: local_addr,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("shard {shard}'s port {port} is above 65535"),
-                    ),
-                })?
-            };
-            let socket = listener_socket(SocketAddr::new(local_addr.ip(), port), false)?;
-            let bound = socket
-                .local_addr()
-                .ok()
-                .and_then(|address| address.as_socket())
-                .expect("a bound TCP socket has an address");
-            shard_ports.push(bound.port());
-            own.push(socket);
-        }
-
+        let Listeners {
+            local_addr,
+            shared,
+            own,
+            shard_ports,
+        } = bind_listeners_retrying(config.listen, shard_count, config.bind_retry_ms)?;
         let mesh = MeshBuilder::<MeshMessage, _>::full(shard_count, config.mesh_channel_capacity);
         let (ready_sender, ready_receiver) = mpsc::channel::<Result<u16, ServerError>>();
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut executors = Vec::with_capacity(shard_count);
+        let mut handle = ServerHandle {
+            local_addr,
+            shard_ports: shard_ports.clone(),
+            stopping: Arc::clone(&stopping),
+            executors: Vec::with_capacity(shard_count),
+            data_directory: Some(data_directory),
+        };
         let io_memory = config.chunk_memory_bytes_per_shard_max + (16 << 20);
         for (shard, (shared_socket, own_socket)) in shared.into_iter().zip(own).enumerate() {
             let stopping_flag = Arc::clone(&stopping);
             let config = config.clone();
             let mesh = mesh.clone();
             let ports = shard_ports.clone();
-            let ready = ready_sender.clone();
+            let mut ready = ReadyGuard {
+                shard: shard as u16,
+                sender: Some(ready_sender.clone()),
+            };
             let probe_path = probe_path.clone();
-            let shared_fd = shared_socket.into_raw_fd();
-            let own_fd = own_socket.into_raw_fd();
             let builder = LocalExecutorBuilder::new(Placement::Fixed(online[shard]))
-                .name(&format!("shardq-shard-{shard}"))
+                .name(&format!("{SHARD_THREAD_PREFIX}{shard}"))
                 .io_memory(io_memory);
+            // The sockets move into the closure whole: if the executor never runs it,
+            // dropping the closure closes them.
             let spawned = builder.spawn(move || async move {
-                // SAFETY: both descriptors were just created by `listener_socket` and
-                // handed over with `into_raw_fd`; this is their only owner.
+                // SAFETY: each descriptor comes from a socket this closure owns, handed
+                // over with `into_raw_fd`; the listener becomes its only owner.
                 let (shared_listener, own_listener) = unsafe {
                     (
-                        TcpListener::from_raw_fd(shared_fd),
-                        TcpListener::from_raw_fd(own_fd),
+                        TcpListener::from_raw_fd(shared_socket.into_raw_fd()),
+                        TcpListener::from_raw_fd(own_socket.into_raw_fd()),
                     )
                 };
                 let shard_id = shard as u16;
@@ -238,15 +379,16 @@ impl ServerHandle {
                     ports,
                     mesh,
                     &probe_path,
+                    &stopping_flag,
                 )
                 .await;
                 let (shard, receivers) = match started {
                     Ok(started) => {
-                        let _ = ready.send(Ok(shard_id));
+                        ready.report(Ok(shard_id));
                         started
                     }
                     Err(error) => {
-                        let _ = ready.send(Err(error));
+                        ready.report(Err(error));
                         return;
                     }
                 };
@@ -260,14 +402,8 @@ impl ServerHandle {
                 .await;
             });
             match spawned {
-                Ok(handle) => executors.push(handle),
+                Ok(executor) => handle.executors.push(executor),
                 Err(error) => {
-                    let handle = ServerHandle {
-                        local_addr,
-                        shard_ports,
-                        stopping,
-                        executors,
-                    };
                     handle.shutdown();
                     return Err(ServerError::Shard {
                         shard: shard as u16,
@@ -277,26 +413,18 @@ impl ServerHandle {
             }
         }
         drop(ready_sender);
-        let handle = ServerHandle {
-            local_addr,
-            shard_ports,
-            stopping,
-            executors,
-        };
         for _ in 0..shard_count {
-            match ready_receiver.recv() {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => {
-                    handle.shutdown();
-                    return Err(error);
-                }
-                Err(_) => {
-                    handle.shutdown();
-                    return Err(ServerError::Shard {
-                        shard: 0,
-                        message: "a shard stopped before reporting".into(),
-                    });
-                }
+            // Every shard reports once, or its guard reports for it when its thread
+            // ends: this cannot wait forever.
+            let outcome = ready_receiver.recv().unwrap_or_else(|_| {
+                Err(ServerError::Shard {
+                    shard: 0,
+                    message: "a shard stopped before reporting".into(),
+                })
+            });
+            if let Err(error) = outcome {
+                handle.shutdown();
+                return Err(error);
             }
         }
         Ok(handle)
@@ -310,17 +438,28 @@ async fn start_shard(
     shard_ports: Vec<u16>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     probe_path: &std::path::Path,
+    stopping: &AtomicBool,
 ) -> Result<(Rc<Shard>, Receivers<MeshMessage>), ServerError> {
     let fail = |message: String| ServerError::Shard {
         shard: shard_id,
         message,
     };
-    // Joining first: a shard that failed before joining would leave its siblings
-    // waiting for it forever.
-    let (senders, receivers) = mesh
-        .join()
-        .await
-        .map_err(|error| fail(format!("joining the channel mesh: {error}")))?;
+    // Joining waits for every sibling; a sibling that never comes (its executor failed)
+    // makes start-up stop, and then this shard must stop waiting too.
+    let joined = futures_lite::future::or(async { Some(mesh.join().await) }, async {
+        while !stopping.load(Ordering::Acquire) {
+            glommio::timer::sleep(STOP_POLL_INTERVAL).await;
+        }
+        None
+    })
+    .await;
+    let Some(joined) = joined else {
+        return Err(fail(
+            "start-up was abandoned while joining the channel mesh".into(),
+        ));
+    };
+    let (senders, receivers) =
+        joined.map_err(|error| fail(format!("joining the channel mesh: {error}")))?;
     // Mesh peers are ordered by executor id, and executors are created in shard order.
     assert_eq!(
         senders.peer_id(),

@@ -28,6 +28,7 @@ use crate::protocol::{
     validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets, Retention,
     WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
+use crate::server::data_dir::topics_directory;
 use crate::storage::{
     ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError, TailCache,
 };
@@ -234,14 +235,21 @@ impl Shard {
         storage_to_wire(error, self.is_shutting_down())
     }
 
+    /// `<data_dir>/topics`, where every topic has its directory.
+    fn topics_directory(&self) -> PathBuf {
+        topics_directory(&self.config.data_dir)
+    }
+
     fn partition_directory(&self, topic: &str, partition: u32) -> PathBuf {
-        self.config.data_dir.join(topic).join(partition.to_string())
+        self.topics_directory()
+            .join(topic)
+            .join(partition.to_string())
     }
 
     /// Start-up: install every topic found on disk and open the partitions this shard
     /// owns (recovering them).
     pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
-        for (name, topic) in read_topic_catalog(&self.config.data_dir)? {
+        for (name, topic) in read_topic_catalog(&self.topics_directory())? {
             self.install_topic(&name, topic).await?;
         }
         Ok(())
@@ -252,6 +260,17 @@ impl Shard {
             // Already installed: a shard still loading topics at start-up may have read
             // this topic's metadata file before shard 0's install message reached it.
             return Ok(());
+        }
+        // A fault point for tests of what a shard panic does to the process (debug
+        // builds only): the last shard panics when it installs the named topic.
+        #[cfg(debug_assertions)]
+        if self.id + 1 == self.count
+            && std::env::var_os("SHARDQ_TEST_PANIC_ON_TOPIC").is_some_and(|topic| topic == name)
+        {
+            panic!(
+                "test fault: shard {} panics installing topic {name:?}",
+                self.id
+            );
         }
         let partitions = topic.partitions;
         let mut owned = vec![None; partitions as usize];
@@ -666,7 +685,7 @@ impl Shard {
         topic.retention = retention;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
-            write_topic_metadata(&self.config.data_dir, &name, &topic).map_err(|error| {
+            write_topic_metadata(&self.topics_directory(), &name, &topic).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
@@ -694,7 +713,7 @@ impl Shard {
         let outcome = async {
             // A directory left by an interrupted delete must not lend its old segments
             // (and offsets) to the new topic.
-            let leftover = self.config.data_dir.join(&name);
+            let leftover = self.topics_directory().join(&name);
             if leftover.exists() {
                 std::fs::remove_dir_all(&leftover).map_err(|error| {
                     WireError::new(
@@ -703,7 +722,7 @@ impl Shard {
                     )
                 })?;
             }
-            write_topic_metadata(&self.config.data_dir, &name, &topic).map_err(|error| {
+            write_topic_metadata(&self.topics_directory(), &name, &topic).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
@@ -721,7 +740,7 @@ impl Shard {
                 let _ = self
                     .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                     .await;
-                let _ = std::fs::remove_dir_all(self.config.data_dir.join(&name));
+                let _ = std::fs::remove_dir_all(self.topics_directory().join(&name));
                 return Err(error);
             }
             Ok(())
@@ -749,7 +768,7 @@ impl Shard {
         let outcome = async {
             // The metadata file goes first: once it is gone the topic does not come back
             // after a crash, whatever is left of its partitions.
-            remove_topic_metadata(&self.config.data_dir, &name).map_err(|error| {
+            remove_topic_metadata(&self.topics_directory(), &name).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("removing topic metadata: {error}"),
@@ -757,7 +776,7 @@ impl Shard {
             })?;
             self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                 .await?;
-            let directory = self.config.data_dir.join(&name);
+            let directory = self.topics_directory().join(&name);
             std::fs::remove_dir_all(&directory).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
@@ -781,9 +800,9 @@ fn failed_reply(error: WireError) -> ShardReply {
 // on the coordinator shard, which is acceptable for an admin operation and keeps the
 // format a readable text file.
 
-fn write_topic_metadata(data_dir: &Path, name: &str, topic: &TopicConfig) -> std::io::Result<()> {
+fn write_topic_metadata(topics_dir: &Path, name: &str, topic: &TopicConfig) -> std::io::Result<()> {
     use std::io::Write;
-    let directory = data_dir.join(name);
+    let directory = topics_dir.join(name);
     std::fs::create_dir_all(&directory)?;
     let temporary = directory.join(format!("{TOPIC_METADATA_FILE}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
@@ -793,25 +812,25 @@ fn write_topic_metadata(data_dir: &Path, name: &str, topic: &TopicConfig) -> std
     file.sync_all()?;
     std::fs::rename(&temporary, directory.join(TOPIC_METADATA_FILE))?;
     std::fs::File::open(&directory)?.sync_all()?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    std::fs::File::open(topics_dir)?.sync_all()?;
     Ok(())
 }
 
-fn remove_topic_metadata(data_dir: &Path, name: &str) -> std::io::Result<()> {
-    let directory = data_dir.join(name);
+fn remove_topic_metadata(topics_dir: &Path, name: &str) -> std::io::Result<()> {
+    let directory = topics_dir.join(name);
     std::fs::remove_file(directory.join(TOPIC_METADATA_FILE))?;
     std::fs::File::open(&directory)?.sync_all()
 }
 
-/// Reads every `<data_dir>/<topic>/topic.meta`. Directories without one (a topic whose
+/// Reads every `<data_dir>/topics/<topic>/topic.meta`. Directories without one (a topic whose
 /// deletion was interrupted) are skipped with a warning.
-pub fn read_topic_catalog(data_dir: &Path) -> Result<Vec<(String, TopicConfig)>, StorageError> {
+pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)>, StorageError> {
     let mut topics = Vec::new();
-    let entries = std::fs::read_dir(data_dir)
-        .map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
+    let entries = std::fs::read_dir(topics_dir)
+        .map_err(|source| StorageError::io("listing topics directory", topics_dir, source))?;
     for entry in entries {
-        let entry =
-            entry.map_err(|source| StorageError::io("listing data directory", data_dir, source))?;
+        let entry = entry
+            .map_err(|source| StorageError::io("listing topics directory", topics_dir, source))?;
         let path = entry.path();
         if !path.is_dir() {
             continue;

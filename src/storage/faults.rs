@@ -65,6 +65,8 @@ pub struct FaultPlan {
     pub next_write: Cell<Option<Fault>>,
     /// The next fdatasync fails this way (once).
     pub next_sync: Cell<Option<Fault>>,
+    /// The next file open fails this way (once): a roll creating its segment, say.
+    pub next_open: Cell<Option<Fault>>,
     /// Reads that reached the files: what the tail cache is meant to spare.
     pub reads: Cell<u64>,
     crashed: Cell<bool>,
@@ -207,6 +209,9 @@ impl LogStorage for FaultyStorage {
 
     async fn open(&self, path: &Path, create: bool) -> io::Result<FaultyFile> {
         self.plan.check()?;
+        if let Some(fault) = self.plan.next_open.take() {
+            return Err(os_error(fault));
+        }
         let inner = DmaStorage.open(path, create).await?;
         Ok(FaultyFile {
             inner: Rc::new(inner),

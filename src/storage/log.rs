@@ -292,7 +292,8 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     flusher: RefCell<Option<JoinHandle<()>>>,
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch by the broker's clock.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
@@ -430,22 +431,35 @@ impl<S: LogStorage> PartitionLog<S> {
                 }
                 AppendStep::Roll => {
                     let rolled = self.roll().await;
-                    {
+                    let stopped = {
                         let mut state = self.state.borrow_mut();
                         state.rolling = false;
-                        if let Err(error) = &rolled {
+                        match &rolled {
                             // A full disk is retried by the next append; anything else
                             // means the disk cannot be trusted, as for a failed round.
-                            if !matches!(error, StorageError::NoSpace { .. } | StorageError::Closed)
-                                && state.failed.is_none()
+                            Err(error)
+                                if !matches!(
+                                    error,
+                                    StorageError::NoSpace { .. } | StorageError::Closed
+                                ) && state.failed.is_none() =>
                             {
                                 state.failed = Some(StorageError::Stopped {
                                     reason: error.to_string(),
                                 });
+                                true
                             }
+                            _ => false,
                         }
-                    }
+                    };
                     self.roll_done.notify_all();
+                    if stopped {
+                        let error = rolled.as_ref().expect_err("checked above");
+                        eprintln!(
+                            "shardq: partition {}: rolling to a new segment: {error}; the partition has stopped",
+                            self.directory.display()
+                        );
+                        self.apply_failure_policy(error);
+                    }
                     rolled?;
                 }
                 AppendStep::AwaitChunk => {
@@ -1143,7 +1157,16 @@ impl<S: LogStorage> PartitionLog<S> {
         }
         if retryable {
             glommio::timer::sleep(self.config.storage_full_retry).await;
-        } else if self.config.failure_policy == FailurePolicy::ExitProcess {
+        } else {
+            self.apply_failure_policy(&error);
+        }
+    }
+
+    /// After the partition stopped on a write, sync or roll error other than a full disk:
+    /// with `ExitProcess` the whole broker exits, so no shard serves on a disk that can
+    /// no longer be trusted while its siblings go on.
+    fn apply_failure_policy(&self, error: &StorageError) {
+        if self.config.failure_policy == FailurePolicy::ExitProcess {
             eprintln!("shardq: fatal: the log can no longer be trusted: {error}");
             std::process::exit(super::EXIT_STORAGE_FAILED);
         }

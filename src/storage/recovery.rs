@@ -10,10 +10,14 @@
 //!   longer scan, and the index is written again;
 //! - every scanned batch must pass its framing and CRC check and carry the next dense
 //!   offset;
-//! - the scan of the last segment stops at the first batch that does not: a batch whose
-//!   base offset is *older* than expected is stale data of a recycled file and simply
-//!   marks the end; anything else is a torn tail from a crash and is cut off (truncated
-//!   and preallocated again, so it reads as zeros);
+//! - the scan of the last segment stops at the first batch that does not: a whole batch
+//!   whose base offset lies below the segment's base is stale data of a recycled file and
+//!   simply marks the end; a whole batch inside the segment's range that repeats an
+//!   offset already recovered is corruption, and the partition refuses to open; anything
+//!   else is a torn tail from a crash;
+//! - everything past the last segment's recovered end is cut off (truncated and
+//!   preallocated again, so it reads as zeros), torn or not: a crash can leave a later
+//!   chunk of a round on disk beyond a lost earlier one;
 //! - a sealed segment (any but the last) must end exactly at the next segment's base
 //!   offset; anything else is corruption that recovery refuses to paper over. Damage in
 //!   the middle of a sealed segment, before its last index entry, is found when a read
@@ -49,6 +53,11 @@ enum ScanEnd {
     Clean,
     /// Something that is not a whole, valid, next-in-line batch.
     Torn { reason: String },
+    /// A whole, valid batch of this segment's own offset range that repeats offsets
+    /// already recovered: not something a crash produces (a bit flip in its base offset,
+    /// which the CRC does not cover, or a second writer). Taking it for the end would let
+    /// new appends reuse offsets over acknowledged data, so recovery refuses.
+    Corrupt { reason: String },
 }
 
 struct Scan {
@@ -157,6 +166,7 @@ async fn preallocate<F: LogFile>(file: &F, path: &Path, size: u64) -> Result<(),
 async fn scan_segment<F: LogFile>(
     file: &F,
     path: &Path,
+    segment_base: u64,
     start: &IndexEntry,
     mut index: Vec<IndexEntry>,
     config: &LogConfig,
@@ -192,8 +202,18 @@ async fn scan_segment<F: LogFile>(
             let batch_length = header.batch_length as usize;
             let batch_position = position + at as u64;
             if header.base_offset < next_offset && check_framing(rest).is_ok() {
-                // A whole batch from an earlier life of a recycled file.
-                stop = Some(ScanEnd::Clean);
+                // Offsets only grow, and a recycled file's earlier life held a segment
+                // deleted by retention: its batches all lie below this segment's base.
+                stop = Some(if header.base_offset < segment_base {
+                    ScanEnd::Clean
+                } else {
+                    ScanEnd::Corrupt {
+                        reason: format!(
+                            "batch at byte {batch_position} has base offset {}, at or above the segment's base {segment_base} but below the next offset {next_offset}",
+                            header.base_offset
+                        ),
+                    }
+                });
                 break;
             }
             // Bounded by the file, not by today's chunk size: a batch written under a
@@ -415,12 +435,21 @@ pub(crate) async fn recover<S: LogStorage>(
             position: 0,
             timestamp_ms: i64::MIN,
         });
-        let scan = scan_segment(&file, &path, &start, loaded, config).await?;
+        let scan = scan_segment(&file, &path, base_offset, &start, loaded, config).await?;
         // A sealed segment that ends exactly where the next one begins is whole, even if
         // what follows its data does not look like zeros (old bytes of a recycled file).
         let complete = base_offsets
             .get(number + 1)
             .is_some_and(|next_base| scan.next_offset == *next_base);
+        if let ScanEnd::Corrupt { reason } = &scan.end {
+            if !complete {
+                return Err(StorageError::Corrupt {
+                    path,
+                    position: scan.end_position,
+                    reason: reason.clone(),
+                });
+            }
+        }
         if let (ScanEnd::Torn { reason }, false) = (&scan.end, complete) {
             if number != last {
                 return Err(StorageError::Corrupt {
@@ -434,17 +463,27 @@ pub(crate) async fn recover<S: LogStorage>(
                 path.display(),
                 scan.end_position
             );
-            // Cut the torn batch and preallocate again so the cut range reads as zeros.
-            // A clean end is left alone: its blocks may be already-written extents, much
-            // faster to overwrite than fresh ones.
-            file.truncate(scan.end_position)
-                .await
-                .map_err(|source| StorageError::io("truncating segment", &path, source))?;
-            file.pre_allocate(config.segment_size_bytes)
-                .await
-                .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
         }
         if number == last {
+            // Whatever lies past the recovered end goes, torn or not: the chunks of one
+            // round are written concurrently, so a crash can keep a later chunk and lose
+            // an earlier one. The scan stops at the hole, but the later chunk's batches
+            // (never acknowledged) would still be on disk, and once new appends had
+            // reused their offsets a later recovery could adopt them as records. Cut at
+            // the end and allocate again, so the rest reads as zeros. The price: a
+            // recycled file's written blocks past the end become fresh ones again.
+            let file_size = file
+                .size()
+                .await
+                .map_err(|source| StorageError::io("sizing segment", &path, source))?;
+            if scan.end_position < file_size {
+                file.truncate(scan.end_position)
+                    .await
+                    .map_err(|source| StorageError::io("truncating segment", &path, source))?;
+                file.pre_allocate(file_size)
+                    .await
+                    .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
+            }
             file.fdatasync()
                 .await
                 .map_err(|source| StorageError::io("syncing segment", &path, source))?;

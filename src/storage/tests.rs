@@ -1108,3 +1108,194 @@ fn a_sealed_recycled_segment_ending_on_a_block_boundary_reopens() {
     let opened = receiver.recv().unwrap();
     assert!(opened.is_ok(), "{opened:?}");
 }
+
+/// Writes `bytes` at `position` of `path` with plain buffered I/O, as damage or a crash
+/// leftover would be.
+fn write_raw(path: &Path, position: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, position).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// A copy of a batch as the broker would have stored it at `base_offset`.
+fn stored_batch(base_offset: u64, count: usize, value_size: usize) -> Vec<u8> {
+    let mut bytes = batch(base_offset, count, value_size).to_vec();
+    crate::protocol::batch::stamp_batch(&mut bytes, base_offset, 1_000);
+    bytes
+}
+
+#[test]
+fn recovery_refuses_a_whole_batch_that_repeats_an_offset_of_its_segment() {
+    // Base offsets lie outside the CRC: one flipped bit there turns the batch after the
+    // end into a "valid" one with an old offset. Taking that for stale recycled data
+    // would let new appends reuse offsets; it must stop the partition from opening.
+    let (root, directory) = partition_dir();
+    let ranges = write_batches(root.path(), &directory, vec![3, 3, 3]);
+    let end = ranges.last().unwrap().1;
+    write_raw(&last_segment(&directory), end, &stored_batch(4, 2, 100));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let opened_directory = directory.clone();
+    run(root.path(), move || async move {
+        let outcome = open_with(Rc::new(DmaStorage), &opened_directory).await;
+        sender.send(outcome.map(|_| ())).unwrap();
+    });
+    match receiver.recv().unwrap() {
+        Err(StorageError::Corrupt {
+            position, reason, ..
+        }) => {
+            assert_eq!(position, end);
+            assert!(reason.contains("base offset 4"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // A batch of an earlier life of the file (below the segment's base) is still the
+    // clean end a recycled segment has: shown by the recycling test.
+}
+
+#[test]
+fn a_later_chunk_left_past_a_hole_is_cut_so_no_later_run_adopts_it() {
+    // A crash kept a later chunk of a round and lost an earlier one: recovery ends at the
+    // hole, with the later chunk's batch (never acknowledged) on disk beyond it. New
+    // appends then fill the hole with the very offsets that batch carries; without a
+    // cut, the next recovery would read straight into it and serve it as records.
+    let (root, directory) = partition_dir();
+    let ranges = write_batches(root.path(), &directory, vec![3]);
+    let end = ranges[0].1;
+    let leftover_position = align_up(end) + 2 * ALIGNMENT_BYTES as u64;
+    // The filler appended after the restart: one record, sized to end exactly where
+    // the leftover starts. Its offset is 3, so the leftover must carry offset 4.
+    let probe = batch(3, 1, 0).len() as u64;
+    let filler_value = (leftover_position - end - probe) as usize + "3:".len();
+    assert_eq!(
+        batch(3, 1, filler_value).len() as u64,
+        leftover_position - end
+    );
+    write_raw(
+        &last_segment(&directory),
+        leftover_position,
+        &stored_batch(4, 2, 100),
+    );
+    let first_directory = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&first_directory).await;
+        assert_eq!(log.next_offset(), 3, "recovery stops at the hole");
+        let outcome = log.append(&batch(3, 1, filler_value)).await.unwrap();
+        assert_eq!(outcome.next_offset, 4);
+        log.wait_durable(4).await.unwrap();
+        log.close().await;
+    });
+    let second_directory = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&second_directory).await;
+        let records = read_all(&log, 0).await;
+        check_dense(&records, 0);
+        assert_eq!(
+            records.len(),
+            4,
+            "only what was appended: the leftover never becomes records 4 and 5"
+        );
+        assert_eq!(log.next_offset(), 4);
+        log.close().await;
+    });
+}
+
+#[test]
+fn a_roll_error_other_than_a_full_disk_stops_the_partition() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+        let mut next = 0;
+        while (next + 10) * 1500 < config().segment_size_bytes {
+            log.append(&batch(next, 10, 1400)).await.unwrap();
+            next += 10;
+        }
+        log.wait_durable(next).await.unwrap();
+        plan.next_open.set(Some(Fault::Eio));
+        let stopped = loop {
+            match log.append(&batch(next, 10, 1400)).await {
+                Ok(_) => next += 10,
+                Err(error) => break error,
+            }
+        };
+        assert!(
+            matches!(
+                &stopped,
+                StorageError::Io { .. } | StorageError::Stopped { .. }
+            ),
+            "{stopped:?}"
+        );
+        assert_eq!(log.segment_count(), 1);
+        match log.append(&batch(next, 1, 10)).await {
+            Err(StorageError::Stopped { reason }) => {
+                assert!(reason.contains("opening segment"), "{reason}")
+            }
+            other => panic!("a stopped partition refuses appends, got {other:?}"),
+        }
+        let records = read_all_from(&log, 0).await;
+        check_dense(&records, 0);
+        assert_eq!(records.len() as u64, next, "what was durable stays served");
+        log.close().await;
+    });
+}
+
+/// Runs in a child process (see the parent test below): a roll failing with EIO under
+/// `FailurePolicy::ExitProcess` must end the process with `EXIT_STORAGE_FAILED`.
+#[test]
+#[ignore = "run by roll_error_under_exit_policy_ends_the_process, in a child process"]
+fn roll_error_under_exit_policy_child() {
+    if std::env::var_os("SHARDQ_TEST_CHILD").is_none() {
+        return;
+    }
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let log = PartitionLog::open(
+            Rc::clone(&storage),
+            directory.to_path_buf(),
+            LogConfig {
+                failure_policy: FailurePolicy::ExitProcess,
+                ..config()
+            },
+            ChunkBudget::new(1 << 20, config().chunk_size_bytes),
+            TailCache::new(0),
+            Rc::new(Notify::new()),
+        )
+        .await
+        .unwrap();
+        plan.next_open.set(Some(Fault::Eio));
+        let mut next = 0;
+        loop {
+            let _ = log.append(&batch(next, 10, 1400)).await;
+            next += 10;
+            assert!(
+                next < 10_000,
+                "the process should have exited at the first roll"
+            );
+        }
+    });
+}
+
+#[test]
+fn roll_error_under_exit_policy_ends_the_process() {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "storage::tests::roll_error_under_exit_policy_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SHARDQ_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_STORAGE_FAILED),
+        "stderr: {stderr}"
+    );
+    assert!(stderr.contains("rolling to a new segment"), "{stderr}");
+}

@@ -1,0 +1,318 @@
+//! `shardq serve` as an operator and a supervisor meet it: a second broker on the same
+//! data directory, a restart right after `kill -9`, a shard that panics.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{batch_of, RawClient};
+use shardq::protocol::{MetadataRequest, Request};
+
+/// Longest any one step may take before the test fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Serve {
+    child: Child,
+    /// The shared address, once the broker said it serves.
+    address: Option<SocketAddr>,
+    /// stderr lines, read by a thread so the child never blocks on a full pipe.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Serve {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shardq"));
+        command
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("shardq serve starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Serve {
+            child,
+            address: None,
+            lines,
+        }
+    }
+
+    /// Waits for the "serving on" line; panics with everything printed if the broker
+    /// exits or does not get there in time.
+    fn wait_serving(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("shardq: serving on ") {
+                        let address: SocketAddr = rest
+                            .split(' ')
+                            .next()
+                            .expect("an address")
+                            .parse()
+                            .expect("a socket address");
+                        self.address = Some(address);
+                        return address;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!(
+                    "no 'serving on' within {STEP_TIMEOUT:?} (exit: {:?}); stderr:\n{}",
+                    self.child.try_wait(),
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its status and what it printed.
+    fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let mut lines = Vec::new();
+                // The reader thread ends at EOF once the process has gone.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    lines.push(line);
+                }
+                return (status, lines.join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit within {STEP_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port P with P, P+1 and P+2 free right now (the shared port and two shard ports).
+fn free_port_triple() -> u16 {
+    for _ in 0..100 {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        if port > 65_000 {
+            continue;
+        }
+        let others: Vec<_> = (1..=2)
+            .map(|step| TcpListener::bind(("127.0.0.1", port + step)))
+            .collect();
+        if others.iter().all(Result::is_ok) {
+            return port;
+        }
+    }
+    panic!("no three consecutive free ports found")
+}
+
+/// One request/response round trip on a fresh connection: a Metadata request, answered
+/// within the read timeout. Fails if the connection was accepted by nobody.
+fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .map_err(|error| format!("connect: {error}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut out = BytesMut::new();
+    Request::Metadata(MetadataRequest { topics: Vec::new() }).encode(7, &mut out);
+    stream
+        .write_all(&out)
+        .map_err(|error| format!("write: {error}"))?;
+    let mut header = [0u8; shardq::protocol::FRAME_HEADER_SIZE];
+    stream
+        .read_exact(&mut header)
+        .map_err(|error| format!("no answer: {error}"))
+}
+
+#[test]
+fn second_broker_on_one_data_dir_exits_naming_the_dir_and_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut first = Serve::start(&data_dir, "127.0.0.1:0", &["--cores", "1"]);
+    first.wait_serving();
+    let mut second = Serve::start(&data_dir, "127.0.0.1:0", &["--cores", "1"]);
+    let (status, stderr) = second.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}: {stderr}");
+    let canonical = std::fs::canonicalize(&data_dir).unwrap();
+    assert!(
+        stderr.contains(&canonical.display().to_string())
+            && stderr.contains(&format!("pid {}", first.child.id())),
+        "the refusal names the directory and the holder: {stderr}"
+    );
+    // The first broker is untouched and still answers.
+    let address = first.address.expect("seen serving");
+    metadata_round_trip(address).expect("the first broker still serves");
+}
+
+#[test]
+fn restart_right_after_kill_9_serves_every_connection_and_keeps_acked_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let port = free_port_triple();
+    let listen = format!("127.0.0.1:{port}");
+    let arguments = ["--cores", "2"];
+    let mut broker = Serve::start(&data_dir, &listen, &arguments);
+    let address = broker.wait_serving();
+    let mut client = RawClient::connect(address);
+    client.create_topic("orders", 2);
+    let mut acked = 0u64;
+    for cycle in 0..5u64 {
+        // Acknowledged durable, then the broker is killed and started again at once,
+        // the way a supervisor with a short restart delay does.
+        for record in 0..10u64 {
+            let value = format!("cycle {cycle} record {record}");
+            let offset = client
+                .produce("orders", 0, batch_of(&[value.as_bytes()]))
+                .expect("durable produce");
+            assert_eq!(offset, acked, "offsets stay dense across restarts");
+            acked += 1;
+        }
+        drop(client);
+        broker.kill9();
+        broker = Serve::start(&data_dir, &listen, &arguments);
+        let restarted = broker.wait_serving();
+        assert_eq!(restarted, address);
+        // No stale socket of the dead broker may be handed connections: every new
+        // connection on the shared port is answered.
+        for attempt in 0..32 {
+            metadata_round_trip(address)
+                .unwrap_or_else(|error| panic!("cycle {cycle}, connection {attempt}: {error}"));
+        }
+        client = RawClient::connect(address);
+        let values = client.fetch_all("orders", 0, 0);
+        assert_eq!(
+            values.len() as u64,
+            acked,
+            "cycle {cycle}: every acked record kept"
+        );
+    }
+}
+
+#[test]
+fn a_port_that_stays_taken_fails_start_up_after_the_retry_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_triple();
+    // Another process's reuse-port listener on the shared port (say, a second broker
+    // on another data directory): joining its group would split connections with it.
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.set_reuse_port(true).unwrap();
+    holder
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    holder.listen(16).unwrap();
+    let mut broker = Serve::start(
+        &dir.path().join("data"),
+        &format!("127.0.0.1:{port}"),
+        &["--cores", "1", "--bind-retry-ms", "300"],
+    );
+    let (status, stderr) = broker.wait_exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use")
+            && stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "a log line while retrying, then the refusal: {stderr}"
+    );
+}
+
+#[test]
+fn start_up_waits_for_a_lingering_listener_to_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_triple();
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.set_reuse_port(true).unwrap();
+    holder
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    holder.listen(16).unwrap();
+    let mut broker = Serve::start(
+        &dir.path().join("data"),
+        &format!("127.0.0.1:{port}"),
+        &["--cores", "1", "--bind-retry-ms", "20000"],
+    );
+    // Let go of the port only once the broker has said it is waiting for it.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = broker.lines.recv_timeout(left).expect("a retry line");
+        if line.contains("is in use") {
+            break;
+        }
+    }
+    drop(holder);
+    let address = broker.wait_serving();
+    for attempt in 0..32 {
+        metadata_round_trip(address)
+            .unwrap_or_else(|error| panic!("connection {attempt}: {error}"));
+    }
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_shard_panic_ends_the_process_with_status_70() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Serve::start_with_env(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--cores", "2"],
+        &[("SHARDQ_TEST_PANIC_ON_TOPIC", "boom")],
+    );
+    let address = broker.wait_serving();
+    let mut client = RawClient::connect(address);
+    client.create_topic("fine", 2);
+    // No answer is expected: the process goes away with the request in flight.
+    client.send(&Request::CreateTopic(
+        shardq::protocol::CreateTopicRequest {
+            name: "boom".into(),
+            partitions: 2,
+            retention: Default::default(),
+        },
+    ));
+    let (status, stderr) = broker.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(shardq::server::EXIT_SHARD_PANIC),
+        "{status:?}: {stderr}"
+    );
+    assert!(stderr.contains("test fault"), "{stderr}");
+}
