@@ -630,11 +630,13 @@ async fn produce(
     let mut sequence: u32 = 0;
     let mut drain_deadline: Option<Instant> = None;
     loop {
-        let killed = load.killed.get();
-        if killed && drain_deadline.is_none() {
+        // After the kill, or after an error before it (the run will fail), send nothing
+        // more and drain what is in flight.
+        let stopping = load.killed.get() || report.error_before_kill.is_some();
+        if stopping && drain_deadline.is_none() {
             drain_deadline = Some(Instant::now() + PRODUCERS_DRAIN_TIMEOUT);
         }
-        let must_wait = killed || window.len() >= PRODUCER_WINDOW_MAX;
+        let must_wait = stopping || window.len() >= PRODUCER_WINDOW_MAX;
         let front_done = window
             .front()
             .is_some_and(|(_, handle)| handle.try_result().is_some());
@@ -647,8 +649,8 @@ async fn produce(
                     match tokio::time::timeout_at(deadline.into(), handle.wait()).await {
                         Ok(outcome) => outcome,
                         Err(_elapsed) => {
-                            report.error_before_kill = Some(format!(
-                                "a send was still unanswered {} s after the kill (client bug?)",
+                            report.error_before_kill.get_or_insert(format!(
+                                "a send was still unanswered {} s after the producer stopped (client bug?)",
                                 PRODUCERS_DRAIN_TIMEOUT.as_secs()
                             ));
                             return report;
