@@ -23,10 +23,12 @@ use shardq::storage::{
 
 const SEGMENT_BYTES: u64 = 64 << 20;
 const CHUNK_BYTES: usize = 4 << 20;
+const PREALLOCATE_STEP_BYTES: u64 = 4 << 20;
 
 fn config() -> LogConfig {
     LogConfig {
         segment_size_bytes: SEGMENT_BYTES,
+        preallocate_step_bytes: PREALLOCATE_STEP_BYTES,
         chunk_size_bytes: CHUNK_BYTES,
         index_interval_bytes: 4096,
         storage_full_retry: Duration::from_secs(1),

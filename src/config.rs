@@ -33,6 +33,10 @@ pub struct ServerConfig {
     pub connection_requests_in_flight_max: u32,
     /// A segment is sealed and a new one started once it reaches this size.
     pub segment_size_bytes: u64,
+    /// Disk space for a segment is reserved this much at a time, ahead of the write
+    /// position, instead of a whole segment when it is created: a new partition costs
+    /// one step of disk.
+    pub segment_preallocate_step_bytes: u64,
     /// Size of one aligned append chunk; a batch must fit in one chunk.
     pub chunk_size_bytes: usize,
     /// Per-shard budget for append chunks, written or waiting to be; appends wait
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             connections_per_shard_max: 10_000,
             connection_requests_in_flight_max: 256,
             segment_size_bytes: 1 << 30,
+            segment_preallocate_step_bytes: 4 << 20,
             chunk_size_bytes: 1 << 20,
             chunk_memory_bytes_per_shard_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
@@ -158,6 +163,14 @@ impl ServerConfig {
             return fail(format!(
                 "segment_size_bytes {} must be below 4 GiB: index entries hold 32-bit positions",
                 self.segment_size_bytes
+            ));
+        }
+        if self.segment_preallocate_step_bytes < ALIGNMENT_BYTES as u64
+            || self.segment_preallocate_step_bytes % ALIGNMENT_BYTES as u64 != 0
+        {
+            return fail(format!(
+                "segment_preallocate_step_bytes {} must be a multiple of {ALIGNMENT_BYTES} and at least {ALIGNMENT_BYTES}",
+                self.segment_preallocate_step_bytes
             ));
         }
         if self.index_interval_bytes == 0 {

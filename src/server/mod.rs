@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ConfigError, ServerConfig};
-use crate::shard::{MeshMessage, Shard, ShardRequest};
+use crate::shard::{MeshMessage, Shard};
 
 #[derive(Debug)]
 pub enum ServerError {
@@ -490,40 +490,14 @@ async fn run_shard(
     own_listener: TcpListener,
     stopping: Arc<AtomicBool>,
 ) {
-    let mut background = Vec::new();
-    for (_, stream) in receivers.streams() {
-        let shard = Rc::clone(&shard);
-        background.push(
-            glommio::spawn_local(async move {
-                while let Some(message) = stream.recv().await {
-                    let shard = Rc::clone(&shard);
-                    glommio::spawn_local(async move {
-                        let MeshMessage { request, mut reply } = message;
-                        let abandonable = matches!(request, ShardRequest::Fetch { .. });
-                        let outcome = if abandonable {
-                            // A long-poll the asking shard gave up on stops here too,
-                            // instead of holding memory until its deadline.
-                            futures_lite::future::or(
-                                async { Some(shard.execute(request).await) },
-                                async {
-                                    reply.cancellation().await;
-                                    None
-                                },
-                            )
-                            .await
-                        } else {
-                            Some(shard.execute(request).await)
-                        };
-                        if let Some(outcome) = outcome {
-                            let _ = reply.send(outcome);
-                        }
-                    })
-                    .detach();
-                }
-            })
-            .detach(),
-        );
+    // Mesh traffic keeps flowing until the very end: during the drain below, replies
+    // from other shards complete the requests whose answers this shard still owes.
+    let mut mesh_tasks = Vec::new();
+    for (peer, stream) in receivers.streams() {
+        let peer = u16::try_from(peer).expect("shard ids fit u16");
+        mesh_tasks.push(glommio::spawn_local(Rc::clone(&shard).serve_peer(peer, stream)).detach());
     }
+    let mut background = Vec::new();
     {
         let shard = Rc::clone(&shard);
         let interval = Duration::from_millis(u64::from(shard.config.retention_check_interval_ms));
@@ -605,6 +579,9 @@ async fn run_shard(
         .collect();
     for handle in open {
         handle.cancel();
+    }
+    for task in mesh_tasks {
+        task.cancel();
     }
 }
 

@@ -4,8 +4,8 @@
 //! Runs on exactly one glommio executor pinned to one CPU. Every field is `Rc`/`RefCell`
 //! and never leaves the thread: only the owning shard mutates a partition (invariant 4).
 //! Work for another shard travels as a `MeshMessage` over glommio's channel mesh and the
-//! answer comes back on a oneshot channel; the shard that received the client's request
-//! writes the response.
+//! answer comes back the same way, matched by request id; the shard that received the
+//! client's request writes the response.
 //!
 //! Topics. Every shard keeps its own copy of the topic catalog (name -> partition count),
 //! so routing needs no lock and no hop. Shard 0 coordinates changes: it persists the
@@ -107,9 +107,26 @@ pub enum ShardReply {
 }
 
 /// What travels between shards. `Send` by construction: owned bytes and strings only.
-pub struct MeshMessage {
-    pub request: ShardRequest,
-    pub reply: oneshot::Sender<ShardReply>,
+///
+/// Replies travel back as messages too, never through a channel shared between threads:
+/// completing a futures oneshot from another thread wakes the waiting glommio task
+/// through glommio 0.9's foreign-waker path, which races with the task's destruction
+/// (seen as a segfault or a double free under cross-shard produce load). The mesh
+/// notifies its receivers without touching another thread's task, so every waker here
+/// is woken on its own thread.
+pub enum MeshMessage {
+    Request {
+        id: u64,
+        request: ShardRequest,
+    },
+    Reply {
+        id: u64,
+        reply: ShardReply,
+    },
+    /// The asking shard gave up on request `id` (a long-poll whose client left).
+    Cancel {
+        id: u64,
+    },
 }
 
 fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
@@ -142,6 +159,12 @@ pub struct Shard {
     tail_cache: Rc<TailCache>,
     data_arrived: Rc<Notify>,
     mesh: Senders<MeshMessage>,
+    /// Requests sent to other shards, by id: the owner and where its reply goes.
+    awaiting: RefCell<HashMap<u64, (ShardId, oneshot::Sender<ShardReply>)>>,
+    next_request_id: Cell<u64>,
+    /// Abandonable requests from other shards running here, by (asker, id): how to stop
+    /// each when its asker gives up.
+    cancellable: RefCell<HashMap<(ShardId, u64), oneshot::Sender<()>>>,
     shutting_down: Cell<bool>,
     /// Requests accepted on this shard's connections whose response is not written yet
     /// (or, for acks=none, that have not finished): what a shutdown waits for.
@@ -173,6 +196,9 @@ impl Shard {
             tail_cache,
             data_arrived: Rc::new(Notify::new()),
             mesh,
+            awaiting: RefCell::new(HashMap::new()),
+            next_request_id: Cell::new(0),
+            cancellable: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
             responses_owed: Cell::new(0),
         })
@@ -181,6 +207,7 @@ impl Shard {
     fn log_config(&self) -> LogConfig {
         LogConfig {
             segment_size_bytes: self.config.segment_size_bytes,
+            preallocate_step_bytes: self.config.segment_preallocate_step_bytes,
             chunk_size_bytes: self.config.chunk_size_bytes,
             index_interval_bytes: self.config.index_interval_bytes,
             storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
@@ -276,7 +303,7 @@ impl Shard {
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
             if self.owner_of(name, partition) == self.id {
-                let log = PartitionLog::open(
+                let opened = PartitionLog::open(
                     Rc::new(DmaStorage),
                     self.partition_directory(name, partition),
                     self.log_config(),
@@ -284,8 +311,19 @@ impl Shard {
                     Rc::clone(&self.tail_cache),
                     Rc::clone(&self.data_arrived),
                 )
-                .await?;
-                owned[partition as usize] = Some(log);
+                .await;
+                match opened {
+                    Ok(log) => owned[partition as usize] = Some(log),
+                    Err(error) => {
+                        // Close what this install opened: each log's flusher holds its
+                        // files open, so a create rolled back after this failure (a full
+                        // disk, say) would otherwise keep their space until a restart.
+                        for log in owned.into_iter().flatten() {
+                            log.close().await;
+                        }
+                        return Err(error);
+                    }
+                }
             }
         }
         self.logs.borrow_mut().insert(name.to_owned(), owned);
@@ -364,10 +402,22 @@ impl Shard {
                 Box::pin(Rc::clone(self).execute(request));
             return local.await;
         }
-        let (reply, receiver) = oneshot::channel();
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.awaiting.borrow_mut().insert(id, (owner, sender));
+        // Dropped with this future if the caller gives up before the reply: forgets the
+        // request here and, for a long-poll, tells the owner to stop it.
+        let mut forget = ForgetOnDrop {
+            shard: Rc::clone(self),
+            owner,
+            id,
+            cancel: matches!(request, ShardRequest::Fetch { .. }),
+            armed: true,
+        };
         if self
             .mesh
-            .send_to(owner as usize, MeshMessage { request, reply })
+            .send_to(owner as usize, MeshMessage::Request { id, request })
             .await
             .is_err()
         {
@@ -376,12 +426,82 @@ impl Shard {
                 format!("shard {owner} is not accepting work"),
             ));
         }
-        receiver.await.unwrap_or_else(|_| {
+        let reply = receiver.await;
+        forget.armed = false;
+        reply.unwrap_or_else(|_| {
             failed_reply(WireError::new(
                 ErrorCode::ShuttingDown,
                 format!("shard {owner} stopped before answering"),
             ))
         })
+    }
+
+    /// Serves what shard `peer` sends over the mesh until it stops sending: runs its
+    /// requests (each in its own task) and answers them, hands replies to the requests
+    /// waiting here, and stops long-polls it gave up on.
+    pub async fn serve_peer(
+        self: Rc<Self>,
+        peer: ShardId,
+        stream: glommio::channels::shared_channel::ConnectedReceiver<MeshMessage>,
+    ) {
+        while let Some(message) = stream.recv().await {
+            match message {
+                MeshMessage::Request { id, request } => {
+                    // Registered before the task starts, so a Cancel right behind the
+                    // request finds it.
+                    let cancelled = matches!(request, ShardRequest::Fetch { .. }).then(|| {
+                        let (stop, stopped) = oneshot::channel();
+                        self.cancellable.borrow_mut().insert((peer, id), stop);
+                        stopped
+                    });
+                    let shard = Rc::clone(&self);
+                    glommio::spawn_local(async move {
+                        let reply = match cancelled {
+                            // A long-poll the asking shard gave up on stops here too,
+                            // instead of holding memory until its deadline.
+                            Some(stopped) => {
+                                let reply = futures_lite::future::or(
+                                    async { Some(Rc::clone(&shard).execute(request).await) },
+                                    async {
+                                        let _ = stopped.await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                shard.cancellable.borrow_mut().remove(&(peer, id));
+                                reply
+                            }
+                            None => Some(Rc::clone(&shard).execute(request).await),
+                        };
+                        if let Some(reply) = reply {
+                            // An asker that stopped no longer reads: nothing to tell.
+                            let _ = shard
+                                .mesh
+                                .send_to(usize::from(peer), MeshMessage::Reply { id, reply })
+                                .await;
+                        }
+                    })
+                    .detach();
+                }
+                MeshMessage::Reply { id, reply } => {
+                    // Absent when the request was given up on: the reply just goes.
+                    let waiting = self.awaiting.borrow_mut().remove(&id);
+                    if let Some((_, sender)) = waiting {
+                        let _ = sender.send(reply);
+                    }
+                }
+                MeshMessage::Cancel { id } => {
+                    let running = self.cancellable.borrow_mut().remove(&(peer, id));
+                    if let Some(stop) = running {
+                        let _ = stop.send(());
+                    }
+                }
+            }
+        }
+        // The peer has stopped: nothing it was asked will be answered.
+        self.awaiting
+            .borrow_mut()
+            .retain(|_, (owner, _)| *owner != peer);
     }
 
     /// Executes work on the partitions this shard owns.
@@ -682,15 +802,21 @@ impl Shard {
                 format!("topic {name:?} does not exist"),
             ));
         };
+        let before = topic;
         topic.retention = retention;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
-            write_topic_metadata(&self.topics_directory(), &name, &topic).map_err(|error| {
-                WireError::new(
+            if let Err(error) = write_topic_metadata(&self.topics_directory(), &name, &topic) {
+                // The new file may be in place without its directory synced: put the old
+                // one back, so what a restart reads is what every shard serves.
+                if let Err(undo) = write_topic_metadata(&self.topics_directory(), &name, &before) {
+                    eprintln!("shardq: undoing the change to topic {name:?}: {undo}");
+                }
+                return Err(WireError::new(
                     ErrorCode::StorageError,
                     format!("writing topic metadata: {error}"),
-                )
-            })?;
+                ));
+            }
             self.broadcast(|| ShardRequest::UpdateTopic {
                 name: name.clone(),
                 retention,
@@ -735,12 +861,15 @@ impl Shard {
                 })
                 .await;
             if let Err(error) = installed {
-                // Undo on every shard, so no shard serves a topic the others lack and a
-                // restart does not bring back a topic whose creation failed.
+                // Undo on every shard, so no shard serves a topic the others lack, and
+                // durably, so a restart does not bring back a topic whose creation
+                // failed: the metadata file goes first, then the rest.
                 let _ = self
                     .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                     .await;
-                let _ = std::fs::remove_dir_all(self.topics_directory().join(&name));
+                if let Err(undo) = remove_topic_directory(&self.topics_directory(), &name) {
+                    eprintln!("shardq: undoing the creation of topic {name:?}: {undo}");
+                }
                 return Err(error);
             }
             Ok(())
@@ -776,17 +905,43 @@ impl Shard {
             })?;
             self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                 .await?;
-            let directory = self.topics_directory().join(&name);
-            std::fs::remove_dir_all(&directory).map_err(|error| {
+            remove_topic_directory(&self.topics_directory(), &name).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
-                    format!("removing {}: {error}", directory.display()),
+                    format!("removing topic {name:?}: {error}"),
                 )
             })
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);
         outcome
+    }
+}
+
+/// Forgets a request sent to another shard whose asker gave up before the reply came
+/// (a client that disconnected during a long-poll), and asks the owner to stop it.
+struct ForgetOnDrop {
+    shard: Rc<Shard>,
+    owner: ShardId,
+    id: u64,
+    cancel: bool,
+    armed: bool,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.shard.awaiting.borrow_mut().remove(&self.id);
+        if self.cancel {
+            // Best effort, since a drop cannot wait: with the channel full, the owner's
+            // long-poll simply runs to its deadline (fetch_wait_ms_max at most).
+            let _ = self
+                .shard
+                .mesh
+                .try_send_to(usize::from(self.owner), MeshMessage::Cancel { id: self.id });
+        }
     }
 }
 
@@ -814,6 +969,23 @@ fn write_topic_metadata(topics_dir: &Path, name: &str, topic: &TopicConfig) -> s
     std::fs::File::open(&directory)?.sync_all()?;
     std::fs::File::open(topics_dir)?.sync_all()?;
     Ok(())
+}
+
+/// Removes a topic's directory, metadata file first (once it is gone the topic does not
+/// come back after a crash, whatever is left of its partitions), and syncs the topics
+/// directory so the removal is durable.
+fn remove_topic_directory(topics_dir: &Path, name: &str) -> std::io::Result<()> {
+    match remove_topic_metadata(topics_dir, name) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    match std::fs::remove_dir_all(topics_dir.join(name)) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    std::fs::File::open(topics_dir)?.sync_all()
 }
 
 fn remove_topic_metadata(topics_dir: &Path, name: &str) -> std::io::Result<()> {

@@ -13,14 +13,14 @@
 //!  8 timestamp_ms    i64  running maximum of batch max_timestamp_ms
 //! ```
 //!
-//! The file is preallocated and written in 4 KiB blocks: during group-commit rounds only
+//! The file grows as it is written (it is not preallocated), in 4 KiB blocks: during group-commit rounds only
 //! whole blocks of entries, without fdatasync (the index can always be rebuilt from the
 //! segment); when the segment is sealed or the partition closes, everything, then an
 //! fdatasync. On open, the entries are read back, the valid prefix is kept (offsets and
 //! positions strictly increasing, the first entry at offset and position 0), and the last
 //! kept entry is checked against the segment itself before it is trusted.
 
-use super::{align_up, ALIGNMENT_BYTES};
+use super::ALIGNMENT_BYTES;
 
 pub(crate) const INDEX_ENTRY_SIZE: usize = 16;
 pub(crate) const ENTRIES_PER_BLOCK: usize = ALIGNMENT_BYTES / INDEX_ENTRY_SIZE;
@@ -40,12 +40,6 @@ pub(crate) struct IndexEntry {
 
 pub(crate) fn index_file_name(base_offset: u64) -> String {
     format!("{base_offset:020}.index")
-}
-
-/// Bytes to preallocate: room for every entry a full segment can have.
-pub(crate) fn index_file_size(segment_size_bytes: u64, index_interval_bytes: u32) -> u64 {
-    let entries_max = segment_size_bytes / u64::from(index_interval_bytes.max(1)) + 2;
-    align_up(entries_max * INDEX_ENTRY_SIZE as u64)
 }
 
 /// Writes `entries` (which start at entry number `first`) into `out`, zero-filling the
@@ -160,14 +154,5 @@ mod tests {
         // Running max reaches 9 at entry 140: batches before it may still hold 9.
         assert_eq!(time_floor_entry(&entries, 9).unwrap().offset, 100);
         assert_eq!(time_floor_entry(&entries, 10).unwrap().offset, 170);
-    }
-
-    #[test]
-    fn file_size_holds_a_full_segment() {
-        assert_eq!(
-            index_file_size(1 << 30, 4096),
-            align_up(((1u64 << 18) + 2) * 16)
-        );
-        assert_eq!(index_file_size(1 << 30, 4096) % ALIGNMENT_BYTES as u64, 0);
     }
 }

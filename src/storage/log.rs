@@ -48,6 +48,9 @@ use crate::protocol::batch::{
 #[derive(Debug, Clone, Copy)]
 pub struct LogConfig {
     pub segment_size_bytes: u64,
+    /// Disk space is reserved (fallocate) this much at a time, ahead of the write
+    /// position, rather than a whole segment up front: a new partition costs one step.
+    pub preallocate_step_bytes: u64,
     pub chunk_size_bytes: usize,
     pub index_interval_bytes: u32,
     /// How long a partition waits before writing again after the disk said it was full.
@@ -97,6 +100,9 @@ pub(crate) struct Segment<F> {
     pub end_position: u64,
     /// Bytes covered by a completed fdatasync.
     pub durable_position: u64,
+    /// The file's size: space reserved so far. Rounds grow it a step at a time before
+    /// they write past it.
+    pub allocated_bytes: u64,
     pub next_offset: u64,
     /// Largest batch timestamp in the segment (`i64::MIN` while empty).
     pub max_timestamp_ms: i64,
@@ -266,8 +272,17 @@ struct IndexWrite<F> {
     buffer: Rc<DmaBuffer>,
 }
 
+/// A file to grow (fallocate) before a round writes into it.
+struct Extension<F> {
+    file: Rc<F>,
+    path: PathBuf,
+    size: u64,
+}
+
 /// What one group-commit round writes and what it makes durable.
 struct Round<F> {
+    /// Space reserved before the writes; kept with a round retried after a full disk.
+    extensions: Vec<Extension<F>>,
     chunks: Vec<SealedChunk<F>>,
     /// Written with the chunks but not synced: an index is rebuilt from its segment.
     index: Option<IndexWrite<F>>,
@@ -1077,15 +1092,54 @@ impl<S: LogStorage> PartitionLog<S> {
         if state.sealed.is_empty() {
             return None;
         }
+        let extensions = self.extensions_for(state);
         let segment = state.segments.last_mut().expect("a log has a segment");
         let index = segment.index_write(false);
         Some(Round {
+            extensions,
             chunks: std::mem::take(&mut state.sealed),
             index,
             next_offset: state.next_offset,
             segment_base_offset: segment.base_offset,
             segment_end_position: segment.end_position,
         })
+    }
+
+    /// The files the sealed chunks need grown first. Growing keeps at least half a step
+    /// reserved past the furthest write, so most rounds find their space ready, and
+    /// never reserves past the segment size (a file that is already larger, a recycled
+    /// or older segment, is left as it is).
+    fn extensions_for(&self, state: &mut State<S::File>) -> Vec<Extension<S::File>> {
+        let step = self.config.preallocate_step_bytes;
+        let mut extensions: Vec<Extension<S::File>> = Vec::new();
+        for chunk in &state.sealed {
+            let end = chunk.file_start + chunk.buffer.len() as u64;
+            let segment = state
+                .segments
+                .iter_mut()
+                .rev()
+                .find(|segment| Rc::ptr_eq(&segment.file, &chunk.file))
+                .expect("a sealed chunk belongs to a segment of the log");
+            let cap = self.config.segment_size_bytes.max(segment.allocated_bytes);
+            if end + step / 2 <= segment.allocated_bytes || segment.allocated_bytes >= cap {
+                continue;
+            }
+            let size = (end.div_ceil(step) * step + step).min(cap);
+            assert!(size >= end, "a chunk never reaches past its segment's size");
+            segment.allocated_bytes = size;
+            match extensions
+                .iter_mut()
+                .find(|extension| Rc::ptr_eq(&extension.file, &chunk.file))
+            {
+                Some(extension) => extension.size = size,
+                None => extensions.push(Extension {
+                    file: Rc::clone(&chunk.file),
+                    path: chunk.path.clone(),
+                    size,
+                }),
+            }
+        }
+        extensions
     }
 
     async fn run_flusher(self: Rc<Self>) {
@@ -1173,6 +1227,14 @@ impl<S: LogStorage> PartitionLog<S> {
     }
 
     async fn write_round(&self, round: &Round<S::File>) -> Result<(), StorageError> {
+        for extension in &round.extensions {
+            // The size change reaches the disk with this round's fdatasync of the file.
+            extension
+                .file
+                .pre_allocate(extension.size)
+                .await
+                .map_err(|source| StorageError::io("preallocating", &extension.path, source))?;
+        }
         let mut writes = Vec::with_capacity(round.chunks.len());
         let mut files: Vec<(Rc<S::File>, PathBuf)> = Vec::new();
         for chunk in &round.chunks {

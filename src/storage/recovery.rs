@@ -108,26 +108,27 @@ pub(crate) async fn create_segment<S: LogStorage>(
             // A segment retention deleted, kept for this: its blocks are written
             // extents, much faster to overwrite than fresh ones. Its old bytes are never
             // read (reads stop at the durable end) and recovery tells them apart by their
-            // older offsets.
+            // offsets, which lie below this segment's base.
             std::fs::rename(&spare, &path)
                 .map_err(|source| StorageError::io("recycling segment", &spare, source))?;
         }
         let file = open_file(storage, &path, true).await?;
-        // Preallocating the whole segment (size included) means later writes never
-        // change the file size, so an fdatasync commits data without an inode update.
-        preallocate(&file, &path, config.segment_size_bytes).await?;
+        let size = file
+            .size()
+            .await
+            .map_err(|source| StorageError::io("sizing segment", &path, source))?;
+        // One step of space up front (a recycled file keeps what it has); rounds reserve
+        // more ahead of the write position as the segment fills.
+        let allocated = size.max(config.preallocate_step_bytes.min(config.segment_size_bytes));
+        preallocate(&file, &path, allocated).await?;
+        // The index is not preallocated: it is small, written without fdatasync while
+        // the segment fills, and rebuilt from the segment if a crash loses any of it.
         let index_file = open_file(storage, &index_path, true).await?;
-        preallocate(
-            &index_file,
-            &index_path,
-            index::index_file_size(config.segment_size_bytes, config.index_interval_bytes),
-        )
-        .await?;
         sync_directory(storage, directory).await?;
-        Ok::<_, StorageError>((file, index_file))
+        Ok::<_, StorageError>((file, index_file, allocated))
     }
     .await;
-    let (file, index_file) = match created {
+    let (file, index_file, allocated_bytes) = match created {
         Ok(files) => files,
         Err(error) => {
             // Leave no half-made segment behind: recovery would take it for the next one.
@@ -146,6 +147,7 @@ pub(crate) async fn create_segment<S: LogStorage>(
         index_written: 0,
         end_position: 0,
         durable_position: 0,
+        allocated_bytes,
         next_offset: base_offset,
         max_timestamp_ms: i64::MIN,
         last_append_ms: i64::MIN,
@@ -346,15 +348,10 @@ pub(crate) async fn rewrite_index<F: LogFile>(
     path: &Path,
     entries: &[IndexEntry],
     base_offset: u64,
-    config: &LogConfig,
 ) -> Result<(), StorageError> {
-    let size = index::index_file_size(config.segment_size_bytes, config.index_interval_bytes);
     file.truncate(0)
         .await
         .map_err(|source| StorageError::io("truncating index", path, source))?;
-    file.pre_allocate(size)
-        .await
-        .map_err(|source| StorageError::io("preallocating index", path, source))?;
     if !entries.is_empty() {
         let length = super::align_up((entries.len() * index::INDEX_ENTRY_SIZE) as u64) as usize;
         let mut buffer = glommio::allocate_dma_buffer(length);
@@ -428,6 +425,10 @@ pub(crate) async fn recover<S: LogStorage>(
             }
         }
         let file = open_file(storage, &path, false).await?;
+        let file_size = file
+            .size()
+            .await
+            .map_err(|source| StorageError::io("sizing segment", &path, source))?;
         let (index_file, loaded) = load_index(storage, &index_path, &file, base_offset).await?;
         let loaded_count = loaded.len();
         let start = loaded.last().copied().unwrap_or(IndexEntry {
@@ -472,10 +473,6 @@ pub(crate) async fn recover<S: LogStorage>(
             // reused their offsets a later recovery could adopt them as records. Cut at
             // the end and allocate again, so the rest reads as zeros. The price: a
             // recycled file's written blocks past the end become fresh ones again.
-            let file_size = file
-                .size()
-                .await
-                .map_err(|source| StorageError::io("sizing segment", &path, source))?;
             if scan.end_position < file_size {
                 file.truncate(scan.end_position)
                     .await
@@ -490,7 +487,7 @@ pub(crate) async fn recover<S: LogStorage>(
         }
         let index_complete = scan.index.len() == loaded_count && number != last;
         if !index_complete {
-            rewrite_index(&index_file, &index_path, &scan.index, base_offset, config).await?;
+            rewrite_index(&index_file, &index_path, &scan.index, base_offset).await?;
         }
         let index_written = scan.index.len();
         segments.push(Segment {
@@ -503,6 +500,7 @@ pub(crate) async fn recover<S: LogStorage>(
             index_written,
             end_position: scan.end_position,
             durable_position: scan.end_position,
+            allocated_bytes: file_size,
             next_offset: scan.next_offset,
             max_timestamp_ms: scan.max_timestamp_ms,
             last_append_ms: scan.last_append_ms,

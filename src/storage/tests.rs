@@ -27,6 +27,8 @@ thread_local! {
 fn config() -> LogConfig {
     LogConfig {
         segment_size_bytes: 256 * 1024,
+        // Four steps a segment: rounds grow files as they go.
+        preallocate_step_bytes: 64 * 1024,
         chunk_size_bytes: 64 * 1024,
         index_interval_bytes: TEST_INDEX_INTERVAL.with(|interval| interval.get()),
         storage_full_retry: std::time::Duration::from_millis(5),

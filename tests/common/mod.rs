@@ -2,6 +2,8 @@
 //! directory, and a raw blocking protocol client for byte-level tests.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,123 @@
+//! `shardq serve` as a child process, for tests of what an operator or a supervisor
+//! sees: its stderr lines, its exit status, a kill -9.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Longest any one step may take before the test fails.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Serve {
+    pub child: Child,
+    /// The shared address, once the broker said it serves.
+    pub address: Option<SocketAddr>,
+    /// stderr lines, read by a thread so the child never blocks on a full pipe.
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Serve {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    pub fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shardq"));
+        command
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("shardq serve starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Serve {
+            child,
+            address: None,
+            lines,
+        }
+    }
+
+    /// Waits for the "serving on" line; panics with everything printed if the broker
+    /// exits or does not get there in time.
+    pub fn wait_serving(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("shardq: serving on ") {
+                        let address: SocketAddr = rest
+                            .split(' ')
+                            .next()
+                            .expect("an address")
+                            .parse()
+                            .expect("a socket address");
+                        self.address = Some(address);
+                        return address;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!(
+                    "no 'serving on' within {STEP_TIMEOUT:?} (exit: {:?}); stderr:\n{}",
+                    self.child.try_wait(),
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its status and what it printed.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let mut lines = Vec::new();
+                // The reader thread ends at EOF once the process has gone.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    lines.push(line);
+                }
+                return (status, lines.join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit within {STEP_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
