@@ -4,7 +4,8 @@
 #      4 KiB write + fdatasync latency, on this repository's filesystem;
 #   2. cargo bench --bench storage (criterion): durable append throughput (1 and 8
 #      partitions, 1000 x 1 KiB batches), one 4 KiB durable batch per round on a fresh
-#      vs a recycled segment, 1 MiB reads from the tail cache vs the disk;
+#      vs a recycled segment, fresh segments reserved in 4 MiB steps vs whole (firehose
+#      and 4 KiB durable batches), 1 MiB reads from the tail cache vs the disk;
 #   3. a table of ratios (ours / raw disk).
 # Usage: scripts/bench-storage.sh [--seconds S]   (fio seconds per job, default 5)
 set -euo pipefail
@@ -38,6 +39,13 @@ fdatasync_p50 = baseline["fdatasync_p50_us"]
 for variant in ("fresh_segment", "recycled_segment"):
     us = mean_ns("durable_4KiB_batch", variant) / 1e3
     rows.append((f"4 KiB durable batch, {variant.replace('_', ' ')}", f"{us:,.0f} us mean", f"fdatasync p50 {fdatasync_p50:,.0f} us", us / fdatasync_p50))
+firehose = batch * 48
+for variant in ("steps", "whole_segment"):
+    mb_s = firehose / mean_ns("preallocation", f"firehose/{variant}") * 1e3
+    rows.append((f"durable append, fresh segments, reserved {variant.replace('_', ' ')}", f"{mb_s:,.0f} MB/s", f"fio seq write {seq_write:,.0f} MB/s", mb_s / seq_write))
+for variant in ("steps", "whole_segment"):
+    us = mean_ns("preallocation", f"durable_4KiB/{variant}") / 1e3
+    rows.append((f"4 KiB durable batch, fresh segment reserved {variant.replace('_', ' ')}", f"{us:,.0f} us mean", f"fdatasync p50 {fdatasync_p50:,.0f} us", us / fdatasync_p50))
 seq_read = baseline["fio_seq_read_mb_per_s"]
 for variant in ("tail_cache", "cold_disk"):
     mb_s = (1 << 20) / mean_ns("read_1MiB", variant) * 1e3

@@ -200,3 +200,23 @@ fn a_shard_panic_ends_the_process_with_status_70() {
     );
     assert!(stderr.contains("test fault"), "{stderr}");
 }
+
+#[cfg(debug_assertions)]
+#[test]
+fn start_up_fails_instead_of_hanging_when_a_shard_never_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Serve::start_with_env(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--cores", "2"],
+        &[("SHARDQ_TEST_SHARD_DIES_AT_START", "1")],
+    );
+    // Shard 0 waits in the mesh for a sibling that never comes; start-up must give up
+    // and say why rather than wait forever (wait_exit fails the test after its bound).
+    let (status, stderr) = broker.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("shard 1 failed to start") && stderr.contains("ended before it was ready"),
+        "{stderr}"
+    );
+}

@@ -372,6 +372,15 @@ impl ServerHandle {
                     )
                 };
                 let shard_id = shard as u16;
+                // A fault point for tests of start-up with a shard that never joins
+                // (debug builds only): the named shard's thread ends at once, as when
+                // its executor cannot start.
+                #[cfg(debug_assertions)]
+                if std::env::var("SHARDQ_TEST_SHARD_DIES_AT_START")
+                    .is_ok_and(|value| value == shard_id.to_string())
+                {
+                    return;
+                }
                 let started = start_shard(
                     shard_id,
                     shard_count as u16,
