@@ -220,3 +220,37 @@ fn start_up_fails_instead_of_hanging_when_a_shard_never_joins() {
         "{stderr}"
     );
 }
+
+#[test]
+fn everything_the_broker_creates_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut broker = Serve::start(&data_dir, "127.0.0.1:0", &["--cores", "2"]);
+    let address = broker.wait_serving();
+    let mut client = RawClient::connect(address);
+    client.create_topic("private", 2);
+    client
+        .produce("private", 1, batch_of(&[b"secret"]))
+        .expect("produced");
+    let mut checked = 0;
+    let mut stack = vec![data_dir.clone()];
+    while let Some(path) = stack.pop() {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        if path.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            stack.extend(
+                std::fs::read_dir(&path)
+                    .unwrap()
+                    .map(|entry| entry.unwrap().path()),
+            );
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        checked += 1;
+    }
+    assert!(
+        checked > 10,
+        "segments, indexes, metadata and broker files were checked"
+    );
+}
