@@ -41,10 +41,10 @@ for variant in ("fresh_segment", "recycled_segment"):
     rows.append((f"4 KiB durable batch, {variant.replace('_', ' ')}", f"{us:,.0f} us mean", f"fdatasync p50 {fdatasync_p50:,.0f} us", us / fdatasync_p50))
 firehose = batch * 48
 for variant in ("steps", "whole_segment"):
-    mb_s = firehose / mean_ns("preallocation", f"firehose/{variant}") * 1e3
+    mb_s = firehose / mean_ns("preallocation", f"firehose_{variant}") * 1e3
     rows.append((f"durable append, fresh segments, reserved {variant.replace('_', ' ')}", f"{mb_s:,.0f} MB/s", f"fio seq write {seq_write:,.0f} MB/s", mb_s / seq_write))
 for variant in ("steps", "whole_segment"):
-    us = mean_ns("preallocation", f"durable_4KiB/{variant}") / 1e3
+    us = mean_ns("preallocation", f"durable_4KiB_{variant}") / 1e3
     rows.append((f"4 KiB durable batch, fresh segment reserved {variant.replace('_', ' ')}", f"{us:,.0f} us mean", f"fdatasync p50 {fdatasync_p50:,.0f} us", us / fdatasync_p50))
 seq_read = baseline["fio_seq_read_mb_per_s"]
 for variant in ("tail_cache", "cold_disk"):
