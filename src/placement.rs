@@ -20,8 +20,14 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// The shard that owns `partition` of `topic` when the broker runs `shard_count` shards.
 pub fn shard_for(topic: &str, partition: u32, shard_count: u16) -> u16 {
+    shard_for_hashed(fnv1a64(topic.as_bytes()), partition, shard_count)
+}
+
+/// `shard_for` with the topic's hash computed once: a request listing thousands of
+/// partitions of one topic hashes its name once, not once per partition.
+pub fn shard_for_hashed(topic_hash: u64, partition: u32, shard_count: u16) -> u16 {
     assert!(shard_count > 0, "a broker has at least one shard");
-    let slot = fnv1a64(topic.as_bytes()).wrapping_add(u64::from(partition));
+    let slot = topic_hash.wrapping_add(u64::from(partition));
     (slot % u64::from(shard_count)) as u16
 }
 

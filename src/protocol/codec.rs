@@ -81,6 +81,17 @@ impl Reader {
         }
     }
 
+    /// `length` raw bytes, returned without copying (the caller read the length).
+    pub fn take_bytes(
+        &mut self,
+        length: usize,
+        field: &'static str,
+    ) -> Result<Bytes, ProtocolError> {
+        let start = self.position;
+        self.take(length, field)?;
+        Ok(self.body.slice(start..start + length))
+    }
+
     /// A byte string: `u32` length, then that many bytes, returned without copying.
     pub fn bytes(&mut self, field: &'static str) -> Result<Bytes, ProtocolError> {
         let length = self.u32(field)? as usize;

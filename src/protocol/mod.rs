@@ -225,14 +225,33 @@ pub enum ProtocolError {
         field: &'static str,
         value: u64,
     },
+    /// A topic name in a request breaks the naming rules (`validate_topic_name`). The
+    /// frame itself was well delimited, so the connection stays in sync; only a bounded
+    /// prefix of the name is kept, never the whole untrusted string.
+    InvalidTopicName {
+        offset: usize,
+        length: usize,
+        quoted: String,
+    },
 }
 
 impl ProtocolError {
+    /// Whether the connection must close after this error: the stream can no longer be
+    /// trusted to be in sync (bad version, oversized length, a body that does not parse).
+    /// An unknown opcode or an invalid topic name leaves it in sync.
+    pub fn closes_connection(&self) -> bool {
+        !matches!(
+            self,
+            ProtocolError::UnknownOpcode { .. } | ProtocolError::InvalidTopicName { .. }
+        )
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::UnknownOpcode { .. } => ErrorCode::UnknownOpcode,
             ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            ProtocolError::InvalidTopicName { .. } => ErrorCode::InvalidTopicName,
             _ => ErrorCode::MalformedFrame,
         }
     }
@@ -278,6 +297,14 @@ impl fmt::Display for ProtocolError {
             ProtocolError::InvalidValue { field, value } => {
                 write!(f, "{field} has invalid value {value}")
             }
+            ProtocolError::InvalidTopicName {
+                offset,
+                length,
+                quoted,
+            } => write!(
+                f,
+                "topic name {quoted} ({length} bytes, at byte {offset}) must be 1 to {TOPIC_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'"
+            ),
         }
     }
 }
@@ -738,12 +765,12 @@ impl Request {
                 let count = reader.count("topics", limits.topics_per_request_max, 2)?;
                 let mut topics = Vec::with_capacity(count);
                 for _ in 0..count {
-                    topics.push(reader.string("topic")?);
+                    topics.push(read_topic_name(&mut reader)?);
                 }
                 Request::Metadata(MetadataRequest { topics })
             }
             Opcode::CreateTopic => Request::CreateTopic(CreateTopicRequest {
-                name: reader.string("topic")?,
+                name: read_topic_name(&mut reader)?,
                 partitions: reader.u32("partitions")?,
                 retention: Retention {
                     bytes_max: reader.u64("retention_bytes_max")?,
@@ -751,7 +778,7 @@ impl Request {
                 },
             }),
             Opcode::AlterTopic => Request::AlterTopic(AlterTopicRequest {
-                name: reader.string("topic")?,
+                name: read_topic_name(&mut reader)?,
                 retention: Retention {
                     bytes_max: reader.u64("retention_bytes_max")?,
                     ms_max: reader.u64("retention_ms_max")?,
@@ -762,7 +789,7 @@ impl Request {
                 let mut topics = Vec::with_capacity(topic_count);
                 let mut partitions_total = 0u64;
                 for _ in 0..topic_count {
-                    let name = reader.string("topic")?;
+                    let name = read_topic_name(&mut reader)?;
                     let count =
                         reader.count("partitions", limits.partitions_per_request_max, 12)?;
                     partitions_total += count as u64;
@@ -785,7 +812,7 @@ impl Request {
                 Request::ListOffsets(ListOffsetsRequest { topics })
             }
             Opcode::DeleteTopic => Request::DeleteTopic(DeleteTopicRequest {
-                name: reader.string("topic")?,
+                name: read_topic_name(&mut reader)?,
             }),
             Opcode::Produce => {
                 let acks_value = reader.u8("acks")?;
@@ -798,7 +825,7 @@ impl Request {
                 let mut topics = Vec::with_capacity(topic_count);
                 let mut partitions_total = 0u64;
                 for _ in 0..topic_count {
-                    let name = reader.string("topic")?;
+                    let name = read_topic_name(&mut reader)?;
                     let count = reader.count("partitions", limits.partitions_per_request_max, 8)?;
                     partitions_total += count as u64;
                     if partitions_total > u64::from(limits.partitions_per_request_max) {
@@ -830,7 +857,7 @@ impl Request {
                 let mut topics = Vec::with_capacity(topic_count);
                 let mut partitions_total = 0u64;
                 for _ in 0..topic_count {
-                    let name = reader.string("topic")?;
+                    let name = read_topic_name(&mut reader)?;
                     let count =
                         reader.count("partitions", limits.partitions_per_request_max, 16)?;
                     partitions_total += count as u64;
@@ -1202,23 +1229,64 @@ pub fn decode_response(
 /// Checks a topic name: 1 to 200 bytes of ASCII letters, digits, '.', '_' and '-', and
 /// not "." or "..", since it becomes a directory name.
 pub fn validate_topic_name(name: &str) -> Result<(), WireError> {
-    let valid_characters = name
-        .bytes()
-        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
-    if name.is_empty()
-        || name.len() > TOPIC_NAME_BYTES_MAX
-        || !valid_characters
-        || name == "."
-        || name == ".."
-    {
-        return Err(WireError::new(
-            ErrorCode::InvalidTopicName,
-            format!(
-                "topic name {name:?} must be 1 to {TOPIC_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'"
-            ),
-        ));
+    if is_valid_topic_name(name.as_bytes()) {
+        return Ok(());
     }
-    Ok(())
+    Err(WireError::new(
+        ErrorCode::InvalidTopicName,
+        format!(
+            "topic name {} ({} bytes) must be 1 to {TOPIC_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'",
+            quote_untrusted(name),
+            name.len()
+        ),
+    ))
+}
+
+fn is_valid_topic_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= TOPIC_NAME_BYTES_MAX
+        && name
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        && name != b"."
+        && name != b".."
+}
+
+/// Reads a topic name of a request and checks it before anything else sees it, so no
+/// later stage formats, hashes, copies or looks up a name the broker could never hold:
+/// the length is checked before the bytes are copied, and an invalid name is quoted
+/// only by a bounded prefix.
+fn read_topic_name(reader: &mut Reader) -> Result<String, ProtocolError> {
+    let offset = reader.position();
+    let length = reader.u16("topic")? as usize;
+    let bytes = reader.take_bytes(length, "topic")?;
+    if !is_valid_topic_name(&bytes) {
+        return Err(ProtocolError::InvalidTopicName {
+            offset,
+            length,
+            quoted: quote_untrusted(&String::from_utf8_lossy(&bytes)),
+        });
+    }
+    // Valid names are ASCII, hence UTF-8.
+    Ok(String::from_utf8(bytes.to_vec()).expect("a valid topic name is ASCII"))
+}
+
+/// Most bytes of untrusted input (a name, a client's text) an error message quotes.
+pub const QUOTED_INPUT_BYTES_MAX: usize = 64;
+
+/// Quotes untrusted text for an error message or a log line: at most
+/// `QUOTED_INPUT_BYTES_MAX` bytes of it (cut at a character boundary), escaped as Rust's
+/// `{:?}` does, followed by `...` when it was cut. An error about a request must never
+/// cost more than the request: a 65,535-byte name repeated per entry once cost gigabytes.
+pub fn quote_untrusted(text: &str) -> String {
+    if text.len() <= QUOTED_INPUT_BYTES_MAX {
+        return format!("{text:?}");
+    }
+    let mut end = QUOTED_INPUT_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}...", &text[..end])
 }
 
 #[cfg(test)]
@@ -1471,6 +1539,81 @@ mod tests {
         assert!(validate_topic_name("orders-v2.eu_1").is_ok());
         for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(201)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+        let long = validate_topic_name(&"y".repeat(65_535)).unwrap_err();
+        assert!(long.message.len() < 300, "{}", long.message);
+        assert!(long.message.contains("...") && long.message.contains("65535 bytes"));
+    }
+
+    #[test]
+    fn quoting_untrusted_input_is_bounded() {
+        assert_eq!(quote_untrusted("abc"), "\"abc\"");
+        let quoted = quote_untrusted(&"é".repeat(100));
+        assert!(quoted.ends_with("...") && quoted.len() <= QUOTED_INPUT_BYTES_MAX + 5);
+    }
+
+    /// Every request that names a topic refuses an invalid name at decode, with a
+    /// message that quotes only a bounded prefix of it, and before reading any entry.
+    #[test]
+    fn every_request_validates_topic_names_at_decode() {
+        let long = "z".repeat(65_535);
+        let requests = [
+            Request::Metadata(MetadataRequest {
+                topics: vec!["ok".into(), long.clone()],
+            }),
+            Request::CreateTopic(CreateTopicRequest {
+                name: long.clone(),
+                partitions: 1,
+                retention: Default::default(),
+            }),
+            Request::DeleteTopic(DeleteTopicRequest { name: "a/b".into() }),
+            Request::AlterTopic(AlterTopicRequest {
+                name: "..".into(),
+                retention: Default::default(),
+            }),
+            Request::Produce(ProduceRequest {
+                acks: Acks::Durable,
+                timeout_ms: 0,
+                topics: vec![ProduceTopic {
+                    name: long.clone(),
+                    partitions: vec![
+                        ProducePartition {
+                            partition: 0,
+                            batch: Bytes::new(),
+                        };
+                        16_384
+                    ],
+                }],
+            }),
+            Request::Fetch(FetchRequest {
+                wait_ms_max: 0,
+                bytes_max: 1,
+                topics: vec![FetchTopic {
+                    name: String::new(),
+                    partitions: vec![],
+                }],
+            }),
+            Request::ListOffsets(ListOffsetsRequest {
+                topics: vec![ListOffsetsTopic {
+                    name: long.clone(),
+                    partitions: vec![],
+                }],
+            }),
+        ];
+        for request in requests {
+            let mut out = BytesMut::new();
+            request.encode(1, &mut out);
+            let body = out.freeze().slice(FRAME_HEADER_SIZE..);
+            let error = Request::decode(request.opcode(), body, &DecodeLimits::default())
+                .expect_err("an invalid name is refused");
+            assert!(
+                matches!(error, ProtocolError::InvalidTopicName { .. }),
+                "{:?}: {error}",
+                request.opcode()
+            );
+            assert_eq!(error.code(), ErrorCode::InvalidTopicName);
+            assert!(!error.closes_connection());
+            assert!(error.to_string().len() < 300, "{error}");
         }
     }
 }

@@ -137,7 +137,12 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                     &error,
                 )
                 .await;
-                break;
+                if error.closes_connection() {
+                    break;
+                }
+                // An invalid topic name: the frame was well delimited, so the stream
+                // is still in sync and only this request is refused.
+                continue;
             }
         };
         let silent = matches!(&request, Request::Produce(produce) if produce.acks == Acks::None);

@@ -2,15 +2,18 @@
 //! shard, route, and reassemble one response in the order the request listed things.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
 use crate::protocol::{
-    ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest, FetchResponse,
-    FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult, ListOffsetsRequest,
-    ListOffsetsResponse, ListOffsetsTopicResult, MetadataRequest, MetadataResponse,
-    PartitionMetadata, ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopicResult,
-    Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
+    quote_untrusted, ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest,
+    FetchResponse, FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult,
+    ListOffsetsRequest, ListOffsetsResponse, ListOffsetsTopicResult, MetadataRequest,
+    MetadataResponse, PartitionMetadata, ProducePartitionResult, ProduceRequest, ProduceResponse,
+    ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
 };
 use crate::shard::{
     FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
@@ -88,14 +91,15 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
     };
     let mut split = Split::new();
     for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let route = TopicRoute::new(shard, &topic.name);
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
-            let result = check_partition(shard, &topic.name, entry.partition).map(|owner| {
+            let result = route.check(entry.partition).map(|owner| {
                 split.push(
                     owner,
                     (topic_index, partition_index),
                     ListOffsetsItem {
-                        topic: topic.name.clone(),
+                        topic: Arc::clone(&route.name),
                         partition: entry.partition,
                         timestamp_ms: entry.timestamp_ms,
                     },
@@ -166,7 +170,7 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
                 error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
-                        format!("topic {name:?} does not exist"),
+                        format!("topic {} does not exist", quote_untrusted(&name)),
                     )
                 }),
                 partitions: (0..topic.map_or(0, |topic| topic.partitions))
@@ -181,18 +185,48 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
     }
 }
 
-/// Checks that a partition exists in this shard's catalog.
-fn check_partition(shard: &Shard, topic: &str, partition: u32) -> Result<ShardId, WireError> {
-    match shard.partition_count(topic) {
-        None => Err(WireError::new(
-            ErrorCode::UnknownTopic,
-            format!("topic {topic:?} does not exist"),
-        )),
-        Some(count) if partition >= count => Err(WireError::new(
-            ErrorCode::UnknownPartition,
-            format!("topic {topic:?} has {count} partitions; {partition} does not exist"),
-        )),
-        Some(_) => Ok(shard.owner_of(topic, partition)),
+/// One topic of a request, looked up in this shard's catalog once: every entry of the
+/// topic is then checked against it without another lookup, hash or name copy, and an
+/// unknown topic's error is built once and shared by its entries (a request may list
+/// 16,384 entries of one topic).
+struct TopicRoute {
+    name: Arc<str>,
+    partitions: Option<u32>,
+    hash: u64,
+    shard_count: u16,
+    unknown: Option<WireError>,
+}
+
+impl TopicRoute {
+    fn new(shard: &Shard, name: &str) -> TopicRoute {
+        let partitions = shard.partition_count(name);
+        TopicRoute {
+            name: Arc::from(name),
+            partitions,
+            hash: fnv1a64(name.as_bytes()),
+            shard_count: shard.count,
+            unknown: partitions.is_none().then(|| {
+                WireError::new(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {} does not exist", quote_untrusted(name)),
+                )
+            }),
+        }
+    }
+
+    /// The owner of `partition`, or why the entry is refused.
+    fn check(&self, partition: u32) -> Result<ShardId, WireError> {
+        match self.partitions {
+            None => Err(self.unknown.clone().expect("set for an unknown topic")),
+            Some(count) if partition >= count => Err(WireError::new(
+                ErrorCode::UnknownPartition,
+                format!(
+                    "topic {} has {count} partitions; {partition} does not exist",
+                    quote_untrusted(&self.name)
+                ),
+            )),
+            Some(_) => Ok(shard_for_hashed(self.hash, partition, self.shard_count)),
+        }
     }
 }
 
@@ -271,11 +305,12 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
     };
     let mut split = Split::new();
     for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let route = TopicRoute::new(shard, &topic.name);
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
             // Validation happens here, on the receiving shard, so a bad batch never
             // costs its owner anything and CRC work spreads over every core.
-            let checked = check_partition(shard, &topic.name, entry.partition).and_then(|owner| {
+            let checked = route.check(entry.partition).and_then(|owner| {
                 if entry.batch.len() > batch_bytes_max {
                     return Err(WireError::new(
                         ErrorCode::InvalidBatch,
@@ -296,7 +331,7 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
                         owner,
                         (topic_index, partition_index),
                         ProduceItem {
-                            topic: topic.name.clone(),
+                            topic: Arc::clone(&route.name),
                             partition: entry.partition,
                             batch: entry.batch,
                         },
@@ -409,14 +444,15 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
     };
     let mut split = Split::new();
     for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        let route = TopicRoute::new(shard, &topic.name);
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
-            let result = check_partition(shard, &topic.name, entry.partition).map(|owner| {
+            let result = route.check(entry.partition).map(|owner| {
                 split.push(
                     owner,
                     (topic_index, partition_index),
                     FetchItem {
-                        topic: topic.name.clone(),
+                        topic: Arc::clone(&route.name),
                         partition: entry.partition,
                         offset: entry.offset,
                         bytes_max: entry.bytes_max,

@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,8 +26,8 @@ use glommio::channels::channel_mesh::Senders;
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
 use crate::protocol::{
-    validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets, Retention,
-    WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+    quote_untrusted, validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets,
+    Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 use crate::server::data_dir::topics_directory;
 use crate::storage::{
@@ -41,14 +42,15 @@ pub type ShardId = u16;
 /// One partition's share of a produce request.
 #[derive(Debug, Clone)]
 pub struct ProduceItem {
-    pub topic: String,
+    /// Shared by every item of the topic: one request's entries never copy its name.
+    pub topic: Arc<str>,
     pub partition: u32,
     pub batch: Bytes,
 }
 
 #[derive(Debug, Clone)]
 pub struct ListOffsetsItem {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: u32,
     pub timestamp_ms: i64,
 }
@@ -62,7 +64,7 @@ pub struct TopicConfig {
 
 #[derive(Debug, Clone)]
 pub struct FetchItem {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
     pub bytes_max: u32,
@@ -353,7 +355,7 @@ impl Shard {
         let Some(partitions) = logs.get(topic) else {
             return Err(WireError::new(
                 ErrorCode::UnknownTopic,
-                format!("topic {topic:?} does not exist"),
+                format!("topic {} does not exist", quote_untrusted(topic)),
             ));
         };
         match partitions.get(partition as usize) {
@@ -361,7 +363,8 @@ impl Shard {
             Some(None) => Err(WireError::new(
                 ErrorCode::Internal,
                 format!(
-                    "partition {partition} of {topic:?} is owned by shard {}, not shard {}",
+                    "partition {partition} of {} is owned by shard {}, not shard {}",
+                    quote_untrusted(topic),
                     self.owner_of(topic, partition),
                     self.id
                 ),
@@ -369,7 +372,8 @@ impl Shard {
             None => Err(WireError::new(
                 ErrorCode::UnknownPartition,
                 format!(
-                    "topic {topic:?} has {} partitions, not {}",
+                    "topic {} has {} partitions, not {}",
+                    quote_untrusted(topic),
                     partitions.len(),
                     partition + 1
                 ),
