@@ -29,8 +29,32 @@ pub struct ServerConfig {
     pub topics_max: u32,
     /// Most open client connections per shard; more are accepted and closed at once.
     pub connections_per_shard_max: u32,
+    /// Most open client connections over all shards; more are accepted and closed at once.
+    pub connections_max: u32,
     /// Most requests one connection may have in flight; reading pauses at the limit.
     pub connection_requests_in_flight_max: u32,
+    /// Most bytes one connection may hold in request frames being read or processed and
+    /// responses waiting to be written; reading pauses at the limit. At least one
+    /// largest frame (`frame_body_bytes_max` + header).
+    pub connection_bytes_in_flight_max: u64,
+    /// The same, over every connection of a shard. Connections wait their turn, first
+    /// come first served, when it is spent.
+    pub shard_bytes_in_flight_max: u64,
+    /// A connection with nothing buffered, nothing running and nothing to write for
+    /// this long is closed.
+    pub connection_idle_timeout_ms: u32,
+    /// Once a frame has begun to arrive, the rest of it must arrive within this long
+    /// (time the broker itself spends not reading, at a budget limit, does not count).
+    pub frame_read_timeout_ms: u32,
+    /// A write to a client that makes no progress for this long (the client does not
+    /// read its responses) closes the connection.
+    pub response_write_timeout_ms: u32,
+    /// Lingering close: after its last response, a closing connection shuts down its
+    /// write side and reads (and discards) what the client still sends for up to this
+    /// long, so that a reset does not destroy answers already sent. 0: close at once.
+    pub connection_linger_ms: u32,
+    /// Read buffers (64 KiB each) a shard keeps for reuse; an idle connection holds none.
+    pub read_buffers_pooled_per_shard_max: u32,
     /// A segment is sealed and a new one started once it reaches this size.
     pub segment_size_bytes: u64,
     /// Disk space for a segment is reserved this much at a time, ahead of the write
@@ -91,7 +115,15 @@ impl Default for ServerConfig {
             partitions_per_topic_max: 4096,
             topics_max: 10_000,
             connections_per_shard_max: 10_000,
+            connections_max: 20_000,
             connection_requests_in_flight_max: 256,
+            connection_bytes_in_flight_max: 32 << 20,
+            shard_bytes_in_flight_max: 128 << 20,
+            connection_idle_timeout_ms: 600_000,
+            frame_read_timeout_ms: 30_000,
+            response_write_timeout_ms: 30_000,
+            connection_linger_ms: 2_000,
+            read_buffers_pooled_per_shard_max: 256,
             segment_size_bytes: 1 << 30,
             segment_preallocate_step_bytes: 4 << 20,
             chunk_size_bytes: 1 << 20,
@@ -173,6 +205,19 @@ impl ServerConfig {
                 self.segment_preallocate_step_bytes
             ));
         }
+        let frame_bytes_max = u64::from(self.frame_body_bytes_max) + 16;
+        if self.connection_bytes_in_flight_max < frame_bytes_max {
+            return fail(format!(
+                "connection_bytes_in_flight_max {} must hold one largest frame, {frame_bytes_max} bytes (frame_body_bytes_max + 16)",
+                self.connection_bytes_in_flight_max
+            ));
+        }
+        if self.shard_bytes_in_flight_max < self.connection_bytes_in_flight_max {
+            return fail(format!(
+                "shard_bytes_in_flight_max {} must be at least connection_bytes_in_flight_max {}",
+                self.shard_bytes_in_flight_max, self.connection_bytes_in_flight_max
+            ));
+        }
         if self.index_interval_bytes == 0 {
             return fail("index_interval_bytes must be at least 1".into());
         }
@@ -196,11 +241,24 @@ impl ServerConfig {
                 "connections_per_shard_max",
                 u64::from(self.connections_per_shard_max),
             ),
+            ("connections_max", u64::from(self.connections_max)),
             (
                 "connection_requests_in_flight_max",
                 u64::from(self.connection_requests_in_flight_max),
             ),
             ("fetch_bytes_max", u64::from(self.fetch_bytes_max)),
+            (
+                "connection_idle_timeout_ms",
+                u64::from(self.connection_idle_timeout_ms),
+            ),
+            (
+                "frame_read_timeout_ms",
+                u64::from(self.frame_read_timeout_ms),
+            ),
+            (
+                "response_write_timeout_ms",
+                u64::from(self.response_write_timeout_ms),
+            ),
             ("mesh_channel_capacity", self.mesh_channel_capacity as u64),
             (
                 "storage_full_retry_ms",

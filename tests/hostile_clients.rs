@@ -10,13 +10,14 @@
 //! condition, never sleeps standing in for one.
 mod common;
 
-use std::net::SocketAddr;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use common::*;
 use shardq::protocol::*;
 
@@ -282,4 +283,322 @@ fn huge_topic_names_are_refused_at_decode_cheaply() {
     memory.assert_peak_below(96 << 20, "huge topic names");
     let acked = bystander.finish();
     assert_all_stored(broker.addr(), "steady", acked);
+}
+
+/// Waits (bounded) until the broker has closed `stream`: the peer shut down or reset
+/// it. Polls the socket without reading, so data the broker sent first stays unread.
+fn wait_until_closed_by_broker(stream: &TcpStream, what: &str) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut poll = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: `poll` is one valid pollfd for a socket this function borrows.
+        let ready = unsafe { libc::poll(&mut poll, 1, 50) };
+        assert!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+        if poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the broker never closed the connection"
+        );
+    }
+}
+
+fn header(body_length: u32, opcode: Opcode, correlation_id: u64) -> BytesMut {
+    let mut out = BytesMut::new();
+    out.put_u32_le(body_length);
+    out.put_u8(PROTOCOL_VERSION);
+    out.put_u8(opcode as u8);
+    out.put_u16_le(0);
+    out.put_u64_le(correlation_id);
+    out
+}
+
+/// `connection_idle_timeout_ms`: a connection that sends nothing is closed; one whose
+/// long-poll runs past the idle timeout is not (a request running is not idle).
+#[test]
+fn idle_connections_are_closed_but_long_polls_are_not() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        connection_idle_timeout_ms: 300,
+        ..test_config(dir.path(), 2)
+    });
+    RawClient::connect(broker.addr()).create_topic("quiet", 1);
+    let silent = TcpStream::connect(broker.addr()).unwrap();
+    wait_until_closed_by_broker(&silent, "a silent connection");
+    let mut client = RawClient::connect(broker.addr());
+
+    // A long-poll three times the idle timeout gets its (empty) answer.
+    let response = client
+        .call(&Request::Fetch(FetchRequest {
+            wait_ms_max: 900,
+            bytes_max: 1 << 20,
+            topics: vec![FetchTopic {
+                name: "quiet".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 0,
+                    bytes_max: 1 << 20,
+                }],
+            }],
+        }))
+        .expect("the long-poll is answered");
+    let ResponseBody::Fetch(response) = response else {
+        panic!("fetch answered with {response:?}")
+    };
+    assert_eq!(
+        response.topics[0].partitions[0].data.batches,
+        Ok(bytes::Bytes::new())
+    );
+    // And the connection still works right after.
+    assert_eq!(client.produce("quiet", 0, batch_of(&[b"after"])), Ok(0));
+}
+
+/// `frame_read_timeout_ms` (slow-loris): headers claiming 16 MiB followed by a byte now
+/// and then are cut off, holding no more than what they sent, while a bystander on the
+/// same shard keeps producing.
+#[test]
+fn slow_loris_frames_are_cut_off() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        frame_read_timeout_ms: 500,
+        ..test_config(dir.path(), 2)
+    });
+    let shard = broker.shard_addr(0);
+    let mut admin = RawClient::connect(shard);
+    admin.create_topic("steady", 1);
+    let bystander = Bystander::start(shard, "steady");
+    let memory = MemoryWatch::start();
+    let attackers: Vec<TcpStream> = (0..64)
+        .map(|index| {
+            let mut stream = TcpStream::connect(shard).unwrap();
+            stream
+                .write_all(&header(16 << 20, Opcode::Produce, index))
+                .unwrap();
+            stream
+        })
+        .collect();
+    let trickle = {
+        let streams: Vec<TcpStream> = attackers
+            .iter()
+            .map(|stream| stream.try_clone().unwrap())
+            .collect();
+        std::thread::spawn(move || {
+            // A byte per connection every 100 ms, for at most 60 s: far slower than a
+            // frame may take, but never silent.
+            let mut streams = streams;
+            for _ in 0..600 {
+                streams.retain_mut(|stream| stream.write_all(&[0]).is_ok());
+                if streams.is_empty() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    bystander.wait_for_progress(10, "during the slow-loris attack");
+    for (index, stream) in attackers.iter().enumerate() {
+        wait_until_closed_by_broker(stream, &format!("slow-loris {index}"));
+    }
+    drop(attackers);
+    trickle.join().unwrap();
+    memory.assert_peak_below(64 << 20, "64 slow-loris connections");
+    let acked = bystander.finish();
+    assert_all_stored(shard, "steady", acked);
+}
+
+/// The second attack: connections that pipeline 256 fetches of 16 MiB each and
+/// never read. The byte budgets stop reading their requests once a response's worth is
+/// held, the write timeout disconnects them, the broker's memory stays within its
+/// budgets, and a producer on the same shard keeps getting answers.
+#[test]
+fn clients_that_never_read_are_bounded_and_disconnected() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        segment_size_bytes: 64 << 20,
+        response_write_timeout_ms: 1_000,
+        ..test_config(dir.path(), 2)
+    });
+    let shard = broker.shard_addr(0);
+    let mut admin = RawClient::connect(shard);
+    admin.create_topic("big", 1);
+    admin.create_topic("steady", 1);
+    let value = vec![7u8; 240 << 10];
+    for _ in 0..72 {
+        admin
+            .produce("big", 0, batch_of(&[&value]))
+            .expect("filling the big topic");
+    }
+    let bystander = Bystander::start(shard, "steady");
+    let memory = MemoryWatch::start();
+    let fetch = Request::Fetch(FetchRequest {
+        wait_ms_max: 0,
+        bytes_max: 16 << 20,
+        topics: vec![FetchTopic {
+            name: "big".into(),
+            partitions: vec![FetchPartition {
+                partition: 0,
+                offset: 0,
+                bytes_max: 16 << 20,
+            }],
+        }],
+    });
+    let mut pipelined = BytesMut::new();
+    for id in 0..256 {
+        fetch.encode(id, &mut pipelined);
+    }
+    let attackers: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(shard).unwrap();
+            stream.write_all(&pipelined).unwrap();
+            stream
+        })
+        .collect();
+    bystander.wait_for_progress(10, "beside clients that never read");
+    for (index, stream) in attackers.iter().enumerate() {
+        wait_until_closed_by_broker(stream, &format!("non-reading client {index}"));
+    }
+    // Four connections of the default 32 MiB budget each, within the shard's 128 MiB.
+    memory.assert_peak_below(256 << 20, "4 x 256 pipelined 16 MiB fetches, never read");
+    drop(attackers);
+    let acked = bystander.finish();
+    assert_all_stored(shard, "steady", acked);
+}
+
+/// Lingering close: a client pipelines large fetches, then a malformed frame, then keeps
+/// sending. The broker answers what it read before the bad frame, shuts down its write
+/// side, and drains the client's input instead of resetting the connection, so the
+/// client reads every answer, then the end of the stream.
+#[test]
+fn answers_before_a_protocol_error_survive_the_close() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        connection_linger_ms: 10_000,
+        ..test_config(dir.path(), 1)
+    });
+    let mut admin = RawClient::connect(broker.addr());
+    admin.create_topic("data", 1);
+    let value = vec![3u8; 200 << 10];
+    for _ in 0..8 {
+        admin.produce("data", 0, batch_of(&[&value])).unwrap();
+    }
+    // A small receive buffer keeps most of the answers in the broker's send queue when
+    // it closes: that queue is what a reset would throw away.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    socket.connect(&broker.addr().into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let fetches = 8u64;
+    let mut requests = BytesMut::new();
+    for id in 0..fetches {
+        Request::Fetch(FetchRequest {
+            wait_ms_max: 0,
+            bytes_max: 4 << 20,
+            topics: vec![FetchTopic {
+                name: "data".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 0,
+                    bytes_max: 4 << 20,
+                }],
+            }],
+        })
+        .encode(id, &mut requests);
+    }
+    // A produce cut short: MalformedFrame, and the connection closes.
+    requests.extend_from_slice(&header(3, Opcode::Produce, 99));
+    requests.put_slice(&[2, 0, 0]);
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&requests).unwrap();
+        // Then the client keeps talking: 256 KiB the broker will never answer.
+        let _ = writer.write_all(&vec![0xee; 256 << 10]);
+    });
+    let mut client = RawClient::from_stream(stream);
+    let mut answered = 0u64;
+    loop {
+        let Some((id, opcode, body)) = client.read_frame() else {
+            break;
+        };
+        if id == 99 {
+            let error = decode_response(opcode_of(opcode), body)
+                .unwrap()
+                .expect_err("the malformed frame is refused");
+            assert_eq!(error.code, ErrorCode::MalformedFrame);
+            continue;
+        }
+        let response = decode_response(Opcode::Fetch, body).unwrap().unwrap();
+        let ResponseBody::Fetch(response) = response else {
+            panic!("{response:?}")
+        };
+        assert!(
+            response.topics[0].partitions[0]
+                .data
+                .batches
+                .as_ref()
+                .unwrap()
+                .len()
+                > 1 << 20
+        );
+        answered += 1;
+    }
+    assert_eq!(
+        answered, fetches,
+        "every answer arrived before the end of the stream"
+    );
+    sender.join().unwrap();
+}
+
+/// `connections_max` holds over every shard together: past it a new connection is
+/// closed at once, and a slot freed by a client that leaves is taken by the next one.
+#[test]
+fn the_total_connection_limit_holds_across_shards() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        connections_max: 4,
+        ..test_config(dir.path(), 2)
+    });
+    let handshake = Request::Handshake(HandshakeRequest {
+        client_name: "limit".into(),
+    });
+    // Two per shard: each shard alone is far below connections_per_shard_max.
+    let mut open: Vec<RawClient> = (0..4)
+        .map(|index| {
+            let mut client = RawClient::connect(broker.shard_addr(index % 2));
+            client.call(&handshake).expect("within the limit");
+            client
+        })
+        .collect();
+    for shard in 0..2 {
+        let mut refused = RawClient::connect(broker.shard_addr(shard));
+        refused.send(&handshake);
+        assert!(
+            refused.read_frame().is_none(),
+            "shard {shard} refuses a 5th"
+        );
+    }
+    drop(open.pop());
+    // The broker notices the departure on its own time: retry, bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut client = RawClient::connect(broker.shard_addr(0));
+        client.send(&handshake);
+        if client.read_frame().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot is never reused");
+    }
 }

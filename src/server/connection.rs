@@ -1,98 +1,463 @@
 //! One client connection, on the shard that accepted it.
 //!
-//! A reader task decodes frames from one reused buffer and starts a task per request
-//! (pipelining: up to `connection_requests_in_flight_max` at once; reading pauses at the
-//! limit, which is the backpressure a fast producer feels). Responses go, in completion
-//! order, through a bounded local channel to a writer task that coalesces whatever is
-//! ready into one write.
+//! A reader decodes frames and starts a task per request (pipelining: up to
+//! `connection_requests_in_flight_max` at once). Responses go, in completion order,
+//! through a bounded local channel to a writer task.
 //!
-//! Bad input (invariant 7): an unknown opcode gets an `UnknownOpcode` response and the
-//! connection goes on (the frame's length was trustworthy); a bad version, an oversized
-//! length or a body that does not parse gets an error response and the connection is
-//! closed, since the stream can no longer be trusted to be in sync. Nothing is stored
-//! for a request that failed validation, and no other connection notices.
+//! Limits (invariant 6), each of which pauses reading rather than failing anything:
+//! - bytes: before it reads a frame's body, the reader takes a `Lease` of the frame's
+//!   length on the connection's byte budget and then on the shard's
+//!   (`connection_bytes_in_flight_max`, `shard_bytes_in_flight_max`); a fetch's lease
+//!   grows to the response it may produce, every lease is set to its response's length
+//!   once encoded, and it is given back when that response has been written. So request
+//!   frames being read or processed and responses waiting to be written are all counted,
+//!   and a client that does not read its answers stops being read.
+//! - requests: a per-connection semaphore of `connection_requests_in_flight_max`.
+//! - time: `connection_idle_timeout_ms` (nothing buffered, running or unwritten),
+//!   `frame_read_timeout_ms` (from the moment the broker is ready for the rest of a
+//!   frame to when it has all of it: a header claiming 16 MiB followed by a trickle),
+//!   `response_write_timeout_ms` (a write that makes no progress: glommio's socket
+//!   write timeout). Each closes the connection.
+//! - memory at rest: an idle connection holds no read buffer. It waits for data with a
+//!   1 KiB array on its task's stack and takes a 64 KiB buffer from the shard's pool
+//!   when data arrives, returning it when everything buffered has been consumed.
+//!
+//! Writes: a response larger than 16 KiB is written from its own buffer; smaller ones
+//! ready at the same moment are coalesced into one write through a buffer of at most
+//! 64 KiB made for that write. glommio 0.9's `TcpStream` has no vectored write (its
+//! `AsyncWrite` implements only `poll_write`, so `write_vectored` would send the first
+//! buffer alone), hence the bounded copy for small responses instead of `writev`.
+//!
+//! Bad input (invariant 7): an unknown opcode or an invalid topic name gets an error
+//! response and the connection goes on (the frame's length was trustworthy); a bad
+//! version, an oversized length or a body that does not parse gets an error response
+//! and the connection is closed, since the stream can no longer be trusted to be in
+//! sync. Nothing is stored for a request that failed validation, and no other
+//! connection notices.
+//!
+//! Closing is a lingering close (protocol.md §7): the reader stops, requests already
+//! running answer, the writer writes everything owed, the write side is shut down (FIN),
+//! and what the client still sends is read and discarded for up to
+//! `connection_linger_ms` before the socket closes: closing a socket with unread input
+//! makes TCP send a reset, which can destroy answers the client has not read yet.
 
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::local_channel::{self, LocalSender};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
+use crate::config::ServerConfig;
 use crate::protocol::{
     decode_frame_header, encode_error_response, encode_response, peek_correlation_id, Acks,
     DecodeLimits, Decoded, ErrorCode, Opcode, ProtocolError, Request, WireError, FRAME_HEADER_SIZE,
 };
 use crate::shard::Shard;
+use crate::storage::Notify;
 
+use super::budget::{ByteBudget, Lease};
 use super::dispatch;
+use super::log::RateLimitedLog;
 
-/// Bytes asked of the socket per read when the buffer has no room.
+/// Size of a pooled read buffer, and the most a read asks of the socket beyond a frame.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// The most one read asks of the socket.
+const READ_BYTES_MAX: usize = 4 * READ_CHUNK_BYTES;
+/// What a connection without a buffer reads into first (most requests fit).
+const FIRST_READ_BYTES: usize = 1024;
+/// Responses up to this size are coalesced with others ready at the same moment.
+const COALESCE_FRAME_BYTES_MAX: usize = 16 * 1024;
+/// The most one coalesced write copies.
+const COALESCE_BYTES_MAX: usize = 64 * 1024;
+/// The most responses the writer takes at once.
+const WRITE_BATCH_FRAMES_MAX: usize = 64;
+/// Bytes read and discarded per read during a lingering close.
+const LINGER_READ_BYTES: usize = 4096;
 
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
-    let in_flight_max = shard.config.connection_requests_in_flight_max as usize;
-    let (responses, outgoing) = local_channel::new_bounded::<Bytes>(in_flight_max + 1);
-    let writer_shard = Rc::clone(&shard);
-    let writer_task = glommio::spawn_local(async move {
-        let mut coalesced = BytesMut::new();
-        while let Some(frame) = outgoing.recv().await {
-            coalesced.extend_from_slice(&frame);
-            let mut frames = 1;
-            // Coalesce every response already waiting into the same write.
-            while let Some(Some(more)) = futures_lite::future::poll_once(outgoing.recv()).await {
-                coalesced.extend_from_slice(&more);
-                frames += 1;
-            }
-            let written = writer.write_all(&coalesced).await;
-            writer_shard.settle_responses(frames);
-            if written.is_err() {
-                // The client is gone: what is queued for it is owed to nobody.
-                while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
-                    writer_shard.settle_responses(1);
-                }
-                return;
-            }
-            coalesced.clear();
+/// A flag that can be awaited: set once, seen by every waiter.
+#[derive(Default)]
+struct Event {
+    set: Cell<bool>,
+    notify: Notify,
+}
+
+impl Event {
+    fn set(&self) {
+        self.set.set(true);
+        self.notify.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
+    async fn wait(&self) {
+        if self.set.get() {
+            return;
         }
-        let _ = writer.flush().await;
-        let _ = writer.close().await;
+        let listener = self.notify.listen();
+        if self.set.get() {
+            return;
+        }
+        let _ = listener.await;
+    }
+}
+
+/// What every connection of one shard shares: the shard's byte budget, the pool of read
+/// buffers, and the signal to close (shutdown).
+pub struct ShardConnections {
+    budget: Rc<ByteBudget>,
+    buffers: RefCell<Vec<BytesMut>>,
+    buffers_max: usize,
+    closing: Event,
+    /// Connections closed for a timeout, and acks=none requests that failed.
+    timeouts: RateLimitedLog,
+    silent_failures: RateLimitedLog,
+}
+
+impl ShardConnections {
+    pub fn new(config: &ServerConfig) -> Rc<ShardConnections> {
+        Rc::new(ShardConnections {
+            budget: ByteBudget::new(config.shard_bytes_in_flight_max),
+            buffers: RefCell::new(Vec::new()),
+            buffers_max: config.read_buffers_pooled_per_shard_max as usize,
+            closing: Event::default(),
+            timeouts: RateLimitedLog::default(),
+            silent_failures: RateLimitedLog::default(),
+        })
+    }
+
+    /// Every connection stops reading and makes a lingering close (shutdown).
+    pub fn close_all(&self) {
+        self.closing.set();
+    }
+
+    fn take_buffer(&self) -> BytesMut {
+        self.buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK_BYTES))
+    }
+
+    /// Keeps an emptied buffer for the next connection that needs one, if it is of the
+    /// usual size and the pool has room; otherwise it is freed.
+    fn return_buffer(&self, buffer: BytesMut) {
+        let usual = (READ_CHUNK_BYTES / 2..=4 * READ_CHUNK_BYTES).contains(&buffer.capacity());
+        let mut buffers = self.buffers.borrow_mut();
+        if buffer.is_empty() && usual && buffers.len() < self.buffers_max {
+            buffers.push(buffer);
+        }
+    }
+}
+
+/// The connection's socket, shared by its reader and its writer (both on this thread;
+/// a borrow lasts one poll), with access to the socket options and `shutdown`.
+#[derive(Clone)]
+struct Socket(Rc<RefCell<TcpStream>>);
+
+impl Socket {
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let how = match how {
+            std::net::Shutdown::Read => libc::SHUT_RD,
+            std::net::Shutdown::Write => libc::SHUT_WR,
+            std::net::Shutdown::Both => libc::SHUT_RDWR,
+        };
+        let descriptor = self.0.borrow().as_raw_fd();
+        // SAFETY: the descriptor belongs to the stream this value keeps alive; shutdown
+        // neither closes nor frees it. Its only failure (ENOTCONN) means there is
+        // nothing left to shut down.
+        unsafe { libc::shutdown(descriptor, how) };
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(context, buffer)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(context)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_close(context)
+    }
+}
+
+/// A response on its way to the socket, with the bytes it holds on the budgets.
+struct Outgoing {
+    frame: Bytes,
+    _lease: Lease,
+}
+
+/// Why the reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed its side: everything owed is written, then the socket closes.
+    ClientDone,
+    /// The socket failed, or the writer gave up on the client: nothing more to say.
+    Broken,
+    /// A protocol error closed it, a timeout expired, or the shard is stopping.
+    Closing,
+}
+
+/// Per-connection state the reader, the writer and the request tasks share.
+struct Connection {
+    shard: Rc<Shard>,
+    connections: Rc<ShardConnections>,
+    socket: Socket,
+    budget: Rc<ByteBudget>,
+    /// Taken (dropped) once the reader and every request task are done, which ends the
+    /// writer after it has written everything queued.
+    responses: RefCell<Option<Rc<LocalSender<Outgoing>>>>,
+    in_flight: Rc<Semaphore>,
+    in_flight_max: u64,
+    /// When a request last finished or a response was last written.
+    last_activity: Cell<Instant>,
+    /// Set by the writer when it gives up on the client.
+    writer_failed: Event,
+}
+
+impl Connection {
+    fn lease(&self) -> Lease {
+        Lease::empty(&self.budget, &self.connections.budget)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.available() < self.in_flight_max
+    }
+
+    /// Resolves when the reader must stop whatever it waits for.
+    async fn stopped(&self) {
+        futures_lite::future::or(self.connections.closing.wait(), self.writer_failed.wait()).await;
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.connections.closing.is_set() || self.writer_failed.is_set()
+    }
+
+    /// Queues a response the caller has counted as owed (`Shard::owe_response`): the
+    /// writer settles every frame it writes, or this does if nobody will write it.
+    async fn send(&self, frame: Bytes, mut lease: Lease) {
+        lease.resize(frame.len() as u64);
+        let outgoing = Outgoing {
+            frame,
+            _lease: lease,
+        };
+        let sender = self.responses.borrow().clone();
+        let sent = match sender {
+            Some(sender) => sender.send(outgoing).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer stopped (the client went away): nobody will write it.
+            self.shard.settle_responses(1);
+        }
+    }
+
+    /// Answers with an error status; the opcode is echoed as received, known or not.
+    async fn send_error(&self, opcode: u8, correlation_id: u64, error: &WireError) {
+        let mut out = BytesMut::new();
+        encode_error_response(&mut out, opcode, correlation_id, error);
+        self.shard.owe_response();
+        self.send(out.freeze(), self.lease()).await;
+    }
+
+    async fn refuse(&self, opcode: u8, correlation_id: u64, error: &ProtocolError) {
+        let error = WireError::new(error.code(), error.to_string());
+        self.send_error(opcode, correlation_id, &error).await;
+    }
+}
+
+/// How a read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Data,
+    EndOfStream,
+    Failed,
+    TimedOut,
+    Stopped,
+}
+
+pub async fn serve(shard: Rc<Shard>, connections: Rc<ShardConnections>, stream: TcpStream) {
+    let config = &shard.config;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(milliseconds(config.response_write_timeout_ms)));
+    let socket = Socket(Rc::new(RefCell::new(stream)));
+    let in_flight_max = u64::from(config.connection_requests_in_flight_max);
+    let (responses, outgoing) = local_channel::new_bounded::<Outgoing>(in_flight_max as usize + 1);
+    let connection = Rc::new(Connection {
+        budget: ByteBudget::new(config.connection_bytes_in_flight_max),
+        shard: Rc::clone(&shard),
+        connections,
+        socket: socket.clone(),
+        responses: RefCell::new(Some(Rc::new(responses))),
+        in_flight: Rc::new(Semaphore::new(in_flight_max)),
+        in_flight_max,
+        last_activity: Cell::new(Instant::now()),
+        writer_failed: Event::default(),
     });
     // Not detached: if this connection's task is cancelled (shutdown), dropping the
     // writer with it closes the socket.
-    let responses = Rc::new(responses);
-    let in_flight = Rc::new(Semaphore::new(in_flight_max as u64));
-    let limits = DecodeLimits {
-        topics_per_request_max: shard.config.topics_per_request_max,
-        partitions_per_request_max: shard.config.partitions_per_request_max,
-    };
-    let body_length_max = shard.config.frame_body_bytes_max;
-    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let writer = glommio::spawn_local(write_responses(Rc::clone(&connection), outgoing));
+    let end = read_requests(&connection).await;
+    // Let requests already running finish and answer, then let the writer write it all.
+    let _ = connection.in_flight.acquire(in_flight_max).await;
+    // Every request task has ended (all permits are back), so this is the last sender:
+    // the writer ends once it has written what is queued.
+    connection.responses.borrow_mut().take();
+    let responses_written = writer.await;
+    if responses_written && end == End::Closing {
+        linger(&socket, &shard.config).await;
+    }
+    // Dropping the last handle on the socket closes it.
+}
+
+fn milliseconds(value: u32) -> Duration {
+    Duration::from_millis(u64::from(value))
+}
+
+/// Lingering close: FIN after the last response, then read and discard what the client
+/// still sends, until it closes too or `connection_linger_ms` has passed.
+async fn linger(socket: &Socket, config: &ServerConfig) {
+    socket.shutdown(std::net::Shutdown::Write);
+    if config.connection_linger_ms == 0 {
+        return;
+    }
+    let deadline = Instant::now() + milliseconds(config.connection_linger_ms);
+    let mut discard = [0u8; LINGER_READ_BYTES];
+    let mut reader = socket.clone();
     loop {
-        let header = match decode_frame_header(&buffer, body_length_max) {
-            Ok(Decoded::Complete(header)) => header,
-            Ok(Decoded::Incomplete { need }) => {
-                if !read_more(&mut reader, &mut buffer, need).await {
-                    break;
-                }
-                continue;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let read = glommio::timer::timeout(left, async {
+            reader
+                .read(&mut discard)
+                .await
+                .map_err(glommio::GlommioError::from)
+        })
+        .await;
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads and starts requests until the client leaves, a protocol error or a timeout
+/// closes the connection, or the shard stops.
+async fn read_requests(connection: &Rc<Connection>) -> End {
+    let shard = &connection.shard;
+    let config = &shard.config;
+    let limits = DecodeLimits {
+        topics_per_request_max: config.topics_per_request_max,
+        partitions_per_request_max: config.partitions_per_request_max,
+    };
+    let idle_timeout = milliseconds(config.connection_idle_timeout_ms);
+    let frame_timeout = milliseconds(config.frame_read_timeout_ms);
+    let mut buffer = BytesMut::new();
+    let end = loop {
+        // The header, waiting as long as the connection may stay idle.
+        let mut frame_started: Option<Instant> = None;
+        let header = loop {
+            match decode_frame_header(&buffer, config.frame_body_bytes_max) {
+                Ok(Decoded::Complete(header)) => break Some(Ok(header)),
+                Ok(Decoded::Incomplete { .. }) => {}
+                Err(error) => break Some(Err(error)),
             }
-            Err(error) => {
-                // The header itself is bad: answer what we can, then hang up.
-                let correlation_id = peek_correlation_id(&buffer).unwrap_or(0);
-                refuse(&shard, &responses, buffer[5], correlation_id, &error).await;
-                break;
+            let deadline = if buffer.is_empty() {
+                if buffer.capacity() > 0 {
+                    connection
+                        .connections
+                        .return_buffer(std::mem::take(&mut buffer));
+                }
+                connection.last_activity.get() + idle_timeout
+            } else {
+                *frame_started.get_or_insert_with(Instant::now) + frame_timeout
+            };
+            match read_some(connection, &mut buffer, deadline).await {
+                Read::Data => {}
+                Read::TimedOut if buffer.is_empty() => {
+                    if connection.busy() {
+                        // Requests are running: not idle; the clock restarts after them.
+                        connection.last_activity.set(Instant::now());
+                    } else if connection.last_activity.get() + idle_timeout <= Instant::now() {
+                        // Idle for connection_idle_timeout_ms: nothing to log, it is
+                        // how a forgotten connection ends.
+                        break None;
+                    }
+                }
+                outcome => return read_end(outcome),
             }
         };
+        let header = match header {
+            Some(Ok(header)) => header,
+            None => break End::Closing,
+            Some(Err(error)) => {
+                // The header itself is bad: answer what we can, then hang up.
+                let correlation_id = peek_correlation_id(&buffer).unwrap_or(0);
+                connection.refuse(buffer[5], correlation_id, &error).await;
+                break End::Closing;
+            }
+        };
+        // The frame's bytes are counted before they are read, a read at a time (a header
+        // alone claims nothing a slow sender has not sent): at the connection's or the
+        // shard's limit, reading pauses here. From the complete header on, the rest of
+        // the frame must come within frame_read_timeout_ms, not counting the pauses.
         let frame_length = header.frame_length();
-        if buffer.len() < frame_length {
-            if !read_more(&mut reader, &mut buffer, frame_length).await {
+        let mut lease = connection.lease();
+        let mut deadline = Instant::now() + frame_timeout;
+        loop {
+            let want = frame_length.min(buffer.len() + READ_BYTES_MAX) as u64;
+            if lease.bytes() < want {
+                let paused = Instant::now();
+                if !grow_lease(connection, &mut lease, want).await {
+                    return End::Closing;
+                }
+                deadline += paused.elapsed();
+            }
+            if buffer.len() >= frame_length {
                 break;
             }
-            continue;
+            match read_some(connection, &mut buffer, deadline).await {
+                Read::Data => {}
+                Read::TimedOut => {
+                    connection.connections.timeouts.log(|| {
+                        format!(
+                            "shardq: shard {}: closing a connection that sent {} of a {frame_length}-byte frame in {} ms (frame_read_timeout_ms)",
+                            shard.id,
+                            buffer.len(),
+                            config.frame_read_timeout_ms
+                        )
+                    });
+                    return End::Closing;
+                }
+                outcome => return read_end(outcome),
+            }
         }
         let frame = buffer.split_to(frame_length).freeze();
         let body = frame.slice(FRAME_HEADER_SIZE..);
@@ -101,137 +466,264 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 ErrorCode::InvalidRequest,
                 "clients send requests, not responses",
             );
-            send_error(
-                &shard,
-                &responses,
-                header.opcode,
-                header.correlation_id,
-                &error,
-            )
-            .await;
-            break;
+            connection
+                .send_error(header.opcode, header.correlation_id, &error)
+                .await;
+            break End::Closing;
         }
         let Some(opcode) = Opcode::from_wire(header.opcode) else {
             // The length was sane, so the stream stays in sync: refuse just this frame.
             let error = ProtocolError::UnknownOpcode {
                 opcode: header.opcode,
             };
-            refuse(
-                &shard,
-                &responses,
-                header.opcode,
-                header.correlation_id,
-                &error,
-            )
-            .await;
+            connection
+                .refuse(header.opcode, header.correlation_id, &error)
+                .await;
             continue;
         };
         let request = match Request::decode(opcode, body, &limits) {
             Ok(request) => request,
             Err(error) => {
-                refuse(
-                    &shard,
-                    &responses,
-                    header.opcode,
-                    header.correlation_id,
-                    &error,
-                )
-                .await;
+                connection
+                    .refuse(header.opcode, header.correlation_id, &error)
+                    .await;
                 if error.closes_connection() {
-                    break;
+                    break End::Closing;
                 }
                 // An invalid topic name: the frame was well delimited, so the stream
                 // is still in sync and only this request is refused.
                 continue;
             }
         };
+        drop(frame);
+        // A fetch's answer can be far larger than its request: count it up front.
+        let expected = response_bytes_expected(&request, config);
+        if expected > lease.bytes() && !grow_lease(connection, &mut lease, expected).await {
+            break End::Closing;
+        }
+        let started = futures_lite::future::or(
+            async {
+                Some(
+                    connection
+                        .in_flight
+                        .acquire_static_permit(1)
+                        .await
+                        .expect("the in-flight semaphore is never closed"),
+                )
+            },
+            async {
+                connection.stopped().await;
+                None
+            },
+        )
+        .await;
+        let Some(permit) = started else {
+            break End::Closing;
+        };
         let silent = matches!(&request, Request::Produce(produce) if produce.acks == Acks::None);
-        let permit = in_flight
-            .acquire_static_permit(1)
-            .await
-            .expect("the in-flight semaphore is never closed");
-        let shard = Rc::clone(&shard);
-        let responses = Rc::clone(&responses);
+        let task_connection = Rc::clone(connection);
         let correlation_id = header.correlation_id;
+        // Owed from now: a shutdown waits for the answers of requests already read.
         shard.owe_response();
         glommio::spawn_local(async move {
-            let outcome = dispatch::handle(&shard, request).await;
+            let connection = task_connection;
+            let shard = &connection.shard;
+            let outcome = dispatch::handle(shard, request).await;
+            connection.last_activity.set(Instant::now());
             if silent {
+                // Nobody hears of it otherwise: the client asked for no answer.
                 if let Err(error) = &outcome {
-                    eprintln!("shardq: produce with acks=none failed: {error}");
+                    connection.connections.silent_failures.log(|| {
+                        format!(
+                            "shardq: shard {}: produce with acks=none failed: {error}",
+                            shard.id
+                        )
+                    });
                 }
                 shard.settle_responses(1);
+                drop(lease);
                 drop(permit);
                 return;
             }
             let mut out = BytesMut::new();
             encode_response(&mut out, opcode, correlation_id, outcome.as_ref());
-            if responses.send(out.freeze()).await.is_err() {
-                // The writer stopped (the client went away): nobody will write it.
-                shard.settle_responses(1);
-            }
+            drop(outcome);
+            connection.send(out.freeze(), lease).await;
             drop(permit);
         })
         .detach();
-    }
-    // Let requests already running finish and answer, then close the socket.
-    let _ = in_flight.acquire(in_flight_max as u64).await;
-    drop(responses);
-    writer_task.await;
+    };
+    end
 }
 
-/// Reads until `buffer` holds at least `need` bytes. False on end of stream or error.
-async fn read_more<R: futures_lite::AsyncRead + Unpin>(
-    reader: &mut R,
-    buffer: &mut BytesMut,
-    need: usize,
-) -> bool {
-    while buffer.len() < need {
-        let start = buffer.len();
-        // Grow with what arrives, never with what a frame header claims: a header alone
-        // must not make the shard allocate (and zero) a whole frame's worth of memory.
-        buffer.resize(start + READ_CHUNK_BYTES, 0);
-        match reader.read(&mut buffer[start..]).await {
-            Ok(0) | Err(_) => {
-                buffer.truncate(start);
-                return false;
+/// Grows `lease` to `bytes`, waiting for the budgets; false if the connection must stop
+/// meanwhile.
+async fn grow_lease(connection: &Connection, lease: &mut Lease, bytes: u64) -> bool {
+    let more = bytes.saturating_sub(lease.bytes());
+    futures_lite::future::or(
+        async {
+            lease.grow(more).await;
+            true
+        },
+        async {
+            connection.stopped().await;
+            false
+        },
+    )
+    .await
+}
+
+fn read_end(outcome: Read) -> End {
+    match outcome {
+        Read::EndOfStream => End::ClientDone,
+        Read::Failed => End::Broken,
+        Read::Stopped | Read::TimedOut | Read::Data => End::Closing,
+    }
+}
+
+/// Bytes a request's response may take, counted before it runs: a fetch may answer up
+/// to its byte budget, plus one whole batch past it and the entries' framing. Other
+/// responses are small, and counted once encoded.
+fn response_bytes_expected(request: &Request, config: &ServerConfig) -> u64 {
+    match request {
+        Request::Fetch(fetch) => {
+            let entries: usize = fetch
+                .topics
+                .iter()
+                .map(|topic| topic.partitions.len())
+                .sum();
+            let data = u64::from(fetch.bytes_max.min(config.fetch_bytes_max));
+            data + config.batch_bytes_max() as u64 + entries as u64 * 64 + 4096
+        }
+        _ => 0,
+    }
+}
+
+/// Reads what the socket has into `buffer`, until `deadline` or until the connection
+/// must stop. A connection with no buffer reads into a small array first and takes a
+/// pooled buffer only once data has arrived.
+async fn read_some(connection: &Connection, buffer: &mut BytesMut, deadline: Instant) -> Read {
+    if connection.is_stopped() {
+        return Read::Stopped;
+    }
+    let start = buffer.len();
+    let mut socket = connection.socket.clone();
+    let outcome = {
+        let read = async {
+            if buffer.capacity() == 0 {
+                let mut first = [0u8; FIRST_READ_BYTES];
+                return match socket.read(&mut first).await {
+                    Ok(0) => Read::EndOfStream,
+                    Err(_) => Read::Failed,
+                    Ok(read) => {
+                        *buffer = connection.connections.take_buffer();
+                        buffer.extend_from_slice(&first[..read]);
+                        Read::Data
+                    }
+                };
             }
-            Ok(read) => buffer.truncate(start + read),
+            if buffer.capacity() - start < READ_CHUNK_BYTES / 4 {
+                buffer.reserve(READ_CHUNK_BYTES);
+            }
+            // Zero-filled so the socket reads into initialised memory; at most a few
+            // chunks per read.
+            let end = buffer.capacity().min(start + READ_BYTES_MAX);
+            buffer.resize(end, 0);
+            match socket.read(&mut buffer[start..]).await {
+                Ok(0) => Read::EndOfStream,
+                Err(_) => Read::Failed,
+                Ok(read) => {
+                    buffer.truncate(start + read);
+                    Read::Data
+                }
+            }
+        };
+        let timer = async {
+            let left = deadline.saturating_duration_since(Instant::now());
+            glommio::timer::sleep(left).await;
+            Read::TimedOut
+        };
+        let stopped = async {
+            connection.stopped().await;
+            Read::Stopped
+        };
+        futures_lite::future::or(read, futures_lite::future::or(stopped, timer)).await
+    };
+    if outcome != Read::Data && buffer.len() > start {
+        // Only the zero fill of a read that did not complete.
+        buffer.truncate(start);
+    }
+    outcome
+}
+
+/// Writes responses as they come; gives up on a client that does not read them within
+/// `response_write_timeout_ms` (the socket's write timeout). True when everything was
+/// written.
+async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Outgoing>) -> bool {
+    let mut socket = connection.socket.clone();
+    let shard = Rc::clone(&connection.shard);
+    let mut ready: Vec<Outgoing> = Vec::new();
+    while let Some(first) = outgoing.recv().await {
+        ready.push(first);
+        while ready.len() < WRITE_BATCH_FRAMES_MAX {
+            match futures_lite::future::poll_once(outgoing.recv()).await {
+                Some(Some(more)) => ready.push(more),
+                _ => break,
+            }
+        }
+        let written = write_frames(&mut socket, &ready).await;
+        shard.settle_responses(ready.len());
+        // Dropping them gives their bytes back to the budgets.
+        ready.clear();
+        connection.last_activity.set(Instant::now());
+        if let Err(error) = written {
+            if error.kind() == io::ErrorKind::TimedOut {
+                connection.connections.timeouts.log(|| {
+                    format!(
+                        "shardq: shard {}: closing a connection that read none of its responses for {} ms (response_write_timeout_ms)",
+                        shard.id, shard.config.response_write_timeout_ms
+                    )
+                });
+            }
+            // The client is gone or does not read: what is queued for it is owed to
+            // nobody, and the reader must stop too.
+            connection.writer_failed.set();
+            socket.shutdown(std::net::Shutdown::Both);
+            while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
+                shard.settle_responses(1);
+            }
+            return false;
         }
     }
+    let _ = socket.flush().await;
     true
 }
 
-async fn refuse(
-    shard: &Shard,
-    responses: &LocalSender<Bytes>,
-    opcode: u8,
-    correlation_id: u64,
-    error: &ProtocolError,
-) {
-    send_error(
-        shard,
-        responses,
-        opcode,
-        correlation_id,
-        &WireError::new(error.code(), error.to_string()),
-    )
-    .await;
-}
-
-/// Answers with an error status; the opcode is echoed as received, known or not.
-async fn send_error(
-    shard: &Shard,
-    responses: &LocalSender<Bytes>,
-    opcode: u8,
-    correlation_id: u64,
-    error: &WireError,
-) {
-    let mut out = BytesMut::new();
-    encode_error_response(&mut out, opcode, correlation_id, error);
-    // Owed like any response: the writer settles every frame it writes.
-    shard.owe_response();
-    if responses.send(out.freeze()).await.is_err() {
-        shard.settle_responses(1);
+/// Writes `frames` in order: large ones from their own buffers, small neighbours
+/// coalesced through a buffer of at most `COALESCE_BYTES_MAX` bytes.
+async fn write_frames(socket: &mut Socket, frames: &[Outgoing]) -> io::Result<()> {
+    if let [only] = frames {
+        return socket.write_all(&only.frame).await;
     }
+    let mut coalesced = BytesMut::new();
+    for outgoing in frames {
+        let frame = &outgoing.frame;
+        if frame.len() > COALESCE_FRAME_BYTES_MAX {
+            if !coalesced.is_empty() {
+                socket.write_all(&coalesced).await?;
+                coalesced.clear();
+            }
+            socket.write_all(frame).await?;
+            continue;
+        }
+        if coalesced.len() + frame.len() > COALESCE_BYTES_MAX {
+            socket.write_all(&coalesced).await?;
+            coalesced.clear();
+        }
+        coalesced.extend_from_slice(frame);
+    }
+    if !coalesced.is_empty() {
+        socket.write_all(&coalesced).await?;
+    }
+    Ok(())
 }

@@ -7,9 +7,11 @@
 //! the shared port (SO_REUSEPORT: the kernel spreads connections over shards) and on its
 //! own port (`listen port + 1 + shard id`, for shard-aware clients).
 
+mod budget;
 mod connection;
 pub mod data_dir;
 mod dispatch;
+mod log;
 
 use data_dir::{DataDirectory, DataDirectoryError};
 
@@ -29,7 +31,7 @@ use glommio::channels::channel_mesh::{MeshBuilder, Receivers};
 use glommio::net::TcpListener;
 use glommio::task::JoinHandle;
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -339,6 +341,8 @@ impl ServerHandle {
         let mesh = MeshBuilder::<MeshMessage, _>::full(shard_count, config.mesh_channel_capacity);
         let (ready_sender, ready_receiver) = mpsc::channel::<Result<u16, ServerError>>();
         let stopping = Arc::new(AtomicBool::new(false));
+        // Client connections open over every shard, against connections_max.
+        let connections_open = Arc::new(AtomicU32::new(0));
         let mut handle = ServerHandle {
             local_addr,
             shard_ports: shard_ports.clone(),
@@ -349,6 +353,7 @@ impl ServerHandle {
         let io_memory = config.chunk_memory_bytes_per_shard_max + (16 << 20);
         for (shard, (shared_socket, own_socket)) in shared.into_iter().zip(own).enumerate() {
             let stopping_flag = Arc::clone(&stopping);
+            let connections_open = Arc::clone(&connections_open);
             let config = config.clone();
             let mesh = mesh.clone();
             let ports = shard_ports.clone();
@@ -407,6 +412,7 @@ impl ServerHandle {
                     shared_listener,
                     own_listener,
                     stopping_flag,
+                    connections_open,
                 )
                 .await;
             });
@@ -498,6 +504,7 @@ async fn run_shard(
     shared_listener: TcpListener,
     own_listener: TcpListener,
     stopping: Arc<AtomicBool>,
+    connections_open: Arc<AtomicU32>,
 ) {
     // Mesh traffic keeps flowing until the very end: during the drain below, replies
     // from other shards complete the requests whose answers this shard still owes.
@@ -524,8 +531,13 @@ async fn run_shard(
     let connections: Rc<RefCell<HashMap<u64, JoinHandle<()>>>> =
         Rc::new(RefCell::new(HashMap::new()));
     let next_connection = Rc::new(std::cell::Cell::new(0u64));
+    let shared = connection::ShardConnections::new(&shard.config);
+    let refused = Rc::new(log::RateLimitedLog::default());
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
+        let shared = Rc::clone(&shared);
+        let refused = Rc::clone(&refused);
+        let connections_open = Arc::clone(&connections_open);
         let connections = Rc::clone(&connections);
         let next_connection = Rc::clone(&next_connection);
         background.push(
@@ -540,18 +552,34 @@ async fn run_shard(
                         }
                     };
                     let open = connections.borrow().len() as u64;
-                    if open >= u64::from(shard.config.connections_per_shard_max) {
-                        // Over the limit: closing at once is the clearest refusal a
+                    let on_shard_max = shard.config.connections_per_shard_max;
+                    let max = shard.config.connections_max;
+                    let counted = (open < u64::from(on_shard_max))
+                        .then(|| OpenConnection::count(&connections_open, max))
+                        .flatten();
+                    let Some(counted) = counted else {
+                        // Over a limit: closing at once is the clearest refusal a
                         // client that has not spoken yet can get.
                         drop(stream);
+                        refused.log(|| {
+                            format!(
+                                "shardq: shard {}: refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {} on all shards (connections_max {max}); {} refused by this shard so far",
+                                shard.id,
+                                connections_open.load(Ordering::Relaxed),
+                                refused.total() + 1
+                            )
+                        });
                         continue;
-                    }
+                    };
                     let id = next_connection.get();
                     next_connection.set(id + 1);
                     let shard = Rc::clone(&shard);
+                    let shared = Rc::clone(&shared);
                     let registry = Rc::clone(&connections);
                     let handle = glommio::spawn_local(async move {
-                        connection::serve(shard, stream).await;
+                        // Uncounted when the task ends, cancelled or not.
+                        let _counted = counted;
+                        connection::serve(shard, shared, stream).await;
                         registry.borrow_mut().remove(&id);
                     })
                     .detach();
@@ -569,6 +597,8 @@ async fn run_shard(
     for task in background {
         task.cancel();
     }
+    // Connections stop reading now; what they already read is answered below.
+    shared.close_all();
     shard.close_all().await;
     // Closing flushed every partition, which completes the durable produces still
     // waiting: let their connections write those acknowledgements before the executor
@@ -577,6 +607,14 @@ async fn run_shard(
     let deadline = std::time::Instant::now()
         + Duration::from_millis(u64::from(shard.config.shutdown_drain_ms));
     while shard.responses_owed() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Lingering closes: each connection has shut down its write side after its last
+    // answer and reads what its client still sends for up to connection_linger_ms, so
+    // a reset does not destroy answers the client has not read yet.
+    let deadline = std::time::Instant::now()
+        + Duration::from_millis(u64::from(shard.config.connection_linger_ms));
+    while !connections.borrow().is_empty() && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     // Close what is still open: an embedding process that goes on after the broker
@@ -591,6 +629,27 @@ async fn run_shard(
     }
     for task in mesh_tasks {
         task.cancel();
+    }
+}
+
+/// One open client connection, counted against `connections_max` over every shard for
+/// as long as it lives.
+struct OpenConnection(Arc<AtomicU32>);
+
+impl OpenConnection {
+    /// Counts one more connection, unless `max` are open already.
+    fn count(open: &Arc<AtomicU32>, max: u32) -> Option<OpenConnection> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+            (count < max).then_some(count + 1)
+        })
+        .ok()
+        .map(|_| OpenConnection(Arc::clone(open)))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

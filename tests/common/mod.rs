@@ -89,6 +89,11 @@ impl RawClient {
         RawClient { stream, next_id: 1 }
     }
 
+    /// Wraps a stream the test set up itself (socket options, say).
+    pub fn from_stream(stream: TcpStream) -> RawClient {
+        RawClient { stream, next_id: 1 }
+    }
+
     pub fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write");
     }
