@@ -602,3 +602,56 @@ fn the_total_connection_limit_holds_across_shards() {
         assert!(Instant::now() < deadline, "the freed slot is never reused");
     }
 }
+
+/// Fair fetch: with a byte budget smaller than what each partition has, a fetch of four
+/// partitions (over two owning shards) used to spend it all on the first partition
+/// listed, every time. The starting partition now rotates, so all of them advance.
+#[test]
+fn a_small_fetch_budget_still_moves_every_partition() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("busy", 4);
+    for partition in 0..4u32 {
+        for index in 0..10 {
+            let value = format!("p{partition}-{index}");
+            client
+                .produce("busy", partition, batch_of(&[value.as_bytes()]))
+                .unwrap();
+        }
+    }
+    let mut offsets = [0u64; 4];
+    for _ in 0..8 {
+        let response = client
+            .call(&Request::Fetch(FetchRequest {
+                wait_ms_max: 0,
+                bytes_max: 1,
+                topics: vec![FetchTopic {
+                    name: "busy".into(),
+                    partitions: (0..4u32)
+                        .map(|partition| FetchPartition {
+                            partition,
+                            offset: offsets[partition as usize],
+                            bytes_max: 1,
+                        })
+                        .collect(),
+                }],
+            }))
+            .unwrap();
+        let ResponseBody::Fetch(response) = response else {
+            panic!("{response:?}")
+        };
+        for result in &response.topics[0].partitions {
+            let batches = result.data.batches.clone().unwrap();
+            let mut records = Vec::new();
+            let offset = &mut offsets[result.partition as usize];
+            batch::decode_records(&batches, *offset, &mut records).unwrap();
+            *offset += records.len() as u64;
+        }
+    }
+    assert!(
+        offsets.iter().all(|offset| *offset > 0),
+        "every partition advanced: {offsets:?}"
+    );
+}

@@ -476,6 +476,37 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
             partitions,
         });
     }
+    // Fairness: the byte budget is spent starting at a different entry each fetch (the
+    // entries are taken in request order from there, wrapping around), so a partition
+    // late in the list makes progress even when the ones before it always have more
+    // than the budget. Each owner reads its items in the order it gets them: rotate
+    // every group to begin at its first entry at or after the starting one.
+    let entries: Vec<usize> = response
+        .topics
+        .iter()
+        .map(|topic| topic.partitions.len())
+        .collect();
+    let entries_total: usize = entries.iter().sum();
+    let start = match entries_total {
+        0 => 0,
+        total => (shard.next_fetch_rotation() % total as u64) as usize,
+    };
+    let topic_starts: Vec<usize> = entries
+        .iter()
+        .scan(0, |next, count| {
+            let first = *next;
+            *next += count;
+            Some(first)
+        })
+        .collect();
+    for (_, slots, items) in &mut split.groups {
+        let first = slots
+            .iter()
+            .position(|(topic, partition)| topic_starts[*topic] + partition >= start)
+            .unwrap_or(0);
+        slots.rotate_left(first);
+        items.rotate_left(first);
+    }
     // One owner: it long-polls itself. Several: a first pass that does not wait, and only
     // if nothing at all is readable a second pass that waits, so one idle shard cannot
     // hold back data another shard already has.
@@ -511,24 +542,36 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
     trim_to_budget(
         &mut response,
         bytes_max.min(shard.config.fetch_bytes_max) as usize,
+        start,
     );
     response
 }
 
 /// Each owner applies `bytes_max` to its own partitions; across owners the total can be
-/// larger. Walking the response in request order, data past the budget is dropped (the
-/// partition reads as empty at its watermark and the consumer fetches it next time), but
-/// the first partition with data always keeps it, so a large batch cannot stall anyone.
-fn trim_to_budget(response: &mut FetchResponse, bytes_max: usize) {
+/// larger. Walking the response in request order from entry `start` (wrapping around),
+/// data past the budget is dropped (the partition reads as empty at its watermark and
+/// the consumer fetches it next time), but the first partition with data always keeps
+/// it, so a large batch cannot stall anyone.
+fn trim_to_budget(response: &mut FetchResponse, bytes_max: usize, start: usize) {
+    let mut entries: Vec<&mut FetchPartitionData> = response
+        .topics
+        .iter_mut()
+        .flat_map(|topic| {
+            topic
+                .partitions
+                .iter_mut()
+                .map(|partition| &mut partition.data)
+        })
+        .collect();
+    let count = entries.len();
+    entries.rotate_left(start.min(count));
     let mut used = 0usize;
-    for topic in &mut response.topics {
-        for partition in &mut topic.partitions {
-            if let Ok(batches) = &mut partition.data.batches {
-                if used > 0 && used + batches.len() > bytes_max {
-                    *batches = bytes::Bytes::new();
-                }
-                used += batches.len();
+    for data in entries {
+        if let Ok(batches) = &mut data.batches {
+            if used > 0 && used + batches.len() > bytes_max {
+                *batches = bytes::Bytes::new();
             }
+            used += batches.len();
         }
     }
 }

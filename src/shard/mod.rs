@@ -171,6 +171,8 @@ pub struct Shard {
     /// Requests accepted on this shard's connections whose response is not written yet
     /// (or, for acks=none, that have not finished): what a shutdown waits for.
     responses_owed: Cell<usize>,
+    /// Counts fetches received here: where each starts spending its byte budget.
+    fetch_rotation: Cell<u64>,
 }
 
 impl Shard {
@@ -203,6 +205,7 @@ impl Shard {
             cancellable: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
             responses_owed: Cell::new(0),
+            fetch_rotation: Cell::new(0),
         })
     }
 
@@ -254,6 +257,14 @@ impl Shard {
         let owed = self.responses_owed.get();
         assert!(count <= owed, "settling {count} responses, {owed} owed");
         self.responses_owed.set(owed - count);
+    }
+
+    /// A different number for each fetch this shard receives, so that successive fetches
+    /// start spending their byte budget at successive partitions.
+    pub fn next_fetch_rotation(&self) -> u64 {
+        let rotation = self.fetch_rotation.get();
+        self.fetch_rotation.set(rotation.wrapping_add(1));
+        rotation
     }
 
     pub fn responses_owed(&self) -> usize {
