@@ -53,6 +53,9 @@ pub struct ServerConfig {
     /// write side and reads (and discards) what the client still sends for up to this
     /// long, so that a reset does not destroy answers already sent. 0: close at once.
     pub connection_linger_ms: u32,
+    /// Most bytes of batches one ListOffsets request may make an owning shard decode
+    /// while looking up offsets by time; entries past it get `limit_exceeded`.
+    pub list_offsets_scan_bytes_max: u64,
     /// Read buffers (64 KiB each) a shard keeps for reuse; an idle connection holds none.
     pub read_buffers_pooled_per_shard_max: u32,
     /// A segment is sealed and a new one started once it reaches this size.
@@ -124,6 +127,7 @@ impl Default for ServerConfig {
             response_write_timeout_ms: 30_000,
             connection_linger_ms: 2_000,
             read_buffers_pooled_per_shard_max: 256,
+            list_offsets_scan_bytes_max: 64 << 20,
             segment_size_bytes: 1 << 30,
             segment_preallocate_step_bytes: 4 << 20,
             chunk_size_bytes: 1 << 20,
@@ -242,6 +246,10 @@ impl ServerConfig {
                 u64::from(self.connections_per_shard_max),
             ),
             ("connections_max", u64::from(self.connections_max)),
+            (
+                "list_offsets_scan_bytes_max",
+                self.list_offsets_scan_bytes_max,
+            ),
             (
                 "connection_requests_in_flight_max",
                 u64::from(self.connection_requests_in_flight_max),

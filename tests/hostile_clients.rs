@@ -655,3 +655,71 @@ fn a_small_fetch_budget_still_moves_every_partition() {
         "every partition advanced: {offsets:?}"
     );
 }
+
+/// A batch whose header overstates its records' times (`max_timestamp_ms` in the future,
+/// records an hour old): lookups by time cannot skip it.
+fn batch_overstating_its_time(now_ms: i64, value: &[u8]) -> bytes::Bytes {
+    let mut builder = batch::BatchBuilder::new(BytesMut::new());
+    builder.push(now_ms - 3_600_000, None, value, &[]);
+    let mut bytes = builder.finish().to_vec();
+    bytes[40..48].copy_from_slice(&(now_ms + 1_000).to_le_bytes());
+    let crc = batch::compute_crc(&bytes);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    bytes.into()
+}
+
+fn list_offsets(client: &mut RawClient, topic: &str, timestamp_ms: i64) -> Result<u64, WireError> {
+    let response = client
+        .call(&Request::ListOffsets(ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: topic.into(),
+                partitions: vec![ListOffsetsPartition {
+                    partition: 0,
+                    timestamp_ms,
+                }],
+            }],
+        }))
+        .expect("a per-partition answer");
+    let ResponseBody::ListOffsets(response) = response else {
+        panic!("{response:?}")
+    };
+    response.topics[0].partitions[0]
+        .result
+        .clone()
+        .map(|offsets| offsets.offset)
+}
+
+/// ListOffsets is bounded: a lookup by time that would decode more than
+/// `list_offsets_scan_bytes_max` gives up with LimitExceeded instead of walking the
+/// whole partition; a lookup that finds its answer early is unaffected, and an
+/// impossible timestamp is refused before any owner works on it.
+#[test]
+fn a_lookup_by_time_does_bounded_work() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        list_offsets_scan_bytes_max: 64 << 10,
+        ..test_config(dir.path(), 2)
+    });
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("times", 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let value = vec![1u8; 4 << 10];
+    for expected in 0..64u64 {
+        assert_eq!(
+            client.produce("times", 0, batch_overstating_its_time(now, &value)),
+            Ok(expected)
+        );
+    }
+    // Every batch claims a time >= now and none has a record that late: the lookup
+    // would decode all 256 KiB; it stops after 64 KiB.
+    let error = list_offsets(&mut client, "times", now).expect_err("gives up");
+    assert_eq!(error.code, ErrorCode::LimitExceeded, "{error}");
+    assert_eq!(list_offsets(&mut client, "times", now - 3_600_000), Ok(0));
+    assert_eq!(list_offsets(&mut client, "times", TIMESTAMP_LATEST), Ok(64));
+    let error = list_offsets(&mut client, "times", -5).expect_err("not a time");
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+}

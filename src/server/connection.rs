@@ -236,8 +236,9 @@ struct Connection {
     in_flight_max: u64,
     /// When a request last finished or a response was last written.
     last_activity: Cell<Instant>,
-    /// Set by the writer when it gives up on the client.
-    writer_failed: Event,
+    /// Set when the client is taken to have gone: the writer gave up on it, or it closed
+    /// its sending side. Reads still running for it are dropped unanswered.
+    client_gone: Event,
 }
 
 impl Connection {
@@ -251,11 +252,11 @@ impl Connection {
 
     /// Resolves when the reader must stop whatever it waits for.
     async fn stopped(&self) {
-        futures_lite::future::or(self.connections.closing.wait(), self.writer_failed.wait()).await;
+        futures_lite::future::or(self.connections.closing.wait(), self.client_gone.wait()).await;
     }
 
     fn is_stopped(&self) -> bool {
-        self.connections.closing.is_set() || self.writer_failed.is_set()
+        self.connections.closing.is_set() || self.client_gone.is_set()
     }
 
     /// Queues a response the caller has counted as owed (`Shard::owe_response`): the
@@ -317,12 +318,18 @@ pub async fn serve(shard: Rc<Shard>, connections: Rc<ShardConnections>, stream: 
         in_flight: Rc::new(Semaphore::new(in_flight_max)),
         in_flight_max,
         last_activity: Cell::new(Instant::now()),
-        writer_failed: Event::default(),
+        client_gone: Event::default(),
     });
     // Not detached: if this connection's task is cancelled (shutdown), dropping the
     // writer with it closes the socket.
     let writer = glommio::spawn_local(write_responses(Rc::clone(&connection), outgoing));
     let end = read_requests(&connection).await;
+    if end == End::ClientDone {
+        // A client that has said all it will say is not waiting for long-polls or
+        // lookups by time (the Rust client half-closes only once nothing waits for an
+        // answer); writes, answered or not, run to their end.
+        connection.client_gone.set();
+    }
     // Let requests already running finish and answer, then let the writer write it all.
     let _ = connection.in_flight.acquire(in_flight_max).await;
     // Every request task has ended (all permits are back), so this is the last sender:
@@ -521,6 +528,9 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             break End::Closing;
         };
         let silent = matches!(&request, Request::Produce(produce) if produce.acks == Acks::None);
+        // Reads (a long-poll, a lookup by time) stop when the client is gone; a request
+        // that changes something always runs to its end (an append is not cancellable).
+        let abandonable = matches!(&request, Request::Fetch(_) | Request::ListOffsets(_));
         let task_connection = Rc::clone(connection);
         let correlation_id = header.correlation_id;
         // Owed from now: a shutdown waits for the answers of requests already read.
@@ -528,7 +538,24 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         glommio::spawn_local(async move {
             let connection = task_connection;
             let shard = &connection.shard;
-            let outcome = dispatch::handle(shard, request).await;
+            let outcome = if abandonable {
+                let handled = futures_lite::future::or(
+                    async { Some(dispatch::handle(shard, request).await) },
+                    async {
+                        connection.client_gone.wait().await;
+                        None
+                    },
+                )
+                .await;
+                let Some(outcome) = handled else {
+                    // Nobody to answer: the writer is gone.
+                    shard.settle_responses(1);
+                    return;
+                };
+                outcome
+            } else {
+                dispatch::handle(shard, request).await
+            };
             connection.last_activity.set(Instant::now());
             if silent {
                 // Nobody hears of it otherwise: the client asked for no answer.
@@ -687,7 +714,7 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
             }
             // The client is gone or does not read: what is queued for it is owed to
             // nobody, and the reader must stop too.
-            connection.writer_failed.set();
+            connection.client_gone.set();
             socket.shutdown(std::net::Shutdown::Both);
             while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
                 shard.settle_responses(1);

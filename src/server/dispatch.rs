@@ -14,6 +14,7 @@ use crate::protocol::{
     ListOffsetsRequest, ListOffsetsResponse, ListOffsetsTopicResult, MetadataRequest,
     MetadataResponse, PartitionMetadata, ProducePartitionResult, ProduceRequest, ProduceResponse,
     ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
+    TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 use crate::shard::{
     FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
@@ -94,17 +95,19 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
         let route = TopicRoute::new(shard, &topic.name);
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for (partition_index, entry) in topic.partitions.into_iter().enumerate() {
-            let result = route.check(entry.partition).map(|owner| {
-                split.push(
-                    owner,
-                    (topic_index, partition_index),
-                    ListOffsetsItem {
-                        topic: Arc::clone(&route.name),
-                        partition: entry.partition,
-                        timestamp_ms: entry.timestamp_ms,
-                    },
-                );
-            });
+            let result = check_list_timestamp(entry.timestamp_ms)
+                .and_then(|()| route.check(entry.partition))
+                .map(|owner| {
+                    split.push(
+                        owner,
+                        (topic_index, partition_index),
+                        ListOffsetsItem {
+                            topic: Arc::clone(&route.name),
+                            partition: entry.partition,
+                            timestamp_ms: entry.timestamp_ms,
+                        },
+                    );
+                });
             partitions.push(ListOffsetsPartitionResult {
                 partition: entry.partition,
                 // Filled in below from the owner's reply when the partition exists.
@@ -132,6 +135,18 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
         },
     );
     response
+}
+
+/// A ListOffsets time is a time (>= 0) or one of the two special values; anything else
+/// is refused here, before any owner does work for it.
+fn check_list_timestamp(timestamp_ms: i64) -> Result<(), WireError> {
+    if timestamp_ms >= 0 || timestamp_ms == TIMESTAMP_EARLIEST || timestamp_ms == TIMESTAMP_LATEST {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::InvalidRequest,
+        format!("timestamp {timestamp_ms} is neither a time nor -1 (latest) or -2 (earliest)"),
+    ))
 }
 
 fn into_done(reply: ShardReply) -> Result<(), WireError> {

@@ -100,6 +100,17 @@ pub enum ShardRequest {
     RemoveTopic { name: String },
 }
 
+impl ShardRequest {
+    /// Reads that change nothing and may run long (a long-poll, a lookup by time): the
+    /// asker may give up on them, and then the owner stops them.
+    pub fn is_abandonable(&self) -> bool {
+        matches!(
+            self,
+            ShardRequest::Fetch { .. } | ShardRequest::ListOffsets { .. }
+        )
+    }
+}
+
 #[derive(Debug)]
 pub enum ShardReply {
     Produce(Vec<Result<u64, WireError>>),
@@ -427,7 +438,7 @@ impl Shard {
             shard: Rc::clone(self),
             owner,
             id,
-            cancel: matches!(request, ShardRequest::Fetch { .. }),
+            cancel: request.is_abandonable(),
             armed: true,
         };
         if self
@@ -464,7 +475,7 @@ impl Shard {
                 MeshMessage::Request { id, request } => {
                     // Registered before the task starts, so a Cancel right behind the
                     // request finds it.
-                    let cancelled = matches!(request, ShardRequest::Fetch { .. }).then(|| {
+                    let cancelled = request.is_abandonable().then(|| {
                         let (stop, stopped) = oneshot::channel();
                         self.cancellable.borrow_mut().insert((peer, id), stop);
                         stopped
@@ -571,6 +582,9 @@ impl Shard {
         items: Vec<ListOffsetsItem>,
     ) -> Vec<Result<PartitionOffsets, WireError>> {
         let mut results = Vec::with_capacity(items.len());
+        // Shared by the request's lookups by time on this shard: one request cannot make
+        // it decode more than this, however many entries it lists.
+        let mut scan_left = self.config.list_offsets_scan_bytes_max;
         for item in items {
             let log = match self.log(&item.topic, item.partition) {
                 Ok(log) => log,
@@ -586,10 +600,24 @@ impl Shard {
                     ErrorCode::InvalidRequest,
                     format!("timestamp {timestamp_ms} is neither a time nor -1 (latest) or -2 (earliest)"),
                 )),
-                timestamp_ms => log
-                    .offset_for_timestamp(timestamp_ms)
+                timestamp_ms => match log
+                    .offset_for_timestamp_bounded(timestamp_ms, scan_left)
                     .await
-                    .map_err(|error| self.wire_error(&error)),
+                {
+                    Ok(lookup) => {
+                        scan_left = scan_left.saturating_sub(lookup.scanned_bytes);
+                        lookup.offset.ok_or_else(|| {
+                            WireError::new(
+                                ErrorCode::LimitExceeded,
+                                format!(
+                                    "the lookup by time would decode more than list_offsets_scan_bytes_max ({} bytes) for this request",
+                                    self.config.list_offsets_scan_bytes_max
+                                ),
+                            )
+                        })
+                    }
+                    Err(error) => Err(self.wire_error(&error)),
+                },
             };
             results.push(offset.map(|offset| PartitionOffsets {
                 offset,

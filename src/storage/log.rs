@@ -237,6 +237,16 @@ enum AppendStep {
 }
 
 /// A durable byte range of one segment to walk.
+/// The outcome of a bounded lookup by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLookup {
+    /// The offset found, or None when the lookup gave up at its byte bound.
+    pub offset: Option<u64>,
+    /// Bytes of batches decoded on the way (those whose max timestamp was not below the
+    /// time asked).
+    pub scanned_bytes: u64,
+}
+
 struct ReadSpan<F> {
     file: Rc<F>,
     path: PathBuf,
@@ -884,6 +894,22 @@ impl<S: LogStorage> PartitionLog<S> {
     /// The first offset whose record has a timestamp at or after `timestamp_ms`, or the
     /// high watermark when no readable record is that late.
     pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, StorageError> {
+        let lookup = self
+            .offset_for_timestamp_bounded(timestamp_ms, u64::MAX)
+            .await?;
+        Ok(lookup.offset.expect("an unbounded lookup always ends"))
+    }
+
+    /// `offset_for_timestamp`, giving up once the batches it has examined add up to more
+    /// than `scan_bytes_max` (then `offset` is None). Batches are skipped by their
+    /// header's max timestamp, which a producer can overstate: without a bound one
+    /// lookup could walk every segment of the partition.
+    pub async fn offset_for_timestamp_bounded(
+        &self,
+        timestamp_ms: i64,
+        scan_bytes_max: u64,
+    ) -> Result<TimeLookup, StorageError> {
+        let mut scanned_bytes = 0u64;
         let (spans, high_watermark) = {
             let state = self.state.borrow();
             let spans: Vec<ReadSpan<S::File>> = state
@@ -903,9 +929,15 @@ impl<S: LogStorage> PartitionLog<S> {
         for span in spans {
             let mut found = None;
             let mut failure = None;
+            let mut gave_up = false;
             self.scan_batches(span, u64::MAX, |header, batch| {
                 if header.max_timestamp_ms < timestamp_ms {
                     return Visit::Continue;
+                }
+                scanned_bytes += batch.len() as u64;
+                if scanned_bytes > scan_bytes_max {
+                    gave_up = true;
+                    return Visit::Stop;
                 }
                 let batch = Bytes::copy_from_slice(batch);
                 let mut records = Vec::new();
@@ -933,10 +965,22 @@ impl<S: LogStorage> PartitionLog<S> {
                 });
             }
             if let Some(offset) = found {
-                return Ok(offset.min(high_watermark));
+                return Ok(TimeLookup {
+                    offset: Some(offset.min(high_watermark)),
+                    scanned_bytes,
+                });
+            }
+            if gave_up {
+                return Ok(TimeLookup {
+                    offset: None,
+                    scanned_bytes,
+                });
             }
         }
-        Ok(high_watermark)
+        Ok(TimeLookup {
+            offset: Some(high_watermark),
+            scanned_bytes,
+        })
     }
 
     /// Walks the durable batches of one segment from `span.position`, checking each

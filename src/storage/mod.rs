@@ -29,7 +29,7 @@ mod sync;
 
 pub use cache::TailCache;
 pub use file::{DmaStorage, LogFile, LogStorage};
-pub use log::{now_ms, AppendOutcome, FailurePolicy, LogConfig, PartitionLog};
+pub use log::{now_ms, AppendOutcome, FailurePolicy, LogConfig, PartitionLog, TimeLookup};
 pub use sync::{ChunkBudget, Notify};
 
 use std::path::PathBuf;
