@@ -308,7 +308,11 @@ pub async fn serve(shard: Rc<Shard>, connections: Rc<ShardConnections>, stream: 
     let _ = stream.set_write_timeout(Some(milliseconds(config.response_write_timeout_ms)));
     let socket = Socket(Rc::new(RefCell::new(stream)));
     let in_flight_max = u64::from(config.connection_requests_in_flight_max);
-    let (responses, outgoing) = local_channel::new_bounded::<Outgoing>(in_flight_max as usize + 1);
+    // Unbounded in type only: every response is sent by a request task holding an
+    // in-flight permit, or by the reader itself (one at a time), so it never holds more
+    // than in_flight_max + 1. A bounded channel would allocate that many slots up front,
+    // ~16 KiB for every connection, idle ones included.
+    let (responses, outgoing) = local_channel::new_unbounded::<Outgoing>();
     let connection = Rc::new(Connection {
         budget: ByteBudget::new(config.connection_bytes_in_flight_max),
         shard: Rc::clone(&shard),
@@ -354,7 +358,9 @@ async fn linger(socket: &Socket, config: &ServerConfig) {
         return;
     }
     let deadline = Instant::now() + milliseconds(config.connection_linger_ms);
-    let mut discard = [0u8; LINGER_READ_BYTES];
+    // On the heap, and only while lingering: an array here would make every
+    // connection's task that much larger for its whole life.
+    let mut discard = vec![0u8; LINGER_READ_BYTES];
     let mut reader = socket.clone();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
