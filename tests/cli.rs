@@ -95,6 +95,11 @@ fn topic_produce_consume_round_trip() {
     let produced = run(&["produce", "orders", "--key", "customer-7"], "a\nb\nc\n");
     produced.assert_success("produce");
     assert_eq!(produced.stdout, "", "produce prints nothing");
+    assert!(
+        !produced.stderr.contains("--acks none"),
+        "{}",
+        produced.stderr
+    );
 
     let consumed = run(
         &["consume", "orders", "--from-beginning", "--count", "3"],
@@ -115,6 +120,21 @@ fn topic_produce_consume_round_trip() {
         "",
     );
     consumed.assert_success("consume --json");
+
+    // --acks none: the CLI says failures cannot be reported (its own topic, so the
+    // consumes around it are unaffected).
+    run(&["topic", "create", "unanswered", "--partitions", "1"], "")
+        .assert_success("topic create unanswered");
+    let unacknowledged = run(
+        &["produce", "unanswered", "--acks", "none"],
+        "unacknowledged\n",
+    );
+    unacknowledged.assert_success("produce --acks none");
+    assert!(
+        unacknowledged.stderr.contains("warning: --acks none"),
+        "the CLI warns that failures cannot be reported: {}",
+        unacknowledged.stderr
+    );
 
     // CRLF input: the "\r" is part of the line ending, not of the message; and
     // `--timeout-ms 0` still reads what is there.

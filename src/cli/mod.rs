@@ -241,7 +241,8 @@ pub struct ProduceArgs {
     /// Send every message to this partition.
     #[arg(long, value_name = "P")]
     pub partition: Option<u32>,
-    /// none: no answer from the broker; memory: acked in memory; durable: acked on disk.
+    /// none: no answer from the broker, so failures cannot be reported (a warning says
+    /// so); memory: acked in memory; durable: acked on disk.
     #[arg(long, default_value = "durable", value_name = "none|memory|durable")]
     pub acks: Acks,
     #[command(flatten)]
@@ -590,6 +591,11 @@ pub fn parse_time_ms(text: &str) -> Result<i64, String> {
 async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
     let topic = args.topic;
     let failed = || client_context(format!("producing to topic {topic:?}"));
+    if args.acks == Acks::None {
+        eprintln!(
+            "shardq: warning: --acks none: the broker sends no answer, so a message it refuses or fails to store is lost without an error here (the broker only logs it)"
+        );
+    }
     let config = ProducerConfig {
         acks: args.acks,
         ..ProducerConfig::default()

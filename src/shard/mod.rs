@@ -362,12 +362,15 @@ impl Shard {
             log.close().await;
             let directory = log.directory().to_path_buf();
             drop(log);
-            std::fs::remove_dir_all(&directory).map_err(|source| {
-                WireError::new(
-                    ErrorCode::StorageError,
-                    format!("removing {}: {source}", directory.display()),
-                )
-            })?;
+            let removing = directory.clone();
+            off_reactor(move || std::fs::remove_dir_all(removing))
+                .await
+                .map_err(|source| {
+                    WireError::new(
+                        ErrorCode::StorageError,
+                        format!("removing {}: {source}", directory.display()),
+                    )
+                })?;
         }
         Ok(())
     }
@@ -849,10 +852,10 @@ impl Shard {
         topic.retention = retention;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
-            if let Err(error) = write_topic_metadata(&self.topics_directory(), &name, &topic) {
+            if let Err(error) = write_metadata(self.topics_directory(), &name, topic).await {
                 // The new file may be in place without its directory synced: put the old
                 // one back, so what a restart reads is what every shard serves.
-                if let Err(undo) = write_topic_metadata(&self.topics_directory(), &name, &before) {
+                if let Err(undo) = write_metadata(self.topics_directory(), &name, before).await {
                     eprintln!("shardq: undoing the change to topic {name:?}: {undo}");
                 }
                 return Err(WireError::new(
@@ -883,20 +886,26 @@ impl Shard {
             // A directory left by an interrupted delete must not lend its old segments
             // (and offsets) to the new topic.
             let leftover = self.topics_directory().join(&name);
-            if leftover.exists() {
-                std::fs::remove_dir_all(&leftover).map_err(|error| {
-                    WireError::new(
-                        ErrorCode::StorageError,
-                        format!("removing leftover {}: {error}", leftover.display()),
-                    )
-                })?;
-            }
-            write_topic_metadata(&self.topics_directory(), &name, &topic).map_err(|error| {
+            let removing = leftover.clone();
+            off_reactor(move || match std::fs::remove_dir_all(removing) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            })
+            .await
+            .map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
-                    format!("writing topic metadata: {error}"),
+                    format!("removing leftover {}: {error}", leftover.display()),
                 )
             })?;
+            write_metadata(self.topics_directory(), &name, topic)
+                .await
+                .map_err(|error| {
+                    WireError::new(
+                        ErrorCode::StorageError,
+                        format!("writing topic metadata: {error}"),
+                    )
+                })?;
             let installed = self
                 .broadcast(|| ShardRequest::InstallTopic {
                     name: name.clone(),
@@ -910,7 +919,7 @@ impl Shard {
                 let _ = self
                     .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                     .await;
-                if let Err(undo) = remove_topic_directory(&self.topics_directory(), &name) {
+                if let Err(undo) = remove_directory(self.topics_directory(), &name).await {
                     eprintln!("shardq: undoing the creation of topic {name:?}: {undo}");
                 }
                 return Err(error);
@@ -940,20 +949,24 @@ impl Shard {
         let outcome = async {
             // The metadata file goes first: once it is gone the topic does not come back
             // after a crash, whatever is left of its partitions.
-            remove_topic_metadata(&self.topics_directory(), &name).map_err(|error| {
-                WireError::new(
-                    ErrorCode::StorageError,
-                    format!("removing topic metadata: {error}"),
-                )
-            })?;
+            remove_metadata(self.topics_directory(), &name)
+                .await
+                .map_err(|error| {
+                    WireError::new(
+                        ErrorCode::StorageError,
+                        format!("removing topic metadata: {error}"),
+                    )
+                })?;
             self.broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                 .await?;
-            remove_topic_directory(&self.topics_directory(), &name).map_err(|error| {
-                WireError::new(
-                    ErrorCode::StorageError,
-                    format!("removing topic {name:?}: {error}"),
-                )
-            })
+            remove_directory(self.topics_directory(), &name)
+                .await
+                .map_err(|error| {
+                    WireError::new(
+                        ErrorCode::StorageError,
+                        format!("removing topic {name:?}: {error}"),
+                    )
+                })
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);
@@ -994,9 +1007,36 @@ fn failed_reply(error: WireError) -> ShardReply {
     ShardReply::Done(Err(error))
 }
 
-// Topic metadata is tiny and changes rarely; it is written with plain blocking file calls
-// on the coordinator shard, which is acceptable for an admin operation and keeps the
-// format a readable text file.
+// Topic metadata is tiny and changes rarely; it is written with plain blocking file calls,
+// which keeps the format a readable text file. Those calls (and removing a topic's
+// directories) run on the shard's blocking thread, never on its reactor: a directory
+// fsync or a remove_dir_all can take milliseconds to seconds, and a create/delete loop
+// would otherwise stall every connection of the shard meanwhile.
+
+/// Runs blocking file-system work on the executor's blocking thread (glommio's
+/// `spawn_blocking`), so the shard keeps serving while it runs.
+async fn off_reactor<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(work).await
+}
+
+async fn write_metadata(
+    topics_dir: PathBuf,
+    name: &str,
+    topic: TopicConfig,
+) -> std::io::Result<()> {
+    let name = name.to_owned();
+    off_reactor(move || write_topic_metadata(&topics_dir, &name, &topic)).await
+}
+
+async fn remove_directory(topics_dir: PathBuf, name: &str) -> std::io::Result<()> {
+    let name = name.to_owned();
+    off_reactor(move || remove_topic_directory(&topics_dir, &name)).await
+}
+
+async fn remove_metadata(topics_dir: PathBuf, name: &str) -> std::io::Result<()> {
+    let name = name.to_owned();
+    off_reactor(move || remove_topic_metadata(&topics_dir, &name)).await
+}
 
 fn write_topic_metadata(topics_dir: &Path, name: &str, topic: &TopicConfig) -> std::io::Result<()> {
     use std::io::Write;
