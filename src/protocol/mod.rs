@@ -1071,6 +1071,66 @@ pub fn encode_response(
     });
 }
 
+/// Record batches at least this large stay in their own buffers in
+/// `encode_response_parts` instead of being copied into the frame.
+pub const RESPONSE_PART_BYTES_MIN: usize = 16 * 1024;
+
+/// Encodes a response frame as buffers that, written one after another, are exactly the
+/// bytes `encode_response` produces. A Fetch response's record batches of at least
+/// `RESPONSE_PART_BYTES_MIN` bytes are not copied: they are parts of their own (zero-copy
+/// slices of what the log read), between parts holding the fields around them. Every
+/// other response is one part.
+pub fn encode_response_parts(
+    opcode: Opcode,
+    correlation_id: u64,
+    response: Result<&ResponseBody, &WireError>,
+) -> Vec<Bytes> {
+    let Ok(ResponseBody::Fetch(fetch)) = response else {
+        let mut out = BytesMut::new();
+        encode_response(&mut out, opcode, correlation_id, response);
+        return vec![out.freeze()];
+    };
+    let mut parts = Vec::new();
+    let mut fields = BytesMut::new();
+    {
+        let mut writer = Writer::new(&mut fields);
+        encode_status(&mut writer, None);
+        writer.count(fetch.topics.len());
+    }
+    for topic in &fetch.topics {
+        let mut writer = Writer::new(&mut fields);
+        writer.string(&topic.name);
+        writer.count(topic.partitions.len());
+        for partition in &topic.partitions {
+            let mut writer = Writer::new(&mut fields);
+            writer.u32(partition.partition);
+            let data = &partition.data;
+            encode_status(&mut writer, data.batches.as_ref().err());
+            writer.u64(data.log_start_offset);
+            writer.u64(data.high_watermark);
+            let batches = data.batches.clone().unwrap_or_default();
+            if batches.len() < RESPONSE_PART_BYTES_MIN {
+                writer.bytes(&batches);
+                continue;
+            }
+            writer.u32(u32::try_from(batches.len()).expect("wire byte strings are below 4 GiB"));
+            parts.push(fields.split().freeze());
+            parts.push(batches);
+        }
+    }
+    parts.push(fields.freeze());
+    let body_length: usize = parts.iter().map(Bytes::len).sum();
+    let mut header = BytesMut::with_capacity(FRAME_HEADER_SIZE);
+    header.put_u32_le(u32::try_from(body_length).expect("frame below 4 GiB"));
+    header.put_u8(PROTOCOL_VERSION);
+    header.put_u8(opcode as u8);
+    header.put_u16_le(FLAG_RESPONSE);
+    header.put_u64_le(correlation_id);
+    parts.insert(0, header.freeze());
+    parts.retain(|part| !part.is_empty());
+    parts
+}
+
 /// Encodes an error response for a raw opcode, which may be one this broker does not
 /// know (the refusal of an unknown opcode echoes it).
 pub fn encode_error_response(
@@ -1477,6 +1537,54 @@ mod tests {
         let decoded =
             decode_response(Opcode::Fetch, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
         assert_eq!(decoded, Err(error));
+    }
+
+    /// The parts of a response, written in order, are the bytes of the one-buffer
+    /// encoding; large batches are the fetched buffers themselves, not copies.
+    #[test]
+    fn response_parts_concatenate_to_the_encoded_response() {
+        let large = Bytes::from(vec![5u8; RESPONSE_PART_BYTES_MIN + 1]);
+        let partition = |partition, batches: Result<Bytes, WireError>| FetchPartitionResult {
+            partition,
+            data: FetchPartitionData {
+                log_start_offset: 1,
+                high_watermark: 9,
+                batches,
+            },
+        };
+        let body = ResponseBody::Fetch(FetchResponse {
+            topics: vec![
+                FetchTopicResult {
+                    name: "t".into(),
+                    partitions: vec![
+                        partition(0, Ok(large.clone())),
+                        partition(1, Ok(Bytes::from_static(b"small"))),
+                        partition(2, Err(WireError::new(ErrorCode::UnknownPartition, "no"))),
+                        partition(3, Ok(large.clone())),
+                    ],
+                },
+                FetchTopicResult {
+                    name: "u".into(),
+                    partitions: vec![],
+                },
+            ],
+        });
+        for response in [
+            Ok(&body),
+            Err(&WireError::new(ErrorCode::ShuttingDown, "stopping")),
+        ] {
+            let mut whole = BytesMut::new();
+            encode_response(&mut whole, Opcode::Fetch, 77, response);
+            let parts = encode_response_parts(Opcode::Fetch, 77, response);
+            assert_eq!(parts.concat(), whole.to_vec());
+            if response.is_ok() {
+                let shared = parts
+                    .iter()
+                    .filter(|part| part.as_ptr() == large.as_ptr())
+                    .count();
+                assert_eq!(shared, 2, "large batches are not copied");
+            }
+        }
     }
 
     #[test]

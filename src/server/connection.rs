@@ -22,11 +22,14 @@
 //!   1 KiB array on its task's stack and takes a 64 KiB buffer from the shard's pool
 //!   when data arrives, returning it when everything buffered has been consumed.
 //!
-//! Writes: a response larger than 16 KiB is written from its own buffer; smaller ones
-//! ready at the same moment are coalesced into one write through a buffer of at most
-//! 64 KiB made for that write. glommio 0.9's `TcpStream` has no vectored write (its
-//! `AsyncWrite` implements only `poll_write`, so `write_vectored` would send the first
-//! buffer alone), hence the bounded copy for small responses instead of `writev`.
+//! Writes: a response is a list of buffers (`encode_response_parts`): a fetch's record
+//! batches of 16 KiB or more are the very buffers the log read, never copied into the
+//! frame. Buffers larger than 16 KiB are written from where they are; smaller ones ready
+//! at the same moment are coalesced into one write through a buffer of at most 64 KiB
+//! made for that write. glommio 0.9's `TcpStream` has no vectored write (its `AsyncWrite`
+//! implements only `poll_write`, so `write_vectored` would send the first buffer alone,
+//! and a `writev` on the raw descriptor would bypass its readiness and write-timeout
+//! handling), hence one write per large buffer and the bounded copy for small ones.
 //!
 //! Bad input (invariant 7): an unknown opcode or an invalid topic name gets an error
 //! response and the connection goes on (the frame's length was trustworthy); a bad
@@ -57,7 +60,7 @@ use glommio::sync::Semaphore;
 
 use crate::config::ServerConfig;
 use crate::protocol::{
-    decode_frame_header, encode_error_response, encode_response, peek_correlation_id, Acks,
+    decode_frame_header, encode_error_response, encode_response_parts, peek_correlation_id, Acks,
     DecodeLimits, Decoded, ErrorCode, Opcode, ProtocolError, Request, WireError, FRAME_HEADER_SIZE,
 };
 use crate::shard::Shard;
@@ -206,9 +209,11 @@ impl AsyncWrite for Socket {
     }
 }
 
-/// A response on its way to the socket, with the bytes it holds on the budgets.
+/// A response on its way to the socket, as the buffers that make up its frame (a
+/// fetch's large batches are their own parts: `encode_response_parts`), with the bytes
+/// it holds on the budgets.
 struct Outgoing {
-    frame: Bytes,
+    parts: Vec<Bytes>,
     _lease: Lease,
 }
 
@@ -261,10 +266,10 @@ impl Connection {
 
     /// Queues a response the caller has counted as owed (`Shard::owe_response`): the
     /// writer settles every frame it writes, or this does if nobody will write it.
-    async fn send(&self, frame: Bytes, mut lease: Lease) {
-        lease.resize(frame.len() as u64);
+    async fn send(&self, parts: Vec<Bytes>, mut lease: Lease) {
+        lease.resize(parts.iter().map(|part| part.len() as u64).sum());
         let outgoing = Outgoing {
-            frame,
+            parts,
             _lease: lease,
         };
         let sender = self.responses.borrow().clone();
@@ -283,7 +288,7 @@ impl Connection {
         let mut out = BytesMut::new();
         encode_error_response(&mut out, opcode, correlation_id, error);
         self.shard.owe_response();
-        self.send(out.freeze(), self.lease()).await;
+        self.send(vec![out.freeze()], self.lease()).await;
     }
 
     async fn refuse(&self, opcode: u8, correlation_id: u64, error: &ProtocolError) {
@@ -578,10 +583,10 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 drop(permit);
                 return;
             }
-            let mut out = BytesMut::new();
-            encode_response(&mut out, opcode, correlation_id, outcome.as_ref());
+            // Fetched batches are not copied: the parts share their buffers.
+            let parts = encode_response_parts(opcode, correlation_id, outcome.as_ref());
             drop(outcome);
-            connection.send(out.freeze(), lease).await;
+            connection.send(parts, lease).await;
             drop(permit);
         })
         .detach();
@@ -732,28 +737,30 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
     true
 }
 
-/// Writes `frames` in order: large ones from their own buffers, small neighbours
-/// coalesced through a buffer of at most `COALESCE_BYTES_MAX` bytes.
+/// Writes `frames` in order, part by part: parts larger than `COALESCE_FRAME_BYTES_MAX`
+/// from their own buffers, smaller neighbours coalesced through a buffer of at most
+/// `COALESCE_BYTES_MAX` bytes made for this call.
 async fn write_frames(socket: &mut Socket, frames: &[Outgoing]) -> io::Result<()> {
     if let [only] = frames {
-        return socket.write_all(&only.frame).await;
+        if let [part] = only.parts.as_slice() {
+            return socket.write_all(part).await;
+        }
     }
     let mut coalesced = BytesMut::new();
-    for outgoing in frames {
-        let frame = &outgoing.frame;
-        if frame.len() > COALESCE_FRAME_BYTES_MAX {
+    for part in frames.iter().flat_map(|outgoing| &outgoing.parts) {
+        if part.len() > COALESCE_FRAME_BYTES_MAX {
             if !coalesced.is_empty() {
                 socket.write_all(&coalesced).await?;
                 coalesced.clear();
             }
-            socket.write_all(frame).await?;
+            socket.write_all(part).await?;
             continue;
         }
-        if coalesced.len() + frame.len() > COALESCE_BYTES_MAX {
+        if coalesced.len() + part.len() > COALESCE_BYTES_MAX {
             socket.write_all(&coalesced).await?;
             coalesced.clear();
         }
-        coalesced.extend_from_slice(frame);
+        coalesced.extend_from_slice(part);
     }
     if !coalesced.is_empty() {
         socket.write_all(&coalesced).await?;
