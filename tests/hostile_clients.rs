@@ -907,3 +907,94 @@ fn a_flood_of_tiny_pipelined_requests_is_answered_within_bounds() {
     let acked = bystander.finish();
     assert_all_stored(shard, "steady", acked);
 }
+
+/// Lingering close at shutdown: a client pipelines durable produces while the broker is
+/// stopped. It receives answers for what the broker read, then the end of the stream, not
+/// a reset, and every batch acknowledged is stored when the broker comes back. (Here the
+/// client's window holds the answers, so the FIN sent before the close already gives it
+/// the end of the stream; `answers_before_a_protocol_error_survive_the_close` is the test
+/// where only the lingering keeps the answers from being reset away.)
+#[test]
+fn shutdown_ends_a_busy_connection_with_its_answers_and_no_reset() {
+    use std::io::Read;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = shardq::config::ServerConfig {
+        connection_linger_ms: 10_000,
+        ..test_config(dir.path(), 1)
+    };
+    let mut broker = TestBroker::start_with(config.clone());
+    RawClient::connect(broker.addr()).create_topic("t", 1);
+    let mut stream = TcpStream::connect(broker.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let total = 5_000u64;
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for id in 0..total {
+            let mut frame = BytesMut::new();
+            Request::Produce(ProduceRequest {
+                acks: Acks::Durable,
+                timeout_ms: 10_000,
+                topics: vec![ProduceTopic {
+                    name: "t".into(),
+                    partitions: vec![ProducePartition {
+                        partition: 0,
+                        batch: batch_of(&[format!("m{id}").as_bytes()]),
+                    }],
+                }],
+            })
+            .encode(id, &mut frame);
+            if writer.write_all(&frame).is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+    });
+    let mut acked = Vec::new();
+    let mut stopper = None;
+    loop {
+        let mut header = [0u8; FRAME_HEADER_SIZE];
+        match stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(error) => panic!("the connection ended with {error}, not end of stream"),
+        }
+        let Ok(Decoded::Complete(header)) = decode_frame_header(&header, u32::MAX) else {
+            panic!("a broker frame")
+        };
+        let mut body = vec![0u8; header.body_length as usize];
+        stream.read_exact(&mut body).expect("a whole answer");
+        let response = decode_response(Opcode::Produce, body.into()).unwrap();
+        if let Ok(ResponseBody::Produce(response)) = response {
+            if let Ok(offset) = response.topics[0].partitions[0].result {
+                acked.push(offset);
+            }
+        }
+        if acked.len() == 20 && stopper.is_none() {
+            let mut running = std::mem::replace(
+                &mut broker,
+                TestBroker {
+                    data_dir: dir.path().to_path_buf(),
+                    config: config.clone(),
+                    handle: None,
+                },
+            );
+            stopper = Some(std::thread::spawn(move || running.stop()));
+        }
+    }
+    drop(stream);
+    stopper.expect("the broker was stopped").join().unwrap();
+    sender.join().unwrap();
+    assert!(acked.len() >= 20, "answers arrived before the stop");
+    let restarted = TestBroker::start_with(config);
+    let stored = RawClient::connect(restarted.addr()).fetch_all("t", 0, 0);
+    for offset in &acked {
+        assert!(
+            (*offset as usize) < stored.len(),
+            "acknowledged offset {offset} is stored ({} records)",
+            stored.len()
+        );
+    }
+}
