@@ -45,6 +45,7 @@
 //! makes TCP send a reset, which can destroy answers the client has not read yet.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -255,7 +256,9 @@ impl Connection {
         self.in_flight.available() < self.in_flight_max
     }
 
-    /// Resolves when the reader must stop whatever it waits for.
+    /// Resolves when the reader must stop whatever it waits for. The reader makes one
+    /// for its whole life (`Stop`) rather than one per wait: each costs a listener on
+    /// the shard's and the connection's events.
     async fn stopped(&self) {
         futures_lite::future::or(self.connections.closing.wait(), self.client_gone.wait()).await;
     }
@@ -294,6 +297,18 @@ impl Connection {
     async fn refuse(&self, opcode: u8, correlation_id: u64, error: &ProtocolError) {
         let error = WireError::new(error.code(), error.to_string());
         self.send_error(opcode, correlation_id, &error).await;
+    }
+}
+
+/// The reader's `Connection::stopped`, made once and polled by every wait of the reader;
+/// never polled again once it has resolved (`Connection::is_stopped` is checked first).
+type Stop<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// Waits for `stop`, unless the connection has stopped already (then `stop` has resolved
+/// and must not be polled again).
+async fn until_stopped(connection: &Connection, stop: &mut Stop<'_>) {
+    if !connection.is_stopped() {
+        stop.await;
     }
 }
 
@@ -398,6 +413,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
     let idle_timeout = milliseconds(config.connection_idle_timeout_ms);
     let frame_timeout = milliseconds(config.frame_read_timeout_ms);
     let mut buffer = BytesMut::new();
+    let mut stop: Stop<'_> = Box::pin(connection.stopped());
     let end = loop {
         // The header, waiting as long as the connection may stay idle.
         let mut frame_started: Option<Instant> = None;
@@ -417,7 +433,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             } else {
                 *frame_started.get_or_insert_with(Instant::now) + frame_timeout
             };
-            match read_some(connection, &mut buffer, deadline).await {
+            match read_some(connection, &mut buffer, deadline, &mut stop).await {
                 Read::Data => {}
                 Read::TimedOut if buffer.is_empty() => {
                     if connection.busy() {
@@ -453,7 +469,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             let want = frame_length.min(buffer.len() + READ_BYTES_MAX) as u64;
             if lease.bytes() < want {
                 let paused = Instant::now();
-                if !grow_lease(connection, &mut lease, want).await {
+                if !grow_lease(connection, &mut lease, want, &mut stop).await {
                     return End::Closing;
                 }
                 deadline += paused.elapsed();
@@ -461,7 +477,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             if buffer.len() >= frame_length {
                 break;
             }
-            match read_some(connection, &mut buffer, deadline).await {
+            match read_some(connection, &mut buffer, deadline, &mut stop).await {
                 Read::Data => {}
                 Read::TimedOut => {
                     connection.connections.timeouts.log(|| {
@@ -516,7 +532,9 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         drop(frame);
         // A fetch's answer can be far larger than its request: count it up front.
         let expected = response_bytes_expected(&request, config);
-        if expected > lease.bytes() && !grow_lease(connection, &mut lease, expected).await {
+        if expected > lease.bytes()
+            && !grow_lease(connection, &mut lease, expected, &mut stop).await
+        {
             break End::Closing;
         }
         let started = futures_lite::future::or(
@@ -530,7 +548,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 )
             },
             async {
-                connection.stopped().await;
+                until_stopped(connection, &mut stop).await;
                 None
             },
         )
@@ -596,7 +614,15 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
 
 /// Grows `lease` to `bytes`, waiting for the budgets; false if the connection must stop
 /// meanwhile.
-async fn grow_lease(connection: &Connection, lease: &mut Lease, bytes: u64) -> bool {
+async fn grow_lease(
+    connection: &Connection,
+    lease: &mut Lease,
+    bytes: u64,
+    stop: &mut Stop<'_>,
+) -> bool {
+    if connection.is_stopped() {
+        return false;
+    }
     let more = bytes.saturating_sub(lease.bytes());
     futures_lite::future::or(
         async {
@@ -604,7 +630,7 @@ async fn grow_lease(connection: &Connection, lease: &mut Lease, bytes: u64) -> b
             true
         },
         async {
-            connection.stopped().await;
+            until_stopped(connection, stop).await;
             false
         },
     )
@@ -640,7 +666,12 @@ fn response_bytes_expected(request: &Request, config: &ServerConfig) -> u64 {
 /// Reads what the socket has into `buffer`, until `deadline` or until the connection
 /// must stop. A connection with no buffer reads into a small array first and takes a
 /// pooled buffer only once data has arrived.
-async fn read_some(connection: &Connection, buffer: &mut BytesMut, deadline: Instant) -> Read {
+async fn read_some(
+    connection: &Connection,
+    buffer: &mut BytesMut,
+    deadline: Instant,
+    stop: &mut Stop<'_>,
+) -> Read {
     if connection.is_stopped() {
         return Read::Stopped;
     }
@@ -682,7 +713,7 @@ async fn read_some(connection: &Connection, buffer: &mut BytesMut, deadline: Ins
             Read::TimedOut
         };
         let stopped = async {
-            connection.stopped().await;
+            until_stopped(connection, stop).await;
             Read::Stopped
         };
         futures_lite::future::or(read, futures_lite::future::or(stopped, timer)).await
