@@ -254,3 +254,41 @@ fn everything_the_broker_creates_is_private() {
         "segments, indexes, metadata and broker files were checked"
     );
 }
+
+/// The connection limits `serve` sets reach the broker: `--connections-max 1` refuses a
+/// second connection until the first has gone, and a budget the broker cannot work with
+/// (`--shard-bytes-in-flight-max` below a connection's) is refused before it starts.
+#[test]
+fn serve_sets_the_connection_limits_and_refuses_impossible_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut refused = Serve::start(
+        &dir.path().join("refused"),
+        "127.0.0.1:0",
+        &["--cores", "1", "--shard-bytes-in-flight-max", "1024"],
+    );
+    let (status, stderr) = refused.wait_exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "shard_bytes_in_flight_max 1024 must be at least connection_bytes_in_flight_max"
+        ),
+        "{stderr}"
+    );
+
+    let mut broker = Serve::start(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--cores", "1", "--connections-max", "1"],
+    );
+    let address = broker.wait_serving();
+    let first = TcpStream::connect(address).unwrap();
+    metadata_round_trip(address).expect_err("a second connection is over --connections-max 1");
+    drop(first);
+    // The slot comes back once the broker has seen the first one go: bounded retry.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while metadata_round_trip(address).is_err() {
+        assert!(Instant::now() < deadline, "the slot never came back");
+    }
+    broker.child.kill().unwrap();
+    let _ = broker.child.wait();
+}

@@ -164,6 +164,19 @@ pub struct ServeArgs {
     /// moment ago leaves its sockets bound briefly); 0 fails at once.
     #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().bind_retry_ms)]
     pub bind_retry_ms: u32,
+    /// Most open client connections over all shards; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().connections_max)]
+    pub connections_max: u32,
+    /// Bytes of request frames and unwritten responses one shard's connections may
+    /// hold; reading pauses at the limit.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().shard_bytes_in_flight_max)]
+    pub shard_bytes_in_flight_max: u64,
+    /// A connection with nothing sent, running or unwritten this long is closed.
+    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().connection_idle_timeout_ms)]
+    pub connection_idle_timeout_ms: u32,
+    /// A client that reads none of its responses this long is disconnected.
+    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().response_write_timeout_ms)]
+    pub response_write_timeout_ms: u32,
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +361,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 listen: args.listen,
                 cores: args.cores,
                 bind_retry_ms: args.bind_retry_ms,
+                connections_max: args.connections_max,
+                shard_bytes_in_flight_max: args.shard_bytes_in_flight_max,
+                connection_idle_timeout_ms: args.connection_idle_timeout_ms,
+                response_write_timeout_ms: args.response_write_timeout_ms,
                 ..ServerConfig::default()
             };
             shardq::server::run_until_signal(config).map_err(CliError::Server)
