@@ -98,6 +98,10 @@ pub enum ErrorCode {
     Internal = 18,
     /// The broker's disk is full: nothing was appended; try again later.
     StorageFull = 19,
+    /// An idempotent producer's batch is neither the next in its sequence nor one of its
+    /// recent batches (a gap, or a batch too old to tell from a duplicate): nothing was
+    /// appended.
+    OutOfOrderSequence = 20,
 }
 
 impl ErrorCode {
@@ -122,6 +126,7 @@ impl ErrorCode {
             16 => ErrorCode::LimitExceeded,
             17 => ErrorCode::InvalidRequest,
             19 => ErrorCode::StorageFull,
+            20 => ErrorCode::OutOfOrderSequence,
             // Codes from a newer broker read as Internal rather than failing the decode.
             _ => ErrorCode::Internal,
         }
@@ -149,6 +154,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
         }
     }
 }

@@ -120,6 +120,7 @@ fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
         StorageError::Closed if shutting_down => ErrorCode::ShuttingDown,
         StorageError::Closed => ErrorCode::UnknownTopic,
         StorageError::NoSpace { .. } => ErrorCode::StorageFull,
+        StorageError::OutOfOrderSequence(_) => ErrorCode::OutOfOrderSequence,
         StorageError::Io { .. } | StorageError::Corrupt { .. } | StorageError::Stopped { .. } => {
             ErrorCode::StorageError
         }
@@ -185,6 +186,8 @@ impl Shard {
             storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
             failure_policy: self.config.storage_failure_policy,
             recycle_segments: self.config.recycle_segments,
+            producers_per_partition_max: self.config.producers_per_partition_max,
+            producer_snapshot_interval_bytes: self.config.producer_snapshot_interval_bytes,
         }
     }
 
@@ -513,6 +516,18 @@ impl Shard {
                 .await;
                 match outcome {
                     Ok(Ok(())) => {}
+                    // The batch was appended and stays queued on the full disk: it may
+                    // still become durable, which is what Timeout says. StorageFull means
+                    // nothing was appended, so a client may tell "not written" from
+                    // "maybe written" (protocol.md §6).
+                    Ok(Err(StorageError::NoSpace { detail, .. })) => {
+                        results[index] = Err(WireError::new(
+                            ErrorCode::Timeout,
+                            format!(
+                                "not durable: the disk is full ({detail}); the batch was appended and may still become durable"
+                            ),
+                        ))
+                    }
                     Ok(Err(error)) => results[index] = Err(self.wire_error(&error)),
                     Err(_) => {
                         results[index] = Err(WireError::new(
