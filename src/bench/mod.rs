@@ -278,6 +278,9 @@ impl BenchConfig {
             requests_in_flight_max: self.requests_in_flight_max,
             buffer_bytes_max: self.buffer_bytes_max,
             request_timeout_ms: defaults.request_timeout_ms,
+            // The client's defaults: idempotent, so a retried batch is not counted twice
+            // by the consumers' verification.
+            ..defaults
         }
     }
 }

@@ -237,9 +237,9 @@ struct State<F> {
     producers: ProducerTable,
     /// Bytes appended since the producer table was last captured for a snapshot.
     producer_snapshot_bytes: u64,
-    /// Segment of the last captured snapshot (`None`: none since open), so that a roll
+    /// Segment of the last captured snapshot (at open: the last segment), so that a roll
     /// brings a snapshot and recovery scans at most about one segment.
-    producer_snapshot_segment: Option<u64>,
+    producer_snapshot_segment: u64,
 }
 
 enum AppendStep {
@@ -339,6 +339,9 @@ impl<S: LogStorage> PartitionLog<S> {
             segments,
             tail_bytes,
         } = recovered;
+        // The open itself brings no snapshot: the next is due at the interval, a roll or
+        // close, as if one had just been taken here.
+        let producer_snapshot_segment = segments.last().expect("a segment").base_offset;
         let producers = producer_snapshot::recover_table(
             &*storage,
             &directory,
@@ -373,7 +376,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 durable_waiters: VecDeque::new(),
                 producers,
                 producer_snapshot_bytes: 0,
-                producer_snapshot_segment: None,
+                producer_snapshot_segment,
             }),
             flush_wanted: Notify::new(),
             cache: Rc::new(PartitionCache::default()),
@@ -1126,7 +1129,7 @@ impl<S: LogStorage> PartitionLog<S> {
             (segment.base_offset, segment.end_position);
         let snapshot_due = state.producer_snapshot_bytes
             >= self.config.producer_snapshot_interval_bytes
-            || state.producer_snapshot_segment != Some(segment_base_offset);
+            || state.producer_snapshot_segment != segment_base_offset;
         let producer_snapshot = snapshot_due.then(|| state.capture_producer_snapshot());
         Some(Round {
             chunks: std::mem::take(&mut state.sealed),
@@ -1443,7 +1446,7 @@ impl<F> State<F> {
             position: segment.end_position,
         };
         self.producer_snapshot_bytes = 0;
-        self.producer_snapshot_segment = Some(segment.base_offset);
+        self.producer_snapshot_segment = segment.base_offset;
         let mut bytes = Vec::new();
         super::producers::encode_snapshot(&self.producers, point, &mut bytes);
         (point, bytes)

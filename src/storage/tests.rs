@@ -1078,7 +1078,7 @@ fn a_sealed_recycled_segment_ending_on_a_block_boundary_reopens() {
         // segment, block-aligned, and the 22nd rolls.
         let block_batch = || {
             let mut builder = BatchBuilder::new(BytesMut::new());
-            builder.push(1_000, None, &vec![b'v'; 12_288 - 70], &[]);
+            builder.push(1_000, None, &vec![b'v'; 12_288 - 86], &[]);
             let batch = builder.finish();
             assert_eq!(batch.len(), 12_288);
             batch
