@@ -237,9 +237,6 @@ struct State<F> {
     producers: ProducerTable,
     /// Bytes appended since the producer table was last captured for a snapshot.
     producer_snapshot_bytes: u64,
-    /// Segment of the last captured snapshot (at open: the last segment), so that a roll
-    /// brings a snapshot and recovery scans at most about one segment.
-    producer_snapshot_segment: u64,
 }
 
 enum AppendStep {
@@ -311,6 +308,10 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     data_arrived: Rc<Notify>,
     roll_done: Notify,
     flusher: RefCell<Option<JoinHandle<()>>>,
+    /// One producer snapshot written at a time (the flusher's, a roll's, close's), and
+    /// never an older one over a newer: the offset of the last one written.
+    producer_snapshot_lock: glommio::sync::Semaphore,
+    producer_snapshot_offset: std::cell::Cell<Option<u64>>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -339,9 +340,6 @@ impl<S: LogStorage> PartitionLog<S> {
             segments,
             tail_bytes,
         } = recovered;
-        // The open itself brings no snapshot: the next is due at the interval, a roll or
-        // close, as if one had just been taken here.
-        let producer_snapshot_segment = segments.last().expect("a segment").base_offset;
         let producers = producer_snapshot::recover_table(
             &*storage,
             &directory,
@@ -376,7 +374,6 @@ impl<S: LogStorage> PartitionLog<S> {
                 durable_waiters: VecDeque::new(),
                 producers,
                 producer_snapshot_bytes: 0,
-                producer_snapshot_segment,
             }),
             flush_wanted: Notify::new(),
             cache: Rc::new(PartitionCache::default()),
@@ -384,6 +381,8 @@ impl<S: LogStorage> PartitionLog<S> {
             data_arrived,
             roll_done: Notify::new(),
             flusher: RefCell::new(None),
+            producer_snapshot_lock: glommio::sync::Semaphore::new(1),
+            producer_snapshot_offset: std::cell::Cell::new(None),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -680,6 +679,14 @@ impl<S: LogStorage> PartitionLog<S> {
         // On failure (a full disk, say) the old segment stays the active one, with its
         // partial block kept, and a later append tries the roll again.
         self.seal_index().await?;
+        // The producer table as of the old segment's end, before the new segment exists:
+        // then recovery never needs to scan more than the last segment to rebuild it.
+        // Appends are held off (rolling) and everything is durable, so the table is
+        // exactly that of `base_offset`. This is the one snapshot not written by the
+        // flusher; a roll already waits on the disk for the index and the new file.
+        let (point, bytes) = self.state.borrow_mut().capture_producer_snapshot();
+        debug_assert_eq!(point.offset, base_offset);
+        self.write_producer_snapshot(point, &bytes).await;
         let segment =
             recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config)
                 .await?;
@@ -1127,9 +1134,8 @@ impl<S: LogStorage> PartitionLog<S> {
         let index = segment.index_write(false);
         let (segment_base_offset, segment_end_position) =
             (segment.base_offset, segment.end_position);
-        let snapshot_due = state.producer_snapshot_bytes
-            >= self.config.producer_snapshot_interval_bytes
-            || state.producer_snapshot_segment != segment_base_offset;
+        let snapshot_due =
+            state.producer_snapshot_bytes >= self.config.producer_snapshot_interval_bytes;
         let producer_snapshot = snapshot_due.then(|| state.capture_producer_snapshot());
         Some(Round {
             chunks: std::mem::take(&mut state.sealed),
@@ -1404,14 +1410,23 @@ impl<S: LogStorage> PartitionLog<S> {
     /// Writes a producer snapshot; a failure is logged and otherwise ignored: recovery
     /// then starts from an older snapshot (or a scan), which is slower, not wrong.
     async fn write_producer_snapshot(&self, point: SnapshotPoint, bytes: &[u8]) {
-        if let Err(error) =
-            producer_snapshot::write_snapshot(&*self.storage, &self.directory, bytes).await
+        let Ok(_permit) = self.producer_snapshot_lock.acquire_permit(1).await else {
+            return; // never closed
+        };
+        if self
+            .producer_snapshot_offset
+            .get()
+            .is_some_and(|written| written >= point.offset)
         {
-            eprintln!(
+            return;
+        }
+        match producer_snapshot::write_snapshot(&*self.storage, &self.directory, bytes).await {
+            Ok(()) => self.producer_snapshot_offset.set(Some(point.offset)),
+            Err(error) => eprintln!(
                 "shardq: partition {}: producer snapshot at offset {}: {error}",
                 self.directory.display(),
                 point.offset
-            );
+            ),
         }
     }
 }
@@ -1446,7 +1461,6 @@ impl<F> State<F> {
             position: segment.end_position,
         };
         self.producer_snapshot_bytes = 0;
-        self.producer_snapshot_segment = segment.base_offset;
         let mut bytes = Vec::new();
         super::producers::encode_snapshot(&self.producers, point, &mut bytes);
         (point, bytes)
