@@ -60,10 +60,7 @@ fn resent_batch_gets_its_original_offset_and_is_stored_once_across_a_restart() {
             .produce("t", 1, producer_batch(0xfeed, sequence, values))
             .unwrap_err();
         assert_eq!(refused.code, ErrorCode::OutOfOrderSequence, "{refused}");
-        assert!(
-            refused.message.contains("expected sequence 2"),
-            "{refused}"
-        );
+        assert!(refused.message.contains("expected sequence 2"), "{refused}");
     }
     // The next one in line is taken; batches without a producer id are never deduplicated.
     assert_eq!(
@@ -160,7 +157,10 @@ mod client_retries {
     /// A proxy in front of the broker that forwards every byte, except that it drops the
     /// answers to the first `drop_produce_answers` produce requests: the broker stores
     /// the batch and the client never hears so, as when an ack is lost.
-    async fn lossy_proxy(broker: std::net::SocketAddr, drop_produce_answers: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    async fn lossy_proxy(
+        broker: std::net::SocketAddr,
+        drop_produce_answers: usize,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let dropped = Arc::new(AtomicUsize::new(0));

@@ -529,4 +529,38 @@ mod tests {
         let batch_bytes = accumulator.take_request(usize::MAX, 0);
         assert_eq!(batch_bytes.len(), 3);
     }
+
+    #[test]
+    fn batches_get_producer_id_and_per_partition_sequences_when_first_taken() {
+        let mut accumulator = Accumulator::new(limits(1, 1 << 20, 0));
+        let now = Instant::now();
+        let mut sequences = Vec::new();
+        for round in 0..3u64 {
+            accumulator.append("t", 0, &record(b"x"), None, now);
+            accumulator.append("t", 1, &record(b"y"), None, now);
+            let mut taken = accumulator.take_request(usize::MAX, 77);
+            taken.sort_by_key(|batch| batch.partition);
+            for batch in &taken {
+                let header = validate_batch(&batch.batch, 10).unwrap();
+                assert_eq!(header.producer_id, 77);
+                sequences.push((batch.partition, header.sequence));
+                // The queue empties between rounds: the sequence must not restart.
+                accumulator.finish("t", batch.partition);
+            }
+            assert_eq!(taken.len(), 2, "round {round}");
+        }
+        assert_eq!(
+            sequences,
+            vec![(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+        );
+        // Not idempotent: producer id 0, sequence 0, and no sequence is used up.
+        accumulator.append("t", 0, &record(b"z"), None, now);
+        let taken = accumulator.take_request(usize::MAX, 0);
+        let header = validate_batch(&taken[0].batch, 10).unwrap();
+        assert_eq!((header.producer_id, header.sequence), (0, 0));
+        accumulator.finish("t", 0);
+        accumulator.append("t", 0, &record(b"w"), None, now);
+        let taken = accumulator.take_request(usize::MAX, 78);
+        assert_eq!(validate_batch(&taken[0].batch, 10).unwrap().sequence, 3);
+    }
 }

@@ -704,7 +704,8 @@ fn backoff(retry: u32, min_ms: u64, max_ms: u64, random: u64) -> Duration {
         .filter(|cap| *cap >> retry.saturating_sub(1) == min_ms)
         .unwrap_or(u64::MAX)
         .min(max_ms);
-    Duration::from_millis(random % (cap + 1))
+    // `cap + 1` wraps to 0 only for a cap of u64::MAX, where any value is in range.
+    Duration::from_millis(random.checked_rem(cap.wrapping_add(1)).unwrap_or(random))
 }
 
 /// A small generator for jitter and new producer ids, seeded from the operating system
@@ -842,7 +843,10 @@ fn settle(shared: &ProducerShared, settled: Vec<(SealedBatch, Result<Option<u64>
         }
     }
     // Recorded before any handle resolves, so a flush that wakes on one of them sees it.
-    if let Some(error) = settled.iter().find_map(|(_, outcome)| outcome.as_ref().err()) {
+    if let Some(error) = settled
+        .iter()
+        .find_map(|(_, outcome)| outcome.as_ref().err())
+    {
         shared
             .state()
             .unreported_error
@@ -873,6 +877,7 @@ fn settle(shared: &ProducerShared, settled: Vec<(SealedBatch, Result<Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::WireError;
 
     #[test]
     fn explicit_partition_wins_and_is_checked() {
@@ -924,6 +929,103 @@ mod tests {
             },
             ProducerConfig {
                 buffer_bytes_max: 0,
+                ..ProducerConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(config.validate(), Err(ClientError::InvalidConfig { .. })),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap() {
+        // Retry n waits at most min(max, min * 2^(n-1)), and anything from 0 up to it.
+        for (retry, cap) in [
+            (1, 50),
+            (2, 100),
+            (3, 200),
+            (6, 1_600),
+            (7, 2_000),
+            (64, 2_000),
+        ] {
+            assert_eq!(
+                backoff(retry, 50, 2_000, cap),
+                Duration::from_millis(cap),
+                "retry {retry}"
+            );
+            assert_eq!(backoff(retry, 50, 2_000, cap + 1), Duration::ZERO);
+            for random in [0, 7, 12_345, u64::MAX] {
+                assert!(backoff(retry, 50, 2_000, random) <= Duration::from_millis(cap));
+            }
+        }
+        assert_eq!(
+            backoff(200, u64::MAX / 2, u64::MAX, 5),
+            Duration::from_millis(5)
+        );
+    }
+
+    #[test]
+    fn verdicts_separate_retriable_from_final_and_written_from_not() {
+        let refused = |code| ClientError::PartitionRefused {
+            topic: "t".into(),
+            partition: 0,
+            error: WireError::new(code, "x"),
+        };
+        let timeout = ClientError::Timeout {
+            operation: "produce",
+            timeout_ms: 1,
+        };
+        let disconnected = ClientError::Disconnected {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            cause: Arc::new(ClientError::Closed),
+        };
+        let cases = [
+            (timeout, false, (true, true)),
+            (refused(ErrorCode::Timeout), false, (true, true)),
+            (refused(ErrorCode::ShuttingDown), false, (true, true)),
+            (refused(ErrorCode::StorageFull), false, (true, false)),
+            (
+                refused(ErrorCode::OutOfOrderSequence),
+                false,
+                (false, false),
+            ),
+            (refused(ErrorCode::InvalidBatch), false, (false, false)),
+            (refused(ErrorCode::StorageError), false, (false, true)),
+            (
+                ClientError::Broker(WireError::new(ErrorCode::ShuttingDown, "x")),
+                false,
+                (true, false),
+            ),
+            (disconnected.clone(), false, (false, true)),
+            (disconnected, true, (false, false)),
+        ];
+        for (error, broken_before, (retriable, maybe_written)) in cases {
+            assert_eq!(
+                verdict(&error, broken_before),
+                Verdict {
+                    retriable,
+                    maybe_written
+                },
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_config_is_validated() {
+        for config in [
+            ProducerConfig {
+                retry_backoff_ms_min: 0,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                retry_backoff_ms_max: 10,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                delivery_timeout_ms: 0,
                 ..ProducerConfig::default()
             },
         ] {

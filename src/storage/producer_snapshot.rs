@@ -115,7 +115,10 @@ async fn scan_start<F: LogFile>(
     point: &SnapshotPoint,
 ) -> Result<(usize, u64, u64), String> {
     let log_start = segments[0].base_offset;
-    let log_end = segments.last().expect("recovery leaves a segment").next_offset;
+    let log_end = segments
+        .last()
+        .expect("recovery leaves a segment")
+        .next_offset;
     if point.offset < log_start || point.offset > log_end {
         return Err(format!(
             "it is valid at offset {}, outside the log's range [{log_start}, {log_end}]",
@@ -150,7 +153,9 @@ async fn scan_start<F: LogFile>(
         .await
         .map_err(|error| format!("reading the batch at byte {}: {error}", point.position))?;
     match BatchHeader::read(&header) {
-        Some(header) if header.base_offset == point.offset => Ok((number, point.position, point.offset)),
+        Some(header) if header.base_offset == point.offset => {
+            Ok((number, point.position, point.offset))
+        }
         Some(header) => Err(format!(
             "the batch at byte {} of segment {} has base offset {}, not {}",
             point.position, segment.base_offset, header.base_offset, point.offset
@@ -211,7 +216,10 @@ async fn apply_segment<F: LogFile>(
         if at == 0 && data.len() < BATCH_HEADER_SIZE {
             return Err(corrupt(
                 position,
-                format!("producer scan: {} bytes left before the segment end", data.len()),
+                format!(
+                    "producer scan: {} bytes left before the segment end",
+                    data.len()
+                ),
             ));
         }
         position += at as u64;

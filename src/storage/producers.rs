@@ -87,7 +87,9 @@ struct ProducerEntry {
 
 impl ProducerEntry {
     fn last(&self) -> &KeptBatch {
-        self.batches.back().expect("an entry keeps at least one batch")
+        self.batches
+            .back()
+            .expect("an entry keeps at least one batch")
     }
 }
 
@@ -161,7 +163,10 @@ impl ProducerTable {
     /// the producer with the oldest last append when a new producer would exceed the
     /// bound.
     pub fn record(&mut self, producer_id: u64, batch: KeptBatch) {
-        assert_ne!(producer_id, 0, "batches without a producer are not recorded");
+        assert_ne!(
+            producer_id, 0,
+            "batches without a producer are not recorded"
+        );
         match self.entries.get_mut(&producer_id) {
             Some(entry) => {
                 let previous = entry.last().base_offset;
@@ -267,12 +272,24 @@ pub fn encode_snapshot(table: &ProducerTable, point: SnapshotPoint, out: &mut Ve
 /// Why a snapshot file was not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotError {
-    Truncated { need: usize, have: usize },
-    BadMagic { found: [u8; 4] },
-    UnsupportedVersion { found: u16 },
-    CrcMismatch { stored: u32, computed: u32 },
+    Truncated {
+        need: usize,
+        have: usize,
+    },
+    BadMagic {
+        found: [u8; 4],
+    },
+    UnsupportedVersion {
+        found: u16,
+    },
+    CrcMismatch {
+        stored: u32,
+        computed: u32,
+    },
     /// The content checks out but breaks a rule of the table.
-    Invalid { reason: String },
+    Invalid {
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for SnapshotError {
@@ -282,7 +299,10 @@ impl std::fmt::Display for SnapshotError {
                 write!(f, "snapshot needs {need} bytes, the file has {have}")
             }
             SnapshotError::BadMagic { found } => {
-                write!(f, "snapshot magic is {found:02x?}, expected {SNAPSHOT_MAGIC:02x?}")
+                write!(
+                    f,
+                    "snapshot magic is {found:02x?}, expected {SNAPSHOT_MAGIC:02x?}"
+                )
             }
             SnapshotError::UnsupportedVersion { found } => {
                 write!(f, "snapshot version {found}, expected {SNAPSHOT_VERSION}")

@@ -1165,7 +1165,10 @@ fn idempotent_resend_gets_the_original_offsets_and_is_not_stored_again() {
         assert_eq!(log.append(&plain).await.unwrap().base_offset, 4);
         // The next sequence is taken; a gap or an old sequence past the kept window is not.
         assert_eq!(
-            log.append(&producer_batch(7, 1, 5, 2)).await.unwrap().base_offset,
+            log.append(&producer_batch(7, 1, 5, 2))
+                .await
+                .unwrap()
+                .base_offset,
             5
         );
         expect_out_of_order(log.append(&producer_batch(7, 3, 7, 1)).await, 2, 3);
@@ -1203,8 +1206,18 @@ fn producer_table_bound_evicts_the_producer_with_the_oldest_append() {
         assert!(log.append(&a).await.unwrap().duplicate);
         // A third producer: producer 1 has the oldest last append and goes.
         log.append(&producer_batch(3, 0, 2, 1)).await.unwrap();
-        assert!(log.append(&producer_batch(2, 0, 1, 1)).await.unwrap().duplicate);
-        assert!(log.append(&producer_batch(3, 0, 2, 1)).await.unwrap().duplicate);
+        assert!(
+            log.append(&producer_batch(2, 0, 1, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            log.append(&producer_batch(3, 0, 2, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
         let resent = log.append(&a).await.unwrap();
         assert!(
             !resent.duplicate,
@@ -1212,8 +1225,18 @@ fn producer_table_bound_evicts_the_producer_with_the_oldest_append() {
         );
         assert_eq!(resent.base_offset, 3);
         // Which evicted producer 2 (now the oldest), not 3.
-        assert!(log.append(&producer_batch(3, 0, 2, 1)).await.unwrap().duplicate);
-        assert!(!log.append(&producer_batch(2, 0, 4, 1)).await.unwrap().duplicate);
+        assert!(
+            log.append(&producer_batch(3, 0, 2, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            !log.append(&producer_batch(2, 0, 4, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
         log.close().await;
     });
 }
@@ -1368,13 +1391,20 @@ async fn producer_crash_run(seed: u64, directory: &Path) {
             }
             if let Some((_, sequence, ..)) = own.iter().rev().nth(5) {
                 // Too old for the window: refused, never stored twice.
-                assert!(matches!(
-                    log.append(&own[own.len() - 6].2).await,
-                    Err(StorageError::OutOfOrderSequence(_))
-                ), "seed {seed}: producer {producer} sequence {sequence}");
+                assert!(
+                    matches!(
+                        log.append(&own[own.len() - 6].2).await,
+                        Err(StorageError::OutOfOrderSequence(_))
+                    ),
+                    "seed {seed}: producer {producer} sequence {sequence}"
+                );
             }
         }
-        assert_eq!(log.next_offset(), end, "seed {seed}: duplicates appended nothing");
+        assert_eq!(
+            log.next_offset(),
+            end,
+            "seed {seed}: duplicates appended nothing"
+        );
     }
     log.close().await;
 }
@@ -1387,7 +1417,9 @@ fn damaged_or_misplaced_producer_snapshot_is_rebuilt_from_the_last_segment() {
         let log = open(&moved).await;
         for sequence in 0..4 {
             let first = log.next_offset();
-            log.append(&producer_batch(5, sequence, first, 2)).await.unwrap();
+            log.append(&producer_batch(5, sequence, first, 2))
+                .await
+                .unwrap();
         }
         log.close().await;
     });
