@@ -1479,3 +1479,37 @@ fn damaged_or_misplaced_producer_snapshot_is_rebuilt_from_the_last_segment() {
     std::fs::remove_file(&snapshot).unwrap();
     reopen_and_check(directory.clone());
 }
+
+#[test]
+fn a_log_of_batch_format_1_is_refused_not_cut_off() {
+    let (root, directory) = partition_dir();
+    // A format 1 batch: the 48-byte header (magic 1) and its records.
+    let current = batch(0, 2, 20).to_vec();
+    let mut old = current[..48].to_vec();
+    old.extend_from_slice(&current[64..]);
+    let length = old.len() as u32;
+    old[16..20].copy_from_slice(&length.to_le_bytes());
+    old[24] = 1;
+    let crc = crate::protocol::batch::compute_crc(&old);
+    old[20..24].copy_from_slice(&crc.to_le_bytes());
+    let mut file = old.clone();
+    file.resize(4096, 0);
+    std::fs::create_dir_all(&directory).unwrap();
+    let segment = directory.join(segment_file_name(0));
+    std::fs::write(&segment, &file).unwrap();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        match open_with(Rc::new(DmaStorage), &moved).await {
+            Err(StorageError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("format 1"), "{reason}")
+            }
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("a format 1 log opened"),
+        }
+    });
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        file,
+        "the old log is left as it was"
+    );
+}
