@@ -1354,6 +1354,12 @@ async fn producer_crash_run(seed: u64, directory: &Path) {
         drop(log);
         storage = Rc::new(FaultyStorage::new());
         log = open_with(Rc::clone(&storage), directory).await.unwrap();
+        if log.segment_count() > 1 {
+            assert!(
+                directory.join(producers::PRODUCER_SNAPSHOT_FILE).exists(),
+                "seed {seed}: a roll leaves a snapshot before the new segment exists"
+            );
+        }
         let end = log.next_offset();
         let survived = batches
             .iter()
