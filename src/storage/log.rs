@@ -685,7 +685,7 @@ impl<S: LogStorage> PartitionLog<S> {
         // exactly that of `base_offset`. This is the one snapshot not written by the
         // flusher; a roll already waits on the disk for the index and the new file.
         let (point, bytes) = self.state.borrow_mut().capture_producer_snapshot();
-        debug_assert_eq!(point.offset, base_offset);
+        assert_eq!(point.offset, base_offset, "a roll holds appends off");
         self.write_producer_snapshot(point, &bytes).await;
         let segment =
             recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config)

@@ -273,7 +273,7 @@ fn refuse_old_format(batch: &[u8], path: &Path, position: u64) -> Result<(), Sto
     let old_magic = batch.get(24) == Some(&1);
     if old_magic
         && crate::protocol::batch::compute_crc(batch)
-            == BatchHeader::read(batch).map_or(0, |h| h.crc)
+            == BatchHeader::read(batch).map_or(0, |header| header.crc)
     {
         return Err(StorageError::Corrupt {
             path: path.to_path_buf(),
