@@ -4,11 +4,13 @@
 //! - [`protocol`]: the sans-IO wire codec (frames, requests, record batches). Shared by the
 //!   broker and the client; no runtime.
 //! - `storage`: one partition's log: O_DIRECT segment files written through io_uring
-//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery.
+//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery, and the
+//!   idempotent producers' table that stores a resent batch once.
 //! - `shard`: the per-core event loop: owns partitions, places partitions on shards,
 //!   forwards requests between shards over glommio's channel mesh.
 //! - `server`: listeners, connections, request dispatch, start-up and shutdown.
-//! - `client`: the tokio client (feature `client`), built on `protocol` only.
+//! - `client`: the tokio client (feature `client`), built on `protocol` only; its
+//!   producer is idempotent and retries with backoff.
 //! - `config`: broker settings and their limits.
 //!
 //! ```text
