@@ -146,7 +146,10 @@ impl std::fmt::Display for JournalError {
                 write!(f, "journal record kind {kind} has unknown cause {cause}")
             }
             JournalError::BadSnapshotMagic { found } => {
-                write!(f, "snapshot magic is {found:#010x}, expected {SNAPSHOT_MAGIC:#010x}")
+                write!(
+                    f,
+                    "snapshot magic is {found:#010x}, expected {SNAPSHOT_MAGIC:#010x}"
+                )
             }
             JournalError::SnapshotTruncated { need, have } => {
                 write!(f, "snapshot needs {need} bytes, has {have}")
@@ -192,13 +195,21 @@ pub fn encode_record(seq: u64, record: &JournalRecord, buffer: &mut Vec<u8>) {
             buffer.extend_from_slice(&deadline_ms.to_le_bytes());
             buffer.extend_from_slice(&holder.to_le_bytes());
         }
-        JournalRecord::Settle { first, count, cause } => {
+        JournalRecord::Settle {
+            first,
+            count,
+            cause,
+        } => {
             buffer.push(KIND_SETTLE);
             buffer.extend_from_slice(&first.to_le_bytes());
             buffer.extend_from_slice(&count.to_le_bytes());
             buffer.push(*cause as u8);
         }
-        JournalRecord::Release { first, count, due_ms } => {
+        JournalRecord::Release {
+            first,
+            count,
+            due_ms,
+        } => {
             buffer.push(KIND_RELEASE);
             buffer.extend_from_slice(&first.to_le_bytes());
             buffer.extend_from_slice(&count.to_le_bytes());

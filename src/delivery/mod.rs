@@ -170,12 +170,24 @@ impl QueueGroupConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive: [(&'static str, u64); 7] = [
             ("queue_window_messages_max", self.window_messages_max.into()),
-            ("queue_in_flight_messages_max", self.in_flight_messages_max.into()),
-            ("queue_receive_messages_max", self.receive_messages_max.into()),
-            ("queue_visibility_timeout_ms_max", self.visibility_timeout_ms_max),
+            (
+                "queue_in_flight_messages_max",
+                self.in_flight_messages_max.into(),
+            ),
+            (
+                "queue_receive_messages_max",
+                self.receive_messages_max.into(),
+            ),
+            (
+                "queue_visibility_timeout_ms_max",
+                self.visibility_timeout_ms_max,
+            ),
             ("queue_deliveries_max", self.deliveries_max.into()),
             ("queue_retry_delay_ms_max", self.retry.delay_ms_max),
-            ("queue_journal_records_per_snapshot_max", self.journal_records_per_snapshot_max),
+            (
+                "queue_journal_records_per_snapshot_max",
+                self.journal_records_per_snapshot_max,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -277,13 +289,23 @@ pub enum NackDelay {
 /// Why a handle was refused. Each carries what a client needs to understand it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandleError {
-    WrongPartition { partition: u32, expected: u32 },
+    WrongPartition {
+        partition: u32,
+        expected: u32,
+    },
     /// Never delivered (or not yet admitted): a forged or corrupted handle.
-    NotDelivered { offset: u64 },
+    NotDelivered {
+        offset: u64,
+    },
     /// Already acked, dead-lettered, expired or removed by retention.
-    Settled { offset: u64 },
+    Settled {
+        offset: u64,
+    },
     /// The lease of this attempt ran out; the message has not been delivered again yet.
-    LeaseExpired { offset: u64, attempt: u32 },
+    LeaseExpired {
+        offset: u64,
+        attempt: u32,
+    },
     /// The message was delivered again since: only the newest attempt's handle counts.
     Stale {
         offset: u64,
@@ -437,7 +459,10 @@ pub enum RecoveryError {
         position: usize,
     },
     /// The journal names an offset the log does not have: the wrong log, or a lost one.
-    BeyondLog { offset: u64, log_end: u64 },
+    BeyondLog {
+        offset: u64,
+        log_end: u64,
+    },
 }
 
 impl std::fmt::Display for RecoveryError {
@@ -677,7 +702,10 @@ impl QueueGroup {
         out.clear();
         self.run_timers(now_ms, out);
         let visibility = self.visibility(request.visibility_timeout_ms);
-        let room = self.config.in_flight_messages_max.saturating_sub(self.in_flight);
+        let room = self
+            .config
+            .in_flight_messages_max
+            .saturating_sub(self.in_flight);
         let limit = request
             .messages_max
             .min(self.config.receive_messages_max)
@@ -764,14 +792,12 @@ impl QueueGroup {
         for handle in handles {
             let result = self.check_handle(handle);
             if result.is_ok() {
-                self.fail(
-                    handle.offset,
-                    DeadLetterCause::Nacked,
+                let failure = Failure {
+                    cause: DeadLetterCause::Nacked,
                     delay_ms,
-                    reason,
-                    now_ms,
-                    out,
-                );
+                    since_ms: now_ms,
+                };
+                self.fail(handle.offset, failure, reason, now_ms, out);
             }
             out.results.push(result);
         }
@@ -932,8 +958,10 @@ impl QueueGroup {
             let offset = self.floor + index as u64;
             let entry = match slot.state {
                 State::Settled => {
-                    if let Some(SnapshotEntry::Settled { offset: first, count }) =
-                        entries.last_mut()
+                    if let Some(SnapshotEntry::Settled {
+                        offset: first,
+                        count,
+                    }) = entries.last_mut()
                     {
                         if *first + u64::from(*count) == offset {
                             *count += 1;
@@ -1083,33 +1111,67 @@ impl QueueGroup {
         for (index, slot) in self.window.iter().enumerate() {
             let offset = self.floor + index as u64;
             if index == 0 {
-                assert_ne!(slot.state, State::Settled, "a settled front slot stays behind the floor");
+                assert_ne!(
+                    slot.state,
+                    State::Settled,
+                    "a settled front slot stays behind the floor"
+                );
             }
-            assert!(slot.attempts <= self.config.deliveries_max, "offset {offset}: attempts past deliveries_max");
+            assert!(
+                slot.attempts <= self.config.deliveries_max,
+                "offset {offset}: attempts past deliveries_max"
+            );
             let ready = slot.state == State::Available && slot.meta_known;
-            assert_eq!(self.ready.contains(&offset), ready, "offset {offset}: ready set out of step");
+            assert_eq!(
+                self.ready.contains(&offset),
+                ready,
+                "offset {offset}: ready set out of step"
+            );
             if slot.timer_ms != NO_TIMER {
                 timers += 1;
-                assert!(self.timers.contains(&(slot.timer_ms, offset)), "offset {offset}: timer missing");
+                assert!(
+                    self.timers.contains(&(slot.timer_ms, offset)),
+                    "offset {offset}: timer missing"
+                );
             }
             match slot.state {
                 State::Leased { .. } => {
                     in_flight += 1;
-                    assert!(slot.attempts >= 1, "offset {offset}: leased but never delivered");
-                    assert_ne!(slot.timer_ms, NO_TIMER, "offset {offset}: lease without a deadline timer");
+                    assert!(
+                        slot.attempts >= 1,
+                        "offset {offset}: leased but never delivered"
+                    );
+                    assert_ne!(
+                        slot.timer_ms, NO_TIMER,
+                        "offset {offset}: lease without a deadline timer"
+                    );
                 }
                 State::DeadLettering => {
-                    assert!(self.dead_letters.contains_key(&offset), "offset {offset}: dead-lettering without info");
+                    assert!(
+                        self.dead_letters.contains_key(&offset),
+                        "offset {offset}: dead-lettering without info"
+                    );
                 }
                 _ => {}
             }
-            assert_eq!(offset < self.metadata_end, slot.meta_known, "offset {offset}: metadata cursor out of step");
+            assert_eq!(
+                offset < self.metadata_end,
+                slot.meta_known,
+                "offset {offset}: metadata cursor out of step"
+            );
         }
         assert_eq!(in_flight, self.in_flight, "in-flight count out of step");
         assert_eq!(timers, self.timers.len(), "timer set out of step");
-        assert_eq!(self.dead_letters.len(), self.window.iter().filter(|s| s.state == State::DeadLettering).count());
+        assert_eq!(
+            self.dead_letters.len(),
+            self.window
+                .iter()
+                .filter(|s| s.state == State::DeadLettering)
+                .count()
+        );
         assert!(
-            self.memory_bytes() <= self.config.memory_bytes_max() || self.window.len() > self.config.window_messages_max as usize,
+            self.memory_bytes() <= self.config.memory_bytes_max()
+                || self.window.len() > self.config.window_messages_max as usize,
             "invariant 6: {} bytes of delivery state, bound {}",
             self.memory_bytes(),
             self.config.memory_bytes_max()
@@ -1174,7 +1236,9 @@ impl QueueGroup {
     /// Changes a slot's state and keeps the derived indexes (ready set, timers, in-flight
     /// count) in step: the only place that writes `Slot::state`.
     fn set_state(&mut self, offset: u64, state: State) {
-        let index = self.index(offset).expect("state changes happen inside the window");
+        let index = self
+            .index(offset)
+            .expect("state changes happen inside the window");
         let slot = &mut self.window[index];
         if matches!(slot.state, State::Leased { .. }) {
             self.in_flight -= 1;
@@ -1218,8 +1282,10 @@ impl QueueGroup {
         let index = self.index(offset).expect("filled slots are in the window");
         let mut expires_at_ms = meta.expires_at_ms;
         if self.config.message_ttl_ms > 0 {
-            expires_at_ms =
-                expires_at_ms.min(meta.append_time_ms.saturating_add(self.config.message_ttl_ms));
+            expires_at_ms = expires_at_ms.min(
+                meta.append_time_ms
+                    .saturating_add(self.config.message_ttl_ms),
+            );
         }
         let slot = &mut self.window[index];
         debug_assert!(!slot.meta_known, "offset {offset}: metadata given twice");
@@ -1247,7 +1313,14 @@ impl QueueGroup {
             let slot = self.window[index];
             match slot.state {
                 State::Leased { deadline_ms, .. } if now_ms >= deadline_ms => {
-                    self.fail(offset, DeadLetterCause::LeaseExpired, None, b"", now_ms, out)
+                    // The retry delay counts from the deadline, so a late tick does not
+                    // postpone the retry.
+                    let failure = Failure {
+                        cause: DeadLetterCause::LeaseExpired,
+                        delay_ms: None,
+                        since_ms: deadline_ms,
+                    };
+                    self.fail(offset, failure, b"", now_ms, out)
                 }
                 State::Available | State::Waiting { .. }
                     if slot.meta_known && now_ms >= slot.expires_at_ms =>
@@ -1266,20 +1339,23 @@ impl QueueGroup {
     fn fail(
         &mut self,
         offset: u64,
-        cause: DeadLetterCause,
-        delay_ms: Option<u64>,
+        failure: Failure,
         reason: &[u8],
         now_ms: u64,
         out: &mut Actions,
     ) {
-        let index = self.index(offset).expect("failed deliveries are in the window");
+        let index = self
+            .index(offset)
+            .expect("failed deliveries are in the window");
         let attempts = self.window[index].attempts;
         if attempts >= self.config.deliveries_max {
-            self.dead_letter(offset, cause, reason, now_ms, out);
+            self.dead_letter(offset, failure.cause, reason, now_ms, out);
             return;
         }
-        let delay_ms = delay_ms.unwrap_or_else(|| self.backoff_ms(attempts));
-        let due_ms = now_ms.saturating_add(delay_ms);
+        let delay_ms = failure
+            .delay_ms
+            .unwrap_or_else(|| self.backoff_ms(attempts));
+        let due_ms = failure.since_ms.saturating_add(delay_ms);
         self.set_state(offset, State::Waiting { due_ms });
         self.journal(
             JournalRecord::Release {
@@ -1356,7 +1432,10 @@ impl QueueGroup {
     fn record_dead_lettered(&mut self, offset: u64, out: &mut Actions) {
         let Some(index) = self.index(offset) else {
             // Retention removed it meanwhile; its DLQ copy stands, once.
-            assert!(offset < self.floor, "dead-lettered offset {offset} was never admitted");
+            assert!(
+                offset < self.floor,
+                "dead-lettered offset {offset} was never admitted"
+            );
             return;
         };
         assert_eq!(
@@ -1449,7 +1528,11 @@ impl QueueGroup {
     }
 
     fn finish(&mut self, out: &mut Actions) {
-        while self.window.front().is_some_and(|slot| slot.state == State::Settled) {
+        while self
+            .window
+            .front()
+            .is_some_and(|slot| slot.state == State::Settled)
+        {
             self.window.pop_front();
             self.floor += 1;
         }
@@ -1659,11 +1742,26 @@ impl QueueGroup {
             }
             JournalRecord::LogStart { offset } => self.apply_log_start(offset),
         }
-        while self.window.front().is_some_and(|slot| slot.state == State::Settled) {
+        while self
+            .window
+            .front()
+            .is_some_and(|slot| slot.state == State::Settled)
+        {
             self.window.pop_front();
             self.floor += 1;
         }
     }
+}
+
+/// How a delivery ended without an ack.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    /// The cause recorded if this was the last delivery allowed.
+    cause: DeadLetterCause,
+    /// An explicit delay (nack), else the retry policy's.
+    delay_ms: Option<u64>,
+    /// Where the delay counts from: the nack's time, or the lease's deadline.
+    since_ms: u64,
 }
 
 /// Merges `next` into `last` when it extends `last`'s range with the same parameters.
