@@ -23,7 +23,9 @@
 //!   [`QueueGroup::dead_lettered`]. After `recover`, each [`ReconcileRequest`] is answered
 //!   with [`QueueGroup::dead_letter_reconciled`] once the DLQ has been searched.
 //! - `Actions::read_metadata = Some(range)` asks for `appended` with the metadata of those
-//!   offsets (read from the log); the shard answers every such request.
+//!   offsets (read from the log). It is issued once and stays outstanding (see
+//!   `metadata_request`) until an `appended` starting at or before its start answers it;
+//!   until then no more of the backlog is admitted.
 //! - Time is milliseconds on any clock that does not go backwards between events.
 //!   A lease is valid while `now < deadline_ms`.
 //!
@@ -574,8 +576,8 @@ pub struct QueueGroup {
     metadata_end: u64,
     /// One past the last offset the shard said exists.
     log_end: u64,
-    /// The end of the `read_metadata` range asked for and not answered yet.
-    metadata_requested: Option<u64>,
+    /// The `read_metadata` range asked for and not answered yet.
+    metadata_requested: Option<Range<u64>>,
     /// Available slots with known metadata, by offset: what `receive` takes from.
     ready: BTreeSet<u64>,
     /// (time, offset): lease deadlines, retry and delay due times, expiries.
@@ -637,6 +639,12 @@ impl QueueGroup {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The `read_metadata` request still unanswered, if any: it is issued once, in the
+    /// `Actions` of the event that made room; a shard whose read failed asks here again.
+    pub fn metadata_request(&self) -> Option<Range<u64>> {
+        self.metadata_requested.clone()
     }
 
     /// The seq the next journal record gets.
@@ -865,12 +873,10 @@ impl QueueGroup {
         out.clear();
         let end = first_offset + metas.len() as u64;
         self.log_end = self.log_end.max(end);
-        if let Some(requested_end) = self.metadata_requested {
+        if self.metadata_requested.is_some() && first_offset <= self.metadata_end {
             // An answer starts at (or before) the cursor; a live append past a gap does not
             // answer the request.
-            if first_offset <= self.metadata_end || requested_end <= self.metadata_end {
-                self.metadata_requested = None;
-            }
+            self.metadata_requested = None;
         }
         let skip = self.metadata_end.saturating_sub(first_offset);
         let mut admitted = 0;
@@ -1506,7 +1512,11 @@ impl QueueGroup {
         }
         self.metadata_end = self.metadata_end.max(self.floor);
         self.log_end = self.log_end.max(self.floor);
-        if self.metadata_requested.is_some_and(|end| end <= self.floor) {
+        if self
+            .metadata_requested
+            .as_ref()
+            .is_some_and(|range| range.end <= self.floor)
+        {
             self.metadata_requested = None;
         }
     }
@@ -1542,7 +1552,7 @@ impl QueueGroup {
             .min(self.floor + u64::from(self.config.window_messages_max));
         if self.metadata_requested.is_none() && self.metadata_end < wanted_end {
             out.read_metadata = Some(self.metadata_end..wanted_end);
-            self.metadata_requested = Some(wanted_end);
+            self.metadata_requested = Some(self.metadata_end..wanted_end);
         }
         out.timer_ms = self.timers.first().map(|&(time_ms, _)| time_ms);
         out.snapshot_due =

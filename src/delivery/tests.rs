@@ -904,3 +904,50 @@ fn config_validation_names_the_key() {
     assert_eq!(config().validate(), Ok(()));
     assert_eq!(QueueGroupConfig::default().validate(), Ok(()));
 }
+
+#[test]
+fn memory_bound_formula_matches_docs() {
+    // docs/queues.md, "Memory bound", states these numbers; change both together.
+    assert_eq!(std::mem::size_of::<Slot>(), 48);
+    let defaults = QueueGroupConfig::default();
+    assert_eq!(
+        defaults.memory_bytes_max(),
+        8192 * (2 * 48 + 32 + 48) + 8192 * (128 + 128)
+    );
+    assert_eq!(defaults.memory_bytes_max(), 3_538_944);
+}
+
+#[test]
+fn backlog_request_stays_outstanding_until_answered() {
+    let mut h = Harness::new(config(), 100);
+    assert_eq!(h.group.window_len(), 64);
+    let got = h.receive(1, 16, 0);
+    h.ack(&got, 1);
+    assert_eq!(
+        h.out.read_metadata,
+        Some(64..80),
+        "room for 16 more: ask the log"
+    );
+    // The shard loses the request (a failed read). Nothing is asked twice...
+    let more = h.receive(1, 16, 2);
+    h.ack(&more, 3);
+    assert_eq!(h.out.read_metadata, None);
+    assert_eq!(
+        h.group.window_len(),
+        32,
+        "no admission while the request is out"
+    );
+    // ...but the group still knows what it wants, and an answer admits it.
+    assert_eq!(h.group.metadata_request(), Some(64..80));
+    h.out.read_metadata = h.group.metadata_request();
+    h.answer_metadata(4);
+    assert_eq!(h.group.metadata_request(), None);
+    assert_eq!(h.group.window_len(), 64);
+    // A live append past the gap does not count as the answer.
+    let got = h.receive(1, 16, 5);
+    h.ack(&got, 6);
+    let asked = h.out.read_metadata.clone().expect("asked");
+    h.append(100, 5, 7);
+    assert_eq!(h.group.metadata_request(), Some(asked));
+    assert_eq!(h.group.lag(), 105 - h.group.ack_floor());
+}
