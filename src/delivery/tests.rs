@@ -912,9 +912,9 @@ fn memory_bound_formula_matches_docs() {
     let defaults = QueueGroupConfig::default();
     assert_eq!(
         defaults.memory_bytes_max(),
-        8192 * (2 * 48 + 32 + 48) + 8192 * (128 + 128)
+        8192 * (2 * 48 + 32 + 48) + 8192 * (128 + 128) + 1024
     );
-    assert_eq!(defaults.memory_bytes_max(), 3_538_944);
+    assert_eq!(defaults.memory_bytes_max(), 3_539_968);
 }
 
 #[test]
