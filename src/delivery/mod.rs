@@ -12,12 +12,15 @@
 //! lists; the shard reads the bytes. Stream groups (committed offsets) are not here.
 //!
 //! Which core: the shard that owns the partition (invariant 4), one instance per queue
-//! group on that partition. Not `Sync`-dependent, but never shared.
+//! group on that partition. It is plain data, but only the owning shard touches it.
 //!
 //! Contract (docs/queues.md has the model and the reasons):
 //! - Every event clears `Actions` first. Records in `Actions::journal` must be appended to
 //!   the group's journal in order, and the answer to the event (deliveries, per-handle
 //!   results) released only once the journal is durable through `Actions::answer_after_seq`.
+//!   That is the last record journaled so far, not only this event's: an answer can depend
+//!   on an earlier event's change (an ack refused as `Settled` because of an ack whose
+//!   record is still in flight), and must not be given before that change is durable.
 //! - A [`DeadLetterRequest`] with `after_seq = Some(s)` may be appended to the DLQ only once
 //!   the journal is durable through `s`; when the DLQ append is durable, call
 //!   [`QueueGroup::dead_lettered`]. After `recover`, each [`ReconcileRequest`] is answered
@@ -26,8 +29,9 @@
 //!   offsets (read from the log). It is issued once and stays outstanding (see
 //!   `metadata_request`) until an `appended` starting at or before its start answers it;
 //!   until then no more of the backlog is admitted.
-//! - Time is milliseconds on any clock that does not go backwards between events.
-//!   A lease is valid while `now < deadline_ms`.
+//! - Time is milliseconds of the broker's wall clock: deadlines and due times are
+//!   journaled and must mean the same after a restart. A clock stepping back only
+//!   lengthens leases and delays. A lease is valid while `now < deadline_ms`.
 //!
 //! State: an ack floor (every offset below it is settled) and a window of per-offset slots
 //! from the floor, at most `window_messages_max` long; offsets past the window are not in
@@ -397,6 +401,8 @@ pub struct Actions {
     pub results: Vec<Result<(), HandleError>>,
     /// Append in order, then answer once durable through `answer_after_seq`.
     pub journal: Vec<JournalEntry>,
+    /// The last record journaled so far (this event's or an earlier one's); `None` while
+    /// the journal is empty.
     pub answer_after_seq: Option<u64>,
     pub dead_letters: Vec<DeadLetterRequest>,
     pub reconcile: Vec<ReconcileRequest>,
@@ -1540,7 +1546,6 @@ impl QueueGroup {
         self.next_seq += 1;
         self.records_since_snapshot += 1;
         out.journal.push(JournalEntry { seq, record });
-        out.answer_after_seq = Some(seq);
         seq
     }
 
@@ -1562,6 +1567,7 @@ impl QueueGroup {
             self.metadata_requested = Some(self.metadata_end..wanted_end);
         }
         out.timer_ms = self.timers.first().map(|&(time_ms, _)| time_ms);
+        out.answer_after_seq = (self.next_seq > 1).then(|| self.next_seq - 1);
         out.snapshot_due =
             self.records_since_snapshot >= self.config.journal_records_per_snapshot_max;
     }

@@ -951,3 +951,20 @@ fn backlog_request_stays_outstanding_until_answered() {
     assert_eq!(h.group.metadata_request(), Some(asked));
     assert_eq!(h.group.lag(), 105 - h.group.ack_floor());
 }
+
+#[test]
+fn an_answer_waits_for_the_records_it_depends_on() {
+    let mut h = Harness::new(config(), 2);
+    let got = h.receive(1, 1, 0);
+    h.ack(&got, 1);
+    let ack_seq = h.out.journal.last().expect("ack record").seq;
+    assert_eq!(h.out.answer_after_seq, Some(ack_seq));
+    // A retried ack journals nothing, but its answer (Settled) rests on the first ack's
+    // record: it must not be given before that record is durable.
+    assert_eq!(
+        h.ack(&got, 2),
+        vec![Err(HandleError::Settled { offset: 0 })]
+    );
+    assert!(h.out.journal.is_empty());
+    assert_eq!(h.out.answer_after_seq, Some(ack_seq));
+}
