@@ -43,7 +43,7 @@ mod model_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
 
 pub use journal::{
@@ -89,6 +89,17 @@ pub enum ExpiryPolicy {
     DeadLetter,
 }
 
+/// Whether messages with the same key wait for each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// Any available message may be handed out (competing consumers, SQS standard).
+    Unordered,
+    /// At most one message per key in flight: a message is handed out only once every
+    /// earlier message with its key is settled (or dead-lettering). Messages without a
+    /// key are unordered. Like SQS FIFO message groups, per partition.
+    PerKey,
+}
+
 /// Limits and policy of one queue group on one partition. docs/queues.md lists the config
 /// keys these come from (`queue_` prefix in the broker config) and their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +123,7 @@ pub struct QueueGroupConfig {
     /// Topic TTL from append time; 0 = none. A message's own expiry can only shorten it.
     pub message_ttl_ms: u64,
     pub expiry_policy: ExpiryPolicy,
+    pub ordering: Ordering,
     /// Nack reasons are cut to this many bytes.
     pub nack_reason_bytes_max: u16,
     /// `Actions::snapshot_due` is set once this many records were journaled since the
@@ -141,6 +153,7 @@ impl Default for QueueGroupConfig {
             delivery_delay_ms_max: 900_000,
             message_ttl_ms: 0,
             expiry_policy: ExpiryPolicy::Drop,
+            ordering: Ordering::Unordered,
             nack_reason_bytes_max: 128,
             journal_records_per_snapshot_max: 100_000,
             random_seed: 0,
@@ -174,6 +187,10 @@ const DEAD_LETTER_ENTRY_BYTES_MAX: u64 = 128;
 /// The per-entry figures hold for sets of more than one node; a small set still costs one
 /// partly filled node each (about 100, 200 and 560 bytes for the three maps).
 const SETS_FIXED_BYTES_MAX: u64 = 1024;
+/// Ordered mode: one key's queue entry (8 bytes, in a `VecDeque` that may hold twice its
+/// length) plus, if the key is alone, its map entry (key, deque header, control byte, at
+/// a load factor down to 7/16 after growth) and the deque's smallest buffer.
+const KEY_ENTRY_BYTES_MAX: u64 = 192;
 
 impl QueueGroupConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -254,7 +271,11 @@ impl QueueGroupConfig {
     pub fn memory_bytes_max(&self) -> u64 {
         let window = u64::from(self.window_messages_max);
         let slot = std::mem::size_of::<Slot>() as u64;
-        window * (2 * slot + READY_ENTRY_BYTES_MAX + TIMER_ENTRY_BYTES_MAX)
+        let keys = match self.ordering {
+            Ordering::Unordered => 0,
+            Ordering::PerKey => KEY_ENTRY_BYTES_MAX,
+        };
+        window * (2 * slot + READY_ENTRY_BYTES_MAX + TIMER_ENTRY_BYTES_MAX + keys)
             + window * (DEAD_LETTER_ENTRY_BYTES_MAX + u64::from(self.nack_reason_bytes_max))
             + SETS_FIXED_BYTES_MAX
     }
@@ -269,6 +290,9 @@ pub struct MessageMeta {
     pub deliver_after_ms: u64,
     /// From the message's own TTL header (absolute); `u64::MAX` = none.
     pub expires_at_ms: u64,
+    /// A hash of the record's key, for ordered mode; `None`: no key. Two keys with the
+    /// same hash are ordered together (stricter, never wrong).
+    pub key_hash: Option<u64>,
 }
 
 impl MessageMeta {
@@ -277,6 +301,7 @@ impl MessageMeta {
             append_time_ms,
             deliver_after_ms: 0,
             expires_at_ms: u64::MAX,
+            key_hash: None,
         }
     }
 }
@@ -554,6 +579,8 @@ struct Slot {
     expires_at_ms: u64,
     /// The key of this slot in `timers`, or `NO_TIMER`.
     timer_ms: u64,
+    /// Ordered mode: the message's key hash, once `meta_known`.
+    key_hash: Option<u64>,
 }
 
 impl Slot {
@@ -564,6 +591,7 @@ impl Slot {
             meta_known: false,
             expires_at_ms: u64::MAX,
             timer_ms: NO_TIMER,
+            key_hash: None,
         }
     }
 }
@@ -596,6 +624,9 @@ pub struct QueueGroup {
     timers: BTreeSet<(u64, u64)>,
     in_flight: u32,
     dead_letters: BTreeMap<u64, DeadLetterInfo>,
+    /// Ordered mode: per key hash, its window offsets not settled or dead-lettering, in
+    /// offset order. Only the front may be ready.
+    keys: HashMap<u64, VecDeque<u64>>,
     next_seq: u64,
     records_since_snapshot: u64,
     counters: Counters,
@@ -620,6 +651,7 @@ impl QueueGroup {
             timers: BTreeSet::new(),
             in_flight: 0,
             dead_letters: BTreeMap::new(),
+            keys: HashMap::new(),
             next_seq: 1,
             records_since_snapshot: 0,
             counters: Counters::default(),
@@ -710,6 +742,11 @@ impl QueueGroup {
             + self.timers.len() as u64 * TIMER_ENTRY_BYTES_MAX
             + self.dead_letters.len() as u64 * DEAD_LETTER_ENTRY_BYTES_MAX
             + reasons
+            + self
+                .keys
+                .values()
+                .map(|queue| 64 + queue.capacity() as u64 * 8)
+                .sum::<u64>()
             + SETS_FIXED_BYTES_MAX
     }
 
@@ -742,6 +779,13 @@ impl QueueGroup {
                 slot.state == State::Available && slot.meta_known,
                 "ready set holds only available slots with metadata: offset {offset}"
             );
+            if let Some(key_hash) = slot.key_hash {
+                assert_eq!(
+                    self.keys[&key_hash].front(),
+                    Some(&offset),
+                    "ordered mode: offset {offset} handed out before an earlier one of its key"
+                );
+            }
             let attempt = slot.attempts + 1;
             assert!(
                 attempt <= self.config.deliveries_max,
@@ -1140,7 +1184,22 @@ impl QueueGroup {
                 slot.attempts <= self.config.deliveries_max,
                 "offset {offset}: attempts past deliveries_max"
             );
-            let ready = slot.state == State::Available && slot.meta_known;
+            let key_head = slot.key_hash.is_none_or(|key_hash| {
+                self.keys.get(&key_hash).and_then(|queue| queue.front()) == Some(&offset)
+            });
+            let ready = slot.state == State::Available && slot.meta_known && key_head;
+            if let Some(key_hash) = slot.key_hash {
+                assert!(
+                    slot.meta_known,
+                    "offset {offset}: a key before its metadata"
+                );
+                let queued = self
+                    .keys
+                    .get(&key_hash)
+                    .is_some_and(|queue| queue.binary_search(&offset).is_ok());
+                let active = !matches!(slot.state, State::DeadLettering | State::Settled);
+                assert_eq!(queued, active, "offset {offset}: key queue out of step");
+            }
             assert_eq!(
                 self.ready.contains(&offset),
                 ready,
@@ -1180,6 +1239,16 @@ impl QueueGroup {
             );
         }
         assert_eq!(in_flight, self.in_flight, "in-flight count out of step");
+        let queued: usize = self.keys.values().map(VecDeque::len).sum();
+        let keyed = self
+            .window
+            .iter()
+            .filter(|slot| {
+                slot.key_hash.is_some()
+                    && !matches!(slot.state, State::DeadLettering | State::Settled)
+            })
+            .count();
+        assert_eq!(queued, keyed, "key queues hold offsets outside the window");
         assert_eq!(timers, self.timers.len(), "timer set out of step");
         assert_eq!(
             self.dead_letters.len(),
@@ -1265,8 +1334,37 @@ impl QueueGroup {
         if matches!(state, State::Leased { .. }) {
             self.in_flight += 1;
         }
+        let done = |state: State| matches!(state, State::DeadLettering | State::Settled);
+        let leaves_key = !done(slot.state) && done(state);
+        let key_hash = slot.key_hash;
         slot.state = state;
         self.refresh(index);
+        if let (true, Some(key_hash)) = (leaves_key, key_hash) {
+            self.leave_key(key_hash, offset);
+        }
+    }
+
+    /// Ordered mode: `offset` is settled or dead-lettering; the next message with its key
+    /// may become ready.
+    fn leave_key(&mut self, key_hash: u64, offset: u64) {
+        let Some(queue) = self.keys.get_mut(&key_hash) else {
+            unreachable!("offset {offset}: its key has no queue");
+        };
+        let position = queue
+            .binary_search(&offset)
+            .unwrap_or_else(|_| panic!("offset {offset} missing from its key's queue"));
+        queue.remove(position);
+        let next_head = if position == 0 {
+            queue.front().copied()
+        } else {
+            None
+        };
+        if queue.is_empty() {
+            self.keys.remove(&key_hash);
+        }
+        if let Some(index) = next_head.and_then(|head| self.index(head)) {
+            self.refresh(index);
+        }
     }
 
     fn refresh(&mut self, index: usize) {
@@ -1280,8 +1378,15 @@ impl QueueGroup {
         } else {
             NO_TIMER
         };
+        // Ordered mode: only the oldest unsettled message of a key may be handed out.
+        let key_head = match slot.key_hash {
+            Some(key_hash) => {
+                self.keys.get(&key_hash).and_then(|queue| queue.front()) == Some(&offset)
+            }
+            None => true,
+        };
         let (ready, timer_ms) = match slot.state {
-            State::Available => (slot.meta_known, expiry),
+            State::Available => (slot.meta_known && key_head, expiry),
             State::Waiting { due_ms } => (false, due_ms.min(expiry)),
             State::Leased { deadline_ms, .. } => (false, deadline_ms),
             State::DeadLettering | State::Settled => (false, NO_TIMER),
@@ -1310,6 +1415,20 @@ impl QueueGroup {
         debug_assert!(!slot.meta_known, "offset {offset}: metadata given twice");
         slot.meta_known = true;
         slot.expires_at_ms = expires_at_ms;
+        if self.config.ordering == Ordering::PerKey {
+            slot.key_hash = meta.key_hash;
+        }
+        if let Some(key_hash) = slot.key_hash {
+            if !matches!(slot.state, State::DeadLettering | State::Settled) {
+                // Metadata arrives in offset order, so each key's queue stays sorted.
+                let queue = self.keys.entry(key_hash).or_default();
+                assert!(
+                    queue.back().is_none_or(|&last| last < offset),
+                    "offset {offset}: metadata out of order"
+                );
+                queue.push_back(offset);
+            }
+        }
         let due_ms = meta.deliver_after_ms.min(
             meta.append_time_ms
                 .saturating_add(self.config.delivery_delay_ms_max),
@@ -1493,11 +1612,17 @@ impl QueueGroup {
     }
 
     fn apply_log_start(&mut self, log_start: u64) {
+        let mut left_keys = Vec::new();
         while self.floor < log_start {
             let Some(slot) = self.window.pop_front() else {
                 break;
             };
             let offset = self.floor;
+            if let Some(key_hash) = slot.key_hash {
+                if !matches!(slot.state, State::DeadLettering | State::Settled) {
+                    left_keys.push((key_hash, offset));
+                }
+            }
             if slot.timer_ms != NO_TIMER {
                 self.timers.remove(&(slot.timer_ms, offset));
             }
@@ -1517,6 +1642,9 @@ impl QueueGroup {
                 }
             }
             self.floor += 1;
+        }
+        for (key_hash, offset) in left_keys {
+            self.leave_key(key_hash, offset);
         }
         if self.floor < log_start {
             // Never admitted, so counted by offset.

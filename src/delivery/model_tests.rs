@@ -91,6 +91,7 @@ struct World {
 #[derive(Debug, Default)]
 struct Stats {
     deliveries: u64,
+    ordered_deliveries: u64,
     redeliveries: u64,
     accepted_handles: u64,
     refused_handles: u64,
@@ -137,6 +138,11 @@ impl World {
             delivery_delay_ms_max: 10_000,
             message_ttl_ms: 0,
             expiry_policy: ExpiryPolicy::Drop,
+            ordering: if random.chance(50) {
+                Ordering::PerKey
+            } else {
+                Ordering::Unordered
+            },
             nack_reason_bytes_max: 8,
             journal_records_per_snapshot_max: 1 + random.below(50),
             random_seed: seed,
@@ -147,6 +153,8 @@ impl World {
                 append_time_ms: 0,
                 deliver_after_ms: if offset % 7 == 3 { 1500 } else { 0 },
                 expires_at_ms: u64::MAX,
+                // Three keys, and every fourth message without one.
+                key_hash: (offset % 4 != 0).then_some(offset % 3),
             })
             .collect();
         World {
@@ -377,6 +385,28 @@ impl World {
                 "offset {offset} delivered {} times",
                 handle.attempt
             ));
+        }
+        if let (Ordering::PerKey, Some(key_hash)) =
+            (self.config.ordering, self.metas[offset as usize].key_hash)
+        {
+            // One in flight per key: every earlier message with the key is done.
+            for earlier in
+                (0..offset).filter(|&o| self.metas[o as usize].key_hash == Some(key_hash))
+            {
+                let done = self.model.acked.contains(&earlier)
+                    || self.maybe_acked.contains(&earlier)
+                    || self.dlq.iter().any(|d| d.offset == earlier)
+                    || self
+                        .dead_letters_waiting
+                        .iter()
+                        .any(|d| d.offset == earlier);
+                if !done {
+                    self.fail(format!(
+                        "ordered mode: offset {offset} delivered while {earlier} (same key) is not done"
+                    ));
+                }
+            }
+            self.stats.ordered_deliveries += 1;
         }
         if self.now < self.metas[offset as usize].deliver_after_ms {
             self.fail(format!(

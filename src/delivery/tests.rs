@@ -24,6 +24,7 @@ fn config() -> QueueGroupConfig {
         delivery_delay_ms_max: 60_000,
         message_ttl_ms: 0,
         expiry_policy: ExpiryPolicy::Drop,
+        ordering: Ordering::Unordered,
         nack_reason_bytes_max: 16,
         journal_records_per_snapshot_max: 1000,
         random_seed: 7,
@@ -408,6 +409,7 @@ fn delayed_message_waits_for_deliver_after() {
             append_time_ms: 0,
             deliver_after_ms: 500,
             expires_at_ms: u64::MAX,
+            key_hash: None,
         },
         MessageMeta::plain(0),
         // Asks for an hour; the group caps delays at delivery_delay_ms_max (60 s).
@@ -415,6 +417,7 @@ fn delayed_message_waits_for_deliver_after() {
             append_time_ms: 0,
             deliver_after_ms: 3_600_000,
             expires_at_ms: u64::MAX,
+            key_hash: None,
         },
     ];
     h.group.appended(0, &metas, 0, &mut h.out);
@@ -441,6 +444,7 @@ fn expired_messages_are_dropped_or_dead_lettered() {
             append_time_ms: 0,
             deliver_after_ms: 0,
             expires_at_ms: 300,
+            key_hash: None,
         },
         MessageMeta::plain(0),
     ];
@@ -908,13 +912,15 @@ fn config_validation_names_the_key() {
 #[test]
 fn memory_bound_formula_matches_docs() {
     // docs/queues.md, "Memory bound", states these numbers; change both together.
-    assert_eq!(std::mem::size_of::<Slot>(), 48);
-    let defaults = QueueGroupConfig::default();
+    assert_eq!(std::mem::size_of::<Slot>(), 64);
+    let mut config = QueueGroupConfig::default();
     assert_eq!(
-        defaults.memory_bytes_max(),
-        8192 * (2 * 48 + 32 + 48) + 8192 * (128 + 128) + 1024
+        config.memory_bytes_max(),
+        8192 * (2 * 64 + 32 + 48) + 8192 * (128 + 128) + 1024
     );
-    assert_eq!(defaults.memory_bytes_max(), 3_539_968);
+    assert_eq!(config.memory_bytes_max(), 3_802_112);
+    config.ordering = Ordering::PerKey;
+    assert_eq!(config.memory_bytes_max(), 3_802_112 + 8192 * 192);
 }
 
 #[test]
@@ -967,4 +973,79 @@ fn an_answer_waits_for_the_records_it_depends_on() {
     );
     assert!(h.out.journal.is_empty());
     assert_eq!(h.out.answer_after_seq, Some(ack_seq));
+}
+
+#[test]
+fn ordered_mode_one_in_flight_per_key() {
+    let mut config = config();
+    config.ordering = Ordering::PerKey;
+    let keyed = |key: Option<u64>| MessageMeta {
+        key_hash: key,
+        ..MessageMeta::plain(0)
+    };
+    const A: Option<u64> = Some(0xA);
+    const B: Option<u64> = Some(0xB);
+    let metas = [
+        keyed(A),
+        keyed(B),
+        keyed(A),
+        keyed(None),
+        keyed(A),
+        keyed(B),
+    ];
+    let mut h = Harness::new(config, 0);
+    h.group.appended(0, &metas, 0, &mut h.out);
+    h.persist();
+    let first = h.receive(1, 10, 0);
+    assert_eq!(
+        offsets(&first),
+        vec![0, 1, 3],
+        "the head of each key, and the keyless one"
+    );
+    // A failed head keeps its key's later messages back through its retry.
+    h.nack(&first[..1], 10);
+    assert!(h.receive(2, 10, 50).is_empty());
+    let again = h.receive(2, 10, 110);
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (d.offset, d.attempt))
+            .collect::<Vec<_>>(),
+        vec![(0, 2)]
+    );
+    h.ack(&again, 120);
+    assert_eq!(offsets(&h.receive(2, 10, 130)), vec![2]);
+    h.ack(&first[1..2], 140);
+    assert_eq!(offsets(&h.receive(2, 10, 150)), vec![5]);
+    // Going to the DLQ releases the key at once: offset 4 need not wait for the append.
+    let mut config = config;
+    config.deliveries_max = 1;
+    let mut h = Harness::new(config, 0);
+    h.group.appended(0, &metas, 0, &mut h.out);
+    h.persist();
+    let first = h.receive(1, 10, 0);
+    h.nack(&first[..1], 1);
+    assert_eq!(h.out.dead_letters.len(), 1);
+    assert_eq!(offsets(&h.receive(1, 10, 2)), vec![2]);
+    // After a restart, the order holds again once the window's metadata is back.
+    let (mut r, _) = h.recover(None, 6, 3);
+    assert!(
+        r.receive(3, 10, 3).is_empty(),
+        "nothing ready before the metadata"
+    );
+    assert_eq!(r.group.metadata_request(), Some(0..6));
+    r.group.appended(0, &metas, 3, &mut r.out);
+    r.persist();
+    assert_eq!(r.group.metadata_request(), None);
+    assert!(
+        r.receive(3, 10, 4).is_empty(),
+        "1 and 2 are still leased, 4 and 5 wait behind them"
+    );
+    let two = DeliveryHandle {
+        partition: PARTITION,
+        offset: 2,
+        attempt: 1,
+    };
+    assert_eq!(r.ack(&[two], 5), vec![Ok(())]);
+    assert_eq!(offsets(&r.receive(3, 10, 6)), vec![4]);
 }
