@@ -1018,7 +1018,6 @@ fn ordered_mode_one_in_flight_per_key() {
     h.ack(&first[1..2], 140);
     assert_eq!(offsets(&h.receive(2, 10, 150)), vec![5]);
     // Going to the DLQ releases the key at once: offset 4 need not wait for the append.
-    let mut config = config;
     config.deliveries_max = 1;
     let mut h = Harness::new(config, 0);
     h.group.appended(0, &metas, 0, &mut h.out);
