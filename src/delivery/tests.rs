@@ -1017,7 +1017,7 @@ fn ordered_mode_one_in_flight_per_key() {
     assert_eq!(offsets(&h.receive(2, 10, 130)), vec![2]);
     h.ack(&first[1..2], 140);
     assert_eq!(offsets(&h.receive(2, 10, 150)), vec![5]);
-    // Going to the DLQ releases the key at once: offset 4 need not wait for the append.
+    // Going to the DLQ releases the key at once: offset 2 need not wait for the append.
     config.deliveries_max = 1;
     let mut h = Harness::new(config, 0);
     h.group.appended(0, &metas, 0, &mut h.out);
