@@ -998,6 +998,10 @@ fn ordered_mode_one_in_flight_per_key() {
     h.persist();
     let first = h.receive(1, 10, 0);
     assert_eq!(
+        h.out.delivery_ranges().collect::<Vec<_>>(),
+        vec![0..2, 3..4]
+    );
+    assert_eq!(
         offsets(&first),
         vec![0, 1, 3],
         "the head of each key, and the keyless one"
