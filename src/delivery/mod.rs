@@ -111,6 +111,9 @@ pub struct QueueGroupConfig {
     pub in_flight_messages_max: u32,
     /// Most messages one `receive` hands out.
     pub receive_messages_max: u32,
+    /// Most handles one `ack`, `nack` or `extend` takes: the protocol refuses more, so
+    /// more here is a bug (asserted). Bounds `Actions::results`.
+    pub handles_per_request_max: u32,
     pub visibility_timeout_ms_default: u64,
     pub visibility_timeout_ms_max: u64,
     /// Deliveries before a failure sends the message to the DLQ (DESIGN's `max_deliveries`).
@@ -140,6 +143,7 @@ impl Default for QueueGroupConfig {
             window_messages_max: 8192,
             in_flight_messages_max: 4096,
             receive_messages_max: 1000,
+            handles_per_request_max: 1000,
             visibility_timeout_ms_default: 30_000,
             visibility_timeout_ms_max: 43_200_000,
             deliveries_max: 10,
@@ -194,7 +198,7 @@ const KEY_ENTRY_BYTES_MAX: u64 = 192;
 
 impl QueueGroupConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 7] = [
+        let positive: [(&'static str, u64); 8] = [
             ("queue_window_messages_max", self.window_messages_max.into()),
             (
                 "queue_in_flight_messages_max",
@@ -203,6 +207,10 @@ impl QueueGroupConfig {
             (
                 "queue_receive_messages_max",
                 self.receive_messages_max.into(),
+            ),
+            (
+                "queue_handles_per_request_max",
+                self.handles_per_request_max.into(),
             ),
             (
                 "queue_visibility_timeout_ms_max",
@@ -827,6 +835,7 @@ impl QueueGroup {
     /// Settles the messages whose handles are current.
     pub fn ack(&mut self, handles: &[DeliveryHandle], now_ms: u64, out: &mut Actions) {
         out.clear();
+        self.check_handle_count(handles);
         self.run_timers(now_ms, out);
         for handle in handles {
             let result = self.check_handle(handle);
@@ -849,6 +858,7 @@ impl QueueGroup {
         out: &mut Actions,
     ) {
         out.clear();
+        self.check_handle_count(handles);
         self.run_timers(now_ms, out);
         let delay_ms = match delay {
             NackDelay::Backoff => None,
@@ -879,6 +889,7 @@ impl QueueGroup {
         out: &mut Actions,
     ) {
         out.clear();
+        self.check_handle_count(handles);
         self.run_timers(now_ms, out);
         let deadline_ms = now_ms.saturating_add(self.visibility(Some(visibility_timeout_ms)));
         for handle in handles {
@@ -1286,6 +1297,15 @@ impl QueueGroup {
         requested_ms
             .unwrap_or(self.config.visibility_timeout_ms_default)
             .clamp(1, self.config.visibility_timeout_ms_max)
+    }
+
+    fn check_handle_count(&self, handles: &[DeliveryHandle]) {
+        assert!(
+            handles.len() <= self.config.handles_per_request_max as usize,
+            "{} handles in one request, at most {} (the protocol checks this first)",
+            handles.len(),
+            self.config.handles_per_request_max
+        );
     }
 
     fn check_handle(&self, handle: &DeliveryHandle) -> Result<(), HandleError> {

@@ -125,6 +125,7 @@ impl World {
             window_messages_max: window,
             in_flight_messages_max: 1 + random.below(u64::from(window)) as u32,
             receive_messages_max: 1 + random.below(10) as u32,
+            handles_per_request_max: 1000,
             visibility_timeout_ms_default: 500,
             visibility_timeout_ms_max: 5000,
             deliveries_max: 1 + random.below(4) as u32,

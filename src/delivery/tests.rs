@@ -11,6 +11,7 @@ fn config() -> QueueGroupConfig {
         window_messages_max: 64,
         in_flight_messages_max: 16,
         receive_messages_max: 100,
+        handles_per_request_max: 100,
         visibility_timeout_ms_default: 1000,
         visibility_timeout_ms_max: 100_000,
         deliveries_max: 3,
