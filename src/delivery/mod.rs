@@ -510,6 +510,14 @@ pub enum RecoveryError {
         offset: u64,
         log_end: u64,
     },
+    /// A CRC-valid record no group could have written: it covers more offsets than any
+    /// window, or leases attempt 0. Checked before it is applied, so damage cannot make recovery allocate
+    /// without bound.
+    Implausible {
+        seq: u64,
+        first: u64,
+        count: u64,
+    },
 }
 
 impl std::fmt::Display for RecoveryError {
@@ -527,6 +535,10 @@ impl std::fmt::Display for RecoveryError {
             RecoveryError::BeyondLog { offset, log_end } => write!(
                 f,
                 "delivery state names offset {offset} but the log ends at {log_end}"
+            ),
+            RecoveryError::Implausible { seq, first, count } => write!(
+                f,
+                "delivery record seq {seq} covers {count} offsets from {first}"
             ),
         }
     }
@@ -1108,6 +1120,7 @@ impl QueueGroup {
         if let Some(bytes) = snapshot {
             let snapshot = decode_snapshot(bytes).map_err(RecoveryError::Snapshot)?;
             snapshot_seq = snapshot.seq;
+            check_snapshot(&snapshot, log)?;
             group.load_snapshot(snapshot);
         }
         let mut position = 0;
@@ -1124,6 +1137,7 @@ impl QueueGroup {
                                 position,
                             });
                         }
+                        check_record(&decoded.record, decoded.seq, log)?;
                         group.apply(&decoded.record);
                         group.next_seq += 1;
                         group.records_since_snapshot += 1;
@@ -1192,8 +1206,8 @@ impl QueueGroup {
                 );
             }
             assert!(
-                slot.attempts <= self.config.deliveries_max,
-                "offset {offset}: attempts past deliveries_max"
+                slot.state != State::Available || slot.attempts < self.config.deliveries_max,
+                "offset {offset}: available after its last delivery"
             );
             let key_head = slot.key_hash.is_none_or(|key_hash| {
                 self.keys.get(&key_hash).and_then(|queue| queue.front()) == Some(&offset)
@@ -1354,6 +1368,9 @@ impl QueueGroup {
         if matches!(state, State::Leased { .. }) {
             self.in_flight += 1;
         }
+        if slot.state == State::DeadLettering && state != State::DeadLettering {
+            self.dead_letters.remove(&offset);
+        }
         let done = |state: State| matches!(state, State::DeadLettering | State::Settled);
         let leaves_key = !done(slot.state) && done(state);
         let key_hash = slot.key_hash;
@@ -1485,6 +1502,19 @@ impl QueueGroup {
                 {
                     self.expire(offset, now_ms, out)
                 }
+                State::Waiting { due_ms }
+                    if now_ms >= due_ms && slot.attempts >= self.config.deliveries_max =>
+                {
+                    // Released while `deliveries_max` was higher (the config was lowered
+                    // across a restart): it has had its deliveries.
+                    self.dead_letter(
+                        offset,
+                        DeadLetterCause::Nacked,
+                        b"deliveries_max lowered",
+                        now_ms,
+                        out,
+                    )
+                }
                 State::Waiting { due_ms } if now_ms >= due_ms => {
                     self.set_state(offset, State::Available)
                 }
@@ -1545,7 +1575,7 @@ impl QueueGroup {
         let index = self.index(offset).expect("dead letters are in the window");
         let attempts = self.window[index].attempts;
         assert!(
-            cause == DeadLetterCause::Expired || attempts == self.config.deliveries_max,
+            cause == DeadLetterCause::Expired || attempts >= self.config.deliveries_max,
             "invariant 5: offset {offset} dead-lettered after {attempts} deliveries, \
              deliveries_max {}",
             self.config.deliveries_max
@@ -1922,6 +1952,59 @@ impl QueueGroup {
             self.floor += 1;
         }
     }
+}
+
+/// No record covers more offsets: one event only touches its window, and windows are far
+/// smaller. Not tied to the configured window, which may have been lowered since.
+const RECORD_OFFSETS_MAX: u64 = 1 << 20;
+
+/// The offsets a record names, as (first, count).
+fn record_range(record: &JournalRecord) -> (u64, u64) {
+    match *record {
+        JournalRecord::Lease { first, count, .. }
+        | JournalRecord::Settle { first, count, .. }
+        | JournalRecord::Release { first, count, .. }
+        | JournalRecord::Extend { first, count, .. } => (first, u64::from(count)),
+        JournalRecord::DeadLetterPending { offset, .. }
+        | JournalRecord::DeadLettered { offset } => (offset, 1),
+        JournalRecord::LogStart { .. } => (0, 0),
+    }
+}
+
+/// Refuses a record naming more offsets than any window or offsets past the log, before
+/// it is applied: the window grows to what records name.
+fn check_record(record: &JournalRecord, seq: u64, log: LogBounds) -> Result<(), RecoveryError> {
+    let (first, count) = record_range(record);
+    let never_delivered = matches!(record, JournalRecord::Lease { attempt: 0, .. });
+    if count > RECORD_OFFSETS_MAX || never_delivered {
+        return Err(RecoveryError::Implausible { seq, first, count });
+    }
+    let end = first.saturating_add(count);
+    if count > 0 && end > log.end {
+        return Err(RecoveryError::BeyondLog {
+            offset: end - 1,
+            log_end: log.end,
+        });
+    }
+    Ok(())
+}
+
+fn check_snapshot(snapshot: &Snapshot, log: LogBounds) -> Result<(), RecoveryError> {
+    for entry in &snapshot.entries {
+        let (offset, count) = match *entry {
+            SnapshotEntry::Settled { offset, count } => (offset, count),
+            SnapshotEntry::Leased { offset, .. }
+            | SnapshotEntry::Waiting { offset, .. }
+            | SnapshotEntry::DeadLettering { offset, .. } => (offset, 1),
+        };
+        let record = JournalRecord::Release {
+            first: offset,
+            count,
+            due_ms: 0,
+        };
+        check_record(&record, snapshot.seq, log)?;
+    }
+    Ok(())
 }
 
 /// How a delivery ended without an ack.
