@@ -1130,7 +1130,7 @@ fn recovery_from_damaged_bytes_errs_or_recovers_never_panics() {
     h.receive(2, 10, 200);
     h.tick(3000);
     h.do_dead_letters(3000);
-    let mut seed = 0xDA3A_6E;
+    let mut seed = 0x00DA_3A6E;
     println!("damage seed {seed:#x}");
     for round in 0..3000 {
         let mut journal = h.journal.clone();
