@@ -48,8 +48,8 @@ fn receive(holder: u64, messages_max: u32) -> ReceiveRequest {
 /// A journal of `records_min`+ records, written the expensive way: one record per ack
 /// (nothing coalesced), one nack in three deliveries, messages dead-lettered.
 fn journal_of(records_min: usize) -> (Vec<u8>, u64) {
-    let mut group = QueueGroup::new(config(), 0);
     let mut out = Actions::default();
+    let mut group = QueueGroup::create(config(), 0, &mut out);
     let mut journal = Vec::new();
     // Enough log for the run; recovery is then told the log holds PENDING messages.
     let metas: Vec<_> = (0..200_000).map(|_| MessageMeta::plain(0)).collect();
@@ -80,8 +80,8 @@ fn full_window_snapshot() -> (Vec<u8>, u64) {
         in_flight_messages_max: config().window_messages_max,
         ..config()
     };
-    let mut group = QueueGroup::new(config, 0);
     let mut out = Actions::default();
+    let mut group = QueueGroup::create(config, 0, &mut out);
     let mut journal = Vec::new();
     let metas: Vec<_> = (0..u64::from(config.window_messages_max))
         .map(|_| MessageMeta::plain(0))
@@ -161,8 +161,8 @@ fn receive_and_ack(criterion: &mut Criterion) {
     group.throughput(Throughput::Elements(u64::from(BATCH)));
     // Steady state of a group keeping up: 100 messages appended, received, acked.
     group.bench_function("append_receive_ack_100", |bencher| {
-        let mut queue = QueueGroup::new(config(), 0);
         let mut out = Actions::default();
+        let mut queue = QueueGroup::create(config(), 0, &mut out);
         let mut handles: Vec<DeliveryHandle> = Vec::with_capacity(BATCH as usize);
         let metas = vec![MessageMeta::plain(0); BATCH as usize];
         let mut end = 0;

@@ -17,6 +17,7 @@
 //!                        reason_length u16, reason
 //!    6 DeadLettered      offset u64
 //!    7 LogStart          offset u64
+//!    8 Created           offset u64 (the group's first offset; the journal's first record)
 //! ```
 //!
 //! Records are state, not deltas: `Lease` carries the attempt number itself rather than
@@ -36,6 +37,7 @@ const KIND_EXTEND: u8 = 4;
 const KIND_DEAD_LETTER_PENDING: u8 = 5;
 const KIND_DEAD_LETTERED: u8 = 6;
 const KIND_LOG_START: u8 = 7;
+const KIND_CREATED: u8 = 8;
 
 const LEASE_BODY: usize = 8 + 4 + 4 + 8 + 8;
 const SETTLE_BODY: usize = 8 + 4 + 1;
@@ -113,6 +115,9 @@ pub enum JournalRecord {
     DeadLettered { offset: u64 },
     /// Retention removed everything below `offset` from the log.
     LogStart { offset: u64 },
+    /// The group was created with its floor at `offset`: the journal's first record, so
+    /// recovery knows where the group began (and counts what retention took since).
+    Created { offset: u64 },
 }
 
 /// Why bytes are not a journal record or a snapshot. Each names what it found.
@@ -249,6 +254,10 @@ pub fn encode_record(seq: u64, record: &JournalRecord, buffer: &mut Vec<u8>) {
             buffer.push(KIND_LOG_START);
             buffer.extend_from_slice(&offset.to_le_bytes());
         }
+        JournalRecord::Created { offset } => {
+            buffer.push(KIND_CREATED);
+            buffer.extend_from_slice(&offset.to_le_bytes());
+        }
     }
     let length = u32::try_from(buffer.len() - start).expect("record below 4 GiB");
     buffer[start..start + 4].copy_from_slice(&length.to_le_bytes());
@@ -376,6 +385,12 @@ pub fn decode_record(bytes: &[u8]) -> Result<Decoded<DecodedRecord>, JournalErro
         KIND_LOG_START => {
             body_length(OFFSET_BODY)?;
             JournalRecord::LogStart {
+                offset: u64_at(body, 0),
+            }
+        }
+        KIND_CREATED => {
+            body_length(OFFSET_BODY)?;
+            JournalRecord::Created {
                 offset: u64_at(body, 0),
             }
         }

@@ -654,9 +654,23 @@ pub struct QueueGroup {
 }
 
 impl QueueGroup {
-    /// A new group whose first message is `start_offset` (the log start: a new group sees
-    /// every message the log still has). Its journal is empty.
-    pub fn new(config: QueueGroupConfig, start_offset: u64) -> QueueGroup {
+    /// Creates a group whose first message is `start_offset` (the log start: a new group
+    /// sees every message the log still has). `out` holds its first journal record
+    /// (`Created`): the group exists once that is durable.
+    pub fn create(config: QueueGroupConfig, start_offset: u64, out: &mut Actions) -> QueueGroup {
+        out.clear();
+        let mut group = QueueGroup::empty(config, start_offset);
+        group.journal(
+            JournalRecord::Created {
+                offset: start_offset,
+            },
+            out,
+        );
+        group.finish(out);
+        group
+    }
+
+    fn empty(config: QueueGroupConfig, start_offset: u64) -> QueueGroup {
         config
             .validate()
             .expect("queue group config validated when the broker config was loaded");
@@ -1115,7 +1129,7 @@ impl QueueGroup {
         out: &mut Actions,
     ) -> Result<(QueueGroup, RecoveryReport), RecoveryError> {
         out.clear();
-        let mut group = QueueGroup::new(config, log.start);
+        let mut group = QueueGroup::empty(config, log.start);
         let mut snapshot_seq = 0;
         if let Some(bytes) = snapshot {
             let snapshot = decode_snapshot(bytes).map_err(RecoveryError::Snapshot)?;
@@ -1138,6 +1152,14 @@ impl QueueGroup {
                             });
                         }
                         check_record(&decoded.record, decoded.seq, log)?;
+                        if let JournalRecord::Created { offset } = decoded.record {
+                            if snapshot_seq == 0 && records_applied == 0 {
+                                // Where the group began: retention since is counted below.
+                                group.floor = offset;
+                                group.metadata_end = offset;
+                                group.log_end = offset;
+                            }
+                        }
                         group.apply(&decoded.record);
                         group.next_seq += 1;
                         group.records_since_snapshot += 1;
@@ -1942,6 +1964,8 @@ impl QueueGroup {
                 }
             }
             JournalRecord::LogStart { offset } => self.apply_log_start(offset),
+            // Read by `recover` before it is applied; nothing to change here.
+            JournalRecord::Created { .. } => {}
         }
         while self
             .window
@@ -1968,6 +1992,7 @@ fn record_range(record: &JournalRecord) -> (u64, u64) {
         JournalRecord::DeadLetterPending { offset, .. }
         | JournalRecord::DeadLettered { offset } => (offset, 1),
         JournalRecord::LogStart { .. } => (0, 0),
+        JournalRecord::Created { offset } => (offset, 0),
     }
 }
 

@@ -83,6 +83,10 @@ struct World {
     model_synced: Model,
     /// Offsets whose ack may have survived a crash unanswered.
     maybe_acked: BTreeSet<u64>,
+    /// Whether this run applies retention, and the log's start: retention is a log
+    /// action, durable on its own, never rolled back.
+    retention: bool,
+    log_start: u64,
     steps: u64,
     /// What the run exercised, printed so a run that tested nothing shows it.
     stats: Stats,
@@ -100,6 +104,7 @@ struct Stats {
     reconciled_found: u64,
     reconciled_missing: u64,
     snapshots: u64,
+    retained_from: u64,
 }
 
 fn offsets_of(record: &JournalRecord) -> Vec<u64> {
@@ -112,7 +117,7 @@ fn offsets_of(record: &JournalRecord) -> Vec<u64> {
         | JournalRecord::DeadLettered { offset } => {
             vec![offset]
         }
-        JournalRecord::LogStart { .. } => Vec::new(),
+        JournalRecord::LogStart { .. } | JournalRecord::Created { .. } => Vec::new(),
     }
 }
 
@@ -149,6 +154,7 @@ impl World {
             random_seed: seed,
         };
         let messages = 10 + random.below(60);
+        let retention = random.chance(50);
         let metas = (0..messages)
             .map(|offset| MessageMeta {
                 append_time_ms: 0,
@@ -158,14 +164,15 @@ impl World {
                 key_hash: (offset % 4 != 0).then_some(offset % 3),
             })
             .collect();
+        let mut out = Actions::default();
         World {
             seed,
             random,
             config,
             messages,
             metas,
-            group: QueueGroup::new(config, 0),
-            out: Actions::default(),
+            group: QueueGroup::create(config, 0, &mut out),
+            out,
             now: 0,
             journal_durable: Vec::new(),
             journal_pending: Vec::new(),
@@ -175,6 +182,8 @@ impl World {
             model: Model::default(),
             model_synced: Model::default(),
             maybe_acked: BTreeSet::new(),
+            retention,
+            log_start: 0,
             steps: 0,
             stats: Stats::default(),
         }
@@ -301,7 +310,7 @@ impl World {
             self.snapshot.as_deref(),
             &journal,
             LogBounds {
-                start: 0,
+                start: self.log_start,
                 end: self.messages,
             },
             self.now,
@@ -360,6 +369,11 @@ impl World {
 
     fn check_delivery(&mut self, handle: DeliveryHandle, holder: u64, deadline_ms: u64) {
         let offset = handle.offset;
+        if offset < self.log_start {
+            self.fail(format!(
+                "offset {offset} delivered after retention removed it"
+            ));
+        }
         if self.model.acked.contains(&offset) {
             self.fail(format!("acked offset {offset} delivered again"));
         }
@@ -394,7 +408,8 @@ impl World {
             for earlier in
                 (0..offset).filter(|&o| self.metas[o as usize].key_hash == Some(key_hash))
             {
-                let done = self.model.acked.contains(&earlier)
+                let done = earlier < self.log_start
+                    || self.model.acked.contains(&earlier)
                     || self.maybe_acked.contains(&earlier)
                     || self.dlq.iter().any(|d| d.offset == earlier)
                     || self
@@ -433,7 +448,8 @@ impl World {
 
     /// Whether the model says this handle is current now.
     fn current(&self, handle: &DeliveryHandle) -> bool {
-        !self.model.acked.contains(&handle.offset)
+        handle.offset >= self.log_start
+            && !self.model.acked.contains(&handle.offset)
             && self
                 .model
                 .leases
@@ -574,6 +590,14 @@ impl World {
                 let handles = self.pick_handles();
                 self.extend(&handles);
             }
+            77..=79 if self.retention => {
+                // Retention deletes a few messages from the head, settled or not.
+                let log_start = (self.log_start + self.random.below(4)).min(self.messages);
+                self.group.retention(log_start, self.now, &mut self.out);
+                self.absorb();
+                self.log_start = log_start;
+                self.stats.retained_from = log_start;
+            }
             62..=79 => {
                 self.now += self.random.below(800);
                 self.group.tick(self.now, &mut self.out);
@@ -614,23 +638,32 @@ impl World {
         let counters = self.group.counters().clone();
         assert_eq!(self.group.ack_floor(), self.messages, "seed {}", self.seed);
         assert_eq!(
-            counters.acked + counters.dead_lettered,
+            counters.acked + counters.dead_lettered + counters.lost_to_retention,
             self.messages,
             "seed {}: every message settled once: {counters:?}",
             self.seed
         );
-        assert_eq!(
-            counters.dead_lettered,
-            self.dlq.len() as u64,
-            "seed {}",
-            self.seed
+        // A DLQ append that lands after retention removed its message is not counted as
+        // dead-lettered (the message is counted lost), but it is still one copy.
+        let removed_then_appended = self
+            .dlq
+            .iter()
+            .filter(|d| d.offset < self.log_start)
+            .count();
+        assert!(
+            counters.dead_lettered <= self.dlq.len() as u64
+                && counters.dead_lettered + removed_then_appended as u64 >= self.dlq.len() as u64,
+            "seed {}: {counters:?}, {} DLQ copies",
+            self.seed,
+            self.dlq.len()
         );
         for offset in 0..self.messages {
             let in_dlq = self.dlq.iter().filter(|d| d.offset == offset).count();
             let acked = self.model.acked.contains(&offset);
+            let lost = offset < self.log_start;
             match (in_dlq, acked) {
                 (1, false) | (0, true) => {}
-                (0, false) if self.maybe_acked.contains(&offset) => {}
+                (0, false) if self.maybe_acked.contains(&offset) || lost => {}
                 _ => self.fail(format!(
                     "offset {offset}: {in_dlq} DLQ copies, acked {acked}: must be exactly one of them"
                 )),
@@ -642,6 +675,9 @@ impl World {
 fn run(seed: u64) {
     println!("delivery model test seed {seed}");
     let mut world = World::new(seed);
+    // The group's creation is durable before anything else happens to it.
+    world.absorb();
+    world.sync();
     world
         .group
         .appended(0, &world.metas.clone(), 0, &mut world.out);

@@ -42,12 +42,15 @@ struct Harness {
 
 impl Harness {
     fn new(config: QueueGroupConfig, messages: u64) -> Harness {
+        let mut out = Actions::default();
+        let group = QueueGroup::create(config, 0, &mut out);
         let mut harness = Harness {
-            group: QueueGroup::new(config, 0),
-            out: Actions::default(),
+            group,
+            out,
             journal: Vec::new(),
             dlq: Vec::new(),
         };
+        harness.persist();
         harness.append(0, messages, 0);
         harness
     }
@@ -167,7 +170,7 @@ fn ack_removes_message() {
     );
     assert_eq!(
         h.out.answer_after_seq,
-        Some(1),
+        Some(2),
         "the lease is journaled before the answer"
     );
     assert_eq!(h.ack(&got, 10), vec![Ok(())]);
@@ -828,6 +831,7 @@ fn journal_codec_round_trips_every_kind() {
         },
         JournalRecord::DeadLettered { offset: 11 },
         JournalRecord::LogStart { offset: 40 },
+        JournalRecord::Created { offset: 3 },
     ];
     let mut bytes = Vec::new();
     for (index, record) in records.iter().enumerate() {
@@ -877,7 +881,7 @@ fn journal_records_coalesce_contiguous_ranges() {
     assert_eq!(
         h.out.journal,
         vec![JournalEntry {
-            seq: 1,
+            seq: 2,
             record: JournalRecord::Lease {
                 first: 0,
                 count: 10,
