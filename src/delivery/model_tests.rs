@@ -14,6 +14,11 @@
 //! deliveries. At the end, after draining: every message acked or dead-lettered exactly
 //! once.
 //!
+//! Each seed also picks, independently: ordered mode or not (then: no message delivered
+//! before every earlier one of its key is done), retention or not (then: nothing removed
+//! is delivered), TTLs with either expiry policy or not (then: nothing delivered at or
+//! past its expiry; an expired DLQ copy only after it).
+//!
 //! Seeds: 32 by default, printed; `SHARDQ_TEST_SEED=N` replays one.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -125,6 +130,7 @@ impl World {
     fn new(seed: u64) -> World {
         let mut random = Random(seed);
         let window = 4 + random.below(28) as u32;
+        let ttl = random.chance(50);
         let config = QueueGroupConfig {
             partition: 1,
             window_messages_max: window,
@@ -142,8 +148,13 @@ impl World {
             },
             nack_delay_ms_max: 3000,
             delivery_delay_ms_max: 10_000,
-            message_ttl_ms: 0,
-            expiry_policy: ExpiryPolicy::Drop,
+            // Half the runs have a topic TTL, with either expiry policy.
+            message_ttl_ms: if ttl { 3000 + random.below(6000) } else { 0 },
+            expiry_policy: if random.chance(50) {
+                ExpiryPolicy::Drop
+            } else {
+                ExpiryPolicy::DeadLetter
+            },
             ordering: if random.chance(50) {
                 Ordering::PerKey
             } else {
@@ -159,7 +170,12 @@ impl World {
             .map(|offset| MessageMeta {
                 append_time_ms: 0,
                 deliver_after_ms: if offset % 7 == 3 { 1500 } else { 0 },
-                expires_at_ms: u64::MAX,
+                // Some messages carry their own, shorter TTL.
+                expires_at_ms: if ttl && offset % 11 == 5 {
+                    1000
+                } else {
+                    u64::MAX
+                },
                 // Three keys, and every fourth message without one.
                 key_hash: (offset % 4 != 0).then_some(offset % 3),
             })
@@ -254,7 +270,14 @@ impl World {
                 request.offset
             ));
         }
-        if request.attempts != self.config.deliveries_max {
+        let expired = request.cause == DeadLetterCause::Expired;
+        if expired && request.decided_at_ms < self.expiry(request.offset) {
+            self.fail(format!(
+                "offset {} dead-lettered as expired before its expiry",
+                request.offset
+            ));
+        }
+        if !expired && request.attempts != self.config.deliveries_max {
             self.fail(format!(
                 "offset {} dead-lettered after {} deliveries, deliveries_max {}",
                 request.offset, request.attempts, self.config.deliveries_max
@@ -409,6 +432,7 @@ impl World {
                 (0..offset).filter(|&o| self.metas[o as usize].key_hash == Some(key_hash))
             {
                 let done = earlier < self.log_start
+                    || self.dropped_as_expired(earlier)
                     || self.model.acked.contains(&earlier)
                     || self.maybe_acked.contains(&earlier)
                     || self.dlq.iter().any(|d| d.offset == earlier)
@@ -423,6 +447,13 @@ impl World {
                 }
             }
             self.stats.ordered_deliveries += 1;
+        }
+        if self.now >= self.expiry(offset) {
+            self.fail(format!(
+                "offset {offset} delivered at {} after its expiry {}",
+                self.now,
+                self.expiry(offset)
+            ));
         }
         if self.now < self.metas[offset as usize].deliver_after_ms {
             self.fail(format!(
@@ -444,6 +475,20 @@ impl World {
         );
         self.model.uncertain.remove(&offset);
         self.model.handles.push(handle);
+    }
+
+    /// When the message expires: its own TTL or the topic's, whichever is first.
+    fn expiry(&self, offset: u64) -> u64 {
+        let meta = &self.metas[offset as usize];
+        match self.config.message_ttl_ms {
+            0 => meta.expires_at_ms,
+            ttl => meta.expires_at_ms.min(meta.append_time_ms + ttl),
+        }
+    }
+
+    /// Whether the group may have dropped it as expired by now.
+    fn dropped_as_expired(&self, offset: u64) -> bool {
+        self.config.expiry_policy == ExpiryPolicy::Drop && self.now >= self.expiry(offset)
     }
 
     /// Whether the model says this handle is current now.
@@ -638,7 +683,10 @@ impl World {
         let counters = self.group.counters().clone();
         assert_eq!(self.group.ack_floor(), self.messages, "seed {}", self.seed);
         assert_eq!(
-            counters.acked + counters.dead_lettered + counters.lost_to_retention,
+            counters.acked
+                + counters.dead_lettered
+                + counters.lost_to_retention
+                + counters.expired_dropped,
             self.messages,
             "seed {}: every message settled once: {counters:?}",
             self.seed
@@ -663,7 +711,10 @@ impl World {
             let lost = offset < self.log_start;
             match (in_dlq, acked) {
                 (1, false) | (0, true) => {}
-                (0, false) if self.maybe_acked.contains(&offset) || lost => {}
+                (0, false)
+                    if self.maybe_acked.contains(&offset)
+                        || lost
+                        || self.dropped_as_expired(offset) => {}
                 _ => self.fail(format!(
                     "offset {offset}: {in_dlq} DLQ copies, acked {acked}: must be exactly one of them"
                 )),
@@ -689,11 +740,12 @@ fn run(seed: u64) {
     world.drain();
     world.check_end();
     println!(
-        "  {} messages, deliveries_max {}, {} DLQ: {:?}",
+        "  {} messages, deliveries_max {}, {} DLQ: {:?} {:?}",
         world.messages,
         world.config.deliveries_max,
         world.dlq.len(),
-        world.stats
+        world.stats,
+        world.group.counters()
     );
 }
 
