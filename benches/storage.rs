@@ -38,6 +38,8 @@ fn config_with_step(preallocate_step_bytes: u64) -> LogConfig {
         storage_full_retry: Duration::from_secs(1),
         failure_policy: FailurePolicy::StopPartition,
         recycle_segments: true,
+        producers_per_partition_max: 10_000,
+        producer_snapshot_interval_bytes: 16 << 20,
     }
 }
 

@@ -103,6 +103,13 @@ pub struct ServerConfig {
     /// Per-shard memory for recently written batches, shared by all its partitions, so
     /// consumers at the tail are served without disk reads. 0 turns the cache off.
     pub tail_cache_bytes_per_shard: usize,
+    /// Idempotent producers remembered per partition for deduplication; a new producer
+    /// beyond it evicts the one whose last append is oldest.
+    pub producers_per_partition_max: usize,
+    /// Each partition snapshots its producer table after a group commit once this many
+    /// bytes were appended since its last snapshot (and at segment roll and close), which
+    /// bounds the log a restart scans to rebuild the table.
+    pub producer_snapshot_interval_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +151,8 @@ impl Default for ServerConfig {
             tail_cache_bytes_per_shard: 64 << 20,
             bind_retry_ms: 10_000,
             timestamp_future_ms_max: 3_600_000,
+            producers_per_partition_max: 10_000,
+            producer_snapshot_interval_bytes: 16 << 20,
         }
     }
 }
@@ -275,6 +284,14 @@ impl ServerConfig {
             (
                 "retention_check_interval_ms",
                 u64::from(self.retention_check_interval_ms),
+            ),
+            (
+                "producers_per_partition_max",
+                self.producers_per_partition_max as u64,
+            ),
+            (
+                "producer_snapshot_interval_bytes",
+                self.producer_snapshot_interval_bytes,
             ),
         ] {
             if value == 0 {

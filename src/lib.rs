@@ -3,12 +3,17 @@
 //! Map of the crate and the data path:
 //! - [`protocol`]: the sans-IO wire codec (frames, requests, record batches). Shared by the
 //!   broker and the client; no runtime.
+//! - [`delivery`]: queue semantics per (partition, group) as a sans-IO state machine:
+//!   leases, acks, nacks, retries with backoff, delay, TTL, dead-lettering, and its
+//!   journal codec. No runtime; the shard will drive it (docs/queues.md).
 //! - `storage`: one partition's log: O_DIRECT segment files written through io_uring
-//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery.
+//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery, and the
+//!   idempotent producers' table that stores a resent batch once.
 //! - `shard`: the per-core event loop: owns partitions, places partitions on shards,
 //!   forwards requests between shards over glommio's channel mesh.
 //! - `server`: listeners, connections, request dispatch, start-up and shutdown.
-//! - `client`: the tokio client (feature `client`), built on `protocol` only.
+//! - `client`: the tokio client (feature `client`), built on `protocol` only; its
+//!   producer is idempotent and retries with backoff.
 //! - `config`: broker settings and their limits.
 //!
 //! ```text
@@ -20,6 +25,7 @@
 //! See docs/architecture.md for the invariants and which core does what.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod delivery;
 pub mod protocol;
 
 #[cfg(feature = "server")]

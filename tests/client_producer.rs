@@ -315,7 +315,7 @@ async fn a_refused_partition_fails_only_its_own_records() {
     for handle in bad {
         let error = handle.await.unwrap_err();
         assert!(
-            matches!(&error, ClientError::PartitionRefused { topic, partition: 3, .. } if topic == "t"),
+            matches!(error.cause(), ClientError::PartitionRefused { topic, partition: 3, .. } if topic == "t"),
             "{error}"
         );
         assert_eq!(error.wire_code(), Some(ErrorCode::UnknownPartition));

@@ -278,6 +278,9 @@ impl BenchConfig {
             requests_in_flight_max: self.requests_in_flight_max,
             buffer_bytes_max: self.buffer_bytes_max,
             request_timeout_ms: defaults.request_timeout_ms,
+            // The client's defaults: idempotent, so a retried batch is not counted twice
+            // by the consumers' verification.
+            ..defaults
         }
     }
 }
@@ -1470,7 +1473,7 @@ mod tests {
     #[test]
     fn batches_are_capped_by_the_broker_limit() {
         let config = BenchConfig::default();
-        // 1000 x 1 KiB records are 1,046,048 bytes: two more than a 1 MiB - 4 KiB batch holds.
+        // 1000 x 1 KiB records are 1,046,064 bytes: two more than a 1 MiB - 4 KiB batch holds.
         assert_eq!(config.effective_batch_records(), 998);
         assert!(config.producer_config().batch_bytes_max <= BROKER_BATCH_BYTES_MAX_DEFAULT);
         let small = BenchConfig {

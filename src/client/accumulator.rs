@@ -7,6 +7,12 @@
 //! partition at a time and holds the partition until [`Accumulator::finish`], so batches
 //! of one partition reach the broker, and so the log, in the order they were sealed even
 //! with many requests in flight. Different partitions pipeline freely.
+//!
+//! Idempotence. A batch gets its producer id and its partition's next sequence number
+//! (docs/protocol.md §8.1) when it is first taken for sending, not when it is sealed: one
+//! batch per partition is in flight, so a batch that fails for good can still be followed
+//! by the next one without a gap the broker would refuse (the producer picks a new id
+//! then, see `producer.rs`). From then on its bytes never change: a retry resends them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
@@ -16,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::ClientError;
-use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE};
+use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE, PRODUCER_ID_NONE};
 
 /// First allocation for a batch buffer; it grows (doubling) up to `batch_bytes_max`.
 const BATCH_BUFFER_BYTES_INITIAL: usize = 64 << 10;
@@ -68,16 +74,44 @@ impl BatchCompletion {
 }
 
 /// A sealed batch waiting to be sent or in flight.
-#[derive(Debug)]
 pub(super) struct SealedBatch {
     pub(super) partition: u32,
     pub(super) topic: Arc<str>,
+    /// The batch's bytes, producer id and sequence included; empty until the batch is
+    /// first taken for sending (`unsent` holds it until then), unchanged afterwards.
     pub(super) batch: Bytes,
+    unsent: Option<BatchBuilder>,
     pub(super) completion: Arc<BatchCompletion>,
     /// The producer's memory budget for these records, returned when the batch is done.
     pub(super) _budget: Option<OwnedSemaphorePermit>,
     /// Order of sealing, so that requests serve the longest-waiting partitions first.
-    sequence: u64,
+    sealed_order: u64,
+    /// Sends so far (the producer's retry state).
+    pub(super) attempts: u32,
+    /// When it was first sent: `delivery_timeout_ms` counts from here.
+    pub(super) first_sent: Option<Instant>,
+    /// Whether some earlier attempt may have stored it (an unanswered or ambiguous one).
+    pub(super) maybe_written: bool,
+}
+
+impl std::fmt::Debug for SealedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedBatch")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("bytes", &self.size_bytes())
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl SealedBatch {
+    pub(super) fn size_bytes(&self) -> usize {
+        match &self.unsent {
+            Some(builder) => builder.size_bytes(),
+            None => self.batch.len(),
+        }
+    }
 }
 
 struct OpenBatch {
@@ -119,6 +153,10 @@ pub(super) struct AppendOutcome {
 pub(super) struct Accumulator {
     limits: AccumulatorLimits,
     topics: HashMap<Arc<str>, HashMap<u32, PartitionQueue>>,
+    /// The next batch sequence number of each partition used so far (docs/protocol.md
+    /// §8.1). Kept when a partition's queue empties, or the broker would see the
+    /// sequence restart. One entry per partition the producer ever wrote to.
+    batch_sequences: HashMap<Arc<str>, HashMap<u32, u64>>,
     next_sequence: u64,
     /// Sealed batches not yet handed out, over all partitions.
     sealed_count: usize,
@@ -130,6 +168,7 @@ impl Accumulator {
         Accumulator {
             limits,
             topics: HashMap::new(),
+            batch_sequences: HashMap::new(),
             next_sequence: 0,
             sealed_count: 0,
         }
@@ -244,8 +283,14 @@ impl Accumulator {
 
     /// Takes the sealed batches for one request: at most one per partition (whose
     /// partition is then in flight until `finish`), oldest first, until `request_bytes_max`
-    /// is reached (always at least one). Empty when nothing can be sent.
-    pub(super) fn take_request(&mut self, request_bytes_max: usize) -> Vec<SealedBatch> {
+    /// is reached (always at least one). Empty when nothing can be sent. Each batch is
+    /// finished here with `producer_id` and its partition's next sequence number (with
+    /// producer id 0, not idempotent, the sequence is 0).
+    pub(super) fn take_request(
+        &mut self,
+        request_bytes_max: usize,
+        producer_id: u64,
+    ) -> Vec<SealedBatch> {
         if self.sealed_count == 0 {
             return Vec::new();
         }
@@ -255,7 +300,7 @@ impl Accumulator {
             .flat_map(|(topic, partitions)| {
                 partitions.iter().filter_map(|(partition, queue)| {
                     let front = queue.sealed.front().filter(|_| !queue.in_flight)?;
-                    Some((front.sequence, topic.clone(), *partition))
+                    Some((front.sealed_order, topic.clone(), *partition))
                 })
             })
             .collect();
@@ -272,19 +317,30 @@ impl Accumulator {
                 .sealed
                 .front()
                 .expect("candidate has a sealed batch")
-                .batch
-                .len();
+                .size_bytes();
             if !taken.is_empty() && bytes + size > request_bytes_max {
                 break;
             }
             bytes += size;
             queue.in_flight = true;
-            taken.push(
-                queue
-                    .sealed
-                    .pop_front()
-                    .expect("candidate has a sealed batch"),
-            );
+            let mut sealed = queue
+                .sealed
+                .pop_front()
+                .expect("candidate has a sealed batch");
+            if let Some(mut builder) = sealed.unsent.take() {
+                if producer_id != PRODUCER_ID_NONE {
+                    let next = self
+                        .batch_sequences
+                        .entry(topic.clone())
+                        .or_default()
+                        .entry(partition)
+                        .or_insert(0);
+                    builder.set_producer(producer_id, *next);
+                    *next = next.wrapping_add(1);
+                }
+                sealed.batch = builder.finish();
+            }
+            taken.push(sealed);
             self.sealed_count -= 1;
         }
         taken
@@ -335,10 +391,14 @@ fn seal(queue: &mut PartitionQueue, next_sequence: &mut u64, sealed_count: &mut 
     queue.sealed.push_back(SealedBatch {
         partition: open.completion.partition,
         topic: open.completion.topic.clone(),
-        batch: open.builder.finish(),
+        batch: Bytes::new(),
+        unsent: Some(open.builder),
         completion: open.completion,
         _budget: open.budget,
-        sequence: *next_sequence,
+        sealed_order: *next_sequence,
+        attempts: 0,
+        first_sent: None,
+        maybe_written: false,
     });
     *next_sequence += 1;
     *sealed_count += 1;
@@ -375,12 +435,12 @@ mod tests {
             indexes.push(accumulator.append("t", 0, &record(value), None, now).index);
         }
         assert_eq!(indexes, vec![0, 1, 2, 0], "fourth record opens a new batch");
-        let request = accumulator.take_request(usize::MAX);
+        let request = accumulator.take_request(usize::MAX, 0);
         assert_eq!(request.len(), 1);
         let header = validate_batch(&request[0].batch, 10).unwrap();
         assert_eq!(header.record_count, 3);
         assert!(
-            accumulator.take_request(usize::MAX).is_empty(),
+            accumulator.take_request(usize::MAX, 0).is_empty(),
             "the open batch has not lingered"
         );
     }
@@ -397,7 +457,7 @@ mod tests {
         accumulator.seal_all();
         let mut counts = Vec::new();
         loop {
-            let request = accumulator.take_request(usize::MAX);
+            let request = accumulator.take_request(usize::MAX, 0);
             let Some(sealed) = request.into_iter().next() else {
                 break;
             };
@@ -418,10 +478,10 @@ mod tests {
             Some(start + Duration::from_millis(5))
         );
         accumulator.seal_expired(start + Duration::from_millis(4));
-        assert!(accumulator.take_request(usize::MAX).is_empty());
+        assert!(accumulator.take_request(usize::MAX, 0).is_empty());
         accumulator.seal_expired(start + Duration::from_millis(5));
         assert_eq!(accumulator.next_deadline(), None);
-        assert_eq!(accumulator.take_request(usize::MAX).len(), 1);
+        assert_eq!(accumulator.take_request(usize::MAX, 0).len(), 1);
     }
 
     #[test]
@@ -432,7 +492,7 @@ mod tests {
         accumulator.append("a", 0, &record(b"2"), None, now);
         accumulator.append("a", 1, &record(b"3"), None, now);
         accumulator.append("b", 0, &record(b"4"), None, now);
-        let first = accumulator.take_request(usize::MAX);
+        let first = accumulator.take_request(usize::MAX, 0);
         let mut names: Vec<(String, u32)> = first
             .iter()
             .map(|s| (s.topic.to_string(), s.partition))
@@ -443,11 +503,11 @@ mod tests {
             vec![("a".into(), 0), ("a".into(), 1), ("b".into(), 0)]
         );
         assert!(
-            accumulator.take_request(usize::MAX).is_empty(),
+            accumulator.take_request(usize::MAX, 0).is_empty(),
             "a/0 is still in flight"
         );
         accumulator.finish("a", 0);
-        let second = accumulator.take_request(usize::MAX);
+        let second = accumulator.take_request(usize::MAX, 0);
         assert_eq!(second.len(), 1);
         let mut records = Vec::new();
         decode_records(&second[0].batch, 0, &mut records).unwrap();
@@ -465,8 +525,42 @@ mod tests {
         for partition in 0..4 {
             accumulator.append("t", partition, &record(&[0u8; 50]), None, now);
         }
-        assert_eq!(accumulator.take_request(1).len(), 1);
-        let batch_bytes = accumulator.take_request(usize::MAX);
+        assert_eq!(accumulator.take_request(1, 0).len(), 1);
+        let batch_bytes = accumulator.take_request(usize::MAX, 0);
         assert_eq!(batch_bytes.len(), 3);
+    }
+
+    #[test]
+    fn batches_get_producer_id_and_per_partition_sequences_when_first_taken() {
+        let mut accumulator = Accumulator::new(limits(1, 1 << 20, 0));
+        let now = Instant::now();
+        let mut sequences = Vec::new();
+        for round in 0..3u64 {
+            accumulator.append("t", 0, &record(b"x"), None, now);
+            accumulator.append("t", 1, &record(b"y"), None, now);
+            let mut taken = accumulator.take_request(usize::MAX, 77);
+            taken.sort_by_key(|batch| batch.partition);
+            for batch in &taken {
+                let header = validate_batch(&batch.batch, 10).unwrap();
+                assert_eq!(header.producer_id, 77);
+                sequences.push((batch.partition, header.sequence));
+                // The queue empties between rounds: the sequence must not restart.
+                accumulator.finish("t", batch.partition);
+            }
+            assert_eq!(taken.len(), 2, "round {round}");
+        }
+        assert_eq!(
+            sequences,
+            vec![(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+        );
+        // Not idempotent: producer id 0, sequence 0, and no sequence is used up.
+        accumulator.append("t", 0, &record(b"z"), None, now);
+        let taken = accumulator.take_request(usize::MAX, 0);
+        let header = validate_batch(&taken[0].batch, 10).unwrap();
+        assert_eq!((header.producer_id, header.sequence), (0, 0));
+        accumulator.finish("t", 0);
+        accumulator.append("t", 0, &record(b"w"), None, now);
+        let taken = accumulator.take_request(usize::MAX, 78);
+        assert_eq!(validate_batch(&taken[0].batch, 10).unwrap().sequence, 3);
     }
 }

@@ -155,6 +155,10 @@ impl Connection {
         self.shared.peer
     }
 
+    pub(super) fn is_broken(&self) -> bool {
+        self.shared.pending().failure.is_some()
+    }
+
     pub(super) fn close(&self) {
         self.shared.fail(ClientError::Closed);
         self.reader.abort();

@@ -3,7 +3,10 @@
 //!
 //! What it is: an async layer over the sans-IO [`crate::protocol`] codec. What it is not:
 //! shard-aware (every request goes to the shard this connection landed on, which forwards
-//! to the owner) and it does not retry a refused produce, so nothing is ever written twice.
+//! to the owner), and it does not reconnect: a broken connection fails every request on
+//! it for good. The [`Producer`] retries retriable produce errors on its connection; as an
+//! idempotent producer (the default) it marks every batch with its producer id and a
+//! per-partition sequence, so the broker stores a resent batch once.
 //! It runs on whatever tokio runtime calls it; it never touches glommio or server code.
 //!
 //! Contract of [`Client`]:
@@ -119,6 +122,16 @@ pub enum ClientError {
     },
     /// A configuration value that cannot work.
     InvalidConfig { field: &'static str, value: u64 },
+    /// A produced batch failed for good after `attempts` sends; `cause` is the last
+    /// failure. `maybe_written` says whether the broker may have stored it anyway (an
+    /// attempt timed out, the connection broke after it was sent, or the broker said the
+    /// batch was appended but not durable): false only when every attempt was refused
+    /// before anything was appended.
+    ProduceFailed {
+        cause: Arc<ClientError>,
+        maybe_written: bool,
+        attempts: u32,
+    },
 }
 
 impl ClientError {
@@ -129,7 +142,25 @@ impl ClientError {
                 Some(error.code)
             }
             ClientError::OffsetOutOfRange { .. } => Some(ErrorCode::OffsetOutOfRange),
+            ClientError::ProduceFailed { cause, .. } => cause.wire_code(),
             _ => None,
+        }
+    }
+
+    /// For a produced batch that failed for good: whether it may have been stored
+    /// anyway. `None` for errors that are not about one produced batch.
+    pub fn maybe_written(&self) -> Option<bool> {
+        match self {
+            ClientError::ProduceFailed { maybe_written, .. } => Some(*maybe_written),
+            _ => None,
+        }
+    }
+
+    /// The error under a [`ClientError::ProduceFailed`] (itself otherwise).
+    pub fn cause(&self) -> &ClientError {
+        match self {
+            ClientError::ProduceFailed { cause, .. } => cause.cause(),
+            other => other,
         }
     }
 }
@@ -189,6 +220,19 @@ impl fmt::Display for ClientError {
             ClientError::InvalidConfig { field, value } => {
                 write!(f, "invalid client configuration: {field} = {value}")
             }
+            ClientError::ProduceFailed {
+                cause,
+                maybe_written,
+                attempts,
+            } => write!(
+                f,
+                "produce failed after {attempts} attempt(s), {}: {cause}",
+                if *maybe_written {
+                    "the batch may have been written"
+                } else {
+                    "the batch was not written"
+                }
+            ),
         }
     }
 }
@@ -202,7 +246,9 @@ impl std::error::Error for ClientError {
             ClientError::Protocol(error) => Some(error),
             ClientError::Broker(error) | ClientError::PartitionRefused { error, .. } => Some(error),
             ClientError::Batch { source, .. } => Some(source),
-            ClientError::Disconnected { cause, .. } => Some(cause.as_ref()),
+            ClientError::Disconnected { cause, .. } | ClientError::ProduceFailed { cause, .. } => {
+                Some(cause.as_ref())
+            }
             _ => None,
         }
     }
@@ -328,6 +374,11 @@ impl Client {
 
     pub fn peer_address(&self) -> SocketAddr {
         self.connection.peer()
+    }
+
+    /// Whether the connection is known to be broken or closed: every request fails.
+    pub fn is_broken(&self) -> bool {
+        self.connection.is_broken()
     }
 
     pub fn config(&self) -> &ClientConfig {

@@ -10,10 +10,30 @@
 //!
 //! Contract: a handle resolves once the broker has answered for its batch: with the
 //! record's offset (the batch's base offset plus the record's index in it) when acked,
-//! with `offset: None` when sent with acks none (the broker never says), or with the
-//! error that refused the batch, shared by exactly the records of that batch. Nothing is
-//! retried, so nothing is written twice. Memory is bounded by `buffer_bytes_max`: `send`
-//! waits when the records accepted and not yet answered would exceed it.
+//! with `offset: None` when sent with acks none (the broker never says), or with a
+//! [`ClientError::ProduceFailed`] that says why the batch failed for good and whether it
+//! may have been written, shared by exactly the records of that batch. Memory is bounded
+//! by `buffer_bytes_max`: `send` waits when the records accepted and not yet answered
+//! would exceed it.
+//!
+//! Idempotence and retries (docs/protocol.md §8.1 and "Client retries"). By default the
+//! producer is idempotent: it picks a random non-zero producer id, and every batch
+//! carries it with the partition's next sequence number, so the broker stores a batch
+//! once however often it is sent. A batch that fails with a retriable error (Timeout,
+//! ShuttingDown, StorageFull, or no answer within the client's timeout) is sent again,
+//! byte for byte, after an exponential backoff with full jitter, until it succeeds or
+//! `delivery_timeout_ms` has passed since its first send. Order per partition holds
+//! because a partition has one batch in flight: the next batch of that partition is
+//! sent only once the retried one is done, so no later batch can overtake it or fail
+//! with OutOfOrderSequence because of it. A batch that fails for good leaves the broker
+//! unsure of the partition's sequence (did the last attempt land?), so the producer then
+//! takes a new producer id, which the broker does not know and so accepts at any
+//! sequence. The client does not reconnect: when the connection breaks the error is
+//! final, with `maybe_written` true when the request may have reached the broker.
+//!
+//! Without idempotence (`idempotent: false`, producer id 0) only errors that prove the
+//! batch was not stored (StorageFull: refused before append) are retried, so nothing is
+//! written twice by a retry.
 //!
 //! Partition counts come from metadata cached per topic; a topic not cached, or an
 //! explicit partition past the cached count, triggers one metadata refresh before the
@@ -34,7 +54,7 @@ use super::accumulator::{
 };
 use super::{Client, ClientError};
 use crate::placement;
-use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE, RECORD_OVERHEAD};
+use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE, PRODUCER_ID_NONE, RECORD_OVERHEAD};
 use crate::protocol::{
     Acks, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
@@ -62,6 +82,17 @@ pub struct ProducerConfig {
     pub request_bytes_max: usize,
     /// Bytes of records accepted by `send` and not yet answered; `send` waits beyond it.
     pub buffer_bytes_max: usize,
+    /// Mark batches with a producer id and sequence numbers so that the broker stores a
+    /// resent batch once, and retry ambiguous failures (timeouts). Off: producer id 0,
+    /// and only failures that prove nothing was stored are retried.
+    pub idempotent: bool,
+    /// Backoff before the n-th retry of a batch: a random wait (full jitter) between 0
+    /// and `min(retry_backoff_ms_max, retry_backoff_ms_min * 2^(n-1))`.
+    pub retry_backoff_ms_min: u64,
+    pub retry_backoff_ms_max: u64,
+    /// A batch is not sent again once this long has passed since its first send; the
+    /// last error then reaches the caller.
+    pub delivery_timeout_ms: u64,
 }
 
 impl Default for ProducerConfig {
@@ -75,6 +106,10 @@ impl Default for ProducerConfig {
             requests_in_flight_max: 8,
             request_bytes_max: 8 << 20,
             buffer_bytes_max: 64 << 20,
+            idempotent: true,
+            retry_backoff_ms_min: 50,
+            retry_backoff_ms_max: 2_000,
+            delivery_timeout_ms: 30_000,
         }
     }
 }
@@ -101,6 +136,15 @@ impl ProducerConfig {
         }
         if self.buffer_bytes_max == 0 || self.buffer_bytes_max > Semaphore::MAX_PERMITS {
             return invalid("buffer_bytes_max", self.buffer_bytes_max);
+        }
+        if self.retry_backoff_ms_min == 0 {
+            return invalid("retry_backoff_ms_min", 0);
+        }
+        if self.retry_backoff_ms_max < self.retry_backoff_ms_min {
+            return invalid("retry_backoff_ms_max", self.retry_backoff_ms_max as usize);
+        }
+        if self.delivery_timeout_ms == 0 {
+            return invalid("delivery_timeout_ms", 0);
         }
         Ok(())
     }
@@ -258,6 +302,11 @@ struct ProducerState {
     /// Set by close (or when the last handle drops): no more sends; the sender drains
     /// what is left and stops.
     closing: bool,
+    /// Written into every batch when it is first sent; 0 when not idempotent. Replaced
+    /// after a batch fails for good (module docs).
+    producer_id: u64,
+    /// Jitter and replacement producer ids; seeded from the operating system.
+    random: Random,
 }
 
 struct ProducerShared {
@@ -269,6 +318,9 @@ struct ProducerShared {
     wake: Notify,
     /// `buffer_bytes_max` worth of permits, one per byte of records not yet answered.
     budget: Arc<Semaphore>,
+    /// `requests_in_flight_max` permits: one per request on the wire. A request waiting
+    /// out a retry backoff gives its permit back meanwhile.
+    slots: Arc<Semaphore>,
 }
 
 impl ProducerShared {
@@ -316,6 +368,12 @@ impl Producer {
         let broker_batch_bytes_max = client.handshake().batch_bytes_max as usize;
         config.batch_bytes_max = config.batch_bytes_max.min(broker_batch_bytes_max);
         config.validate()?;
+        let mut random = Random::from_os(&client)?;
+        let producer_id = if config.idempotent {
+            random.producer_id()
+        } else {
+            PRODUCER_ID_NONE
+        };
         let limits = AccumulatorLimits {
             batch_records_max: config.batch_records_max,
             batch_bytes_max: config.batch_bytes_max,
@@ -324,6 +382,7 @@ impl Producer {
         let shared = Arc::new(ProducerShared {
             client,
             budget: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            slots: Arc::new(Semaphore::new(config.requests_in_flight_max)),
             config,
             state: Mutex::new(ProducerState {
                 accumulator: Accumulator::new(limits),
@@ -332,6 +391,8 @@ impl Producer {
                 next_request_id: 0,
                 unreported_error: None,
                 closing: false,
+                producer_id,
+                random,
             }),
             wake: Notify::new(),
         });
@@ -344,6 +405,12 @@ impl Producer {
 
     pub fn config(&self) -> &ProducerConfig {
         &self.shared.config
+    }
+
+    /// The producer id new batches are sent with (0 when not idempotent). It changes
+    /// after a batch fails for good.
+    pub fn producer_id(&self) -> u64 {
+        self.shared.state().producer_id
     }
 
     /// Routes and queues a record. Waits only for memory (`buffer_bytes_max`) and, the
@@ -481,9 +548,8 @@ fn now_ms() -> i64 {
 /// The sender task: waits for an in-flight slot, then for sendable batches (or a linger
 /// deadline), and spawns one request at a time. Stops once closing and drained.
 async fn run_sender(shared: Arc<ProducerShared>) {
-    let slots = Arc::new(Semaphore::new(shared.config.requests_in_flight_max));
     loop {
-        let slot = match slots.clone().acquire_owned().await {
+        let slot = match shared.slots.clone().acquire_owned().await {
             Ok(slot) => slot,
             Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
         };
@@ -494,9 +560,10 @@ async fn run_sender(shared: Arc<ProducerShared>) {
             let deadline = {
                 let mut state = shared.state();
                 state.accumulator.seal_expired(Instant::now());
+                let producer_id = state.producer_id;
                 let batches = state
                     .accumulator
-                    .take_request(shared.config.request_bytes_max);
+                    .take_request(shared.config.request_bytes_max, producer_id);
                 if !batches.is_empty() {
                     let request_id = state.next_request_id;
                     state.next_request_id += 1;
@@ -583,21 +650,190 @@ fn batch_outcome(
     }
 }
 
+/// What one failed attempt says about a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    /// Sending the same bytes again may succeed.
+    retriable: bool,
+    /// This attempt may have stored the batch.
+    maybe_written: bool,
+}
+
+/// Reads a failed attempt. `broken_before` says the connection was already known to be
+/// broken before the attempt, so the request never left.
+fn verdict(error: &ClientError, broken_before: bool) -> Verdict {
+    let verdict = |retriable, maybe_written| Verdict {
+        retriable,
+        maybe_written,
+    };
+    match error {
+        // No answer in time: the broker may have stored it and lost only the answer.
+        ClientError::Timeout { .. } => verdict(true, true),
+        // The whole request refused before anything was done.
+        ClientError::Broker(error) => match error.code {
+            ErrorCode::ShuttingDown => verdict(true, false),
+            ErrorCode::StorageError | ErrorCode::Internal | ErrorCode::Timeout => {
+                verdict(error.code == ErrorCode::Timeout, true)
+            }
+            _ => verdict(false, false),
+        },
+        ClientError::PartitionRefused { error, .. } => match error.code {
+            // Appended, not (yet) durable: it may still become durable.
+            ErrorCode::Timeout => verdict(true, true),
+            // The partition closed; an append already made may have been flushed.
+            ErrorCode::ShuttingDown => verdict(true, true),
+            // Refused before append: nothing was stored (protocol.md §6).
+            ErrorCode::StorageFull => verdict(true, false),
+            // A stopped partition may hold what it wrote before it stopped.
+            ErrorCode::StorageError | ErrorCode::Internal => verdict(false, true),
+            _ => verdict(false, false),
+        },
+        // No reconnect (another issue): a broken connection is final.
+        ClientError::Disconnected { .. } | ClientError::Io { .. } | ClientError::Closed => {
+            verdict(false, !broken_before)
+        }
+        _ => verdict(false, true),
+    }
+}
+
+/// The wait before retry number `retry` (1 for the first): full jitter over
+/// `[0, min(max, min * 2^(retry-1))]`, from a caller's random value.
+fn backoff(retry: u32, min_ms: u64, max_ms: u64, random: u64) -> Duration {
+    let cap = min_ms
+        .checked_shl(retry.saturating_sub(1))
+        .filter(|cap| *cap >> retry.saturating_sub(1) == min_ms)
+        .unwrap_or(u64::MAX)
+        .min(max_ms);
+    // `cap + 1` wraps to 0 only for a cap of u64::MAX, where any value is in range.
+    Duration::from_millis(random.checked_rem(cap.wrapping_add(1)).unwrap_or(random))
+}
+
+/// A small generator for jitter and new producer ids, seeded from the operating system
+/// (getrandom(2)). Ids need no more: the seed is random, and ids of different producers
+/// come from independent seeds.
+struct Random(u64);
+
+impl Random {
+    fn from_os(client: &Client) -> Result<Random, ClientError> {
+        let mut seed = [0u8; 8];
+        getrandom::getrandom(&mut seed).map_err(|error| ClientError::Io {
+            context: "reading the operating system's random source for a producer id",
+            peer: client.peer_address(),
+            source: Arc::new(match error.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::other(error.to_string()),
+            }),
+        })?;
+        Ok(Random(u64::from_le_bytes(seed) | 1))
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn producer_id(&mut self) -> u64 {
+        loop {
+            let id = self.next();
+            if id != PRODUCER_ID_NONE {
+                return id;
+            }
+        }
+    }
+}
+
+/// Sends a request's batches, retrying the ones that fail retriably (module docs), and
+/// settles each batch once it is done. The partition of a batch stays in flight, so
+/// nothing else of it is sent, until the batch is settled.
 async fn send_request(
     shared: Arc<ProducerShared>,
     request_id: u64,
-    batches: Vec<SealedBatch>,
-    _slot: OwnedSemaphorePermit,
+    mut batches: Vec<SealedBatch>,
+    slot: OwnedSemaphorePermit,
 ) {
-    let request = build_request(&shared.config, &batches);
-    let result = shared.client.produce(request).await;
+    let mut slot = Some(slot);
+    let delivery_timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
+    let mut retry_number = 0u32;
+    loop {
+        let held = match slot.take() {
+            Some(held) => held,
+            None => match shared.slots.clone().acquire_owned().await {
+                Ok(held) => held,
+                Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
+            },
+        };
+        let started = Instant::now();
+        for batch in &mut batches {
+            batch.first_sent.get_or_insert(started);
+            batch.attempts += 1;
+        }
+        let broken_before = shared.client.is_broken();
+        let request = build_request(&shared.config, &batches);
+        let result = shared.client.produce(request).await;
+        drop(held);
+        retry_number += 1;
+        let delay = {
+            let random = shared.state().random.next();
+            backoff(
+                retry_number,
+                shared.config.retry_backoff_ms_min,
+                shared.config.retry_backoff_ms_max,
+                random,
+            )
+        };
+        let retry_at = Instant::now() + delay;
+        let mut retry = Vec::new();
+        let mut settled = Vec::new();
+        for mut batch in batches {
+            let error = match batch_outcome(&batch, &result) {
+                Ok(offset) => {
+                    settled.push((batch, Ok(offset)));
+                    continue;
+                }
+                Err(error) => error,
+            };
+            let verdict = verdict(&error, broken_before);
+            batch.maybe_written |= verdict.maybe_written;
+            let first_sent = batch.first_sent.expect("set before sending");
+            let retry_allowed = verdict.retriable
+                && shared.config.acks != Acks::None
+                && (shared.config.idempotent || !batch.maybe_written)
+                && retry_at <= first_sent + delivery_timeout;
+            if retry_allowed {
+                retry.push(batch);
+            } else {
+                let failed = ClientError::ProduceFailed {
+                    cause: Arc::new(error),
+                    maybe_written: batch.maybe_written,
+                    attempts: batch.attempts,
+                };
+                settled.push((batch, Err(failed)));
+            }
+        }
+        settle(&shared, settled);
+        if retry.is_empty() {
+            shared.state().in_flight.remove(&request_id);
+            shared.wake.notify_one();
+            return;
+        }
+        tokio::time::sleep_until(retry_at.into()).await;
+        batches = retry;
+    }
+}
+
+/// Resolves the handles of batches that are done and frees their partitions.
+fn settle(shared: &ProducerShared, settled: Vec<(SealedBatch, Result<Option<u64>, ClientError>)>) {
+    if settled.is_empty() {
+        return;
+    }
     let mut stale_topics = Vec::new();
-    let outcomes: Vec<_> = batches
-        .iter()
-        .map(|batch| batch_outcome(batch, &result))
-        .collect();
-    for (batch, outcome) in batches.iter().zip(&outcomes) {
+    let mut failed_for_good = false;
+    for (batch, outcome) in &settled {
         if let Err(error) = outcome {
+            failed_for_good = true;
             if matches!(
                 error.wire_code(),
                 Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
@@ -607,33 +843,41 @@ async fn send_request(
         }
     }
     // Recorded before any handle resolves, so a flush that wakes on one of them sees it.
-    if let Some(error) = outcomes.iter().find_map(|outcome| outcome.as_ref().err()) {
+    if let Some(error) = settled
+        .iter()
+        .find_map(|(_, outcome)| outcome.as_ref().err())
+    {
         shared
             .state()
             .unreported_error
             .get_or_insert_with(|| error.clone());
     }
-    for (batch, outcome) in batches.iter().zip(outcomes) {
-        batch.completion.complete(outcome);
+    for (batch, outcome) in &settled {
+        batch.completion.complete(outcome.clone());
     }
     {
         let mut state = shared.state();
-        for batch in &batches {
+        for (batch, _) in &settled {
             state.accumulator.finish(&batch.topic, batch.partition);
         }
-        state.in_flight.remove(&request_id);
         for topic in stale_topics {
             state.routes.remove(&*topic);
         }
+        if failed_for_good && shared.config.idempotent {
+            // The broker may or may not hold the failed batch, so neither its sequence
+            // nor the next one is sure to be accepted under this id; a new id is.
+            state.producer_id = state.random.producer_id();
+        }
     }
     // Return the memory budget before waking anyone.
-    drop(batches);
+    drop(settled);
     shared.wake.notify_one();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::WireError;
 
     #[test]
     fn explicit_partition_wins_and_is_checked() {
@@ -685,6 +929,103 @@ mod tests {
             },
             ProducerConfig {
                 buffer_bytes_max: 0,
+                ..ProducerConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(config.validate(), Err(ClientError::InvalidConfig { .. })),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap() {
+        // Retry n waits at most min(max, min * 2^(n-1)), and anything from 0 up to it.
+        for (retry, cap) in [
+            (1, 50),
+            (2, 100),
+            (3, 200),
+            (6, 1_600),
+            (7, 2_000),
+            (64, 2_000),
+        ] {
+            assert_eq!(
+                backoff(retry, 50, 2_000, cap),
+                Duration::from_millis(cap),
+                "retry {retry}"
+            );
+            assert_eq!(backoff(retry, 50, 2_000, cap + 1), Duration::ZERO);
+            for random in [0, 7, 12_345, u64::MAX] {
+                assert!(backoff(retry, 50, 2_000, random) <= Duration::from_millis(cap));
+            }
+        }
+        assert_eq!(
+            backoff(200, u64::MAX / 2, u64::MAX, 5),
+            Duration::from_millis(5)
+        );
+    }
+
+    #[test]
+    fn verdicts_separate_retriable_from_final_and_written_from_not() {
+        let refused = |code| ClientError::PartitionRefused {
+            topic: "t".into(),
+            partition: 0,
+            error: WireError::new(code, "x"),
+        };
+        let timeout = ClientError::Timeout {
+            operation: "produce",
+            timeout_ms: 1,
+        };
+        let disconnected = ClientError::Disconnected {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            cause: Arc::new(ClientError::Closed),
+        };
+        let cases = [
+            (timeout, false, (true, true)),
+            (refused(ErrorCode::Timeout), false, (true, true)),
+            (refused(ErrorCode::ShuttingDown), false, (true, true)),
+            (refused(ErrorCode::StorageFull), false, (true, false)),
+            (
+                refused(ErrorCode::OutOfOrderSequence),
+                false,
+                (false, false),
+            ),
+            (refused(ErrorCode::InvalidBatch), false, (false, false)),
+            (refused(ErrorCode::StorageError), false, (false, true)),
+            (
+                ClientError::Broker(WireError::new(ErrorCode::ShuttingDown, "x")),
+                false,
+                (true, false),
+            ),
+            (disconnected.clone(), false, (false, true)),
+            (disconnected, true, (false, false)),
+        ];
+        for (error, broken_before, (retriable, maybe_written)) in cases {
+            assert_eq!(
+                verdict(&error, broken_before),
+                Verdict {
+                    retriable,
+                    maybe_written
+                },
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_config_is_validated() {
+        for config in [
+            ProducerConfig {
+                retry_backoff_ms_min: 0,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                retry_backoff_ms_max: 10,
+                ..ProducerConfig::default()
+            },
+            ProducerConfig {
+                delivery_timeout_ms: 0,
                 ..ProducerConfig::default()
             },
         ] {

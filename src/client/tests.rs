@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::test_peer::{listen, ScriptedConnection};
 use super::*;
 use crate::protocol::batch::BatchBuilder;
-use crate::protocol::{ProducePartition, ProduceTopic, TopicMetadata};
+use crate::protocol::{ProducePartition, ProduceTopic, TopicMetadata, WireError};
 
 fn metadata_body(topic: &str) -> ResponseBody {
     ResponseBody::Metadata(MetadataResponse {
@@ -221,4 +221,239 @@ fn fetch_response_without_the_partition_is_an_unexpected_response() {
         matches!(error, ClientError::UnexpectedResponse { .. }),
         "{error}"
     );
+}
+
+/// A peer that serves one topic `t` of one partition to a producer: answers the metadata
+/// request, then hands each produce request to `answer` (with its batch) and writes what
+/// it returns (`None`: leave it unanswered). Returns every batch it received.
+async fn producer_peer(
+    listener: tokio::net::TcpListener,
+    mut answer: impl FnMut(usize, &Bytes) -> Option<Result<u64, WireError>> + Send + 'static,
+) -> Vec<Bytes> {
+    let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+    let mut batches = Vec::new();
+    while let Some((header, request)) = connection.read_request().await {
+        match request {
+            Request::Metadata(_) => {
+                let body = ResponseBody::Metadata(MetadataResponse {
+                    shard_ports: vec![],
+                    topics: vec![TopicMetadata {
+                        name: "t".into(),
+                        error: None,
+                        partitions: vec![crate::protocol::PartitionMetadata {
+                            partition: 0,
+                            shard: 0,
+                        }],
+                        retention: Default::default(),
+                    }],
+                });
+                connection.respond(&header, Ok(&body)).await;
+            }
+            Request::Produce(produce) => {
+                let batch = produce.topics[0].partitions[0].batch.clone();
+                let index = batches.len();
+                batches.push(batch.clone());
+                let Some(result) = answer(index, &batch) else {
+                    continue;
+                };
+                let body = ResponseBody::Produce(crate::protocol::ProduceResponse {
+                    topics: vec![crate::protocol::ProduceTopicResult {
+                        name: "t".into(),
+                        partitions: vec![crate::protocol::ProducePartitionResult {
+                            partition: 0,
+                            result,
+                        }],
+                    }],
+                });
+                connection.respond(&header, Ok(&body)).await;
+            }
+            other => panic!("unexpected request {other:?}"),
+        }
+    }
+    batches
+}
+
+fn quick_retries() -> ProducerConfig {
+    ProducerConfig {
+        linger_ms: 0,
+        retry_backoff_ms_min: 1,
+        retry_backoff_ms_max: 4,
+        ..ProducerConfig::default()
+    }
+}
+
+fn header_of(batch: &Bytes) -> crate::protocol::batch::BatchHeader {
+    crate::protocol::batch::validate_batch(batch, 100).unwrap()
+}
+
+#[tokio::test]
+async fn retriable_refusals_resend_the_same_bytes_and_sequences_follow_send_order() {
+    let (listener, address) = listen().await;
+    // Timeout, then ShuttingDown, then success; the next batch succeeds at once.
+    let peer = tokio::spawn(producer_peer(listener, |index, _| {
+        Some(match index {
+            0 => Err(WireError::new(ErrorCode::Timeout, "slow disk")),
+            1 => Err(WireError::new(ErrorCode::ShuttingDown, "closing")),
+            2 => Ok(10),
+            _ => Ok(11),
+        })
+    }));
+    let client = Client::connect(address).await.unwrap();
+    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer_id = producer.producer_id();
+    assert_ne!(producer_id, 0, "idempotent by default");
+    let first = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap().offset, Some(10));
+    let second = producer
+        .send("t", ProducerRecord::new("b").with_partition(0))
+        .await
+        .unwrap();
+    assert_eq!(second.await.unwrap().offset, Some(11));
+    producer.close().await.unwrap();
+    drop(producer);
+    client.close();
+    drop(client);
+    let batches = peer.await.unwrap();
+    assert_eq!(batches.len(), 4);
+    assert_eq!(batches[0], batches[1], "a retry resends the same bytes");
+    assert_eq!(batches[0], batches[2]);
+    let (first, second) = (header_of(&batches[0]), header_of(&batches[3]));
+    assert_eq!((first.producer_id, first.sequence), (producer_id, 0));
+    assert_eq!((second.producer_id, second.sequence), (producer_id, 1));
+}
+
+#[tokio::test]
+async fn storage_full_until_the_delivery_timeout_fails_as_not_written_and_renews_the_id() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(producer_peer(listener, |index, batch| {
+        let header = header_of(batch);
+        Some(match index {
+            // Refused before append, again and again.
+            0..=2 => Err(WireError::new(ErrorCode::StorageFull, "disk full")),
+            // After that batch fails for good the next comes under a new producer id.
+            _ => {
+                assert_ne!(header.producer_id, 0);
+                Ok(0)
+            }
+        })
+    }));
+    let client = Client::connect(address).await.unwrap();
+    let config = ProducerConfig {
+        // Over almost at once: the refusal becomes final after a retry or two at most.
+        delivery_timeout_ms: 1,
+        ..quick_retries()
+    };
+    let producer = Producer::new(client.clone(), config).unwrap();
+    let old_id = producer.producer_id();
+    let error = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(false), "{error}");
+    assert_eq!(error.wire_code(), Some(ErrorCode::StorageFull), "{error}");
+    assert!(matches!(error, ClientError::ProduceFailed { attempts, .. } if attempts >= 1));
+    let new_id = producer.producer_id();
+    assert_ne!(
+        new_id, old_id,
+        "a batch failed for good renews the producer id"
+    );
+    // Keep sending until the peer accepts (it refuses the first three requests).
+    loop {
+        let outcome = producer
+            .send("t", ProducerRecord::new("b").with_partition(0))
+            .await
+            .unwrap()
+            .await;
+        if outcome.is_ok() {
+            break;
+        }
+    }
+    // Close reports the refusals of the first sends; they were checked above.
+    assert!(producer.close().await.is_err());
+    drop(producer);
+    client.close();
+    drop(client);
+    let batches = peer.await.unwrap();
+    assert_eq!(header_of(&batches[0]).producer_id, old_id);
+    assert_ne!(header_of(batches.last().unwrap()).producer_id, old_id);
+}
+
+#[tokio::test]
+async fn out_of_order_sequence_is_final_and_not_written() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(producer_peer(listener, |_, _| {
+        Some(Err(WireError::new(
+            ErrorCode::OutOfOrderSequence,
+            "expected sequence 4, got 0",
+        )))
+    }));
+    let client = Client::connect(address).await.unwrap();
+    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let error = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(false), "{error}");
+    assert!(
+        matches!(error, ClientError::ProduceFailed { attempts: 1, .. }),
+        "{error}"
+    );
+    drop(producer);
+    client.close();
+    drop(client);
+    assert_eq!(peer.await.unwrap().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn connection_lost_after_sending_is_final_and_maybe_written() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        // Metadata, then the produce arrives and the connection drops unanswered.
+        let (header, _) = connection.read_request().await.unwrap();
+        let body = ResponseBody::Metadata(MetadataResponse {
+            shard_ports: vec![],
+            topics: vec![TopicMetadata {
+                name: "t".into(),
+                error: None,
+                partitions: vec![crate::protocol::PartitionMetadata {
+                    partition: 0,
+                    shard: 0,
+                }],
+                retention: Default::default(),
+            }],
+        });
+        connection.respond(&header, Ok(&body)).await;
+        let (_, produce) = connection.read_request().await.unwrap();
+        assert!(matches!(produce, Request::Produce(_)));
+    });
+    let client = Client::connect(address).await.unwrap();
+    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let error = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(true), "{error}");
+    assert!(
+        matches!(error.cause(), ClientError::Disconnected { .. }),
+        "{error}"
+    );
+    peer.await.unwrap();
+    // On the dead connection a new batch is refused before it leaves: not written.
+    let error = producer
+        .send("t", ProducerRecord::new("b").with_partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(false), "{error}");
 }

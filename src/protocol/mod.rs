@@ -98,9 +98,13 @@ pub enum ErrorCode {
     Internal = 18,
     /// The broker's disk is full: nothing was appended; try again later.
     StorageFull = 19,
+    /// An idempotent producer's batch is neither the next in its sequence nor one of its
+    /// recent batches (a gap, or a batch too old to tell from a duplicate): nothing was
+    /// appended.
+    OutOfOrderSequence = 20,
     /// A produced batch's timestamps are impossible (negative, max below first) or
     /// further in the future than the broker allows.
-    InvalidTimestamp = 20,
+    InvalidTimestamp = 21,
 }
 
 impl ErrorCode {
@@ -125,7 +129,8 @@ impl ErrorCode {
             16 => ErrorCode::LimitExceeded,
             17 => ErrorCode::InvalidRequest,
             19 => ErrorCode::StorageFull,
-            20 => ErrorCode::InvalidTimestamp,
+            20 => ErrorCode::OutOfOrderSequence,
+            21 => ErrorCode::InvalidTimestamp,
             // Codes from a newer broker read as Internal rather than failing the decode.
             _ => ErrorCode::Internal,
         }
@@ -153,6 +158,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Internal => "internal",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
             ErrorCode::InvalidTimestamp => "invalid_timestamp",
         }
     }

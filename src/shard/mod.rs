@@ -142,6 +142,22 @@ pub enum MeshMessage {
     },
 }
 
+/// The answer for a batch that was appended but whose durable wait failed. A full disk
+/// leaves the batch queued, and it may still become durable: that is what Timeout says.
+/// StorageFull is kept for refusals before append, so that a client can tell "not
+/// written" from "maybe written" (protocol.md §6).
+fn durable_wait_error(error: &StorageError, shutting_down: bool) -> WireError {
+    match error {
+        StorageError::NoSpace { detail, .. } => WireError::new(
+            ErrorCode::Timeout,
+            format!(
+                "not durable: the disk is full ({detail}); the batch was appended and may still become durable"
+            ),
+        ),
+        other => storage_to_wire(other, shutting_down),
+    }
+}
+
 fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
     let code = match error {
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
@@ -151,6 +167,7 @@ fn storage_to_wire(error: &StorageError, shutting_down: bool) -> WireError {
         StorageError::Closed if shutting_down => ErrorCode::ShuttingDown,
         StorageError::Closed => ErrorCode::UnknownTopic,
         StorageError::NoSpace { .. } => ErrorCode::StorageFull,
+        StorageError::OutOfOrderSequence(_) => ErrorCode::OutOfOrderSequence,
         StorageError::Io { .. } | StorageError::Corrupt { .. } | StorageError::Stopped { .. } => {
             ErrorCode::StorageError
         }
@@ -229,6 +246,8 @@ impl Shard {
             storage_full_retry: Duration::from_millis(u64::from(self.config.storage_full_retry_ms)),
             failure_policy: self.config.storage_failure_policy,
             recycle_segments: self.config.recycle_segments,
+            producers_per_partition_max: self.config.producers_per_partition_max,
+            producer_snapshot_interval_bytes: self.config.producer_snapshot_interval_bytes,
         }
     }
 
@@ -698,7 +717,9 @@ impl Shard {
                 .await;
                 match outcome {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => results[index] = Err(self.wire_error(&error)),
+                    Ok(Err(error)) => {
+                        results[index] = Err(durable_wait_error(&error, self.is_shutting_down()))
+                    }
                     Err(_) => {
                         results[index] = Err(WireError::new(
                             ErrorCode::Timeout,
@@ -1146,4 +1167,40 @@ pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)
     }
     topics.sort_by(|left, right| left.0.cmp(&right.0));
     Ok(topics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_full_means_not_appended_and_a_full_disk_after_append_means_maybe() {
+        let full = StorageError::NoSpace {
+            operation: "writing segment",
+            path: PathBuf::from("p"),
+            detail: "ENOSPC".into(),
+        };
+        // Refused before append: StorageFull.
+        assert_eq!(storage_to_wire(&full, false).code, ErrorCode::StorageFull);
+        // Appended, then the disk was full: it may still become durable.
+        let after = durable_wait_error(&full, false);
+        assert_eq!(after.code, ErrorCode::Timeout);
+        assert!(after.message.contains("appended"), "{after}");
+        let sequence = StorageError::OutOfOrderSequence(crate::storage::producers::SequenceError {
+            producer_id: 1,
+            expected: 2,
+            got: 4,
+            crc_mismatch: false,
+        });
+        let refused = storage_to_wire(&sequence, false);
+        assert_eq!(refused.code, ErrorCode::OutOfOrderSequence);
+        assert!(
+            refused.message.contains("expected sequence 2, got 4"),
+            "{refused}"
+        );
+        assert_eq!(
+            durable_wait_error(&StorageError::Closed, true).code,
+            ErrorCode::ShuttingDown
+        );
+    }
 }

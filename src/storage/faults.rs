@@ -65,8 +65,9 @@ pub struct FaultPlan {
     pub next_write: Cell<Option<Fault>>,
     /// The next fdatasync fails this way (once).
     pub next_sync: Cell<Option<Fault>>,
-    /// The next file open fails this way (once): a roll creating its segment, say.
-    pub next_open: Cell<Option<Fault>>,
+    /// The next open of a segment file (`.log`) fails this way (once): a roll creating
+    /// its segment, say.
+    pub next_segment_open: Cell<Option<Fault>>,
     /// Reads that reached the files: what the tail cache is meant to spare.
     pub reads: Cell<u64>,
     crashed: Cell<bool>,
@@ -209,8 +210,10 @@ impl LogStorage for FaultyStorage {
 
     async fn open(&self, path: &Path, create: bool) -> io::Result<FaultyFile> {
         self.plan.check()?;
-        if let Some(fault) = self.plan.next_open.take() {
-            return Err(os_error(fault));
+        if path.extension().is_some_and(|extension| extension == "log") {
+            if let Some(fault) = self.plan.next_segment_open.take() {
+                return Err(os_error(fault));
+            }
         }
         let inner = DmaStorage.open(path, create).await?;
         Ok(FaultyFile {

@@ -39,6 +39,8 @@ use super::file::{DmaStorage, LogFile, LogStorage};
 use super::index::{
     encode_entries, floor_entry, time_floor_entry, IndexEntry, ENTRIES_PER_BLOCK, INDEX_ENTRY_SIZE,
 };
+use super::producer_snapshot;
+use super::producers::{KeptBatch, ProducerTable, SequenceCheck, SnapshotPoint};
 use super::recovery::{self, RecoveredSegment};
 use super::{align_down, align_up, ChunkBudget, Notify, StorageError, ALIGNMENT_BYTES};
 use crate::protocol::batch::{
@@ -58,6 +60,11 @@ pub struct LogConfig {
     /// Keep one segment deleted by retention and reuse it for the next roll.
     pub recycle_segments: bool,
     pub failure_policy: FailurePolicy,
+    /// Idempotent producers remembered per partition (docs/protocol.md §8.1).
+    pub producers_per_partition_max: usize,
+    /// The producer table is snapshotted after a round once this many bytes were
+    /// appended since the last snapshot (also at a segment roll and at close).
+    pub producer_snapshot_interval_bytes: u64,
 }
 
 /// What a write or fdatasync error other than "disk full" does. Either way the partition
@@ -84,6 +91,9 @@ pub struct AppendOutcome {
     pub base_offset: u64,
     /// One past the batch's last offset: what `wait_durable` takes.
     pub next_offset: u64,
+    /// The batch was an idempotent producer's resend of a batch already stored: nothing
+    /// was appended and the offsets are the original's.
+    pub duplicate: bool,
 }
 
 pub(crate) struct Segment<F> {
@@ -228,6 +238,11 @@ struct State<F> {
     /// A round the disk refused for lack of space, written again before anything newer.
     retry: Option<Round<F>>,
     durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
+    /// Idempotent producers' recent batches; checked and updated under the same borrow
+    /// that assigns offsets.
+    producers: ProducerTable,
+    /// Bytes appended since the producer table was last captured for a snapshot.
+    producer_snapshot_bytes: u64,
 }
 
 enum AppendStep {
@@ -299,6 +314,9 @@ struct Round<F> {
     next_offset: u64,
     segment_base_offset: u64,
     segment_end_position: u64,
+    /// The producer table as of `next_offset`, encoded, when a snapshot is due: written
+    /// once the round is durable, so a snapshot never covers what a crash could lose.
+    producer_snapshot: Option<(SnapshotPoint, Vec<u8>)>,
 }
 
 pub struct PartitionLog<S: LogStorage = DmaStorage> {
@@ -315,6 +333,10 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     data_arrived: Rc<Notify>,
     roll_done: Notify,
     flusher: RefCell<Option<JoinHandle<()>>>,
+    /// One producer snapshot written at a time (the flusher's, a roll's, close's), and
+    /// never an older one over a newer: the offset of the last one written.
+    producer_snapshot_lock: glommio::sync::Semaphore,
+    producer_snapshot_offset: std::cell::Cell<Option<u64>>,
 }
 
 /// Milliseconds since the Unix epoch by the broker's clock.
@@ -344,6 +366,13 @@ impl<S: LogStorage> PartitionLog<S> {
             segments,
             tail_bytes,
         } = recovered;
+        let producers = producer_snapshot::recover_table(
+            &*storage,
+            &directory,
+            &segments,
+            config.producers_per_partition_max,
+        )
+        .await?;
         let next_offset = segments
             .last()
             .expect("recovery leaves a segment")
@@ -369,6 +398,8 @@ impl<S: LogStorage> PartitionLog<S> {
                 corrupt: None,
                 retry: None,
                 durable_waiters: VecDeque::new(),
+                producers,
+                producer_snapshot_bytes: 0,
             }),
             flush_wanted: Notify::new(),
             cache: Rc::new(PartitionCache::default()),
@@ -376,6 +407,8 @@ impl<S: LogStorage> PartitionLog<S> {
             data_arrived,
             roll_done: Notify::new(),
             flusher: RefCell::new(None),
+            producer_snapshot_lock: glommio::sync::Semaphore::new(1),
+            producer_snapshot_offset: std::cell::Cell::new(None),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -425,6 +458,11 @@ impl<S: LogStorage> PartitionLog<S> {
             // Decide under the borrow, then await with no borrow held.
             let step = {
                 let mut state = self.state.borrow_mut();
+                // Before the writable check: a resend of a batch queued on a full disk is
+                // that batch, not a new one refused for space.
+                if let Some(duplicate) = state.check_producer(&header)? {
+                    return Ok(duplicate);
+                }
                 state.check_writable(&self.directory)?;
                 let segment = state.segments.last().expect("a log has a segment");
                 let roll_due = segment.end_position > 0
@@ -559,10 +597,21 @@ impl<S: LogStorage> PartitionLog<S> {
         segment.end_position = position + batch.len() as u64;
         segment.next_offset = next_offset;
         state.next_offset = next_offset;
+        state.producer_snapshot_bytes += batch.len() as u64;
+        if header.producer_id != 0 {
+            let kept = KeptBatch {
+                sequence: header.sequence,
+                base_offset,
+                next_offset,
+                crc: header.crc,
+            };
+            state.producers.record(header.producer_id, kept);
+        }
         self.flush_wanted.notify_all();
         AppendOutcome {
             base_offset,
             next_offset,
+            duplicate: false,
         }
     }
 
@@ -669,6 +718,14 @@ impl<S: LogStorage> PartitionLog<S> {
         // On failure (a full disk, say) the old segment stays the active one, with its
         // partial block kept, and a later append tries the roll again.
         self.seal_index().await?;
+        // The producer table as of the old segment's end, before the new segment exists:
+        // then recovery never needs to scan more than the last segment to rebuild it.
+        // Appends are held off (rolling) and everything is durable, so the table is
+        // exactly that of `base_offset`. This is the one snapshot not written by the
+        // flusher; a roll already waits on the disk for the index and the new file.
+        let (point, bytes) = self.state.borrow_mut().capture_producer_snapshot();
+        assert_eq!(point.offset, base_offset, "a roll holds appends off");
+        self.write_producer_snapshot(point, &bytes).await;
         let segment =
             recovery::create_segment(&*self.storage, &self.directory, base_offset, &self.config)
                 .await?;
@@ -1106,6 +1163,16 @@ impl<S: LogStorage> PartitionLog<S> {
                 // The index is rebuilt from the segment on the next open.
                 eprintln!("shardq: partition {}: {error}", self.directory.display());
             }
+            // Only when everything appended is durable (closing abandons a round waiting
+            // on a full disk): a snapshot must not cover what the disk does not hold.
+            let snapshot = {
+                let mut state = self.state.borrow_mut();
+                (state.durable_offset == state.next_offset)
+                    .then(|| state.capture_producer_snapshot())
+            };
+            if let Some((point, bytes)) = snapshot {
+                self.write_producer_snapshot(point, &bytes).await;
+            }
         }
         let waiters: Vec<_> = {
             let mut state = self.state.borrow_mut();
@@ -1139,13 +1206,19 @@ impl<S: LogStorage> PartitionLog<S> {
         let extensions = self.extensions_for(state);
         let segment = state.segments.last_mut().expect("a log has a segment");
         let index = segment.index_write(false);
+        let (segment_base_offset, segment_end_position) =
+            (segment.base_offset, segment.end_position);
+        let snapshot_due =
+            state.producer_snapshot_bytes >= self.config.producer_snapshot_interval_bytes;
+        let producer_snapshot = snapshot_due.then(|| state.capture_producer_snapshot());
         Some(Round {
             extensions,
             chunks: std::mem::take(&mut state.sealed),
             index,
             next_offset: state.next_offset,
-            segment_base_offset: segment.base_offset,
-            segment_end_position: segment.end_position,
+            segment_base_offset,
+            segment_end_position,
+            producer_snapshot,
         })
     }
 
@@ -1211,6 +1284,12 @@ impl<S: LogStorage> PartitionLog<S> {
         let error = match self.write_round(&round).await {
             Ok(()) => {
                 self.round_durable(&round);
+                // On the flusher, after the round's waiters are released; the next round
+                // waits for it (about one small write and two syncs per
+                // `producer_snapshot_interval_bytes`).
+                if let Some((point, bytes)) = &round.producer_snapshot {
+                    self.write_producer_snapshot(*point, bytes).await;
+                }
                 return;
             }
             Err(error) => error,
@@ -1456,7 +1535,66 @@ async fn write_whole<F: LogFile>(
     Ok(())
 }
 
+impl<S: LogStorage> PartitionLog<S> {
+    /// Writes a producer snapshot; a failure is logged and otherwise ignored: recovery
+    /// then starts from an older snapshot (or a scan), which is slower, not wrong.
+    async fn write_producer_snapshot(&self, point: SnapshotPoint, bytes: &[u8]) {
+        let Ok(_permit) = self.producer_snapshot_lock.acquire_permit(1).await else {
+            return; // never closed
+        };
+        if self
+            .producer_snapshot_offset
+            .get()
+            .is_some_and(|written| written >= point.offset)
+        {
+            return;
+        }
+        match producer_snapshot::write_snapshot(&*self.storage, &self.directory, bytes).await {
+            Ok(()) => self.producer_snapshot_offset.set(Some(point.offset)),
+            Err(error) => eprintln!(
+                "shardq: partition {}: producer snapshot at offset {}: {error}",
+                self.directory.display(),
+                point.offset
+            ),
+        }
+    }
+}
+
 impl<F> State<F> {
+    /// Deduplication of an idempotent producer's batch (docs/protocol.md §8.1):
+    /// `Some(original)` for a resend of a batch already stored, `None` to append.
+    fn check_producer(&self, header: &BatchHeader) -> Result<Option<AppendOutcome>, StorageError> {
+        if header.producer_id == 0 {
+            return Ok(None);
+        }
+        match self
+            .producers
+            .check(header.producer_id, header.sequence, header.crc)
+        {
+            Ok(SequenceCheck::Append) => Ok(None),
+            Ok(SequenceCheck::Duplicate(kept)) => Ok(Some(AppendOutcome {
+                base_offset: kept.base_offset,
+                next_offset: kept.next_offset,
+                duplicate: true,
+            })),
+            Err(error) => Err(StorageError::OutOfOrderSequence(error)),
+        }
+    }
+
+    /// The producer table as of `next_offset`, encoded, and where that offset lies.
+    fn capture_producer_snapshot(&mut self) -> (SnapshotPoint, Vec<u8>) {
+        let segment = self.segments.last().expect("a log has a segment");
+        let point = SnapshotPoint {
+            offset: self.next_offset,
+            segment_base: segment.base_offset,
+            position: segment.end_position,
+        };
+        self.producer_snapshot_bytes = 0;
+        let mut bytes = Vec::new();
+        super::producers::encode_snapshot(&self.producers, point, &mut bytes);
+        (point, bytes)
+    }
+
     fn check_writable(&self, directory: &Path) -> Result<(), StorageError> {
         if self.closed {
             return Err(StorageError::Closed);

@@ -24,6 +24,8 @@ pub(crate) mod faults;
 mod file;
 mod index;
 mod log;
+mod producer_snapshot;
+pub mod producers;
 mod recovery;
 mod sync;
 
@@ -75,6 +77,9 @@ pub enum StorageError {
     Stopped {
         reason: String,
     },
+    /// An idempotent producer's batch out of sequence (docs/protocol.md §8.1): nothing
+    /// was appended.
+    OutOfOrderSequence(producers::SequenceError),
 }
 
 impl StorageError {
@@ -135,6 +140,7 @@ impl std::fmt::Display for StorageError {
             StorageError::Stopped { reason } => {
                 write!(f, "partition stopped after a storage failure: {reason}")
             }
+            StorageError::OutOfOrderSequence(error) => write!(f, "{error}"),
         }
     }
 }

@@ -241,6 +241,7 @@ async fn scan_segment<F: LogFile>(
                 break;
             }
             if let Err(error) = check_framing(&rest[..batch_length]) {
+                refuse_old_format(&rest[..batch_length], path, batch_position)?;
                 stop = Some(ScanEnd::Torn {
                     reason: format!("batch at byte {batch_position}: {error}"),
                 });
@@ -286,6 +287,24 @@ async fn scan_segment<F: LogFile>(
         last_append_ms,
         end,
     })
+}
+
+/// A whole batch of format 1 (the 48-byte header before producer ids) is an old log,
+/// not a torn tail: refuse to open it rather than cut it off.
+fn refuse_old_format(batch: &[u8], path: &Path, position: u64) -> Result<(), StorageError> {
+    let old_magic = batch.get(24) == Some(&1);
+    if old_magic
+        && crate::protocol::batch::compute_crc(batch)
+            == BatchHeader::read(batch).map_or(0, |header| header.crc)
+    {
+        return Err(StorageError::Corrupt {
+            path: path.to_path_buf(),
+            position,
+            reason: "written in batch format 1; this broker reads format 2 only (protocol.md §8)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether the batch an index entry points at is really there: the right base offset

@@ -22,6 +22,11 @@ thread_local! {
     /// Chunk budget for logs opened on this thread: the smallest budget (two chunks) makes
     /// appends wait for budget right after sealing a full chunk, while a round runs.
     static TEST_BUDGET_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(1 << 20) };
+    /// Producer table bound for logs opened on this thread.
+    static TEST_PRODUCERS_MAX: std::cell::Cell<usize> = const { std::cell::Cell::new(10_000) };
+    /// Producer snapshot interval for logs opened on this thread: small values snapshot
+    /// after nearly every round, so crashes meet snapshots in every state.
+    static TEST_SNAPSHOT_INTERVAL: std::cell::Cell<u64> = const { std::cell::Cell::new(16 << 20) };
 }
 
 fn config() -> LogConfig {
@@ -34,6 +39,8 @@ fn config() -> LogConfig {
         storage_full_retry: std::time::Duration::from_millis(5),
         failure_policy: FailurePolicy::StopPartition,
         recycle_segments: true,
+        producers_per_partition_max: TEST_PRODUCERS_MAX.with(|max| max.get()),
+        producer_snapshot_interval_bytes: TEST_SNAPSHOT_INTERVAL.with(|bytes| bytes.get()),
     }
 }
 
@@ -1078,7 +1085,7 @@ fn a_sealed_recycled_segment_ending_on_a_block_boundary_reopens() {
         // segment, block-aligned, and the 22nd rolls.
         let block_batch = || {
             let mut builder = BatchBuilder::new(BytesMut::new());
-            builder.push(1_000, None, &vec![b'v'; 12_288 - 70], &[]);
+            builder.push(1_000, None, &vec![b'v'; 12_288 - 86], &[]);
             let batch = builder.finish();
             assert_eq!(batch.len(), 12_288);
             batch
@@ -1215,12 +1222,13 @@ fn a_roll_error_other_than_a_full_disk_stops_the_partition() {
             next += 10;
         }
         log.wait_durable(next).await.unwrap();
-        plan.next_open.set(Some(Fault::Eio));
+        plan.next_segment_open.set(Some(Fault::Eio));
         let stopped = loop {
             match log.append(&batch(next, 10, 1400)).await {
                 Ok(_) => next += 10,
                 Err(error) => break error,
             }
+            assert_eq!(log.segment_count(), 1, "the roll was to fail");
         };
         assert!(
             matches!(
@@ -1268,7 +1276,7 @@ fn roll_error_under_exit_policy_child() {
         )
         .await
         .unwrap();
-        plan.next_open.set(Some(Fault::Eio));
+        plan.next_segment_open.set(Some(Fault::Eio));
         let mut next = 0;
         loop {
             let _ = log.append(&batch(next, 10, 1400)).await;
@@ -1300,4 +1308,408 @@ fn roll_error_under_exit_policy_ends_the_process() {
         "stderr: {stderr}"
     );
     assert!(stderr.contains("rolling to a new segment"), "{stderr}");
+}
+
+/// Batch number `sequence` of idempotent producer `producer`, holding offsets' values
+/// from `first` (as `batch` does).
+fn producer_batch(producer: u64, sequence: u64, first: u64, count: usize) -> Bytes {
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    builder.set_producer(producer, sequence);
+    for index in 0..count {
+        let value = format!("{}:p{producer}s{sequence}", first + index as u64);
+        builder.push(1_000, None, value.as_bytes(), &[]);
+    }
+    builder.finish()
+}
+
+fn expect_out_of_order(result: Result<AppendOutcome, StorageError>, expected: u64, got: u64) {
+    match result {
+        Err(StorageError::OutOfOrderSequence(error)) => {
+            assert_eq!((error.expected, error.got), (expected, got), "{error}");
+            assert!(
+                StorageError::OutOfOrderSequence(error.clone())
+                    .to_string()
+                    .contains(&format!("expected sequence {expected}")),
+                "{error}"
+            );
+        }
+        other => panic!("expected OutOfOrderSequence, got {other:?}"),
+    }
+}
+
+#[test]
+fn idempotent_resend_gets_the_original_offsets_and_is_not_stored_again() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        let first = producer_batch(7, 0, 0, 3);
+        let stored = log.append(&first).await.unwrap();
+        assert_eq!((stored.base_offset, stored.next_offset), (0, 3));
+        assert!(!stored.duplicate);
+        // Before and after it is durable: the same answer, nothing appended.
+        let again = log.append(&first).await.unwrap();
+        assert_eq!((again.base_offset, again.next_offset), (0, 3));
+        assert!(again.duplicate);
+        log.wait_durable(again.next_offset).await.unwrap();
+        assert_eq!(log.append(&first).await.unwrap(), again);
+        assert_eq!(log.next_offset(), 3);
+        // Batches without a producer id are never deduplicated.
+        let plain = batch(3, 1, 10);
+        assert_eq!(log.append(&plain).await.unwrap().base_offset, 3);
+        assert_eq!(log.append(&plain).await.unwrap().base_offset, 4);
+        // The next sequence is taken; a gap or an old sequence past the kept window is not.
+        assert_eq!(
+            log.append(&producer_batch(7, 1, 5, 2))
+                .await
+                .unwrap()
+                .base_offset,
+            5
+        );
+        expect_out_of_order(log.append(&producer_batch(7, 3, 7, 1)).await, 2, 3);
+        for sequence in 2..8 {
+            let first = log.next_offset();
+            let outcome = log
+                .append(&producer_batch(7, sequence, first, 1))
+                .await
+                .unwrap();
+            assert!(!outcome.duplicate);
+        }
+        // Kept: sequences 3..=7; 0 is too old to tell from a duplicate.
+        expect_out_of_order(log.append(&first).await, 8, 0);
+        // A kept sequence with other bytes is refused, not taken for a duplicate.
+        expect_out_of_order(log.append(&producer_batch(7, 6, 99, 1)).await, 8, 6);
+        let next = log.next_offset();
+        log.wait_durable(next).await.unwrap();
+        let records = read_all_from(&log, 0).await;
+        assert_eq!(records.len() as u64, next);
+        assert_eq!(next, 13, "3 + 2 plain + 2 + 6 single-record batches");
+        log.close().await;
+    });
+}
+
+#[test]
+fn producer_table_bound_evicts_the_producer_with_the_oldest_append() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        TEST_PRODUCERS_MAX.with(|max| max.set(2));
+        let log = open(&directory).await;
+        let a = producer_batch(1, 0, 0, 1);
+        log.append(&a).await.unwrap();
+        log.append(&producer_batch(2, 0, 1, 1)).await.unwrap();
+        // At the bound, nothing is evicted yet.
+        assert!(log.append(&a).await.unwrap().duplicate);
+        // A third producer: producer 1 has the oldest last append and goes.
+        log.append(&producer_batch(3, 0, 2, 1)).await.unwrap();
+        assert!(
+            log.append(&producer_batch(2, 0, 1, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            log.append(&producer_batch(3, 0, 2, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        let resent = log.append(&a).await.unwrap();
+        assert!(
+            !resent.duplicate,
+            "an evicted producer is unknown again: its resend is stored"
+        );
+        assert_eq!(resent.base_offset, 3);
+        // Which evicted producer 2 (now the oldest), not 3.
+        assert!(
+            log.append(&producer_batch(3, 0, 2, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            !log.append(&producer_batch(2, 0, 4, 1))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        log.close().await;
+    });
+}
+
+#[test]
+fn a_batch_refused_for_a_full_disk_is_not_recorded_and_a_queued_one_is() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+        log.append(&producer_batch(9, 0, 0, 1)).await.unwrap();
+        log.wait_durable(1).await.unwrap();
+        plan.no_space.set(true);
+        // Appended, then its round meets the full disk: it stays queued.
+        let queued = producer_batch(9, 1, 1, 1);
+        assert_eq!(log.append(&queued).await.unwrap().base_offset, 1);
+        assert!(matches!(
+            log.wait_durable(2).await,
+            Err(StorageError::NoSpace { .. })
+        ));
+        // Refused before it takes offsets: not recorded, so its resend is not a
+        // duplicate later.
+        let refused = producer_batch(9, 2, 2, 1);
+        assert!(matches!(
+            log.append(&refused).await,
+            Err(StorageError::NoSpace { .. })
+        ));
+        // The queued batch's resend is that batch, not a new one refused for space.
+        let resend = log.append(&queued).await.unwrap();
+        assert!(resend.duplicate);
+        assert_eq!(resend.base_offset, 1);
+        plan.no_space.set(false);
+        let mut tries = 0;
+        let stored = loop {
+            match log.append(&refused).await {
+                Ok(outcome) => break outcome,
+                Err(StorageError::NoSpace { .. }) => {
+                    tries += 1;
+                    assert!(tries < 2_000, "the partition never resumed");
+                    glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        };
+        assert!(!stored.duplicate);
+        assert_eq!(stored.base_offset, 2);
+        log.wait_durable(3).await.unwrap();
+        assert_eq!(read_all_from(&log, 0).await.len(), 3);
+        log.close().await;
+    });
+}
+
+#[test]
+fn producer_dedup_survives_crashes_from_snapshot_and_scan() {
+    let seeds: Vec<u64> = match std::env::var("SHARDQ_TEST_SEED") {
+        Ok(seed) => vec![seed.parse().expect("SHARDQ_TEST_SEED is a number")],
+        Err(_) => (1..=12).collect(),
+    };
+    for seed in seeds {
+        let (root, directory) = partition_dir();
+        let outcome = std::panic::catch_unwind(|| {
+            run(root.path(), move || async move {
+                producer_crash_run(seed, &directory).await;
+            })
+        });
+        if outcome.is_err() {
+            panic!("producer_dedup_survives_crashes_from_snapshot_and_scan failed with seed {seed} (rerun with SHARDQ_TEST_SEED={seed})");
+        }
+    }
+}
+
+async fn producer_crash_run(seed: u64, directory: &Path) {
+    // Snapshots after nearly every round on even seeds, only at rolls on odd ones.
+    TEST_SNAPSHOT_INTERVAL.with(|bytes| bytes.set(if seed % 2 == 0 { 2048 } else { 16 << 20 }));
+    let mut rng = TestRng::new(seed);
+    let mut storage = Rc::new(FaultyStorage::new());
+    let mut log = open_with(Rc::clone(&storage), directory).await.unwrap();
+    // The model: every batch appended, in offset order: (producer, sequence, bytes,
+    // base offset), and how many are durable by acknowledgement.
+    let mut batches: Vec<(u64, u64, Bytes, u64)> = Vec::new();
+    let mut acknowledged = 0usize;
+    let producers = [11u64, 12, 13];
+    for _ in 0..6 {
+        let steps = 20 + rng.below(60);
+        for _ in 0..steps {
+            let producer = producers[rng.below(3) as usize];
+            let sequence = batches
+                .iter()
+                .filter(|(id, ..)| *id == producer)
+                .map(|(_, sequence, ..)| sequence + 1)
+                .max()
+                .unwrap_or(0);
+            let first = log.next_offset();
+            let count = 1 + rng.below(4) as usize;
+            // Big values sometimes, so segments roll (and snapshots follow them).
+            let bytes = if rng.below(4) == 0 {
+                let mut builder = BatchBuilder::new(BytesMut::new());
+                builder.set_producer(producer, sequence);
+                builder.push(1_000, None, &vec![b'x'; 9_000], &[]);
+                builder.finish()
+            } else {
+                producer_batch(producer, sequence, first, count)
+            };
+            let outcome = log.append(&bytes).await.unwrap();
+            assert_eq!(outcome.base_offset, first);
+            batches.push((producer, sequence, bytes, first));
+            if rng.below(3) == 0 {
+                log.wait_durable(log.next_offset()).await.unwrap();
+                acknowledged = batches.len();
+            }
+        }
+        storage.plan.crash(&mut rng).await;
+        log.close().await;
+        drop(log);
+        storage = Rc::new(FaultyStorage::new());
+        log = open_with(Rc::clone(&storage), directory).await.unwrap();
+        if log.segment_count() > 1 {
+            assert!(
+                directory.join(producers::PRODUCER_SNAPSHOT_FILE).exists(),
+                "seed {seed}: a roll leaves a snapshot before the new segment exists"
+            );
+        }
+        let end = log.next_offset();
+        let survived = batches
+            .iter()
+            .take_while(|(.., bytes, base)| {
+                let count = crate::protocol::batch::BatchHeader::read(bytes)
+                    .unwrap()
+                    .record_count;
+                base + u64::from(count) <= end
+            })
+            .count();
+        assert!(
+            survived >= acknowledged,
+            "seed {seed}: {survived} batches survived, {acknowledged} acknowledged"
+        );
+        if std::env::var("SHARDQ_TEST_DEBUG").is_ok() {
+            eprintln!("cycle: end {end}, survived {survived} of {}", batches.len());
+            for (producer, sequence, bytes, base) in &batches {
+                eprintln!("  p{producer} s{sequence} base {base} len {}", bytes.len());
+            }
+        }
+        batches.truncate(survived);
+        acknowledged = survived;
+        // Every producer's last kept batches are recognised as duplicates with their
+        // original offsets; the log does not grow.
+        for producer in producers {
+            let own: Vec<&(u64, u64, Bytes, u64)> =
+                batches.iter().filter(|(id, ..)| *id == producer).collect();
+            for (_, sequence, bytes, base) in own.iter().rev().take(5) {
+                let outcome = log.append(bytes).await.unwrap();
+                assert!(
+                    outcome.duplicate,
+                    "seed {seed}: producer {producer} sequence {sequence} stored twice"
+                );
+                assert_eq!(outcome.base_offset, *base);
+            }
+            if let Some((_, sequence, ..)) = own.iter().rev().nth(5) {
+                // Too old for the window: refused, never stored twice.
+                assert!(
+                    matches!(
+                        log.append(&own[own.len() - 6].2).await,
+                        Err(StorageError::OutOfOrderSequence(_))
+                    ),
+                    "seed {seed}: producer {producer} sequence {sequence}"
+                );
+            }
+        }
+        assert_eq!(
+            log.next_offset(),
+            end,
+            "seed {seed}: duplicates appended nothing"
+        );
+    }
+    log.close().await;
+}
+
+#[test]
+fn damaged_or_misplaced_producer_snapshot_is_rebuilt_from_the_last_segment() {
+    let (root, directory) = partition_dir();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&moved).await;
+        for sequence in 0..4 {
+            let first = log.next_offset();
+            log.append(&producer_batch(5, sequence, first, 2))
+                .await
+                .unwrap();
+        }
+        log.close().await;
+    });
+    let snapshot = directory.join(producers::PRODUCER_SNAPSHOT_FILE);
+    let written = std::fs::read(&snapshot).expect("close writes a producer snapshot");
+    let reopen_and_check = |directory: PathBuf| {
+        run(root.path(), move || async move {
+            let log = open(&directory).await;
+            for sequence in 0..4u64 {
+                let outcome = log
+                    .append(&producer_batch(5, sequence, sequence * 2, 2))
+                    .await
+                    .unwrap();
+                assert!(outcome.duplicate, "sequence {sequence}");
+                assert_eq!(outcome.base_offset, sequence * 2);
+            }
+            assert_eq!(log.next_offset(), 8);
+            log.close().await;
+        });
+    };
+    // As written, and damaged: a flipped byte fails its CRC.
+    reopen_and_check(directory.clone());
+    let mut damaged = written.clone();
+    damaged[40] ^= 0xff;
+    std::fs::write(&snapshot, &damaged).unwrap();
+    reopen_and_check(directory.clone());
+    // Valid, but for an offset the log does not hold, or a position that is not the
+    // batch at its offset: ignored as well.
+    for point in [
+        producers::SnapshotPoint {
+            offset: 100,
+            segment_base: 0,
+            position: 0,
+        },
+        producers::SnapshotPoint {
+            offset: 2,
+            segment_base: 0,
+            position: 4096,
+        },
+    ] {
+        let mut table = producers::ProducerTable::new(10);
+        table.record(
+            5,
+            producers::KeptBatch {
+                sequence: 0,
+                base_offset: 0,
+                next_offset: 2,
+                crc: 1,
+            },
+        );
+        let mut bytes = Vec::new();
+        producers::encode_snapshot(&table, point, &mut bytes);
+        std::fs::write(&snapshot, &bytes).unwrap();
+        reopen_and_check(directory.clone());
+    }
+    // And none at all.
+    std::fs::remove_file(&snapshot).unwrap();
+    reopen_and_check(directory.clone());
+}
+
+#[test]
+fn a_log_of_batch_format_1_is_refused_not_cut_off() {
+    let (root, directory) = partition_dir();
+    // A format 1 batch: the 48-byte header (magic 1) and its records.
+    let current = batch(0, 2, 20).to_vec();
+    let mut old = current[..48].to_vec();
+    old.extend_from_slice(&current[64..]);
+    let length = old.len() as u32;
+    old[16..20].copy_from_slice(&length.to_le_bytes());
+    old[24] = 1;
+    let crc = crate::protocol::batch::compute_crc(&old);
+    old[20..24].copy_from_slice(&crc.to_le_bytes());
+    let mut file = old.clone();
+    file.resize(4096, 0);
+    std::fs::create_dir_all(&directory).unwrap();
+    let segment = directory.join(segment_file_name(0));
+    std::fs::write(&segment, &file).unwrap();
+    let moved = directory.clone();
+    run(root.path(), move || async move {
+        match open_with(Rc::new(DmaStorage), &moved).await {
+            Err(StorageError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("format 1"), "{reason}")
+            }
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("a format 1 log opened"),
+        }
+    });
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        file,
+        "the old log is left as it was"
+    );
 }
