@@ -445,6 +445,17 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                         break None;
                     }
                 }
+                Read::TimedOut => {
+                    connection.connections.timeouts.log(|| {
+                        format!(
+                            "shardq: shard {}: closing a connection that sent {} bytes of a frame header in {} ms (frame_read_timeout_ms)",
+                            shard.id,
+                            buffer.len(),
+                            config.frame_read_timeout_ms
+                        )
+                    });
+                    return End::Closing;
+                }
                 outcome => return read_end(outcome),
             }
         };
