@@ -4,9 +4,10 @@
 //! bystander's requests keep succeeding, and everything acknowledged is stored.
 //!
 //! Memory is the test process's resident set: the broker runs in this process. The tests
-//! of this file take one lock so that no two attacks overlap, and each resets the peak
-//! (`VmHWM`, through `/proc/self/clear_refs`) once its broker has started, so the peak it
-//! reads is what the attack added. Loops are bounded; waits are bounded polls of a
+//! of this file take one lock so that no two attacks overlap, and each, once its broker
+//! has started, returns the heap's free memory to the kernel (`malloc_trim`) and resets
+//! the peak (`VmHWM`, through `/proc/self/clear_refs`), so the peak it reads is what the
+//! attack added. Loops are bounded; waits are bounded polls of a
 //! condition, never sleeps standing in for one.
 mod common;
 
@@ -52,6 +53,11 @@ struct MemoryWatch {
 
 impl MemoryWatch {
     fn start() -> MemoryWatch {
+        // Memory an earlier test freed but the allocator kept would be reused unseen by
+        // this one: hand it back to the kernel first, so growth from here is real.
+        // SAFETY: malloc_trim only releases free heap memory; it touches no live
+        // allocation.
+        unsafe { libc::malloc_trim(0) };
         // "5" resets the peak resident set size (VmHWM) to the current one.
         std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
         MemoryWatch {
@@ -905,7 +911,9 @@ fn a_flood_of_tiny_pipelined_requests_is_answered_within_bounds() {
     }
     sender.join().unwrap();
     bystander.wait_for_progress(5, "beside the flood");
-    memory.assert_peak_below(64 << 20, "200,000 pipelined handshakes");
+    // Most of what it grows is the bystander's: its appends touch the pages of the
+    // shards' chunk memory (8 MiB each here) and read windows as it goes.
+    memory.assert_peak_below(80 << 20, "200,000 pipelined handshakes");
     let acked = bystander.finish();
     assert_all_stored(shard, "steady", acked);
 }
