@@ -471,6 +471,7 @@ fn clients_that_never_read_are_bounded_and_disconnected() {
         })
         .collect();
     bystander.wait_for_progress(10, "beside clients that never read");
+    // The write timeout closes each with a reset, which the client sees without reading.
     for (index, stream) in attackers.iter().enumerate() {
         wait_until_closed_by_broker(stream, &format!("non-reading client {index}"));
     }
@@ -1007,4 +1008,67 @@ fn shutdown_ends_a_busy_connection_with_its_answers_and_no_reset() {
             stored.len()
         );
     }
+}
+
+/// The shard's byte budget binds before the connections' do: eight connections that
+/// pipeline 16 MiB fetches and never read would hold 8 x 17 MiB, but the shard allows
+/// 48 MiB, so the rest wait in line (the bystander too) until the write timeout
+/// disconnects the clients that hold it. Everyone is slowed; nothing grows.
+#[test]
+fn a_shard_at_its_byte_budget_slows_everyone_instead_of_growing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(shardq::config::ServerConfig {
+        segment_size_bytes: 64 << 20,
+        shard_bytes_in_flight_max: 48 << 20,
+        response_write_timeout_ms: 1_000,
+        ..test_config(dir.path(), 2)
+    });
+    let shard = broker.shard_addr(0);
+    let mut admin = RawClient::connect(shard);
+    admin.create_topic("big", 1);
+    admin.create_topic("steady", 1);
+    let value = vec![7u8; 240 << 10];
+    for _ in 0..72 {
+        admin.produce("big", 0, batch_of(&[&value])).unwrap();
+    }
+    let bystander = Bystander::start(shard, "steady");
+    let memory = MemoryWatch::start();
+    let mut pipelined = BytesMut::new();
+    for id in 0..16 {
+        Request::Fetch(FetchRequest {
+            wait_ms_max: 0,
+            bytes_max: 16 << 20,
+            topics: vec![FetchTopic {
+                name: "big".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 0,
+                    bytes_max: 16 << 20,
+                }],
+            }],
+        })
+        .encode(id, &mut pipelined);
+    }
+    let attackers: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut stream = TcpStream::connect(shard).unwrap();
+            stream.write_all(&pipelined).unwrap();
+            stream
+        })
+        .collect();
+    // The bystander's requests queue behind the attackers' for the shard's budget, so
+    // it gets answers only as the write timeout disconnects attackers.
+    bystander.wait_for_progress(10, "as the shard's budget is freed");
+    for (index, stream) in attackers.iter().enumerate() {
+        wait_until_closed_by_broker(stream, &format!("non-reading client {index}"));
+    }
+    // 48 MiB of budget, plus the owner's copies of the responses being read.
+    memory.assert_peak_below(
+        128 << 20,
+        "8 non-reading clients against a 48 MiB shard budget",
+    );
+    drop(attackers);
+    let acked = bystander.finish();
+    assert_all_stored(shard, "steady", acked);
 }

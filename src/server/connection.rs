@@ -168,6 +168,29 @@ impl ShardConnections {
 struct Socket(Rc<RefCell<TcpStream>>);
 
 impl Socket {
+    /// Makes the coming close a reset (SO_LINGER with a zero timeout): for a client that
+    /// does not read, whose unsent answers would otherwise sit in an orphaned socket's
+    /// send queue (kernel memory) behind a FIN it never sees.
+    fn reset_on_close(&self) {
+        let descriptor = self.0.borrow().as_raw_fd();
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: the descriptor belongs to the stream this value keeps alive, and
+        // `linger` is a valid SO_LINGER value of the size passed. A failure leaves the
+        // ordinary close, which is still correct.
+        unsafe {
+            libc::setsockopt(
+                descriptor,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+    }
+
     fn shutdown(&self, how: std::net::Shutdown) {
         let how = match how {
             std::net::Shutdown::Read => libc::SHUT_RD,
@@ -766,9 +789,11 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
                 });
             }
             // The client is gone or does not read: what is queued for it is owed to
-            // nobody, and the reader must stop too.
+            // nobody, the reader must stop too (shutting down the read side wakes it),
+            // and the close will be a reset that frees the unsent answers at once.
             connection.client_gone.set();
-            socket.shutdown(std::net::Shutdown::Both);
+            socket.reset_on_close();
+            socket.shutdown(std::net::Shutdown::Read);
             while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
                 shard.settle_responses(1);
             }
