@@ -92,6 +92,8 @@ pub struct ServerHandle {
     /// Each shard's own port, by shard id.
     pub shard_ports: Vec<u16>,
     stopping: Arc<AtomicBool>,
+    /// This side of each shard's stop socket pair: closing it wakes the shard to stop.
+    stop_signals: Vec<std::os::unix::net::UnixStream>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     /// Holds the data directory's lock until every shard has stopped.
     data_directory: Option<DataDirectory>,
@@ -109,6 +111,8 @@ impl ServerHandle {
 
     fn stop_and_join(&mut self) {
         self.stopping.store(true, Ordering::Release);
+        // The shards see end of stream on their side and stop.
+        self.stop_signals.clear();
         for executor in self.executors.drain(..) {
             let _ = executor.join();
         }
@@ -347,6 +351,7 @@ impl ServerHandle {
             local_addr,
             shard_ports: shard_ports.clone(),
             stopping: Arc::clone(&stopping),
+            stop_signals: Vec::with_capacity(shard_count),
             executors: Vec::with_capacity(shard_count),
             data_directory: Some(data_directory),
         };
@@ -362,6 +367,12 @@ impl ServerHandle {
                 sender: Some(ready_sender.clone()),
             };
             let probe_path = probe_path.clone();
+            let (stop_signal, shard_stop_signal) =
+                std::os::unix::net::UnixStream::pair().map_err(|error| ServerError::Shard {
+                    shard: shard as u16,
+                    message: format!("creating its stop signal: {error}"),
+                })?;
+            handle.stop_signals.push(stop_signal);
             let builder = LocalExecutorBuilder::new(Placement::Fixed(online[shard]))
                 .name(&format!("{SHARD_THREAD_PREFIX}{shard}"))
                 .io_memory(io_memory);
@@ -370,10 +381,11 @@ impl ServerHandle {
             let spawned = builder.spawn(move || async move {
                 // SAFETY: each descriptor comes from a socket this closure owns, handed
                 // over with `into_raw_fd`; the listener becomes its only owner.
-                let (shared_listener, own_listener) = unsafe {
+                let (shared_listener, own_listener, stop_signal) = unsafe {
                     (
                         TcpListener::from_raw_fd(shared_socket.into_raw_fd()),
                         TcpListener::from_raw_fd(own_socket.into_raw_fd()),
+                        glommio::net::UnixStream::from_raw_fd(shard_stop_signal.into_raw_fd()),
                     )
                 };
                 let shard_id = shard as u16;
@@ -411,7 +423,7 @@ impl ServerHandle {
                     receivers,
                     shared_listener,
                     own_listener,
-                    stopping_flag,
+                    stop_signal,
                     connections_open,
                 )
                 .await;
@@ -503,7 +515,7 @@ async fn run_shard(
     mut receivers: Receivers<MeshMessage>,
     shared_listener: TcpListener,
     own_listener: TcpListener,
-    stopping: Arc<AtomicBool>,
+    mut stop_signal: glommio::net::UnixStream,
     connections_open: Arc<AtomicU32>,
 ) {
     // Mesh traffic keeps flowing until the very end: during the drain below, replies
@@ -589,10 +601,15 @@ async fn run_shard(
             .detach(),
         );
     }
-    // The stop request comes from a thread outside every executor. Checking a flag a few
-    // times a second costs nothing measurable and needs no cross-runtime channel.
-    while !stopping.load(Ordering::Acquire) {
-        glommio::timer::sleep(STOP_POLL_INTERVAL).await;
+    // The stop request comes from a thread outside every executor: it closes its end of
+    // this socket pair, and the read ends (data, end of stream or an error all mean stop).
+    // Waiting on a socket rather than checking a flag on a timer lets an idle shard
+    // sleep: each wake-up of a shard holding thousands of connections makes io_uring
+    // scan their pending polls (0.7% of a core with 10,000 idle connections).
+    {
+        use futures_lite::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let _ = stop_signal.read(&mut byte).await;
     }
     for task in background {
         task.cancel();
