@@ -705,22 +705,25 @@ fn dump_fuzz_seeds() {
         let request = request().new_tree(&mut runner).unwrap().current();
         let mut out = BytesMut::new();
         request.encode(index, &mut out);
-        write(
-            "frame_header",
-            format!("request-{index}"),
-            &out[..FRAME_HEADER_SIZE],
-        );
-        // request_decoders: first byte is the opcode, the rest the body.
-        let mut input = vec![request.opcode() as u8];
+        // frame_header: the first 4 bytes are the body length limit, then the header.
+        let mut input = u32::MAX.to_le_bytes().to_vec();
+        input.extend_from_slice(&out[..FRAME_HEADER_SIZE]);
+        write("frame_header", format!("request-{index}"), &input);
+        // request_decoders: a byte that picks the opcode (`byte % 8 + 1`), then the body.
+        let mut input = vec![request.opcode() as u8 - 1];
         input.extend_from_slice(&out[FRAME_HEADER_SIZE..]);
         write("request_decoders", format!("request-{index}"), &input);
         let (opcode, response) = response().new_tree(&mut runner).unwrap().current();
         let mut out = BytesMut::new();
         encode_response(&mut out, opcode, index, Ok(&response));
-        let mut input = vec![opcode as u8];
+        let mut input = vec![opcode as u8 - 1];
         input.extend_from_slice(&out[FRAME_HEADER_SIZE..]);
         write("response_decoders", format!("response-{index}"), &input);
         let batch = batch().new_tree(&mut runner).unwrap().current();
-        write("batch_validation", format!("batch-{index}"), &batch);
+        // batch_validation: a control byte (bit 0: fix the CRC; bits 1..4: records_max,
+        // here 15), then the batch.
+        let mut input = vec![1 | 15 << 1];
+        input.extend_from_slice(&batch);
+        write("batch_validation", format!("batch-{index}"), &input);
     }
 }

@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(header.body_length.to_le_bytes(), bytes[0..4]);
             assert_eq!(header.opcode, bytes[5]);
             assert_eq!(Some(header.correlation_id), peek_correlation_id(bytes));
-            assert_eq!(header.frame_length(), FRAME_HEADER_SIZE + header.body_length as usize);
+            assert_eq!(
+                header.frame_length(),
+                FRAME_HEADER_SIZE + header.body_length as usize
+            );
         }
         Err(ProtocolError::UnsupportedVersion { version }) => assert_eq!(version, bytes[4]),
         Err(ProtocolError::FrameTooLarge { body_length, .. }) => assert!(body_length > limit),

@@ -33,7 +33,11 @@ fn check(opcode: Opcode, body: &[u8], limits: &DecodeLimits) {
     assert!(partitions <= limits.partitions_per_request_max as usize);
     let mut out = BytesMut::new();
     request.encode(1, &mut out);
-    assert_eq!(&out[FRAME_HEADER_SIZE..], body, "decode then encode changed the bytes");
+    assert_eq!(
+        &out[FRAME_HEADER_SIZE..],
+        body,
+        "decode then encode changed the bytes"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
