@@ -84,16 +84,48 @@ const _: () = assert!(
 /// Why a batch was refused. Each variant names where in the batch it went wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchError {
-    TooShort { have: usize },
-    LengthMismatch { declared: u32, actual: usize },
-    BadMagic { found: u8, expected: u8 },
-    CrcMismatch { stored: u32, computed: u32 },
+    TooShort {
+        have: usize,
+    },
+    LengthMismatch {
+        declared: u32,
+        actual: usize,
+    },
+    BadMagic {
+        found: u8,
+        expected: u8,
+    },
+    CrcMismatch {
+        stored: u32,
+        computed: u32,
+    },
     NoRecords,
-    TooManyRecords { count: u32, count_max: u32 },
-    RecordTruncated { index: u32, position: usize },
-    OffsetDeltaMismatch { index: u32, found: u32 },
-    CountMismatch { declared: u32, found: u32 },
-    TrailingBytes { position: usize },
+    TooManyRecords {
+        count: u32,
+        count_max: u32,
+    },
+    RecordTruncated {
+        index: u32,
+        position: usize,
+    },
+    OffsetDeltaMismatch {
+        index: u32,
+        found: u32,
+    },
+    CountMismatch {
+        declared: u32,
+        found: u32,
+    },
+    TrailingBytes {
+        position: usize,
+    },
+    /// A record's offset (`base_offset + offset_delta`) does not fit in a u64. The base
+    /// offset lies outside the CRC, so a damaged header or a hostile broker can carry any
+    /// value; found by the `batch_validation` fuzz target and the property tests.
+    OffsetOverflow {
+        base_offset: u64,
+        offset_delta: u32,
+    },
 }
 
 impl std::fmt::Display for BatchError {
@@ -141,6 +173,13 @@ impl std::fmt::Display for BatchError {
             BatchError::TrailingBytes { position } => {
                 write!(f, "bytes after the last record, from byte {position}")
             }
+            BatchError::OffsetOverflow {
+                base_offset,
+                offset_delta,
+            } => write!(
+                f,
+                "record offset {base_offset} + {offset_delta} does not fit in 64 bits"
+            ),
         }
     }
 }
@@ -402,7 +441,13 @@ pub fn decode_records(
         let mut index = 0;
         while at < batch.len() {
             let record = parse_record(batch, at, index)?;
-            let offset = header.base_offset + u64::from(record.offset_delta);
+            let offset = header
+                .base_offset
+                .checked_add(u64::from(record.offset_delta))
+                .ok_or(BatchError::OffsetOverflow {
+                    base_offset: header.base_offset,
+                    offset_delta: record.offset_delta,
+                })?;
             if offset >= from_offset {
                 let slice = |part: &[u8]| {
                     let start = part.as_ptr() as usize - batches.as_ptr() as usize;
@@ -410,7 +455,11 @@ pub fn decode_records(
                 };
                 out.push(Record {
                     offset,
-                    timestamp_ms: header.first_timestamp_ms + i64::from(record.timestamp_delta_ms),
+                    // Saturating: the producer chose both fields, and the broker refuses
+                    // impossible timestamps at produce; a reader must not panic on them.
+                    timestamp_ms: header
+                        .first_timestamp_ms
+                        .saturating_add(i64::from(record.timestamp_delta_ms)),
                     key: record.key.map(slice),
                     value: slice(record.value),
                     headers: record
@@ -686,5 +735,47 @@ mod tests {
         }
         assert_eq!(documented, batch.to_vec(), "protocol.md example batch");
         assert_eq!(batch.len(), 88);
+    }
+
+    /// Found by tests/protocol_properties.rs (`batch_checks_on_mutated_batches`): two
+    /// records with no key and empty values, base offset u64::MAX. The second record's
+    /// offset overflowed: a panic in debug builds, offset 0 in release.
+    const BASE_OFFSET_MAX_BATCH: [u8; 108] = [
+        255, 255, 255, 255, 255, 255, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 108, 0, 0, 0, 155, 152,
+        242, 15, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255,
+        255, 0, 0, 0, 0, 0, 0, 18, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0,
+        0, 0,
+    ];
+
+    #[test]
+    fn decode_records_refuses_offsets_past_u64_max() {
+        let bytes = Bytes::from_static(&BASE_OFFSET_MAX_BATCH);
+        // Framing and CRC are fine: the base offset is outside the CRC.
+        assert_eq!(check_framing(&bytes).unwrap().base_offset, u64::MAX);
+        let mut records = Vec::new();
+        assert_eq!(
+            decode_records(&bytes, 0, &mut records),
+            Err(BatchError::OffsetOverflow {
+                base_offset: u64::MAX,
+                offset_delta: 1
+            })
+        );
+    }
+
+    #[test]
+    fn decode_records_saturates_timestamps_past_i64_max() {
+        let mut bytes = BASE_OFFSET_MAX_BATCH.to_vec();
+        stamp_batch(&mut bytes, 0, 0);
+        bytes[OFFSET_FIRST_TIMESTAMP..OFFSET_FIRST_TIMESTAMP + 8]
+            .copy_from_slice(&i64::MAX.to_le_bytes());
+        // Second record's timestamp delta (record at 86: length, offset delta, then it).
+        bytes[86 + 8..86 + 12].copy_from_slice(&5u32.to_le_bytes());
+        let crc = compute_crc(&bytes);
+        bytes[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        let mut records = Vec::new();
+        decode_records(&Bytes::from(bytes), 0, &mut records).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].timestamp_ms, i64::MAX);
     }
 }
