@@ -49,6 +49,18 @@ fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
         .map_err(|error| format!("no answer: {error}"))
 }
 
+/// A listening socket with SO_REUSEPORT on 127.0.0.1:`port`, as a lingering socket of a
+/// killed broker (or another broker) would hold it.
+fn reuse_port_listener(port: u16) -> socket2::Socket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    socket
+}
+
 #[test]
 fn second_broker_on_one_data_dir_exits_naming_the_dir_and_the_holder() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,12 +131,8 @@ fn a_port_that_stays_taken_fails_start_up_after_the_retry_bound() {
     let port = free_port_triple();
     // Another process's reuse-port listener on the shared port (say, a second broker
     // on another data directory): joining its group would split connections with it.
-    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    holder.set_reuse_port(true).unwrap();
-    holder
-        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .unwrap();
-    holder.listen(16).unwrap();
+    // Held, not used: the port stays taken for the whole test.
+    let _holder = reuse_port_listener(port);
     let mut broker = Serve::start(
         &dir.path().join("data"),
         &format!("127.0.0.1:{port}"),
@@ -143,12 +151,7 @@ fn a_port_that_stays_taken_fails_start_up_after_the_retry_bound() {
 fn start_up_waits_for_a_lingering_listener_to_go() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port_triple();
-    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    holder.set_reuse_port(true).unwrap();
-    holder
-        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .unwrap();
-    holder.listen(16).unwrap();
+    let holder = reuse_port_listener(port);
     let mut broker = Serve::start(
         &dir.path().join("data"),
         &format!("127.0.0.1:{port}"),

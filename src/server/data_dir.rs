@@ -137,7 +137,7 @@ impl DataDirectory {
 
     /// Writes the probe file glommio needs: opening an existing file of at least 512
     /// bytes with O_DIRECT before any new one keeps its polled-I/O probe from misfiring
-    /// (glommio issues 605 and 670; see DESIGN.md).
+    /// (glommio issues 605 and 670; docs/storage.md, Directory layout).
     pub fn probe_file(&self) -> Result<PathBuf, DataDirectoryError> {
         let path = self.path.join(PROBE_FILE);
         std::fs::write(&path, vec![0u8; 4096]).map_err(io_error("writing", &path))?;
