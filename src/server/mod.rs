@@ -15,7 +15,8 @@ mod log;
 
 use data_dir::{DataDirectory, DataDirectoryError};
 
-/// How often a shard checks whether it has been asked to stop.
+/// How often a starting shard, waiting in the mesh join, checks whether start-up was
+/// abandoned (a running shard waits for the stop on its stop socket instead).
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long start-up waits before binding again while an address is in use.
 const BIND_RETRY_INTERVAL: Duration = Duration::from_millis(25);
