@@ -307,3 +307,37 @@ impl ServerConfig {
         self.chunk_size_bytes - ALIGNMENT_BYTES
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preallocation_step_must_be_whole_blocks() {
+        let config = |step| ServerConfig {
+            segment_preallocate_step_bytes: step,
+            ..ServerConfig::default()
+        };
+        assert!(config(ALIGNMENT_BYTES as u64).validate().is_ok());
+        assert!(config(4 << 20).validate().is_ok());
+        for step in [0, ALIGNMENT_BYTES as u64 - 1, ALIGNMENT_BYTES as u64 + 1] {
+            let error = config(step).validate().unwrap_err();
+            assert!(
+                error.0.contains("segment_preallocate_step_bytes")
+                    && error.0.contains(&step.to_string()),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn bind_retry_and_timestamp_limits_accept_zero() {
+        // 0 means "fail at once" and "no timestamps ahead of the broker's clock".
+        let config = ServerConfig {
+            bind_retry_ms: 0,
+            timestamp_future_ms_max: 0,
+            ..ServerConfig::default()
+        };
+        assert!(config.validate().is_ok());
+    }
+}
