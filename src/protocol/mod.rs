@@ -19,6 +19,7 @@
 
 pub mod batch;
 pub mod codec;
+pub mod queue;
 
 use std::fmt;
 
@@ -105,6 +106,18 @@ pub enum ErrorCode {
     /// A produced batch's timestamps are impossible (negative, max below first) or
     /// further in the future than the broker allows.
     InvalidTimestamp = 21,
+    /// A queue-group handle names a delivery that was superseded: the message was
+    /// delivered again since (the message names the current attempt).
+    HandleStale = 22,
+    /// The lease of the handle's delivery ran out; it will be (or was) delivered again.
+    LeaseExpired = 23,
+    /// The message is already settled (acked, dead-lettered, expired or removed by
+    /// retention): a retried ack can treat this as success.
+    AlreadySettled = 24,
+    /// The handle names a message the group never delivered.
+    NotDelivered = 25,
+    /// A consumer group name is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    InvalidGroupName = 26,
 }
 
 impl ErrorCode {
@@ -131,6 +144,11 @@ impl ErrorCode {
             19 => ErrorCode::StorageFull,
             20 => ErrorCode::OutOfOrderSequence,
             21 => ErrorCode::InvalidTimestamp,
+            22 => ErrorCode::HandleStale,
+            23 => ErrorCode::LeaseExpired,
+            24 => ErrorCode::AlreadySettled,
+            25 => ErrorCode::NotDelivered,
+            26 => ErrorCode::InvalidGroupName,
             // Codes from a newer broker read as Internal rather than failing the decode.
             _ => ErrorCode::Internal,
         }
@@ -160,6 +178,11 @@ impl ErrorCode {
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
             ErrorCode::InvalidTimestamp => "invalid_timestamp",
+            ErrorCode::HandleStale => "handle_stale",
+            ErrorCode::LeaseExpired => "lease_expired",
+            ErrorCode::AlreadySettled => "already_settled",
+            ErrorCode::NotDelivered => "not_delivered",
+            ErrorCode::InvalidGroupName => "invalid_group_name",
         }
     }
 }
