@@ -916,6 +916,7 @@ async fn start_consumer(config: &BenchConfig, unit: &ConsumerUnit) -> Result<Con
             wait_ms_max: 100,
             bytes_max: 8 << 20,
             partition_bytes_max: 2 << 20,
+            ..ConsumerConfig::default()
         },
     );
     let start = match config.workload {

@@ -3,10 +3,20 @@
 //!
 //! Contract: records come back in offset order per partition, each batch's CRC32C
 //! checked; a position advances only past records returned to the caller, so an error
-//! from `poll` loses nothing (the next poll fetches the same offsets again). Positions
-//! live in memory only; committing them to the broker is not in protocol v1.
+//! from `poll` loses nothing (the next poll fetches the same offsets again).
+//!
+//! Stream groups: with `ConsumerConfig::group` set, `assign_from` and `assign_topic`
+//! start each partition at the group's committed offset (moved into the stored range if
+//! retention overtook it), and only where the group never committed at the `StartPosition`
+//! given. `commit` records every position that moved since the last commit; with
+//! `auto_commit_interval` set, `poll` does that itself before fetching, at most that
+//! often. A poll's positions are those past every record handed out by earlier polls, so
+//! what is committed is what the caller has had (and, at the next poll, is taken to have
+//! processed): after a crash the group re-reads at most what was handed out since the last
+//! commit (at-least-once).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Client, ClientError, TIMESTAMP_LATEST};
 use crate::protocol::batch::{decode_records, Record};
@@ -123,6 +133,13 @@ pub struct ConsumerConfig {
     pub bytes_max: u32,
     /// Most bytes asked of any one partition per poll.
     pub partition_bytes_max: u32,
+    /// The stream group this consumer reads for: partitions start at its committed
+    /// offsets, and `commit` records progress. `None`: no group, positions live in
+    /// memory only.
+    pub group: Option<String>,
+    /// With a group: `poll` commits the positions that moved, at most this often.
+    /// `None`: only an explicit `commit` does.
+    pub auto_commit_interval: Option<Duration>,
 }
 
 impl Default for ConsumerConfig {
@@ -131,7 +148,19 @@ impl Default for ConsumerConfig {
             wait_ms_max: 500,
             bytes_max: 4 << 20,
             partition_bytes_max: 1 << 20,
+            group: None,
+            auto_commit_interval: None,
         }
+    }
+}
+
+impl ConsumerConfig {
+    /// These settings, reading for stream group `group` and committing every `interval`
+    /// (`None`: only on `commit`).
+    pub fn with_group(mut self, group: &str, auto_commit_interval: Option<Duration>) -> Self {
+        self.group = Some(group.to_owned());
+        self.auto_commit_interval = auto_commit_interval;
+        self
     }
 }
 
@@ -149,6 +178,8 @@ struct Position {
     partition: u32,
     offset: u64,
     high_watermark: Option<u64>,
+    /// What the group has on record for this partition, as far as this consumer knows.
+    committed: Option<u64>,
 }
 
 /// Reads several partitions, keeping the next offset of each.
@@ -157,6 +188,7 @@ pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
     positions: Vec<Position>,
+    last_commit: Instant,
 }
 
 impl Consumer {
@@ -165,33 +197,78 @@ impl Consumer {
             client,
             config,
             positions: Vec::new(),
+            last_commit: Instant::now(),
         }
+    }
+
+    /// The stream group, if the consumer reads for one.
+    pub fn group(&self) -> Option<&str> {
+        self.config.group.as_deref()
     }
 
     pub fn client(&self) -> &Client {
         &self.client
     }
 
-    /// Reads `partition` of `topic` from `offset` on (replacing an earlier position).
+    /// Reads `partition` of `topic` from `offset` on (replacing an earlier position). The
+    /// group's committed offset is not consulted: `offset` is where reading starts.
     pub fn assign(&mut self, topic: &str, partition: u32, offset: u64) {
+        self.assign_known(topic, partition, offset, None);
+    }
+
+    fn assign_known(&mut self, topic: &str, partition: u32, offset: u64, committed: Option<u64>) {
         match self
             .positions
             .iter_mut()
             .find(|position| &*position.topic == topic && position.partition == partition)
         {
-            Some(position) => position.offset = offset,
+            Some(position) => {
+                position.offset = offset;
+                if committed.is_some() {
+                    position.committed = committed;
+                }
+            }
             None => self.positions.push(Position {
                 topic: Arc::from(topic),
                 partition,
                 offset,
                 high_watermark: None,
+                committed,
             }),
         }
     }
 
-    /// Resolves `start` against the broker, assigns it and returns the offset.
+    /// Resolves where to read `partition` from, assigns it and returns the offset: the
+    /// group's committed offset when the consumer has a group that committed this
+    /// partition, else `start` resolved against the broker.
     pub async fn assign_from(
         &mut self,
+        topic: &str,
+        partition: u32,
+        start: StartPosition,
+    ) -> Result<u64, ClientError> {
+        if let Some(group) = &self.config.group {
+            let committed = self
+                .client
+                .committed_offsets(group, topic, &[partition])
+                .await?;
+            let resume = committed
+                .iter()
+                .find(|position| position.partition == partition)
+                .and_then(|position| position.resume_offset().map(|offset| (position, offset)));
+            if let Some((position, offset)) = resume {
+                let recorded = position.offset;
+                self.assign_known(topic, partition, offset, recorded);
+                return Ok(offset);
+            }
+        }
+        let offset = self.resolve_start(topic, partition, start).await?;
+        self.assign(topic, partition, offset);
+        Ok(offset)
+    }
+
+    async fn resolve_start(
+        &self,
         topic: &str,
         partition: u32,
         start: StartPosition,
@@ -217,7 +294,6 @@ impl Consumer {
                     })?
             }
         };
-        self.assign(topic, partition, offset);
         Ok(offset)
     }
 
@@ -238,10 +314,73 @@ impl Consumer {
         if let Some(error) = entry.error {
             return Err(ClientError::Broker(error));
         }
+        // One request for every partition's committed offset, rather than one each.
+        let committed = match &self.config.group {
+            Some(group) => self.client.committed_offsets(group, topic, &[]).await?,
+            None => Vec::new(),
+        };
         for partition in &entry.partitions {
-            self.assign_from(topic, partition.partition, start).await?;
+            let partition = partition.partition;
+            let resume = committed
+                .iter()
+                .find(|position| position.partition == partition)
+                .and_then(|position| position.resume_offset().map(|offset| (position, offset)));
+            match resume {
+                Some((position, offset)) => {
+                    let recorded = position.offset;
+                    self.assign_known(topic, partition, offset, recorded);
+                }
+                None => {
+                    let offset = self.resolve_start(topic, partition, start).await?;
+                    self.assign(topic, partition, offset);
+                }
+            }
         }
         Ok(entry.partitions.len() as u32)
+    }
+
+    /// Records every position that moved since the group last heard of it as the
+    /// group's committed offset (one request per topic), durably. Fails with
+    /// [`ClientError::NotInGroup`] when the consumer has no group.
+    pub async fn commit(&mut self) -> Result<(), ClientError> {
+        let Some(group) = self.config.group.clone() else {
+            return Err(ClientError::NotInGroup);
+        };
+        let mut topics: Vec<Arc<str>> = Vec::new();
+        for position in &self.positions {
+            if position.committed != Some(position.offset) && !topics.contains(&position.topic) {
+                topics.push(position.topic.clone());
+            }
+        }
+        for topic in topics {
+            let offsets: Vec<(u32, u64)> = self
+                .positions
+                .iter()
+                .filter(|position| position.topic == topic)
+                .filter(|position| position.committed != Some(position.offset))
+                .map(|position| (position.partition, position.offset))
+                .collect();
+            self.client.commit_offsets(&group, &topic, &offsets).await?;
+            for position in &mut self.positions {
+                if position.topic == topic {
+                    if let Some((_, offset)) = offsets
+                        .iter()
+                        .find(|(partition, _)| *partition == position.partition)
+                    {
+                        position.committed = Some(*offset);
+                    }
+                }
+            }
+        }
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+
+    /// The offset the group has on record for a partition, as far as this consumer knows
+    /// (read at assignment, then what it committed).
+    pub fn committed(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.find(topic, partition)
+            .and_then(|position| position.committed)
     }
 
     /// The next offset to read, if assigned.
@@ -274,6 +413,12 @@ impl Consumer {
     ) -> Result<Vec<ConsumedRecord>, ClientError> {
         if self.positions.is_empty() {
             return Ok(Vec::new());
+        }
+        if let (Some(_), Some(interval)) = (&self.config.group, self.config.auto_commit_interval)
+        {
+            if self.last_commit.elapsed() >= interval {
+                self.commit().await?;
+            }
         }
         let request = self.fetch_request(wait_ms_max);
         let response = self.client.fetch(request).await?;

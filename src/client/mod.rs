@@ -24,7 +24,9 @@
 mod accumulator;
 mod connection;
 mod consumer;
+mod groups;
 mod producer;
+mod queue;
 #[cfg(test)]
 mod test_peer;
 #[cfg(test)]
@@ -52,11 +54,21 @@ pub use crate::protocol::batch::Record;
 pub use crate::protocol::{
     Acks, PartitionOffsets, Retention, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
+pub use crate::protocol::queue::{
+    ExpiryPolicy, GroupDescription, GroupKind, GroupPartition, Handle, NackDelay, QueueOrdering,
+    QueueSettings, ReceiveRequest, ReceivedMessage, SettleAction,
+};
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,
     FetchedRecords, StartPosition,
 };
+pub use groups::CommittedPosition;
 pub use producer::{Producer, ProducerConfig, ProducerRecord, RecordMetadata, SendHandle};
+pub use queue::{
+    handles_of, QueueConsumer, QueueConsumerBuilder, QueueConsumerConfig, QueueMessage, Refusal,
+    RunSummary, SettleError, SettleKind, SettleOutcome, HANDLER_PANICKED_REASON,
+    NACK_REASON_BYTES_MAX,
+};
 
 /// Everything that can go wrong talking to a broker. `Clone`, because one broken
 /// connection must fail every request that was waiting on it with the same cause.
@@ -132,6 +144,24 @@ pub enum ClientError {
         maybe_written: bool,
         attempts: u32,
     },
+    /// An ack, nack or extend that the broker refused for some handles (each with why);
+    /// made by [`SettleOutcome::into_result`] for callers that want all-or-error.
+    HandlesRefused {
+        operation: &'static str,
+        topic: String,
+        group: String,
+        refused: Vec<Refusal>,
+    },
+    /// The broker refused a stream group's commit for one partition (the other
+    /// partitions of the request may have been committed).
+    CommitRefused {
+        group: String,
+        topic: String,
+        partition: u32,
+        error: WireError,
+    },
+    /// `commit` on a consumer that has no stream group (`ConsumerConfig::group`).
+    NotInGroup,
 }
 
 impl ClientError {
@@ -143,6 +173,7 @@ impl ClientError {
             }
             ClientError::OffsetOutOfRange { .. } => Some(ErrorCode::OffsetOutOfRange),
             ClientError::ProduceFailed { cause, .. } => cause.wire_code(),
+            ClientError::CommitRefused { error, .. } => Some(error.code),
             _ => None,
         }
     }
@@ -232,6 +263,40 @@ impl fmt::Display for ClientError {
                 } else {
                     "the batch was not written"
                 }
+            ),
+            ClientError::HandlesRefused {
+                operation,
+                topic,
+                group,
+                refused,
+            } => {
+                // A few are enough to act on; the caller has the whole list.
+                const LISTED_MAX: usize = 3;
+                write!(
+                    f,
+                    "{operation} of {} handle(s) of topic {topic:?} group {group:?} refused:",
+                    refused.len()
+                )?;
+                for refusal in refused.iter().take(LISTED_MAX) {
+                    write!(f, " [{refusal}]")?;
+                }
+                if refused.len() > LISTED_MAX {
+                    write!(f, " and {} more", refused.len() - LISTED_MAX)?;
+                }
+                Ok(())
+            }
+            ClientError::CommitRefused {
+                group,
+                topic,
+                partition,
+                error,
+            } => write!(
+                f,
+                "broker refused group {group:?}'s commit of topic {topic:?} partition {partition}: {error}"
+            ),
+            ClientError::NotInGroup => write!(
+                f,
+                "the consumer is in no stream group, so it has nothing to commit to (set ConsumerConfig::group)"
             ),
         }
     }
@@ -424,10 +489,24 @@ impl Client {
         partitions: u32,
         retention: Retention,
     ) -> Result<(), ClientError> {
+        self.create_topic_with_queue(name, partitions, retention, QueueSettings::default())
+            .await
+    }
+
+    /// Creates a topic with its retention and queue settings (`None` fields take the
+    /// broker's `queue_*` defaults).
+    pub async fn create_topic_with_queue(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention: Retention,
+        queue: QueueSettings,
+    ) -> Result<(), ClientError> {
         let request = Request::CreateTopic(CreateTopicRequest {
             name: name.to_owned(),
             partitions,
             retention,
+            queue,
         });
         match self
             .connection
@@ -439,11 +518,24 @@ impl Client {
         }
     }
 
-    /// Changes a topic's retention.
+    /// Changes a topic's retention; its queue settings stay as they are.
     pub async fn alter_topic(&self, name: &str, retention: Retention) -> Result<(), ClientError> {
+        self.alter_topic_with(name, Some(retention), QueueSettings::default())
+            .await
+    }
+
+    /// Changes a topic's retention (`None`: unchanged) and the queue settings given
+    /// (`None` fields stay as they are).
+    pub async fn alter_topic_with(
+        &self,
+        name: &str,
+        retention: Option<Retention>,
+        queue: QueueSettings,
+    ) -> Result<(), ClientError> {
         let request = Request::AlterTopic(AlterTopicRequest {
             name: name.to_owned(),
             retention,
+            queue,
         });
         match self
             .connection

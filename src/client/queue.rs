@@ -1,0 +1,893 @@
+//! Queue groups from the client side: a [`QueueConsumer`] leases messages of one topic for
+//! one group (`receive`), settles them (`ack`, `nack`, `extend`), and [`QueueConsumer::run`]
+//! is a worker loop on top of those four calls. The model is docs/queues.md; the bytes are
+//! docs/protocol.md §11.
+//!
+//! What it is: an async layer over [`Client`], on whatever tokio runtime calls it. What it
+//! is not: the queue itself. Leases, retries, backoff and dead-lettering live on the
+//! broker, in the shard that owns each partition; this side only asks and reports. It is
+//! not shard-aware either: every request goes to the client's one connection and the
+//! broker routes it (a receive may gather messages from several partitions).
+//!
+//! Contract:
+//! - `receive` answers with up to `messages_max` messages, each leased to this caller
+//!   until the broker's clock passes its lease; an empty answer after `wait` is normal;
+//! - `ack`, `nack` and `extend` name deliveries by [`Handle`] (partition, offset,
+//!   attempt). They travel as [`HandleRange`]s (consecutive offsets of one partition and
+//!   attempt cost one entry) in requests of at most `settle_handles_per_request_max`
+//!   handles. The answer is a [`SettleOutcome`]: every handle not listed as refused was
+//!   settled; every refusal says why as a [`SettleError`]. A transport failure is a
+//!   [`ClientError`] instead, and then nothing is known about the handles of the failed
+//!   request (settling them again is safe: an ack that already took effect answers
+//!   [`SettleError::AlreadySettled`], which [`SettleOutcome::failures`] does not count);
+//! - lease deadlines are estimated on this side from when the receive (or extend) was
+//!   sent, which is never later than when the broker started the lease: the estimate
+//!   errs early, so `run` extends a little before it must, never after.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::{unexpected_body, Client, ClientError};
+use crate::protocol::queue::{
+    handle_ranges, Handle, NackDelay, ReceiveRequest, ReceivedMessage, SettleAction,
+    SettleRequest,
+};
+use crate::protocol::{ErrorCode, Request, ResponseBody, WireError};
+
+/// Nack reasons are cut to this many bytes before they are sent. The broker keeps fewer
+/// (`queue_nack_reason_bytes_max`, 128 by default); this only keeps an error text of
+/// megabytes from becoming a megabyte frame.
+pub const NACK_REASON_BYTES_MAX: usize = 1024;
+
+/// The reason `run` gives when a handler panicked.
+pub const HANDLER_PANICKED_REASON: &str = "the handler panicked";
+
+/// Settings of a [`QueueConsumer`]. Every queue has a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConsumerConfig {
+    /// Lease asked for each received message. `None`: the topic's own
+    /// (`visibility_timeout_ms` in its queue settings, which `run` reads from metadata).
+    pub visibility_timeout: Option<Duration>,
+    /// Most messages one `run` receive asks for (the broker may cap it further).
+    pub receive_messages_max: u32,
+    /// How long one `run` receive waits on the broker when nothing is available.
+    pub receive_wait: Duration,
+    /// Handlers `run` keeps running at once; it receives only what it has room for.
+    pub handler_concurrency_max: u32,
+    /// `run` extends a running handler's lease once less than this is left of it (at most
+    /// half the lease, so that a short lease is still extended in time).
+    pub extend_margin: Duration,
+    /// Most handles one ack, nack or extend request carries; bigger settles are split.
+    /// The broker refuses more than its `queue_handles_per_request_max` (1000 by default).
+    pub settle_handles_per_request_max: u32,
+}
+
+impl Default for QueueConsumerConfig {
+    fn default() -> Self {
+        QueueConsumerConfig {
+            visibility_timeout: None,
+            receive_messages_max: 10,
+            receive_wait: Duration::from_secs(1),
+            handler_concurrency_max: 8,
+            extend_margin: Duration::from_secs(5),
+            settle_handles_per_request_max: 1000,
+        }
+    }
+}
+
+/// A duration as the wire's u32 milliseconds, or why it does not fit.
+fn wire_ms(field: &'static str, duration: Duration) -> Result<u32, ClientError> {
+    u32::try_from(duration.as_millis()).map_err(|_| ClientError::InvalidConfig {
+        field,
+        value: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+impl QueueConsumerConfig {
+    fn validate(&self) -> Result<(), ClientError> {
+        let zero = |field: &'static str| Err(ClientError::InvalidConfig { field, value: 0 });
+        if self.receive_messages_max == 0 {
+            return zero("receive_messages_max");
+        }
+        if self.handler_concurrency_max == 0 {
+            return zero("handler_concurrency_max");
+        }
+        if self.settle_handles_per_request_max == 0 {
+            return zero("settle_handles_per_request_max");
+        }
+        if let Some(visibility) = self.visibility_timeout {
+            // 0 on the wire means "the topic's default": a lease of 0 ms cannot be asked.
+            if wire_ms("visibility_timeout", visibility)? == 0 {
+                return zero("visibility_timeout");
+            }
+        }
+        wire_ms("receive_wait", self.receive_wait)?;
+        Ok(())
+    }
+}
+
+/// Builds a [`QueueConsumer`]: `QueueConsumer::builder(client, topic, group)`.
+#[derive(Debug, Clone)]
+pub struct QueueConsumerBuilder {
+    client: Client,
+    topic: String,
+    group: String,
+    config: QueueConsumerConfig,
+}
+
+impl QueueConsumerBuilder {
+    /// Lease asked for each received message (default: the topic's).
+    pub fn visibility_timeout(mut self, visibility: Duration) -> Self {
+        self.config.visibility_timeout = Some(visibility);
+        self
+    }
+
+    /// Most messages one `run` receive asks for (default 10).
+    pub fn receive_batch(mut self, messages_max: u32) -> Self {
+        self.config.receive_messages_max = messages_max;
+        self
+    }
+
+    /// How long one `run` receive waits when nothing is available (default 1 s).
+    pub fn receive_wait(mut self, wait: Duration) -> Self {
+        self.config.receive_wait = wait;
+        self
+    }
+
+    /// Handlers `run` keeps running at once (default 8).
+    pub fn concurrency(mut self, handlers_max: u32) -> Self {
+        self.config.handler_concurrency_max = handlers_max;
+        self
+    }
+
+    /// Extend a running handler's lease once less than this is left (default 5 s).
+    pub fn extend_margin(mut self, margin: Duration) -> Self {
+        self.config.extend_margin = margin;
+        self
+    }
+
+    /// Most handles per ack, nack or extend request (default 1000).
+    pub fn settle_batch(mut self, handles_max: u32) -> Self {
+        self.config.settle_handles_per_request_max = handles_max;
+        self
+    }
+
+    /// Replaces every setting at once.
+    pub fn config(mut self, config: QueueConsumerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Checks the settings (zero limits, durations past the wire's u32 milliseconds).
+    pub fn build(self) -> Result<QueueConsumer, ClientError> {
+        self.config.validate()?;
+        Ok(QueueConsumer {
+            inner: Arc::new(Inner {
+                client: self.client,
+                topic: self.topic,
+                group: self.group,
+                config: self.config,
+            }),
+        })
+    }
+}
+
+/// One received message and its delivery handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueMessage {
+    message: ReceivedMessage,
+    lease_deadline: Option<Instant>,
+}
+
+impl QueueMessage {
+    /// Names this delivery in `ack`, `nack` and `extend`.
+    pub fn handle(&self) -> Handle {
+        self.message.handle
+    }
+
+    /// 1 for the first delivery; each redelivery adds one.
+    pub fn attempt(&self) -> u32 {
+        self.message.handle.attempt
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.message.handle.partition
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.message.handle.offset
+    }
+
+    pub fn key(&self) -> Option<&Bytes> {
+        self.message.key.as_ref()
+    }
+
+    pub fn value(&self) -> &Bytes {
+        &self.message.value
+    }
+
+    pub fn headers(&self) -> &[(String, Bytes)] {
+        &self.message.headers
+    }
+
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.message
+            .headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value)
+    }
+
+    /// The record's timestamp, milliseconds since the epoch.
+    pub fn timestamp(&self) -> i64 {
+        self.message.timestamp_ms
+    }
+
+    /// When the lease ends at the latest, estimated from when the receive was sent;
+    /// `None` when it was received with the topic's default lease, whose length this
+    /// side did not know.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        self.lease_deadline
+    }
+
+    /// The message as the protocol carries it.
+    pub fn into_received(self) -> ReceivedMessage {
+        self.message
+    }
+}
+
+/// Which settle operation a [`SettleOutcome`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleKind {
+    Ack,
+    Nack,
+    Extend,
+}
+
+impl SettleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SettleKind::Ack => "ack",
+            SettleKind::Nack => "nack",
+            SettleKind::Extend => "extend",
+        }
+    }
+}
+
+/// Why the broker refused one handle (docs/queues.md §3, "Handles").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleError {
+    /// The message was delivered again since: this handle's attempt is superseded (the
+    /// broker's message names the current attempt).
+    Stale,
+    /// The lease ran out; the message will be (or was) delivered again.
+    LeaseExpired,
+    /// The message is already settled: acked, dead-lettered, expired or removed by
+    /// retention. For an ack retried after a lost answer this is success.
+    AlreadySettled,
+    /// The group never delivered this message.
+    NotDelivered,
+    /// Any other refusal of this handle (an unknown partition, say), as the broker said.
+    Other(ErrorCode),
+}
+
+impl SettleError {
+    pub fn from_code(code: ErrorCode) -> SettleError {
+        match code {
+            ErrorCode::HandleStale => SettleError::Stale,
+            ErrorCode::LeaseExpired => SettleError::LeaseExpired,
+            ErrorCode::AlreadySettled => SettleError::AlreadySettled,
+            ErrorCode::NotDelivered => SettleError::NotDelivered,
+            other => SettleError::Other(other),
+        }
+    }
+
+    /// The wire code this stands for.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SettleError::Stale => ErrorCode::HandleStale,
+            SettleError::LeaseExpired => ErrorCode::LeaseExpired,
+            SettleError::AlreadySettled => ErrorCode::AlreadySettled,
+            SettleError::NotDelivered => ErrorCode::NotDelivered,
+            SettleError::Other(code) => *code,
+        }
+    }
+}
+
+impl fmt::Display for SettleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SettleError::Stale => "stale: delivered again since",
+            SettleError::LeaseExpired => "lease expired",
+            SettleError::AlreadySettled => "already settled",
+            SettleError::NotDelivered => "never delivered",
+            SettleError::Other(code) => code.name(),
+        })
+    }
+}
+
+/// One refused handle: which, why, and the broker's own words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub handle: Handle,
+    pub error: SettleError,
+    /// The broker's message (may be empty).
+    pub detail: String,
+}
+
+impl Refusal {
+    fn from_wire(handle: Handle, error: WireError) -> Refusal {
+        Refusal {
+            handle,
+            error: SettleError::from_code(error.code),
+            detail: error.message,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.handle, self.error)?;
+        if !self.detail.is_empty() {
+            write!(f, " ({})", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an ack, nack or extend: which handles the broker refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleOutcome {
+    pub kind: SettleKind,
+    /// Handles sent.
+    pub handles: usize,
+    /// In the order the broker listed them; every other handle was settled.
+    pub refused: Vec<Refusal>,
+}
+
+impl SettleOutcome {
+    /// Refusals that mean the operation did not take effect: every refusal, except an
+    /// [`SettleError::AlreadySettled`] answering an ack (the message is done, which is
+    /// what the ack asked for).
+    pub fn failures(&self) -> impl Iterator<Item = &Refusal> + '_ {
+        let kind = self.kind;
+        self.refused.iter().filter(move |refusal| {
+            !(kind == SettleKind::Ack && refusal.error == SettleError::AlreadySettled)
+        })
+    }
+
+    /// Whether every handle took effect (see [`SettleOutcome::failures`]).
+    pub fn is_success(&self) -> bool {
+        self.failures().next().is_none()
+    }
+
+    /// Handles answered [`SettleError::AlreadySettled`].
+    pub fn already_settled(&self) -> impl Iterator<Item = Handle> + '_ {
+        self.refused
+            .iter()
+            .filter(|refusal| refusal.error == SettleError::AlreadySettled)
+            .map(|refusal| refusal.handle)
+    }
+
+    /// Handles that were not refused at all.
+    pub fn accepted(&self) -> usize {
+        self.handles - self.refused.len()
+    }
+
+    /// `Ok` when [`SettleOutcome::is_success`], else [`ClientError::HandlesRefused`]
+    /// with the failures.
+    pub fn into_result(self, topic: &str, group: &str) -> Result<(), ClientError> {
+        if self.is_success() {
+            return Ok(());
+        }
+        let refused = self.failures().cloned().collect();
+        Err(ClientError::HandlesRefused {
+            operation: self.kind.name(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            refused,
+        })
+    }
+}
+
+impl Client {
+    /// A [`QueueConsumer`] of `topic` for `group` with the default settings; see
+    /// [`QueueConsumer::builder`] for others.
+    pub fn queue_consumer(&self, topic: &str, group: &str) -> QueueConsumer {
+        QueueConsumer::builder(self.clone(), topic, group)
+            .build()
+            .expect("the default queue consumer settings are valid")
+    }
+
+    /// Receive from a queue group once: the request as the protocol has it, answered with
+    /// the broker's messages. The wait is bounded by `wait_ms` plus `request_timeout_ms`.
+    pub async fn receive(&self, request: ReceiveRequest) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let timeout =
+            Duration::from_millis(u64::from(request.wait_ms) + self.config.request_timeout_ms);
+        match self
+            .connection
+            .call(Request::Receive(request), timeout, "receive")
+            .await?
+        {
+            ResponseBody::Receive(response) => Ok(response.messages),
+            other => Err(unexpected_body("receive", &other)),
+        }
+    }
+
+    /// Ack, nack or extend `handles` of `topic`'s `group`, in requests of at most
+    /// `handles_per_request_max` handles. Refusals are collected, not errors; the first
+    /// transport error ends the call (earlier requests stay settled).
+    pub async fn settle(
+        &self,
+        topic: &str,
+        group: &str,
+        action: SettleAction,
+        handles: &[Handle],
+        handles_per_request_max: u32,
+    ) -> Result<SettleOutcome, ClientError> {
+        assert!(handles_per_request_max > 0, "validated by the caller");
+        let kind = match action {
+            SettleAction::Ack => SettleKind::Ack,
+            SettleAction::Nack { .. } => SettleKind::Nack,
+            SettleAction::Extend { .. } => SettleKind::Extend,
+        };
+        let mut outcome = SettleOutcome {
+            kind,
+            handles: handles.len(),
+            refused: Vec::new(),
+        };
+        for chunk in handles.chunks(handles_per_request_max as usize) {
+            let request = SettleRequest {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                action: action.clone(),
+                ranges: handle_ranges(chunk.iter().copied()),
+            };
+            let response = match self
+                .connection
+                .call(Request::Settle(request), self.timeout(), kind.name())
+                .await?
+            {
+                ResponseBody::Settle(response) => response,
+                other => return Err(unexpected_body(kind.name(), &other)),
+            };
+            outcome.refused.extend(
+                response
+                    .refused
+                    .into_iter()
+                    .map(|refused| Refusal::from_wire(refused.handle, refused.error)),
+            );
+        }
+        Ok(outcome)
+    }
+}
+
+struct Inner {
+    client: Client,
+    topic: String,
+    group: String,
+    config: QueueConsumerConfig,
+}
+
+/// Receives and settles messages of one topic for one queue group. Cheap to clone:
+/// clones share the client and the settings. Many consumers (in one process or many)
+/// may serve one group: each message is leased to one of them at a time.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), shardq::client::ClientError> {
+/// use std::time::Duration;
+/// use shardq::client::{Client, NackDelay, QueueConsumer};
+///
+/// let client = Client::connect("127.0.0.1:9740").await?;
+/// let consumer = QueueConsumer::builder(client, "orders", "billing")
+///     .visibility_timeout(Duration::from_secs(30))
+///     .build()?;
+/// let messages = consumer.receive(10, None, Duration::from_secs(20)).await?;
+/// let (good, bad): (Vec<_>, Vec<_>) = messages.iter().partition(|m| !m.value().is_empty());
+/// let good: Vec<_> = good.iter().map(|m| m.handle()).collect();
+/// let bad: Vec<_> = bad.iter().map(|m| m.handle()).collect();
+/// let acked = consumer.ack(&good).await?;
+/// for refusal in acked.failures() {
+///     eprintln!("not acked: {refusal}");
+/// }
+/// consumer.nack(&bad, NackDelay::Backoff, "empty body").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct QueueConsumer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for QueueConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueConsumer")
+            .field("topic", &self.inner.topic)
+            .field("group", &self.inner.group)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// What a [`QueueConsumer::run`] did, counted per message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub received: u64,
+    /// Handlers that returned `Ok` and whose ack the broker took.
+    pub acked: u64,
+    /// Handlers that returned `Err` (or panicked) and whose nack the broker took.
+    pub nacked: u64,
+    /// Lease extensions the broker took (one per handle per extension).
+    pub extended: u64,
+    /// Acks, nacks and extensions the broker refused (a lease that ran out, say).
+    pub refused: u64,
+    /// Handlers that panicked (also counted in `nacked` or `refused`).
+    pub handler_panics: u64,
+}
+
+/// A handler `run` started: its delivery and, when known, where its lease ends.
+struct Running {
+    handle: Handle,
+    lease_deadline: Option<Instant>,
+    /// False once an extension was refused: the lease is gone, asking again is useless.
+    extendable: bool,
+}
+
+type ReceiveFuture = Pin<Box<dyn Future<Output = Result<Vec<QueueMessage>, ClientError>> + Send>>;
+
+impl QueueConsumer {
+    pub fn builder(client: Client, topic: &str, group: &str) -> QueueConsumerBuilder {
+        QueueConsumerBuilder {
+            client,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            config: QueueConsumerConfig::default(),
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    pub fn config(&self) -> &QueueConsumerConfig {
+        &self.inner.config
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Leases up to `messages_max` available messages, each for `visibility` (`None`:
+    /// the consumer's setting, else the topic's). With none available the broker waits
+    /// up to `wait` for one; an empty answer is normal.
+    pub async fn receive(
+        &self,
+        messages_max: u32,
+        visibility: Option<Duration>,
+        wait: Duration,
+    ) -> Result<Vec<QueueMessage>, ClientError> {
+        if messages_max == 0 {
+            return Err(ClientError::InvalidConfig {
+                field: "messages_max",
+                value: 0,
+            });
+        }
+        let visibility = visibility.or(self.inner.config.visibility_timeout);
+        let visibility_timeout_ms = match visibility {
+            Some(visibility) => match wire_ms("visibility", visibility)? {
+                0 => {
+                    return Err(ClientError::InvalidConfig {
+                        field: "visibility",
+                        value: 0,
+                    })
+                }
+                ms => ms,
+            },
+            None => 0,
+        };
+        let request = ReceiveRequest {
+            topic: self.inner.topic.clone(),
+            group: self.inner.group.clone(),
+            messages_max,
+            visibility_timeout_ms,
+            wait_ms: wire_ms("wait", wait)?,
+        };
+        // Before sending: the broker cannot start a lease earlier than this.
+        let sent_at = Instant::now();
+        let messages = self.inner.client.receive(request).await?;
+        let lease_deadline = visibility.map(|visibility| sent_at + visibility);
+        Ok(messages
+            .into_iter()
+            .map(|message| QueueMessage {
+                message,
+                lease_deadline,
+            })
+            .collect())
+    }
+
+    /// Done with these deliveries: they are never delivered again. A handle answered
+    /// [`SettleError::AlreadySettled`] (say, a retried ack) is in the outcome's
+    /// `refused` list but not among its `failures`.
+    pub async fn ack(&self, handles: &[Handle]) -> Result<SettleOutcome, ClientError> {
+        self.settle(SettleAction::Ack, handles).await
+    }
+
+    /// These deliveries failed: each message is delivered again after `delay` (or goes
+    /// to the dead-letter topic if this was its last allowed delivery, with `reason`).
+    pub async fn nack(
+        &self,
+        handles: &[Handle],
+        delay: NackDelay,
+        reason: &str,
+    ) -> Result<SettleOutcome, ClientError> {
+        let action = SettleAction::Nack {
+            delay,
+            reason: cut_reason(reason).to_owned(),
+        };
+        self.settle(action, handles).await
+    }
+
+    /// Still working: each lease now ends `visibility` from now (this may shorten it).
+    pub async fn extend(
+        &self,
+        handles: &[Handle],
+        visibility: Duration,
+    ) -> Result<SettleOutcome, ClientError> {
+        let action = SettleAction::Extend {
+            visibility_timeout_ms: wire_ms("visibility", visibility)?,
+        };
+        self.settle(action, handles).await
+    }
+
+    async fn settle(
+        &self,
+        action: SettleAction,
+        handles: &[Handle],
+    ) -> Result<SettleOutcome, ClientError> {
+        self.inner
+            .client
+            .settle(
+                &self.inner.topic,
+                &self.inner.group,
+                action,
+                handles,
+                self.inner.config.settle_handles_per_request_max,
+            )
+            .await
+    }
+
+    /// The lease `run` asks for: the consumer's setting, else the topic's from metadata.
+    async fn lease_length(&self) -> Result<Duration, ClientError> {
+        if let Some(visibility) = self.inner.config.visibility_timeout {
+            return Ok(visibility);
+        }
+        let topic = &self.inner.topic;
+        let metadata = self.inner.client.metadata(&[topic.clone()]).await?;
+        let entry = metadata
+            .topics
+            .into_iter()
+            .find(|entry| entry.name == *topic)
+            .ok_or_else(|| ClientError::UnknownTopic {
+                topic: topic.clone(),
+            })?;
+        if let Some(error) = entry.error {
+            if error.code == ErrorCode::UnknownTopic {
+                return Err(ClientError::UnknownTopic {
+                    topic: topic.clone(),
+                });
+            }
+            return Err(ClientError::Broker(error));
+        }
+        match entry.queue.visibility_timeout_ms {
+            Some(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            // Metadata fills every value in; a broker that did not is answered plainly.
+            other => Err(ClientError::UnexpectedResponse {
+                correlation_id: 0,
+                reason: format!(
+                    "metadata of topic {topic:?} has visibility timeout {other:?}, expected a number of milliseconds"
+                ),
+            }),
+        }
+    }
+
+    /// The worker loop: receives messages and runs `handler` on each, up to
+    /// `handler_concurrency_max` at once (each in its own tokio task). A handler's `Ok`
+    /// acks its message; an `Err` nacks it with the error's text as the reason and the
+    /// topic's backoff (a panic nacks it too). While a handler runs past its lease's end
+    /// minus `extend_margin`, its lease is extended by the lease length again.
+    ///
+    /// When `shutdown` resolves, `run` stops receiving, lets every running handler finish
+    /// (still extending their leases), settles them, and returns what it did. A receive
+    /// already sent is waited for and its messages handled too, so none is left leased
+    /// and unprocessed. An error of the transport (or the broker refusing a whole
+    /// request) returns at once as a [`ClientError`]; handlers still running are then
+    /// aborted and their messages come back when their leases run out. A refused ack,
+    /// nack or extension of one handle is counted in [`RunSummary::refused`] and the loop
+    /// goes on.
+    ///
+    /// ```no_run
+    /// # async fn charge(_: &[u8]) -> Result<(), std::io::Error> { Ok(()) }
+    /// # async fn example() -> Result<(), shardq::client::ClientError> {
+    /// use shardq::client::Client;
+    ///
+    /// let client = Client::connect("127.0.0.1:9740").await?;
+    /// let consumer = client.queue_consumer("orders", "billing");
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// # drop(stop);
+    /// let summary = consumer
+    ///     .run(
+    ///         |message| async move {
+    ///             charge(message.value()).await?; // Err -> nack with its text
+    ///             Ok::<(), std::io::Error>(())    // Ok -> ack
+    ///         },
+    ///         stopped,
+    ///     )
+    ///     .await?;
+    /// println!("acked {} nacked {}", summary.acked, summary.nacked);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn run<H, F, E, S>(&self, handler: H, shutdown: S) -> Result<RunSummary, ClientError>
+    where
+        H: Fn(QueueMessage) -> F,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display + 'static,
+        S: Future,
+    {
+        let config = &self.inner.config;
+        let lease = self.lease_length().await?;
+        let margin = config.extend_margin.min(lease / 2);
+        let concurrency = config.handler_concurrency_max as usize;
+        let mut summary = RunSummary::default();
+        let mut handlers: JoinSet<Result<(), String>> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, Running> = HashMap::new();
+        let mut receiving: Option<ReceiveFuture> = None;
+        let mut stopping = false;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            if !stopping && receiving.is_none() && running.len() < concurrency {
+                let room = (concurrency - running.len()) as u32;
+                let messages_max = config.receive_messages_max.min(room);
+                let consumer = self.clone();
+                let wait = config.receive_wait;
+                receiving = Some(Box::pin(async move {
+                    consumer.receive(messages_max, Some(lease), wait).await
+                }));
+            }
+            if stopping && receiving.is_none() && running.is_empty() {
+                return Ok(summary);
+            }
+            let next_extension = running
+                .values()
+                .filter(|running| running.extendable)
+                .filter_map(|running| running.lease_deadline)
+                .min()
+                .map(|deadline| deadline.checked_sub(margin).unwrap_or(deadline));
+            tokio::select! {
+                _ = &mut shutdown, if !stopping => {
+                    stopping = true;
+                }
+                received = async {
+                    match receiving.as_mut() {
+                        Some(receive) => receive.await,
+                        None => std::future::pending().await,
+                    }
+                }, if receiving.is_some() => {
+                    receiving = None;
+                    for message in received? {
+                        summary.received += 1;
+                        let entry = Running {
+                            handle: message.handle(),
+                            lease_deadline: message.lease_deadline(),
+                            extendable: true,
+                        };
+                        let work = handler(message);
+                        let task = handlers.spawn(async move {
+                            work.await.map_err(|error| error.to_string())
+                        });
+                        running.insert(task.id(), entry);
+                    }
+                }
+                Some(first) = handlers.join_next_with_id() => {
+                    let mut acks = Vec::new();
+                    let mut nacks: Vec<(String, Vec<Handle>)> = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(joined) = next.take() {
+                        let (id, result) = match joined {
+                            Ok((id, result)) => (id, result),
+                            Err(error) => {
+                                if error.is_panic() {
+                                    summary.handler_panics += 1;
+                                }
+                                (error.id(), Err(HANDLER_PANICKED_REASON.to_owned()))
+                            }
+                        };
+                        let finished = running.remove(&id).expect("every handler task is tracked");
+                        match result {
+                            Ok(()) => acks.push(finished.handle),
+                            Err(reason) => match nacks.iter_mut().find(|(known, _)| *known == reason) {
+                                Some((_, handles)) => handles.push(finished.handle),
+                                None => nacks.push((reason, vec![finished.handle])),
+                            },
+                        }
+                        next = handlers.try_join_next_with_id();
+                    }
+                    if !acks.is_empty() {
+                        let outcome = self.ack(&acks).await?;
+                        summary.acked += outcome.accepted() as u64;
+                        summary.refused += outcome.refused.len() as u64;
+                    }
+                    for (reason, handles) in nacks {
+                        let outcome = self.nack(&handles, NackDelay::Backoff, &reason).await?;
+                        summary.nacked += outcome.accepted() as u64;
+                        summary.refused += outcome.refused.len() as u64;
+                    }
+                }
+                _ = sleep_until_some(next_extension), if next_extension.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<Handle> = running
+                        .values()
+                        .filter(|running| running.extendable)
+                        .filter(|running| {
+                            running
+                                .lease_deadline
+                                .is_some_and(|deadline| deadline.checked_sub(margin).unwrap_or(deadline) <= now)
+                        })
+                        .map(|running| running.handle)
+                        .collect();
+                    let sent_at = Instant::now();
+                    let outcome = self.extend(&due, lease).await?;
+                    summary.extended += outcome.accepted() as u64;
+                    summary.refused += outcome.refused.len() as u64;
+                    for running in running.values_mut() {
+                        if !due.contains(&running.handle) {
+                            continue;
+                        }
+                        if outcome.refused.iter().any(|refusal| refusal.handle == running.handle) {
+                            running.extendable = false;
+                        } else {
+                            running.lease_deadline = Some(sent_at + lease);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `reason` cut to at most [`NACK_REASON_BYTES_MAX`] bytes, at a character boundary.
+fn cut_reason(reason: &str) -> &str {
+    if reason.len() <= NACK_REASON_BYTES_MAX {
+        return reason;
+    }
+    let mut end = NACK_REASON_BYTES_MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// Handles of `messages`, for settling them all at once.
+pub fn handles_of(messages: &[QueueMessage]) -> Vec<Handle> {
+    messages.iter().map(QueueMessage::handle).collect()
+}
