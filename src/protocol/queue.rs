@@ -1086,6 +1086,71 @@ pub(super) mod tests {
         ]
     }
 
+    /// The worked examples of docs/protocol.md §11.4 and §11.5, byte for byte.
+    #[test]
+    fn documented_examples_encode_as_shown() {
+        let hex = |frame: &BytesMut| {
+            frame
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut out = BytesMut::new();
+        Request::Receive(ReceiveRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            messages_max: 10,
+            visibility_timeout_ms: 0,
+            wait_ms: 1000,
+        })
+        .encode(1, &mut out);
+        assert_eq!(
+            hex(&out),
+            "1d 00 00 00 01 0b 00 00 01 00 00 00 00 00 00 00 \
+             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
+             0a 00 00 00 00 00 00 00 e8 03 00 00"
+        );
+        let mut out = BytesMut::new();
+        Request::Settle(SettleRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            action: SettleAction::Ack,
+            ranges: handle_ranges((17..20).map(|offset| Handle {
+                partition: 0,
+                offset,
+                attempt: 1,
+            })),
+        })
+        .encode(2, &mut out);
+        assert_eq!(
+            hex(&out),
+            "29 00 00 00 01 0c 00 00 02 00 00 00 00 00 00 00 \
+             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
+             01 00 00 00 00 00 00 00 11 00 00 00 00 00 00 00 03 00 00 00 01 00 00 00"
+        );
+    }
+
+    #[test]
+    fn a_group_partition_takes_its_documented_size() {
+        let mut out = BytesMut::new();
+        encode_response(
+            &mut out,
+            Opcode::DescribeGroups,
+            1,
+            Ok(&ResponseBody::DescribeGroups(DescribeGroupsResponse {
+                groups: vec![GroupDescription {
+                    name: String::new(),
+                    kind: GroupKind::Stream,
+                    partitions: vec![GroupPartition::default()],
+                }],
+            })),
+        );
+        // header, status (2 + 2), group count, name (2), kind, partition count, entry.
+        assert_eq!(out.len(), 16 + 4 + 4 + 2 + 1 + 4 + GROUP_PARTITION_SIZE);
+        assert_eq!(GROUP_PARTITION_SIZE, 80);
+    }
+
     #[test]
     fn every_group_request_roundtrips() {
         roundtrip(Request::CommitOffsets(CommitOffsetsRequest {
