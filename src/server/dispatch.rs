@@ -65,13 +65,24 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
             Ok(ResponseBody::DeleteTopic)
         }
         Request::AlterTopic(request) => {
+            // Queue settings arrive with the queue-group wiring; until then only retention
+            // can change.
+            if request.queue != Default::default() {
+                return Err(WireError::new(
+                    ErrorCode::InvalidRequest,
+                    "this broker does not take queue settings yet",
+                ));
+            }
+            let Some(retention) = request.retention else {
+                return Ok(ResponseBody::AlterTopic);
+            };
             into_done(
                 shard
                     .route(
                         0,
                         ShardRequest::AlterTopic {
                             name: request.name,
-                            retention: request.retention,
+                            retention,
                         },
                     )
                     .await,
@@ -82,6 +93,16 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
         Request::Fetch(request) => Ok(ResponseBody::Fetch(fetch(shard, request).await)),
         Request::ListOffsets(request) => Ok(ResponseBody::ListOffsets(
             list_offsets(shard, request).await,
+        )),
+        // Consumer groups: the broker side lands with the queue-group wiring.
+        Request::CommitOffsets(_)
+        | Request::FetchCommitted(_)
+        | Request::Receive(_)
+        | Request::Settle(_)
+        | Request::DescribeGroups(_)
+        | Request::PurgeTopic(_) => Err(WireError::new(
+            ErrorCode::UnknownOpcode,
+            "consumer-group operations are not served by this broker yet",
         )),
     }
 }
@@ -182,6 +203,7 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
             .into_iter()
             .map(|(name, topic)| TopicMetadata {
                 retention: topic.map(|topic| topic.retention).unwrap_or_default(),
+                queue: Default::default(),
                 error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
