@@ -414,8 +414,7 @@ impl Consumer {
         if self.positions.is_empty() {
             return Ok(Vec::new());
         }
-        if let (Some(_), Some(interval)) = (&self.config.group, self.config.auto_commit_interval)
-        {
+        if let (Some(_), Some(interval)) = (&self.config.group, self.config.auto_commit_interval) {
             if self.last_commit.elapsed() >= interval {
                 self.commit().await?;
             }

@@ -28,6 +28,8 @@ mod groups;
 mod producer;
 mod queue;
 #[cfg(test)]
+mod queue_tests;
+#[cfg(test)]
 mod test_peer;
 #[cfg(test)]
 mod tests;
@@ -51,12 +53,12 @@ use crate::protocol::{
 use connection::Connection;
 
 pub use crate::protocol::batch::Record;
-pub use crate::protocol::{
-    Acks, PartitionOffsets, Retention, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
-};
 pub use crate::protocol::queue::{
     ExpiryPolicy, GroupDescription, GroupKind, GroupPartition, Handle, NackDelay, QueueOrdering,
     QueueSettings, ReceiveRequest, ReceivedMessage, SettleAction,
+};
+pub use crate::protocol::{
+    Acks, PartitionOffsets, Retention, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,

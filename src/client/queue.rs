@@ -37,8 +37,7 @@ use tokio::time::Instant;
 
 use super::{unexpected_body, Client, ClientError};
 use crate::protocol::queue::{
-    handle_ranges, Handle, NackDelay, ReceiveRequest, ReceivedMessage, SettleAction,
-    SettleRequest,
+    handle_ranges, Handle, NackDelay, ReceiveRequest, ReceivedMessage, SettleAction, SettleRequest,
 };
 use crate::protocol::{ErrorCode, Request, ResponseBody, WireError};
 
@@ -410,7 +409,10 @@ impl Client {
 
     /// Receive from a queue group once: the request as the protocol has it, answered with
     /// the broker's messages. The wait is bounded by `wait_ms` plus `request_timeout_ms`.
-    pub async fn receive(&self, request: ReceiveRequest) -> Result<Vec<ReceivedMessage>, ClientError> {
+    pub async fn receive(
+        &self,
+        request: ReceiveRequest,
+    ) -> Result<Vec<ReceivedMessage>, ClientError> {
         let timeout =
             Duration::from_millis(u64::from(request.wait_ms) + self.config.request_timeout_ms);
         match self
