@@ -29,6 +29,7 @@
 
 pub mod payload;
 pub mod plot;
+mod queue;
 pub mod rate;
 pub mod report;
 
@@ -71,6 +72,8 @@ pub enum Workload {
     EndToEnd,
     /// Idle connections held open while the server's CPU use is measured.
     Idle,
+    /// Producers fill a topic, then queue workers receive and ack (`queue`).
+    Queue,
 }
 
 impl Workload {
@@ -80,6 +83,7 @@ impl Workload {
             Workload::Consume => "consume",
             Workload::EndToEnd => "e2e",
             Workload::Idle => "idle",
+            Workload::Queue => "queue",
         }
     }
 }
@@ -129,6 +133,32 @@ pub struct BenchConfig {
     pub idle_connections: u32,
     /// Print a progress line on stderr every second.
     pub progress: bool,
+    /// The queue workload's own settings.
+    pub queue: QueueBenchConfig,
+}
+
+/// Settings of the queue workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueBenchConfig {
+    /// Queue consumers, each on its own connection.
+    pub workers: u32,
+    /// Most messages one receive asks for.
+    pub receive_batch: u32,
+    /// A worker acks once it holds this many handles (or has nothing more to receive).
+    pub ack_batch: u32,
+    /// Fraction of messages nacked on every delivery, so that they are dead-lettered.
+    pub fail_rate: f64,
+}
+
+impl Default for QueueBenchConfig {
+    fn default() -> Self {
+        QueueBenchConfig {
+            workers: 4,
+            receive_batch: 100,
+            ack_batch: 100,
+            fail_rate: 0.0,
+        }
+    }
 }
 
 impl Default for BenchConfig {
@@ -155,6 +185,7 @@ impl Default for BenchConfig {
             server_pid: None,
             idle_connections: 100,
             progress: true,
+            queue: QueueBenchConfig::default(),
         }
     }
 }
@@ -227,7 +258,10 @@ impl BenchConfig {
         if self.batch_size == 0 || self.partitions == 0 {
             return fail("--batch-size and --partitions must be at least 1".into());
         }
-        let needs_producers = matches!(self.workload, Workload::Produce | Workload::EndToEnd);
+        let needs_producers = matches!(
+            self.workload,
+            Workload::Produce | Workload::EndToEnd | Workload::Queue
+        );
         let needs_consumers = matches!(self.workload, Workload::Consume | Workload::EndToEnd);
         if needs_producers && self.producers == 0 {
             return fail("this workload needs --producers of at least 1".into());
@@ -243,6 +277,20 @@ impl BenchConfig {
         }
         if self.rate_per_s == Some(0) {
             return fail("--rate must be at least 1".into());
+        }
+        if self.workload == Workload::Queue {
+            let queue = &self.queue;
+            if queue.workers == 0 || queue.receive_batch == 0 || queue.ack_batch == 0 {
+                return fail(
+                    "--workers, --receive-batch and --ack-batch must be at least 1".into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&queue.fail_rate) {
+                return fail(format!(
+                    "--fail-rate {} is not a fraction between 0 and 1",
+                    queue.fail_rate
+                ));
+            }
         }
         if self.workload == Workload::Idle && self.server_pid.is_none() {
             return fail("the idle workload measures the server: give --server-pid".into());
@@ -385,6 +433,13 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         ]),
         failed: AtomicBool::new(false),
     });
+    if config.workload == Workload::Queue {
+        let placement = Placement {
+            client_cpus,
+            server_cpus,
+        };
+        return queue::run(&config, &bootstrap, layout, shared, next_cpu, placement).await;
+    }
     let runs_producers = matches!(config.workload, Workload::Produce | Workload::EndToEnd);
     let runs_consumers = matches!(config.workload, Workload::Consume | Workload::EndToEnd);
 
@@ -419,60 +474,12 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         sampler_stopped,
     ));
 
-    let mut producer_threads = Vec::new();
-    if runs_producers {
-        let rates = config
-            .rate_per_s
-            .map(|rate| rate::split_rate(rate, config.producers));
-        let quotas = match config.stop {
-            Stop::Messages(total) => rate::split_rate(total, config.producers),
-            Stop::Duration(_) => vec![u64::MAX; config.producers as usize],
-        };
-        for index in 0..config.producers {
-            let context = ProducerContext {
-                index,
-                config: config.clone(),
-                addresses: layout.partition_address.clone(),
-                rate_per_s: rates.as_ref().map(|rates| rates[index as usize]),
-                quota: quotas[index as usize],
-                shared: shared.clone(),
-            };
-            let handle = Handle::current();
-            let cpus = config.client_cpus.clone();
-            let next_cpu = next_cpu.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("bench-producer-{index}"))
-                .spawn(move || {
-                    pin_to_next(&cpus, &next_cpu);
-                    set_fine_timer_slack();
-                    handle.block_on(run_producer(context))
-                })
-                .map_err(|source| BenchError::Io {
-                    context: "starting a producer thread".into(),
-                    source,
-                })?;
-            producer_threads.push(thread);
-        }
-    }
-
-    let mut produced = ProducerResult::empty();
-    let mut first_error: Option<BenchError> = None;
-    for thread in producer_threads {
-        let joined = tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .expect("join task does not panic");
-        match joined {
-            Ok(Ok(result)) => produced.merge(result),
-            Ok(Err(error)) => {
-                shared.failed.store(true, Ordering::Relaxed);
-                first_error.get_or_insert(error);
-            }
-            Err(_panic) => {
-                shared.failed.store(true, Ordering::Relaxed);
-                first_error.get_or_insert(BenchError::Config("a producer thread panicked".into()));
-            }
-        }
-    }
+    let producer_threads = if runs_producers {
+        start_producers(&config, &layout, &shared, &next_cpu)?
+    } else {
+        Vec::new()
+    };
+    let (produced, mut first_error) = join_producers(producer_threads, &shared).await;
     shared.producers_done.store(true, Ordering::Release);
 
     let mut consumed = ConsumerResult::empty();
@@ -548,6 +555,7 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         server_cpu_percent,
         idle_connections: 0,
         timeline,
+        queue: Default::default(),
     };
     Ok(Outcome {
         report,
@@ -556,12 +564,89 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
     })
 }
 
+type ProducerThread = std::thread::JoinHandle<Result<ProducerResult, BenchError>>;
+
+/// Starts one OS thread per producer (see the module comment for why threads).
+fn start_producers(
+    config: &BenchConfig,
+    layout: &Layout,
+    shared: &Arc<Shared>,
+    next_cpu: &Arc<AtomicUsize>,
+) -> Result<Vec<ProducerThread>, BenchError> {
+    let rates = config
+        .rate_per_s
+        .map(|rate| rate::split_rate(rate, config.producers));
+    let quotas = match config.stop {
+        Stop::Messages(total) => rate::split_rate(total, config.producers),
+        Stop::Duration(_) => vec![u64::MAX; config.producers as usize],
+    };
+    let mut threads = Vec::with_capacity(config.producers as usize);
+    for index in 0..config.producers {
+        let context = ProducerContext {
+            index,
+            config: config.clone(),
+            addresses: layout.partition_address.clone(),
+            rate_per_s: rates.as_ref().map(|rates| rates[index as usize]),
+            quota: quotas[index as usize],
+            shared: shared.clone(),
+        };
+        let handle = Handle::current();
+        let cpus = config.client_cpus.clone();
+        let next_cpu = next_cpu.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("bench-producer-{index}"))
+            .spawn(move || {
+                pin_to_next(&cpus, &next_cpu);
+                set_fine_timer_slack();
+                handle.block_on(run_producer(context))
+            })
+            .map_err(|source| BenchError::Io {
+                context: "starting a producer thread".into(),
+                source,
+            })?;
+        threads.push(thread);
+    }
+    Ok(threads)
+}
+
+/// Waits for every producer thread; returns their merged result and the first error.
+async fn join_producers(
+    threads: Vec<ProducerThread>,
+    shared: &Shared,
+) -> (ProducerResult, Option<BenchError>) {
+    let mut produced = ProducerResult::empty();
+    let mut first_error: Option<BenchError> = None;
+    for thread in threads {
+        let joined = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join task does not panic");
+        match joined {
+            Ok(Ok(result)) => produced.merge(result),
+            Ok(Err(error)) => {
+                shared.failed.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(error);
+            }
+            Err(_panic) => {
+                shared.failed.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(BenchError::Config("a producer thread panicked".into()));
+            }
+        }
+    }
+    (produced, first_error)
+}
+
 pub fn acks_name(acks: Acks) -> &'static str {
     match acks {
         Acks::None => "none",
         Acks::Memory => "memory",
         Acks::Durable => "durable",
     }
+}
+
+/// Where the client and the server ran, for the report.
+struct Placement {
+    client_cpus: String,
+    server_cpus: String,
 }
 
 /// Creates the topic if missing and works out where each partition lives.
@@ -582,8 +667,18 @@ async fn prepare_topic(config: &BenchConfig, bootstrap: &Client) -> Result<Layou
                 config.topic
             )));
         }
+        let queue_settings = if config.workload == Workload::Queue {
+            queue::topic_settings()
+        } else {
+            crate::client::QueueSettings::default()
+        };
         bootstrap
-            .create_topic(&config.topic, config.partitions)
+            .create_topic_with_queue(
+                &config.topic,
+                config.partitions,
+                crate::client::Retention::default(),
+                queue_settings,
+            )
             .await
             .map_err(client_error(format!("creating topic {:?}", config.topic)))?;
         metadata = bootstrap

@@ -141,7 +141,13 @@ pub fn render(
         PANEL_HEIGHT + 45.0
     );
     let _ = write!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    latency_panel(&mut svg, produce_latency, e2e_latency);
+    // The queue workload's second series is receive-to-ack, not end-to-end.
+    let second = if report.workload == "queue" {
+        "receive to ack"
+    } else {
+        "end-to-end"
+    };
+    latency_panel(&mut svg, produce_latency, e2e_latency, second);
     throughput_panel(&mut svg, report);
     let caption = format!(
         "shardq bench {}: {} B x batch {}, acks {}, {} producer(s), {} consumer(s), {} partition(s)",
@@ -169,7 +175,12 @@ pub fn render(
     svg
 }
 
-fn latency_panel(svg: &mut String, produce: &Histogram<u64>, e2e: &Histogram<u64>) {
+fn latency_panel(
+    svg: &mut String,
+    produce: &Histogram<u64>,
+    e2e: &Histogram<u64>,
+    second: &'static str,
+) {
     let panel = Panel {
         x0: 0.0,
         title: "Latency by percentile (log-log)".into(),
@@ -177,7 +188,7 @@ fn latency_panel(svg: &mut String, produce: &Histogram<u64>, e2e: &Histogram<u64
     panel.frame(svg, "percentile", "latency (us, log scale)");
     let series = [
         ("produce ack", PRODUCE_COLOUR, percentile_points(produce)),
-        ("end-to-end", E2E_COLOUR, percentile_points(e2e)),
+        (second, E2E_COLOUR, percentile_points(e2e)),
     ];
     let values = series
         .iter()

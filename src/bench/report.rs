@@ -93,6 +93,27 @@ pub struct Timeline {
     pub consume_per_s: Vec<u64>,
 }
 
+/// The queue workload's settle side (zeros for the other workloads).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueTotals {
+    pub workers: u32,
+    pub receive_batch: u32,
+    pub ack_batch: u32,
+    pub fail_rate: f64,
+    /// Messages acked (each once; the broker refuses a second ack).
+    pub acked: u64,
+    /// Messages dead-lettered after their last nack, as the broker counts them.
+    pub dead_lettered: u64,
+    /// Nacks sent (one per failed delivery).
+    pub nacked: u64,
+    /// Deliveries of a message that was delivered before (a lease ran out or a nack).
+    pub redelivered: u64,
+    /// Acks and nacks the broker refused (a lease that ran out, say).
+    pub refused: u64,
+    /// From sending the receive that delivered a message to its ack's answer.
+    pub receive_ack_latency: Percentiles,
+}
+
 /// Everything a run reports.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -126,6 +147,8 @@ pub struct Report {
     /// Idle workload: connections held open.
     pub idle_connections: u32,
     pub timeline: Timeline,
+    /// Queue workload: the settle side; `consumed` counts its acked messages.
+    pub queue: QueueTotals,
 }
 
 fn round3(value: f64) -> f64 {
@@ -163,6 +186,17 @@ impl Report {
             "server_cpus": self.server_cpus,
             "server_cpu_percent": round3(self.server_cpu_percent),
             "idle_connections": self.idle_connections,
+            "workers": self.queue.workers,
+            "receive_batch": self.queue.receive_batch,
+            "ack_batch": self.queue.ack_batch,
+            "fail_rate": self.queue.fail_rate,
+            "acked_messages": self.queue.acked,
+            "acked_msgs_per_s": round3(if self.workload == "queue" { self.consumed.msgs_per_s() } else { 0.0 }),
+            "dead_lettered_messages": self.queue.dead_lettered,
+            "nacked_deliveries": self.queue.nacked,
+            "redelivered_messages": self.queue.redelivered,
+            "refused_settles": self.queue.refused,
+            "receive_ack_latency_us": self.queue.receive_ack_latency.to_json(),
             "timeline": {
                 "produce_msgs_per_s": self.timeline.produce_per_s,
                 "consume_msgs_per_s": self.timeline.consume_per_s,
@@ -225,6 +259,33 @@ impl Report {
             text.push_str(&format!(
                 "{:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10}\n",
                 name, p.p50, p.p90, p.p99, p.p999, p.p9999, p.max, p.count
+            ));
+        }
+        if self.workload == "queue" {
+            let queue = &self.queue;
+            text.push_str(&format!(
+                "{:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10}\n",
+                "receive-ack",
+                queue.receive_ack_latency.p50,
+                queue.receive_ack_latency.p90,
+                queue.receive_ack_latency.p99,
+                queue.receive_ack_latency.p999,
+                queue.receive_ack_latency.p9999,
+                queue.receive_ack_latency.max,
+                queue.receive_ack_latency.count
+            ));
+            text.push_str(&format!(
+                "\nqueue: {} worker(s), receive batch {}, ack batch {}, fail rate {}: acked {} ({:.0} msg/s), dead-lettered {}, nacks {}, redelivered {}, refused settles {}\n",
+                queue.workers,
+                queue.receive_batch,
+                queue.ack_batch,
+                queue.fail_rate,
+                queue.acked,
+                self.consumed.msgs_per_s(),
+                queue.dead_lettered,
+                queue.nacked,
+                queue.redelivered,
+                queue.refused
             ));
         }
         if self.unsent_due > 0 {

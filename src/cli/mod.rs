@@ -1,8 +1,10 @@
-//! The `shardq` command line: `serve` runs the broker; `topic`, `produce` and `consume`
-//! talk to one through [`shardq::client`].
+//! The `shardq` command line: `serve` runs the broker; `topic`, `produce`, `consume`,
+//! `receive`, `ack`, `nack`, `group` and `dlq` talk to one through [`shardq::client`]
+//! (the queue-group commands are in `queue`).
 //!
 //! Exit status: 0 on success, 1 when the broker or I/O failed (with one line on stderr
-//! saying what), 2 for usage errors (clap's own). `serve` never starts tokio: the broker
+//! saying what; `ack` and `nack` print one line per refused handle), 2 for usage errors
+//! (clap's own). `serve` never starts tokio: the broker
 //! runs its own per-core executors. Client subcommands run on a current-thread runtime,
 //! which is plenty for one connection.
 
@@ -20,11 +22,14 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
 use shardq::client::{
-    Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, Retention, SendHandle, StartPosition,
+    Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, ExpiryPolicy, Handle,
+    Producer, ProducerConfig, ProducerRecord, QueueOrdering, QueueSettings, Refusal, Retention,
+    SendHandle, StartPosition,
 };
 use shardq::config::ServerConfig;
 use shardq::server::ServerError;
+
+mod queue;
 
 const SERVER_DEFAULT: &str = "127.0.0.1:9740";
 /// Longest single long-poll of `consume`, so that `--timeout-ms` and `--count` are
@@ -56,12 +61,129 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print messages of a topic, one per line.
     Consume(ConsumeArgs),
+    /// Lease messages of a queue group and print them, one JSON object per line.
+    Receive(ReceiveArgs),
+    /// Settle received messages as done, by handle (partition:offset:attempt).
+    Ack(AckArgs),
+    /// Give received messages back (retried later, or dead-lettered after the last try).
+    Nack(NackArgs),
+    /// List and describe a topic's consumer groups (stream and queue).
+    Group {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Inspect, redrive and purge a topic's dead-letter topic.
+    Dlq {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Measure throughput and latency; every consumed message is verified.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
-/// `shardq bench` workloads. (`queue`, receive + ack, waits for queue groups.)
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    pub topic: String,
+    /// Queue group (created on its first receive).
+    #[arg(long, value_name = "G")]
+    pub group: String,
+    /// Most messages to lease.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max: u32,
+    /// Lease length (default: the topic's visibility timeout).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub visibility_ms: Option<u32>,
+    /// How long to wait when nothing is available.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub wait_ms: u32,
+    /// Ack every message once printed.
+    #[arg(long)]
+    pub ack: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+fn parse_handle(text: &str) -> Result<Handle, String> {
+    text.parse()
+}
+
+#[derive(Debug, Args)]
+pub struct AckArgs {
+    pub topic: String,
+    #[arg(long, value_name = "G")]
+    pub group: String,
+    /// Delivery handles as `receive` prints them: partition:offset:attempt.
+    #[arg(value_name = "HANDLE", required = true, num_args = 1.., value_parser = parse_handle)]
+    pub handles: Vec<Handle>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NackArgs {
+    pub topic: String,
+    #[arg(long, value_name = "G")]
+    pub group: String,
+    /// Deliver again after this long (0: at once); default: the topic's backoff.
+    #[arg(long, value_name = "MS")]
+    pub delay_ms: Option<u64>,
+    /// Why it failed: kept for the dead-letter record's shardq-reason header.
+    #[arg(long, value_name = "R", default_value = "")]
+    pub reason: String,
+    /// Delivery handles as `receive` prints them: partition:offset:attempt.
+    #[arg(value_name = "HANDLE", required = true, num_args = 1.., value_parser = parse_handle)]
+    pub handles: Vec<Handle>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// One line per group of the topic: kind, partitions, lag, in flight.
+    List {
+        topic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per partition: kind, committed offset or ack floor, in flight, waiting,
+    /// dead-lettering, lag and counters.
+    Describe {
+        topic: String,
+        /// Only this group (default: every group of the topic).
+        #[arg(long, value_name = "G")]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Per partition of the dead-letter topic: first offset, end offset, record count.
+    List {
+        topic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print dead-lettered records as JSON lines, the shardq-* headers decoded.
+    Peek {
+        topic: String,
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        max: u64,
+    },
+    /// Publish every dead-lettered record to its source topic again, as a new message;
+    /// an interrupted redrive resumes where it stopped. Prints the count.
+    Redrive { topic: String },
+    /// Delete every record of the dead-letter topic. Prints the count.
+    Purge { topic: String },
+}
+
+/// `shardq bench` workloads.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Producers only: throughput and ack latency.
@@ -72,6 +194,35 @@ pub enum BenchCommand {
     E2e(BenchArgs),
     /// Hold idle connections open and measure the server's CPU use (needs --server-pid).
     Idle(BenchArgs),
+    /// Fill a topic, then queue workers receive and ack (a share nacked until it is
+    /// dead-lettered): acked/s and receive-to-ack latency.
+    Queue(QueueBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QueueBenchArgs {
+    #[command(flatten)]
+    pub common: BenchArgs,
+    /// Queue consumers, each on its own connection.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+    /// Most messages one receive asks for.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub receive_batch: u32,
+    /// Handles one ack carries (a worker acks once it holds this many, or has nothing
+    /// more to receive).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ack_batch: u32,
+    /// Fraction of messages nacked on every delivery, so that they are dead-lettered.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_fraction, allow_negative_numbers = true)]
+    pub fail_rate: f64,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a fraction between 0 and 1")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -84,9 +235,9 @@ pub enum Switch {
 pub struct BenchArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Topic to use; created if missing.
-    #[arg(long, default_value = "bench")]
-    pub topic: String,
+    /// Topic to use; created if missing (default: bench; bench-queue for `bench queue`).
+    #[arg(long)]
+    pub topic: Option<String>,
     /// Partitions of the topic when the bench creates it.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub partitions: u32,
@@ -201,12 +352,18 @@ pub enum TopicCommand {
         partitions: u32,
         #[command(flatten)]
         retention: RetentionArgs,
+        #[command(flatten)]
+        queue: QueueSettingsArgs,
     },
-    /// Change a topic's retention (both limits are set; an omitted one means no limit).
+    /// Change a topic's retention and queue settings. Retention: when either flag is
+    /// given both limits are set (an omitted one means no limit); with neither it stays.
+    /// Queue settings not given stay as they are.
     Alter {
         name: String,
         #[command(flatten)]
         retention: RetentionArgs,
+        #[command(flatten)]
+        queue: QueueSettingsArgs,
     },
     /// List topics and their partition counts.
     List {
@@ -241,6 +398,77 @@ impl RetentionArgs {
         Retention {
             bytes_max: self.retention_bytes.unwrap_or(0),
             ms_max: self.retention_ms.unwrap_or(0),
+        }
+    }
+
+    /// `None` when neither flag was given (alter leaves retention as it is).
+    fn given(&self) -> Option<Retention> {
+        (self.retention_bytes.is_some() || self.retention_ms.is_some()).then(|| self.retention())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpiryPolicyArg {
+    /// Settle an expired message and count it.
+    Drop,
+    /// Send an expired message to the dead-letter topic.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrderingArg {
+    Unordered,
+    /// One message in flight per key, delivered in offset order.
+    PerKey,
+}
+
+/// A topic's queue settings; each one not given takes the broker's default (create) or
+/// stays as it is (alter).
+#[derive(Debug, Args)]
+pub struct QueueSettingsArgs {
+    /// Deliveries before a failing message is dead-lettered.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_deliveries: Option<u32>,
+    /// The lease a receive gets when it names none.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub visibility_ms: Option<u64>,
+    /// First retry's delay.
+    #[arg(long, value_name = "MS")]
+    pub retry_delay_ms_min: Option<u64>,
+    /// Cap on retry delays.
+    #[arg(long, value_name = "MS")]
+    pub retry_delay_ms_max: Option<u64>,
+    /// Time to live from the append time (0: none).
+    #[arg(long, value_name = "MS")]
+    pub message_ttl_ms: Option<u64>,
+    /// What happens to an expired message.
+    #[arg(long, value_enum, value_name = "drop|dead-letter")]
+    pub expiry_policy: Option<ExpiryPolicyArg>,
+    /// per-key: one message in flight per key.
+    #[arg(long, value_enum, value_name = "unordered|per-key")]
+    pub ordering: Option<OrderingArg>,
+    /// Dead-letter topic (default: <topic>.dlq).
+    #[arg(long, value_name = "TOPIC")]
+    pub dlq: Option<String>,
+}
+
+impl QueueSettingsArgs {
+    fn settings(&self) -> QueueSettings {
+        QueueSettings {
+            deliveries_max: self.max_deliveries,
+            visibility_timeout_ms: self.visibility_ms,
+            retry_delay_ms_min: self.retry_delay_ms_min,
+            retry_delay_ms_max: self.retry_delay_ms_max,
+            message_ttl_ms: self.message_ttl_ms,
+            expiry_policy: self.expiry_policy.map(|policy| match policy {
+                ExpiryPolicyArg::Drop => ExpiryPolicy::Drop,
+                ExpiryPolicyArg::DeadLetter => ExpiryPolicy::DeadLetter,
+            }),
+            ordering: self.ordering.map(|ordering| match ordering {
+                OrderingArg::Unordered => QueueOrdering::Unordered,
+                OrderingArg::PerKey => QueueOrdering::PerKey,
+            }),
+            dlq_topic: self.dlq.clone(),
         }
     }
 }
@@ -289,6 +517,13 @@ pub struct ConsumeArgs {
     /// (an object; strings are decoded as UTF-8, invalid bytes replaced).
     #[arg(long)]
     pub json: bool,
+    /// Read for this stream group: resume from its committed offsets (the start flags
+    /// apply only to partitions it never committed) and commit as messages are printed.
+    #[arg(long, value_name = "G")]
+    pub group: Option<String>,
+    /// With --group: read from its committed offsets but commit nothing.
+    #[arg(long, requires = "group")]
+    pub no_commit: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -309,6 +544,16 @@ pub enum CliError {
         topic: String,
     },
     Bench(shardq::bench::BenchError),
+    /// Handles the broker refused to settle: one line each.
+    HandlesRefused {
+        operation: &'static str,
+        refused: Vec<Refusal>,
+    },
+    /// A named group the topic does not have.
+    UnknownGroup {
+        topic: String,
+        group: String,
+    },
 }
 
 impl fmt::Display for CliError {
@@ -319,6 +564,19 @@ impl fmt::Display for CliError {
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
             CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
             CliError::Bench(error) => write!(f, "bench: {error}"),
+            CliError::HandlesRefused { operation, refused } => {
+                // One line per handle; `main` prefixes each line.
+                for (index, refusal) in refused.iter().enumerate() {
+                    if index > 0 {
+                        writeln!(f)?;
+                    }
+                    write!(f, "{operation} refused {refusal}")?;
+                }
+                Ok(())
+            }
+            CliError::UnknownGroup { topic, group } => {
+                write!(f, "topic {topic:?} has no group {group:?}")
+            }
         }
     }
 }
@@ -329,7 +587,9 @@ impl std::error::Error for CliError {
             CliError::Server(error) => Some(error),
             CliError::Client { source, .. } => Some(source),
             CliError::Io { source, .. } => Some(source),
-            CliError::UnknownTopic { .. } => None,
+            CliError::UnknownTopic { .. }
+            | CliError::HandlesRefused { .. }
+            | CliError::UnknownGroup { .. } => None,
             CliError::Bench(error) => Some(error),
         }
     }
@@ -347,7 +607,9 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("shardq: {error}");
+            for line in error.to_string().lines() {
+                eprintln!("shardq: {line}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -401,6 +663,26 @@ async fn run_client_command(command: Command) -> Result<(), CliError> {
             let client = connect(&args.server).await?;
             consume(client, args).await
         }
+        Command::Receive(args) => {
+            let client = connect(&args.server).await?;
+            queue::receive(client, args).await
+        }
+        Command::Ack(args) => {
+            let client = connect(&args.server).await?;
+            queue::ack(client, args).await
+        }
+        Command::Nack(args) => {
+            let client = connect(&args.server).await?;
+            queue::nack(client, args).await
+        }
+        Command::Group { server, command } => {
+            let client = connect(&server).await?;
+            queue::group(&client, command).await
+        }
+        Command::Dlq { server, command } => {
+            let client = connect(&server).await?;
+            queue::dlq(client, command).await
+        }
     }
 }
 
@@ -427,12 +709,17 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
             name,
             partitions,
             retention,
+            queue,
         } => client
-            .create_topic_with(&name, partitions, retention.retention())
+            .create_topic_with_queue(&name, partitions, retention.retention(), queue.settings())
             .await
             .map_err(client_context(format!("creating topic {name:?}"))),
-        TopicCommand::Alter { name, retention } => client
-            .alter_topic(&name, retention.retention())
+        TopicCommand::Alter {
+            name,
+            retention,
+            queue,
+        } => client
+            .alter_topic_with(&name, retention.given(), queue.settings())
             .await
             .map_err(client_context(format!("altering topic {name:?}"))),
         TopicCommand::Delete { name } => client
@@ -504,6 +791,7 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                         "shard_ports": metadata.shard_ports,
                         "retention_bytes": topic.retention.bytes_max,
                         "retention_ms": topic.retention.ms_max,
+                        "queue": queue::settings_json(&name, &topic.queue),
                     })
                 )
             } else {
@@ -520,6 +808,8 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                     limit(topic.retention.bytes_max),
                     limit(topic.retention.ms_max)
                 );
+                text.push_str(&queue::settings_text(&name, &topic.queue));
+                text.push('\n');
                 for partition in &topic.partitions {
                     let port = port_of(partition.shard)
                         .map_or_else(|| "unknown".to_owned(), |port| port.to_string());
@@ -671,13 +961,30 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
 }
 
 fn bench(command: BenchCommand) -> Result<(), CliError> {
+    use shardq::bench::QueueBenchConfig;
     use shardq::bench::{BenchConfig, BenchError, Stop, Workload};
-    let (workload, args) = match command {
-        BenchCommand::Produce(args) => (Workload::Produce, args),
-        BenchCommand::Consume(args) => (Workload::Consume, args),
-        BenchCommand::E2e(args) => (Workload::EndToEnd, args),
-        BenchCommand::Idle(args) => (Workload::Idle, args),
+    let (workload, args, queue) = match command {
+        BenchCommand::Produce(args) => (Workload::Produce, args, None),
+        BenchCommand::Consume(args) => (Workload::Consume, args, None),
+        BenchCommand::E2e(args) => (Workload::EndToEnd, args, None),
+        BenchCommand::Idle(args) => (Workload::Idle, args, None),
+        BenchCommand::Queue(args) => {
+            let queue = QueueBenchConfig {
+                workers: args.workers,
+                receive_batch: args.receive_batch,
+                ack_batch: args.ack_batch,
+                fail_rate: args.fail_rate,
+            };
+            (Workload::Queue, args.common, Some(queue))
+        }
     };
+    let topic = args.topic.clone().unwrap_or_else(|| {
+        if workload == Workload::Queue {
+            "bench-queue".into()
+        } else {
+            "bench".into()
+        }
+    });
     let invalid = |text: String| CliError::Bench(BenchError::Config(text));
     let client_cpus = match &args.client_cpus {
         Some(list) => shardq::bench::parse_cpu_list(list).map_err(invalid)?,
@@ -700,7 +1007,7 @@ fn bench(command: BenchCommand) -> Result<(), CliError> {
     let config = BenchConfig {
         workload,
         server: args.server.server,
-        topic: args.topic,
+        topic,
         partitions: args.partitions,
         producers: args.producers,
         consumers: args.consumers,
@@ -719,6 +1026,7 @@ fn bench(command: BenchCommand) -> Result<(), CliError> {
         server_pid: args.server_pid,
         idle_connections: args.connections,
         progress: !args.quiet,
+        queue: queue.unwrap_or_default(),
     };
     let outcome = shardq::bench::run(config).map_err(CliError::Bench)?;
     let report = &outcome.report;
@@ -771,7 +1079,13 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
         (false, None, Some(timestamp_ms)) => StartPosition::Time(timestamp_ms),
         (false, None, None) => StartPosition::End,
     };
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut config = ConsumerConfig::default();
+    if let Some(group) = &args.group {
+        // Commits are made explicitly, after the output is written.
+        config = config.with_group(group, None);
+    }
+    let commits = args.group.is_some() && !args.no_commit;
+    let mut consumer = Consumer::new(client, config);
     match args.partition {
         Some(partition) => {
             consumer
@@ -816,8 +1130,12 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
         }
         last_message_at = Instant::now();
         output.clear();
-        for consumed in &records {
+        for (index, consumed) in records.iter().enumerate() {
             if remaining == Some(0) {
+                // `--count` reached: what was not printed is not committed either.
+                if commits {
+                    rewind_to_unprinted(&mut consumer, &records[index..]);
+                }
                 break;
             }
             if args.json {
@@ -840,8 +1158,24 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
                 })
             }
         }
+        if commits {
+            consumer.commit().await.map_err(failed())?;
+        }
     }
     Ok(())
+}
+
+/// Moves each partition's position back to its first record in `unprinted`, so that a
+/// commit covers exactly what was printed.
+fn rewind_to_unprinted(consumer: &mut Consumer, unprinted: &[ConsumedRecord]) {
+    let mut rewound: Vec<(&str, u32)> = Vec::new();
+    for consumed in unprinted {
+        let key = (&*consumed.topic, consumed.partition);
+        if !rewound.contains(&key) {
+            consumer.assign(key.0, key.1, consumed.record.offset);
+            rewound.push(key);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1063,6 +1397,489 @@ mod tests {
                 "timestamp_ms": 1_000,
                 "value": "hello",
                 "headers": { "h": "v" },
+            })
+        );
+    }
+
+    #[test]
+    fn receive_flags_defaults_and_bad_values() {
+        let Command::Receive(args) = parse(&["receive", "orders", "--group", "billing"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected receive")
+        };
+        assert_eq!(
+            (args.topic.as_str(), args.group.as_str()),
+            ("orders", "billing")
+        );
+        assert_eq!(
+            (args.max, args.visibility_ms, args.wait_ms, args.ack),
+            (1, None, 1000, false)
+        );
+        let Command::Receive(args) = parse(&[
+            "receive",
+            "orders",
+            "--group",
+            "billing",
+            "--max",
+            "10",
+            "--visibility-ms",
+            "5000",
+            "--wait-ms",
+            "0",
+            "--ack",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected receive")
+        };
+        assert_eq!(
+            (args.max, args.visibility_ms, args.wait_ms, args.ack),
+            (10, Some(5000), 0, true)
+        );
+        assert_eq!(
+            parse(&["receive", "orders"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        for bad in [
+            &["receive", "t", "--group", "g", "--max", "0"][..],
+            &["receive", "t", "--group", "g", "--visibility-ms", "0"][..],
+            &["receive", "t", "--group", "g", "--wait-ms", "-1"][..],
+        ] {
+            let error = parse(bad).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ack_and_nack_parse_handles_and_name_a_bad_one() {
+        let Command::Ack(args) = parse(&["ack", "orders", "--group", "g", "0:17:1", "3:4:2"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected ack")
+        };
+        assert_eq!(
+            args.handles,
+            vec![
+                Handle {
+                    partition: 0,
+                    offset: 17,
+                    attempt: 1
+                },
+                Handle {
+                    partition: 3,
+                    offset: 4,
+                    attempt: 2
+                }
+            ]
+        );
+        let error = parse(&["ack", "orders", "--group", "g", "0:17:1", "0:x:1"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ValueValidation);
+        let text = error.to_string();
+        assert!(text.contains("0:x:1") && text.contains("offset"), "{text}");
+        assert!(parse(&["ack", "orders", "--group", "g", "0:1:0"])
+            .unwrap_err()
+            .to_string()
+            .contains("attempts count from 1"));
+        assert_eq!(
+            parse(&["ack", "orders", "--group", "g"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        let Command::Nack(args) = parse(&["nack", "orders", "--group", "g", "1:2:3"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected nack")
+        };
+        assert_eq!((args.delay_ms, args.reason.as_str()), (None, ""));
+        let Command::Nack(args) = parse(&[
+            "nack",
+            "orders",
+            "--group",
+            "g",
+            "--delay-ms",
+            "0",
+            "--reason",
+            "db down",
+            "1:2:3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected nack")
+        };
+        assert_eq!((args.delay_ms, args.reason.as_str()), (Some(0), "db down"));
+        assert_eq!(
+            parse(&[
+                "nack",
+                "orders",
+                "--group",
+                "g",
+                "--delay-ms",
+                "soon",
+                "1:2:3"
+            ])
+            .unwrap_err()
+            .kind(),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn group_and_dlq_subcommands() {
+        let Command::Group { command, server } = parse(&[
+            "group", "describe", "orders", "--group", "billing", "--json", "--server", "h:3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected group")
+        };
+        assert_eq!(server.server, "h:3");
+        assert!(matches!(
+            command,
+            GroupCommand::Describe { ref topic, group: Some(ref group), json: true }
+                if topic == "orders" && group == "billing"
+        ));
+        assert!(matches!(
+            parse(&["group", "list", "orders"]).unwrap().command,
+            Command::Group {
+                command: GroupCommand::List { json: false, .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&["dlq", "peek", "orders"]).unwrap().command,
+            Command::Dlq {
+                command: DlqCommand::Peek { max: 10, .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&["dlq", "peek", "orders", "--max", "3"])
+                .unwrap()
+                .command,
+            Command::Dlq {
+                command: DlqCommand::Peek { max: 3, .. },
+                ..
+            }
+        ));
+        for command in ["list", "redrive", "purge"] {
+            assert!(parse(&["dlq", command, "orders"]).is_ok(), "{command}");
+            assert_eq!(
+                parse(&["dlq", command]).unwrap_err().kind(),
+                ErrorKind::MissingRequiredArgument,
+                "{command}"
+            );
+        }
+        assert_eq!(
+            parse(&["dlq", "replay", "orders"]).unwrap_err().kind(),
+            ErrorKind::InvalidSubcommand
+        );
+        assert_eq!(
+            parse(&["group", "describe", "orders", "--group"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn topic_queue_flags_fill_queue_settings() {
+        let Command::Topic { command, .. } = parse(&[
+            "topic",
+            "create",
+            "orders",
+            "--max-deliveries",
+            "5",
+            "--visibility-ms",
+            "30000",
+            "--retry-delay-ms-min",
+            "100",
+            "--retry-delay-ms-max",
+            "9000",
+            "--message-ttl-ms",
+            "60000",
+            "--expiry-policy",
+            "dead-letter",
+            "--ordering",
+            "per-key",
+            "--dlq",
+            "dead",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected topic")
+        };
+        let TopicCommand::Create {
+            queue, retention, ..
+        } = command
+        else {
+            panic!("expected create")
+        };
+        assert_eq!(
+            queue.settings(),
+            QueueSettings {
+                deliveries_max: Some(5),
+                visibility_timeout_ms: Some(30_000),
+                retry_delay_ms_min: Some(100),
+                retry_delay_ms_max: Some(9_000),
+                message_ttl_ms: Some(60_000),
+                expiry_policy: Some(ExpiryPolicy::DeadLetter),
+                ordering: Some(QueueOrdering::PerKey),
+                dlq_topic: Some("dead".into()),
+            }
+        );
+        assert_eq!(retention.given(), None);
+        let Command::Topic { command, .. } = parse(&[
+            "topic",
+            "alter",
+            "orders",
+            "--ordering",
+            "unordered",
+            "--expiry-policy",
+            "drop",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected topic")
+        };
+        let TopicCommand::Alter {
+            queue, retention, ..
+        } = command
+        else {
+            panic!("expected alter")
+        };
+        assert_eq!(
+            retention.given(),
+            None,
+            "alter without retention flags keeps it"
+        );
+        let settings = queue.settings();
+        assert_eq!(settings.ordering, Some(QueueOrdering::Unordered));
+        assert_eq!(settings.expiry_policy, Some(ExpiryPolicy::Drop));
+        assert_eq!(settings.deliveries_max, None);
+        let Command::Topic { command, .. } =
+            parse(&["topic", "alter", "orders", "--retention-ms", "5"])
+                .unwrap()
+                .command
+        else {
+            panic!("expected topic")
+        };
+        let TopicCommand::Alter { retention, .. } = command else {
+            panic!("expected alter")
+        };
+        assert_eq!(
+            retention.given(),
+            Some(Retention {
+                bytes_max: 0,
+                ms_max: 5
+            })
+        );
+        for (bad, flag) in [
+            (
+                &["topic", "create", "t", "--max-deliveries", "0"][..],
+                "--max-deliveries",
+            ),
+            (
+                &["topic", "create", "t", "--visibility-ms", "0"][..],
+                "--visibility-ms",
+            ),
+            (
+                &["topic", "create", "t", "--expiry-policy", "keep"][..],
+                "--expiry-policy",
+            ),
+            (
+                &["topic", "create", "t", "--ordering", "per_key"][..],
+                "--ordering",
+            ),
+            (
+                &["topic", "alter", "t", "--retry-delay-ms-min", "x"][..],
+                "--retry-delay-ms-min",
+            ),
+        ] {
+            let error = parse(bad).unwrap_err();
+            assert!(
+                matches!(
+                    error.kind(),
+                    ErrorKind::ValueValidation | ErrorKind::InvalidValue
+                ),
+                "{bad:?}: {:?}",
+                error.kind()
+            );
+            assert_eq!(error.exit_code(), 2);
+            assert!(error.to_string().contains(flag), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn consume_group_and_no_commit() {
+        let Command::Consume(args) = parse(&["consume", "t", "--group", "readers"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected consume")
+        };
+        assert_eq!(
+            (args.group.as_deref(), args.no_commit),
+            (Some("readers"), false)
+        );
+        let Command::Consume(args) = parse(&[
+            "consume",
+            "t",
+            "--group",
+            "readers",
+            "--no-commit",
+            "--from-beginning",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected consume")
+        };
+        assert!(args.no_commit && args.from_beginning);
+        assert_eq!(
+            parse(&["consume", "t", "--no-commit"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn bench_queue_flags_and_limits() {
+        let Command::Bench(BenchCommand::Queue(args)) = parse(&["bench", "queue"]).unwrap().command
+        else {
+            panic!("expected bench queue")
+        };
+        assert_eq!(
+            (
+                args.workers,
+                args.receive_batch,
+                args.ack_batch,
+                args.fail_rate
+            ),
+            (4, 100, 100, 0.0)
+        );
+        assert_eq!(args.common.topic, None);
+        let Command::Bench(BenchCommand::Queue(args)) = parse(&[
+            "bench",
+            "queue",
+            "--workers",
+            "1",
+            "--receive-batch",
+            "1",
+            "--ack-batch",
+            "1",
+            "--fail-rate",
+            "0.25",
+            "--messages",
+            "1000",
+            "--topic",
+            "q",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected bench queue")
+        };
+        assert_eq!(
+            (
+                args.workers,
+                args.receive_batch,
+                args.ack_batch,
+                args.fail_rate
+            ),
+            (1, 1, 1, 0.25)
+        );
+        assert_eq!(
+            (args.common.messages, args.common.topic.as_deref()),
+            (Some(1000), Some("q"))
+        );
+        for bad in [
+            &["bench", "queue", "--fail-rate", "1.5"][..],
+            &["bench", "queue", "--fail-rate", "-0.1"][..],
+            &["bench", "queue", "--workers", "0"][..],
+            &["bench", "queue", "--ack-batch", "0"][..],
+        ] {
+            assert_eq!(
+                parse(bad).unwrap_err().kind(),
+                ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse(&["bench", "produce", "--workers", "2"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::UnknownArgument,
+            "queue flags belong to bench queue only"
+        );
+    }
+
+    #[test]
+    fn refused_handles_print_one_line_each() {
+        use shardq::client::SettleError;
+        let error = CliError::HandlesRefused {
+            operation: "ack",
+            refused: vec![
+                Refusal {
+                    handle: Handle {
+                        partition: 0,
+                        offset: 1,
+                        attempt: 1,
+                    },
+                    error: SettleError::LeaseExpired,
+                    detail: String::new(),
+                },
+                Refusal {
+                    handle: Handle {
+                        partition: 0,
+                        offset: 2,
+                        attempt: 1,
+                    },
+                    error: SettleError::Stale,
+                    detail: "current attempt 2".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            error.to_string(),
+            "ack refused 0:1:1: lease expired\nack refused 0:2:1: stale: delivered again since (current attempt 2)"
+        );
+    }
+
+    #[test]
+    fn received_json_line_has_every_field() {
+        // Built through the protocol type, as the client hands it over.
+        let message = shardq::client::ReceivedMessage {
+            handle: Handle {
+                partition: 1,
+                offset: 17,
+                attempt: 2,
+            },
+            timestamp_ms: 5,
+            key: None,
+            value: Bytes::from_static(b"v\xff"),
+            headers: vec![("h".into(), Bytes::from_static(b"x"))],
+        };
+        let value = queue::received_json_of(&message);
+        assert_eq!(
+            value,
+            json!({
+                "handle": "1:17:2",
+                "partition": 1,
+                "offset": 17,
+                "attempt": 2,
+                "timestamp_ms": 5,
+                "key": null,
+                "value": "v\u{fffd}",
+                "headers": { "h": "x" },
             })
         );
     }

@@ -239,6 +239,11 @@ impl QueueMessage {
     }
 
     /// The message as the protocol carries it.
+    pub fn as_received(&self) -> &ReceivedMessage {
+        &self.message
+    }
+
+    /// The message as the protocol carries it.
     pub fn into_received(self) -> ReceivedMessage {
         self.message
     }
@@ -677,7 +682,11 @@ impl QueueConsumer {
             return Ok(visibility);
         }
         let topic = &self.inner.topic;
-        let metadata = self.inner.client.metadata(std::slice::from_ref(topic)).await?;
+        let metadata = self
+            .inner
+            .client
+            .metadata(std::slice::from_ref(topic))
+            .await?;
         let entry = metadata
             .topics
             .into_iter()
