@@ -230,7 +230,23 @@ fn topic_list_describe_and_delete() {
         "{}",
         described.stdout
     );
-    assert_eq!(described.stdout.lines().count(), 5, "{}", described.stdout);
+    // The header, the queue settings, one line per partition.
+    assert_eq!(described.stdout.lines().count(), 6, "{}", described.stdout);
+    assert!(
+        described
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("queue: max deliveries "),
+        "{}",
+        described.stdout
+    );
+    assert!(
+        described.stdout.contains(", dlq orders.dlq\n"),
+        "{}",
+        described.stdout
+    );
 
     let deleted = run(&["topic", "delete", "orders"]);
     deleted.assert_success("topic delete");
@@ -471,4 +487,225 @@ fn retention_flags_alter_and_consume_from_time() {
     assert_eq!(all.stdout, "early\nlate\n");
     let bad = run(&["consume", "kept", "--from-time", "yesterday"], "");
     assert_eq!(bad.status.code(), Some(2), "a bad time is a usage error");
+}
+
+#[test]
+fn consume_with_a_group_resumes_and_commits_what_it_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let address = broker.addr().to_string();
+    let run = |arguments: &[&str], stdin: &str| shardq(&with_server(&address, arguments), stdin);
+    run(&["topic", "create", "log", "--partitions", "1"], "").assert_success("create");
+    run(&["produce", "log"], "a\nb\nc\n").assert_success("produce");
+    let first = run(
+        &[
+            "consume",
+            "log",
+            "--group",
+            "g",
+            "--from-beginning",
+            "--count",
+            "2",
+        ],
+        "",
+    );
+    first.assert_success("consume --group");
+    assert_eq!(first.stdout, "a\nb\n");
+    // Resumes after what was printed (c was fetched but not printed, so not committed).
+    let second = run(&["consume", "log", "--group", "g", "--timeout-ms", "0"], "");
+    second.assert_success("consume --group again");
+    assert_eq!(second.stdout, "c\n");
+    let third = run(&["consume", "log", "--group", "g", "--timeout-ms", "0"], "");
+    assert_eq!(third.stdout, "", "everything is committed");
+    // --no-commit reads from the group's position and leaves it where it was.
+    for _ in 0..2 {
+        let peek = run(
+            &[
+                "consume",
+                "log",
+                "--group",
+                "h",
+                "--no-commit",
+                "--from-beginning",
+                "--timeout-ms",
+                "0",
+            ],
+            "",
+        );
+        peek.assert_success("consume --no-commit");
+        assert_eq!(peek.stdout, "a\nb\nc\n");
+    }
+}
+
+/// Dead-letter records as the broker writes them (docs/queues.md §3).
+fn dead_letter_headers(
+    source_partition: u32,
+    source_offset: u64,
+    reason: &str,
+) -> Vec<(String, bytes::Bytes)> {
+    use bytes::Bytes;
+    use shardq::protocol::queue::headers;
+    vec![
+        (headers::SOURCE_TOPIC.into(), Bytes::from_static(b"orders")),
+        (
+            headers::SOURCE_PARTITION.into(),
+            Bytes::copy_from_slice(&source_partition.to_le_bytes()),
+        ),
+        (
+            headers::SOURCE_OFFSET.into(),
+            Bytes::copy_from_slice(&source_offset.to_le_bytes()),
+        ),
+        (
+            headers::ATTEMPTS.into(),
+            Bytes::copy_from_slice(&3u32.to_le_bytes()),
+        ),
+        (
+            headers::DEAD_LETTER_CAUSE.into(),
+            Bytes::from_static(b"nacked"),
+        ),
+        (
+            headers::REASON.into(),
+            Bytes::copy_from_slice(reason.as_bytes()),
+        ),
+        (
+            headers::DEAD_LETTERED_AT_MS.into(),
+            Bytes::copy_from_slice(&1_700_000_000_000u64.to_le_bytes()),
+        ),
+        ("trace".into(), Bytes::from_static(b"t-1")),
+    ]
+}
+
+#[test]
+fn dlq_list_peek_redrive_resumes_and_purge() {
+    use shardq::client::{Client, Producer, ProducerConfig, ProducerRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let address = broker.addr().to_string();
+    let run = |arguments: &[&str], stdin: &str| shardq(&with_server(&address, arguments), stdin);
+    run(&["topic", "create", "orders", "--partitions", "2"], "").assert_success("create");
+    // Nothing dead-lettered yet: no DLQ topic, nothing to list.
+    let empty = run(&["dlq", "list", "orders", "--json"], "");
+    empty.assert_success("dlq list without a DLQ");
+    let json: serde_json::Value = serde_json::from_str(empty.stdout.trim()).unwrap();
+    assert_eq!(
+        (json["dlq"].as_str(), json["count"].as_u64()),
+        (Some("orders.dlq"), Some(0))
+    );
+    run(&["topic", "create", "orders.dlq", "--partitions", "2"], "").assert_success("create dlq");
+    // Three dead-letter records: two from source partition 0, one from partition 1, each
+    // in the DLQ partition of its source (as the broker places them).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(broker.addr()).await.unwrap();
+        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+        for (partition, offset, value) in [(0u32, 4u64, "first"), (0, 9, "second"), (1, 2, "third")]
+        {
+            let mut record = ProducerRecord::new(value)
+                .with_key(format!("key-{value}"))
+                .with_partition(partition);
+            record.headers = dead_letter_headers(partition, offset, "db down");
+            producer.send("orders.dlq", record).await.unwrap();
+        }
+        producer.close().await.unwrap();
+    });
+
+    let listed = run(&["dlq", "list", "orders"], "");
+    listed.assert_success("dlq list");
+    assert_eq!(
+        listed.stdout,
+        "dead-letter topic orders.dlq: 3 record(s)\npartition 0\tstart 0\tend 2\tcount 2\npartition 1\tstart 0\tend 1\tcount 1\n"
+    );
+    let peeked = run(&["dlq", "peek", "orders", "--max", "2"], "");
+    peeked.assert_success("dlq peek");
+    let lines: Vec<serde_json::Value> = peeked
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["value"], "first");
+    assert_eq!(lines[1]["offset"], 1);
+    let headers = &lines[1]["headers"];
+    assert_eq!(headers["shardq-source-partition"], 0);
+    assert_eq!(headers["shardq-source-offset"], 9);
+    assert_eq!(headers["shardq-attempts"], 3);
+    assert_eq!(headers["shardq-dead-lettered-at-ms"], 1_700_000_000_000u64);
+    assert_eq!(headers["shardq-reason"], "db down");
+    assert_eq!(headers["shardq-source-topic"], "orders");
+
+    // An earlier redrive that stopped after DLQ partition 0's first record: this one
+    // resumes after it.
+    runtime.block_on(async {
+        let client = Client::connect(broker.addr()).await.unwrap();
+        client
+            .commit_offsets("shardq-redrive", "orders.dlq", &[(0, 1)])
+            .await
+            .unwrap();
+    });
+    let redriven = run(&["dlq", "redrive", "orders"], "");
+    redriven.assert_success("dlq redrive");
+    assert_eq!(redriven.stdout, "2\n");
+    let again = run(&["dlq", "redrive", "orders"], "");
+    again.assert_success("dlq redrive again");
+    assert_eq!(
+        again.stdout, "0\n",
+        "a finished redrive sends nothing twice"
+    );
+    let consumed = run(
+        &[
+            "consume",
+            "orders",
+            "--from-beginning",
+            "--json",
+            "--timeout-ms",
+            "0",
+        ],
+        "",
+    );
+    consumed.assert_success("consume the redriven records");
+    let records: Vec<serde_json::Value> = consumed
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let summary: Vec<(u64, String, String)> = records
+        .iter()
+        .map(|record| {
+            (
+                record["partition"].as_u64().unwrap(),
+                record["key"].as_str().unwrap().to_owned(),
+                record["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, "key-second".into(), "second".into()),
+            (1, "key-third".into(), "third".into())
+        ]
+    );
+    for record in &records {
+        let headers = record["headers"].as_object().unwrap();
+        assert_eq!(
+            headers.len(),
+            1,
+            "only the application's header is kept: {headers:?}"
+        );
+        assert_eq!(headers["trace"], "t-1");
+    }
+
+    let purged = run(&["dlq", "purge", "orders"], "");
+    purged.assert_success("dlq purge");
+    assert_eq!(purged.stdout, "3\n");
+    let listed = run(&["dlq", "list", "orders", "--json"], "");
+    let json: serde_json::Value = serde_json::from_str(listed.stdout.trim()).unwrap();
+    assert_eq!(json["count"], 0);
+    let missing = run(&["dlq", "list", "nowhere"], "");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        missing.stderr.contains("\"nowhere\" does not exist"),
+        "{}",
+        missing.stderr
+    );
 }

@@ -266,3 +266,95 @@ async fn a_long_poll_wakes_for_data_on_another_shard() {
     long_poll_across_shards(0, 1).await;
     long_poll_across_shards(1, 0).await;
 }
+
+#[tokio::test]
+async fn group_consumer_resumes_where_the_group_committed() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let config = || ConsumerConfig::default().with_group("readers", None);
+    let mut first = Consumer::new(client.clone(), config());
+    first
+        .assign_topic("t", StartPosition::Beginning)
+        .await
+        .unwrap();
+    let records = first.poll_with_wait(0).await.unwrap();
+    assert_eq!(records.len(), 6);
+    // Partition 1 is rewound to what a caller says it processed: offset 1 only.
+    first.assign("t", 1, 1);
+    first.commit().await.unwrap();
+    let committed = client.committed_offsets("readers", "t", &[]).await.unwrap();
+    let offsets: Vec<(u32, Option<u64>)> = committed
+        .iter()
+        .map(|position| (position.partition, position.offset))
+        .collect();
+    assert_eq!(offsets, vec![(0, Some(3)), (1, Some(1))]);
+    // A new reader of the group starts at the commits, not at its start position.
+    let mut second = Consumer::new(client.clone(), config());
+    second.assign_topic("t", StartPosition::End).await.unwrap();
+    assert_eq!(second.position("t", 0), Some(3));
+    assert_eq!(second.position("t", 1), Some(1));
+    let records = second.poll_with_wait(0).await.unwrap();
+    assert_eq!(seen(&records), vec![(1, 1, "3".into()), (1, 2, "5".into())]);
+    // Another group is untouched: it starts at its start position.
+    let mut other = Consumer::new(client, ConsumerConfig::default().with_group("others", None));
+    assert_eq!(
+        other
+            .assign_from("t", 0, StartPosition::Beginning)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(other.committed("t", 0), None);
+}
+
+#[tokio::test]
+async fn auto_commit_records_what_earlier_polls_returned() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let config = ConsumerConfig::default().with_group("auto", Some(std::time::Duration::ZERO));
+    let mut consumer = Consumer::new(client.clone(), config);
+    consumer
+        .assign_topic("t", StartPosition::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(consumer.poll_with_wait(0).await.unwrap().len(), 6);
+    // The records of that poll are taken as processed once the next poll starts.
+    assert!(consumer.poll_with_wait(0).await.unwrap().is_empty());
+    let committed = client
+        .committed_offsets("auto", "t", &[0, 1])
+        .await
+        .unwrap();
+    assert!(
+        committed.iter().all(|position| position.offset == Some(3)),
+        "{committed:?}"
+    );
+}
+
+#[tokio::test]
+async fn commits_past_the_watermark_are_refused_and_purged_logs_resume_at_their_start() {
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let error = client
+        .commit_offsets("g", "t", &[(0, 99)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            shardq::client::ClientError::CommitRefused { partition: 0, .. }
+        ),
+        "{error}"
+    );
+    client.commit_offsets("g", "t", &[(0, 1)]).await.unwrap();
+    let purged = client.purge_topic("t").await.unwrap();
+    assert_eq!(purged.iter().map(|p| p.records).sum::<u64>(), 6);
+    let mut consumer = Consumer::new(client, ConsumerConfig::default().with_group("g", None));
+    assert_eq!(
+        consumer
+            .assign_from("t", 0, StartPosition::Beginning)
+            .await
+            .unwrap(),
+        3,
+        "the commit at 1 is behind the purged log's start"
+    );
+}
