@@ -13,7 +13,8 @@
 //!   forwards requests between shards over glommio's channel mesh.
 //! - `server`: listeners, connections, request dispatch, start-up and shutdown.
 //! - `client`: the tokio client (feature `client`), built on `protocol` only; its
-//!   producer is idempotent and retries with backoff.
+//!   producer is idempotent and retries with backoff; its consumer reads for stream
+//!   groups and its queue consumer receives, acks, nacks and extends for queue groups.
 //! - `config`: broker settings and their limits.
 //!
 //! ```text

@@ -1,5 +1,30 @@
 //! The tokio client: one TCP connection to a broker, pipelined requests, a batching
-//! [`Producer`] and a polling [`Consumer`].
+//! [`Producer`], a polling [`Consumer`] (which may read for a stream group: resume at its
+//! committed offsets, [`Consumer::commit`]), and a [`QueueConsumer`] for queue groups
+//! (receive, ack, nack, extend, and the [`QueueConsumer::run`] worker loop).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), shardq::client::ClientError> {
+//! use std::time::Duration;
+//! use shardq::client::{Client, Consumer, ConsumerConfig, StartPosition};
+//!
+//! let client = Client::connect("127.0.0.1:9740").await?;
+//! // A stream group: start where "reports" left off, commit every 5 s as polls go.
+//! let config = ConsumerConfig::default().with_group("reports", Some(Duration::from_secs(5)));
+//! let mut consumer = Consumer::new(client.clone(), config);
+//! consumer.assign_topic("orders", StartPosition::Beginning).await?;
+//! for record in consumer.poll().await? {
+//!     println!("{} {}", record.partition, record.record.offset);
+//! }
+//! consumer.commit().await?;
+//! // A queue group: lease, then settle.
+//! let queue = client.queue_consumer("orders", "billing");
+//! let messages = queue.receive(10, None, Duration::from_secs(1)).await?;
+//! let handles = shardq::client::handles_of(&messages);
+//! queue.ack(&handles).await?.into_result("orders", "billing")?;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! What it is: an async layer over the sans-IO [`crate::protocol`] codec. What it is not:
 //! shard-aware (every request goes to the shard this connection landed on, which forwards
@@ -19,7 +44,9 @@
 //!   [`ClientError::Disconnected`], which names the first cause;
 //! - a response whose top-level status is an error becomes [`ClientError::Broker`]; an
 //!   error for one partition inside a good response becomes
-//!   [`ClientError::PartitionRefused`].
+//!   [`ClientError::PartitionRefused`] ([`ClientError::CommitRefused`] for a commit); a
+//!   handle refused by an ack, nack or extend is not an error of the call but an entry of
+//!   its [`SettleOutcome`].
 
 mod accumulator;
 mod connection;
