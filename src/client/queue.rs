@@ -84,10 +84,15 @@ impl Default for QueueConsumerConfig {
 
 /// A duration as the wire's u32 milliseconds, or why it does not fit.
 fn wire_ms(field: &'static str, duration: Duration) -> Result<u32, ClientError> {
-    u32::try_from(duration.as_millis()).map_err(|_| ClientError::InvalidConfig {
-        field,
-        value: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-    })
+    let ms = duration.as_millis();
+    match u32::try_from(ms) {
+        Ok(ms) => Ok(ms),
+        // The error says only "out of range"; the value, kept here, says by how much.
+        Err(_out_of_range) => Err(ClientError::InvalidConfig {
+            field,
+            value: u64::try_from(ms).unwrap_or(u64::MAX),
+        }),
+    }
 }
 
 impl QueueConsumerConfig {
