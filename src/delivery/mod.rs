@@ -719,6 +719,17 @@ impl QueueGroup {
         &self.counters
     }
 
+    /// Whether `receive` would hand out something now: a message is ready and the group
+    /// is below its in-flight maximum. What a long-poll waits for.
+    pub fn receivable(&self) -> bool {
+        !self.ready.is_empty() && self.in_flight < self.config.in_flight_messages_max
+    }
+
+    /// One past the last offset the group knows the log has.
+    pub fn log_end(&self) -> u64 {
+        self.log_end
+    }
+
     /// The `read_metadata` request still unanswered, if any: it is issued once, in the
     /// `Actions` of the event that made room; a shard whose read failed asks here again.
     pub fn metadata_request(&self) -> Option<Range<u64>> {

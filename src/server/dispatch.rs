@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::connection::Event;
 use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
@@ -23,7 +24,19 @@ use crate::shard::{
 /// Produce requests that name no timeout get this one.
 const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
-pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody, WireError> {
+/// Who sent a request: what the queue operations need of its connection.
+pub struct Caller<'a> {
+    /// Holder of the leases this connection's receives take (unique on the shard).
+    pub holder: u64,
+    /// Set when the client is gone: a receive's long-poll stops waiting then.
+    pub gone: Option<&'a Event>,
+}
+
+pub async fn handle(
+    shard: &Rc<Shard>,
+    request: Request,
+    caller: &Caller<'_>,
+) -> Result<ResponseBody, WireError> {
     if shard.is_shutting_down() {
         return Err(WireError::new(
             ErrorCode::ShuttingDown,
@@ -49,6 +62,7 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
                             topic: TopicConfig {
                                 partitions: request.partitions,
                                 retention: request.retention,
+                                ..TopicConfig::default()
                             },
                         },
                     )
@@ -71,7 +85,8 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
                         0,
                         ShardRequest::AlterTopic {
                             name: request.name,
-                            retention: request.retention,
+                            retention: Some(request.retention),
+                            queue: Default::default(),
                         },
                     )
                     .await,
@@ -181,14 +196,17 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
         topics: topics
             .into_iter()
             .map(|(name, topic)| TopicMetadata {
-                retention: topic.map(|topic| topic.retention).unwrap_or_default(),
+                retention: topic
+                    .as_ref()
+                    .map(|topic| topic.retention)
+                    .unwrap_or_default(),
                 error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
                         format!("topic {} does not exist", quote_untrusted(&name)),
                     )
                 }),
-                partitions: (0..topic.map_or(0, |topic| topic.partitions))
+                partitions: (0..topic.as_ref().map_or(0, |topic| topic.partitions))
                     .map(|partition| PartitionMetadata {
                         partition,
                         shard: shard.owner_of(&name, partition),
@@ -215,10 +233,12 @@ struct TopicRoute {
 impl TopicRoute {
     fn new(shard: &Shard, name: &str) -> TopicRoute {
         let partitions = shard.partition_count(name);
+        // Partitions are placed by the topic's placement name (a DLQ's is its source's).
+        let placement = shard.placement_of(name);
         TopicRoute {
             name: Arc::from(name),
             partitions,
-            hash: fnv1a64(name.as_bytes()),
+            hash: fnv1a64(placement.as_deref().unwrap_or(name).as_bytes()),
             shard_count: shard.count,
             unknown: partitions.is_none().then(|| {
                 WireError::new(
