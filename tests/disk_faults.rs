@@ -164,6 +164,7 @@ fn a_create_that_runs_out_of_space_leaves_nothing_behind_and_frees_it_at_once() 
                 name: "huge".into(),
                 partitions: 32,
                 retention: Default::default(),
+                queue: Default::default(),
             },
         ))
         .expect_err("there is no room for 32 partitions");

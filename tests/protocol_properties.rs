@@ -37,6 +37,60 @@ fn topic_name() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9._-]{1,24}".prop_filter("not . or ..", |name| name != "." && name != "..")
 }
 
+fn queue_settings() -> impl Strategy<Value = QueueSettings> {
+    use proptest::option::of;
+    (
+        (
+            of(any::<u32>()),
+            of(any::<u64>()),
+            of(any::<u64>()),
+            of(any::<u64>()),
+        ),
+        (
+            of(any::<u64>()),
+            of(prop_oneof![
+                Just(queue::ExpiryPolicy::Drop),
+                Just(queue::ExpiryPolicy::DeadLetter)
+            ]),
+            of(prop_oneof![
+                Just(queue::QueueOrdering::Unordered),
+                Just(queue::QueueOrdering::PerKey)
+            ]),
+            of(topic_name()),
+        ),
+    )
+        .prop_map(
+            |(
+                (deliveries_max, visibility_timeout_ms, retry_delay_ms_min, retry_delay_ms_max),
+                (message_ttl_ms, expiry_policy, ordering, dlq_topic),
+            )| QueueSettings {
+                deliveries_max,
+                visibility_timeout_ms,
+                retry_delay_ms_min,
+                retry_delay_ms_max,
+                message_ttl_ms,
+                expiry_policy,
+                ordering,
+                dlq_topic,
+            },
+        )
+}
+
+fn settle_action() -> impl Strategy<Value = SettleAction> {
+    prop_oneof![
+        Just(SettleAction::Ack),
+        (proptest::option::of(0..i64::MAX as u64), "\\PC{0,20}").prop_map(|(delay, reason)| {
+            SettleAction::Nack {
+                delay: delay.map_or(queue::NackDelay::Backoff, queue::NackDelay::Ms),
+                reason,
+            }
+        }),
+        any::<u32>().prop_map(|visibility_timeout_ms| SettleAction::Extend {
+            visibility_timeout_ms
+        }),
+    ]
+}
+
 fn retention() -> impl Strategy<Value = Retention> {
     (any::<u64>(), any::<u64>()).prop_map(|(bytes_max, ms_max)| Retention { bytes_max, ms_max })
 }
@@ -88,12 +142,109 @@ fn request() -> impl Strategy<Value = Request> {
                 name,
                 partitions,
                 retention,
+                queue: QueueSettings::default(),
+            })
+        }),
+        (topic_name(), any::<u32>(), queue_settings()).prop_map(|(name, partitions, queue)| {
+            Request::CreateTopic(CreateTopicRequest {
+                name,
+                partitions,
+                retention: Retention::default(),
+                queue,
             })
         }),
         topic_name().prop_map(|name| Request::DeleteTopic(DeleteTopicRequest { name })),
-        (topic_name(), retention()).prop_map(|(name, retention)| Request::AlterTopic(
-            AlterTopicRequest { name, retention }
-        )),
+        (
+            topic_name(),
+            proptest::option::of(retention()),
+            queue_settings()
+        )
+            .prop_map(
+                |(name, retention, queue)| Request::AlterTopic(AlterTopicRequest {
+                    name,
+                    retention,
+                    queue
+                })
+            ),
+        (
+            topic_name(),
+            topic_name(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(topic, group, messages_max, visibility_timeout_ms, wait_ms)| Request::Receive(
+                    queue::ReceiveRequest {
+                        topic,
+                        group,
+                        messages_max,
+                        visibility_timeout_ms,
+                        wait_ms,
+                    }
+                )
+            ),
+        (
+            topic_name(),
+            topic_name(),
+            settle_action(),
+            proptest::collection::vec(
+                (any::<u32>(), 0..u64::MAX / 2, 1..u32::MAX, 1..u32::MAX),
+                0..4
+            )
+        )
+            .prop_map(
+                |(topic, group, action, ranges)| Request::Settle(SettleRequest {
+                    topic,
+                    group,
+                    action,
+                    ranges: ranges
+                        .into_iter()
+                        .map(
+                            |(partition, first_offset, count, attempt)| queue::HandleRange {
+                                partition,
+                                first_offset,
+                                count,
+                                attempt,
+                            }
+                        )
+                        .collect(),
+                })
+            ),
+        (
+            topic_name(),
+            topic_name(),
+            proptest::collection::vec((any::<u32>(), any::<u64>()), 0..4)
+        )
+            .prop_map(|(topic, group, partitions)| Request::CommitOffsets(
+                CommitOffsetsRequest {
+                    group,
+                    topic,
+                    partitions: partitions
+                        .into_iter()
+                        .map(|(partition, offset)| queue::CommitPartition { partition, offset })
+                        .collect(),
+                }
+            )),
+        (
+            topic_name(),
+            topic_name(),
+            proptest::collection::vec(any::<u32>(), 0..4)
+        )
+            .prop_map(|(topic, group, partitions)| Request::FetchCommitted(
+                FetchCommittedRequest {
+                    group,
+                    topic,
+                    partitions,
+                }
+            )),
+        (topic_name(), proptest::option::of(topic_name())).prop_map(|(topic, group)| {
+            Request::DescribeGroups(DescribeGroupsRequest {
+                topic,
+                group: group.unwrap_or_default(),
+            })
+        }),
+        topic_name().prop_map(|topic| Request::PurgeTopic(PurgeTopicRequest { topic })),
         proptest::collection::vec(
             (
                 topic_name(),
@@ -214,7 +365,8 @@ fn response() -> impl Strategy<Value = (Opcode, ResponseBody)> {
                     topic_name(),
                     proptest::option::of(wire_error()),
                     proptest::collection::vec((any::<u32>(), any::<u16>()), 0..4),
-                    retention()
+                    retention(),
+                    queue_settings()
                 ),
                 0..3
             )
@@ -225,15 +377,21 @@ fn response() -> impl Strategy<Value = (Opcode, ResponseBody)> {
                     shard_ports,
                     topics: topics
                         .into_iter()
-                        .map(|(name, error, partitions, retention)| TopicMetadata {
-                            name,
-                            error,
-                            partitions: partitions
-                                .into_iter()
-                                .map(|(partition, shard)| PartitionMetadata { partition, shard })
-                                .collect(),
-                            retention,
-                        })
+                        .map(
+                            |(name, error, partitions, retention, queue)| TopicMetadata {
+                                name,
+                                error,
+                                partitions: partitions
+                                    .into_iter()
+                                    .map(|(partition, shard)| PartitionMetadata {
+                                        partition,
+                                        shard
+                                    })
+                                    .collect(),
+                                retention,
+                                queue,
+                            }
+                        )
                         .collect(),
                 })
             )),

@@ -193,6 +193,7 @@ fn a_shard_panic_ends_the_process_with_status_70() {
             name: "boom".into(),
             partitions: 2,
             retention: Default::default(),
+            queue: Default::default(),
         },
     ));
     let (status, stderr) = broker.wait_exit();

@@ -13,6 +13,7 @@ fn produce_and_fetch_one_batch_raw() {
             name: "t".into(),
             partitions: 2,
             retention: Default::default(),
+            queue: Default::default(),
         }))
         .unwrap();
     let response = client

@@ -428,6 +428,7 @@ impl Client {
             name: name.to_owned(),
             partitions,
             retention,
+            queue: Default::default(),
         });
         match self
             .connection
@@ -443,7 +444,8 @@ impl Client {
     pub async fn alter_topic(&self, name: &str, retention: Retention) -> Result<(), ClientError> {
         let request = Request::AlterTopic(AlterTopicRequest {
             name: name.to_owned(),
-            retention,
+            retention: Some(retention),
+            queue: Default::default(),
         });
         match self
             .connection

@@ -20,6 +20,7 @@ fn metadata_body(topic: &str) -> ResponseBody {
             error: None,
             partitions: vec![],
             retention: Default::default(),
+            queue: Default::default(),
         }],
     })
 }
@@ -245,6 +246,7 @@ async fn producer_peer(
                             shard: 0,
                         }],
                         retention: Default::default(),
+                        queue: Default::default(),
                     }],
                 });
                 connection.respond(&header, Ok(&body)).await;
@@ -428,6 +430,7 @@ async fn connection_lost_after_sending_is_final_and_maybe_written() {
                     shard: 0,
                 }],
                 retention: Default::default(),
+                queue: Default::default(),
             }],
         });
         connection.respond(&header, Ok(&body)).await;

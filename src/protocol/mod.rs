@@ -21,6 +21,12 @@ pub mod batch;
 pub mod codec;
 pub mod queue;
 
+pub use queue::{
+    CommitOffsetsRequest, CommitOffsetsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
+    FetchCommittedRequest, FetchCommittedResponse, PurgeTopicRequest, PurgeTopicResponse,
+    QueueSettings, ReceiveRequest, ReceiveResponse, SettleAction, SettleRequest, SettleResponse,
+};
+
 use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -50,6 +56,14 @@ pub enum Opcode {
     Fetch = 6,
     AlterTopic = 7,
     ListOffsets = 8,
+    CommitOffsets = 9,
+    FetchCommitted = 10,
+    Receive = 11,
+    Ack = 12,
+    Nack = 13,
+    Extend = 14,
+    DescribeGroups = 15,
+    PurgeTopic = 16,
 }
 
 impl Opcode {
@@ -63,6 +77,14 @@ impl Opcode {
             6 => Opcode::Fetch,
             7 => Opcode::AlterTopic,
             8 => Opcode::ListOffsets,
+            9 => Opcode::CommitOffsets,
+            10 => Opcode::FetchCommitted,
+            11 => Opcode::Receive,
+            12 => Opcode::Ack,
+            13 => Opcode::Nack,
+            14 => Opcode::Extend,
+            15 => Opcode::DescribeGroups,
+            16 => Opcode::PurgeTopic,
             _ => return None,
         })
     }
@@ -262,6 +284,12 @@ pub enum ProtocolError {
         length: usize,
         quoted: String,
     },
+    /// The same for a consumer group's name (same rules as a topic name).
+    InvalidGroupName {
+        offset: usize,
+        length: usize,
+        quoted: String,
+    },
 }
 
 impl ProtocolError {
@@ -271,7 +299,9 @@ impl ProtocolError {
     pub fn closes_connection(&self) -> bool {
         !matches!(
             self,
-            ProtocolError::UnknownOpcode { .. } | ProtocolError::InvalidTopicName { .. }
+            ProtocolError::UnknownOpcode { .. }
+                | ProtocolError::InvalidTopicName { .. }
+                | ProtocolError::InvalidGroupName { .. }
         )
     }
 
@@ -281,6 +311,7 @@ impl ProtocolError {
             ProtocolError::UnknownOpcode { .. } => ErrorCode::UnknownOpcode,
             ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             ProtocolError::InvalidTopicName { .. } => ErrorCode::InvalidTopicName,
+            ProtocolError::InvalidGroupName { .. } => ErrorCode::InvalidGroupName,
             _ => ErrorCode::MalformedFrame,
         }
     }
@@ -333,6 +364,15 @@ impl fmt::Display for ProtocolError {
             } => write!(
                 f,
                 "topic name {quoted} ({length} bytes, at byte {offset}) must be 1 to {TOPIC_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'"
+            ),
+            ProtocolError::InvalidGroupName {
+                offset,
+                length,
+                quoted,
+            } => write!(
+                f,
+                "group name {quoted} ({length} bytes, at byte {offset}) must be 1 to {} bytes of letters, digits, '.', '_' or '-'",
+                queue::GROUP_NAME_BYTES_MAX
             ),
         }
     }
@@ -564,6 +604,8 @@ pub struct TopicMetadata {
     pub error: Option<WireError>,
     pub partitions: Vec<PartitionMetadata>,
     pub retention: Retention,
+    /// Every setting filled in (the topic's own or the broker's default).
+    pub queue: QueueSettings,
 }
 
 /// How long a topic keeps data. Whole segments are deleted from the head once the
@@ -588,13 +630,17 @@ pub struct CreateTopicRequest {
     pub name: String,
     pub partitions: u32,
     pub retention: Retention,
+    /// `None` settings take the broker's defaults.
+    pub queue: QueueSettings,
 }
 
-/// Changes a topic's retention; applies from the next retention check.
+/// Changes a topic's retention (applies from the next retention check) and queue
+/// settings. `None` leaves a value as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlterTopicRequest {
     pub name: String,
-    pub retention: Retention,
+    pub retention: Option<Retention>,
+    pub queue: QueueSettings,
 }
 
 /// `ListOffsets` timestamp meaning "the first offset still stored".
@@ -763,6 +809,13 @@ pub enum Request {
     Fetch(FetchRequest),
     AlterTopic(AlterTopicRequest),
     ListOffsets(ListOffsetsRequest),
+    CommitOffsets(CommitOffsetsRequest),
+    FetchCommitted(FetchCommittedRequest),
+    Receive(ReceiveRequest),
+    /// Ack, Nack or Extend, by its action.
+    Settle(SettleRequest),
+    DescribeGroups(DescribeGroupsRequest),
+    PurgeTopic(PurgeTopicRequest),
 }
 
 impl Request {
@@ -776,6 +829,16 @@ impl Request {
             Request::Fetch(_) => Opcode::Fetch,
             Request::AlterTopic(_) => Opcode::AlterTopic,
             Request::ListOffsets(_) => Opcode::ListOffsets,
+            Request::CommitOffsets(_) => Opcode::CommitOffsets,
+            Request::FetchCommitted(_) => Opcode::FetchCommitted,
+            Request::Receive(_) => Opcode::Receive,
+            Request::Settle(request) => match request.action {
+                SettleAction::Ack => Opcode::Ack,
+                SettleAction::Nack { .. } => Opcode::Nack,
+                SettleAction::Extend { .. } => Opcode::Extend,
+            },
+            Request::DescribeGroups(_) => Opcode::DescribeGroups,
+            Request::PurgeTopic(_) => Opcode::PurgeTopic,
         }
     }
 
@@ -805,14 +868,33 @@ impl Request {
                     bytes_max: reader.u64("retention_bytes_max")?,
                     ms_max: reader.u64("retention_ms_max")?,
                 },
+                queue: queue::read_settings(&mut reader)?,
             }),
             Opcode::AlterTopic => Request::AlterTopic(AlterTopicRequest {
                 name: read_topic_name(&mut reader)?,
-                retention: Retention {
-                    bytes_max: reader.u64("retention_bytes_max")?,
-                    ms_max: reader.u64("retention_ms_max")?,
+                retention: match reader.u8("has_retention")? {
+                    0 => None,
+                    1 => Some(Retention {
+                        bytes_max: reader.u64("retention_bytes_max")?,
+                        ms_max: reader.u64("retention_ms_max")?,
+                    }),
+                    other => {
+                        return Err(ProtocolError::InvalidValue {
+                            field: "has_retention",
+                            value: u64::from(other),
+                        })
+                    }
                 },
+                queue: queue::read_settings(&mut reader)?,
             }),
+            Opcode::CommitOffsets
+            | Opcode::FetchCommitted
+            | Opcode::Receive
+            | Opcode::Ack
+            | Opcode::Nack
+            | Opcode::Extend
+            | Opcode::DescribeGroups
+            | Opcode::PurgeTopic => queue::decode_request(opcode, &mut reader, limits)?,
             Opcode::ListOffsets => {
                 let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
                 let mut topics = Vec::with_capacity(topic_count);
@@ -938,12 +1020,26 @@ impl Request {
                     writer.u32(request.partitions);
                     writer.u64(request.retention.bytes_max);
                     writer.u64(request.retention.ms_max);
+                    queue::write_settings(writer, &request.queue);
                 }
                 Request::AlterTopic(request) => {
                     writer.string(&request.name);
-                    writer.u64(request.retention.bytes_max);
-                    writer.u64(request.retention.ms_max);
+                    match request.retention {
+                        Some(retention) => {
+                            writer.u8(1);
+                            writer.u64(retention.bytes_max);
+                            writer.u64(retention.ms_max);
+                        }
+                        None => writer.u8(0),
+                    }
+                    queue::write_settings(writer, &request.queue);
                 }
+                Request::CommitOffsets(_)
+                | Request::FetchCommitted(_)
+                | Request::Receive(_)
+                | Request::Settle(_)
+                | Request::DescribeGroups(_)
+                | Request::PurgeTopic(_) => queue::encode_request(self, writer),
                 Request::ListOffsets(request) => {
                     writer.count(request.topics.len());
                     for topic in &request.topics {
@@ -999,6 +1095,13 @@ pub enum ResponseBody {
     Fetch(FetchResponse),
     AlterTopic,
     ListOffsets(ListOffsetsResponse),
+    CommitOffsets(CommitOffsetsResponse),
+    FetchCommitted(FetchCommittedResponse),
+    Receive(ReceiveResponse),
+    /// The answer to Ack, Nack and Extend.
+    Settle(SettleResponse),
+    DescribeGroups(DescribeGroupsResponse),
+    PurgeTopic(PurgeTopicResponse),
 }
 
 /// Encodes a response frame: status, then the body when the status is success.
@@ -1043,9 +1146,16 @@ pub fn encode_response(
                     }
                     writer.u64(topic.retention.bytes_max);
                     writer.u64(topic.retention.ms_max);
+                    queue::write_settings(writer, &topic.queue);
                 }
             }
             ResponseBody::CreateTopic | ResponseBody::DeleteTopic | ResponseBody::AlterTopic => {}
+            ResponseBody::CommitOffsets(_)
+            | ResponseBody::FetchCommitted(_)
+            | ResponseBody::Receive(_)
+            | ResponseBody::Settle(_)
+            | ResponseBody::DescribeGroups(_)
+            | ResponseBody::PurgeTopic(_) => queue::encode_response_body(body, writer),
             ResponseBody::ListOffsets(response) => {
                 writer.count(response.topics.len());
                 for topic in &response.topics {
@@ -1216,11 +1326,13 @@ pub fn decode_response(
                     bytes_max: reader.u64("retention_bytes_max")?,
                     ms_max: reader.u64("retention_ms_max")?,
                 };
+                let queue = queue::read_settings(&mut reader)?;
                 topics.push(TopicMetadata {
                     name,
                     error,
                     partitions,
                     retention,
+                    queue,
                 });
             }
             ResponseBody::Metadata(MetadataResponse {
@@ -1231,6 +1343,14 @@ pub fn decode_response(
         Opcode::CreateTopic => ResponseBody::CreateTopic,
         Opcode::DeleteTopic => ResponseBody::DeleteTopic,
         Opcode::AlterTopic => ResponseBody::AlterTopic,
+        Opcode::CommitOffsets
+        | Opcode::FetchCommitted
+        | Opcode::Receive
+        | Opcode::Ack
+        | Opcode::Nack
+        | Opcode::Extend
+        | Opcode::DescribeGroups
+        | Opcode::PurgeTopic => queue::decode_response_body(opcode, &mut reader)?,
         Opcode::ListOffsets => {
             let topic_count = reader.count("topics", unbounded, 6)?;
             let mut topics = Vec::with_capacity(topic_count);
@@ -1409,15 +1529,31 @@ mod tests {
             name: "orders".into(),
             partitions: 4,
             retention: Default::default(),
+            queue: Default::default(),
+        }));
+        roundtrip_request(Request::CreateTopic(CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 4,
+            retention: Default::default(),
+            queue: queue::tests::every_setting(),
         }));
         roundtrip_request(Request::DeleteTopic(DeleteTopicRequest {
             name: "orders".into(),
         }));
         roundtrip_request(Request::AlterTopic(AlterTopicRequest {
             name: "orders".into(),
-            retention: Retention {
+            retention: Some(Retention {
                 bytes_max: 1 << 30,
                 ms_max: 86_400_000,
+            }),
+            queue: Default::default(),
+        }));
+        roundtrip_request(Request::AlterTopic(AlterTopicRequest {
+            name: "orders".into(),
+            retention: None,
+            queue: QueueSettings {
+                deliveries_max: Some(3),
+                ..Default::default()
             },
         }));
         roundtrip_request(Request::ListOffsets(ListOffsetsRequest {
@@ -1483,6 +1619,7 @@ mod tests {
                         bytes_max: 7,
                         ms_max: 9,
                     },
+                    queue: Default::default(),
                 }],
             }),
             ResponseBody::Produce(ProduceResponse {
@@ -1702,11 +1839,13 @@ mod tests {
                 name: long.clone(),
                 partitions: 1,
                 retention: Default::default(),
+                queue: Default::default(),
             }),
             Request::DeleteTopic(DeleteTopicRequest { name: "a/b".into() }),
             Request::AlterTopic(AlterTopicRequest {
                 name: "..".into(),
-                retention: Default::default(),
+                retention: None,
+                queue: Default::default(),
             }),
             Request::Produce(ProduceRequest {
                 acks: Acks::Durable,

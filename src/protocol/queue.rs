@@ -5,7 +5,11 @@
 
 use bytes::Bytes;
 
-use super::WireError;
+use super::codec::{Reader, Writer};
+use super::{
+    decode_status, encode_status, is_valid_topic_name, quote_untrusted, read_topic_name,
+    DecodeLimits, Opcode, ProtocolError, Request, ResponseBody, WireError,
+};
 
 /// A consumer group's name: 1 to `GROUP_NAME_BYTES_MAX` bytes of `[A-Za-z0-9._-]`, the
 /// same alphabet as topic names (a group is a directory name on disk).
@@ -370,9 +374,1052 @@ pub mod headers {
     pub const DEAD_LETTERED_AT_MS: &str = "shardq-dead-lettered-at-ms";
 }
 
+// ---- Codec. Layouts: docs/protocol.md §11. Every function reads or writes one body (or
+// one part of one) with the shared `Reader` / `Writer`; list counts are bounded by the
+// caller's limits and by the bytes present.
+
+/// Bytes one `HandleRange` takes on the wire.
+pub const HANDLE_RANGE_SIZE: usize = 4 + 8 + 4 + 4;
+
+const SETTING_DELIVERIES_MAX: u16 = 1;
+const SETTING_VISIBILITY_TIMEOUT_MS: u16 = 2;
+const SETTING_RETRY_DELAY_MS_MIN: u16 = 3;
+const SETTING_RETRY_DELAY_MS_MAX: u16 = 4;
+const SETTING_MESSAGE_TTL_MS: u16 = 5;
+const SETTING_EXPIRY_POLICY: u16 = 6;
+const SETTING_ORDERING: u16 = 7;
+/// Settings a topic has; a settings list longer than this is malformed.
+const SETTINGS_MAX: u32 = 7;
+
+/// `Nack` delay meaning "the topic's retry policy".
+pub const NACK_DELAY_BACKOFF: i64 = -1;
+
+impl ExpiryPolicy {
+    pub fn from_wire(value: u8) -> Option<ExpiryPolicy> {
+        match value {
+            1 => Some(ExpiryPolicy::Drop),
+            2 => Some(ExpiryPolicy::DeadLetter),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpiryPolicy::Drop => "drop",
+            ExpiryPolicy::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+impl QueueOrdering {
+    pub fn from_wire(value: u8) -> Option<QueueOrdering> {
+        match value {
+            1 => Some(QueueOrdering::Unordered),
+            2 => Some(QueueOrdering::PerKey),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueOrdering::Unordered => "unordered",
+            QueueOrdering::PerKey => "per_key",
+        }
+    }
+}
+
+impl GroupKind {
+    pub fn from_wire(value: u8) -> Option<GroupKind> {
+        match value {
+            1 => Some(GroupKind::Stream),
+            2 => Some(GroupKind::Queue),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupKind::Stream => "stream",
+            GroupKind::Queue => "queue",
+        }
+    }
+}
+
+/// Settings list: `count u32`, then `(key u16, value u64)` per setting present, then the
+/// DLQ topic as a string (empty: not set).
+pub(super) fn write_settings(writer: &mut Writer<'_>, settings: &QueueSettings) {
+    let mut entries: Vec<(u16, u64)> = Vec::with_capacity(SETTINGS_MAX as usize);
+    let mut push = |key, value: Option<u64>| {
+        if let Some(value) = value {
+            entries.push((key, value));
+        }
+    };
+    push(
+        SETTING_DELIVERIES_MAX,
+        settings.deliveries_max.map(u64::from),
+    );
+    push(
+        SETTING_VISIBILITY_TIMEOUT_MS,
+        settings.visibility_timeout_ms,
+    );
+    push(SETTING_RETRY_DELAY_MS_MIN, settings.retry_delay_ms_min);
+    push(SETTING_RETRY_DELAY_MS_MAX, settings.retry_delay_ms_max);
+    push(SETTING_MESSAGE_TTL_MS, settings.message_ttl_ms);
+    push(
+        SETTING_EXPIRY_POLICY,
+        settings.expiry_policy.map(|policy| policy as u64),
+    );
+    push(
+        SETTING_ORDERING,
+        settings.ordering.map(|ordering| ordering as u64),
+    );
+    writer.count(entries.len());
+    for (key, value) in entries {
+        writer.u16(key);
+        writer.u64(value);
+    }
+    writer.string(settings.dlq_topic.as_deref().unwrap_or(""));
+}
+
+pub(super) fn read_settings(reader: &mut Reader) -> Result<QueueSettings, ProtocolError> {
+    let count = reader.count("queue_settings", SETTINGS_MAX, 10)?;
+    let mut settings = QueueSettings::default();
+    for _ in 0..count {
+        let key = reader.u16("setting_key")?;
+        let value = reader.u64("setting_value")?;
+        let invalid = |field| ProtocolError::InvalidValue { field, value };
+        let duplicate = ProtocolError::InvalidValue {
+            field: "setting_key (repeated)",
+            value: u64::from(key),
+        };
+        match key {
+            SETTING_DELIVERIES_MAX => {
+                let value = u32::try_from(value).map_err(|_| invalid("deliveries_max"))?;
+                if settings.deliveries_max.replace(value).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_VISIBILITY_TIMEOUT_MS => {
+                if settings.visibility_timeout_ms.replace(value).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_RETRY_DELAY_MS_MIN => {
+                if settings.retry_delay_ms_min.replace(value).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_RETRY_DELAY_MS_MAX => {
+                if settings.retry_delay_ms_max.replace(value).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_MESSAGE_TTL_MS => {
+                if settings.message_ttl_ms.replace(value).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_EXPIRY_POLICY => {
+                let policy = u8::try_from(value)
+                    .ok()
+                    .and_then(ExpiryPolicy::from_wire)
+                    .ok_or_else(|| invalid("expiry_policy"))?;
+                if settings.expiry_policy.replace(policy).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            SETTING_ORDERING => {
+                let ordering = u8::try_from(value)
+                    .ok()
+                    .and_then(QueueOrdering::from_wire)
+                    .ok_or_else(|| invalid("ordering"))?;
+                if settings.ordering.replace(ordering).is_some() {
+                    return Err(duplicate);
+                }
+            }
+            _ => {
+                return Err(ProtocolError::InvalidValue {
+                    field: "setting_key",
+                    value: u64::from(key),
+                })
+            }
+        }
+    }
+    let dlq = reader.string("dlq_topic")?;
+    if !dlq.is_empty() {
+        if !is_valid_topic_name(dlq.as_bytes()) {
+            return Err(ProtocolError::InvalidTopicName {
+                offset: reader.position(),
+                length: dlq.len(),
+                quoted: quote_untrusted(&dlq),
+            });
+        }
+        settings.dlq_topic = Some(dlq);
+    }
+    Ok(settings)
+}
+
+/// A group name: a string with a topic name's rules. Like a bad topic name, a bad group
+/// name is refused without closing the connection (the frame was well delimited).
+pub(super) fn read_group_name(reader: &mut Reader) -> Result<String, ProtocolError> {
+    let offset = reader.position();
+    let length = reader.u16("group")? as usize;
+    let bytes = reader.take_bytes(length, "group")?;
+    if !is_valid_topic_name(&bytes) {
+        return Err(ProtocolError::InvalidGroupName {
+            offset,
+            length,
+            quoted: quote_untrusted(&String::from_utf8_lossy(&bytes)),
+        });
+    }
+    Ok(String::from_utf8(bytes.to_vec()).expect("a valid group name is ASCII"))
+}
+
+/// A group name, or the empty string (meaning every group).
+fn read_group_name_or_empty(reader: &mut Reader) -> Result<String, ProtocolError> {
+    let offset = reader.position();
+    let length = reader.u16("group")? as usize;
+    let bytes = reader.take_bytes(length, "group")?;
+    if !bytes.is_empty() && !is_valid_topic_name(&bytes) {
+        return Err(ProtocolError::InvalidGroupName {
+            offset,
+            length,
+            quoted: quote_untrusted(&String::from_utf8_lossy(&bytes)),
+        });
+    }
+    Ok(String::from_utf8(bytes.to_vec()).expect("a valid group name is ASCII"))
+}
+
+fn write_ranges(writer: &mut Writer<'_>, ranges: &[HandleRange]) {
+    writer.count(ranges.len());
+    for range in ranges {
+        writer.u32(range.partition);
+        writer.u64(range.first_offset);
+        writer.u32(range.count);
+        writer.u32(range.attempt);
+    }
+}
+
+fn read_ranges(reader: &mut Reader) -> Result<Vec<HandleRange>, ProtocolError> {
+    // Bounded by the frame; the broker caps the handles a request may settle
+    // (`queue_handles_per_request_max`) with a typed error rather than a closed connection.
+    let count = reader.count("handle_ranges", u32::MAX, HANDLE_RANGE_SIZE)?;
+    let mut ranges = Vec::with_capacity(count);
+    for _ in 0..count {
+        let range = HandleRange {
+            partition: reader.u32("partition")?,
+            first_offset: reader.u64("first_offset")?,
+            count: reader.u32("count")?,
+            attempt: reader.u32("attempt")?,
+        };
+        if range.count == 0 {
+            return Err(ProtocolError::InvalidValue {
+                field: "handle range count",
+                value: 0,
+            });
+        }
+        if range.attempt == 0 {
+            return Err(ProtocolError::InvalidValue {
+                field: "handle attempt",
+                value: 0,
+            });
+        }
+        if range
+            .first_offset
+            .checked_add(u64::from(range.count))
+            .is_none()
+        {
+            return Err(ProtocolError::InvalidValue {
+                field: "handle range first_offset",
+                value: range.first_offset,
+            });
+        }
+        ranges.push(range);
+    }
+    Ok(ranges)
+}
+
+pub(super) fn encode_request(request: &Request, writer: &mut Writer<'_>) {
+    match request {
+        Request::CommitOffsets(request) => {
+            writer.string(&request.group);
+            writer.string(&request.topic);
+            writer.count(request.partitions.len());
+            for partition in &request.partitions {
+                writer.u32(partition.partition);
+                writer.u64(partition.offset);
+            }
+        }
+        Request::FetchCommitted(request) => {
+            writer.string(&request.group);
+            writer.string(&request.topic);
+            writer.count(request.partitions.len());
+            for partition in &request.partitions {
+                writer.u32(*partition);
+            }
+        }
+        Request::Receive(request) => {
+            writer.string(&request.topic);
+            writer.string(&request.group);
+            writer.u32(request.messages_max);
+            writer.u32(request.visibility_timeout_ms);
+            writer.u32(request.wait_ms);
+        }
+        Request::Settle(request) => {
+            writer.string(&request.topic);
+            writer.string(&request.group);
+            match &request.action {
+                SettleAction::Ack => {}
+                SettleAction::Nack { delay, reason } => {
+                    writer.i64(match delay {
+                        NackDelay::Backoff => NACK_DELAY_BACKOFF,
+                        NackDelay::Ms(ms) => i64::try_from(*ms).unwrap_or(i64::MAX),
+                    });
+                    writer.string(reason);
+                }
+                SettleAction::Extend {
+                    visibility_timeout_ms,
+                } => writer.u32(*visibility_timeout_ms),
+            }
+            write_ranges(writer, &request.ranges);
+        }
+        Request::DescribeGroups(request) => {
+            writer.string(&request.topic);
+            writer.string(&request.group);
+        }
+        Request::PurgeTopic(request) => writer.string(&request.topic),
+        _ => unreachable!("not a consumer-group request: {:?}", request.opcode()),
+    }
+}
+
+pub(super) fn decode_request(
+    opcode: Opcode,
+    reader: &mut Reader,
+    limits: &DecodeLimits,
+) -> Result<Request, ProtocolError> {
+    Ok(match opcode {
+        Opcode::CommitOffsets => {
+            let group = read_group_name(reader)?;
+            let topic = read_topic_name(reader)?;
+            let count = reader.count("partitions", limits.partitions_per_request_max, 12)?;
+            let mut partitions = Vec::with_capacity(count);
+            for _ in 0..count {
+                partitions.push(CommitPartition {
+                    partition: reader.u32("partition")?,
+                    offset: reader.u64("offset")?,
+                });
+            }
+            Request::CommitOffsets(CommitOffsetsRequest {
+                group,
+                topic,
+                partitions,
+            })
+        }
+        Opcode::FetchCommitted => {
+            let group = read_group_name(reader)?;
+            let topic = read_topic_name(reader)?;
+            let count = reader.count("partitions", limits.partitions_per_request_max, 4)?;
+            let mut partitions = Vec::with_capacity(count);
+            for _ in 0..count {
+                partitions.push(reader.u32("partition")?);
+            }
+            Request::FetchCommitted(FetchCommittedRequest {
+                group,
+                topic,
+                partitions,
+            })
+        }
+        Opcode::Receive => Request::Receive(ReceiveRequest {
+            topic: read_topic_name(reader)?,
+            group: read_group_name(reader)?,
+            messages_max: reader.u32("messages_max")?,
+            visibility_timeout_ms: reader.u32("visibility_timeout_ms")?,
+            wait_ms: reader.u32("wait_ms")?,
+        }),
+        Opcode::Ack | Opcode::Nack | Opcode::Extend => {
+            let topic = read_topic_name(reader)?;
+            let group = read_group_name(reader)?;
+            let action = match opcode {
+                Opcode::Ack => SettleAction::Ack,
+                Opcode::Nack => {
+                    let delay_ms = reader.i64("delay_ms")?;
+                    let delay = match delay_ms {
+                        NACK_DELAY_BACKOFF => NackDelay::Backoff,
+                        ms if ms >= 0 => NackDelay::Ms(ms as u64),
+                        ms => {
+                            return Err(ProtocolError::InvalidValue {
+                                field: "delay_ms",
+                                value: ms as u64,
+                            })
+                        }
+                    };
+                    SettleAction::Nack {
+                        delay,
+                        reason: reader.string("reason")?,
+                    }
+                }
+                _ => SettleAction::Extend {
+                    visibility_timeout_ms: reader.u32("visibility_timeout_ms")?,
+                },
+            };
+            Request::Settle(SettleRequest {
+                topic,
+                group,
+                action,
+                ranges: read_ranges(reader)?,
+            })
+        }
+        Opcode::DescribeGroups => {
+            let topic = read_topic_name(reader)?;
+            // Empty: every group of the topic.
+            let group = read_group_name_or_empty(reader)?;
+            Request::DescribeGroups(DescribeGroupsRequest { topic, group })
+        }
+        Opcode::PurgeTopic => Request::PurgeTopic(PurgeTopicRequest {
+            topic: read_topic_name(reader)?,
+        }),
+        other => unreachable!("not a consumer-group opcode: {other:?}"),
+    })
+}
+
+pub(super) fn encode_response_body(body: &ResponseBody, writer: &mut Writer<'_>) {
+    match body {
+        ResponseBody::CommitOffsets(response) => {
+            writer.count(response.partitions.len());
+            for partition in &response.partitions {
+                writer.u32(partition.partition);
+                encode_status(writer, partition.result.as_ref().err());
+            }
+        }
+        ResponseBody::FetchCommitted(response) => {
+            writer.count(response.partitions.len());
+            for partition in &response.partitions {
+                writer.u32(partition.partition);
+                encode_status(writer, partition.result.as_ref().err());
+                let offsets = partition.result.as_ref().ok();
+                writer.u64(offsets.map_or(COMMITTED_NONE, |offsets| offsets.committed));
+                writer.u64(offsets.map_or(0, |offsets| offsets.log_start_offset));
+                writer.u64(offsets.map_or(0, |offsets| offsets.high_watermark));
+            }
+        }
+        ResponseBody::Receive(response) => {
+            writer.count(response.messages.len());
+            for message in &response.messages {
+                writer.u32(message.handle.partition);
+                writer.u64(message.handle.offset);
+                writer.u32(message.handle.attempt);
+                writer.i64(message.timestamp_ms);
+                match &message.key {
+                    Some(key) => {
+                        writer.u8(1);
+                        writer.bytes(key);
+                    }
+                    None => writer.u8(0),
+                }
+                writer.bytes(&message.value);
+                writer.count(message.headers.len());
+                for (name, value) in &message.headers {
+                    writer.string(name);
+                    writer.bytes(value);
+                }
+            }
+        }
+        ResponseBody::Settle(response) => {
+            writer.count(response.refused.len());
+            for refused in &response.refused {
+                writer.u32(refused.handle.partition);
+                writer.u64(refused.handle.offset);
+                writer.u32(refused.handle.attempt);
+                encode_status(writer, Some(&refused.error));
+            }
+        }
+        ResponseBody::DescribeGroups(response) => {
+            writer.count(response.groups.len());
+            for group in &response.groups {
+                writer.string(&group.name);
+                writer.u8(group.kind as u8);
+                writer.count(group.partitions.len());
+                for partition in &group.partitions {
+                    writer.u32(partition.partition);
+                    writer.u64(partition.position);
+                    writer.u64(partition.log_start_offset);
+                    writer.u64(partition.high_watermark);
+                    writer.u32(partition.in_flight);
+                    writer.u32(partition.waiting);
+                    writer.u32(partition.dead_lettering);
+                    writer.u64(partition.acked);
+                    writer.u64(partition.dead_lettered);
+                    writer.u64(partition.expired_dropped);
+                    writer.u64(partition.lost_to_retention);
+                    writer.u64(partition.oldest_unacked_age_ms);
+                }
+            }
+        }
+        ResponseBody::PurgeTopic(response) => {
+            writer.count(response.partitions.len());
+            for partition in &response.partitions {
+                writer.u32(partition.partition);
+                writer.u64(partition.records);
+                writer.u64(partition.log_start_offset);
+            }
+        }
+        _ => unreachable!("not a consumer-group response"),
+    }
+}
+
+/// Bytes one `GroupPartition` takes on the wire.
+const GROUP_PARTITION_SIZE: usize = 4 + 8 * 3 + 4 * 3 + 8 * 5;
+
+pub(super) fn decode_response_body(
+    opcode: Opcode,
+    reader: &mut Reader,
+) -> Result<ResponseBody, ProtocolError> {
+    // Lists in responses come from the broker we asked; bound them by the bytes present.
+    let unbounded = u32::MAX;
+    Ok(match opcode {
+        Opcode::CommitOffsets => {
+            let count = reader.count("partitions", unbounded, 8)?;
+            let mut partitions = Vec::with_capacity(count);
+            for _ in 0..count {
+                let partition = reader.u32("partition")?;
+                let result = match decode_status(reader)? {
+                    None => Ok(()),
+                    Some(error) => Err(error),
+                };
+                partitions.push(CommitPartitionResult { partition, result });
+            }
+            ResponseBody::CommitOffsets(CommitOffsetsResponse { partitions })
+        }
+        Opcode::FetchCommitted => {
+            let count = reader.count("partitions", unbounded, 32)?;
+            let mut partitions = Vec::with_capacity(count);
+            for _ in 0..count {
+                let partition = reader.u32("partition")?;
+                let error = decode_status(reader)?;
+                let offsets = CommittedOffset {
+                    committed: reader.u64("committed")?,
+                    log_start_offset: reader.u64("log_start_offset")?,
+                    high_watermark: reader.u64("high_watermark")?,
+                };
+                partitions.push(FetchCommittedPartitionResult {
+                    partition,
+                    result: match error {
+                        None => Ok(offsets),
+                        Some(error) => Err(error),
+                    },
+                });
+            }
+            ResponseBody::FetchCommitted(FetchCommittedResponse { partitions })
+        }
+        Opcode::Receive => {
+            let count = reader.count("messages", unbounded, 33)?;
+            let mut messages = Vec::with_capacity(count);
+            for _ in 0..count {
+                let handle = Handle {
+                    partition: reader.u32("partition")?,
+                    offset: reader.u64("offset")?,
+                    attempt: reader.u32("attempt")?,
+                };
+                let timestamp_ms = reader.i64("timestamp_ms")?;
+                let key = match reader.u8("has_key")? {
+                    0 => None,
+                    1 => Some(reader.bytes("key")?),
+                    other => {
+                        return Err(ProtocolError::InvalidValue {
+                            field: "has_key",
+                            value: u64::from(other),
+                        })
+                    }
+                };
+                let value = reader.bytes("value")?;
+                let header_count = reader.count("headers", unbounded, 6)?;
+                let mut headers = Vec::with_capacity(header_count);
+                for _ in 0..header_count {
+                    headers.push((reader.string("header_name")?, reader.bytes("header_value")?));
+                }
+                messages.push(ReceivedMessage {
+                    handle,
+                    timestamp_ms,
+                    key,
+                    value,
+                    headers,
+                });
+            }
+            ResponseBody::Receive(ReceiveResponse { messages })
+        }
+        Opcode::Ack | Opcode::Nack | Opcode::Extend => {
+            let count = reader.count("refused", unbounded, 20)?;
+            let mut refused = Vec::with_capacity(count);
+            for _ in 0..count {
+                let handle = Handle {
+                    partition: reader.u32("partition")?,
+                    offset: reader.u64("offset")?,
+                    attempt: reader.u32("attempt")?,
+                };
+                let error = decode_status(reader)?.ok_or(ProtocolError::InvalidValue {
+                    field: "refused handle error_code",
+                    value: 0,
+                })?;
+                refused.push(RefusedHandle { handle, error });
+            }
+            ResponseBody::Settle(SettleResponse { refused })
+        }
+        Opcode::DescribeGroups => {
+            let count = reader.count("groups", unbounded, 7)?;
+            let mut groups = Vec::with_capacity(count);
+            for _ in 0..count {
+                let name = reader.string("group")?;
+                let kind_value = reader.u8("kind")?;
+                let kind = GroupKind::from_wire(kind_value).ok_or(ProtocolError::InvalidValue {
+                    field: "kind",
+                    value: u64::from(kind_value),
+                })?;
+                let partition_count =
+                    reader.count("partitions", unbounded, GROUP_PARTITION_SIZE)?;
+                let mut partitions = Vec::with_capacity(partition_count);
+                for _ in 0..partition_count {
+                    partitions.push(GroupPartition {
+                        partition: reader.u32("partition")?,
+                        position: reader.u64("position")?,
+                        log_start_offset: reader.u64("log_start_offset")?,
+                        high_watermark: reader.u64("high_watermark")?,
+                        in_flight: reader.u32("in_flight")?,
+                        waiting: reader.u32("waiting")?,
+                        dead_lettering: reader.u32("dead_lettering")?,
+                        acked: reader.u64("acked")?,
+                        dead_lettered: reader.u64("dead_lettered")?,
+                        expired_dropped: reader.u64("expired_dropped")?,
+                        lost_to_retention: reader.u64("lost_to_retention")?,
+                        oldest_unacked_age_ms: reader.u64("oldest_unacked_age_ms")?,
+                    });
+                }
+                groups.push(GroupDescription {
+                    name,
+                    kind,
+                    partitions,
+                });
+            }
+            ResponseBody::DescribeGroups(DescribeGroupsResponse { groups })
+        }
+        Opcode::PurgeTopic => {
+            let count = reader.count("partitions", unbounded, 20)?;
+            let mut partitions = Vec::with_capacity(count);
+            for _ in 0..count {
+                partitions.push(PurgedPartition {
+                    partition: reader.u32("partition")?,
+                    records: reader.u64("records")?,
+                    log_start_offset: reader.u64("log_start_offset")?,
+                });
+            }
+            ResponseBody::PurgeTopic(PurgeTopicResponse { partitions })
+        }
+        other => unreachable!("not a consumer-group opcode: {other:?}"),
+    })
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use bytes::BytesMut;
+
+    use super::super::{decode_frame_header, decode_response, encode_response, Decoded};
     use super::*;
+
+    pub(crate) fn every_setting() -> QueueSettings {
+        QueueSettings {
+            deliveries_max: Some(5),
+            visibility_timeout_ms: Some(30_000),
+            retry_delay_ms_min: Some(100),
+            retry_delay_ms_max: Some(60_000),
+            message_ttl_ms: Some(86_400_000),
+            expiry_policy: Some(ExpiryPolicy::DeadLetter),
+            ordering: Some(QueueOrdering::PerKey),
+            dlq_topic: Some("orders.failed".into()),
+        }
+    }
+
+    fn frame(request: &Request) -> (Opcode, Bytes) {
+        let mut out = BytesMut::new();
+        request.encode(7, &mut out);
+        let Decoded::Complete(header) = decode_frame_header(&out, 1 << 20).unwrap() else {
+            panic!("whole frame was given");
+        };
+        let opcode = Opcode::from_wire(header.opcode).unwrap();
+        (
+            opcode,
+            out.freeze().slice(super::super::FRAME_HEADER_SIZE..),
+        )
+    }
+
+    fn roundtrip(request: Request) {
+        let (opcode, body) = frame(&request);
+        assert_eq!(opcode, request.opcode());
+        let decoded = Request::decode(opcode, body, &DecodeLimits::default()).unwrap();
+        assert_eq!(decoded, request);
+    }
+
+    fn roundtrip_response(opcode: Opcode, body: ResponseBody) {
+        let mut out = BytesMut::new();
+        encode_response(&mut out, opcode, 9, Ok(&body));
+        let decoded = decode_response(
+            opcode,
+            out.freeze().slice(super::super::FRAME_HEADER_SIZE..),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(decoded, body);
+    }
+
+    fn ranges() -> Vec<HandleRange> {
+        vec![
+            HandleRange {
+                partition: 0,
+                first_offset: 10,
+                count: 3,
+                attempt: 1,
+            },
+            HandleRange {
+                partition: 2,
+                first_offset: 0,
+                count: 1,
+                attempt: 4,
+            },
+        ]
+    }
+
+    /// The worked examples of docs/protocol.md §11.4 and §11.5, byte for byte.
+    #[test]
+    fn documented_examples_encode_as_shown() {
+        let hex = |frame: &BytesMut| {
+            frame
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut out = BytesMut::new();
+        Request::Receive(ReceiveRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            messages_max: 10,
+            visibility_timeout_ms: 0,
+            wait_ms: 1000,
+        })
+        .encode(1, &mut out);
+        assert_eq!(
+            hex(&out),
+            "1d 00 00 00 01 0b 00 00 01 00 00 00 00 00 00 00 \
+             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
+             0a 00 00 00 00 00 00 00 e8 03 00 00"
+        );
+        let mut out = BytesMut::new();
+        Request::Settle(SettleRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            action: SettleAction::Ack,
+            ranges: handle_ranges((17..20).map(|offset| Handle {
+                partition: 0,
+                offset,
+                attempt: 1,
+            })),
+        })
+        .encode(2, &mut out);
+        assert_eq!(
+            hex(&out),
+            "29 00 00 00 01 0c 00 00 02 00 00 00 00 00 00 00 \
+             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
+             01 00 00 00 00 00 00 00 11 00 00 00 00 00 00 00 03 00 00 00 01 00 00 00"
+        );
+    }
+
+    #[test]
+    fn a_group_partition_takes_its_documented_size() {
+        let mut out = BytesMut::new();
+        encode_response(
+            &mut out,
+            Opcode::DescribeGroups,
+            1,
+            Ok(&ResponseBody::DescribeGroups(DescribeGroupsResponse {
+                groups: vec![GroupDescription {
+                    name: String::new(),
+                    kind: GroupKind::Stream,
+                    partitions: vec![GroupPartition::default()],
+                }],
+            })),
+        );
+        // header, status (2 + 2), group count, name (2), kind, partition count, entry.
+        assert_eq!(out.len(), 16 + 4 + 4 + 2 + 1 + 4 + GROUP_PARTITION_SIZE);
+        assert_eq!(GROUP_PARTITION_SIZE, 80);
+    }
+
+    #[test]
+    fn every_group_request_roundtrips() {
+        roundtrip(Request::CommitOffsets(CommitOffsetsRequest {
+            group: "billing".into(),
+            topic: "orders".into(),
+            partitions: vec![CommitPartition {
+                partition: 1,
+                offset: 99,
+            }],
+        }));
+        roundtrip(Request::FetchCommitted(FetchCommittedRequest {
+            group: "billing".into(),
+            topic: "orders".into(),
+            partitions: vec![0, 3],
+        }));
+        roundtrip(Request::Receive(ReceiveRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            messages_max: 10,
+            visibility_timeout_ms: 0,
+            wait_ms: 20_000,
+        }));
+        for action in [
+            SettleAction::Ack,
+            SettleAction::Nack {
+                delay: NackDelay::Backoff,
+                reason: "db timeout".into(),
+            },
+            SettleAction::Nack {
+                delay: NackDelay::Ms(0),
+                reason: String::new(),
+            },
+            SettleAction::Extend {
+                visibility_timeout_ms: 120_000,
+            },
+        ] {
+            roundtrip(Request::Settle(SettleRequest {
+                topic: "orders".into(),
+                group: "billing".into(),
+                action,
+                ranges: ranges(),
+            }));
+        }
+        for group in ["", "billing"] {
+            roundtrip(Request::DescribeGroups(DescribeGroupsRequest {
+                topic: "orders".into(),
+                group: group.into(),
+            }));
+        }
+        roundtrip(Request::PurgeTopic(PurgeTopicRequest {
+            topic: "orders.dlq".into(),
+        }));
+    }
+
+    #[test]
+    fn every_group_response_roundtrips() {
+        let refused = WireError::new(super::super::ErrorCode::HandleStale, "now attempt 3");
+        roundtrip_response(
+            Opcode::CommitOffsets,
+            ResponseBody::CommitOffsets(CommitOffsetsResponse {
+                partitions: vec![
+                    CommitPartitionResult {
+                        partition: 0,
+                        result: Ok(()),
+                    },
+                    CommitPartitionResult {
+                        partition: 9,
+                        result: Err(refused.clone()),
+                    },
+                ],
+            }),
+        );
+        roundtrip_response(
+            Opcode::FetchCommitted,
+            ResponseBody::FetchCommitted(FetchCommittedResponse {
+                partitions: vec![FetchCommittedPartitionResult {
+                    partition: 0,
+                    result: Ok(CommittedOffset {
+                        committed: COMMITTED_NONE,
+                        log_start_offset: 4,
+                        high_watermark: 10,
+                    }),
+                }],
+            }),
+        );
+        roundtrip_response(
+            Opcode::Receive,
+            ResponseBody::Receive(ReceiveResponse {
+                messages: vec![
+                    ReceivedMessage {
+                        handle: Handle {
+                            partition: 1,
+                            offset: 17,
+                            attempt: 2,
+                        },
+                        timestamp_ms: 1_700_000_000_000,
+                        key: Some(Bytes::from_static(b"k")),
+                        value: Bytes::from_static(b"value"),
+                        headers: vec![("deliver_after".into(), Bytes::from_static(&[1; 8]))],
+                    },
+                    ReceivedMessage {
+                        handle: Handle {
+                            partition: 1,
+                            offset: 18,
+                            attempt: 1,
+                        },
+                        timestamp_ms: 0,
+                        key: None,
+                        value: Bytes::new(),
+                        headers: Vec::new(),
+                    },
+                ],
+            }),
+        );
+        for opcode in [Opcode::Ack, Opcode::Nack, Opcode::Extend] {
+            roundtrip_response(
+                opcode,
+                ResponseBody::Settle(SettleResponse {
+                    refused: vec![RefusedHandle {
+                        handle: Handle {
+                            partition: 0,
+                            offset: 3,
+                            attempt: 1,
+                        },
+                        error: refused.clone(),
+                    }],
+                }),
+            );
+        }
+        roundtrip_response(
+            Opcode::DescribeGroups,
+            ResponseBody::DescribeGroups(DescribeGroupsResponse {
+                groups: vec![GroupDescription {
+                    name: "billing".into(),
+                    kind: GroupKind::Queue,
+                    partitions: vec![GroupPartition {
+                        partition: 0,
+                        position: 5,
+                        log_start_offset: 1,
+                        high_watermark: 20,
+                        in_flight: 3,
+                        waiting: 2,
+                        dead_lettering: 1,
+                        acked: 4,
+                        dead_lettered: 6,
+                        expired_dropped: 7,
+                        lost_to_retention: 8,
+                        oldest_unacked_age_ms: 9,
+                    }],
+                }],
+            }),
+        );
+        roundtrip_response(
+            Opcode::PurgeTopic,
+            ResponseBody::PurgeTopic(PurgeTopicResponse {
+                partitions: vec![PurgedPartition {
+                    partition: 0,
+                    records: 12,
+                    log_start_offset: 12,
+                }],
+            }),
+        );
+    }
+
+    #[test]
+    fn bad_group_names_are_refused_in_sync_and_bad_ranges_close() {
+        let bad_group = Request::Receive(ReceiveRequest {
+            topic: "orders".into(),
+            group: "a/b".into(),
+            messages_max: 1,
+            visibility_timeout_ms: 0,
+            wait_ms: 0,
+        });
+        let (opcode, body) = frame(&bad_group);
+        let error = Request::decode(opcode, body, &DecodeLimits::default()).unwrap_err();
+        assert!(
+            matches!(error, ProtocolError::InvalidGroupName { .. }),
+            "{error}"
+        );
+        assert_eq!(error.code(), super::super::ErrorCode::InvalidGroupName);
+        assert!(!error.closes_connection());
+
+        for (range, field) in [
+            ((0, 1, 0, 1), "handle range count"),
+            ((0, 1, 1, 0), "handle attempt"),
+            ((0, u64::MAX, 1, 1), "handle range first_offset"),
+        ] {
+            let request = Request::Settle(SettleRequest {
+                topic: "orders".into(),
+                group: "billing".into(),
+                action: SettleAction::Ack,
+                ranges: vec![HandleRange {
+                    partition: range.0,
+                    first_offset: range.1,
+                    count: range.2,
+                    attempt: range.3,
+                }],
+            });
+            let (opcode, body) = frame(&request);
+            let error = Request::decode(opcode, body, &DecodeLimits::default()).unwrap_err();
+            assert!(
+                matches!(error, ProtocolError::InvalidValue { field: f, .. } if f == field),
+                "{error}"
+            );
+            assert!(error.closes_connection());
+        }
+    }
+
+    #[test]
+    fn settings_refuse_unknown_keys_repeats_and_bad_enums() {
+        use super::super::codec::Writer;
+        let decode = |entries: &[(u16, u64)]| {
+            let mut buffer = BytesMut::new();
+            let mut writer = Writer::new(&mut buffer);
+            writer.count(entries.len());
+            for (key, value) in entries {
+                writer.u16(*key);
+                writer.u64(*value);
+            }
+            writer.string("");
+            read_settings(&mut Reader::new(buffer.freeze()))
+        };
+        assert_eq!(
+            decode(&[(1, 3), (6, 1)]).unwrap(),
+            QueueSettings {
+                deliveries_max: Some(3),
+                expiry_policy: Some(ExpiryPolicy::Drop),
+                ..Default::default()
+            }
+        );
+        for entries in [
+            &[(99u16, 1u64)][..],
+            &[(1, 3), (1, 4)],
+            &[(6, 3)],
+            &[(7, 0)],
+            &[(1, u64::from(u32::MAX) + 1)],
+        ] {
+            assert!(decode(entries).is_err(), "{entries:?} decoded");
+        }
+    }
+
+    #[test]
+    fn a_nack_delay_below_minus_one_is_malformed() {
+        let request = Request::Settle(SettleRequest {
+            topic: "orders".into(),
+            group: "billing".into(),
+            action: SettleAction::Nack {
+                delay: NackDelay::Backoff,
+                reason: String::new(),
+            },
+            ranges: ranges(),
+        });
+        let (opcode, body) = frame(&request);
+        let mut bytes = body.to_vec();
+        // topic (2 + 6) and group (2 + 7) come first, then the delay.
+        bytes[17..25].copy_from_slice(&(-2i64).to_le_bytes());
+        let error =
+            Request::decode(opcode, Bytes::from(bytes), &DecodeLimits::default()).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ProtocolError::InvalidValue {
+                    field: "delay_ms",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
 
     #[test]
     fn handles_print_and_parse_as_partition_offset_attempt() {

@@ -9,6 +9,10 @@ use super::connection::Event;
 use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
+use crate::protocol::queue::{
+    DescribeGroupsRequest, DescribeGroupsResponse, GroupDescription, Handle, ReceiveRequest,
+    ReceiveResponse, RefusedHandle, SettleAction, SettleRequest, SettleResponse,
+};
 use crate::protocol::{
     quote_untrusted, ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest,
     FetchResponse, FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult,
@@ -17,6 +21,7 @@ use crate::protocol::{
     ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
     TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
+use crate::shard::queues::settings::{self as queue_settings, validate_group_name};
 use crate::shard::{
     FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
 };
@@ -62,6 +67,7 @@ pub async fn handle(
                             topic: TopicConfig {
                                 partitions: request.partitions,
                                 retention: request.retention,
+                                queue: request.queue,
                                 ..TopicConfig::default()
                             },
                         },
@@ -85,8 +91,8 @@ pub async fn handle(
                         0,
                         ShardRequest::AlterTopic {
                             name: request.name,
-                            retention: Some(request.retention),
-                            queue: Default::default(),
+                            retention: request.retention,
+                            queue: request.queue,
                         },
                     )
                     .await,
@@ -98,6 +104,20 @@ pub async fn handle(
         Request::ListOffsets(request) => Ok(ResponseBody::ListOffsets(
             list_offsets(shard, request).await,
         )),
+        Request::Receive(request) => Ok(ResponseBody::Receive(
+            receive(shard, request, caller).await?,
+        )),
+        Request::Settle(request) => Ok(ResponseBody::Settle(settle(shard, request).await?)),
+        Request::DescribeGroups(request) => Ok(ResponseBody::DescribeGroups(
+            describe_groups(shard, request).await?,
+        )),
+        // Stream groups and purge: the lead's part of issue 8.
+        Request::CommitOffsets(_) | Request::FetchCommitted(_) | Request::PurgeTopic(_) => {
+            Err(WireError::new(
+                ErrorCode::UnknownOpcode,
+                "consumer-group operations are not served by this broker yet",
+            ))
+        }
     }
 }
 
@@ -200,6 +220,15 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
                     .as_ref()
                     .map(|topic| topic.retention)
                     .unwrap_or_default(),
+                // Every setting filled in, the broker's defaults where the topic set none.
+                queue: topic.as_ref().map_or_else(Default::default, |topic| {
+                    queue_settings::filled(
+                        &shard.config,
+                        &topic.queue,
+                        &name,
+                        topic.dead_letter_source.is_some(),
+                    )
+                }),
                 error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
@@ -669,4 +698,300 @@ async fn wait_for_first(
         answered.push((slots, reply));
     }
     answered
+}
+
+/// A receive: asks each shard owning partitions of the topic in turn (from a different
+/// one each time, for fairness) for what is left of `messages_max`; with nothing
+/// available, long-polls every owner until one has something or `wait_ms` passes, then
+/// asks again. Never more than `messages_max` (capped by `queue_receive_messages_max`)
+/// in all.
+async fn receive(
+    shard: &Rc<Shard>,
+    request: ReceiveRequest,
+    caller: &Caller<'_>,
+) -> Result<ReceiveResponse, WireError> {
+    validate_group_name(&request.group)?;
+    let route = TopicRoute::new(shard, &request.topic);
+    let Some(partitions) = route.partitions else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let messages_max = request
+        .messages_max
+        .min(shard.config.queue_receive_messages_max);
+    let mut owners: Vec<ShardId> = Vec::new();
+    for partition in 0..partitions {
+        let owner = route.check(partition)?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    owners.sort_unstable();
+    if !owners.is_empty() {
+        let start = (shard.next_fetch_rotation() % owners.len() as u64) as usize;
+        owners.rotate_left(start);
+    }
+    let visibility_timeout_ms =
+        (request.visibility_timeout_ms > 0).then_some(u64::from(request.visibility_timeout_ms));
+    let wait = Duration::from_millis(u64::from(
+        request.wait_ms.min(shard.config.fetch_wait_ms_max),
+    ));
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut messages = Vec::new();
+        let mut first_error = None;
+        for &owner in &owners {
+            let remaining = messages_max - messages.len() as u32;
+            if remaining == 0 {
+                break;
+            }
+            let reply = shard
+                .route(
+                    owner,
+                    ShardRequest::QueueReceive {
+                        topic: request.topic.clone(),
+                        group: request.group.clone(),
+                        messages_max: remaining,
+                        visibility_timeout_ms,
+                        holder: caller.holder,
+                    },
+                )
+                .await;
+            match reply {
+                ShardReply::QueueReceive(Ok(received)) => {
+                    assert!(
+                        received.len() as u32 <= remaining,
+                        "an owner hands out at most what it was asked for"
+                    );
+                    messages.extend(received);
+                }
+                ShardReply::QueueReceive(Err(error)) | ShardReply::Done(Err(error)) => {
+                    first_error.get_or_insert(error);
+                }
+                other => {
+                    first_error.get_or_insert(unexpected(&other));
+                }
+            }
+        }
+        if !messages.is_empty() {
+            // Leased already: handed out even if another owner failed.
+            messages.sort_by_key(|message| (message.handle.partition, message.handle.offset));
+            return Ok(ReceiveResponse { messages });
+        }
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        let now = std::time::Instant::now();
+        if messages_max == 0 || now >= deadline || caller.gone.is_some_and(Event::is_set) {
+            return Ok(ReceiveResponse { messages });
+        }
+        let waited = wait_until_receivable(shard, &owners, &request, deadline - now, caller).await;
+        if !waited {
+            // The client left: nothing to answer to, and nothing leased for it.
+            return Ok(ReceiveResponse {
+                messages: Vec::new(),
+            });
+        }
+    }
+}
+
+/// Long-polls every owner at once until one says the group has something for it (or
+/// the wait ends). False when the client left meanwhile; the owners' polls are then
+/// cancelled (dropping them sends the mesh Cancel).
+async fn wait_until_receivable(
+    shard: &Rc<Shard>,
+    owners: &[ShardId],
+    request: &ReceiveRequest,
+    wait: Duration,
+    caller: &Caller<'_>,
+) -> bool {
+    use futures_lite::StreamExt;
+    let (sender, mut receiver) = futures_channel::mpsc::unbounded();
+    // Kept, not detached: dropping them at the end cancels the polls still running.
+    let mut polls = Vec::with_capacity(owners.len());
+    for &owner in owners {
+        let shard = Rc::clone(shard);
+        let sender = sender.clone();
+        let poll = ShardRequest::QueueWait {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+            wait,
+        };
+        polls.push(glommio::spawn_local(async move {
+            let _ = shard.route(owner, poll).await;
+            let _ = sender.unbounded_send(());
+        }));
+    }
+    drop(sender);
+    let answered = futures_lite::future::or(
+        async {
+            let _ = receiver.next().await;
+            true
+        },
+        async {
+            match caller.gone {
+                Some(gone) => {
+                    gone.wait().await;
+                    false
+                }
+                None => std::future::pending().await,
+            }
+        },
+    )
+    .await;
+    drop(polls);
+    answered
+}
+
+/// Ack, nack or extend: the handles are split by owning shard; each owner answers with
+/// the handles it refused. Handles of an unknown topic or partition are refused here.
+async fn settle(shard: &Rc<Shard>, request: SettleRequest) -> Result<SettleResponse, WireError> {
+    validate_group_name(&request.group)?;
+    let handles_total: u64 = request
+        .ranges
+        .iter()
+        .map(|range| u64::from(range.count))
+        .sum();
+    let handles_max = shard.config.queue_handles_per_request_max;
+    if handles_total > u64::from(handles_max) {
+        return Err(WireError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "the request names {handles_total} handles, more than queue_handles_per_request_max ({handles_max})"
+            ),
+        ));
+    }
+    let action = match request.action {
+        SettleAction::Nack { delay, reason } => {
+            // Cut here, so the owner's copy is bounded too (at a character boundary).
+            let mut end = reason
+                .len()
+                .min(usize::from(shard.config.queue_nack_reason_bytes_max));
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            SettleAction::Nack {
+                delay,
+                reason: reason[..end].to_owned(),
+            }
+        }
+        other => other,
+    };
+    let route = TopicRoute::new(shard, &request.topic);
+    let mut refused = Vec::new();
+    let mut by_owner: Vec<(ShardId, Vec<Handle>)> = Vec::new();
+    for range in &request.ranges {
+        match route.check(range.partition) {
+            Err(error) => refused.extend(range.handles().map(|handle| RefusedHandle {
+                handle,
+                error: error.clone(),
+            })),
+            Ok(owner) => {
+                let at = match by_owner.iter().position(|(shard, _)| *shard == owner) {
+                    Some(at) => at,
+                    None => {
+                        by_owner.push((owner, Vec::new()));
+                        by_owner.len() - 1
+                    }
+                };
+                by_owner[at].1.extend(range.handles());
+            }
+        }
+    }
+    let mut tasks = Vec::with_capacity(by_owner.len());
+    for (owner, handles) in by_owner {
+        let shard = Rc::clone(shard);
+        let settle = ShardRequest::QueueSettle {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+            action: action.clone(),
+            handles: handles.clone(),
+        };
+        tasks.push((
+            handles,
+            glommio::spawn_local(async move { shard.route(owner, settle).await }),
+        ));
+    }
+    for (handles, task) in tasks {
+        match task.await {
+            ShardReply::QueueSettle(owner_refused) => refused.extend(owner_refused),
+            ShardReply::Done(Err(error)) => {
+                refused.extend(handles.into_iter().map(|handle| RefusedHandle {
+                    handle,
+                    error: error.clone(),
+                }))
+            }
+            other => {
+                let error = unexpected(&other);
+                refused.extend(handles.into_iter().map(|handle| RefusedHandle {
+                    handle,
+                    error: error.clone(),
+                }));
+            }
+        }
+    }
+    refused.sort_by_key(|refusal| (refusal.handle.partition, refusal.handle.offset));
+    Ok(SettleResponse { refused })
+}
+
+/// The topic's groups (queue and stream), merged across the owning shards: groups by
+/// name (then kind), partitions ascending.
+async fn describe_groups(
+    shard: &Rc<Shard>,
+    request: DescribeGroupsRequest,
+) -> Result<DescribeGroupsResponse, WireError> {
+    if !request.group.is_empty() {
+        validate_group_name(&request.group)?;
+    }
+    let route = TopicRoute::new(shard, &request.topic);
+    let Some(partitions) = route.partitions else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let mut owners: Vec<ShardId> = Vec::new();
+    for partition in 0..partitions {
+        let owner = route.check(partition)?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    let mut tasks = Vec::with_capacity(owners.len());
+    for owner in owners {
+        let shard = Rc::clone(shard);
+        let describe = ShardRequest::DescribeGroups {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+        };
+        tasks.push(glommio::spawn_local(async move {
+            shard.route(owner, describe).await
+        }));
+    }
+    let mut groups: std::collections::BTreeMap<(String, u8), GroupDescription> =
+        std::collections::BTreeMap::new();
+    for task in tasks {
+        let described = match task.await {
+            ShardReply::DescribeGroups(described) => described?,
+            ShardReply::Done(Err(error)) => return Err(error),
+            other => return Err(unexpected(&other)),
+        };
+        for (name, kind, partition) in described {
+            groups
+                .entry((name.clone(), kind as u8))
+                .or_insert_with(|| GroupDescription {
+                    name,
+                    kind,
+                    partitions: Vec::new(),
+                })
+                .partitions
+                .push(partition);
+        }
+    }
+    let groups = groups
+        .into_values()
+        .map(|mut group| {
+            group
+                .partitions
+                .sort_by_key(|partition| partition.partition);
+            group
+        })
+        .collect();
+    Ok(DescribeGroupsResponse { groups })
 }

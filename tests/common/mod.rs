@@ -163,6 +163,7 @@ impl RawClient {
             name: name.into(),
             partitions,
             retention: Default::default(),
+            queue: Default::default(),
         }))
         .expect("topic created");
     }
