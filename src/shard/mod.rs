@@ -24,6 +24,7 @@ use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
 pub mod queues;
+mod stream_positions_placeholder;
 
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
@@ -1403,19 +1404,5 @@ mod tests {
             durable_wait_error(&StorageError::Closed, true).code,
             ErrorCode::ShuttingDown
         );
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Stream groups: placeholder until the lead's CommitOffsets / FetchCommitted work lands.
-// ---------------------------------------------------------------------------------------
-
-impl Shard {
-    /// The committed offsets of every stream group of an owned partition, as
-    /// (group, offset). PLACEHOLDER for the stream-group work (CommitOffsets /
-    /// FetchCommitted, which keeps a per-partition offsets file): until it lands, no
-    /// stream group exists, so describe lists queue groups only. Replace at merge.
-    pub fn stream_group_positions(&self, _topic: &str, _partition: u32) -> Vec<(String, u64)> {
-        Vec::new()
     }
 }

@@ -472,21 +472,18 @@ impl JournalWriter {
             let listener = self.wanted.listen();
             let taken = {
                 let mut state = self.state.borrow_mut();
-                if state.pending.is_empty() {
-                    if state.closing {
-                        state.stopped = true;
-                        None
-                    } else {
-                        drop(state);
-                        let _ = listener.await;
-                        continue;
-                    }
-                } else {
+                if !state.pending.is_empty() {
                     Some((std::mem::take(&mut state.pending), state.appended_seq))
+                } else if state.closing {
+                    state.stopped = true;
+                    break;
+                } else {
+                    None
                 }
             };
             let Some((chunks, target_seq)) = taken else {
-                break;
+                let _ = listener.await;
+                continue;
             };
             let round = async {
                 for (segment, bytes) in chunks {

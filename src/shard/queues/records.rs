@@ -146,7 +146,10 @@ mod tests {
     use crate::protocol::batch::{stamp_batch, BatchBuilder};
     use bytes::BytesMut;
 
-    fn stored(records: &[(Option<&[u8]>, &[(&str, &[u8])])], base: u64, append_ms: i64) -> Bytes {
+    /// A record's key and headers.
+    type Shape<'a> = (Option<&'a [u8]>, &'a [(&'a str, &'a [u8])]);
+
+    fn stored(records: &[Shape<'_>], base: u64, append_ms: i64) -> Bytes {
         let mut builder = BatchBuilder::new(BytesMut::new());
         for (key, record_headers) in records {
             builder.push(1_000, *key, b"v", record_headers);

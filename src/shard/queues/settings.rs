@@ -311,7 +311,7 @@ pub fn from_meta<'a>(field: impl Fn(&str) -> Option<&'a str>) -> Result<QueueSet
 mod tests {
     use super::*;
 
-    fn field_of(text: &str) -> impl Fn(&str) -> Option<&str> + '_ {
+    fn field_of<'a>(text: &'a str) -> impl Fn(&str) -> Option<&'a str> + 'a {
         move |key| {
             text.lines()
                 .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
