@@ -828,3 +828,34 @@ fn kill_9_keeps_acks_attempts_and_one_dlq_copy() {
     assert!(receive(&mut client, "orders", 10, 200).is_empty());
     serve.kill9();
 }
+
+#[test]
+fn altered_settings_reach_live_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 1, quick(5));
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+    let first = receive(&mut client, "orders", 1, 5_000);
+    assert!(settle(&mut client, "orders", nack_ms(0, "one"), &handles(&first)).is_empty());
+    client
+        .call(&Request::AlterTopic(AlterTopicRequest {
+            name: "orders".into(),
+            retention: None,
+            queue: QueueSettings {
+                deliveries_max: Some(2),
+                ..QueueSettings::default()
+            },
+        }))
+        .unwrap();
+    let second = receive(&mut client, "orders", 1, 5_000);
+    assert_eq!(second[0].handle.attempt, 2);
+    assert!(settle(&mut client, "orders", nack_ms(0, "two"), &handles(&second)).is_empty());
+    assert!(
+        receive(&mut client, "orders", 1, 200).is_empty(),
+        "the second failure now dead-letters"
+    );
+    eventually("dead-lettered under the new maximum", || {
+        describe(&mut client, "orders", GROUP)[0].partitions[0].dead_lettered == 1
+    });
+}

@@ -685,6 +685,7 @@ impl Shard {
                 queue,
             } => ShardReply::Done(self.coordinate_alter(name, retention, queue).await),
             ShardRequest::UpdateTopic { name, topic } => {
+                self.update_queue_policies(&name, &topic);
                 let mut catalog = self.catalog.borrow_mut();
                 ShardReply::Done(match catalog.get_mut(&name) {
                     Some(installed) => {

@@ -590,6 +590,30 @@ impl Shard {
         Ok(())
     }
 
+    /// A topic's queue settings changed: its live groups take the new policy at once;
+    /// an ordering change applies when the broker next starts (docs/queues.md §8).
+    pub(super) fn update_queue_policies(&self, topic: &str, config: &TopicConfig) {
+        for group in self.queue_groups_of(topic) {
+            let mut state = group.state.borrow_mut();
+            let mut policy = settings::resolve(
+                &self.config,
+                &config.queue,
+                topic,
+                &group.name,
+                group.partition,
+            );
+            if policy.ordering != state.config().ordering {
+                eprintln!(
+                    "shardq: queue group {:?} of {topic} partition {}: the new ordering applies from the next start",
+                    group.name, group.partition
+                );
+                policy.ordering = state.config().ordering;
+            }
+            state.set_policy(policy);
+        }
+        self.queues.ready.notify_all();
+    }
+
     /// Closes a group's journal (what is appended is written) and stops its workers.
     async fn close_queue_group(&self, group: &Rc<GroupRuntime>) {
         group.closed.set(true);
