@@ -5,27 +5,33 @@
 set -euo pipefail
 shardq=${1:-target/release/shardq}
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/shardq-smoke.XXXXXX")
-port=$((20000 + RANDOM % 20000))
-server="127.0.0.1:$port"
-export SHARDQ_SERVER=$server
-
-"$shardq" serve --data-dir "$work/data" --listen "$server" 2>"$work/serve.log" &
-pid=$!
+pid=
 cleanup() {
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-for _ in $(seq 1 100); do
-    grep -q "serving on" "$work/serve.log" && break
-    kill -0 "$pid" 2>/dev/null || { cat "$work/serve.log"; exit 1; }
-    sleep 0.1
-done
-grep -q "serving on" "$work/serve.log" || { echo "broker did not start"; cat "$work/serve.log"; exit 1; }
-
 fail() { echo "smoke: $*" >&2; cat "$work/serve.log" >&2; exit 1; }
+
+# Starts the broker on port 0 (the kernel picks free ports, so no port a test or another
+# program holds can collide) and reads the address back from its "serving on" line.
+# Fails with the broker's log if it exits or does not serve within 10 s.
+start_broker() {
+    "$shardq" serve --data-dir "$work/data" --listen 127.0.0.1:0 2>"$work/serve.log" &
+    pid=$!
+    for _ in $(seq 1 100); do
+        grep -q "serving on" "$work/serve.log" && break
+        kill -0 "$pid" 2>/dev/null || fail "the broker exited before serving"
+        sleep 0.1
+    done
+    SHARDQ_SERVER=$(sed -n 's/.*serving on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/serve.log" | head -n 1)
+    [ -n "$SHARDQ_SERVER" ] || fail "the broker did not start serving within 10 s"
+    export SHARDQ_SERVER
+}
+
+start_broker
 
 "$shardq" topic create orders --partitions 4
 printf 'a\nb\nc\n' | "$shardq" produce orders --key customer-7
@@ -40,12 +46,8 @@ fi
 # A clean stop flushes; a restart serves the same messages.
 kill -TERM "$pid"
 wait "$pid" || fail "broker exited non-zero on SIGTERM"
-"$shardq" serve --data-dir "$work/data" --listen "$server" 2>"$work/serve.log" &
-pid=$!
-for _ in $(seq 1 100); do
-    grep -q "serving on" "$work/serve.log" && break
-    sleep 0.1
-done
+pid=
+start_broker
 got=$("$shardq" consume orders --from-beginning --count 3 --timeout-ms 5000)
 [ "$got" = "$(printf 'a\nb\nc')" ] || fail "after restart consume printed: $got"
 "$shardq" topic delete orders

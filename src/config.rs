@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub partitions_per_topic_max: u32,
     /// Most topics the broker holds.
     pub topics_max: u32,
+    /// Most stream groups that commit offsets on one partition; a commit by one more
+    /// group is refused (`limit_exceeded`).
+    pub stream_groups_per_partition_max: u32,
     /// Most open client connections per shard; more are accepted and closed at once.
     pub connections_per_shard_max: u32,
     /// Most open client connections over all shards; more are accepted and closed at once.
@@ -166,6 +169,7 @@ impl Default for ServerConfig {
             partitions_per_request_max: 16_384,
             partitions_per_topic_max: 4096,
             topics_max: 10_000,
+            stream_groups_per_partition_max: 1000,
             connections_per_shard_max: 10_000,
             connections_max: 20_000,
             connection_requests_in_flight_max: 256,
@@ -312,6 +316,10 @@ impl ServerConfig {
             ),
             ("topics_max", u64::from(self.topics_max)),
             (
+                "stream_groups_per_partition_max",
+                u64::from(self.stream_groups_per_partition_max),
+            ),
+            (
                 "connections_per_shard_max",
                 u64::from(self.connections_per_shard_max),
             ),
@@ -425,6 +433,20 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn stream_groups_per_partition_must_be_at_least_one() {
+        let config = |groups| ServerConfig {
+            stream_groups_per_partition_max: groups,
+            ..ServerConfig::default()
+        };
+        assert!(config(1).validate().is_ok());
+        let error = config(0).validate().unwrap_err();
+        assert!(
+            error.0.contains("stream_groups_per_partition_max"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -16,8 +16,9 @@ use common::{batch_of, test_config, RawClient, TestBroker};
 use shardq::config::ServerConfig;
 use shardq::protocol::batch::{BatchBuilder, Record};
 use shardq::protocol::queue::{
-    handle_ranges, headers, DescribeGroupsRequest, GroupDescription, GroupKind, Handle, NackDelay,
-    QueueSettings, ReceiveRequest, ReceivedMessage, RefusedHandle, SettleAction, SettleRequest,
+    handle_ranges, headers, CommitOffsetsRequest, CommitPartition, DescribeGroupsRequest,
+    GroupDescription, GroupKind, Handle, NackDelay, QueueSettings, ReceiveRequest, ReceivedMessage,
+    RefusedHandle, SettleAction, SettleRequest,
 };
 use shardq::protocol::{
     AlterTopicRequest, CreateTopicRequest, ErrorCode, MetadataRequest, Request, ResponseBody,
@@ -458,11 +459,40 @@ fn two_groups_each_get_every_message() {
         }
         assert_eq!(seen.len(), 3, "{group}");
     }
-    let names: Vec<String> = describe(&mut client, "orders", "")
-        .into_iter()
-        .map(|group| group.name)
+    // A stream group on the same topic is described with them.
+    client
+        .call(&Request::CommitOffsets(CommitOffsetsRequest {
+            group: "audit".into(),
+            topic: "orders".into(),
+            partitions: vec![CommitPartition {
+                partition: 2,
+                offset: 1,
+            }],
+        }))
+        .unwrap();
+    let groups = describe(&mut client, "orders", "");
+    let names: Vec<(String, GroupKind)> = groups
+        .iter()
+        .map(|group| (group.name.clone(), group.kind))
         .collect();
-    assert_eq!(names, vec!["billing", "shipping"]);
+    assert_eq!(
+        names,
+        vec![
+            ("audit".into(), GroupKind::Stream),
+            ("billing".into(), GroupKind::Queue),
+            ("shipping".into(), GroupKind::Queue)
+        ]
+    );
+    assert_eq!(groups[0].partitions.len(), 1);
+    assert_eq!(groups[0].partitions[0].position, 1);
+    for group in &groups[1..] {
+        let partitions: Vec<u32> = group.partitions.iter().map(|p| p.partition).collect();
+        assert_eq!(partitions, vec![0, 1, 2], "{}", group.name);
+        assert!(group
+            .partitions
+            .iter()
+            .all(|p| p.acked == 1 && p.position == 1));
+    }
 }
 
 #[test]

@@ -10,8 +10,11 @@ use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
 use crate::protocol::queue::{
-    DescribeGroupsRequest, DescribeGroupsResponse, GroupDescription, Handle, ReceiveRequest,
-    ReceiveResponse, RefusedHandle, SettleAction, SettleRequest, SettleResponse,
+    CommitOffsetsRequest, CommitOffsetsResponse, CommitPartitionResult, DescribeGroupsRequest,
+    DescribeGroupsResponse, FetchCommittedPartitionResult, FetchCommittedRequest,
+    FetchCommittedResponse, GroupDescription, Handle, PurgeTopicRequest, PurgeTopicResponse,
+    PurgedPartition, ReceiveRequest, ReceiveResponse, RefusedHandle, SettleAction, SettleRequest,
+    SettleResponse,
 };
 use crate::protocol::{
     quote_untrusted, ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest,
@@ -111,12 +114,14 @@ pub async fn handle(
         Request::DescribeGroups(request) => Ok(ResponseBody::DescribeGroups(
             describe_groups(shard, request).await?,
         )),
-        // Stream groups and purge: the lead's part of issue 8.
-        Request::CommitOffsets(_) | Request::FetchCommitted(_) | Request::PurgeTopic(_) => {
-            Err(WireError::new(
-                ErrorCode::UnknownOpcode,
-                "consumer-group operations are not served by this broker yet",
-            ))
+        Request::CommitOffsets(request) => Ok(ResponseBody::CommitOffsets(
+            commit_offsets(shard, request).await?,
+        )),
+        Request::FetchCommitted(request) => Ok(ResponseBody::FetchCommitted(
+            fetch_committed(shard, request).await?,
+        )),
+        Request::PurgeTopic(request) => {
+            Ok(ResponseBody::PurgeTopic(purge_topic(shard, request).await?))
         }
     }
 }
@@ -170,6 +175,134 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
         },
     );
     response
+}
+
+/// Stream group commits: each partition's commit goes to its owner; answered in request
+/// order once every owner has made its commits durable.
+async fn commit_offsets(
+    shard: &Rc<Shard>,
+    request: CommitOffsetsRequest,
+) -> Result<CommitOffsetsResponse, WireError> {
+    let route = TopicRoute::new(shard, &request.topic);
+    if let Some(unknown) = &route.unknown {
+        return Err(unknown.clone());
+    }
+    let group: Arc<str> = Arc::from(request.group);
+    let mut split = Split::new();
+    let mut partitions = Vec::with_capacity(request.partitions.len());
+    for (index, entry) in request.partitions.into_iter().enumerate() {
+        let result = route.check(entry.partition).map(|owner| {
+            split.push(owner, (index, 0), (entry.partition, entry.offset));
+        });
+        partitions.push(CommitPartitionResult {
+            partition: entry.partition,
+            result: result.and(Err(WireError::new(
+                ErrorCode::Internal,
+                "no reply from the owning shard",
+            ))),
+        });
+    }
+    let replies = run_groups(shard, split, |entries| ShardRequest::CommitOffsets {
+        topic: Arc::clone(&route.name),
+        group: Arc::clone(&group),
+        entries,
+    })
+    .await;
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::Commit(results) => Ok(results),
+            other => Err(other),
+        },
+        Err,
+        |(index, _), result| partitions[index].result = result,
+    );
+    Ok(CommitOffsetsResponse { partitions })
+}
+
+/// Stream group positions of the listed partitions (every partition when none is).
+async fn fetch_committed(
+    shard: &Rc<Shard>,
+    request: FetchCommittedRequest,
+) -> Result<FetchCommittedResponse, WireError> {
+    let route = TopicRoute::new(shard, &request.topic);
+    let (Some(count), None) = (route.partitions, &route.unknown) else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let listed = if request.partitions.is_empty() {
+        (0..count).collect()
+    } else {
+        request.partitions
+    };
+    let group: Arc<str> = Arc::from(request.group);
+    let mut split = Split::new();
+    let mut partitions = Vec::with_capacity(listed.len());
+    for (index, partition) in listed.into_iter().enumerate() {
+        let result = route.check(partition).map(|owner| {
+            split.push(owner, (index, 0), partition);
+        });
+        partitions.push(FetchCommittedPartitionResult {
+            partition,
+            result: result.and(Err(WireError::new(
+                ErrorCode::Internal,
+                "no reply from the owning shard",
+            ))),
+        });
+    }
+    let replies = run_groups(shard, split, |partitions| ShardRequest::FetchCommitted {
+        topic: Arc::clone(&route.name),
+        group: Arc::clone(&group),
+        partitions,
+    })
+    .await;
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::Committed(results) => Ok(results),
+            other => Err(other),
+        },
+        Err,
+        |(index, _), result| partitions[index].result = result,
+    );
+    Ok(FetchCommittedResponse { partitions })
+}
+
+/// Deletes every stored record of every partition of a topic. The first partition that
+/// fails fails the request (the others are purged all the same).
+async fn purge_topic(
+    shard: &Rc<Shard>,
+    request: PurgeTopicRequest,
+) -> Result<PurgeTopicResponse, WireError> {
+    let route = TopicRoute::new(shard, &request.topic);
+    let (Some(count), None) = (route.partitions, &route.unknown) else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let mut split = Split::new();
+    for partition in 0..count {
+        let owner = route.check(partition)?;
+        split.push(owner, (partition as usize, 0), partition);
+    }
+    let replies = run_groups(shard, split, |partitions| ShardRequest::PurgeTopic {
+        topic: Arc::clone(&route.name),
+        partitions,
+    })
+    .await;
+    let mut partitions: Vec<Option<Result<PurgedPartition, WireError>>> =
+        vec![None; count as usize];
+    place_replies(
+        replies,
+        |reply| match reply {
+            ShardReply::Purged(results) => Ok(results),
+            other => Err(other),
+        },
+        Err,
+        |(index, _), result| partitions[index] = Some(result),
+    );
+    let partitions = partitions
+        .into_iter()
+        .map(|result| result.expect("every partition was routed"))
+        .collect::<Result<Vec<_>, WireError>>()?;
+    Ok(PurgeTopicResponse { partitions })
 }
 
 /// A ListOffsets time is a time (>= 0) or one of the two special values; anything else

@@ -23,12 +23,15 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
+mod offsets;
 pub mod queues;
-mod stream_positions_placeholder;
 
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
-use crate::protocol::queue::{Handle, QueueSettings, ReceivedMessage, RefusedHandle, SettleAction};
+use crate::protocol::queue::{
+    CommittedOffset, Handle, PurgedPartition, QueueSettings, ReceivedMessage, RefusedHandle,
+    SettleAction, COMMITTED_NONE,
+};
 use crate::protocol::{
     quote_untrusted, validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets,
     Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
@@ -37,6 +40,7 @@ use crate::server::data_dir::topics_directory;
 use crate::storage::{
     ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError, TailCache,
 };
+use offsets::{CommitError, OffsetStore};
 
 /// File in a topic's directory that records its partition count.
 pub const TOPIC_METADATA_FILE: &str = "topic.meta";
@@ -162,6 +166,23 @@ pub enum ShardRequest {
         offsets: Vec<u64>,
         from_ms: u64,
     },
+    /// Stream group commits on owned partitions: (partition, offset).
+    CommitOffsets {
+        topic: Arc<str>,
+        group: Arc<str>,
+        entries: Vec<(u32, u64)>,
+    },
+    /// Stream group positions of owned partitions.
+    FetchCommitted {
+        topic: Arc<str>,
+        group: Arc<str>,
+        partitions: Vec<u32>,
+    },
+    /// Deletes every stored record of the owned partitions of a topic.
+    PurgeTopic {
+        topic: Arc<str>,
+        partitions: Vec<u32>,
+    },
 }
 
 impl ShardRequest {
@@ -187,6 +208,10 @@ pub enum ShardReply {
     DescribeGroups(Result<Vec<queues::DescribedPartition>, WireError>),
     FoundDeadLetters(Result<Vec<u64>, WireError>),
     Done(Result<(), WireError>),
+    /// One result per entry, in order.
+    Commit(Vec<Result<(), WireError>>),
+    Committed(Vec<Result<CommittedOffset, WireError>>),
+    Purged(Vec<Result<PurgedPartition, WireError>>),
 }
 
 /// What travels between shards. `Send` by construction: owned bytes and strings only.
@@ -253,6 +278,8 @@ pub struct Shard {
     pub shard_ports: Vec<u16>,
     catalog: RefCell<BTreeMap<String, TopicConfig>>,
     logs: RefCell<HashMap<String, Vec<Option<Rc<PartitionLog>>>>>,
+    /// Stream groups' committed offsets of every owned partition, by (topic, partition).
+    offset_stores: RefCell<HashMap<(String, u32), Rc<OffsetStore>>>,
     /// Shard 0 only: topics being created or deleted right now.
     topics_changing: RefCell<HashSet<String>>,
     budget: Rc<ChunkBudget>,
@@ -295,6 +322,7 @@ impl Shard {
             shard_ports,
             catalog: RefCell::new(BTreeMap::new()),
             logs: RefCell::new(HashMap::new()),
+            offset_stores: RefCell::new(HashMap::new()),
             topics_changing: RefCell::new(HashSet::new()),
             budget,
             tail_cache,
@@ -460,6 +488,20 @@ impl Shard {
                 }
             }
         }
+        let mut stores = Vec::new();
+        for log in owned.iter().flatten() {
+            let directory = log.directory().to_path_buf();
+            let groups_max = self.config.stream_groups_per_partition_max;
+            match off_reactor(move || OffsetStore::open_blocking(&directory, groups_max)).await {
+                Ok(store) => stores.push(Rc::new(store)),
+                Err(error) => {
+                    for log in owned.into_iter().flatten() {
+                        log.close().await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
         // The queue groups of the owned partitions come back with them.
         for (partition, log) in owned.iter().enumerate() {
             if let Some(log) = log {
@@ -475,6 +517,14 @@ impl Shard {
                 }
             }
         }
+        {
+            let mut offset_stores = self.offset_stores.borrow_mut();
+            let partitions =
+                (0..partitions).filter(|partition| owned[*partition as usize].is_some());
+            for (partition, store) in partitions.zip(stores) {
+                offset_stores.insert((name.to_owned(), partition), store);
+            }
+        }
         self.logs.borrow_mut().insert(name.to_owned(), owned);
         self.catalog.borrow_mut().insert(name.to_owned(), topic);
         Ok(())
@@ -482,6 +532,9 @@ impl Shard {
 
     async fn remove_topic(&self, name: &str) -> Result<(), WireError> {
         self.catalog.borrow_mut().remove(name);
+        self.offset_stores
+            .borrow_mut()
+            .retain(|(topic, _), _| topic != name);
         // Their journals close before the directories go.
         self.remove_queue_groups(name).await;
         let owned = self.logs.borrow_mut().remove(name).unwrap_or_default();
@@ -753,7 +806,135 @@ impl Shard {
                 )
                 .await,
             ),
+            ShardRequest::CommitOffsets {
+                topic,
+                group,
+                entries,
+            } => ShardReply::Commit(self.commit_owned(&topic, &group, entries).await),
+            ShardRequest::FetchCommitted {
+                topic,
+                group,
+                partitions,
+            } => ShardReply::Committed(
+                partitions
+                    .into_iter()
+                    .map(|partition| self.committed_owned(&topic, &group, partition))
+                    .collect(),
+            ),
+            ShardRequest::PurgeTopic { topic, partitions } => {
+                let mut results = Vec::with_capacity(partitions.len());
+                for partition in partitions {
+                    results.push(self.purge_owned(&topic, partition).await);
+                }
+                ShardReply::Purged(results)
+            }
         }
+    }
+
+    fn offset_store(&self, topic: &str, partition: u32) -> Result<Rc<OffsetStore>, WireError> {
+        // The log lookup gives the right error for an unknown topic or partition.
+        self.log(topic, partition)?;
+        self.offset_stores
+            .borrow()
+            .get(&(topic.to_owned(), partition))
+            .cloned()
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "partition {partition} of {} has no offset store on shard {}",
+                        quote_untrusted(topic),
+                        self.id
+                    ),
+                )
+            })
+    }
+
+    async fn commit_owned(
+        &self,
+        topic: &str,
+        group: &str,
+        entries: Vec<(u32, u64)>,
+    ) -> Vec<Result<(), WireError>> {
+        let mut results = Vec::with_capacity(entries.len());
+        for (partition, offset) in entries {
+            results.push(self.commit_one(topic, group, partition, offset).await);
+        }
+        results
+    }
+
+    async fn commit_one(
+        &self,
+        topic: &str,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), WireError> {
+        let store = self.offset_store(topic, partition)?;
+        let high_watermark = self.log(topic, partition)?.high_watermark();
+        if offset > high_watermark {
+            return Err(WireError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {offset} is past the high watermark {high_watermark} of partition {partition}"
+                ),
+            ));
+        }
+        store.commit(group, offset).await.map_err(|error| match error {
+            CommitError::TooManyGroups { groups_max } => WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "partition {partition} of {} has {groups_max} stream groups, the most stream_groups_per_partition_max allows",
+                    quote_untrusted(topic)
+                ),
+            ),
+            CommitError::Storage(reason) => WireError::new(ErrorCode::StorageError, reason),
+        })
+    }
+
+    fn committed_owned(
+        &self,
+        topic: &str,
+        group: &str,
+        partition: u32,
+    ) -> Result<CommittedOffset, WireError> {
+        let store = self.offset_store(topic, partition)?;
+        let log = self.log(topic, partition)?;
+        Ok(CommittedOffset {
+            committed: store.committed(group).unwrap_or(COMMITTED_NONE),
+            log_start_offset: log.log_start_offset(),
+            high_watermark: log.high_watermark(),
+        })
+    }
+
+    /// Every stream group's committed offset on an owned partition, by name; empty for a
+    /// partition this shard does not own.
+    pub fn stream_group_positions(&self, topic: &str, partition: u32) -> Vec<(String, u64)> {
+        self.offset_stores
+            .borrow()
+            .get(&(topic.to_owned(), partition))
+            .map(|store| store.groups())
+            .unwrap_or_default()
+    }
+
+    async fn purge_owned(&self, topic: &str, partition: u32) -> Result<PurgedPartition, WireError> {
+        let log = self.log(topic, partition)?;
+        let before = log.log_start_offset();
+        let log_start_offset = log.purge().await.map_err(|error| self.wire_error(&error))?;
+        self.log_start_moved(topic, partition, log_start_offset);
+        Ok(PurgedPartition {
+            partition,
+            records: log_start_offset - before,
+            log_start_offset,
+        })
+    }
+
+    /// The log start of an owned partition moved (retention or purge): what queue groups
+    /// on it had not settled below it is gone.
+    fn log_start_moved(&self, _topic: &str, _partition: u32, _log_start: u64) {
+        // The pump tells each group of the partition (`QueueGroup::retention`) on its
+        // next round, which this wakes.
+        self.queue_log_start_moved();
     }
 
     async fn list_offsets_owned(

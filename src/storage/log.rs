@@ -492,45 +492,48 @@ impl<S: LogStorage> PartitionLog<S> {
                 AppendStep::AwaitRoll(done) => {
                     let _ = done.await;
                 }
-                AppendStep::Roll => {
-                    let rolled = self.roll().await;
-                    let stopped = {
-                        let mut state = self.state.borrow_mut();
-                        state.rolling = false;
-                        match &rolled {
-                            // A full disk is retried by the next append; anything else
-                            // means the disk cannot be trusted, as for a failed round.
-                            Err(error)
-                                if !matches!(
-                                    error,
-                                    StorageError::NoSpace { .. } | StorageError::Closed
-                                ) && state.failed.is_none() =>
-                            {
-                                state.failed = Some(StorageError::Stopped {
-                                    reason: error.to_string(),
-                                });
-                                true
-                            }
-                            _ => false,
-                        }
-                    };
-                    self.roll_done.notify_all();
-                    if stopped {
-                        let error = rolled.as_ref().expect_err("checked above");
-                        eprintln!(
-                            "shardq: partition {}: rolling to a new segment: {error}; the partition has stopped",
-                            self.directory.display()
-                        );
-                        self.apply_failure_policy(error);
-                    }
-                    rolled?;
-                }
+                AppendStep::Roll => self.roll_claimed().await?,
                 AppendStep::AwaitChunk => {
                     let permit = self.budget.acquire().await;
                     self.install_chunk(permit)?;
                 }
             }
         }
+    }
+
+    /// Rolls to a new segment; the caller has set `rolling`. Clears it, wakes appends
+    /// waiting for the roll, and applies the failure policy to an error that stops the
+    /// partition.
+    async fn roll_claimed(&self) -> Result<(), StorageError> {
+        let rolled = self.roll().await;
+        let stopped = {
+            let mut state = self.state.borrow_mut();
+            state.rolling = false;
+            match &rolled {
+                // A full disk is retried by the next append; anything else
+                // means the disk cannot be trusted, as for a failed round.
+                Err(error)
+                    if !matches!(error, StorageError::NoSpace { .. } | StorageError::Closed)
+                        && state.failed.is_none() =>
+                {
+                    state.failed = Some(StorageError::Stopped {
+                        reason: error.to_string(),
+                    });
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.roll_done.notify_all();
+        if stopped {
+            let error = rolled.as_ref().expect_err("checked above");
+            eprintln!(
+                "shardq: partition {}: rolling to a new segment: {error}; the partition has stopped",
+                self.directory.display()
+            );
+            self.apply_failure_policy(error);
+        }
+        rolled
     }
 
     /// Makes a new active chunk that starts with the partial block, unless another
@@ -764,17 +767,62 @@ impl<S: LogStorage> PartitionLog<S> {
                 if !(by_size || by_age) {
                     break;
                 }
-                assert_eq!(
-                    head.durable_position, head.end_position,
-                    "retention deletes only segments that are entirely durable"
-                );
                 total -= head.end_position;
                 removed.push(state.segments.remove(0));
             }
             removed
         };
+        self.delete_segments(removed).await
+    }
+
+    /// Deletes every record stored before this call: rolls to a new segment (unless the
+    /// active one is empty), then deletes every segment before it, so the log start moves
+    /// to what was the high watermark. Appends made meanwhile go to the new segment and
+    /// stay. Returns the new log start.
+    pub async fn purge(&self) -> Result<u64, StorageError> {
+        let purge_point = loop {
+            let step = {
+                let mut state = self.state.borrow_mut();
+                state.check_writable(&self.directory)?;
+                let active = state.segments.last().expect("a log has a segment");
+                if state.rolling {
+                    Some(self.roll_done.listen())
+                } else if active.end_position == 0 {
+                    break active.base_offset;
+                } else {
+                    state.rolling = true;
+                    None
+                }
+            };
+            match step {
+                Some(done) => {
+                    let _ = done.await;
+                }
+                None => self.roll_claimed().await?,
+            }
+        };
+        let removed: Vec<Segment<S::File>> = {
+            let mut state = self.state.borrow_mut();
+            let mut removed = Vec::new();
+            while state.segments.len() > 1 && state.segments[1].base_offset <= purge_point {
+                removed.push(state.segments.remove(0));
+            }
+            removed
+        };
+        self.delete_segments(removed).await?;
+        Ok(self.log_start_offset())
+    }
+
+    /// Deletes segments already taken out of the log (its head). Returns how many.
+    async fn delete_segments(&self, removed: Vec<Segment<S::File>>) -> Result<usize, StorageError> {
         if removed.is_empty() {
             return Ok(0);
+        }
+        for segment in &removed {
+            assert_eq!(
+                segment.durable_position, segment.end_position,
+                "only segments that are entirely durable are deleted"
+            );
         }
         // The log start has already moved: reads below it get OffsetOutOfRange, and a
         // read in flight keeps its own handle on the file until it finishes. One deleted

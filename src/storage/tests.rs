@@ -1713,3 +1713,47 @@ fn a_log_of_batch_format_1_is_refused_not_cut_off() {
         "the old log is left as it was"
     );
 }
+
+#[test]
+fn purge_deletes_everything_stored_keeps_later_appends_and_survives_reopen() {
+    let (root, directory) = partition_dir();
+    let reopen_directory = directory.clone();
+    run(root.path(), move || async move {
+        let log = open(&directory).await;
+        // An empty log: nothing to delete, the start stays 0.
+        assert_eq!(log.purge().await.unwrap(), 0);
+        let mut next = 0;
+        while log.segment_count() < 3 {
+            log.append(&batch(next, 10, 1000)).await.unwrap();
+            next += 10;
+        }
+        // Part of the active segment is not durable yet when the purge starts: the roll
+        // makes it durable first, then it goes with the rest.
+        log.append(&batch(next, 5, 10)).await.unwrap();
+        next += 5;
+        let start = log.purge().await.unwrap();
+        assert_eq!(start, next, "the log start moved to the high watermark");
+        assert_eq!(log.log_start_offset(), next);
+        assert_eq!(log.high_watermark(), next);
+        assert_eq!(log.segment_count(), 1, "one empty active segment is left");
+        assert!(matches!(
+            log.read(0, 1 << 20).await,
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        // A purge of a log whose active segment is empty deletes nothing more.
+        assert_eq!(log.purge().await.unwrap(), next);
+        log.append(&batch(next, 3, 10)).await.unwrap();
+        log.wait_durable(next + 3).await.unwrap();
+        let records = read_all(&log, next).await;
+        check_dense(&records, next);
+        assert_eq!(records.len(), 3);
+        log.close().await;
+    });
+    run(root.path(), move || async move {
+        let log = open(&reopen_directory).await;
+        assert_eq!(log.high_watermark() - log.log_start_offset(), 3);
+        let start = log.log_start_offset();
+        assert_eq!(read_all(&log, start).await.len(), 3);
+        log.close().await;
+    });
+}
