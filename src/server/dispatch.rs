@@ -914,7 +914,11 @@ async fn receive(
             return Err(error);
         }
         let now = std::time::Instant::now();
-        if messages_max == 0 || now >= deadline || caller.gone.is_some_and(Event::is_set) {
+        if messages_max == 0
+            || now >= deadline
+            || caller.gone.is_some_and(Event::is_set)
+            || shard.is_shutting_down()
+        {
             return Ok(ReceiveResponse { messages });
         }
         let waited = wait_until_receivable(shard, &owners, &request, deadline - now, caller).await;
