@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::delivery::{ExpiryPolicy as QueueExpiryPolicy, Ordering as QueueOrdering};
+use crate::delivery::{QueueGroupConfig, RetryPolicy};
 pub use crate::storage::FailurePolicy;
 
 #[derive(Debug, Clone)]
@@ -113,6 +115,46 @@ pub struct ServerConfig {
     /// bytes were appended since its last snapshot (and at segment roll and close), which
     /// bounds the log a restart scans to rebuild the table.
     pub producer_snapshot_interval_bytes: u64,
+    // Queue groups (docs/queues.md §11). The topic-level ones are defaults that a topic's
+    // own settings (`topic create|alter`) override.
+    /// Offsets from the ack floor a queue group keeps state for, per partition.
+    pub queue_window_messages_max: u32,
+    /// Leases a queue group holds at once per partition (at most the window).
+    pub queue_in_flight_messages_max: u32,
+    /// Most messages one receive hands out.
+    pub queue_receive_messages_max: u32,
+    /// Most handles one ack, nack or extend request carries.
+    pub queue_handles_per_request_max: u32,
+    /// Lease when a receive names none and the topic sets none.
+    pub queue_visibility_timeout_ms_default: u64,
+    /// Longest lease a receive or extend may ask for.
+    pub queue_visibility_timeout_ms_max: u64,
+    /// Deliveries before a failure dead-letters the message.
+    pub queue_deliveries_max: u32,
+    /// First retry delay after a failed delivery.
+    pub queue_retry_delay_ms_min: u64,
+    /// Cap on retry delays.
+    pub queue_retry_delay_ms_max: u64,
+    /// Growth of the retry delay per failed delivery, in percent (at least 100).
+    pub queue_retry_delay_multiplier_percent: u32,
+    /// Up to this share of a retry delay is randomly taken off (at most 100).
+    pub queue_retry_jitter_percent: u32,
+    /// Cap on an explicit nack delay.
+    pub queue_nack_delay_ms_max: u64,
+    /// Cap on a `deliver_after` header past the append time.
+    pub queue_delivery_delay_ms_max: u64,
+    /// Topic TTL from append time; 0: none.
+    pub queue_message_ttl_ms: u64,
+    /// What happens to an expired message: dropped or dead-lettered.
+    pub queue_expiry_policy: QueueExpiryPolicy,
+    /// `PerKey`: one message in flight per key.
+    pub queue_ordering: QueueOrdering,
+    /// Nack reasons are cut to this many bytes.
+    pub queue_nack_reason_bytes_max: u16,
+    /// Journal records between snapshots of a queue group: bounds its recovery.
+    pub queue_journal_records_per_snapshot_max: u64,
+    /// Queue groups times partitions one shard holds state for.
+    pub queue_groups_per_shard_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +199,25 @@ impl Default for ServerConfig {
             timestamp_future_ms_max: 3_600_000,
             producers_per_partition_max: 10_000,
             producer_snapshot_interval_bytes: 16 << 20,
+            queue_window_messages_max: 8192,
+            queue_in_flight_messages_max: 4096,
+            queue_receive_messages_max: 1000,
+            queue_handles_per_request_max: 1000,
+            queue_visibility_timeout_ms_default: 30_000,
+            queue_visibility_timeout_ms_max: 43_200_000,
+            queue_deliveries_max: 10,
+            queue_retry_delay_ms_min: 1000,
+            queue_retry_delay_ms_max: 300_000,
+            queue_retry_delay_multiplier_percent: 200,
+            queue_retry_jitter_percent: 20,
+            queue_nack_delay_ms_max: 43_200_000,
+            queue_delivery_delay_ms_max: 900_000,
+            queue_message_ttl_ms: 0,
+            queue_expiry_policy: QueueExpiryPolicy::Drop,
+            queue_ordering: QueueOrdering::Unordered,
+            queue_nack_reason_bytes_max: 128,
+            queue_journal_records_per_snapshot_max: 100_000,
+            queue_groups_per_shard_max: 256,
         }
     }
 }
@@ -306,7 +367,43 @@ impl ServerConfig {
                 return fail(format!("{name} must be at least 1"));
             }
         }
+        if self.queue_groups_per_shard_max == 0 {
+            return fail("queue_groups_per_shard_max must be at least 1".into());
+        }
+        // The same checks every queue group's config passes, on the broker's defaults.
+        if let Err(error) = self.queue_group_defaults(0).validate() {
+            return fail(error.to_string());
+        }
         Ok(())
+    }
+
+    /// A queue group's limits and policy from the broker's `queue_*` keys alone; a
+    /// topic's own settings override the topic-level ones (`shard::queues`).
+    pub fn queue_group_defaults(&self, partition: u32) -> QueueGroupConfig {
+        QueueGroupConfig {
+            partition,
+            window_messages_max: self.queue_window_messages_max,
+            in_flight_messages_max: self.queue_in_flight_messages_max,
+            receive_messages_max: self.queue_receive_messages_max,
+            handles_per_request_max: self.queue_handles_per_request_max,
+            visibility_timeout_ms_default: self.queue_visibility_timeout_ms_default,
+            visibility_timeout_ms_max: self.queue_visibility_timeout_ms_max,
+            deliveries_max: self.queue_deliveries_max,
+            retry: RetryPolicy {
+                delay_ms_min: self.queue_retry_delay_ms_min,
+                delay_ms_max: self.queue_retry_delay_ms_max,
+                multiplier_percent: self.queue_retry_delay_multiplier_percent,
+                jitter_percent: self.queue_retry_jitter_percent,
+            },
+            nack_delay_ms_max: self.queue_nack_delay_ms_max,
+            delivery_delay_ms_max: self.queue_delivery_delay_ms_max,
+            message_ttl_ms: self.queue_message_ttl_ms,
+            expiry_policy: self.queue_expiry_policy,
+            ordering: self.queue_ordering,
+            nack_reason_bytes_max: self.queue_nack_reason_bytes_max,
+            journal_records_per_snapshot_max: self.queue_journal_records_per_snapshot_max,
+            random_seed: 0,
+        }
     }
 
     /// The largest batch one chunk can take: a chunk may begin with up to one partial
@@ -361,5 +458,172 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn queue_keys_are_checked_past_each_edge() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let refused = |config: ServerConfig, key: &str, value: &str| {
+            let error = config.validate().expect_err(key);
+            assert!(
+                error.0.contains(key) && error.0.contains(value),
+                "{key} = {value}: {error}"
+            );
+        };
+        let base = ServerConfig::default;
+        // Maxima of 0.
+        refused(
+            ServerConfig {
+                queue_window_messages_max: 0,
+                ..base()
+            },
+            "queue_window_messages_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_in_flight_messages_max: 0,
+                ..base()
+            },
+            "queue_in_flight_messages_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_receive_messages_max: 0,
+                ..base()
+            },
+            "queue_receive_messages_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_handles_per_request_max: 0,
+                ..base()
+            },
+            "queue_handles_per_request_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_visibility_timeout_ms_max: 0,
+                ..base()
+            },
+            "queue_visibility_timeout_ms_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_deliveries_max: 0,
+                ..base()
+            },
+            "queue_deliveries_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_journal_records_per_snapshot_max: 0,
+                ..base()
+            },
+            "queue_journal_records_per_snapshot_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_groups_per_shard_max: 0,
+                ..base()
+            },
+            "queue_groups_per_shard_max",
+            "at least 1",
+        );
+        // In-flight above the window: one past the edge refused, the edge accepted.
+        refused(
+            ServerConfig {
+                queue_window_messages_max: 100,
+                queue_in_flight_messages_max: 101,
+                ..base()
+            },
+            "queue_in_flight_messages_max",
+            "101",
+        );
+        assert!(ServerConfig {
+            queue_window_messages_max: 100,
+            queue_in_flight_messages_max: 100,
+            ..base()
+        }
+        .validate()
+        .is_ok());
+        // Retry delays: min above max refused, equal accepted.
+        refused(
+            ServerConfig {
+                queue_retry_delay_ms_min: 501,
+                queue_retry_delay_ms_max: 500,
+                ..base()
+            },
+            "queue_retry_delay_ms_min",
+            "501",
+        );
+        assert!(ServerConfig {
+            queue_retry_delay_ms_min: 500,
+            queue_retry_delay_ms_max: 500,
+            ..base()
+        }
+        .validate()
+        .is_ok());
+        // Multiplier below 100 %, jitter above 100 %.
+        refused(
+            ServerConfig {
+                queue_retry_delay_multiplier_percent: 99,
+                ..base()
+            },
+            "queue_retry_delay_multiplier_percent",
+            "99",
+        );
+        assert!(ServerConfig {
+            queue_retry_delay_multiplier_percent: 100,
+            ..base()
+        }
+        .validate()
+        .is_ok());
+        refused(
+            ServerConfig {
+                queue_retry_jitter_percent: 101,
+                ..base()
+            },
+            "queue_retry_jitter_percent",
+            "101",
+        );
+        assert!(ServerConfig {
+            queue_retry_jitter_percent: 100,
+            queue_retry_delay_ms_min: 0,
+            ..base()
+        }
+        .validate()
+        .is_ok());
+        // The default lease: 0 and past the maximum refused, the maximum accepted.
+        refused(
+            ServerConfig {
+                queue_visibility_timeout_ms_default: 0,
+                ..base()
+            },
+            "queue_visibility_timeout_ms_default",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_visibility_timeout_ms_default: 1001,
+                queue_visibility_timeout_ms_max: 1000,
+                ..base()
+            },
+            "queue_visibility_timeout_ms_default",
+            "1001",
+        );
+        assert!(ServerConfig {
+            queue_visibility_timeout_ms_default: 1000,
+            queue_visibility_timeout_ms_max: 1000,
+            ..base()
+        }
+        .validate()
+        .is_ok());
     }
 }

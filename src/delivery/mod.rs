@@ -719,6 +719,36 @@ impl QueueGroup {
         &self.counters
     }
 
+    /// Takes a changed policy (a topic's queue settings altered): deliveries, the default
+    /// lease, retries, TTL and expiry policy apply from the next event on (an admitted
+    /// message keeps the expiry it was given). What shapes the state — the window, the
+    /// in-flight maximum, the ordering, the partition — must not change (asserted): a
+    /// restart applies a new ordering, rebuilding its key lists from the log.
+    pub fn set_policy(&mut self, config: QueueGroupConfig) {
+        config
+            .validate()
+            .expect("a topic's queue settings are validated before they are stored");
+        assert!(
+            config.window_messages_max == self.config.window_messages_max
+                && config.in_flight_messages_max == self.config.in_flight_messages_max
+                && config.ordering == self.config.ordering
+                && config.partition == self.config.partition,
+            "a live policy change keeps the window, in-flight maximum, ordering and partition"
+        );
+        self.config = config;
+    }
+
+    /// Whether `receive` would hand out something now: a message is ready and the group
+    /// is below its in-flight maximum. What a long-poll waits for.
+    pub fn receivable(&self) -> bool {
+        !self.ready.is_empty() && self.in_flight < self.config.in_flight_messages_max
+    }
+
+    /// One past the last offset the group knows the log has.
+    pub fn log_end(&self) -> u64 {
+        self.log_end
+    }
+
     /// The `read_metadata` request still unanswered, if any: it is issued once, in the
     /// `Actions` of the event that made room; a shard whose read failed asks here again.
     pub fn metadata_request(&self) -> Option<Range<u64>> {

@@ -88,7 +88,7 @@ const LINGER_READ_BYTES: usize = 4096;
 
 /// A flag that can be awaited: set once, seen by every waiter.
 #[derive(Default)]
-struct Event {
+pub(super) struct Event {
     set: Cell<bool>,
     notify: Notify,
 }
@@ -99,11 +99,11 @@ impl Event {
         self.notify.notify_all();
     }
 
-    fn is_set(&self) -> bool {
+    pub(super) fn is_set(&self) -> bool {
         self.set.get()
     }
 
-    async fn wait(&self) {
+    pub(super) async fn wait(&self) {
         if self.set.get() {
             return;
         }
@@ -268,6 +268,9 @@ struct Connection {
     /// Set when the client is taken to have gone: the writer gave up on it, or it closed
     /// its sending side. Reads still running for it are dropped unanswered.
     client_gone: Event,
+    /// Holder of the leases this connection's receives take: unique on the shard
+    /// (shard id << 48 | connection number).
+    holder: u64,
 }
 
 impl Connection {
@@ -345,7 +348,12 @@ enum Read {
     Stopped,
 }
 
-pub async fn serve(shard: Rc<Shard>, connections: Rc<ShardConnections>, stream: TcpStream) {
+pub async fn serve(
+    shard: Rc<Shard>,
+    connections: Rc<ShardConnections>,
+    stream: TcpStream,
+    connection_number: u64,
+) {
     let config = &shard.config;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(milliseconds(config.response_write_timeout_ms)));
@@ -366,6 +374,7 @@ pub async fn serve(shard: Rc<Shard>, connections: Rc<ShardConnections>, stream: 
         in_flight_max,
         last_activity: Cell::new(Instant::now()),
         client_gone: Event::default(),
+        holder: (u64::from(shard.id) << 48) | (connection_number & ((1 << 48) - 1)),
     });
     // Not detached: if this connection's task is cancelled (shutdown), dropping the
     // writer with it closes the socket.
@@ -601,9 +610,13 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         glommio::spawn_local(async move {
             let connection = task_connection;
             let shard = &connection.shard;
+            let caller = dispatch::Caller {
+                holder: connection.holder,
+                gone: Some(&connection.client_gone),
+            };
             let outcome = if abandonable {
                 let handled = futures_lite::future::or(
-                    async { Some(dispatch::handle(shard, request).await) },
+                    async { Some(dispatch::handle(shard, request, &caller).await) },
                     async {
                         connection.client_gone.wait().await;
                         None
@@ -617,7 +630,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 };
                 outcome
             } else {
-                dispatch::handle(shard, request).await
+                dispatch::handle(shard, request, &caller).await
             };
             connection.last_activity.set(Instant::now());
             if silent {

@@ -5,13 +5,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::connection::Event;
 use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
 use crate::protocol::queue::{
-    CommitOffsetsRequest, CommitOffsetsResponse, CommitPartitionResult,
-    FetchCommittedPartitionResult, FetchCommittedRequest, FetchCommittedResponse,
-    PurgeTopicRequest, PurgeTopicResponse, PurgedPartition,
+    CommitOffsetsRequest, CommitOffsetsResponse, CommitPartitionResult, DescribeGroupsRequest,
+    DescribeGroupsResponse, FetchCommittedPartitionResult, FetchCommittedRequest,
+    FetchCommittedResponse, GroupDescription, Handle, PurgeTopicRequest, PurgeTopicResponse,
+    PurgedPartition, ReceiveRequest, ReceiveResponse, RefusedHandle, SettleAction, SettleRequest,
+    SettleResponse,
 };
 use crate::protocol::{
     quote_untrusted, ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest,
@@ -21,6 +24,7 @@ use crate::protocol::{
     ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
     TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
+use crate::shard::queues::settings::{self as queue_settings, validate_group_name};
 use crate::shard::{
     FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
 };
@@ -28,7 +32,19 @@ use crate::shard::{
 /// Produce requests that name no timeout get this one.
 const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
-pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody, WireError> {
+/// Who sent a request: what the queue operations need of its connection.
+pub struct Caller<'a> {
+    /// Holder of the leases this connection's receives take (unique on the shard).
+    pub holder: u64,
+    /// Set when the client is gone: a receive's long-poll stops waiting then.
+    pub gone: Option<&'a Event>,
+}
+
+pub async fn handle(
+    shard: &Rc<Shard>,
+    request: Request,
+    caller: &Caller<'_>,
+) -> Result<ResponseBody, WireError> {
     if shard.is_shutting_down() {
         return Err(WireError::new(
             ErrorCode::ShuttingDown,
@@ -54,6 +70,8 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
                             topic: TopicConfig {
                                 partitions: request.partitions,
                                 retention: request.retention,
+                                queue: request.queue,
+                                ..TopicConfig::default()
                             },
                         },
                     )
@@ -70,24 +88,14 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
             Ok(ResponseBody::DeleteTopic)
         }
         Request::AlterTopic(request) => {
-            // Queue settings arrive with the queue-group wiring; until then only retention
-            // can change.
-            if request.queue != Default::default() {
-                return Err(WireError::new(
-                    ErrorCode::InvalidRequest,
-                    "this broker does not take queue settings yet",
-                ));
-            }
-            let Some(retention) = request.retention else {
-                return Ok(ResponseBody::AlterTopic);
-            };
             into_done(
                 shard
                     .route(
                         0,
                         ShardRequest::AlterTopic {
                             name: request.name,
-                            retention,
+                            retention: request.retention,
+                            queue: request.queue,
                         },
                     )
                     .await,
@@ -99,6 +107,13 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
         Request::ListOffsets(request) => Ok(ResponseBody::ListOffsets(
             list_offsets(shard, request).await,
         )),
+        Request::Receive(request) => Ok(ResponseBody::Receive(
+            receive(shard, request, caller).await?,
+        )),
+        Request::Settle(request) => Ok(ResponseBody::Settle(settle(shard, request).await?)),
+        Request::DescribeGroups(request) => Ok(ResponseBody::DescribeGroups(
+            describe_groups(shard, request).await?,
+        )),
         Request::CommitOffsets(request) => Ok(ResponseBody::CommitOffsets(
             commit_offsets(shard, request).await?,
         )),
@@ -107,13 +122,6 @@ pub async fn handle(shard: &Rc<Shard>, request: Request) -> Result<ResponseBody,
         )),
         Request::PurgeTopic(request) => {
             Ok(ResponseBody::PurgeTopic(purge_topic(shard, request).await?))
-        }
-        // Queue groups: the broker side lands with the queue-group wiring.
-        Request::Receive(_) | Request::Settle(_) | Request::DescribeGroups(_) => {
-            Err(WireError::new(
-                ErrorCode::UnknownOpcode,
-                "consumer-group operations are not served by this broker yet",
-            ))
         }
     }
 }
@@ -341,15 +349,26 @@ fn metadata(shard: &Shard, request: MetadataRequest) -> MetadataResponse {
         topics: topics
             .into_iter()
             .map(|(name, topic)| TopicMetadata {
-                retention: topic.map(|topic| topic.retention).unwrap_or_default(),
-                queue: Default::default(),
+                retention: topic
+                    .as_ref()
+                    .map(|topic| topic.retention)
+                    .unwrap_or_default(),
+                // Every setting filled in, the broker's defaults where the topic set none.
+                queue: topic.as_ref().map_or_else(Default::default, |topic| {
+                    queue_settings::filled(
+                        &shard.config,
+                        &topic.queue,
+                        &name,
+                        topic.dead_letter_source.is_some(),
+                    )
+                }),
                 error: topic.is_none().then(|| {
                     WireError::new(
                         ErrorCode::UnknownTopic,
                         format!("topic {} does not exist", quote_untrusted(&name)),
                     )
                 }),
-                partitions: (0..topic.map_or(0, |topic| topic.partitions))
+                partitions: (0..topic.as_ref().map_or(0, |topic| topic.partitions))
                     .map(|partition| PartitionMetadata {
                         partition,
                         shard: shard.owner_of(&name, partition),
@@ -376,10 +395,12 @@ struct TopicRoute {
 impl TopicRoute {
     fn new(shard: &Shard, name: &str) -> TopicRoute {
         let partitions = shard.partition_count(name);
+        // Partitions are placed by the topic's placement name (a DLQ's is its source's).
+        let placement = shard.placement_of(name);
         TopicRoute {
             name: Arc::from(name),
             partitions,
-            hash: fnv1a64(name.as_bytes()),
+            hash: fnv1a64(placement.as_deref().unwrap_or(name).as_bytes()),
             shard_count: shard.count,
             unknown: partitions.is_none().then(|| {
                 WireError::new(
@@ -810,4 +831,304 @@ async fn wait_for_first(
         answered.push((slots, reply));
     }
     answered
+}
+
+/// A receive: asks each shard owning partitions of the topic in turn (from a different
+/// one each time, for fairness) for what is left of `messages_max`; with nothing
+/// available, long-polls every owner until one has something or `wait_ms` passes, then
+/// asks again. Never more than `messages_max` (capped by `queue_receive_messages_max`)
+/// in all.
+async fn receive(
+    shard: &Rc<Shard>,
+    request: ReceiveRequest,
+    caller: &Caller<'_>,
+) -> Result<ReceiveResponse, WireError> {
+    validate_group_name(&request.group)?;
+    let route = TopicRoute::new(shard, &request.topic);
+    let Some(partitions) = route.partitions else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let messages_max = request
+        .messages_max
+        .min(shard.config.queue_receive_messages_max);
+    let mut owners: Vec<ShardId> = Vec::new();
+    for partition in 0..partitions {
+        let owner = route.check(partition)?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    owners.sort_unstable();
+    if !owners.is_empty() {
+        let start = (shard.next_fetch_rotation() % owners.len() as u64) as usize;
+        owners.rotate_left(start);
+    }
+    let visibility_timeout_ms =
+        (request.visibility_timeout_ms > 0).then_some(u64::from(request.visibility_timeout_ms));
+    let wait = Duration::from_millis(u64::from(
+        request.wait_ms.min(shard.config.fetch_wait_ms_max),
+    ));
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut messages = Vec::new();
+        let mut first_error = None;
+        for &owner in &owners {
+            let remaining = messages_max - messages.len() as u32;
+            if remaining == 0 {
+                break;
+            }
+            let reply = shard
+                .route(
+                    owner,
+                    ShardRequest::QueueReceive {
+                        topic: request.topic.clone(),
+                        group: request.group.clone(),
+                        messages_max: remaining,
+                        visibility_timeout_ms,
+                        holder: caller.holder,
+                    },
+                )
+                .await;
+            match reply {
+                ShardReply::QueueReceive(Ok(received)) => {
+                    assert!(
+                        received.len() as u32 <= remaining,
+                        "an owner hands out at most what it was asked for"
+                    );
+                    messages.extend(received);
+                }
+                ShardReply::QueueReceive(Err(error)) | ShardReply::Done(Err(error)) => {
+                    first_error.get_or_insert(error);
+                }
+                other => {
+                    first_error.get_or_insert(unexpected(&other));
+                }
+            }
+        }
+        if !messages.is_empty() {
+            // Leased already: handed out even if another owner failed.
+            messages.sort_by_key(|message| (message.handle.partition, message.handle.offset));
+            return Ok(ReceiveResponse { messages });
+        }
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        let now = std::time::Instant::now();
+        if messages_max == 0
+            || now >= deadline
+            || caller.gone.is_some_and(Event::is_set)
+            || shard.is_shutting_down()
+        {
+            return Ok(ReceiveResponse { messages });
+        }
+        let waited = wait_until_receivable(shard, &owners, &request, deadline - now, caller).await;
+        if !waited {
+            // The client left: nothing to answer to, and nothing leased for it.
+            return Ok(ReceiveResponse {
+                messages: Vec::new(),
+            });
+        }
+    }
+}
+
+/// Long-polls every owner at once until one says the group has something for it (or
+/// the wait ends). False when the client left meanwhile; the owners' polls are then
+/// cancelled (dropping them sends the mesh Cancel).
+async fn wait_until_receivable(
+    shard: &Rc<Shard>,
+    owners: &[ShardId],
+    request: &ReceiveRequest,
+    wait: Duration,
+    caller: &Caller<'_>,
+) -> bool {
+    use futures_lite::StreamExt;
+    let (sender, mut receiver) = futures_channel::mpsc::unbounded();
+    // Kept, not detached: dropping them at the end cancels the polls still running.
+    let mut polls = Vec::with_capacity(owners.len());
+    for &owner in owners {
+        let shard = Rc::clone(shard);
+        let sender = sender.clone();
+        let poll = ShardRequest::QueueWait {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+            wait,
+        };
+        polls.push(glommio::spawn_local(async move {
+            let _ = shard.route(owner, poll).await;
+            let _ = sender.unbounded_send(());
+        }));
+    }
+    drop(sender);
+    let answered = futures_lite::future::or(
+        async {
+            let _ = receiver.next().await;
+            true
+        },
+        async {
+            match caller.gone {
+                Some(gone) => {
+                    gone.wait().await;
+                    false
+                }
+                None => std::future::pending().await,
+            }
+        },
+    )
+    .await;
+    drop(polls);
+    answered
+}
+
+/// Ack, nack or extend: the handles are split by owning shard; each owner answers with
+/// the handles it refused. Handles of an unknown topic or partition are refused here.
+async fn settle(shard: &Rc<Shard>, request: SettleRequest) -> Result<SettleResponse, WireError> {
+    validate_group_name(&request.group)?;
+    let handles_total: u64 = request
+        .ranges
+        .iter()
+        .map(|range| u64::from(range.count))
+        .sum();
+    let handles_max = shard.config.queue_handles_per_request_max;
+    if handles_total > u64::from(handles_max) {
+        return Err(WireError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "the request names {handles_total} handles, more than queue_handles_per_request_max ({handles_max})"
+            ),
+        ));
+    }
+    let action = match request.action {
+        SettleAction::Nack { delay, reason } => {
+            // Cut here, so the owner's copy is bounded too (at a character boundary).
+            let mut end = reason
+                .len()
+                .min(usize::from(shard.config.queue_nack_reason_bytes_max));
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            SettleAction::Nack {
+                delay,
+                reason: reason[..end].to_owned(),
+            }
+        }
+        other => other,
+    };
+    let route = TopicRoute::new(shard, &request.topic);
+    let mut refused = Vec::new();
+    let mut by_owner: Vec<(ShardId, Vec<Handle>)> = Vec::new();
+    for range in &request.ranges {
+        match route.check(range.partition) {
+            Err(error) => refused.extend(range.handles().map(|handle| RefusedHandle {
+                handle,
+                error: error.clone(),
+            })),
+            Ok(owner) => {
+                let at = match by_owner.iter().position(|(shard, _)| *shard == owner) {
+                    Some(at) => at,
+                    None => {
+                        by_owner.push((owner, Vec::new()));
+                        by_owner.len() - 1
+                    }
+                };
+                by_owner[at].1.extend(range.handles());
+            }
+        }
+    }
+    let mut tasks = Vec::with_capacity(by_owner.len());
+    for (owner, handles) in by_owner {
+        let shard = Rc::clone(shard);
+        let settle = ShardRequest::QueueSettle {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+            action: action.clone(),
+            handles: handles.clone(),
+        };
+        tasks.push((
+            handles,
+            glommio::spawn_local(async move { shard.route(owner, settle).await }),
+        ));
+    }
+    for (handles, task) in tasks {
+        match task.await {
+            ShardReply::QueueSettle(owner_refused) => refused.extend(owner_refused),
+            ShardReply::Done(Err(error)) => {
+                refused.extend(handles.into_iter().map(|handle| RefusedHandle {
+                    handle,
+                    error: error.clone(),
+                }))
+            }
+            other => {
+                let error = unexpected(&other);
+                refused.extend(handles.into_iter().map(|handle| RefusedHandle {
+                    handle,
+                    error: error.clone(),
+                }));
+            }
+        }
+    }
+    refused.sort_by_key(|refusal| (refusal.handle.partition, refusal.handle.offset));
+    Ok(SettleResponse { refused })
+}
+
+/// The topic's groups (queue and stream), merged across the owning shards: groups by
+/// name (then kind), partitions ascending.
+async fn describe_groups(
+    shard: &Rc<Shard>,
+    request: DescribeGroupsRequest,
+) -> Result<DescribeGroupsResponse, WireError> {
+    if !request.group.is_empty() {
+        validate_group_name(&request.group)?;
+    }
+    let route = TopicRoute::new(shard, &request.topic);
+    let Some(partitions) = route.partitions else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let mut owners: Vec<ShardId> = Vec::new();
+    for partition in 0..partitions {
+        let owner = route.check(partition)?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    let mut tasks = Vec::with_capacity(owners.len());
+    for owner in owners {
+        let shard = Rc::clone(shard);
+        let describe = ShardRequest::DescribeGroups {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+        };
+        tasks.push(glommio::spawn_local(async move {
+            shard.route(owner, describe).await
+        }));
+    }
+    let mut groups: std::collections::BTreeMap<(String, u8), GroupDescription> =
+        std::collections::BTreeMap::new();
+    for task in tasks {
+        let described = match task.await {
+            ShardReply::DescribeGroups(described) => described?,
+            ShardReply::Done(Err(error)) => return Err(error),
+            other => return Err(unexpected(&other)),
+        };
+        for (name, kind, partition) in described {
+            groups
+                .entry((name.clone(), kind as u8))
+                .or_insert_with(|| GroupDescription {
+                    name,
+                    kind,
+                    partitions: Vec::new(),
+                })
+                .partitions
+                .push(partition);
+        }
+    }
+    let groups = groups
+        .into_values()
+        .map(|mut group| {
+            group
+                .partitions
+                .sort_by_key(|partition| partition.partition);
+            group
+        })
+        .collect();
+    Ok(DescribeGroupsResponse { groups })
 }

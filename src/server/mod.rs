@@ -527,6 +527,9 @@ async fn run_shard(
         mesh_tasks.push(glommio::spawn_local(Rc::clone(&shard).serve_peer(peer, stream)).detach());
     }
     let mut background = Vec::new();
+    // Feeds the shard's queue groups (durable offsets, metadata, timers); stops at
+    // shutdown.
+    background.push(glommio::spawn_local(Rc::clone(&shard).run_queue_pump()).detach());
     {
         let shard = Rc::clone(&shard);
         let interval = Duration::from_millis(u64::from(shard.config.retention_check_interval_ms));
@@ -592,7 +595,7 @@ async fn run_shard(
                     let handle = glommio::spawn_local(async move {
                         // Uncounted when the task ends, cancelled or not.
                         let _counted = counted;
-                        connection::serve(shard, shared, stream).await;
+                        connection::serve(shard, shared, stream, id).await;
                         registry.borrow_mut().remove(&id);
                     })
                     .detach();

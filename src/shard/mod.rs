@@ -24,10 +24,14 @@ use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
 mod offsets;
+pub mod queues;
 
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
-use crate::protocol::queue::{CommittedOffset, PurgedPartition, COMMITTED_NONE};
+use crate::protocol::queue::{
+    CommittedOffset, Handle, PurgedPartition, QueueSettings, ReceivedMessage, RefusedHandle,
+    SettleAction, COMMITTED_NONE,
+};
 use crate::protocol::{
     quote_untrusted, validate_topic_name, Acks, ErrorCode, FetchPartitionData, PartitionOffsets,
     Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
@@ -60,10 +64,29 @@ pub struct ListOffsetsItem {
 }
 
 /// What the catalog knows of a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TopicConfig {
     pub partitions: u32,
     pub retention: Retention,
+    /// The queue settings the topic set; `None` fields: the broker's `queue_*` keys.
+    pub queue: QueueSettings,
+    /// The name whose hash places the partitions (`placement::shard_for`); `None`: the
+    /// topic's own. A DLQ the broker creates takes its source's, so that partition p of
+    /// both lives on one shard and dead-lettering never crosses cores.
+    pub placement: Option<String>,
+    /// Set on a DLQ the broker created: its source topic. A DLQ has no DLQ of its own.
+    pub dead_letter_source: Option<String>,
+}
+
+impl TopicConfig {
+    /// The shard that owns `partition` of topic `name` with this config.
+    pub fn owner(&self, name: &str, partition: u32, shard_count: u16) -> ShardId {
+        shard_for(
+            self.placement.as_deref().unwrap_or(name),
+            partition,
+            shard_count,
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -89,10 +112,15 @@ pub enum ShardRequest {
     },
     /// To shard 0: create a topic everywhere.
     CreateTopic { name: String, topic: TopicConfig },
-    /// To shard 0: change a topic's retention everywhere.
-    AlterTopic { name: String, retention: Retention },
-    /// From shard 0 to every shard: take the new retention.
-    UpdateTopic { name: String, retention: Retention },
+    /// To shard 0: change a topic's retention (`None`: unchanged) and queue settings
+    /// (`None` fields: unchanged) everywhere.
+    AlterTopic {
+        name: String,
+        retention: Option<Retention>,
+        queue: QueueSettings,
+    },
+    /// From shard 0 to every shard: take the topic's new config.
+    UpdateTopic { name: String, topic: TopicConfig },
     /// Offsets by time (or earliest/latest) of owned partitions.
     ListOffsets { items: Vec<ListOffsetsItem> },
     /// To shard 0: delete a topic everywhere.
@@ -102,6 +130,42 @@ pub enum ShardRequest {
     /// From shard 0 to every shard: drop from the catalog, close and remove owned
     /// partitions.
     RemoveTopic { name: String },
+    /// Queue group: lease up to `messages_max` messages from the owned partitions of
+    /// `topic` (the group is created on first use).
+    QueueReceive {
+        topic: String,
+        group: String,
+        messages_max: u32,
+        visibility_timeout_ms: Option<u64>,
+        holder: u64,
+    },
+    /// Queue group long-poll: answer once the group has something to hand out here, or
+    /// after `wait`.
+    QueueWait {
+        topic: String,
+        group: String,
+        wait: Duration,
+    },
+    /// Queue group: ack, nack or extend handles of owned partitions.
+    QueueSettle {
+        topic: String,
+        group: String,
+        action: SettleAction,
+        handles: Vec<Handle>,
+    },
+    /// The groups of `topic` (one, or every one when `group` is empty) on owned
+    /// partitions.
+    DescribeGroups { topic: String, group: String },
+    /// DLQ reconcile: which of `offsets` of (`source_topic`, `source_partition`) have a
+    /// copy in partition `partition` of `dlq` appended from `from_ms` on.
+    FindDeadLetters {
+        dlq: String,
+        partition: u32,
+        source_topic: String,
+        source_partition: u32,
+        offsets: Vec<u64>,
+        from_ms: u64,
+    },
     /// Stream group commits on owned partitions: (partition, offset).
     CommitOffsets {
         topic: Arc<str>,
@@ -127,7 +191,9 @@ impl ShardRequest {
     pub fn is_abandonable(&self) -> bool {
         matches!(
             self,
-            ShardRequest::Fetch { .. } | ShardRequest::ListOffsets { .. }
+            ShardRequest::Fetch { .. }
+                | ShardRequest::ListOffsets { .. }
+                | ShardRequest::QueueWait { .. }
         )
     }
 }
@@ -137,6 +203,10 @@ pub enum ShardReply {
     Produce(Vec<Result<u64, WireError>>),
     Fetch(Vec<FetchPartitionData>),
     ListOffsets(Vec<Result<PartitionOffsets, WireError>>),
+    QueueReceive(Result<Vec<ReceivedMessage>, WireError>),
+    QueueSettle(Vec<RefusedHandle>),
+    DescribeGroups(Result<Vec<queues::DescribedPartition>, WireError>),
+    FoundDeadLetters(Result<Vec<u64>, WireError>),
     Done(Result<(), WireError>),
     /// One result per entry, in order.
     Commit(Vec<Result<(), WireError>>),
@@ -228,6 +298,8 @@ pub struct Shard {
     responses_owed: Cell<usize>,
     /// Counts fetches received here: where each starts spending its byte budget.
     fetch_rotation: Cell<u64>,
+    /// The queue groups of owned partitions (`queues`).
+    queues: queues::Queues,
 }
 
 impl Shard {
@@ -262,6 +334,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             responses_owed: Cell::new(0),
             fetch_rotation: Cell::new(0),
+            queues: queues::Queues::default(),
         })
     }
 
@@ -279,8 +352,22 @@ impl Shard {
         }
     }
 
+    /// The owner of a partition: placed by the topic's placement name (its own name
+    /// unless it is a DLQ placed like its source).
     pub fn owner_of(&self, topic: &str, partition: u32) -> ShardId {
-        shard_for(topic, partition, self.count)
+        match self.catalog.borrow().get(topic) {
+            Some(config) => config.owner(topic, partition, self.count),
+            None => shard_for(topic, partition, self.count),
+        }
+    }
+
+    /// The name whose hash places `topic`'s partitions (dispatch hashes it once per
+    /// request).
+    pub fn placement_of(&self, topic: &str) -> Option<String> {
+        self.catalog
+            .borrow()
+            .get(topic)
+            .map(|config| config.placement.clone().unwrap_or_else(|| topic.to_owned()))
     }
 
     /// Partition count of a topic in this shard's copy of the catalog.
@@ -292,14 +379,14 @@ impl Shard {
     }
 
     pub fn topic(&self, name: &str) -> Option<TopicConfig> {
-        self.catalog.borrow().get(name).copied()
+        self.catalog.borrow().get(name).cloned()
     }
 
     pub fn topics(&self) -> Vec<(String, TopicConfig)> {
         self.catalog
             .borrow()
             .iter()
-            .map(|(name, topic)| (name.clone(), *topic))
+            .map(|(name, topic)| (name.clone(), topic.clone()))
             .collect()
     }
 
@@ -353,7 +440,11 @@ impl Shard {
         Ok(())
     }
 
-    async fn install_topic(&self, name: &str, topic: TopicConfig) -> Result<(), StorageError> {
+    async fn install_topic(
+        self: &Rc<Self>,
+        name: &str,
+        topic: TopicConfig,
+    ) -> Result<(), StorageError> {
         if self.topic(name).is_some() {
             // Already installed: a shard still loading topics at start-up may have read
             // this topic's metadata file before shard 0's install message reached it.
@@ -373,7 +464,7 @@ impl Shard {
         let partitions = topic.partitions;
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
-            if self.owner_of(name, partition) == self.id {
+            if topic.owner(name, partition, self.count) == self.id {
                 let opened = PartitionLog::open(
                     Rc::new(DmaStorage),
                     self.partition_directory(name, partition),
@@ -411,6 +502,21 @@ impl Shard {
                 }
             }
         }
+        // The queue groups of the owned partitions come back with them.
+        for (partition, log) in owned.iter().enumerate() {
+            if let Some(log) = log {
+                if let Err(error) = self
+                    .recover_queue_groups(name, partition as u32, log, &topic)
+                    .await
+                {
+                    self.remove_queue_groups(name).await;
+                    for log in owned.into_iter().flatten() {
+                        log.close().await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
         {
             let mut offset_stores = self.offset_stores.borrow_mut();
             let partitions =
@@ -429,6 +535,8 @@ impl Shard {
         self.offset_stores
             .borrow_mut()
             .retain(|(topic, _), _| topic != name);
+        // Their journals close before the directories go.
+        self.remove_queue_groups(name).await;
         let owned = self.logs.borrow_mut().remove(name).unwrap_or_default();
         for log in owned.into_iter().flatten() {
             log.close().await;
@@ -481,6 +589,9 @@ impl Shard {
     /// Closes every owned partition, flushing what is pending.
     pub async fn close_all(&self) {
         self.shutting_down.set(true);
+        // Queue groups first: their journals are written out while the logs still
+        // serve the reads they may be waiting on.
+        self.close_queue_groups().await;
         let logs: Vec<Rc<PartitionLog>> = self
             .logs
             .borrow()
@@ -621,14 +732,17 @@ impl Shard {
             ShardRequest::CreateTopic { name, topic } => {
                 ShardReply::Done(self.coordinate_create(name, topic).await)
             }
-            ShardRequest::AlterTopic { name, retention } => {
-                ShardReply::Done(self.coordinate_alter(name, retention).await)
-            }
-            ShardRequest::UpdateTopic { name, retention } => {
+            ShardRequest::AlterTopic {
+                name,
+                retention,
+                queue,
+            } => ShardReply::Done(self.coordinate_alter(name, retention, queue).await),
+            ShardRequest::UpdateTopic { name, topic } => {
+                self.update_queue_policies(&name, &topic);
                 let mut catalog = self.catalog.borrow_mut();
                 ShardReply::Done(match catalog.get_mut(&name) {
-                    Some(topic) => {
-                        topic.retention = retention;
+                    Some(installed) => {
+                        *installed = topic;
                         Ok(())
                     }
                     None => Err(WireError::new(
@@ -649,6 +763,49 @@ impl Shard {
                     .map_err(|error| self.wire_error(&error)),
             ),
             ShardRequest::RemoveTopic { name } => ShardReply::Done(self.remove_topic(&name).await),
+            ShardRequest::QueueReceive {
+                topic,
+                group,
+                messages_max,
+                visibility_timeout_ms,
+                holder,
+            } => ShardReply::QueueReceive(
+                self.queue_receive_owned(topic, group, messages_max, visibility_timeout_ms, holder)
+                    .await,
+            ),
+            ShardRequest::QueueWait { topic, group, wait } => {
+                self.queue_wait_owned(topic, group, wait).await;
+                ShardReply::Done(Ok(()))
+            }
+            ShardRequest::QueueSettle {
+                topic,
+                group,
+                action,
+                handles,
+            } => ShardReply::QueueSettle(
+                self.queue_settle_owned(topic, group, action, handles).await,
+            ),
+            ShardRequest::DescribeGroups { topic, group } => {
+                ShardReply::DescribeGroups(self.describe_groups_owned(&topic, &group))
+            }
+            ShardRequest::FindDeadLetters {
+                dlq,
+                partition,
+                source_topic,
+                source_partition,
+                offsets,
+                from_ms,
+            } => ShardReply::FoundDeadLetters(
+                self.find_dead_letters_owned(
+                    dlq,
+                    partition,
+                    source_topic,
+                    source_partition,
+                    offsets,
+                    from_ms,
+                )
+                .await,
+            ),
             ShardRequest::CommitOffsets {
                 topic,
                 group,
@@ -774,7 +931,11 @@ impl Shard {
 
     /// The log start of an owned partition moved (retention or purge): what queue groups
     /// on it had not settled below it is gone.
-    fn log_start_moved(&self, _topic: &str, _partition: u32, _log_start: u64) {}
+    fn log_start_moved(&self, _topic: &str, _partition: u32, _log_start: u64) {
+        // The pump tells each group of the partition (`QueueGroup::retention`) on its
+        // next round, which this wakes.
+        self.queue_log_start_moved();
+    }
 
     async fn list_offsets_owned(
         &self,
@@ -847,14 +1008,17 @@ impl Shard {
                 .collect()
         };
         for (log, retention) in work {
-            if let Err(error) = log
+            match log
                 .apply_retention(retention.bytes_max, retention.ms_max)
                 .await
             {
-                eprintln!(
+                // The partition's queue groups hear of the new log start.
+                Ok(removed) if removed > 0 => self.queue_log_start_moved(),
+                Ok(_) => {}
+                Err(error) => eprintln!(
                     "shardq: retention of {}: {error}",
                     log.directory().display()
-                );
+                ),
             }
         }
     }
@@ -982,6 +1146,7 @@ impl Shard {
     fn validate_new_topic(&self, name: &str, topic: &TopicConfig) -> Result<(), WireError> {
         let partitions = topic.partitions;
         validate_topic_name(name)?;
+        queues::settings::validate(name, &topic.queue, &self.config)?;
         if partitions == 0 || partitions > self.config.partitions_per_topic_max {
             return Err(WireError::new(
                 ErrorCode::InvalidPartitionCount,
@@ -1031,7 +1196,8 @@ impl Shard {
     async fn coordinate_alter(
         self: &Rc<Self>,
         name: String,
-        retention: Retention,
+        retention: Option<Retention>,
+        queue: QueueSettings,
     ) -> Result<(), WireError> {
         assert_eq!(self.id, 0, "shard 0 coordinates topic changes");
         if self.topics_changing.borrow().contains(&name) {
@@ -1046,11 +1212,16 @@ impl Shard {
                 format!("topic {name:?} does not exist"),
             ));
         };
-        let before = topic;
-        topic.retention = retention;
+        let before = topic.clone();
+        if let Some(retention) = retention {
+            topic.retention = retention;
+        }
+        topic.queue = queues::settings::merge(&topic.queue, &queue);
+        queues::settings::validate(&name, &topic.queue, &self.config)?;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
-            if let Err(error) = write_metadata(self.topics_directory(), &name, topic).await {
+            if let Err(error) = write_metadata(self.topics_directory(), &name, topic.clone()).await
+            {
                 // The new file may be in place without its directory synced: put the old
                 // one back, so what a restart reads is what every shard serves.
                 if let Err(undo) = write_metadata(self.topics_directory(), &name, before).await {
@@ -1063,7 +1234,7 @@ impl Shard {
             }
             self.broadcast(|| ShardRequest::UpdateTopic {
                 name: name.clone(),
-                retention,
+                topic: topic.clone(),
             })
             .await
         }
@@ -1096,7 +1267,7 @@ impl Shard {
                     format!("removing leftover {}: {error}", leftover.display()),
                 )
             })?;
-            write_metadata(self.topics_directory(), &name, topic)
+            write_metadata(self.topics_directory(), &name, topic.clone())
                 .await
                 .map_err(|error| {
                     WireError::new(
@@ -1107,7 +1278,7 @@ impl Shard {
             let installed = self
                 .broadcast(|| ShardRequest::InstallTopic {
                     name: name.clone(),
-                    topic,
+                    topic: topic.clone(),
                 })
                 .await;
             if let Err(error) = installed {
@@ -1245,6 +1416,19 @@ fn write_topic_metadata(topics_dir: &Path, name: &str, topic: &TopicConfig) -> s
     writeln!(file, "partitions={}", topic.partitions)?;
     writeln!(file, "retention_bytes_max={}", topic.retention.bytes_max)?;
     writeln!(file, "retention_ms_max={}", topic.retention.ms_max)?;
+    for line in queues::settings::meta_lines(&topic.queue) {
+        writeln!(file, "{line}")?;
+    }
+    if let Some(placement) = &topic.placement {
+        writeln!(file, "{}={placement}", queues::settings::KEY_PLACEMENT)?;
+    }
+    if let Some(source) = &topic.dead_letter_source {
+        writeln!(
+            file,
+            "{}={source}",
+            queues::settings::KEY_DEAD_LETTER_SOURCE
+        )?;
+    }
     file.sync_all()?;
     std::fs::rename(&temporary, directory.join(TOPIC_METADATA_FILE))?;
     std::fs::File::open(&directory)?.sync_all()?;
@@ -1331,6 +1515,26 @@ pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)
                 .and_then(|value| value.parse::<u64>().ok())
                 .unwrap_or(0)
         };
+        // Absent in files written before queue groups: broker defaults, own placement.
+        let queue = queues::settings::from_meta(field).map_err(|reason| StorageError::Corrupt {
+            path: metadata_path.clone(),
+            position: 0,
+            reason,
+        })?;
+        let name_field = |key: &str| -> Result<Option<String>, StorageError> {
+            match field(key) {
+                None => Ok(None),
+                Some(value) => validate_topic_name(value)
+                    .map(|()| Some(value.to_owned()))
+                    .map_err(|error| StorageError::Corrupt {
+                        path: metadata_path.clone(),
+                        position: 0,
+                        reason: format!("{key}: {error}"),
+                    }),
+            }
+        };
+        let placement = name_field(queues::settings::KEY_PLACEMENT)?;
+        let dead_letter_source = name_field(queues::settings::KEY_DEAD_LETTER_SOURCE)?;
         topics.push((
             name,
             TopicConfig {
@@ -1339,6 +1543,9 @@ pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)
                     bytes_max: limit("retention_bytes_max"),
                     ms_max: limit("retention_ms_max"),
                 },
+                queue,
+                placement,
+                dead_letter_source,
             },
         ));
     }

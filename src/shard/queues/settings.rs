@@ -1,0 +1,469 @@
+//! A topic's queue settings: how they are checked, resolved against the broker's
+//! defaults, and kept in the topic's `topic.meta` file. Pure functions: no I/O here.
+//!
+//! A topic stores only the settings it was given (`None`: the broker's `queue_*` key
+//! decides, so changing a broker default reaches every topic that did not set its own).
+//! `topic.meta` holds them as extra `key=value` lines; a file without them (written
+//! before queue groups existed) loads as "broker defaults everywhere".
+
+use crate::config::ServerConfig;
+use crate::delivery::{self, QueueGroupConfig};
+use crate::placement::fnv1a64;
+use crate::protocol::queue::{ExpiryPolicy, QueueOrdering, QueueSettings, GROUP_NAME_BYTES_MAX};
+use crate::protocol::{quote_untrusted, validate_topic_name, ErrorCode, WireError};
+
+/// Suffix of the dead-letter topic the broker names when a topic names none.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// `topic.meta` keys of the queue settings and of placement.
+const KEY_DELIVERIES_MAX: &str = "queue_deliveries_max";
+const KEY_VISIBILITY_TIMEOUT_MS: &str = "queue_visibility_timeout_ms";
+const KEY_RETRY_DELAY_MS_MIN: &str = "queue_retry_delay_ms_min";
+const KEY_RETRY_DELAY_MS_MAX: &str = "queue_retry_delay_ms_max";
+const KEY_MESSAGE_TTL_MS: &str = "queue_message_ttl_ms";
+const KEY_EXPIRY_POLICY: &str = "queue_expiry_policy";
+const KEY_ORDERING: &str = "queue_ordering";
+const KEY_DLQ_TOPIC: &str = "queue_dlq_topic";
+pub const KEY_PLACEMENT: &str = "placement";
+pub const KEY_DEAD_LETTER_SOURCE: &str = "dead_letter_source";
+
+/// A consumer group's name is a directory name: the topic-name alphabet, 1 to
+/// `GROUP_NAME_BYTES_MAX` bytes, never `.` or `..`.
+pub fn validate_group_name(name: &str) -> Result<(), WireError> {
+    let valid = !name.is_empty()
+        && name.len() <= GROUP_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != "..";
+    if valid {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::InvalidGroupName,
+        format!(
+            "group name {} ({} bytes) must be 1 to {GROUP_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'",
+            quote_untrusted(name),
+            name.len()
+        ),
+    ))
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, reason: &str) -> WireError {
+    WireError::new(
+        ErrorCode::InvalidRequest,
+        format!("queue setting {key} = {value}: {reason}"),
+    )
+}
+
+/// Checks a topic's queue settings as they would be resolved against `config`: every
+/// refusal names the setting and its value.
+pub fn validate(
+    topic: &str,
+    settings: &QueueSettings,
+    config: &ServerConfig,
+) -> Result<(), WireError> {
+    if settings.deliveries_max == Some(0) {
+        return Err(invalid("deliveries_max", 0, "must be at least 1"));
+    }
+    if let Some(visibility) = settings.visibility_timeout_ms {
+        if visibility == 0 || visibility > config.queue_visibility_timeout_ms_max {
+            return Err(invalid(
+                "visibility_timeout_ms",
+                visibility,
+                &format!(
+                    "must be between 1 and {} (queue_visibility_timeout_ms_max)",
+                    config.queue_visibility_timeout_ms_max
+                ),
+            ));
+        }
+    }
+    if settings.retry_delay_ms_max == Some(0) {
+        return Err(invalid("retry_delay_ms_max", 0, "must be at least 1"));
+    }
+    let minimum = settings
+        .retry_delay_ms_min
+        .unwrap_or(config.queue_retry_delay_ms_min);
+    let maximum = settings
+        .retry_delay_ms_max
+        .unwrap_or(config.queue_retry_delay_ms_max);
+    if minimum > maximum {
+        return Err(invalid(
+            "retry_delay_ms_min",
+            minimum,
+            &format!("must not exceed retry_delay_ms_max ({maximum})"),
+        ));
+    }
+    if let Some(dlq) = &settings.dlq_topic {
+        validate_topic_name(dlq)
+            .map_err(|error| invalid("dlq_topic", quote_untrusted(dlq), &error.message))?;
+        if dlq == topic {
+            return Err(invalid(
+                "dlq_topic",
+                quote_untrusted(dlq),
+                "a topic cannot be its own dead-letter queue",
+            ));
+        }
+    }
+    // What every group of the topic will run with must pass the state machine's checks.
+    resolve(config, settings, topic, "", 0)
+        .validate()
+        .map_err(|error| {
+            WireError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "queue settings of topic {}: {error}",
+                    quote_untrusted(topic)
+                ),
+            )
+        })
+}
+
+/// `settings` with `changes` applied: a `Some` in `changes` replaces, a `None` keeps.
+pub fn merge(settings: &QueueSettings, changes: &QueueSettings) -> QueueSettings {
+    QueueSettings {
+        deliveries_max: changes.deliveries_max.or(settings.deliveries_max),
+        visibility_timeout_ms: changes
+            .visibility_timeout_ms
+            .or(settings.visibility_timeout_ms),
+        retry_delay_ms_min: changes.retry_delay_ms_min.or(settings.retry_delay_ms_min),
+        retry_delay_ms_max: changes.retry_delay_ms_max.or(settings.retry_delay_ms_max),
+        message_ttl_ms: changes.message_ttl_ms.or(settings.message_ttl_ms),
+        expiry_policy: changes.expiry_policy.or(settings.expiry_policy),
+        ordering: changes.ordering.or(settings.ordering),
+        dlq_topic: changes
+            .dlq_topic
+            .clone()
+            .or_else(|| settings.dlq_topic.clone()),
+    }
+}
+
+/// The config one (partition, group) of `topic` runs with: the broker's `queue_*` keys,
+/// overridden by what the topic sets.
+pub fn resolve(
+    config: &ServerConfig,
+    settings: &QueueSettings,
+    topic: &str,
+    group: &str,
+    partition: u32,
+) -> QueueGroupConfig {
+    let mut resolved = config.queue_group_defaults(partition);
+    if let Some(deliveries_max) = settings.deliveries_max {
+        resolved.deliveries_max = deliveries_max;
+    }
+    if let Some(visibility) = settings.visibility_timeout_ms {
+        resolved.visibility_timeout_ms_default = visibility;
+    }
+    if let Some(minimum) = settings.retry_delay_ms_min {
+        resolved.retry.delay_ms_min = minimum;
+    }
+    if let Some(maximum) = settings.retry_delay_ms_max {
+        resolved.retry.delay_ms_max = maximum;
+    }
+    if let Some(ttl) = settings.message_ttl_ms {
+        resolved.message_ttl_ms = ttl;
+    }
+    if let Some(policy) = settings.expiry_policy {
+        resolved.expiry_policy = match policy {
+            ExpiryPolicy::Drop => delivery::ExpiryPolicy::Drop,
+            ExpiryPolicy::DeadLetter => delivery::ExpiryPolicy::DeadLetter,
+        };
+    }
+    if let Some(ordering) = settings.ordering {
+        resolved.ordering = match ordering {
+            QueueOrdering::Unordered => delivery::Ordering::Unordered,
+            QueueOrdering::PerKey => delivery::Ordering::PerKey,
+        };
+    }
+    // Jitter differs per group and topic, the same across restarts.
+    resolved.random_seed = fnv1a64(format!("{topic}/{group}").as_bytes());
+    resolved
+}
+
+/// Every setting filled in: what Metadata answers. A dead-letter topic the broker created
+/// has no DLQ of its own (`dlq_topic` None).
+pub fn filled(
+    config: &ServerConfig,
+    settings: &QueueSettings,
+    topic: &str,
+    is_dead_letter_queue: bool,
+) -> QueueSettings {
+    let resolved = resolve(config, settings, topic, "", 0);
+    QueueSettings {
+        deliveries_max: Some(resolved.deliveries_max),
+        visibility_timeout_ms: Some(resolved.visibility_timeout_ms_default),
+        retry_delay_ms_min: Some(resolved.retry.delay_ms_min),
+        retry_delay_ms_max: Some(resolved.retry.delay_ms_max),
+        message_ttl_ms: Some(resolved.message_ttl_ms),
+        expiry_policy: Some(match resolved.expiry_policy {
+            delivery::ExpiryPolicy::Drop => ExpiryPolicy::Drop,
+            delivery::ExpiryPolicy::DeadLetter => ExpiryPolicy::DeadLetter,
+        }),
+        ordering: Some(match resolved.ordering {
+            delivery::Ordering::Unordered => QueueOrdering::Unordered,
+            delivery::Ordering::PerKey => QueueOrdering::PerKey,
+        }),
+        dlq_topic: if is_dead_letter_queue {
+            None
+        } else {
+            Some(dlq_topic_of(topic, settings))
+        },
+    }
+}
+
+/// The dead-letter topic of `topic`: its own setting, else `<topic>.dlq`.
+pub fn dlq_topic_of(topic: &str, settings: &QueueSettings) -> String {
+    settings
+        .dlq_topic
+        .clone()
+        .unwrap_or_else(|| format!("{topic}{DLQ_SUFFIX}"))
+}
+
+/// The `key=value` lines of the settings a topic set (none for broker defaults).
+pub fn meta_lines(settings: &QueueSettings) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut number = |key: &str, value: Option<u64>| {
+        if let Some(value) = value {
+            lines.push(format!("{key}={value}"));
+        }
+    };
+    number(KEY_DELIVERIES_MAX, settings.deliveries_max.map(u64::from));
+    number(KEY_VISIBILITY_TIMEOUT_MS, settings.visibility_timeout_ms);
+    number(KEY_RETRY_DELAY_MS_MIN, settings.retry_delay_ms_min);
+    number(KEY_RETRY_DELAY_MS_MAX, settings.retry_delay_ms_max);
+    number(KEY_MESSAGE_TTL_MS, settings.message_ttl_ms);
+    if let Some(policy) = settings.expiry_policy {
+        lines.push(format!(
+            "{KEY_EXPIRY_POLICY}={}",
+            match policy {
+                ExpiryPolicy::Drop => "drop",
+                ExpiryPolicy::DeadLetter => "dead_letter",
+            }
+        ));
+    }
+    if let Some(ordering) = settings.ordering {
+        lines.push(format!(
+            "{KEY_ORDERING}={}",
+            match ordering {
+                QueueOrdering::Unordered => "unordered",
+                QueueOrdering::PerKey => "per_key",
+            }
+        ));
+    }
+    if let Some(dlq) = &settings.dlq_topic {
+        lines.push(format!("{KEY_DLQ_TOPIC}={dlq}"));
+    }
+    lines
+}
+
+/// Reads the settings back from a `topic.meta` file's text; `field(key)` finds a line's
+/// value. An unreadable value is an error naming the key and the value.
+pub fn from_meta<'a>(field: impl Fn(&str) -> Option<&'a str>) -> Result<QueueSettings, String> {
+    fn number<T: std::str::FromStr>(key: &str, value: Option<&str>) -> Result<Option<T>, String> {
+        value
+            .map(|text| {
+                text.parse::<T>()
+                    .map_err(|_| format!("{key}={text:?} is not a number"))
+            })
+            .transpose()
+    }
+    let expiry_policy = match field(KEY_EXPIRY_POLICY) {
+        None => None,
+        Some("drop") => Some(ExpiryPolicy::Drop),
+        Some("dead_letter") => Some(ExpiryPolicy::DeadLetter),
+        Some(other) => {
+            return Err(format!(
+                "{KEY_EXPIRY_POLICY}={other:?} is neither drop nor dead_letter"
+            ))
+        }
+    };
+    let ordering = match field(KEY_ORDERING) {
+        None => None,
+        Some("unordered") => Some(QueueOrdering::Unordered),
+        Some("per_key") => Some(QueueOrdering::PerKey),
+        Some(other) => {
+            return Err(format!(
+                "{KEY_ORDERING}={other:?} is neither unordered nor per_key"
+            ))
+        }
+    };
+    let dlq_topic = match field(KEY_DLQ_TOPIC) {
+        None => None,
+        Some(name) => {
+            validate_topic_name(name).map_err(|error| format!("{KEY_DLQ_TOPIC}: {error}"))?;
+            Some(name.to_owned())
+        }
+    };
+    Ok(QueueSettings {
+        deliveries_max: number(KEY_DELIVERIES_MAX, field(KEY_DELIVERIES_MAX))?,
+        visibility_timeout_ms: number(KEY_VISIBILITY_TIMEOUT_MS, field(KEY_VISIBILITY_TIMEOUT_MS))?,
+        retry_delay_ms_min: number(KEY_RETRY_DELAY_MS_MIN, field(KEY_RETRY_DELAY_MS_MIN))?,
+        retry_delay_ms_max: number(KEY_RETRY_DELAY_MS_MAX, field(KEY_RETRY_DELAY_MS_MAX))?,
+        message_ttl_ms: number(KEY_MESSAGE_TTL_MS, field(KEY_MESSAGE_TTL_MS))?,
+        expiry_policy,
+        ordering,
+        dlq_topic,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of<'a>(text: &'a str) -> impl Fn(&str) -> Option<&'a str> + 'a {
+        move |key| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+        }
+    }
+
+    #[test]
+    fn topic_queue_settings_round_trip_through_meta_lines() {
+        let settings = QueueSettings {
+            deliveries_max: Some(3),
+            visibility_timeout_ms: Some(500),
+            retry_delay_ms_min: Some(10),
+            retry_delay_ms_max: Some(20),
+            message_ttl_ms: Some(60_000),
+            expiry_policy: Some(ExpiryPolicy::DeadLetter),
+            ordering: Some(QueueOrdering::PerKey),
+            dlq_topic: Some("failed.orders".into()),
+        };
+        let text = meta_lines(&settings).join("\n");
+        assert_eq!(from_meta(field_of(&text)), Ok(settings));
+        // A file from before queue settings: broker defaults everywhere.
+        assert_eq!(
+            from_meta(field_of("partitions=3\nretention_bytes_max=0\n")),
+            Ok(QueueSettings::default())
+        );
+        let error = from_meta(field_of("queue_ordering=sideways")).unwrap_err();
+        assert!(
+            error.contains("queue_ordering") && error.contains("sideways"),
+            "{error}"
+        );
+        let error = from_meta(field_of("queue_deliveries_max=many")).unwrap_err();
+        assert!(error.contains("queue_deliveries_max"), "{error}");
+    }
+
+    #[test]
+    fn topic_queue_settings_refused_name_the_setting_and_value() {
+        let config = ServerConfig::default();
+        let refused = |settings: QueueSettings, key: &str, value: &str| {
+            let error = validate("orders", &settings, &config).expect_err(key);
+            assert_eq!(error.code, ErrorCode::InvalidRequest);
+            assert!(
+                error.message.contains(key) && error.message.contains(value),
+                "{key} {value}: {error}"
+            );
+        };
+        refused(
+            QueueSettings {
+                deliveries_max: Some(0),
+                ..QueueSettings::default()
+            },
+            "deliveries_max",
+            "0",
+        );
+        refused(
+            QueueSettings {
+                visibility_timeout_ms: Some(0),
+                ..QueueSettings::default()
+            },
+            "visibility_timeout_ms",
+            "0",
+        );
+        let past = config.queue_visibility_timeout_ms_max + 1;
+        refused(
+            QueueSettings {
+                visibility_timeout_ms: Some(past),
+                ..QueueSettings::default()
+            },
+            "visibility_timeout_ms",
+            &past.to_string(),
+        );
+        assert!(validate(
+            "orders",
+            &QueueSettings {
+                visibility_timeout_ms: Some(config.queue_visibility_timeout_ms_max),
+                ..QueueSettings::default()
+            },
+            &config
+        )
+        .is_ok());
+        refused(
+            QueueSettings {
+                retry_delay_ms_min: Some(301_000),
+                ..QueueSettings::default()
+            },
+            "retry_delay_ms_min",
+            "301000",
+        );
+        refused(
+            QueueSettings {
+                retry_delay_ms_max: Some(0),
+                ..QueueSettings::default()
+            },
+            "retry_delay_ms_max",
+            "0",
+        );
+        refused(
+            QueueSettings {
+                dlq_topic: Some("orders".into()),
+                ..QueueSettings::default()
+            },
+            "dlq_topic",
+            "orders",
+        );
+        refused(
+            QueueSettings {
+                dlq_topic: Some("bad/name".into()),
+                ..QueueSettings::default()
+            },
+            "dlq_topic",
+            "bad/name",
+        );
+        assert!(validate("orders", &QueueSettings::default(), &config).is_ok());
+    }
+
+    #[test]
+    fn group_names_use_the_topic_alphabet() {
+        for good in ["billing", "a", "g.1_x-y", &"g".repeat(GROUP_NAME_BYTES_MAX)] {
+            assert!(validate_group_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "é",
+            &"g".repeat(GROUP_NAME_BYTES_MAX + 1),
+        ] {
+            assert_eq!(
+                validate_group_name(bad).unwrap_err().code,
+                ErrorCode::InvalidGroupName,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn merge_replaces_only_what_is_given() {
+        let before = QueueSettings {
+            deliveries_max: Some(3),
+            dlq_topic: Some("x".into()),
+            ..QueueSettings::default()
+        };
+        let after = merge(
+            &before,
+            &QueueSettings {
+                visibility_timeout_ms: Some(9),
+                ..QueueSettings::default()
+            },
+        );
+        assert_eq!(after.deliveries_max, Some(3));
+        assert_eq!(after.visibility_timeout_ms, Some(9));
+        assert_eq!(after.dlq_topic.as_deref(), Some("x"));
+    }
+}
