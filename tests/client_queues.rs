@@ -80,6 +80,34 @@ async fn receive_count(
         .unwrap_or_else(|_| panic!("fewer than {count} messages were received"))
 }
 
+/// The first `count` records of a dead-letter topic's partition. The broker creates the
+/// DLQ topic at the first dead letter, after the nack that caused it was answered, so
+/// this first asks for its metadata until it exists (each ask a round trip, bounded by
+/// STEP_TIMEOUT), then long-polls its records.
+async fn dead_letters_until(
+    client: &Client,
+    dlq: &str,
+    partition: u32,
+    count: usize,
+) -> Vec<shardq::client::Record> {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let metadata = client.metadata(&[dlq.to_owned()]).await.unwrap();
+        if metadata
+            .topics
+            .iter()
+            .any(|topic| topic.name == dlq && topic.error.is_none())
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{dlq} was not created within {STEP_TIMEOUT:?}"
+        );
+    }
+    records_until(client, dlq, partition, count).await
+}
+
 #[tokio::test]
 async fn receive_ack_nack_extend_and_stale_handles() {
     let (_dir, _broker, client) = start().await;
@@ -147,7 +175,7 @@ async fn receive_ack_nack_extend_and_stale_handles() {
         .await
         .unwrap();
     assert!(last.is_success(), "{:?}", last.refused);
-    let dead = records_until(&client, "orders.dlq", 0, 1).await;
+    let dead = dead_letters_until(&client, "orders.dlq", 0, 1).await;
     assert_eq!(dead[0].value.as_ref(), b"b");
     let header = |name: &str| {
         dead[0]
@@ -172,10 +200,9 @@ async fn receive_ack_nack_extend_and_stale_handles() {
     let partition = groups[0].partitions[0];
     assert_eq!(partition.acked, 1);
     assert_eq!(partition.in_flight, 1, "c is still leased");
-    assert_eq!(
-        partition.position, 0,
-        "a is acked but... the floor is the first unsettled"
-    );
+    // a is acked, b dead-lettered (its DLQ record is durable; the state that settles it
+    // may trail by a moment), c leased: the floor is past a and at most at c.
+    assert!((1..=2).contains(&partition.position), "{partition:?}");
 }
 
 #[tokio::test]
@@ -233,7 +260,7 @@ async fn run_acks_successes_and_dead_letters_failures_across_partitions() {
     assert_eq!(summary.received, 20 + expected_failures);
     let mut dead = BTreeSet::new();
     for partition in 0..2 {
-        for record in records_until(&client, "jobs.dlq", partition, 2).await {
+        for record in dead_letters_until(&client, "jobs.dlq", partition, 2).await {
             dead.insert(String::from_utf8(record.value.to_vec()).unwrap());
         }
     }
@@ -246,7 +273,7 @@ async fn run_extends_the_lease_of_a_handler_that_outlives_it() {
     create_queue_topic(&client, "slow", 1, 5).await;
     produce(&client, "slow", 0, &["x"]).await;
     let consumer = QueueConsumer::builder(client.clone(), "slow", "g")
-        .visibility_timeout(Duration::from_millis(1_000))
+        .visibility_timeout(Duration::from_millis(2_000))
         .concurrency(1)
         .build()
         .unwrap();
@@ -259,8 +286,10 @@ async fn run_extends_the_lease_of_a_handler_that_outlives_it() {
                 let stop = stop.lock().unwrap().take();
                 async move {
                     assert_eq!(message.attempt(), 1, "never redelivered while it runs");
-                    // The work itself: three times the lease.
-                    tokio::time::sleep(Duration::from_millis(3_000)).await;
+                    // The work itself: over twice the lease. (The lease is long enough
+                    // that an extension, sent with half of it left, is answered in time
+                    // on a loaded machine; its journal record is fsync'ed first.)
+                    tokio::time::sleep(Duration::from_millis(4_500)).await;
                     if let Some(stop) = stop {
                         let _ = stop.send(());
                     }
