@@ -556,6 +556,13 @@ struct Running {
 
 type ReceiveFuture = Pin<Box<dyn Future<Output = Result<Vec<QueueMessage>, ClientError>> + Send>>;
 
+/// Acks and nacks `run` has sent and not yet had answered. Settling does not hold up
+/// receiving or handling: the loop waits for an answer only at this many.
+const RUN_SETTLES_IN_FLIGHT_MAX: usize = 8;
+
+/// What one settle request of `run` did: (acks taken, nacks taken, refused).
+type SettleCounts = (u64, u64, u64);
+
 impl QueueConsumer {
     pub fn builder(client: Client, topic: &str, group: &str) -> QueueConsumerBuilder {
         QueueConsumerBuilder {
@@ -771,6 +778,7 @@ impl QueueConsumer {
         let mut handlers: JoinSet<Result<(), String>> = JoinSet::new();
         let mut running: HashMap<tokio::task::Id, Running> = HashMap::new();
         let mut receiving: Option<ReceiveFuture> = None;
+        let mut settling: JoinSet<Result<SettleCounts, ClientError>> = JoinSet::new();
         let mut stopping = false;
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -783,7 +791,7 @@ impl QueueConsumer {
                     consumer.receive(messages_max, Some(lease), wait).await
                 }));
             }
-            if stopping && receiving.is_none() && running.is_empty() {
+            if stopping && receiving.is_none() && running.is_empty() && settling.is_empty() {
                 return Ok(summary);
             }
             let next_extension = running
@@ -841,16 +849,31 @@ impl QueueConsumer {
                         }
                         next = handlers.try_join_next_with_id();
                     }
+                    // Sent in the background; at the in-flight limit, wait for an answer
+                    // first (backpressure on a broker slow to settle).
                     if !acks.is_empty() {
-                        let outcome = self.ack(&acks).await?;
-                        summary.acked += outcome.accepted() as u64;
-                        summary.refused += outcome.refused.len() as u64;
+                        while settling.len() >= RUN_SETTLES_IN_FLIGHT_MAX {
+                            count_settled(&mut summary, settling.join_next().await)?;
+                        }
+                        let consumer = self.clone();
+                        settling.spawn(async move {
+                            let outcome = consumer.ack(&acks).await?;
+                            Ok((outcome.accepted() as u64, 0, outcome.refused.len() as u64))
+                        });
                     }
                     for (reason, handles) in nacks {
-                        let outcome = self.nack(&handles, NackDelay::Backoff, &reason).await?;
-                        summary.nacked += outcome.accepted() as u64;
-                        summary.refused += outcome.refused.len() as u64;
+                        while settling.len() >= RUN_SETTLES_IN_FLIGHT_MAX {
+                            count_settled(&mut summary, settling.join_next().await)?;
+                        }
+                        let consumer = self.clone();
+                        settling.spawn(async move {
+                            let outcome = consumer.nack(&handles, NackDelay::Backoff, &reason).await?;
+                            Ok((0, outcome.accepted() as u64, outcome.refused.len() as u64))
+                        });
                     }
+                }
+                settled = settling.join_next(), if !settling.is_empty() => {
+                    count_settled(&mut summary, settled)?;
                 }
                 _ = sleep_until_some(next_extension), if next_extension.is_some() => {
                     let now = Instant::now();
@@ -882,6 +905,25 @@ impl QueueConsumer {
             }
         }
     }
+}
+
+/// Adds a finished settle request of `run` to its summary, or returns its error.
+fn count_settled(
+    summary: &mut RunSummary,
+    settled: Option<Result<Result<SettleCounts, ClientError>, tokio::task::JoinError>>,
+) -> Result<(), ClientError> {
+    let Some(settled) = settled else {
+        return Ok(());
+    };
+    let (acked, nacked, refused) = match settled {
+        Ok(counts) => counts?,
+        // The set is never aborted, so a task fails only by panicking: pass it on.
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    };
+    summary.acked += acked;
+    summary.nacked += nacked;
+    summary.refused += refused;
+    Ok(())
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {

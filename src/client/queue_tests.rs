@@ -481,8 +481,15 @@ async fn slow_handler_run(
             .respond(&header, Ok(&receive_body(vec![message(3, 8, 1, "slow")])))
             .await;
         let mut extends = 0;
+        // The ack travels in the background: the next receive may come before it.
+        let mut next_receive = None;
         loop {
             let (header, request) = connection.read_request().await.unwrap();
+            if matches!(request, Request::Receive(_)) {
+                assert!(next_receive.is_none(), "one receive at a time");
+                next_receive = Some(header);
+                continue;
+            }
             let settle = settle_of(request);
             assert_eq!(handles_in(&settle), vec![handle(3, 8, 1)]);
             match settle.action {
@@ -507,8 +514,14 @@ async fn slow_handler_run(
             }
         }
         // The loop receives again once the handler is done; stop it there.
-        let (header, request) = connection.read_request().await.unwrap();
-        assert!(matches!(request, Request::Receive(_)), "{request:?}");
+        let header = match next_receive {
+            Some(header) => header,
+            None => {
+                let (header, request) = connection.read_request().await.unwrap();
+                assert!(matches!(request, Request::Receive(_)), "{request:?}");
+                header
+            }
+        };
         stop.send(()).unwrap();
         connection.respond(&header, Ok(&receive_body(vec![]))).await;
         extends
@@ -570,19 +583,31 @@ async fn run_nacks_a_panicking_handler() {
         connection
             .respond(&header, Ok(&receive_body(vec![message(0, 0, 1, "boom")])))
             .await;
-        let (header, request) = connection.read_request().await.unwrap();
-        let settle = settle_of(request);
-        assert_eq!(
-            settle.action,
-            SettleAction::Nack {
-                delay: NackDelay::Backoff,
-                reason: HANDLER_PANICKED_REASON.into()
+        // The nack travels in the background: the next receive may come before it.
+        let mut next_receive = None;
+        let mut nacked = false;
+        while !nacked || next_receive.is_none() {
+            let (header, request) = connection.read_request().await.unwrap();
+            if matches!(request, Request::Receive(_)) {
+                assert!(next_receive.is_none(), "one receive at a time");
+                next_receive = Some(header);
+                continue;
             }
-        );
-        connection.respond(&header, Ok(&settled(vec![]))).await;
-        let (header, _) = connection.read_request().await.unwrap();
+            let settle = settle_of(request);
+            assert_eq!(
+                settle.action,
+                SettleAction::Nack {
+                    delay: NackDelay::Backoff,
+                    reason: HANDLER_PANICKED_REASON.into()
+                }
+            );
+            connection.respond(&header, Ok(&settled(vec![]))).await;
+            nacked = true;
+        }
         stop.send(()).unwrap();
-        connection.respond(&header, Ok(&receive_body(vec![]))).await;
+        connection
+            .respond(&next_receive.unwrap(), Ok(&receive_body(vec![])))
+            .await;
     });
     let client = Client::connect(address).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
