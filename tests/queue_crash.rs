@@ -5,8 +5,9 @@
 //! and has an ack or nack in flight when the broker is killed. Checked throughout:
 //! - a message whose ack was answered is never delivered again;
 //! - a message's delivery attempts only grow, across crashes too (an answered lease is
-//!   durable, so a restart never hands out the same attempt twice);
-//! and at the end, after draining: every message was acked exactly once or is in the
+//!   durable, so a restart never hands out the same attempt twice).
+//!
+//! And at the end, after draining: every message was acked exactly once or is in the
 //! DLQ exactly once (never both), every poison message (always nacked) is in the DLQ
 //! with `deliveries_max` attempts, and the group has nothing left in flight.
 //!
