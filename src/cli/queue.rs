@@ -394,10 +394,11 @@ pub fn settings_text(topic: &str, settings: &QueueSettings) -> String {
     let number = |value: Option<u64>| value.map_or_else(|| "default".to_owned(), |v| v.to_string());
     let ttl = match settings.message_ttl_ms {
         Some(0) => "none".to_owned(),
-        other => number(other),
+        None => "default".to_owned(),
+        Some(ms) => format!("{ms} ms"),
     };
     format!(
-        "queue: max deliveries {}, visibility {} ms, retry delay {}..{} ms, message ttl {ttl} ms, expiry {}, ordering {}, dlq {}",
+        "queue: max deliveries {}, visibility {} ms, retry delay {}..{} ms, message ttl {ttl}, expiry {}, ordering {}, dlq {}",
         number(settings.deliveries_max.map(u64::from)),
         number(settings.visibility_timeout_ms),
         number(settings.retry_delay_ms_min),
