@@ -298,6 +298,8 @@ pub struct GroupRuntime {
     /// was searched.
     dead_letter_maybe: RefCell<Option<(String, u32, u64)>>,
     closed: Cell<bool>,
+    /// Notified when the group closes: a background task's retry delay ends early.
+    closing: Notify,
     /// (lease start ms, offset, attempt), in lease order: the oldest unacked age that
     /// describe reports. Entries whose lease ended are pruned when it doubles past the
     /// in-flight maximum, so it stays within twice that.
@@ -336,12 +338,26 @@ impl GroupRuntime {
             dead_letter_logged: RefCell::new(HashSet::new()),
             dead_letter_maybe: RefCell::new(None),
             closed: Cell::new(false),
+            closing: Notify::new(),
             lease_starts: RefCell::new(VecDeque::new()),
         }
     }
 
     fn key(&self) -> GroupKey {
         (self.topic.to_string(), self.partition, self.name.clone())
+    }
+
+    /// Waits `delay_ms`, or less if the group closes meanwhile.
+    async fn pause(&self, delay_ms: u64) {
+        if self.closed.get() {
+            return;
+        }
+        let closing = self.closing.listen();
+        let _ = glommio::timer::timeout(Duration::from_millis(delay_ms), async {
+            let _ = closing.await;
+            Ok(())
+        })
+        .await;
     }
 
     /// Keeps a background task's handle in its kind's slot (the previous one finished).
@@ -853,6 +869,7 @@ impl Shard {
     /// deletion removes it next).
     async fn close_queue_group(&self, group: &Rc<GroupRuntime>) {
         group.closed.set(true);
+        group.closing.notify_all();
         group.writer.close().await;
         let tasks: Vec<JoinHandle<()>> = group
             .tasks
@@ -861,10 +878,10 @@ impl Shard {
             .filter_map(Option::take)
             .collect();
         for task in tasks {
-            // A worker may be sleeping out a retry delay or waiting on a DLQ append: it
-            // is dropped where it waits. Its dead letters stay journaled as pending and
-            // are reconciled at the next start (or go with the topic).
-            task.cancel();
+            // Awaited, not cancelled: a DLQ append in progress runs to its end (an
+            // append is not cancellable); retry delays end at `closing`, and each task
+            // stops at its next look at `closed`. Dead letters left pending stay
+            // journaled and are reconciled at the next start (or go with the topic).
             let _ = task.await;
         }
     }
@@ -1409,15 +1426,29 @@ impl Shard {
             }
             let maybe = group.dead_letter_maybe.borrow().clone();
             if let Some((dlq, dlq_partition, end)) = maybe {
-                match self
-                    .dead_letter_end(
-                        &dlq,
-                        dlq_partition,
-                        Some(end),
-                        Duration::from_millis(DEAD_LETTER_DURABLE_WAIT_MS),
-                    )
-                    .await
-                {
+                let waited = futures_lite::future::or(
+                    async {
+                        Some(
+                            self.dead_letter_end(
+                                &dlq,
+                                dlq_partition,
+                                Some(end),
+                                Duration::from_millis(DEAD_LETTER_DURABLE_WAIT_MS),
+                            )
+                            .await,
+                        )
+                    },
+                    async {
+                        // A read: given up on when the group closes.
+                        group.pause(DEAD_LETTER_DURABLE_WAIT_MS * 2).await;
+                        None
+                    },
+                )
+                .await;
+                let Some(waited) = waited else {
+                    continue;
+                };
+                match waited {
                     Ok((_, true)) => {
                         group.dead_letter_maybe.borrow_mut().take();
                         search_first = true;
@@ -1432,7 +1463,7 @@ impl Shard {
                                 "a DLQ append to {dlq} partition {dlq_partition} may have happened; waiting for it to become durable before searching for it: {why}"
                             )
                         });
-                        glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                        group.pause(delay_ms).await;
                         delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
                         continue;
                     }
@@ -1464,7 +1495,7 @@ impl Shard {
                             queue.push_front(request);
                         }
                     }
-                    glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                    group.pause(delay_ms).await;
                     delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
                     search_first = true;
                     continue;
@@ -1500,7 +1531,7 @@ impl Shard {
                     queue.push_front(request);
                 }
             }
-            glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+            group.pause(delay_ms).await;
             delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
         }
         group.dead_letter_running.set(false);
@@ -1865,7 +1896,7 @@ impl Shard {
                         format!("searching the DLQ failed: {failed}")
                     });
                     group.reconcile.borrow_mut().extend(requests);
-                    glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                    group.pause(delay_ms).await;
                     delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
                 }
             }
@@ -1893,4 +1924,50 @@ async fn write_group_snapshot(group: Rc<GroupRuntime>, seq: u64, bytes: Vec<u8>)
         }
     }
     group.snapshot_running.set(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal closed under a request: the broker stopping says ShuttingDown; a topic
+    /// deleted meanwhile says UnknownTopic, as the shard's other paths do.
+    #[test]
+    fn a_closed_journal_is_unknown_topic_unless_the_broker_stops() {
+        assert_eq!(
+            journal_error(&StorageError::Closed, false).code,
+            ErrorCode::UnknownTopic
+        );
+        assert_eq!(
+            journal_error(&StorageError::Closed, true).code,
+            ErrorCode::ShuttingDown
+        );
+        let error = journal_error(
+            &StorageError::NoSpace {
+                operation: "appending",
+                path: PathBuf::from("/x"),
+                detail: "full".into(),
+            },
+            false,
+        );
+        assert_eq!(error.code, ErrorCode::StorageFull);
+        assert!(error.message.starts_with("queue group journal"), "{error}");
+    }
+
+    /// Receive reads: runs and nearby offsets share a read; far ones get their own (a
+    /// thousand scattered deliveries are not a thousand MiB reads, nor one read of
+    /// everything between them).
+    #[test]
+    fn deliveries_are_read_in_spans_of_nearby_offsets() {
+        assert_eq!(read_spans(&[]), Vec::<Range<u64>>::new());
+        assert_eq!(read_spans(&[5, 6, 7]), vec![5..8]);
+        let gap = DELIVERY_READ_GAP_MAX;
+        assert_eq!(read_spans(&[0, 1 + gap]), vec![0..2 + gap]);
+        assert_eq!(read_spans(&[0, 2 + gap]), vec![0..1, 2 + gap..3 + gap]);
+        let scattered: Vec<u64> = (0..1000).map(|index| index * 10_000).collect();
+        assert_eq!(read_spans(&scattered).len(), 1000);
+        assert!(read_spans(&scattered)
+            .iter()
+            .all(|span| span.end - span.start == 1));
+    }
 }

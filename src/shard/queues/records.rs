@@ -431,4 +431,34 @@ mod tests {
         assert_eq!(fit_value(None, b"v", &mut huge, limit), None);
         assert_eq!(huge.len(), 1);
     }
+
+    /// A read for offsets before `end_offset` decodes nothing from the batches past it:
+    /// a damaged batch there is not even looked at, and no record past it is kept.
+    #[test]
+    fn batches_past_the_end_offset_are_not_decoded() {
+        let mut bytes = BytesMut::new();
+        bytes.extend_from_slice(&stored(&[(None, &[]), (None, &[])], 10, 1_000));
+        let mut damaged = BytesMut::from(&stored(&[(None, &[])], 12, 1_000)[..]);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0xff;
+        bytes.extend_from_slice(&damaged);
+        let bytes = bytes.freeze();
+        let mut out = Vec::new();
+        stored_records(&bytes, 11, 12, &mut out).unwrap();
+        let offsets: Vec<u64> = out.iter().map(|stored| stored.record.offset).collect();
+        assert_eq!(offsets, vec![11]);
+        out.clear();
+        assert!(stored_records(&bytes, 10, 13, &mut out).is_err());
+        // What is kept no longer slices the read buffer.
+        let kept = owned(out.first().map_or_else(
+            || {
+                let mut again = Vec::new();
+                stored_records(&bytes, 10, 11, &mut again).unwrap();
+                again.remove(0).record
+            },
+            |stored| stored.record.clone(),
+        ));
+        let buffer = bytes.as_ptr() as usize..bytes.as_ptr() as usize + bytes.len();
+        assert!(!buffer.contains(&(kept.value.as_ptr() as usize)));
+    }
 }
