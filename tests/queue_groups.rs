@@ -889,3 +889,272 @@ fn altered_settings_reach_live_groups() {
         describe(&mut client, "orders", GROUP)[0].partitions[0].dead_lettered == 1
     });
 }
+
+/// A message that already had `deliveries_max` deliveries under a lowered maximum (an
+/// AlterTopic while it waits, available, in the window) goes to the DLQ instead of being
+/// handed out: the broker must not stop on it.
+#[test]
+fn lowering_deliveries_max_below_an_available_messages_attempts_dead_letters_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 1, quick(5));
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+    for attempt in 1..=2 {
+        let received = receive(&mut client, "orders", 1, 5_000);
+        assert_eq!(received[0].handle.attempt, attempt);
+        assert!(settle(
+            &mut client,
+            "orders",
+            nack_ms(0, "again"),
+            &handles(&received)
+        )
+        .is_empty());
+    }
+    eventually("the nacked message is available again", || {
+        describe(&mut client, "orders", GROUP)[0].partitions[0].waiting == 0
+    });
+    client
+        .call(&Request::AlterTopic(AlterTopicRequest {
+            name: "orders".into(),
+            retention: None,
+            queue: QueueSettings {
+                deliveries_max: Some(2),
+                ..QueueSettings::default()
+            },
+        }))
+        .unwrap();
+    assert!(
+        receive(&mut client, "orders", 1, 200).is_empty(),
+        "not delivered a third time"
+    );
+    eventually("dead-lettered under the lowered maximum", || {
+        describe(&mut client, "orders", GROUP)[0].partitions[0].dead_lettered == 1
+    });
+    let copies = client.fetch_all("orders.dlq", 0, 0);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(header(&copies[0], headers::ATTEMPTS), 2u32.to_le_bytes());
+}
+
+/// The operator lowers `queue_visibility_timeout_ms_max` below what a topic stored: the
+/// broker starts, the topic keeps working, and its effective value is the new limit.
+#[test]
+fn a_topic_setting_past_a_lowered_broker_limit_is_cut_to_it_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(
+        &mut client,
+        "orders",
+        1,
+        QueueSettings {
+            visibility_timeout_ms: Some(600_000),
+            retry_delay_ms_max: Some(2_000),
+            ..QueueSettings::default()
+        },
+    );
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+    receive(&mut client, "orders", 1, 5_000);
+    drop(client);
+    broker.stop();
+    let mut config = broker.config.clone();
+    config.queue_visibility_timeout_ms_max = 60_000;
+    config.queue_retry_delay_ms_min = 5_000;
+    config.queue_retry_delay_ms_max = 10_000;
+    let broker = TestBroker::start_with(config);
+    let mut client = RawClient::connect(broker.addr());
+    let response = client
+        .call(&Request::Metadata(MetadataRequest {
+            topics: vec!["orders".into()],
+        }))
+        .unwrap();
+    let ResponseBody::Metadata(metadata) = response else {
+        panic!("{response:?}")
+    };
+    let queue = &metadata.topics[0].queue;
+    assert_eq!(queue.visibility_timeout_ms, Some(60_000));
+    assert_eq!(
+        queue.retry_delay_ms_min,
+        Some(2_000),
+        "cut to the topic's maximum"
+    );
+    client.produce("orders", 0, batch_of(&[b"b"])).unwrap();
+    let received = receive(&mut client, "orders", 10, 5_000);
+    assert_eq!(values(&received), vec!["b"]);
+}
+
+/// A receive that cannot create its group on a later partition (LimitExceeded) leases
+/// nothing on the earlier ones: the client hears the error and no message is held.
+#[test]
+fn a_receive_that_fails_on_a_later_partition_leases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |config| {
+        config.queue_groups_per_shard_max = 1;
+    });
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 2, QueueSettings::default());
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+    client.produce("orders", 1, batch_of(&[b"b"])).unwrap();
+    for _ in 0..2 {
+        let error = receive_with(&mut client, "orders", GROUP, 10, 0, 0).unwrap_err();
+        assert_eq!(error.code, ErrorCode::LimitExceeded, "{error}");
+    }
+    let in_flight: u32 = describe(&mut client, "orders", GROUP)
+        .iter()
+        .flat_map(|group| group.partitions.iter())
+        .map(|partition| partition.in_flight)
+        .sum();
+    assert_eq!(in_flight, 0, "nothing leased for a receive that failed");
+}
+
+/// Dead-lettering a record at the batch size limit: the copy would not fit with the
+/// broker's headers, so its value is cut and `shardq-truncated` says by how much. The
+/// copy also drops headers a producer forged under the broker's `shardq-` prefix and the
+/// source's delivery headers (`ttl_ms`, `deliver_after`).
+#[test]
+fn dead_letter_copies_fit_a_batch_and_carry_only_the_brokers_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 1, quick(1));
+    let forged_offset = 7u64.to_le_bytes();
+    let ttl = 3_600_000u64.to_le_bytes();
+    let after = 1u64.to_le_bytes();
+    let record_headers: [(&str, &[u8]); 5] = [
+        (headers::SOURCE_TOPIC, b"orders"),
+        (headers::SOURCE_OFFSET, &forged_offset),
+        (headers::TTL_MS, &ttl),
+        (headers::DELIVER_AFTER, &after),
+        ("trace", b"t-1"),
+    ];
+    let limit = broker.config.batch_bytes_max();
+    let value_length = limit
+        - shardq::protocol::batch::BATCH_HEADER_SIZE
+        - BatchBuilder::record_size(None, b"", &record_headers);
+    let value = vec![b'v'; value_length];
+    let batch = record_with(&value, None, &record_headers);
+    assert_eq!(batch.len(), limit, "the source batch is at the limit");
+    client.produce("orders", 0, batch).unwrap();
+    let received = receive(&mut client, "orders", 1, 5_000);
+    assert!(settle(&mut client, "orders", nack_ms(0, "no"), &handles(&received)).is_empty());
+    eventually("the oversized copy is appended", || {
+        describe(&mut client, "orders", GROUP)[0].partitions[0].dead_lettered == 1
+    });
+    let copies = client.fetch_all("orders.dlq", 0, 0);
+    assert_eq!(copies.len(), 1);
+    let copy = &copies[0];
+    assert_eq!(
+        header(copy, headers::TRUNCATED),
+        (value_length as u64).to_le_bytes()
+    );
+    assert!(copy.value.len() < value_length);
+    assert!(copy.value.iter().all(|byte| *byte == b'v'));
+    let named = |name: &str| {
+        copy.headers
+            .iter()
+            .filter(|(header, _)| header == name)
+            .count()
+    };
+    assert_eq!(named(headers::SOURCE_OFFSET), 1, "{:?}", copy.headers);
+    assert_eq!(header(copy, headers::SOURCE_OFFSET), 0u64.to_le_bytes());
+    assert_eq!(named(headers::TTL_MS), 0);
+    assert_eq!(named(headers::DELIVER_AFTER), 0);
+    assert_eq!(header(copy, "trace"), b"t-1");
+}
+
+/// A topic whose default DLQ name (`<topic>.dlq`) could not be a topic is refused at
+/// create, saying why; naming a DLQ makes it valid. A DLQ that exists placed unlike its
+/// source is refused as a dead-letter topic.
+#[test]
+fn a_topic_whose_dead_letter_topic_could_not_work_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 2, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    let long = "t".repeat(shardq::protocol::TOPIC_NAME_BYTES_MAX - 2);
+    let create = |name: &str, partitions: u32, queue: QueueSettings| {
+        Request::CreateTopic(CreateTopicRequest {
+            name: name.into(),
+            partitions,
+            retention: Default::default(),
+            queue,
+        })
+    };
+    let error = client
+        .call(&create(&long, 1, QueueSettings::default()))
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidTopicName, "{error}");
+    assert!(error.message.contains("dlq_topic"), "{error}");
+    client
+        .call(&create(
+            &long,
+            1,
+            QueueSettings {
+                dlq_topic: Some("long.dlq".into()),
+                ..QueueSettings::default()
+            },
+        ))
+        .unwrap();
+    // A user-made `jobs.dlq` with another partition count and its own placement.
+    create_topic(&mut client, "jobs.dlq", 1, QueueSettings::default());
+    let error = client
+        .call(&create("jobs", 4, QueueSettings::default()))
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest, "{error}");
+    assert!(error.message.contains("placement"), "{error}");
+    let error = client
+        .call(&create(
+            "other",
+            4,
+            QueueSettings {
+                dlq_topic: Some("jobs.dlq".into()),
+                ..QueueSettings::default()
+            },
+        ))
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest, "{error}");
+}
+
+#[test]
+fn a_receive_of_zero_messages_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 1, QueueSettings::default());
+    let error = receive_with(&mut client, "orders", GROUP, 0, 0, 0).unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest, "{error}");
+}
+
+/// A client long-polls a receive, then its connection is reset: the poll must end
+/// with it, not lease the next message for nobody (30 s invisible, an attempt burnt).
+#[test]
+fn a_reset_connection_leases_nothing_for_its_abandoned_long_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path(), 1, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 1, QueueSettings::default());
+    // Group created, so the poll below waits on it.
+    assert!(receive(&mut client, "orders", 1, 0).is_empty());
+    let mut leaving = RawClient::connect(broker.addr());
+    leaving.send(&Request::Receive(ReceiveRequest {
+        topic: "orders".into(),
+        group: GROUP.into(),
+        messages_max: 1,
+        visibility_timeout_ms: 30_000,
+        wait_ms: 20_000,
+    }));
+    // A round trip on the same shard after the poll was sent: it is running.
+    describe(&mut client, "orders", GROUP);
+    socket2::SockRef::from(&leaving.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(leaving); // RST
+    describe(&mut client, "orders", GROUP);
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+    let received = receive(&mut client, "orders", 1, 5_000);
+    assert_eq!(
+        values(&received),
+        vec!["a"],
+        "not leased to the reset client"
+    );
+    assert_eq!(received[0].handle.attempt, 1);
+}

@@ -724,7 +724,13 @@ impl QueueGroup {
     /// message keeps the expiry it was given). What shapes the state — the window, the
     /// in-flight maximum, the ordering, the partition — must not change (asserted): a
     /// restart applies a new ordering, rebuilding its key lists from the log.
-    pub fn set_policy(&mut self, config: QueueGroupConfig) {
+    ///
+    /// A lowered `deliveries_max` takes effect at once: an available message that has
+    /// had that many deliveries already is never handed out again; it goes to the DLQ
+    /// now (journaled in `out`, like any dead letter). Waiting and leased ones go when
+    /// their retry comes due or their lease ends.
+    pub fn set_policy(&mut self, config: QueueGroupConfig, now_ms: u64, out: &mut Actions) {
+        out.clear();
         config
             .validate()
             .expect("a topic's queue settings are validated before they are stored");
@@ -735,7 +741,29 @@ impl QueueGroup {
                 && config.partition == self.config.partition,
             "a live policy change keeps the window, in-flight maximum, ordering and partition"
         );
+        self.run_timers(now_ms, out);
         self.config = config;
+        let spent: Vec<u64> = self
+            .window
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| {
+                slot.state == State::Available
+                    && slot.attempts > 0
+                    && slot.attempts >= config.deliveries_max
+            })
+            .map(|(index, _)| self.floor + index as u64)
+            .collect();
+        for offset in spent {
+            self.dead_letter(
+                offset,
+                DeadLetterCause::Nacked,
+                b"deliveries_max lowered",
+                now_ms,
+                out,
+            );
+        }
+        self.finish(out);
     }
 
     /// Whether `receive` would hand out something now: a message is ready and the group

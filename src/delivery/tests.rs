@@ -1237,3 +1237,61 @@ fn recovery_of_arbitrary_valid_records_keeps_invariants() {
         drain_recovered(h, 48);
     }
 }
+
+/// Lowering `deliveries_max` on a live group (AlterTopic): an available message that has
+/// had its deliveries under the new maximum goes to the DLQ at once, journaled, instead
+/// of reaching `receive` (which would deliver it past the maximum).
+#[test]
+fn lowered_deliveries_max_dead_letters_available_messages_at_once() {
+    let mut h = Harness::new(config(), 3);
+    let mut now = 10;
+    // Offset 0 is delivered twice, offsets 1 and 2 once; all come back available.
+    let first = h.receive(1, 10, now);
+    assert_eq!(offsets(&first), vec![0, 1, 2]);
+    h.group
+        .nack(&first, NackDelay::Ms(0), b"again", now, &mut h.out);
+    h.persist();
+    now += 1;
+    let second = h.receive(1, 1, now);
+    assert_eq!((second[0].offset, second[0].attempt), (0, 2));
+    h.group
+        .nack(&second, NackDelay::Ms(0), b"again", now, &mut h.out);
+    h.persist();
+    now += 1;
+    h.tick(now);
+    assert_eq!(h.group.state_of(0), MessageState::Available { attempts: 2 });
+
+    let mut lowered = config();
+    lowered.deliveries_max = 2;
+    h.group.set_policy(lowered, now, &mut h.out);
+    h.persist();
+    assert_eq!(
+        h.group.state_of(0),
+        MessageState::DeadLettering { attempts: 2 }
+    );
+    assert_eq!(h.out.dead_letters.len(), 1);
+    let request = h.out.dead_letters[0].clone();
+    assert_eq!((request.offset, request.attempts), (0, 2));
+    let pending = h.out.journal.last().expect("a pending record").clone();
+    assert!(matches!(
+        pending.record,
+        JournalRecord::DeadLetterPending { offset: 0, .. }
+    ));
+    assert_eq!(request.after_seq, Some(pending.seq));
+    assert_eq!(h.out.answer_after_seq, Some(pending.seq));
+    // The others had one delivery: each gets its last one, then no more.
+    let last = h.receive(2, 10, now);
+    assert_eq!(offsets(&last), vec![1, 2]);
+    assert!(last.iter().all(|delivery| delivery.attempt == 2));
+    // A restart replays the same decision.
+    let (recovered, _) = h.recover(None, 3, now);
+    assert_eq!(
+        recovered.group.state_of(0),
+        MessageState::DeadLettering { attempts: 2 }
+    );
+    assert_eq!(recovered.out.reconcile.len(), 1);
+    h.group.dead_lettered(request.offset, now, &mut h.out);
+    h.persist();
+    assert_eq!(h.group.counters().dead_lettered, 1);
+    assert_eq!(h.group.state_of(0), MessageState::Settled);
+}

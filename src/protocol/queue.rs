@@ -372,6 +372,12 @@ pub mod headers {
     pub const DEAD_LETTER_CAUSE: &str = "shardq-dead-letter-cause";
     pub const REASON: &str = "shardq-reason";
     pub const DEAD_LETTERED_AT_MS: &str = "shardq-dead-lettered-at-ms";
+    /// u64 LE: the source value's length, on a DLQ copy whose value was cut to fit a
+    /// batch (docs/queues.md §3).
+    pub const TRUNCATED: &str = "shardq-truncated";
+    /// Headers whose name starts with this are the broker's: a DLQ copy drops the
+    /// source's own (a producer cannot forge where a copy came from).
+    pub const BROKER_PREFIX: &str = "shardq-";
 }
 
 // ---- Codec. Layouts: docs/protocol.md §11. Every function reads or writes one body (or

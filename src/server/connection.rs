@@ -380,10 +380,13 @@ pub async fn serve(
     // writer with it closes the socket.
     let writer = glommio::spawn_local(write_responses(Rc::clone(&connection), outgoing));
     let end = read_requests(&connection).await;
-    if end == End::ClientDone {
-        // A client that has said all it will say is not waiting for long-polls or
-        // lookups by time (the Rust client half-closes only once nothing waits for an
-        // answer); writes, answered or not, run to their end.
+    // Nobody waits for a long-poll or a lookup by time any more when the client has
+    // said all it will say (the Rust client half-closes only once nothing waits for an
+    // answer) or its socket failed (a reset): a receive still polling must not lease
+    // messages nobody will read. When the broker closes the connection (a protocol
+    // error, a timeout, a shutdown) the socket still carries the answers owed, and the
+    // shard's own stop ends long-polls. Writes, answered or not, run to their end.
+    if matches!(end, End::ClientDone | End::Broken) {
         connection.client_gone.set();
     }
     // Let requests already running finish and answer, then let the writer write it all.

@@ -844,6 +844,12 @@ async fn receive(
     caller: &Caller<'_>,
 ) -> Result<ReceiveResponse, WireError> {
     validate_group_name(&request.group)?;
+    if request.messages_max == 0 {
+        return Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            "receive with messages_max 0: ask for at least one message",
+        ));
+    }
     let route = TopicRoute::new(shard, &request.topic);
     let Some(partitions) = route.partitions else {
         return Err(route.unknown.clone().expect("set for an unknown topic"));
@@ -872,6 +878,10 @@ async fn receive(
     loop {
         let mut messages = Vec::new();
         let mut first_error = None;
+        if caller.gone.is_some_and(Event::is_set) {
+            // The client left while its long-poll waited: nothing may be leased for it.
+            return Ok(ReceiveResponse { messages });
+        }
         for &owner in &owners {
             let remaining = messages_max - messages.len() as u32;
             if remaining == 0 {
@@ -914,11 +924,7 @@ async fn receive(
             return Err(error);
         }
         let now = std::time::Instant::now();
-        if messages_max == 0
-            || now >= deadline
-            || caller.gone.is_some_and(Event::is_set)
-            || shard.is_shutting_down()
-        {
+        if now >= deadline || caller.gone.is_some_and(Event::is_set) || shard.is_shutting_down() {
             return Ok(ReceiveResponse { messages });
         }
         let waited = wait_until_receivable(shard, &owners, &request, deadline - now, caller).await;

@@ -166,6 +166,15 @@ pub enum ShardRequest {
         offsets: Vec<u64>,
         from_ms: u64,
     },
+    /// A DLQ append answered "maybe appended" (Timeout): the partition's next offset, and
+    /// once `durable_through` is given, whether every offset below it became durable
+    /// within `wait`. What a retry waits for before it searches for the copy.
+    DeadLetterEnd {
+        dlq: String,
+        partition: u32,
+        durable_through: Option<u64>,
+        wait: Duration,
+    },
     /// Stream group commits on owned partitions: (partition, offset).
     CommitOffsets {
         topic: Arc<str>,
@@ -207,6 +216,8 @@ pub enum ShardReply {
     QueueSettle(Vec<RefusedHandle>),
     DescribeGroups(Result<Vec<queues::DescribedPartition>, WireError>),
     FoundDeadLetters(Result<Vec<u64>, WireError>),
+    /// (next offset, durable through the offset asked for).
+    DeadLetterEnd(Result<(u64, bool), WireError>),
     Done(Result<(), WireError>),
     /// One result per entry, in order.
     Commit(Vec<Result<(), WireError>>),
@@ -434,7 +445,16 @@ impl Shard {
     /// Start-up: install every topic found on disk and open the partitions this shard
     /// owns (recovering them).
     pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
-        for (name, topic) in read_topic_catalog(&self.topics_directory())? {
+        for (name, mut topic) in read_topic_catalog(&self.topics_directory())? {
+            // Settings stored under larger limits than the broker's now are cut to them
+            // (the topic keeps working); shard 0 says so, once per topic and key.
+            let (fitted, cuts) = queues::settings::fit_to_limits(&topic.queue, &self.config);
+            if self.id == 0 {
+                for cut in cuts {
+                    eprintln!("shardq: topic {}: {cut}", quote_untrusted(&name));
+                }
+            }
+            topic.queue = fitted;
             self.install_topic(&name, topic).await?;
         }
         Ok(())
@@ -771,6 +791,15 @@ impl Shard {
                 holder,
             } => ShardReply::QueueReceive(
                 self.queue_receive_owned(topic, group, messages_max, visibility_timeout_ms, holder)
+                    .await,
+            ),
+            ShardRequest::DeadLetterEnd {
+                dlq,
+                partition,
+                durable_through,
+                wait,
+            } => ShardReply::DeadLetterEnd(
+                self.dead_letter_end_owned(&dlq, partition, durable_through, wait)
                     .await,
             ),
             ShardRequest::QueueWait { topic, group, wait } => {
@@ -1147,6 +1176,7 @@ impl Shard {
         let partitions = topic.partitions;
         validate_topic_name(name)?;
         queues::settings::validate(name, &topic.queue, &self.config)?;
+        self.validate_dead_letter_target(name, topic)?;
         if partitions == 0 || partitions > self.config.partitions_per_topic_max {
             return Err(WireError::new(
                 ErrorCode::InvalidPartitionCount,
@@ -1218,6 +1248,7 @@ impl Shard {
         }
         topic.queue = queues::settings::merge(&topic.queue, &queue);
         queues::settings::validate(&name, &topic.queue, &self.config)?;
+        self.validate_dead_letter_target(&name, &topic)?;
         self.topics_changing.borrow_mut().insert(name.clone());
         let outcome = async {
             if let Err(error) = write_metadata(self.topics_directory(), &name, topic.clone()).await

@@ -20,7 +20,7 @@
 //! blocking calls on the executor's blocking thread (`off_reactor`), never on the reactor.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -107,6 +107,9 @@ pub struct OffsetStore {
     /// Encoded records waiting for the next write, and the commits they carry.
     pending_bytes: RefCell<Vec<u8>>,
     pending: RefCell<Vec<(String, u64)>>,
+    /// Groups with a commit queued or being written but none durable yet: counted once
+    /// each against `groups_max`, however many of their commits wait.
+    new_groups: RefCell<BTreeSet<String>>,
     /// Commits numbered as they are queued; `durable_seq` is the last one on disk.
     queued_seq: Cell<u64>,
     durable_seq: Cell<u64>,
@@ -120,6 +123,20 @@ impl OffsetStore {
     /// off the reactor.
     pub fn open_blocking(directory: &Path, groups_max: u32) -> Result<OffsetStore, StorageError> {
         let path = directory.join(OFFSETS_FILE);
+        // A compaction interrupted by a crash leaves its temporary file: never renamed,
+        // so the store is the old file; the leftover only takes space.
+        let temporary = path.with_extension("tmp");
+        match std::fs::remove_file(&temporary) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StorageError::io(
+                    "removing a leftover offsets.tmp",
+                    &temporary,
+                    source,
+                ))
+            }
+        }
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -153,6 +170,7 @@ impl OffsetStore {
             records_in_file: Cell::new(records),
             pending_bytes: RefCell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
+            new_groups: RefCell::new(BTreeSet::new()),
             queued_seq: Cell::new(0),
             durable_seq: Cell::new(0),
             writing: Cell::new(false),
@@ -179,21 +197,16 @@ impl OffsetStore {
         if let Some(reason) = self.failed.borrow().clone() {
             return Err(CommitError::Storage(reason));
         }
-        let known = self.committed.borrow().contains_key(group)
-            || self.pending.borrow().iter().any(|(name, _)| name == group);
+        let known =
+            self.committed.borrow().contains_key(group) || self.new_groups.borrow().contains(group);
         if !known {
-            let groups = self.committed.borrow().len()
-                + self
-                    .pending
-                    .borrow()
-                    .iter()
-                    .filter(|(name, _)| !self.committed.borrow().contains_key(name))
-                    .count();
+            let groups = self.committed.borrow().len() + self.new_groups.borrow().len();
             if groups >= self.groups_max as usize {
                 return Err(CommitError::TooManyGroups {
                     groups_max: self.groups_max,
                 });
             }
+            self.new_groups.borrow_mut().insert(group.to_owned());
         }
         encode_record(group, offset, &mut self.pending_bytes.borrow_mut());
         self.pending.borrow_mut().push((group.to_owned(), offset));
@@ -239,8 +252,10 @@ impl OffsetStore {
             }
             {
                 let mut committed = self.committed.borrow_mut();
+                let mut new_groups = self.new_groups.borrow_mut();
                 for (group, offset) in commits.iter() {
                     committed.insert(group.clone(), *offset);
+                    new_groups.remove(group);
                 }
             }
             self.records_in_file
@@ -407,6 +422,35 @@ mod tests {
                     ("b".to_owned(), 1),
                     ("c".to_owned(), 1)
                 ]
+            );
+        });
+    }
+
+    /// Two commits of one new group waiting together count it once: a second new group
+    /// still fits under the limit. And a leftover `offsets.tmp` goes at open.
+    #[test]
+    fn a_new_group_with_two_pending_commits_counts_once() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().to_path_buf();
+        std::fs::write(path.join("offsets.tmp"), b"half a compaction").unwrap();
+        let opened = path.clone();
+        run(move || async move {
+            let store = Rc::new(OffsetStore::open_blocking(&opened, 2).unwrap());
+            assert!(!opened.join("offsets.tmp").exists());
+            let commits: Vec<_> = [("a", 1), ("a", 2), ("b", 1)]
+                .into_iter()
+                .map(|(group, offset)| {
+                    let store = Rc::clone(&store);
+                    glommio::spawn_local(async move { store.commit(group, offset).await })
+                })
+                .collect();
+            for commit in commits {
+                commit.await.unwrap();
+            }
+            assert_eq!(store.groups().len(), 2);
+            assert_eq!(
+                store.commit("c", 1).await,
+                Err(CommitError::TooManyGroups { groups_max: 2 })
             );
         });
     }

@@ -148,7 +148,6 @@ pub fn cut_journal(
 ) -> Result<Option<(u64, u64)>, StorageError> {
     let mut start = 0usize;
     let mut keep: Option<(u64, u64)> = None;
-    let mut changed = false;
     for (first_seq, path, bytes) in &files.journals {
         let end = start + bytes.len();
         if start > valid_bytes || (start == valid_bytes && keep.is_some()) {
@@ -160,7 +159,6 @@ pub fn cut_journal(
             std::fs::remove_file(path).map_err(|source| {
                 StorageError::io("removing a journal segment past a torn tail", path, source)
             })?;
-            changed = true;
         } else {
             let length = valid_bytes.min(end) - start;
             if length < bytes.len() {
@@ -180,13 +178,27 @@ pub fn cut_journal(
                 file.sync_all()
                     .map_err(|source| StorageError::io("syncing a journal", path, source))?;
             }
+            if length == bytes.len() {
+                // Read back through the page cache: what a crashed process wrote may not
+                // be on disk yet. The writer counts it durable, so make it so first (the
+                // partition log does the same for its recovered tail).
+                std::fs::File::open(path)
+                    .and_then(|file| file.sync_data())
+                    .map_err(|source| StorageError::io("syncing a journal", path, source))?;
+            }
             keep = Some((*first_seq, length as u64));
         }
         start = end;
     }
-    if changed {
-        sync_directory_blocking(directory)?;
+    if files.snapshot.is_some() {
+        let snapshot = directory.join(SNAPSHOT_FILE);
+        std::fs::File::open(&snapshot)
+            .and_then(|file| file.sync_data())
+            .map_err(|source| StorageError::io("syncing a snapshot", &snapshot, source))?;
     }
+    // The segments' and the snapshot's entries (a rename the crash may have left
+    // unsynced), and any removal above.
+    sync_directory_blocking(directory)?;
     Ok(keep)
 }
 
@@ -196,8 +208,22 @@ fn sync_directory_blocking(directory: &Path) -> Result<(), StorageError> {
         .map_err(|source| StorageError::io("syncing a directory", directory, source))
 }
 
-/// Creates `<partition>/groups/<group>` and makes its entry durable. Blocking.
+/// Creates `<partition>/groups/<group>`, empty, and makes its entry durable. A directory
+/// left there (a create whose `Created` record never became durable, or an interrupted
+/// delete) is removed first: its old journal segments must not be appended to, or read
+/// back as this group's. Blocking.
 pub fn create_group_directory(directory: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_dir_all(directory) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StorageError::io(
+                "removing a leftover queue group directory",
+                directory,
+                source,
+            ))
+        }
+    }
     std::fs::create_dir_all(directory).map_err(|source| {
         StorageError::io("creating a queue group directory", directory, source)
     })?;
@@ -609,5 +635,17 @@ mod tests {
             Some((1, 4))
         );
         assert!(!files.journals[1].1.exists());
+    }
+
+    #[test]
+    fn creating_a_group_clears_a_leftover_directory() {
+        let partition = tempfile::tempdir().unwrap();
+        let directory = partition.path().join(GROUPS_DIRECTORY).join("billing");
+        std::fs::create_dir_all(&directory).unwrap();
+        std::fs::write(directory.join(journal_file_name(1)), b"old records").unwrap();
+        std::fs::write(directory.join(SNAPSHOT_FILE), b"old snapshot").unwrap();
+        create_group_directory(&directory).unwrap();
+        assert!(directory.is_dir());
+        assert_eq!(std::fs::read_dir(&directory).unwrap().count(), 0);
     }
 }

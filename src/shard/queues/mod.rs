@@ -24,7 +24,7 @@ pub mod records;
 pub mod settings;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::{off_reactor, ProduceItem, Shard, ShardReply, ShardRequest, TopicConfig};
+use super::{
+    off_reactor, storage_to_wire, ProduceItem, Shard, ShardReply, ShardRequest, TopicConfig,
+};
 use crate::delivery::{
     encode_snapshot, Actions, DeadLetterLookup, DeadLetterRequest, DeliveryHandle, HandleError,
     HolderId, JournalRecord, LogBounds, MessageMeta, MessageState, NackDelay, QueueGroup,
@@ -41,18 +43,28 @@ use crate::delivery::{
 };
 use crate::protocol::batch::BatchBuilder;
 use crate::protocol::queue::{
-    GroupKind, GroupPartition, Handle, NackDelay as WireNackDelay, ReceivedMessage, RefusedHandle,
-    SettleAction,
+    headers, GroupKind, GroupPartition, Handle, NackDelay as WireNackDelay, ReceivedMessage,
+    RefusedHandle, SettleAction,
 };
 use crate::protocol::{quote_untrusted, Acks, ErrorCode, Retention, WireError};
 use crate::storage::{Notify, PartitionLog, StorageError};
 use files::JournalWriter;
+use glommio::task::JoinHandle;
 use records::StoredRecord;
 
 /// Bytes one log read for queue groups asks for: metadata of the window, delivered
 /// records, the source records of dead letters, a DLQ search. Whole batches come back,
 /// at least one, so a larger batch is still read.
 const READ_BYTES: usize = 1 << 20;
+/// Bytes one log read for a receive or a dead letter asks for: they want a few offsets,
+/// not a MiB around each (whole batches still come back, at least one).
+const DELIVERY_READ_BYTES: usize = 64 << 10;
+/// Deliveries whose offsets are at most this far apart are read with one read: a gap
+/// this small costs less to read past than another read costs.
+const DELIVERY_READ_GAP_MAX: u64 = 64;
+/// How long one wait for a maybe-appended DLQ copy to become durable lasts before the
+/// worker backs off and asks again.
+const DEAD_LETTER_DURABLE_WAIT_MS: u64 = 5_000;
 /// A DLQ search after a restart starts this long before the decision's time: the DLQ
 /// record's timestamp is the broker's clock when it was built, at or after the decision,
 /// and this margin covers a clock that stepped back a little (docs/queues.md §7).
@@ -70,6 +82,9 @@ pub fn now_ms() -> u64 {
 /// (topic, partition, group).
 type GroupKey = (String, u32, String);
 
+/// The long-polls of one (topic, group): their notifier and how many wait on it.
+type Waiters = (Rc<Notify>, usize);
+
 /// One owner's answer to a describe: (group name, kind, one partition of it).
 pub type DescribedPartition = (String, GroupKind, GroupPartition);
 
@@ -81,8 +96,9 @@ pub struct Queues {
     creating: RefCell<HashSet<GroupKey>>,
     /// A creation finished (either way): a second creator of the same group looks again.
     created: Notify,
-    /// Something may have become receivable: long-polls look again.
-    ready: Notify,
+    /// Long-polls waiting, by topic then group, with how many wait: an event wakes only
+    /// the polls of its own (topic, group), and only when it made something receivable.
+    waiting: RefCell<HashMap<String, HashMap<String, Waiters>>>,
     /// The pump must look again before its deadline (an earlier timer, metadata wanted,
     /// a new group, shutdown).
     pump_wake: Notify,
@@ -93,6 +109,152 @@ pub struct Queues {
     /// Counts receives served here: where each starts among the shard's partitions.
     receive_rotation: Cell<u64>,
 }
+
+impl Queues {
+    /// Registers a long-poll of (topic, group); it is woken through the returned notifier
+    /// until the guard is dropped.
+    fn wait_for(&self, topic: &str, group: &str) -> (Rc<Notify>, Waiting<'_>) {
+        let mut waiting = self.waiting.borrow_mut();
+        let entry = waiting
+            .entry(topic.to_owned())
+            .or_default()
+            .entry(group.to_owned())
+            .or_insert_with(|| (Rc::new(Notify::new()), 0));
+        entry.1 += 1;
+        let notify = Rc::clone(&entry.0);
+        (
+            notify,
+            Waiting {
+                queues: self,
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+            },
+        )
+    }
+
+    /// Wakes the long-polls of (topic, group), if any wait.
+    fn wake(&self, topic: &str, group: &str) {
+        let notify = self
+            .waiting
+            .borrow()
+            .get(topic)
+            .and_then(|groups| groups.get(group))
+            .map(|(notify, _)| Rc::clone(notify));
+        if let Some(notify) = notify {
+            notify.notify_all();
+        }
+    }
+
+    /// Wakes every long-poll of `topic` (deleted, or its settings changed).
+    fn wake_topic(&self, topic: &str) {
+        let notifies: Vec<Rc<Notify>> = self
+            .waiting
+            .borrow()
+            .get(topic)
+            .map(|groups| {
+                groups
+                    .values()
+                    .map(|(notify, _)| Rc::clone(notify))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for notify in notifies {
+            notify.notify_all();
+        }
+    }
+
+    /// Wakes every long-poll (shutdown).
+    fn wake_all(&self) {
+        let notifies: Vec<Rc<Notify>> = self
+            .waiting
+            .borrow()
+            .values()
+            .flat_map(|groups| groups.values().map(|(notify, _)| Rc::clone(notify)))
+            .collect();
+        for notify in notifies {
+            notify.notify_all();
+        }
+    }
+}
+
+/// A registered long-poll; forgotten when dropped (the poll ended or was abandoned).
+struct Waiting<'a> {
+    queues: &'a Queues,
+    topic: String,
+    group: String,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.queues.waiting.borrow_mut();
+        let Some(groups) = waiting.get_mut(&self.topic) else {
+            return;
+        };
+        if let Some(entry) = groups.get_mut(&self.group) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                groups.remove(&self.group);
+            }
+        }
+        if groups.is_empty() {
+            waiting.remove(&self.topic);
+        }
+    }
+}
+
+/// What one DLQ batch did: the offsets to settle, and those whose source record could
+/// not be read (retried later; the others are not held back by them).
+struct BatchOutcome {
+    settled: Vec<u64>,
+    unreadable: Vec<(u64, WireError)>,
+}
+
+/// Why a DLQ batch failed as a whole, and, when the append may have happened, what the
+/// retry must wait for: (DLQ, partition, its next offset after the append).
+struct BatchFailure {
+    error: WireError,
+    maybe_appended: Option<(String, u32, u64)>,
+}
+
+impl From<WireError> for BatchFailure {
+    fn from(error: WireError) -> BatchFailure {
+        BatchFailure {
+            error,
+            maybe_appended: None,
+        }
+    }
+}
+
+/// A DLQ must be placed like its source (same placement name, same partition count):
+/// then partition p of both is on one shard and a copy never crosses cores.
+fn check_dead_letter_placement(
+    source: &str,
+    source_config: &TopicConfig,
+    dlq: &str,
+    dlq_config: &TopicConfig,
+) -> Result<(), WireError> {
+    let source_placement = source_config.placement.as_deref().unwrap_or(source);
+    let dlq_placement = dlq_config.placement.as_deref().unwrap_or(dlq);
+    if source_placement == dlq_placement && source_config.partitions == dlq_config.partitions {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::InvalidRequest,
+        format!(
+            "dead-letter topic {} exists with {} partitions placed by {}, but {} has {} placed by {}: the DLQ must be created by the broker (at the first dead letter) or share the source's placement and partition count",
+            quote_untrusted(dlq),
+            dlq_config.partitions,
+            quote_untrusted(dlq_placement),
+            quote_untrusted(source),
+            source_config.partitions,
+            quote_untrusted(source_placement)
+        ),
+    ))
+}
+
+const TASK_DEAD_LETTERS: usize = 0;
+const TASK_RECONCILE: usize = 1;
+const TASK_SNAPSHOT: usize = 2;
 
 /// What one event returned that its caller needs.
 #[derive(Default)]
@@ -123,7 +285,21 @@ pub struct GroupRuntime {
     reconcile: RefCell<Vec<ReconcileRequest>>,
     reconcile_running: Cell<bool>,
     snapshot_running: Cell<bool>,
+    /// The group's background tasks, one of each kind at most (`TASK_*`: DLQ worker,
+    /// reconcile, snapshot writer): stopped and awaited when the group closes, before its
+    /// directory may go. A slot is reused only once its task has finished (the kinds'
+    /// `*_running` flags).
+    tasks: RefCell<[Option<JoinHandle<()>>; 3]>,
+    /// Causes of DLQ failures already logged since the last success: a stuck dead
+    /// letter is logged once per cause, not at every retry.
+    dead_letter_logged: RefCell<HashSet<String>>,
+    /// A DLQ append that may have happened (answered Timeout): (DLQ, partition, its next
+    /// offset then). No append is retried before that offset is durable and the DLQ
+    /// was searched.
+    dead_letter_maybe: RefCell<Option<(String, u32, u64)>>,
     closed: Cell<bool>,
+    /// Notified when the group closes: a background task's retry delay ends early.
+    closing: Notify,
     /// (lease start ms, offset, attempt), in lease order: the oldest unacked age that
     /// describe reports. Entries whose lease ended are pruned when it doubles past the
     /// in-flight maximum, so it stays within twice that.
@@ -158,13 +334,48 @@ impl GroupRuntime {
             reconcile: RefCell::new(Vec::new()),
             reconcile_running: Cell::new(false),
             snapshot_running: Cell::new(false),
+            tasks: RefCell::new([None, None, None]),
+            dead_letter_logged: RefCell::new(HashSet::new()),
+            dead_letter_maybe: RefCell::new(None),
             closed: Cell::new(false),
+            closing: Notify::new(),
             lease_starts: RefCell::new(VecDeque::new()),
         }
     }
 
     fn key(&self) -> GroupKey {
         (self.topic.to_string(), self.partition, self.name.clone())
+    }
+
+    /// Waits `delay_ms`, or less if the group closes meanwhile.
+    async fn pause(&self, delay_ms: u64) {
+        if self.closed.get() {
+            return;
+        }
+        let closing = self.closing.listen();
+        let _ = glommio::timer::timeout(Duration::from_millis(delay_ms), async {
+            let _ = closing.await;
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Keeps a background task's handle in its kind's slot (the previous one finished).
+    fn keep_task(&self, kind: usize, task: JoinHandle<()>) {
+        self.tasks.borrow_mut()[kind] = Some(task);
+    }
+
+    /// Logs a DLQ failure once per cause until the next success.
+    fn log_dead_letter_failure(&self, cause: String, message: impl FnOnce() -> String) {
+        if self.dead_letter_logged.borrow_mut().insert(cause) {
+            eprintln!(
+                "shardq: queue group {:?} of {} partition {}: {} (retried with a growing delay; logged once per cause, see dead_lettering in describe)",
+                self.name,
+                self.topic,
+                self.partition,
+                message()
+            );
+        }
     }
 
     fn describe(&self, now: u64) -> GroupPartition {
@@ -219,12 +430,11 @@ fn handle_error(error: HandleError) -> WireError {
     WireError::new(code, error.to_string())
 }
 
-fn storage_error(error: &StorageError) -> WireError {
-    let code = match error {
-        StorageError::Closed => ErrorCode::ShuttingDown,
-        StorageError::NoSpace { .. } => ErrorCode::StorageFull,
-        _ => ErrorCode::StorageError,
-    };
+/// A journal failure as the client hears it: the shard's mapping (a closed journal is
+/// ShuttingDown only while the broker stops; otherwise its topic was deleted:
+/// UnknownTopic).
+fn journal_error(error: &StorageError, shutting_down: bool) -> WireError {
+    let code = storage_to_wire(error, shutting_down).code;
     WireError::new(code, format!("queue group journal: {error}"))
 }
 
@@ -235,7 +445,7 @@ async fn read_metas(
 ) -> Result<Vec<MessageMeta>, StorageError> {
     let bytes = log.read(range.start, READ_BYTES).await?;
     let mut stored = Vec::new();
-    if let Err(error) = records::stored_records(&bytes, range.start, &mut stored) {
+    if let Err(error) = records::stored_records(&bytes, range.start, range.end, &mut stored) {
         return Err(StorageError::Corrupt {
             path: log.directory().to_path_buf(),
             position: range.start,
@@ -253,51 +463,75 @@ async fn read_metas(
     Ok(metas)
 }
 
-/// Reads the records of `range` from the log, in offset order.
-async fn read_range(
+/// Reads the records at `offsets` (ascending) from the log, in offset order. Nearby
+/// offsets share one read (`read_spans`); each read asks for little
+/// (`DELIVERY_READ_BYTES`), decodes nothing past its span, and what is kept is copied out
+/// of the read buffers, so they are freed at once.
+async fn read_records(
     log: &PartitionLog,
-    range: Range<u64>,
+    offsets: &[u64],
 ) -> Result<Vec<StoredRecord>, StorageError> {
-    let mut out = Vec::with_capacity((range.end - range.start) as usize);
-    let mut next = range.start;
-    while next < range.end {
-        let bytes = log.read(next, READ_BYTES).await?;
-        if bytes.is_empty() {
-            break;
-        }
-        let before = out.len();
-        records::stored_records(&bytes, next, &mut out).map_err(|error| StorageError::Corrupt {
-            path: log.directory().to_path_buf(),
-            position: next,
-            reason: format!("reading records for a queue group: {error}"),
-        })?;
-        out.retain(|stored| stored.record.offset < range.end);
-        match out.last() {
-            Some(last) if out.len() > before => next = last.record.offset + 1,
-            _ => break,
+    let mut out = Vec::with_capacity(offsets.len());
+    let mut decoded = Vec::new();
+    for span in read_spans(offsets) {
+        let mut next = span.start;
+        while next < span.end {
+            let bytes = log.read(next, DELIVERY_READ_BYTES).await?;
+            if bytes.is_empty() {
+                break;
+            }
+            decoded.clear();
+            records::stored_records(&bytes, next, span.end, &mut decoded).map_err(|error| {
+                StorageError::Corrupt {
+                    path: log.directory().to_path_buf(),
+                    position: next,
+                    reason: format!("reading records for a queue group: {error}"),
+                }
+            })?;
+            let Some(last) = decoded.last() else {
+                break;
+            };
+            next = last.record.offset + 1;
+            for stored in decoded.drain(..) {
+                if offsets.binary_search(&stored.record.offset).is_ok() {
+                    out.push(StoredRecord {
+                        append_time_ms: stored.append_time_ms,
+                        record: records::owned(stored.record),
+                    });
+                }
+            }
         }
     }
     Ok(out)
 }
 
-fn ranges_of(deliveries: &[DeliveryHandle]) -> Vec<Range<u64>> {
-    let mut ranges: Vec<Range<u64>> = Vec::new();
-    for delivery in deliveries {
-        match ranges.last_mut() {
-            Some(range) if range.end == delivery.offset => range.end += 1,
-            _ => ranges.push(delivery.offset..delivery.offset + 1),
+/// The offset ranges to read for `offsets` (ascending): runs, merged when the gap
+/// between them is at most `DELIVERY_READ_GAP_MAX`.
+fn read_spans(offsets: &[u64]) -> Vec<Range<u64>> {
+    let mut spans: Vec<Range<u64>> = Vec::new();
+    for &offset in offsets {
+        match spans.last_mut() {
+            Some(span) if offset >= span.end && offset - span.end <= DELIVERY_READ_GAP_MAX => {
+                span.end = offset + 1
+            }
+            _ => spans.push(offset..offset + 1),
         }
     }
-    ranges
+    spans
 }
 
 impl Shard {
+    fn journal_error(&self, error: &StorageError) -> WireError {
+        journal_error(error, self.is_shutting_down())
+    }
+
     fn queue_groups_of(&self, topic: &str) -> Vec<Rc<GroupRuntime>> {
+        // Keys sort by topic first: the topic's groups are one run of the map.
         self.queues
             .groups
             .borrow()
-            .iter()
-            .filter(|((name, _, _), _)| name == topic)
+            .range((topic.to_owned(), 0, String::new())..)
+            .take_while(|((name, _, _), _)| name == topic)
             .map(|(_, group)| Rc::clone(group))
             .collect()
     }
@@ -318,6 +552,7 @@ impl Shard {
         let mut outcome = EventOutcome::default();
         let mut snapshot = None;
         let metadata_wanted;
+        let receivable;
         {
             let mut state = group.state.borrow_mut();
             let mut actions = group.actions.borrow_mut();
@@ -355,6 +590,7 @@ impl Shard {
                 .extend(actions.reconcile.drain(..));
             group.timer_ms.set(actions.timer_ms);
             metadata_wanted = actions.read_metadata.is_some();
+            receivable = state.receivable();
             if actions.snapshot_due && !group.snapshot_running.get() {
                 let taken = state.snapshot();
                 // Records after the snapshot go to a new segment: the older ones can be
@@ -367,14 +603,20 @@ impl Shard {
         }
         if let Some((seq, bytes)) = snapshot {
             group.snapshot_running.set(true);
-            glommio::spawn_local(write_group_snapshot(Rc::clone(group), seq, bytes)).detach();
+            let task =
+                glommio::spawn_local(write_group_snapshot(Rc::clone(group), seq, bytes)).detach();
+            group.keep_task(TASK_SNAPSHOT, task);
         }
         self.start_queue_workers(group);
         let timer = group.timer_ms.get().unwrap_or(u64::MAX);
         if metadata_wanted || timer < self.queues.pump_deadline.get() {
             self.queues.pump_wake.notify_all();
         }
-        self.queues.ready.notify_all();
+        if receivable {
+            // Only the long-polls of this group, and only when there is something for
+            // them: not every poll of the shard at every event.
+            self.queues.wake(&group.topic, &group.name);
+        }
         outcome
     }
 
@@ -386,11 +628,15 @@ impl Shard {
         }
         if !group.dead_letters.borrow().is_empty() && !group.dead_letter_running.get() {
             group.dead_letter_running.set(true);
-            glommio::spawn_local(Rc::clone(self).run_dead_letters(Rc::clone(group))).detach();
+            let task =
+                glommio::spawn_local(Rc::clone(self).run_dead_letters(Rc::clone(group))).detach();
+            group.keep_task(TASK_DEAD_LETTERS, task);
         }
         if !group.reconcile.borrow().is_empty() && !group.reconcile_running.get() {
             group.reconcile_running.set(true);
-            glommio::spawn_local(Rc::clone(self).run_reconcile(Rc::clone(group))).detach();
+            let task =
+                glommio::spawn_local(Rc::clone(self).run_reconcile(Rc::clone(group))).detach();
+            group.keep_task(TASK_RECONCILE, task);
         }
     }
 
@@ -592,9 +838,8 @@ impl Shard {
 
     /// A topic's queue settings changed: its live groups take the new policy at once;
     /// an ordering change applies when the broker next starts (docs/queues.md §8).
-    pub(super) fn update_queue_policies(&self, topic: &str, config: &TopicConfig) {
+    pub(super) fn update_queue_policies(self: &Rc<Self>, topic: &str, config: &TopicConfig) {
         for group in self.queue_groups_of(topic) {
-            let mut state = group.state.borrow_mut();
             let mut policy = settings::resolve(
                 &self.config,
                 &config.queue,
@@ -602,22 +847,43 @@ impl Shard {
                 &group.name,
                 group.partition,
             );
-            if policy.ordering != state.config().ordering {
+            let ordering = group.state.borrow().config().ordering;
+            if policy.ordering != ordering {
                 eprintln!(
                     "shardq: queue group {:?} of {topic} partition {}: the new ordering applies from the next start",
                     group.name, group.partition
                 );
-                policy.ordering = state.config().ordering;
+                policy.ordering = ordering;
             }
-            state.set_policy(policy);
+            // An event like any other: a lowered deliveries_max may dead-letter
+            // messages at once, and those records are journaled.
+            self.queue_event(&group, |state, now, actions| {
+                state.set_policy(policy, now, actions)
+            });
         }
-        self.queues.ready.notify_all();
+        self.queues.wake_topic(topic);
     }
 
-    /// Closes a group's journal (what is appended is written) and stops its workers.
+    /// Closes a group's journal (what is appended is written) and stops its workers:
+    /// once this returns, nothing of the group touches its directory any more (topic
+    /// deletion removes it next).
     async fn close_queue_group(&self, group: &Rc<GroupRuntime>) {
         group.closed.set(true);
+        group.closing.notify_all();
         group.writer.close().await;
+        let tasks: Vec<JoinHandle<()>> = group
+            .tasks
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for task in tasks {
+            // Awaited, not cancelled: a DLQ append in progress runs to its end (an
+            // append is not cancellable); retry delays end at `closing`, and each task
+            // stops at its next look at `closed`. Dead letters left pending stay
+            // journaled and are reconciled at the next start (or go with the topic).
+            let _ = task.await;
+        }
     }
 
     /// Topic deletion: closes and forgets the topic's groups (their files go with the
@@ -630,7 +896,7 @@ impl Shard {
         for group in groups {
             self.close_queue_group(&group).await;
         }
-        self.queues.ready.notify_all();
+        self.queues.wake_topic(topic);
     }
 
     /// Shutdown: closes every group's journal and stops the pump.
@@ -639,7 +905,7 @@ impl Shard {
             self.close_queue_group(&group).await;
         }
         self.queues.pump_wake.notify_all();
-        self.queues.ready.notify_all();
+        self.queues.wake_all();
     }
 
     /// The log start of a partition moved (retention, purge): its groups hear of it.
@@ -708,7 +974,7 @@ impl Shard {
         let creating = directory.clone();
         off_reactor(move || files::create_group_directory(&creating))
             .await
-            .map_err(|error| storage_error(&error))?;
+            .map_err(|error| self.journal_error(&error))?;
         if self.topic(topic).is_none() || self.is_shutting_down() {
             return Err(WireError::new(
                 ErrorCode::UnknownTopic,
@@ -736,7 +1002,7 @@ impl Shard {
         if let Err(error) = created {
             self.queues.groups.borrow_mut().remove(&runtime.key());
             self.close_queue_group(&runtime).await;
-            return Err(storage_error(&error));
+            return Err(self.journal_error(&error));
         }
         Ok(runtime)
     }
@@ -766,15 +1032,26 @@ impl Shard {
             let start = (rotation % partitions.len() as u64) as usize;
             partitions.rotate_left(start);
         }
+        // Every group is looked up (or created) before anything is leased: a failure here
+        // (LimitExceeded, a journal error) leaves no lease behind for a client that only
+        // hears the error.
+        let mut runtimes = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            runtimes.push(
+                self.queue_group_or_create(&topic, partition, &group, &config)
+                    .await?,
+            );
+        }
         let mut remaining = messages_max;
         let mut leased = Vec::new();
-        for partition in partitions {
+        for runtime in runtimes {
             if remaining == 0 {
                 break;
             }
-            let runtime = self
-                .queue_group_or_create(&topic, partition, &group, &config)
-                .await?;
+            if runtime.closed.get() {
+                // The topic was deleted meanwhile.
+                continue;
+            }
             self.queue_catch_up(&runtime).await;
             let outcome = self.queue_event(&runtime, |state, now, actions| {
                 state.receive(
@@ -799,43 +1076,47 @@ impl Shard {
             if let Some(seq) = outcome.answer_after_seq {
                 if let Err(error) = runtime.writer.wait_durable(seq).await {
                     // Not handed out: the leases run out and the messages come back.
-                    failure.get_or_insert(storage_error(&error));
+                    failure.get_or_insert(self.journal_error(&error));
                     continue;
                 }
             }
-            for range in ranges_of(&outcome.deliveries) {
-                match read_range(&runtime.log, range.clone()).await {
-                    Ok(stored) => {
-                        for item in stored {
-                            let offset = item.record.offset;
-                            let Some(delivery) = outcome
-                                .deliveries
-                                .iter()
-                                .find(|delivery| delivery.offset == offset)
-                            else {
-                                continue;
-                            };
-                            messages.push(ReceivedMessage {
-                                handle: Handle {
-                                    partition: delivery.partition,
-                                    offset,
-                                    attempt: delivery.attempt,
-                                },
-                                timestamp_ms: item.record.timestamp_ms,
-                                key: item.record.key,
-                                value: item.record.value,
-                                headers: item.record.headers,
-                            });
-                        }
+            // Deliveries come in offset order (the state machine's contract).
+            let offsets: Vec<u64> = outcome
+                .deliveries
+                .iter()
+                .map(|delivery| delivery.offset)
+                .collect();
+            match read_records(&runtime.log, &offsets).await {
+                Ok(stored) => {
+                    for item in stored {
+                        let offset = item.record.offset;
+                        let Ok(index) = offsets.binary_search(&offset) else {
+                            continue;
+                        };
+                        let delivery = outcome.deliveries[index];
+                        messages.push(ReceivedMessage {
+                            handle: Handle {
+                                partition: delivery.partition,
+                                offset,
+                                attempt: delivery.attempt,
+                            },
+                            timestamp_ms: item.record.timestamp_ms,
+                            key: item.record.key,
+                            value: item.record.value,
+                            headers: item.record.headers,
+                        });
                     }
-                    Err(error) => {
-                        // Leased but unreadable (retention took it meanwhile): the lease
-                        // runs out; the group hears of the log start on its next round.
-                        eprintln!(
-                            "shardq: queue group {:?} of {topic} partition {}: reading {range:?} for a receive: {error}",
-                            runtime.name, runtime.partition
-                        );
-                    }
+                }
+                Err(error) => {
+                    // Leased but unreadable (retention took it meanwhile): the lease
+                    // runs out; the group hears of the log start on its next round.
+                    eprintln!(
+                        "shardq: queue group {:?} of {topic} partition {}: reading {} leased offsets from {} for a receive: {error}",
+                        runtime.name,
+                        runtime.partition,
+                        offsets.len(),
+                        offsets[0]
+                    );
                 }
             }
         }
@@ -854,8 +1135,9 @@ impl Shard {
         wait: Duration,
     ) {
         let deadline = std::time::Instant::now() + wait;
+        let (ready, _waiting) = self.queues.wait_for(&topic, &group);
         loop {
-            let listener = self.queues.ready.listen();
+            let listener = ready.listen();
             let groups: Vec<Rc<GroupRuntime>> = self
                 .queue_groups_of(&topic)
                 .into_iter()
@@ -962,7 +1244,11 @@ impl Shard {
         for (runtime, partition_handles, outcome) in waits {
             if let Some(seq) = outcome.answer_after_seq {
                 if let Err(error) = runtime.writer.wait_durable(seq).await {
-                    refuse_all(&mut refused, &partition_handles, &storage_error(&error));
+                    refuse_all(
+                        &mut refused,
+                        &partition_handles,
+                        &self.journal_error(&error),
+                    );
                     continue;
                 }
             }
@@ -1039,6 +1325,26 @@ impl Shard {
             .is_some_and(|config| config.dead_letter_source.is_some())
     }
 
+    /// Create / alter: the topic's DLQ name must be a valid topic name, and a DLQ that
+    /// exists already must be placed like the topic (same placement name and partition
+    /// count), so that partition p's dead letters stay on p's shard. A DLQ the broker
+    /// creates always is; one a user created under that name usually is not.
+    pub(super) fn validate_dead_letter_target(
+        &self,
+        name: &str,
+        topic: &TopicConfig,
+    ) -> Result<(), WireError> {
+        if topic.dead_letter_source.is_some() {
+            return Ok(());
+        }
+        settings::validate_dead_letter_name(name, &topic.queue)?;
+        let dlq = settings::dlq_topic_of(name, &topic.queue);
+        match self.topic(&dlq) {
+            Some(existing) => check_dead_letter_placement(name, topic, &dlq, &existing),
+            None => Ok(()),
+        }
+    }
+
     /// The DLQ topic of `source` and the partition that takes `partition`'s dead letters;
     /// the topic is created (placed like its source) when it does not exist.
     async fn dead_letter_target(
@@ -1091,25 +1397,77 @@ impl Shard {
                 }
             }
         }
-        let Some(partitions) = self.partition_count(&dlq) else {
+        let Some(dlq_config) = self.topic(&dlq) else {
             return Err(WireError::new(
                 ErrorCode::UnknownTopic,
                 format!("dead-letter topic {dlq:?} is not installed here yet"),
             ));
         };
-        Ok(Some((dlq, partition % partitions)))
+        // Created by someone else since the source's create / alter checked it: a copy
+        // never crosses shards, so such a DLQ is refused (and the worker keeps retrying,
+        // logged, until an operator fixes the topics).
+        check_dead_letter_placement(source, &config, &dlq, &dlq_config)?;
+        Ok(Some((dlq, partition)))
     }
 
     /// A group's DLQ worker: appends its dead letters, in batches, each only once the
     /// journal is durable through its `after_seq`, and settles them once the DLQ append
-    /// is durable. Failures are logged and retried with a growing delay; after a failure
-    /// the DLQ is searched first, so a batch whose append did happen is not appended twice.
+    /// is durable. Failures are retried with a growing delay (up to 30 s) and logged once
+    /// per cause; the group's describe counts them in `dead_lettering` meanwhile. After a
+    /// failure the DLQ is searched first, so a batch whose append did happen is not
+    /// appended twice; after a "maybe appended" (Timeout) the search waits until what
+    /// was appended then is durable.
     async fn run_dead_letters(self: Rc<Self>, group: Rc<GroupRuntime>) {
         let mut delay_ms = DEAD_LETTER_RETRY_MS_MIN;
         let mut search_first = false;
         loop {
             if group.closed.get() || self.is_shutting_down() {
                 break;
+            }
+            let maybe = group.dead_letter_maybe.borrow().clone();
+            if let Some((dlq, dlq_partition, end)) = maybe {
+                let waited = futures_lite::future::or(
+                    async {
+                        Some(
+                            self.dead_letter_end(
+                                &dlq,
+                                dlq_partition,
+                                Some(end),
+                                Duration::from_millis(DEAD_LETTER_DURABLE_WAIT_MS),
+                            )
+                            .await,
+                        )
+                    },
+                    async {
+                        // A read: given up on when the group closes.
+                        group.pause(DEAD_LETTER_DURABLE_WAIT_MS * 2).await;
+                        None
+                    },
+                )
+                .await;
+                let Some(waited) = waited else {
+                    continue;
+                };
+                match waited {
+                    Ok((_, true)) => {
+                        group.dead_letter_maybe.borrow_mut().take();
+                        search_first = true;
+                    }
+                    outcome => {
+                        let why = match outcome {
+                            Err(error) => error.to_string(),
+                            Ok(_) => format!("not durable through offset {end} yet"),
+                        };
+                        group.log_dead_letter_failure("maybe-appended".into(), || {
+                            format!(
+                                "a DLQ append to {dlq} partition {dlq_partition} may have happened; waiting for it to become durable before searching for it: {why}"
+                            )
+                        });
+                        group.pause(delay_ms).await;
+                        delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
+                        continue;
+                    }
+                }
             }
             let batch: Vec<DeadLetterRequest> = {
                 let mut queue = group.dead_letters.borrow_mut();
@@ -1119,35 +1477,62 @@ impl Shard {
             if batch.is_empty() {
                 break;
             }
-            match self.dead_letter_batch(&group, &batch, search_first).await {
-                Ok(settled) => {
-                    for offset in settled {
-                        self.queue_event(&group, |state, now, actions| {
-                            state.dead_lettered(offset, now, actions)
-                        });
+            let (settled, retry) = match self.dead_letter_batch(&group, &batch, search_first).await
+            {
+                Ok(outcome) => (outcome.settled, outcome.unreadable),
+                Err(failure) => {
+                    if let Some(maybe) = failure.maybe_appended {
+                        *group.dead_letter_maybe.borrow_mut() = Some(maybe);
                     }
-                    delay_ms = DEAD_LETTER_RETRY_MS_MIN;
-                    search_first = false;
-                }
-                Err(error) => {
-                    eprintln!(
-                        "shardq: queue group {:?} of {} partition {}: dead-lettering {} messages failed, retrying in {delay_ms} ms: {error}",
-                        group.name,
-                        group.topic,
-                        group.partition,
-                        batch.len()
-                    );
+                    let error = failure.error;
+                    let count = batch.len();
+                    group.log_dead_letter_failure(format!("{:?}", error.code), || {
+                        format!("dead-lettering {count} messages failed: {error}")
+                    });
                     {
                         let mut queue = group.dead_letters.borrow_mut();
                         for request in batch.into_iter().rev() {
                             queue.push_front(request);
                         }
                     }
-                    glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                    group.pause(delay_ms).await;
                     delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
                     search_first = true;
+                    continue;
+                }
+            };
+            for offset in settled {
+                self.queue_event(&group, |state, now, actions| {
+                    state.dead_lettered(offset, now, actions)
+                });
+            }
+            if retry.is_empty() {
+                delay_ms = DEAD_LETTER_RETRY_MS_MIN;
+                search_first = false;
+                group.dead_letter_logged.borrow_mut().clear();
+                continue;
+            }
+            // Source records that could not be read: the others went; these wait.
+            let count = retry.len();
+            let first_error = retry[0].1.clone();
+            group.log_dead_letter_failure(format!("unreadable {:?}", first_error.code), || {
+                format!(
+                    "reading {count} source records to dead-letter failed (first: offset {}): {first_error}",
+                    retry[0].0
+                )
+            });
+            {
+                let mut queue = group.dead_letters.borrow_mut();
+                for request in batch
+                    .into_iter()
+                    .rev()
+                    .filter(|request| retry.iter().any(|(offset, _)| *offset == request.offset))
+                {
+                    queue.push_front(request);
                 }
             }
+            group.pause(delay_ms).await;
+            delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
         }
         group.dead_letter_running.set(false);
         // Requests queued after the last take (a race with the loop's end) get a worker.
@@ -1156,30 +1541,86 @@ impl Shard {
         }
     }
 
-    /// Appends one batch of dead letters; returns the offsets to settle.
+    /// The DLQ partition's next offset and, with `durable_through`, whether every offset
+    /// below it became durable within `wait` (asked of its owner).
+    async fn dead_letter_end(
+        self: &Rc<Self>,
+        dlq: &str,
+        dlq_partition: u32,
+        durable_through: Option<u64>,
+        wait: Duration,
+    ) -> Result<(u64, bool), WireError> {
+        let owner = self.owner_of(dlq, dlq_partition);
+        let reply = self
+            .route(
+                owner,
+                ShardRequest::DeadLetterEnd {
+                    dlq: dlq.to_owned(),
+                    partition: dlq_partition,
+                    durable_through,
+                    wait,
+                },
+            )
+            .await;
+        match reply {
+            ShardReply::DeadLetterEnd(outcome) => outcome,
+            ShardReply::Done(Err(error)) => Err(error),
+            other => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("unexpected reply {other:?} to a DLQ end"),
+            )),
+        }
+    }
+
+    /// Owner side of `dead_letter_end`.
+    pub(super) async fn dead_letter_end_owned(
+        &self,
+        dlq: &str,
+        partition: u32,
+        durable_through: Option<u64>,
+        wait: Duration,
+    ) -> Result<(u64, bool), WireError> {
+        let log = self.log(dlq, partition)?;
+        let Some(end) = durable_through else {
+            return Ok((log.next_offset(), true));
+        };
+        if end > 0 && log.high_watermark() < end {
+            log.wait_for_data(end - 1, wait).await;
+        }
+        Ok((log.next_offset(), log.high_watermark() >= end))
+    }
+
+    /// Appends one batch of dead letters; returns the offsets to settle and those whose
+    /// source record could not be read (to retry).
     async fn dead_letter_batch(
         self: &Rc<Self>,
         group: &Rc<GroupRuntime>,
         batch: &[DeadLetterRequest],
         search_first: bool,
-    ) -> Result<Vec<u64>, WireError> {
+    ) -> Result<BatchOutcome, BatchFailure> {
         if let Some(after) = batch.iter().filter_map(|request| request.after_seq).max() {
             group
                 .writer
                 .wait_durable(after)
                 .await
-                .map_err(|error| storage_error(&error))?;
+                .map_err(|error| BatchFailure::from(self.journal_error(&error)))?;
         }
         let mut offsets: Vec<u64> = batch.iter().map(|request| request.offset).collect();
         if self.is_dead_letter_queue(&group.topic) {
             // A DLQ has no DLQ: the message stays in this topic's log; settle it.
-            return Ok(offsets);
+            return Ok(BatchOutcome {
+                settled: offsets,
+                unreadable: Vec::new(),
+            });
         }
         let (dlq, dlq_partition) = self
             .dead_letter_target(&group.topic, group.partition, true)
             .await?
             .expect("created when missing");
-        let mut settled = Vec::new();
+        let mut outcome = BatchOutcome {
+            settled: Vec::new(),
+            unreadable: Vec::new(),
+        };
         if search_first {
             let from_ms = batch
                 .iter()
@@ -1190,7 +1631,7 @@ impl Shard {
                 .find_dead_letters(&dlq, dlq_partition, group, &offsets, from_ms)
                 .await?;
             offsets.retain(|offset| !found.contains(offset));
-            settled.extend(found);
+            outcome.settled.extend(found);
         }
         let now = crate::storage::now_ms();
         let mut builder = BatchBuilder::new(BytesMut::new());
@@ -1201,7 +1642,7 @@ impl Shard {
             .iter()
             .filter(|request| offsets.contains(&request.offset))
         {
-            let stored = match read_range(&group.log, request.offset..request.offset + 1).await {
+            let stored = match read_records(&group.log, &[request.offset]).await {
                 Ok(mut stored) if !stored.is_empty() => stored.remove(0),
                 Ok(_) | Err(StorageError::OffsetOutOfRange { .. }) => {
                     // Retention took it before its DLQ append (docs/queues.md §9): the
@@ -1209,17 +1650,49 @@ impl Shard {
                     self.queues.pump_wake.notify_all();
                     continue;
                 }
-                Err(error) => return Err(self.wire_error(&error)),
+                Err(error) => {
+                    // Damaged or unreadable: the others go ahead; this one is retried.
+                    outcome
+                        .unreadable
+                        .push((request.offset, self.wire_error(&error)));
+                    continue;
+                }
             };
             let record = stored.record;
-            let headers =
+            let mut copy_headers =
                 records::dead_letter_headers(&record, &group.topic, group.partition, request);
-            let header_views: Vec<(&str, &[u8])> = headers
+            let mut key = record.key.as_deref();
+            // A source record at the size limit no longer fits once the broker's headers
+            // are added: its value is cut (`shardq-truncated` says so). Should the key
+            // and headers alone not fit, the source's own headers go, then the key.
+            let mut value =
+                records::fit_value(key, &record.value, &mut copy_headers, batch_bytes_max);
+            if value.is_none() {
+                copy_headers.retain(|(name, _)| name.starts_with(headers::BROKER_PREFIX));
+                value = records::fit_value(key, &record.value, &mut copy_headers, batch_bytes_max);
+            }
+            if value.is_none() {
+                key = None;
+                value = records::fit_value(key, &record.value, &mut copy_headers, batch_bytes_max);
+            }
+            let Some(value) = value else {
+                outcome.unreadable.push((
+                    request.offset,
+                    WireError::new(
+                        ErrorCode::InvalidBatch,
+                        format!(
+                            "the DLQ copy of offset {} does not fit a batch of {batch_bytes_max} bytes even without its value, key and headers",
+                            request.offset
+                        ),
+                    ),
+                ));
+                continue;
+            };
+            let header_views: Vec<(&str, &[u8])> = copy_headers
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_slice()))
                 .collect();
-            let size =
-                BatchBuilder::record_size(record.key.as_deref(), &record.value, &header_views);
+            let size = BatchBuilder::record_size(key, value, &header_views);
             if builder.record_count() > 0 && builder.size_bytes() + size > batch_bytes_max {
                 let full = std::mem::replace(&mut builder, BatchBuilder::new(BytesMut::new()));
                 items.push(ProduceItem {
@@ -1228,7 +1701,7 @@ impl Shard {
                     batch: full.finish(),
                 });
             }
-            builder.push(now, record.key.as_deref(), &record.value, &header_views);
+            builder.push(now, key, value, &header_views);
             in_batch.push(request.offset);
         }
         if builder.record_count() > 0 {
@@ -1250,23 +1723,34 @@ impl Shard {
                     },
                 )
                 .await;
-            match reply {
-                ShardReply::Produce(results) => {
-                    for result in results {
-                        result?;
-                    }
-                }
-                ShardReply::Done(Err(error)) => return Err(error),
-                other => {
-                    return Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("unexpected reply {other:?} to a DLQ append"),
-                    ))
-                }
+            let failed = match reply {
+                ShardReply::Produce(results) => results.into_iter().find_map(Result::err),
+                ShardReply::Done(Err(error)) => Some(error),
+                other => Some(WireError::new(
+                    ErrorCode::Internal,
+                    format!("unexpected reply {other:?} to a DLQ append"),
+                )),
+            };
+            if let Some(error) = failed {
+                // Timeout: appended, and may still become durable (protocol.md §6). The
+                // retry must not append again before that is settled: it waits for the
+                // DLQ to be durable through what it held then, and searches it.
+                let maybe_appended = if error.code == ErrorCode::Timeout {
+                    let (end, _) = self
+                        .dead_letter_end(&dlq, dlq_partition, None, Duration::ZERO)
+                        .await?;
+                    Some((dlq.clone(), dlq_partition, end))
+                } else {
+                    None
+                };
+                return Err(BatchFailure {
+                    error,
+                    maybe_appended,
+                });
             }
         }
-        settled.extend(in_batch);
-        Ok(settled)
+        outcome.settled.extend(in_batch);
+        Ok(outcome)
     }
 
     /// Searches the DLQ partition for copies of `offsets` of the group's partition,
@@ -1338,7 +1822,7 @@ impl Shard {
                 break;
             }
             let mut stored = Vec::new();
-            records::stored_records(&bytes, next, &mut stored).map_err(|error| {
+            records::stored_records(&bytes, next, end, &mut stored).map_err(|error| {
                 WireError::new(
                     ErrorCode::StorageError,
                     format!("searching the DLQ: {error}"),
@@ -1407,12 +1891,12 @@ impl Shard {
                     }
                 }
                 Err(error) => {
-                    eprintln!(
-                        "shardq: queue group {:?} of {} partition {}: searching the DLQ failed, retrying in {delay_ms} ms: {error}",
-                        group.name, group.topic, group.partition
-                    );
+                    let failed = error;
+                    group.log_dead_letter_failure(format!("search {:?}", failed.code), || {
+                        format!("searching the DLQ failed: {failed}")
+                    });
                     group.reconcile.borrow_mut().extend(requests);
-                    glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                    group.pause(delay_ms).await;
                     delay_ms = (delay_ms * 2).min(DEAD_LETTER_RETRY_MS_MAX);
                 }
             }
@@ -1440,4 +1924,50 @@ async fn write_group_snapshot(group: Rc<GroupRuntime>, seq: u64, bytes: Vec<u8>)
         }
     }
     group.snapshot_running.set(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal closed under a request: the broker stopping says ShuttingDown; a topic
+    /// deleted meanwhile says UnknownTopic, as the shard's other paths do.
+    #[test]
+    fn a_closed_journal_is_unknown_topic_unless_the_broker_stops() {
+        assert_eq!(
+            journal_error(&StorageError::Closed, false).code,
+            ErrorCode::UnknownTopic
+        );
+        assert_eq!(
+            journal_error(&StorageError::Closed, true).code,
+            ErrorCode::ShuttingDown
+        );
+        let error = journal_error(
+            &StorageError::NoSpace {
+                operation: "appending",
+                path: PathBuf::from("/x"),
+                detail: "full".into(),
+            },
+            false,
+        );
+        assert_eq!(error.code, ErrorCode::StorageFull);
+        assert!(error.message.starts_with("queue group journal"), "{error}");
+    }
+
+    /// Receive reads: runs and nearby offsets share a read; far ones get their own (a
+    /// thousand scattered deliveries are not a thousand MiB reads, nor one read of
+    /// everything between them).
+    #[test]
+    fn deliveries_are_read_in_spans_of_nearby_offsets() {
+        assert_eq!(read_spans(&[]), Vec::<Range<u64>>::new());
+        assert_eq!(read_spans(&[5, 6, 7]), vec![5..8]);
+        let gap = DELIVERY_READ_GAP_MAX;
+        assert_eq!(read_spans(&[0, 1 + gap]), vec![0..2 + gap]);
+        assert_eq!(read_spans(&[0, 2 + gap]), vec![0..1, 2 + gap..3 + gap]);
+        let scattered: Vec<u64> = (0..1000).map(|index| index * 10_000).collect();
+        assert_eq!(read_spans(&scattered).len(), 1000);
+        assert!(read_spans(&scattered)
+            .iter()
+            .all(|span| span.end - span.start == 1));
+    }
 }

@@ -120,6 +120,105 @@ pub fn validate(
         })
 }
 
+/// A topic without a `dlq_topic` of its own dead-letters to `<topic>.dlq`: that name must
+/// be a valid topic name too, or its dead letters could never be appended. Checked at
+/// create and alter (not for a DLQ the broker created: it has no DLQ).
+pub fn validate_dead_letter_name(topic: &str, settings: &QueueSettings) -> Result<(), WireError> {
+    if settings.dlq_topic.is_some() {
+        return Ok(());
+    }
+    let dlq = dlq_topic_of(topic, settings);
+    validate_topic_name(&dlq).map_err(|error| {
+        WireError::new(
+            ErrorCode::InvalidTopicName,
+            format!(
+                "topic {} would dead-letter to {}, which is not a valid topic name ({}); name a shorter topic or set dlq_topic",
+                quote_untrusted(topic),
+                quote_untrusted(&dlq),
+                error.message
+            ),
+        )
+    })
+}
+
+/// A stored setting that no longer fits the broker's current limits, and what is used
+/// instead (`fit_to_limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clamped {
+    pub key: &'static str,
+    pub stored: u64,
+    pub used: u64,
+    /// The limit it was cut to, as the operator knows it.
+    pub limit: String,
+}
+
+impl std::fmt::Display for Clamped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queue setting {} = {} does not fit {}; using {}",
+            self.key, self.stored, self.limit, self.used
+        )
+    }
+}
+
+/// A topic's stored settings cut to what the broker's current config allows: the
+/// operator may have lowered a limit (`queue_visibility_timeout_ms_max`, the retry
+/// delay keys) since the topic was created. The topic keeps working with the limit's
+/// value rather than failing to load; each cut is returned to be logged. Stored values
+/// that were never valid (0 in a hand-edited `topic.meta`) become the smallest valid one.
+pub fn fit_to_limits(
+    settings: &QueueSettings,
+    config: &ServerConfig,
+) -> (QueueSettings, Vec<Clamped>) {
+    let mut fitted = settings.clone();
+    let mut cuts = Vec::new();
+    let mut cut = |key: &'static str, stored: u64, used: u64, limit: String| {
+        cuts.push(Clamped {
+            key,
+            stored,
+            used,
+            limit,
+        });
+        used
+    };
+    if fitted.deliveries_max == Some(0) {
+        fitted.deliveries_max = Some(1);
+        cut("deliveries_max", 0, 1, "the minimum 1".into());
+    }
+    if let Some(visibility) = fitted.visibility_timeout_ms {
+        let maximum = config.queue_visibility_timeout_ms_max;
+        if visibility == 0 {
+            fitted.visibility_timeout_ms =
+                Some(cut("visibility_timeout_ms", 0, 1, "the minimum 1".into()));
+        } else if visibility > maximum {
+            fitted.visibility_timeout_ms = Some(cut(
+                "visibility_timeout_ms",
+                visibility,
+                maximum,
+                format!("queue_visibility_timeout_ms_max = {maximum}"),
+            ));
+        }
+    }
+    if fitted.retry_delay_ms_max == Some(0) {
+        fitted.retry_delay_ms_max = Some(cut("retry_delay_ms_max", 0, 1, "the minimum 1".into()));
+    }
+    let maximum = fitted
+        .retry_delay_ms_max
+        .unwrap_or(config.queue_retry_delay_ms_max);
+    let minimum = fitted
+        .retry_delay_ms_min
+        .unwrap_or(config.queue_retry_delay_ms_min);
+    if minimum > maximum {
+        let limit = match fitted.retry_delay_ms_max {
+            Some(_) => format!("the topic's retry_delay_ms_max = {maximum}"),
+            None => format!("queue_retry_delay_ms_max = {maximum}"),
+        };
+        fitted.retry_delay_ms_min = Some(cut("retry_delay_ms_min", minimum, maximum, limit));
+    }
+    (fitted, cuts)
+}
+
 /// `settings` with `changes` applied: a `Some` in `changes` replaces, a `None` keeps.
 pub fn merge(settings: &QueueSettings, changes: &QueueSettings) -> QueueSettings {
     QueueSettings {
@@ -148,6 +247,10 @@ pub fn resolve(
     group: &str,
     partition: u32,
 ) -> QueueGroupConfig {
+    // Loaded topics were fitted (and the cuts logged) already; fitting again here keeps
+    // every resolved config valid whatever path the settings came by.
+    let (settings, _) = fit_to_limits(settings, config);
+    let settings = &settings;
     let mut resolved = config.queue_group_defaults(partition);
     if let Some(deliveries_max) = settings.deliveries_max {
         resolved.deliveries_max = deliveries_max;
@@ -465,5 +568,52 @@ mod tests {
         assert_eq!(after.deliveries_max, Some(3));
         assert_eq!(after.visibility_timeout_ms, Some(9));
         assert_eq!(after.dlq_topic.as_deref(), Some("x"));
+    }
+
+    /// The operator lowered limits after topics stored larger values: the topic loads
+    /// with the limits' values (each cut named), and what it resolves to is valid.
+    #[test]
+    fn stored_settings_past_lowered_limits_are_cut_to_them() {
+        let config = ServerConfig {
+            queue_visibility_timeout_ms_max: 60_000,
+            queue_visibility_timeout_ms_default: 30_000,
+            queue_retry_delay_ms_min: 1_000,
+            ..ServerConfig::default()
+        };
+        let stored = QueueSettings {
+            visibility_timeout_ms: Some(600_000),
+            retry_delay_ms_max: Some(500),
+            ..QueueSettings::default()
+        };
+        let (fitted, cuts) = fit_to_limits(&stored, &config);
+        assert_eq!(fitted.visibility_timeout_ms, Some(60_000));
+        assert_eq!(fitted.retry_delay_ms_min, Some(500));
+        assert_eq!(cuts.len(), 2, "{cuts:?}");
+        assert_eq!(
+            cuts[0].to_string(),
+            "queue setting visibility_timeout_ms = 600000 does not fit queue_visibility_timeout_ms_max = 60000; using 60000"
+        );
+        assert_eq!(cuts[1].key, "retry_delay_ms_min");
+        resolve(&config, &stored, "orders", "g", 0)
+            .validate()
+            .expect("what a stored topic resolves to is always valid");
+        // Settings that fit are untouched.
+        let (same, cuts) = fit_to_limits(&QueueSettings::default(), &config);
+        assert_eq!(same, QueueSettings::default());
+        assert!(cuts.is_empty());
+    }
+
+    #[test]
+    fn a_default_dead_letter_name_past_the_name_limit_is_refused() {
+        let long = "t".repeat(crate::protocol::TOPIC_NAME_BYTES_MAX - 1);
+        let error = validate_dead_letter_name(&long, &QueueSettings::default()).unwrap_err();
+        assert_eq!(error.code, ErrorCode::InvalidTopicName);
+        assert!(error.message.contains("dlq_topic"), "{error}");
+        let named = QueueSettings {
+            dlq_topic: Some("short.dlq".into()),
+            ..QueueSettings::default()
+        };
+        validate_dead_letter_name(&long, &named).unwrap();
+        validate_dead_letter_name("orders", &QueueSettings::default()).unwrap();
     }
 }
