@@ -490,6 +490,7 @@ pub(super) fn write_settings(writer: &mut Writer<'_>, settings: &QueueSettings) 
 pub(super) fn read_settings(reader: &mut Reader) -> Result<QueueSettings, ProtocolError> {
     let count = reader.count("queue_settings", SETTINGS_MAX, 10)?;
     let mut settings = QueueSettings::default();
+    let mut previous_key = 0;
     for _ in 0..count {
         let key = reader.u16("setting_key")?;
         let value = reader.u64("setting_value")?;
@@ -498,6 +499,15 @@ pub(super) fn read_settings(reader: &mut Reader) -> Result<QueueSettings, Protoc
             field: "setting_key (repeated)",
             value: u64::from(key),
         };
+        // One encoding per settings list: keys ascending, so decoding and encoding
+        // again gives the same bytes.
+        if key <= previous_key {
+            return Err(ProtocolError::InvalidValue {
+                field: "setting_key (not in ascending order)",
+                value: u64::from(key),
+            });
+        }
+        previous_key = key;
         match key {
             SETTING_DELIVERIES_MAX => {
                 let value = u32::try_from(value).map_err(|_| invalid("deliveries_max"))?;
@@ -1390,6 +1400,10 @@ pub(super) mod tests {
         for entries in [
             &[(99u16, 1u64)][..],
             &[(1, 3), (1, 4)],
+            // Found by the request_decoders fuzz target: out of order, so an encode of
+            // the decoded settings would not give the same bytes.
+            &[(2, 1000), (1, 164)],
+            &[(0, 1)],
             &[(6, 3)],
             &[(7, 0)],
             &[(1, u64::from(u32::MAX) + 1)],
