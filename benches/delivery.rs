@@ -42,6 +42,8 @@ fn receive(holder: u64, messages_max: u32) -> ReceiveRequest {
         holder: HolderId(holder),
         messages_max,
         visibility_timeout_ms: None,
+        bytes_max: u64::MAX,
+        oversized_first: true,
     }
 }
 

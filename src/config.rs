@@ -123,6 +123,9 @@ pub struct ServerConfig {
     pub queue_in_flight_messages_max: u32,
     /// Most messages one receive hands out.
     pub queue_receive_messages_max: u32,
+    /// Most bytes of messages (keys, values and headers) one receive hands out; the
+    /// first message is handed out whatever its size.
+    pub queue_receive_bytes_max: u64,
     /// Most handles one ack, nack or extend request carries.
     pub queue_handles_per_request_max: u32,
     /// Lease when a receive names none and the topic sets none.
@@ -202,6 +205,7 @@ impl Default for ServerConfig {
             queue_window_messages_max: 8192,
             queue_in_flight_messages_max: 4096,
             queue_receive_messages_max: 1000,
+            queue_receive_bytes_max: 16 << 20,
             queue_handles_per_request_max: 1000,
             queue_visibility_timeout_ms_default: 30_000,
             queue_visibility_timeout_ms_max: 43_200_000,
@@ -370,6 +374,9 @@ impl ServerConfig {
         if self.queue_groups_per_shard_max == 0 {
             return fail("queue_groups_per_shard_max must be at least 1".into());
         }
+        if self.queue_receive_bytes_max == 0 {
+            return fail("queue_receive_bytes_max = 0: must be at least 1".into());
+        }
         // The same checks every queue group's config passes, on the broker's defaults.
         if let Err(error) = self.queue_group_defaults(0).validate() {
             return fail(error.to_string());
@@ -502,6 +509,14 @@ mod tests {
                 ..base()
             },
             "queue_handles_per_request_max",
+            "0",
+        );
+        refused(
+            ServerConfig {
+                queue_receive_bytes_max: 0,
+                ..base()
+            },
+            "queue_receive_bytes_max",
             "0",
         );
         refused(

@@ -301,6 +301,9 @@ pub struct MessageMeta {
     /// A hash of the record's key, for ordered mode; `None`: no key. Two keys with the
     /// same hash are ordered together (stricter, never wrong).
     pub key_hash: Option<u64>,
+    /// What the record weighs in a receive's answer (key, value and headers), so that a
+    /// receive can stop at a byte budget (`ReceiveRequest::bytes_max`).
+    pub size_bytes: u32,
 }
 
 impl MessageMeta {
@@ -310,6 +313,7 @@ impl MessageMeta {
             deliver_after_ms: 0,
             expires_at_ms: u64::MAX,
             key_hash: None,
+            size_bytes: 0,
         }
     }
 }
@@ -320,6 +324,13 @@ pub struct ReceiveRequest {
     pub messages_max: u32,
     /// `None`: the group's default. Clamped to [1, visibility_timeout_ms_max].
     pub visibility_timeout_ms: Option<u64>,
+    /// Stop handing out once the messages' sizes (`MessageMeta::size_bytes`) would pass
+    /// this. `u64::MAX`: no limit.
+    pub bytes_max: u64,
+    /// Hand out the first message even if it alone is larger than `bytes_max` (so that
+    /// a message larger than any budget is still delivered); false when this receive
+    /// continues one that already handed out messages elsewhere.
+    pub oversized_first: bool,
 }
 
 /// When a nacked message becomes available again.
@@ -430,6 +441,8 @@ pub struct JournalEntry {
 pub struct Actions {
     /// `receive`: what to hand out, in offset order (the shard reads the records).
     pub deliveries: Vec<DeliveryHandle>,
+    /// `receive`: the sum of the deliveries' `MessageMeta::size_bytes`.
+    pub delivered_bytes: u64,
     /// `ack`, `nack`, `extend`: one result per handle, in the order given.
     pub results: Vec<Result<(), HandleError>>,
     /// Append in order, then answer once durable through `answer_after_seq`.
@@ -450,6 +463,7 @@ pub struct Actions {
 impl Actions {
     pub fn clear(&mut self) {
         self.deliveries.clear();
+        self.delivered_bytes = 0;
         self.results.clear();
         self.journal.clear();
         self.answer_after_seq = None;
@@ -593,9 +607,10 @@ struct Slot {
     state: State,
     /// Deliveries so far.
     attempts: u32,
-    /// Whether `expires_at_ms` (and the initial delay) came from `appended` yet; after a
-    /// restart, slots are rebuilt from the journal and their metadata read back.
-    meta_known: bool,
+    /// The message's size from `appended`, or `SIZE_UNKNOWN` until its metadata (and
+    /// with it `expires_at_ms` and the initial delay) arrived; after a restart, slots are
+    /// rebuilt from the journal and their metadata read back.
+    size_bytes: u32,
     expires_at_ms: u64,
     /// The key of this slot in `timers`, or `NO_TIMER`.
     timer_ms: u64,
@@ -603,12 +618,19 @@ struct Slot {
     key_hash: Option<u64>,
 }
 
+/// `Slot::size_bytes` of a slot whose metadata has not arrived.
+const SIZE_UNKNOWN: u32 = u32::MAX;
+
 impl Slot {
+    fn meta_known(&self) -> bool {
+        self.size_bytes != SIZE_UNKNOWN
+    }
+
     fn unknown() -> Slot {
         Slot {
             state: State::Available,
             attempts: 0,
-            meta_known: false,
+            size_bytes: SIZE_UNKNOWN,
             expires_at_ms: u64::MAX,
             timer_ms: NO_TIMER,
             key_hash: None,
@@ -861,14 +883,23 @@ impl QueueGroup {
             .min(self.config.receive_messages_max)
             .min(room) as usize;
         let deadline_ms = now_ms.saturating_add(visibility);
+        let mut bytes: u64 = 0;
         while out.deliveries.len() < limit {
-            let Some(offset) = self.ready.pop_first() else {
+            let Some(&offset) = self.ready.first() else {
                 break;
             };
             let index = self.index(offset).expect("ready offsets are in the window");
+            let size = u64::from(self.window[index].size_bytes);
+            let exempt = out.deliveries.is_empty() && request.oversized_first;
+            if !exempt && bytes.saturating_add(size) > request.bytes_max {
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            out.delivered_bytes = bytes;
+            self.ready.pop_first();
             let slot = &mut self.window[index];
             assert!(
-                slot.state == State::Available && slot.meta_known,
+                slot.state == State::Available && slot.meta_known(),
                 "ready set holds only available slots with metadata: offset {offset}"
             );
             if let Some(key_hash) = slot.key_hash {
@@ -1292,10 +1323,10 @@ impl QueueGroup {
             let key_head = slot.key_hash.is_none_or(|key_hash| {
                 self.keys.get(&key_hash).and_then(|queue| queue.front()) == Some(&offset)
             });
-            let ready = slot.state == State::Available && slot.meta_known && key_head;
+            let ready = slot.state == State::Available && slot.meta_known() && key_head;
             if let Some(key_hash) = slot.key_hash {
                 assert!(
-                    slot.meta_known,
+                    slot.meta_known(),
                     "offset {offset}: a key before its metadata"
                 );
                 let queued = self
@@ -1339,7 +1370,7 @@ impl QueueGroup {
             }
             assert_eq!(
                 offset < self.metadata_end,
-                slot.meta_known,
+                slot.meta_known(),
                 "offset {offset}: metadata cursor out of step"
             );
         }
@@ -1490,7 +1521,7 @@ impl QueueGroup {
         if slot.timer_ms != NO_TIMER {
             self.timers.remove(&(slot.timer_ms, offset));
         }
-        let expiry = if slot.meta_known {
+        let expiry = if slot.meta_known() {
             slot.expires_at_ms
         } else {
             NO_TIMER
@@ -1503,7 +1534,7 @@ impl QueueGroup {
             None => true,
         };
         let (ready, timer_ms) = match slot.state {
-            State::Available => (slot.meta_known && key_head, expiry),
+            State::Available => (slot.meta_known() && key_head, expiry),
             State::Waiting { due_ms } => (false, due_ms.min(expiry)),
             State::Leased { deadline_ms, .. } => (false, deadline_ms),
             State::DeadLettering | State::Settled => (false, NO_TIMER),
@@ -1529,8 +1560,9 @@ impl QueueGroup {
             );
         }
         let slot = &mut self.window[index];
-        debug_assert!(!slot.meta_known, "offset {offset}: metadata given twice");
-        slot.meta_known = true;
+        debug_assert!(!slot.meta_known(), "offset {offset}: metadata given twice");
+        // One below the sentinel at most: a known size is never "unknown".
+        slot.size_bytes = meta.size_bytes.min(SIZE_UNKNOWN - 1);
         slot.expires_at_ms = expires_at_ms;
         if self.config.ordering == Ordering::PerKey {
             slot.key_hash = meta.key_hash;
@@ -1578,7 +1610,7 @@ impl QueueGroup {
                     self.fail(offset, failure, b"", now_ms, out)
                 }
                 State::Available | State::Waiting { .. }
-                    if slot.meta_known && now_ms >= slot.expires_at_ms =>
+                    if slot.meta_known() && now_ms >= slot.expires_at_ms =>
                 {
                     self.expire(offset, now_ms, out)
                 }

@@ -178,6 +178,7 @@ impl World {
                 },
                 // Three keys, and every fourth message without one.
                 key_hash: (offset % 4 != 0).then_some(offset % 3),
+                size_bytes: model_size(offset),
             })
             .collect();
         let mut out = Actions::default();
@@ -556,13 +557,32 @@ impl World {
 
     fn receive(&mut self, holder: u64, messages_max: u32) {
         let visibility = 1 + self.random.below(2000);
+        // Half the receives have a byte budget, some smaller than one message.
+        let bytes_max = if self.random.chance(50) {
+            u64::MAX
+        } else {
+            self.random.below(300)
+        };
         let request = ReceiveRequest {
             holder: HolderId(holder),
             messages_max,
             visibility_timeout_ms: Some(visibility),
+            bytes_max,
+            oversized_first: self.random.chance(50),
         };
         self.group.receive(request, self.now, &mut self.out);
         let deliveries = self.out.deliveries.clone();
+        let weight: u64 = deliveries
+            .iter()
+            .map(|handle| u64::from(model_size(handle.offset)))
+            .sum();
+        assert_eq!(self.out.delivered_bytes, weight, "seed {}", self.seed);
+        assert!(
+            weight <= bytes_max || (request.oversized_first && deliveries.len() == 1),
+            "seed {}: {} messages of {weight} bytes handed out with a budget of {bytes_max}",
+            self.seed,
+            deliveries.len()
+        );
         self.absorb();
         for handle in deliveries {
             self.check_delivery(handle, holder, self.now + visibility);
@@ -758,4 +778,9 @@ fn model_based_receive_ack_nack_extend_crash() {
     for seed in 0..32 {
         run(0x5EED_0000 + seed);
     }
+}
+
+/// Message sizes the model gives its messages: 1 to 100 bytes, varied.
+fn model_size(offset: u64) -> u32 {
+    1 + (offset * 37 % 100) as u32
 }

@@ -74,6 +74,8 @@ impl Harness {
             holder: HolderId(holder),
             messages_max: max,
             visibility_timeout_ms: None,
+            bytes_max: u64::MAX,
+            oversized_first: true,
         };
         self.group.receive(request, now, &mut self.out);
         self.persist();
@@ -414,6 +416,7 @@ fn delayed_message_waits_for_deliver_after() {
             deliver_after_ms: 500,
             expires_at_ms: u64::MAX,
             key_hash: None,
+            size_bytes: 0,
         },
         MessageMeta::plain(0),
         // Asks for an hour; the group caps delays at delivery_delay_ms_max (60 s).
@@ -422,6 +425,7 @@ fn delayed_message_waits_for_deliver_after() {
             deliver_after_ms: 3_600_000,
             expires_at_ms: u64::MAX,
             key_hash: None,
+            size_bytes: 0,
         },
     ];
     h.group.appended(0, &metas, 0, &mut h.out);
@@ -449,6 +453,7 @@ fn expired_messages_are_dropped_or_dead_lettered() {
             deliver_after_ms: 0,
             expires_at_ms: 300,
             key_hash: None,
+            size_bytes: 0,
         },
         MessageMeta::plain(0),
     ];
@@ -1294,4 +1299,44 @@ fn lowered_deliveries_max_dead_letters_available_messages_at_once() {
     h.persist();
     assert_eq!(h.group.counters().dead_lettered, 1);
     assert_eq!(h.group.state_of(0), MessageState::Settled);
+}
+
+#[test]
+fn receive_stops_at_its_byte_budget_but_hands_out_one_oversized_message() {
+    let mut h = Harness::new(config(), 0);
+    let sized = |size_bytes| MessageMeta {
+        size_bytes,
+        ..MessageMeta::plain(0)
+    };
+    h.group.appended(
+        0,
+        &[sized(400), sized(300), sized(300), sized(5000)],
+        0,
+        &mut h.out,
+    );
+    h.persist();
+    let request = |bytes_max, oversized_first| ReceiveRequest {
+        holder: HolderId(1),
+        messages_max: 10,
+        visibility_timeout_ms: None,
+        bytes_max,
+        oversized_first,
+    };
+    // 400 + 300 fit in 999; the next 300 would not.
+    h.group.receive(request(999, true), 0, &mut h.out);
+    assert_eq!(offsets(&h.out.deliveries), vec![0, 1]);
+    assert_eq!(h.out.delivered_bytes, 700);
+    h.persist();
+    // A budget smaller than the next message: nothing, unless it may go alone.
+    h.group.receive(request(100, false), 0, &mut h.out);
+    assert!(h.out.deliveries.is_empty());
+    h.persist();
+    h.group.receive(request(100, true), 0, &mut h.out);
+    assert_eq!(offsets(&h.out.deliveries), vec![2]);
+    h.persist();
+    // A message larger than any budget is still delivered, alone.
+    h.group.receive(request(1000, true), 0, &mut h.out);
+    assert_eq!(offsets(&h.out.deliveries), vec![3]);
+    assert_eq!(h.out.delivered_bytes, 5000);
+    h.persist();
 }

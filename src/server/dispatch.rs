@@ -838,6 +838,18 @@ async fn wait_for_first(
 /// available, long-polls every owner until one has something or `wait_ms` passes, then
 /// asks again. Never more than `messages_max` (capped by `queue_receive_messages_max`)
 /// in all.
+/// What a received message weighs against `queue_receive_bytes_max`: the same measure
+/// the owner leases by (key, value and headers).
+fn received_size(message: &crate::protocol::queue::ReceivedMessage) -> u64 {
+    let key = message.key.as_ref().map_or(0, |key| key.len());
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    (key + message.value.len() + headers) as u64
+}
+
 async fn receive(
     shard: &Rc<Shard>,
     request: ReceiveRequest,
@@ -875,8 +887,10 @@ async fn receive(
         request.wait_ms.min(shard.config.fetch_wait_ms_max),
     ));
     let deadline = std::time::Instant::now() + wait;
+    let bytes_max = shard.config.queue_receive_bytes_max;
     loop {
         let mut messages = Vec::new();
+        let mut bytes: u64 = 0;
         let mut first_error = None;
         if caller.gone.is_some_and(Event::is_set) {
             // The client left while its long-poll waited: nothing may be leased for it.
@@ -884,7 +898,7 @@ async fn receive(
         }
         for &owner in &owners {
             let remaining = messages_max - messages.len() as u32;
-            if remaining == 0 {
+            if remaining == 0 || bytes >= bytes_max {
                 break;
             }
             let reply = shard
@@ -894,6 +908,8 @@ async fn receive(
                         topic: request.topic.clone(),
                         group: request.group.clone(),
                         messages_max: remaining,
+                        bytes_max: bytes_max - bytes,
+                        oversized_first: messages.is_empty(),
                         visibility_timeout_ms,
                         holder: caller.holder,
                     },
@@ -905,6 +921,10 @@ async fn receive(
                         received.len() as u32 <= remaining,
                         "an owner hands out at most what it was asked for"
                     );
+                    bytes = received
+                        .iter()
+                        .map(received_size)
+                        .fold(bytes, u64::saturating_add);
                     messages.extend(received);
                 }
                 ShardReply::QueueReceive(Err(error)) | ShardReply::Done(Err(error)) => {

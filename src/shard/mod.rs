@@ -136,6 +136,10 @@ pub enum ShardRequest {
         topic: String,
         group: String,
         messages_max: u32,
+        /// What is left of the receive's `queue_receive_bytes_max`.
+        bytes_max: u64,
+        /// Nothing was handed out yet: the first message goes even if larger.
+        oversized_first: bool,
         visibility_timeout_ms: Option<u64>,
         holder: u64,
     },
@@ -787,11 +791,19 @@ impl Shard {
                 topic,
                 group,
                 messages_max,
+                bytes_max,
+                oversized_first,
                 visibility_timeout_ms,
                 holder,
             } => ShardReply::QueueReceive(
-                self.queue_receive_owned(topic, group, messages_max, visibility_timeout_ms, holder)
-                    .await,
+                self.queue_receive_owned(
+                    topic,
+                    group,
+                    (messages_max, bytes_max, oversized_first),
+                    visibility_timeout_ms,
+                    holder,
+                )
+                .await,
             ),
             ShardRequest::DeadLetterEnd {
                 dlq,

@@ -260,6 +260,8 @@ const TASK_SNAPSHOT: usize = 2;
 #[derive(Default)]
 struct EventOutcome {
     deliveries: Vec<DeliveryHandle>,
+    /// `receive`: what the deliveries weigh (`MessageMeta::size_bytes`).
+    delivered_bytes: u64,
     results: Vec<Result<(), HandleError>>,
     answer_after_seq: Option<u64>,
 }
@@ -580,6 +582,7 @@ impl Shard {
             outcome.deliveries = actions.deliveries.clone();
             outcome.results = actions.results.clone();
             outcome.answer_after_seq = actions.answer_after_seq;
+            outcome.delivered_bytes = actions.delivered_bytes;
             group
                 .dead_letters
                 .borrow_mut()
@@ -1007,13 +1010,15 @@ impl Shard {
         Ok(runtime)
     }
 
-    /// Owner side of a receive: leases up to `messages_max` messages of the group from
-    /// the partitions of `topic` this shard owns, then reads them.
+    /// Owner side of a receive: leases up to `messages_max` messages of the group, and
+    /// at most `bytes_max` bytes of them (but the first whatever its size when
+    /// `oversized_first`), from the partitions of `topic` this shard owns, then reads
+    /// them.
     pub(super) async fn queue_receive_owned(
         self: &Rc<Self>,
         topic: String,
         group: String,
-        messages_max: u32,
+        (messages_max, bytes_max, oversized_first): (u32, u64, bool),
         visibility_timeout_ms: Option<u64>,
         holder: u64,
     ) -> Result<Vec<ReceivedMessage>, WireError> {
@@ -1043,9 +1048,10 @@ impl Shard {
             );
         }
         let mut remaining = messages_max;
+        let mut bytes_left = bytes_max;
         let mut leased = Vec::new();
         for runtime in runtimes {
-            if remaining == 0 {
+            if remaining == 0 || bytes_left == 0 {
                 break;
             }
             if runtime.closed.get() {
@@ -1059,12 +1065,17 @@ impl Shard {
                         holder: HolderId(holder),
                         messages_max: remaining,
                         visibility_timeout_ms,
+                        bytes_max: bytes_left,
+                        // Once something was leased, the budget is a hard limit: a later
+                        // partition's first message must fit too.
+                        oversized_first: oversized_first && remaining == messages_max,
                     },
                     now,
                     actions,
                 )
             });
             remaining -= outcome.deliveries.len() as u32;
+            bytes_left = bytes_left.saturating_sub(outcome.delivered_bytes);
             leased.push((runtime, outcome));
         }
         let mut messages = Vec::new();

@@ -121,7 +121,19 @@ pub fn meta_of(stored: &StoredRecord) -> MessageMeta {
         expires_at_ms: header_u64(record, headers::TTL_MS)
             .map_or(u64::MAX, |ttl_ms| append_time_ms.saturating_add(ttl_ms)),
         key_hash: record.key.as_deref().map(fnv1a64),
+        size_bytes: u32::try_from(record_size(record)).unwrap_or(u32::MAX),
     }
+}
+
+/// What a record weighs in a receive's answer: its key, value and headers.
+pub fn record_size(record: &Record) -> u64 {
+    let key = record.key.as_ref().map_or(0, |key| key.len());
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    (key + record.value.len() + headers) as u64
 }
 
 /// Whether a source header goes on its DLQ copy: not the broker's (`shardq-*`: a
