@@ -245,6 +245,13 @@ fn request() -> impl Strategy<Value = Request> {
             })
         }),
         topic_name().prop_map(|topic| Request::PurgeTopic(PurgeTopicRequest { topic })),
+        (topic_name(), topic_name(), queue_settings()).prop_map(|(topic, group, settings)| {
+            Request::AlterGroup(AlterGroupRequest {
+                topic,
+                group,
+                settings,
+            })
+        }),
         proptest::collection::vec(
             (
                 topic_name(),
@@ -398,6 +405,7 @@ fn response() -> impl Strategy<Value = (Opcode, ResponseBody)> {
         Just((Opcode::CreateTopic, ResponseBody::CreateTopic)),
         Just((Opcode::DeleteTopic, ResponseBody::DeleteTopic)),
         Just((Opcode::AlterTopic, ResponseBody::AlterTopic)),
+        Just((Opcode::AlterGroup, ResponseBody::AlterGroup)),
         proptest::collection::vec(
             (
                 topic_name(),
@@ -654,7 +662,7 @@ proptest! {
 
     #[test]
     fn request_decoders_on_arbitrary_bytes(
-        opcode in 0u8..10,
+        opcode in 0u8..19,
         body in proptest::collection::vec(any::<u8>(), 0..96),
         topics_max in 0u32..4,
         partitions_max in 0u32..6,
@@ -707,7 +715,7 @@ proptest! {
 
     #[test]
     fn response_decoders_on_arbitrary_bytes(
-        opcode in 0u8..10,
+        opcode in 0u8..19,
         body in proptest::collection::vec(any::<u8>(), 0..96),
         success in any::<bool>(),
     ) {

@@ -160,6 +160,25 @@ pub enum GroupCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a queue group's own retry delays, which win over the topic's (the group is
+    /// created if it does not exist yet). A delay not given stays as it is.
+    #[command(group(
+        clap::ArgGroup::new("delays")
+            .args(["retry_delay_ms_min", "retry_delay_ms_max"])
+            .required(true)
+            .multiple(true)
+    ))]
+    Alter {
+        topic: String,
+        #[arg(long, value_name = "G")]
+        group: String,
+        /// First retry's delay for this group.
+        #[arg(long, value_name = "MS")]
+        retry_delay_ms_min: Option<u64>,
+        /// Cap on this group's retry delays.
+        #[arg(long, value_name = "MS")]
+        retry_delay_ms_max: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1546,6 +1565,39 @@ mod tests {
             GroupCommand::Describe { ref topic, group: Some(ref group), json: true }
                 if topic == "orders" && group == "billing"
         ));
+        let Command::Group { command, .. } = parse(&[
+            "group",
+            "alter",
+            "orders",
+            "--group",
+            "billing",
+            "--retry-delay-ms-max",
+            "20",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("expected group")
+        };
+        assert!(matches!(
+            command,
+            GroupCommand::Alter {
+                ref topic,
+                ref group,
+                retry_delay_ms_min: None,
+                retry_delay_ms_max: Some(20),
+            } if topic == "orders" && group == "billing"
+        ));
+        // Nothing to set, or no group: clap says what is missing.
+        let error = parse(&["group", "alter", "orders", "--group", "billing"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(
+            error.to_string().contains("--retry-delay-ms-min"),
+            "{error}"
+        );
+        let error = parse(&["group", "alter", "orders", "--retry-delay-ms-min", "5"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(error.to_string().contains("--group"), "{error}");
         assert!(matches!(
             parse(&["group", "list", "orders"]).unwrap().command,
             Command::Group {

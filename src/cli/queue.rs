@@ -358,6 +358,25 @@ pub async fn group(client: &Client, command: GroupCommand) -> Result<(), CliErro
             };
             print_lines(&text)
         }
+        GroupCommand::Alter {
+            topic,
+            group,
+            retry_delay_ms_min,
+            retry_delay_ms_max,
+        } => {
+            let settings = QueueSettings {
+                retry_delay_ms_min,
+                retry_delay_ms_max,
+                ..QueueSettings::default()
+            };
+            client
+                .alter_group(&topic, &group, settings)
+                .await
+                .map_err(client_context(format!(
+                    "altering group {group:?} of topic {topic:?}"
+                )))?;
+            print_lines(&format!("altered group {group} of topic {topic}\n"))
+        }
     }
 }
 

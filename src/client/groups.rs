@@ -9,8 +9,9 @@
 
 use super::{unexpected_body, Client, ClientError};
 use crate::protocol::queue::{
-    CommitOffsetsRequest, CommitPartition, DescribeGroupsRequest, FetchCommittedRequest,
-    GroupDescription, PurgeTopicRequest, PurgedPartition, COMMITTED_NONE,
+    AlterGroupRequest, CommitOffsetsRequest, CommitPartition, DescribeGroupsRequest,
+    FetchCommittedRequest, GroupDescription, PurgeTopicRequest, PurgedPartition, QueueSettings,
+    COMMITTED_NONE,
 };
 use crate::protocol::{Request, ResponseBody};
 
@@ -140,6 +141,31 @@ impl Client {
         {
             ResponseBody::DescribeGroups(response) => Ok(response.groups),
             other => Err(unexpected_body("describe groups", &other)),
+        }
+    }
+
+    /// Sets queue group `group`'s own settings on `topic`: only the retry delays
+    /// (`retry_delay_ms_min`, `retry_delay_ms_max`) may be given, and they win over the
+    /// topic's; one not given stays as it is. The group is created if it does not exist.
+    /// Returns once every partition's change is durable (docs/queues.md §3).
+    pub async fn alter_group(
+        &self,
+        topic: &str,
+        group: &str,
+        settings: QueueSettings,
+    ) -> Result<(), ClientError> {
+        let request = Request::AlterGroup(AlterGroupRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            settings,
+        });
+        match self
+            .connection
+            .call(request, self.timeout(), "alter group")
+            .await?
+        {
+            ResponseBody::AlterGroup => Ok(()),
+            other => Err(unexpected_body("alter group", &other)),
         }
     }
 

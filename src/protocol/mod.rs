@@ -22,9 +22,10 @@ pub mod codec;
 pub mod queue;
 
 pub use queue::{
-    CommitOffsetsRequest, CommitOffsetsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
-    FetchCommittedRequest, FetchCommittedResponse, PurgeTopicRequest, PurgeTopicResponse,
-    QueueSettings, ReceiveRequest, ReceiveResponse, SettleAction, SettleRequest, SettleResponse,
+    AlterGroupRequest, CommitOffsetsRequest, CommitOffsetsResponse, DescribeGroupsRequest,
+    DescribeGroupsResponse, FetchCommittedRequest, FetchCommittedResponse, PurgeTopicRequest,
+    PurgeTopicResponse, QueueSettings, ReceiveRequest, ReceiveResponse, SettleAction,
+    SettleRequest, SettleResponse,
 };
 
 use std::fmt;
@@ -64,6 +65,7 @@ pub enum Opcode {
     Extend = 14,
     DescribeGroups = 15,
     PurgeTopic = 16,
+    AlterGroup = 17,
 }
 
 impl Opcode {
@@ -85,6 +87,7 @@ impl Opcode {
             14 => Opcode::Extend,
             15 => Opcode::DescribeGroups,
             16 => Opcode::PurgeTopic,
+            17 => Opcode::AlterGroup,
             _ => return None,
         })
     }
@@ -816,6 +819,7 @@ pub enum Request {
     Settle(SettleRequest),
     DescribeGroups(DescribeGroupsRequest),
     PurgeTopic(PurgeTopicRequest),
+    AlterGroup(AlterGroupRequest),
 }
 
 impl Request {
@@ -839,6 +843,7 @@ impl Request {
             },
             Request::DescribeGroups(_) => Opcode::DescribeGroups,
             Request::PurgeTopic(_) => Opcode::PurgeTopic,
+            Request::AlterGroup(_) => Opcode::AlterGroup,
         }
     }
 
@@ -894,7 +899,8 @@ impl Request {
             | Opcode::Nack
             | Opcode::Extend
             | Opcode::DescribeGroups
-            | Opcode::PurgeTopic => queue::decode_request(opcode, &mut reader, limits)?,
+            | Opcode::PurgeTopic
+            | Opcode::AlterGroup => queue::decode_request(opcode, &mut reader, limits)?,
             Opcode::ListOffsets => {
                 let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
                 let mut topics = Vec::with_capacity(topic_count);
@@ -1039,7 +1045,8 @@ impl Request {
                 | Request::Receive(_)
                 | Request::Settle(_)
                 | Request::DescribeGroups(_)
-                | Request::PurgeTopic(_) => queue::encode_request(self, writer),
+                | Request::PurgeTopic(_)
+                | Request::AlterGroup(_) => queue::encode_request(self, writer),
                 Request::ListOffsets(request) => {
                     writer.count(request.topics.len());
                     for topic in &request.topics {
@@ -1102,6 +1109,7 @@ pub enum ResponseBody {
     Settle(SettleResponse),
     DescribeGroups(DescribeGroupsResponse),
     PurgeTopic(PurgeTopicResponse),
+    AlterGroup,
 }
 
 /// Encodes a response frame: status, then the body when the status is success.
@@ -1149,7 +1157,10 @@ pub fn encode_response(
                     queue::write_settings(writer, &topic.queue);
                 }
             }
-            ResponseBody::CreateTopic | ResponseBody::DeleteTopic | ResponseBody::AlterTopic => {}
+            ResponseBody::CreateTopic
+            | ResponseBody::DeleteTopic
+            | ResponseBody::AlterTopic
+            | ResponseBody::AlterGroup => {}
             ResponseBody::CommitOffsets(_)
             | ResponseBody::FetchCommitted(_)
             | ResponseBody::Receive(_)
@@ -1343,6 +1354,7 @@ pub fn decode_response(
         Opcode::CreateTopic => ResponseBody::CreateTopic,
         Opcode::DeleteTopic => ResponseBody::DeleteTopic,
         Opcode::AlterTopic => ResponseBody::AlterTopic,
+        Opcode::AlterGroup => ResponseBody::AlterGroup,
         Opcode::CommitOffsets
         | Opcode::FetchCommitted
         | Opcode::Receive

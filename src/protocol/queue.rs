@@ -304,6 +304,17 @@ pub struct DescribeGroupsResponse {
     pub groups: Vec<GroupDescription>,
 }
 
+/// Change one queue group's own settings, which win over the topic's. Only the retry
+/// delays (`retry_delay_ms_min`, `retry_delay_ms_max`) may be set per group; a value
+/// present sets the group's override, an absent one leaves it as it is. The group is
+/// created on the topic's partitions if it does not exist yet (docs/queues.md §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterGroupRequest {
+    pub topic: String,
+    pub group: String,
+    pub settings: QueueSettings,
+}
+
 /// Delete every record of a topic stored so far (each partition's log start moves to its
 /// high watermark). For dead-letter queues: `shardq dlq purge`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -704,6 +715,11 @@ pub(super) fn encode_request(request: &Request, writer: &mut Writer<'_>) {
             writer.string(&request.group);
         }
         Request::PurgeTopic(request) => writer.string(&request.topic),
+        Request::AlterGroup(request) => {
+            writer.string(&request.topic);
+            writer.string(&request.group);
+            write_settings(writer, &request.settings);
+        }
         _ => unreachable!("not a consumer-group request: {:?}", request.opcode()),
     }
 }
@@ -793,6 +809,11 @@ pub(super) fn decode_request(
         }
         Opcode::PurgeTopic => Request::PurgeTopic(PurgeTopicRequest {
             topic: read_topic_name(reader)?,
+        }),
+        Opcode::AlterGroup => Request::AlterGroup(AlterGroupRequest {
+            topic: read_topic_name(reader)?,
+            group: read_group_name(reader)?,
+            settings: read_settings(reader)?,
         }),
         other => unreachable!("not a consumer-group opcode: {other:?}"),
     })
@@ -1219,6 +1240,26 @@ pub(super) mod tests {
         roundtrip(Request::PurgeTopic(PurgeTopicRequest {
             topic: "orders.dlq".into(),
         }));
+    }
+
+    #[test]
+    fn alter_group_roundtrips_with_any_settings_list() {
+        let retry_only = QueueSettings {
+            retry_delay_ms_min: Some(20),
+            retry_delay_ms_max: Some(40),
+            ..QueueSettings::default()
+        };
+        // The codec carries every setting; the broker refuses the ones a group cannot set.
+        for settings in [QueueSettings::default(), retry_only, every_setting()] {
+            roundtrip(Request::AlterGroup(AlterGroupRequest {
+                topic: "orders".into(),
+                group: "billing".into(),
+                settings,
+            }));
+        }
+        roundtrip_response(Opcode::AlterGroup, ResponseBody::AlterGroup);
+        assert_eq!(Opcode::from_wire(17), Some(Opcode::AlterGroup));
+        assert_eq!(Opcode::from_wire(18), None);
     }
 
     #[test]

@@ -10,11 +10,11 @@ use crate::placement::{fnv1a64, shard_for_hashed};
 
 use crate::protocol::batch::{validate_batch, BatchError, BatchHeader};
 use crate::protocol::queue::{
-    CommitOffsetsRequest, CommitOffsetsResponse, CommitPartitionResult, DescribeGroupsRequest,
-    DescribeGroupsResponse, FetchCommittedPartitionResult, FetchCommittedRequest,
-    FetchCommittedResponse, GroupDescription, Handle, PurgeTopicRequest, PurgeTopicResponse,
-    PurgedPartition, ReceiveRequest, ReceiveResponse, RefusedHandle, SettleAction, SettleRequest,
-    SettleResponse,
+    AlterGroupRequest, CommitOffsetsRequest, CommitOffsetsResponse, CommitPartitionResult,
+    DescribeGroupsRequest, DescribeGroupsResponse, FetchCommittedPartitionResult,
+    FetchCommittedRequest, FetchCommittedResponse, GroupDescription, Handle, PurgeTopicRequest,
+    PurgeTopicResponse, PurgedPartition, ReceiveRequest, ReceiveResponse, RefusedHandle,
+    SettleAction, SettleRequest, SettleResponse,
 };
 use crate::protocol::{
     quote_untrusted, ErrorCode, FetchPartitionData, FetchPartitionResult, FetchRequest,
@@ -122,6 +122,10 @@ pub async fn handle(
         )),
         Request::PurgeTopic(request) => {
             Ok(ResponseBody::PurgeTopic(purge_topic(shard, request).await?))
+        }
+        Request::AlterGroup(request) => {
+            alter_group(shard, request).await?;
+            Ok(ResponseBody::AlterGroup)
         }
     }
 }
@@ -1157,4 +1161,43 @@ async fn describe_groups(
         })
         .collect();
     Ok(DescribeGroupsResponse { groups })
+}
+
+/// Sets a queue group's own settings on every shard owning a partition of the topic (each
+/// creates the group on its partitions if missing); the first refusal is the answer.
+async fn alter_group(shard: &Rc<Shard>, request: AlterGroupRequest) -> Result<(), WireError> {
+    validate_group_name(&request.group)?;
+    // Refused here too, before any owner creates the group.
+    queue_settings::check_group_settings(&request.settings)?;
+    let route = TopicRoute::new(shard, &request.topic);
+    let Some(partitions) = route.partitions else {
+        return Err(route.unknown.clone().expect("set for an unknown topic"));
+    };
+    let mut owners: Vec<ShardId> = Vec::new();
+    for partition in 0..partitions {
+        let owner = route.check(partition)?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    let mut tasks = Vec::with_capacity(owners.len());
+    for owner in owners {
+        let shard = Rc::clone(shard);
+        let alter = ShardRequest::AlterGroup {
+            topic: request.topic.clone(),
+            group: request.group.clone(),
+            settings: request.settings.clone(),
+        };
+        tasks.push(glommio::spawn_local(async move {
+            shard.route(owner, alter).await
+        }));
+    }
+    let mut first_error = None;
+    for task in tasks {
+        // Every owner's answer is awaited: none is left running unseen.
+        if let Err(error) = into_done(task.await) {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -160,6 +160,13 @@ pub enum ShardRequest {
     /// The groups of `topic` (one, or every one when `group` is empty) on owned
     /// partitions.
     DescribeGroups { topic: String, group: String },
+    /// Queue group: set the group's own settings (the retry delays; `None`: unchanged) on
+    /// owned partitions, creating the group there if missing.
+    AlterGroup {
+        topic: String,
+        group: String,
+        settings: QueueSettings,
+    },
     /// DLQ reconcile: which of `offsets` of (`source_topic`, `source_partition`) have a
     /// copy in partition `partition` of `dlq` appended from `from_ms` on.
     FindDeadLetters {
@@ -829,6 +836,11 @@ impl Shard {
             ShardRequest::DescribeGroups { topic, group } => {
                 ShardReply::DescribeGroups(self.describe_groups_owned(&topic, &group))
             }
+            ShardRequest::AlterGroup {
+                topic,
+                group,
+                settings,
+            } => ShardReply::Done(self.alter_group_owned(topic, group, settings).await),
             ShardRequest::FindDeadLetters {
                 dlq,
                 partition,

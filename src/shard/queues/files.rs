@@ -5,6 +5,8 @@
 //! groups/<group>/journal-<first seq, 20 digits>   records from that seq on (delivery::journal)
 //!               /snapshot                         the state through some seq
 //!               /snapshot.tmp                     a snapshot being written (deleted at start-up)
+//!               /settings                         the group's own settings (AlterGroup)
+//!               /settings.tmp                     settings being written (deleted at start-up)
 //! ```
 //!
 //! What it is: the I/O half of a queue group, run on the shard that owns the partition.
@@ -34,6 +36,10 @@ pub const GROUPS_DIRECTORY: &str = "groups";
 pub const SNAPSHOT_FILE: &str = "snapshot";
 const SNAPSHOT_TEMPORARY_FILE: &str = "snapshot.tmp";
 const JOURNAL_PREFIX: &str = "journal-";
+/// The group's own settings, `key=value` lines (`settings::group_file_text`); absent:
+/// the group runs with its topic's settings.
+pub const SETTINGS_FILE: &str = "settings";
+const SETTINGS_TEMPORARY_FILE: &str = "settings.tmp";
 
 pub fn journal_file_name(first_seq: u64) -> String {
     format!("{JOURNAL_PREFIX}{first_seq:020}")
@@ -52,6 +58,8 @@ pub struct GroupFiles {
     pub snapshot: Option<Vec<u8>>,
     /// Journal segments in seq order: (first seq, path, bytes).
     pub journals: Vec<(u64, PathBuf, Vec<u8>)>,
+    /// The `settings` file's text, when the group has one.
+    pub settings: Option<String>,
 }
 
 impl GroupFiles {
@@ -95,18 +103,38 @@ pub fn list_groups(partition_directory: &Path) -> Result<Vec<(String, PathBuf)>,
 /// Reads a group's snapshot and journal segments, removing a half-written snapshot.
 /// Blocking.
 pub fn read_group_files(directory: &Path) -> Result<GroupFiles, StorageError> {
-    let temporary = directory.join(SNAPSHOT_TEMPORARY_FILE);
-    match std::fs::remove_file(&temporary) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+    for (temporary, what) in [
+        (SNAPSHOT_TEMPORARY_FILE, "removing a half-written snapshot"),
+        (
+            SETTINGS_TEMPORARY_FILE,
+            "removing half-written group settings",
+        ),
+    ] {
+        let temporary = directory.join(temporary);
+        match std::fs::remove_file(&temporary) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::io(what, &temporary, source)),
+        }
+    }
+    let settings_path = directory.join(SETTINGS_FILE);
+    let settings = match std::fs::read(&settings_path) {
+        Ok(bytes) => Some(
+            String::from_utf8(bytes).map_err(|error| StorageError::Corrupt {
+                path: settings_path.clone(),
+                position: error.utf8_error().valid_up_to() as u64,
+                reason: "queue group settings are not UTF-8".into(),
+            })?,
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => {
             return Err(StorageError::io(
-                "removing a half-written snapshot",
-                &temporary,
+                "reading queue group settings",
+                &settings_path,
                 source,
             ))
         }
-    }
+    };
     let snapshot_path = directory.join(SNAPSHOT_FILE);
     let snapshot = match std::fs::read(&snapshot_path) {
         Ok(bytes) => Some(bytes),
@@ -134,7 +162,11 @@ pub fn read_group_files(directory: &Path) -> Result<GroupFiles, StorageError> {
         journals.push((first_seq, path, bytes));
     }
     journals.sort_by_key(|(first_seq, _, _)| *first_seq);
-    Ok(GroupFiles { snapshot, journals })
+    Ok(GroupFiles {
+        snapshot,
+        journals,
+        settings,
+    })
 }
 
 /// After recovery found `valid_bytes` of whole records in the concatenated journal: cuts
@@ -230,6 +262,24 @@ pub fn create_group_directory(directory: &Path) -> Result<(), StorageError> {
     let groups = directory.parent().expect("a group directory has a parent");
     sync_directory_blocking(groups)?;
     sync_directory_blocking(groups.parent().expect("groups/ lies in a partition"))
+}
+
+/// Replaces the group's `settings` file with `text`, durably: written to a temporary
+/// file, synced, renamed over the old one, and the directory synced (a crash leaves the
+/// old file or the new one, never a mix). Blocking: run it off the reactor.
+pub fn write_group_settings(directory: &Path, text: &str) -> Result<(), StorageError> {
+    use std::io::Write;
+    let temporary = directory.join(SETTINGS_TEMPORARY_FILE);
+    let mut file = std::fs::File::create(&temporary)
+        .map_err(|source| StorageError::io("creating group settings", &temporary, source))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|source| StorageError::io("writing group settings", &temporary, source))?;
+    drop(file);
+    let path = directory.join(SETTINGS_FILE);
+    std::fs::rename(&temporary, &path)
+        .map_err(|source| StorageError::io("renaming group settings into place", &path, source))?;
+    sync_directory_blocking(directory)
 }
 
 async fn sync_directory(directory: &Path) -> Result<(), StorageError> {
@@ -635,6 +685,21 @@ mod tests {
             Some((1, 4))
         );
         assert!(!files.journals[1].1.exists());
+    }
+
+    #[test]
+    fn group_settings_are_replaced_whole_and_a_half_written_file_is_dropped() {
+        let directory = tempfile::tempdir().unwrap();
+        assert_eq!(read_group_files(directory.path()).unwrap().settings, None);
+        write_group_settings(directory.path(), "queue_retry_delay_ms_min=20\n").unwrap();
+        write_group_settings(directory.path(), "queue_retry_delay_ms_max=40\n").unwrap();
+        std::fs::write(directory.path().join(SETTINGS_TEMPORARY_FILE), "torn").unwrap();
+        let files = read_group_files(directory.path()).unwrap();
+        assert_eq!(
+            files.settings.as_deref(),
+            Some("queue_retry_delay_ms_max=40\n")
+        );
+        assert!(!directory.path().join(SETTINGS_TEMPORARY_FILE).exists());
     }
 
     #[test]

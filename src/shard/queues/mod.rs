@@ -43,8 +43,8 @@ use crate::delivery::{
 };
 use crate::protocol::batch::BatchBuilder;
 use crate::protocol::queue::{
-    headers, GroupKind, GroupPartition, Handle, NackDelay as WireNackDelay, ReceivedMessage,
-    RefusedHandle, SettleAction,
+    headers, GroupKind, GroupPartition, Handle, NackDelay as WireNackDelay, QueueSettings,
+    ReceivedMessage, RefusedHandle, SettleAction,
 };
 use crate::protocol::{quote_untrusted, Acks, ErrorCode, Retention, WireError};
 use crate::storage::{Notify, PartitionLog, StorageError};
@@ -306,6 +306,9 @@ pub struct GroupRuntime {
     /// describe reports. Entries whose lease ended are pruned when it doubles past the
     /// in-flight maximum, so it stays within twice that.
     lease_starts: RefCell<VecDeque<(u64, u64, u32)>>,
+    /// The group's own settings (`AlterGroup`: only the retry delays), kept in its
+    /// `settings` file; they win over the topic's (`settings::group_settings`).
+    own_settings: RefCell<QueueSettings>,
 }
 
 impl GroupRuntime {
@@ -342,6 +345,7 @@ impl GroupRuntime {
             closed: Cell::new(false),
             closing: Notify::new(),
             lease_starts: RefCell::new(VecDeque::new()),
+            own_settings: RefCell::new(QueueSettings::default()),
         }
     }
 
@@ -762,8 +766,23 @@ impl Shard {
         for (name, path) in groups {
             let reading = path.clone();
             let found = off_reactor(move || files::read_group_files(&reading)).await?;
-            let group_config =
-                settings::resolve(&self.config, &config.queue, topic, &name, partition);
+            let own_settings = match &found.settings {
+                None => QueueSettings::default(),
+                Some(text) => {
+                    settings::from_group_file(text).map_err(|reason| StorageError::Corrupt {
+                        path: path.join(files::SETTINGS_FILE),
+                        position: 0,
+                        reason: format!("queue group {name:?} settings: {reason}"),
+                    })?
+                }
+            };
+            let group_config = settings::resolve(
+                &self.config,
+                &settings::group_settings(&config.queue, &own_settings),
+                topic,
+                &name,
+                partition,
+            );
             let bounds = LogBounds {
                 start: log.log_start_offset(),
                 end: log.high_watermark(),
@@ -818,6 +837,7 @@ impl Shard {
                 bounds.end,
             ));
             runtime.known_log_start.set(bounds.start);
+            *runtime.own_settings.borrow_mut() = own_settings;
             // Leases that survived: their age counts from now (their start is not kept).
             {
                 let state = runtime.state.borrow();
@@ -843,28 +863,100 @@ impl Shard {
     /// an ordering change applies when the broker next starts (docs/queues.md §8).
     pub(super) fn update_queue_policies(self: &Rc<Self>, topic: &str, config: &TopicConfig) {
         for group in self.queue_groups_of(topic) {
-            let mut policy = settings::resolve(
-                &self.config,
-                &config.queue,
-                topic,
-                &group.name,
-                group.partition,
-            );
-            let ordering = group.state.borrow().config().ordering;
-            if policy.ordering != ordering {
-                eprintln!(
-                    "shardq: queue group {:?} of {topic} partition {}: the new ordering applies from the next start",
-                    group.name, group.partition
-                );
-                policy.ordering = ordering;
-            }
-            // An event like any other: a lowered deliveries_max may dead-letter
-            // messages at once, and those records are journaled.
-            self.queue_event(&group, |state, now, actions| {
-                state.set_policy(policy, now, actions)
-            });
+            self.apply_queue_policy(&group, config);
         }
         self.queues.wake_topic(topic);
+    }
+
+    /// Gives one live group the policy its topic's settings and its own resolve to. A
+    /// group's own retry delays win over the topic's, so a topic change leaves them.
+    fn apply_queue_policy(self: &Rc<Self>, group: &Rc<GroupRuntime>, config: &TopicConfig) {
+        let topic = &*group.topic;
+        let mut policy = settings::resolve(
+            &self.config,
+            &settings::group_settings(&config.queue, &group.own_settings.borrow()),
+            topic,
+            &group.name,
+            group.partition,
+        );
+        let ordering = group.state.borrow().config().ordering;
+        if policy.ordering != ordering {
+            eprintln!(
+                "shardq: queue group {:?} of {topic} partition {}: the new ordering applies from the next start",
+                group.name, group.partition
+            );
+            policy.ordering = ordering;
+        }
+        // An event like any other: a lowered deliveries_max may dead-letter
+        // messages at once, and those records are journaled.
+        self.queue_event(group, |state, now, actions| {
+            state.set_policy(policy, now, actions)
+        });
+    }
+
+    /// Owner side of `AlterGroup`: sets the group's own settings (`changes`, checked by
+    /// `settings::check_group_settings`; a `None` keeps a value) on every partition of
+    /// `topic` this shard owns, creating the group there if it does not exist yet (as a
+    /// first receive does). Each partition's `settings` file is durable before its live
+    /// group takes the new policy; the answer comes once every one has.
+    pub(super) async fn alter_group_owned(
+        self: &Rc<Self>,
+        topic: String,
+        group: String,
+        changes: QueueSettings,
+    ) -> Result<(), WireError> {
+        settings::check_group_settings(&changes)?;
+        let Some(config) = self.topic(&topic) else {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {} does not exist", quote_untrusted(&topic)),
+            ));
+        };
+        let partitions: Vec<u32> = (0..config.partitions)
+            .filter(|partition| self.owner_of(&topic, *partition) == self.id)
+            .collect();
+        // Checked before any group is created: a refused change leaves nothing behind.
+        let check = |own: &QueueSettings| {
+            let own = settings::merge(own, &changes);
+            settings::validate(
+                &topic,
+                &settings::group_settings(&config.queue, &own),
+                &self.config,
+            )
+        };
+        check(&QueueSettings::default())?;
+        for &partition in &partitions {
+            if let Some(runtime) = self.queue_group(&topic, partition, &group) {
+                check(&runtime.own_settings.borrow())?;
+            }
+        }
+        let mut runtimes = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            runtimes.push(
+                self.queue_group_or_create(&topic, partition, &group, &config)
+                    .await?,
+            );
+        }
+        for runtime in runtimes {
+            if runtime.closed.get() {
+                // The topic was deleted meanwhile.
+                continue;
+            }
+            let own = settings::merge(&runtime.own_settings.borrow(), &changes);
+            let text = settings::group_file_text(&own);
+            let directory = runtime.writer.directory().to_path_buf();
+            off_reactor(move || files::write_group_settings(&directory, &text))
+                .await
+                .map_err(|error| self.journal_error(&error))?;
+            *runtime.own_settings.borrow_mut() = own;
+            // The topic's settings as they are now: an AlterTopic may have run meanwhile.
+            let Some(config) = self.topic(&topic) else {
+                continue;
+            };
+            self.apply_queue_policy(&runtime, &config);
+        }
+        self.queues.wake(&topic, &group);
+        Ok(())
     }
 
     /// Closes a group's journal (what is appended is written) and stops its workers:

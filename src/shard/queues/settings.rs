@@ -323,6 +323,80 @@ pub fn dlq_topic_of(topic: &str, settings: &QueueSettings) -> String {
         .unwrap_or_else(|| format!("{topic}{DLQ_SUFFIX}"))
 }
 
+/// A group's own settings (`AlterGroup`, docs/queues.md §3): only the retry delays may
+/// be set per group; every other setting is the topic's. A refusal names the setting and
+/// its value. A change that sets nothing is refused too: it would do nothing.
+pub fn check_group_settings(settings: &QueueSettings) -> Result<(), WireError> {
+    let not_per_group = |key: &str, value: String| {
+        Err(invalid(
+            key,
+            value,
+            "a group may set only retry_delay_ms_min and retry_delay_ms_max; set it on the topic",
+        ))
+    };
+    if let Some(value) = settings.deliveries_max {
+        return not_per_group("deliveries_max", value.to_string());
+    }
+    if let Some(value) = settings.visibility_timeout_ms {
+        return not_per_group("visibility_timeout_ms", value.to_string());
+    }
+    if let Some(value) = settings.message_ttl_ms {
+        return not_per_group("message_ttl_ms", value.to_string());
+    }
+    if let Some(value) = settings.expiry_policy {
+        return not_per_group("expiry_policy", value.name().to_owned());
+    }
+    if let Some(value) = settings.ordering {
+        return not_per_group("ordering", value.name().to_owned());
+    }
+    if let Some(value) = &settings.dlq_topic {
+        return not_per_group("dlq_topic", quote_untrusted(value));
+    }
+    if settings.retry_delay_ms_min.is_none() && settings.retry_delay_ms_max.is_none() {
+        return Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            "AlterGroup sets no setting: give retry_delay_ms_min, retry_delay_ms_max or both",
+        ));
+    }
+    Ok(())
+}
+
+/// What one group of a topic runs with: the topic's settings, with the group's own
+/// (its retry delays) winning. A later change of the topic's retry delays leaves a
+/// group's own in place.
+pub fn group_settings(topic: &QueueSettings, group: &QueueSettings) -> QueueSettings {
+    merge(topic, group)
+}
+
+/// The text of a group's `settings` file: the `topic.meta` lines of what it set.
+pub fn group_file_text(settings: &QueueSettings) -> String {
+    let mut text = String::new();
+    for line in meta_lines(settings) {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// Reads a group's `settings` file back. A line with an unknown key, a setting a group
+/// cannot set, or an unreadable value is an error naming it.
+pub fn from_group_file(text: &str) -> Result<QueueSettings, String> {
+    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+        let Some((key, _)) = line.split_once('=') else {
+            return Err(format!("line {line:?} is not key=value"));
+        };
+        if key != KEY_RETRY_DELAY_MS_MIN && key != KEY_RETRY_DELAY_MS_MAX {
+            return Err(format!(
+                "key {key:?} is not a group setting ({KEY_RETRY_DELAY_MS_MIN} or {KEY_RETRY_DELAY_MS_MAX})"
+            ));
+        }
+    }
+    from_meta(|key| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    })
+}
+
 /// The `key=value` lines of the settings a topic set (none for broker defaults).
 pub fn meta_lines(settings: &QueueSettings) -> Vec<String> {
     let mut lines = Vec::new();
@@ -528,6 +602,53 @@ mod tests {
             "bad/name",
         );
         assert!(validate("orders", &QueueSettings::default(), &config).is_ok());
+    }
+
+    #[test]
+    fn group_settings_are_only_the_retry_delays_and_round_trip_through_their_file() {
+        let own = QueueSettings {
+            retry_delay_ms_min: Some(20),
+            retry_delay_ms_max: Some(40),
+            ..QueueSettings::default()
+        };
+        check_group_settings(&own).unwrap();
+        let text = group_file_text(&own);
+        assert_eq!(
+            text,
+            "queue_retry_delay_ms_min=20\nqueue_retry_delay_ms_max=40\n"
+        );
+        assert_eq!(from_group_file(&text).unwrap(), own);
+        assert_eq!(from_group_file("").unwrap(), QueueSettings::default());
+        let error = from_group_file("queue_deliveries_max=3\n").unwrap_err();
+        assert!(error.contains("queue_deliveries_max"), "{error}");
+        let error = from_group_file("queue_retry_delay_ms_min=soon\n").unwrap_err();
+        assert!(error.contains("soon"), "{error}");
+
+        let refused = check_group_settings(&QueueSettings {
+            deliveries_max: Some(3),
+            ..own.clone()
+        })
+        .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+        assert!(
+            refused.message.contains("deliveries_max = 3"),
+            "{}",
+            refused.message
+        );
+        let refused = check_group_settings(&QueueSettings::default()).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+
+        // The group's own delays win over the topic's; the rest is the topic's.
+        let topic = QueueSettings {
+            deliveries_max: Some(7),
+            retry_delay_ms_min: Some(60_000),
+            retry_delay_ms_max: Some(60_000),
+            ..QueueSettings::default()
+        };
+        let merged = group_settings(&topic, &own);
+        assert_eq!(merged.deliveries_max, Some(7));
+        assert_eq!(merged.retry_delay_ms_min, Some(20));
+        assert_eq!(merged.retry_delay_ms_max, Some(40));
     }
 
     #[test]
