@@ -16,9 +16,9 @@ use common::{batch_of, test_config, RawClient, TestBroker};
 use shardq::config::ServerConfig;
 use shardq::protocol::batch::{BatchBuilder, Record};
 use shardq::protocol::queue::{
-    handle_ranges, headers, CommitOffsetsRequest, CommitPartition, DescribeGroupsRequest,
-    GroupDescription, GroupKind, Handle, NackDelay, QueueSettings, ReceiveRequest, ReceivedMessage,
-    RefusedHandle, SettleAction, SettleRequest,
+    handle_ranges, headers, AlterGroupRequest, CommitOffsetsRequest, CommitPartition,
+    DescribeGroupsRequest, GroupDescription, GroupKind, Handle, NackDelay, QueueSettings,
+    ReceiveRequest, ReceivedMessage, RefusedHandle, SettleAction, SettleRequest,
 };
 use shardq::protocol::{
     AlterTopicRequest, CreateTopicRequest, ErrorCode, MetadataRequest, Request, ResponseBody,
@@ -1157,4 +1157,145 @@ fn a_reset_connection_leases_nothing_for_its_abandoned_long_poll() {
         "not leased to the reset client"
     );
     assert_eq!(received[0].handle.attempt, 1);
+}
+
+fn alter_group(
+    client: &mut RawClient,
+    topic: &str,
+    group: &str,
+    settings: QueueSettings,
+) -> Result<(), WireError> {
+    let response = client.call(&Request::AlterGroup(AlterGroupRequest {
+        topic: topic.into(),
+        group: group.into(),
+        settings,
+    }))?;
+    assert_eq!(response, ResponseBody::AlterGroup);
+    Ok(())
+}
+
+fn retry_delays(min: u64, max: u64) -> QueueSettings {
+    QueueSettings {
+        retry_delay_ms_min: Some(min),
+        retry_delay_ms_max: Some(max),
+        ..QueueSettings::default()
+    }
+}
+
+const BACKOFF: SettleAction = SettleAction::Nack {
+    delay: NackDelay::Backoff,
+    reason: String::new(),
+};
+
+/// Issue 8: the retry policy is the topic's, overridable per group. A group's own retry
+/// delays win over the topic's, leave other groups alone, survive a restart and a later
+/// change of the topic's delays; only the delays may be set, and min <= max.
+#[test]
+fn a_group_s_own_retry_delays_win_over_the_topic_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = broker(dir.path(), 2, |_| {});
+    let mut client = RawClient::connect(broker.addr());
+    create_topic(&mut client, "orders", 2, retry_delays(60_000, 60_000));
+    // The group does not exist yet: AlterGroup creates it (it sees every message).
+    alter_group(&mut client, "orders", "fast", retry_delays(20, 20)).unwrap();
+    client.produce("orders", 0, batch_of(&[b"a"])).unwrap();
+
+    let fast = receive_with(&mut client, "orders", "fast", 1, 0, 5_000).unwrap();
+    let slow = receive_with(&mut client, "orders", "slow", 1, 0, 5_000).unwrap();
+    assert_eq!(
+        (values(&fast), values(&slow)),
+        (vec!["a".into()], vec!["a".into()])
+    );
+    let refused = settle_with(&mut client, "orders", "fast", BACKOFF, &handles(&fast)).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let refused = settle_with(&mut client, "orders", "slow", BACKOFF, &handles(&slow)).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let again = receive_with(&mut client, "orders", "fast", 1, 0, 10_000).unwrap();
+    assert_eq!(
+        values(&again),
+        ["a"],
+        "the group's 20 ms backoff, not the topic's minute"
+    );
+    assert_eq!(again[0].handle.attempt, 2);
+    assert!(
+        receive_with(&mut client, "orders", "slow", 1, 0, 300)
+            .unwrap()
+            .is_empty(),
+        "another group keeps the topic's minute"
+    );
+    assert_eq!(
+        describe(&mut client, "orders", "slow")[0].partitions[0].waiting,
+        1
+    );
+    let refused = settle_with(
+        &mut client,
+        "orders",
+        "fast",
+        SettleAction::Ack,
+        &handles(&again),
+    );
+    assert!(refused.unwrap().is_empty());
+
+    // The override is durable, and a later change of the topic's delays leaves it.
+    broker.stop();
+    let broker = TestBroker::start_with(broker.config.clone());
+    let mut client = RawClient::connect(broker.addr());
+    client
+        .call(&Request::AlterTopic(AlterTopicRequest {
+            name: "orders".into(),
+            retention: None,
+            queue: retry_delays(50_000, 50_000),
+        }))
+        .unwrap();
+    client.produce("orders", 1, batch_of(&[b"b"])).unwrap();
+    let first = receive_with(&mut client, "orders", "fast", 1, 0, 5_000).unwrap();
+    assert_eq!(values(&first), ["b"]);
+    let refused = settle_with(&mut client, "orders", "fast", BACKOFF, &handles(&first)).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let again = receive_with(&mut client, "orders", "fast", 1, 0, 10_000).unwrap();
+    assert_eq!(
+        values(&again),
+        ["b"],
+        "the override outlives a restart and AlterTopic"
+    );
+    assert_eq!(again[0].handle.attempt, 2);
+
+    // Only the retry delays are a group's; min <= max, counting what the group has set.
+    let error = alter_group(
+        &mut client,
+        "orders",
+        "fast",
+        QueueSettings {
+            deliveries_max: Some(3),
+            ..retry_delays(20, 20)
+        },
+    )
+    .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(error.message.contains("deliveries_max = 3"), "{error}");
+    let error = alter_group(&mut client, "orders", "fast", retry_delays(100, 50)).unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error.message.contains("retry_delay_ms_min = 100"),
+        "{error}"
+    );
+    let error = alter_group(
+        &mut client,
+        "orders",
+        "fast",
+        QueueSettings {
+            retry_delay_ms_min: Some(100),
+            ..QueueSettings::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error.message.contains("retry_delay_ms_min = 100"),
+        "{error}"
+    );
+    // A refused change creates nothing: no group "never" appears.
+    let error = alter_group(&mut client, "orders", "never", retry_delays(100, 50)).unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(describe(&mut client, "orders", "never").is_empty());
 }
