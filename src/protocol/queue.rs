@@ -1123,7 +1123,7 @@ pub(super) mod tests {
         ]
     }
 
-    /// The worked examples of docs/protocol.md §11.4 and §11.5, byte for byte.
+    /// The worked examples of docs/protocol.md §11.4, §11.5 and §11.8, byte for byte.
     #[test]
     fn documented_examples_encode_as_shown() {
         let hex = |frame: &BytesMut| {
@@ -1165,6 +1165,24 @@ pub(super) mod tests {
             "29 00 00 00 01 0c 00 00 02 00 00 00 00 00 00 00 \
              06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
              01 00 00 00 00 00 00 00 11 00 00 00 00 00 00 00 03 00 00 00 01 00 00 00"
+        );
+        // §11.8: the body after the 16-byte header.
+        let mut out = BytesMut::new();
+        Request::AlterGroup(AlterGroupRequest {
+            topic: "orders".into(),
+            group: "fast".into(),
+            settings: QueueSettings {
+                retry_delay_ms_min: Some(20),
+                retry_delay_ms_max: Some(20),
+                ..QueueSettings::default()
+            },
+        })
+        .encode(3, &mut out);
+        let body = out.split_off(super::super::FRAME_HEADER_SIZE);
+        assert_eq!(
+            hex(&body),
+            "06 00 6f 72 64 65 72 73 04 00 66 61 73 74 02 00 00 00 \
+             03 00 14 00 00 00 00 00 00 00 04 00 14 00 00 00 00 00 00 00 00 00"
         );
     }
 
