@@ -1240,6 +1240,14 @@ fn a_group_s_own_retry_delays_win_over_the_topic_s() {
     broker.stop();
     let broker = TestBroker::start_with(broker.config.clone());
     let mut client = RawClient::connect(broker.addr());
+    client.produce("orders", 1, batch_of(&[b"b"])).unwrap();
+    let first = receive_with(&mut client, "orders", "fast", 1, 0, 5_000).unwrap();
+    assert_eq!(values(&first), ["b"]);
+    let refused = settle_with(&mut client, "orders", "fast", BACKOFF, &handles(&first)).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let second = receive_with(&mut client, "orders", "fast", 1, 0, 10_000).unwrap();
+    assert_eq!(values(&second), ["b"], "the override outlives a restart");
+    assert_eq!(second[0].handle.attempt, 2);
     client
         .call(&Request::AlterTopic(AlterTopicRequest {
             name: "orders".into(),
@@ -1247,18 +1255,11 @@ fn a_group_s_own_retry_delays_win_over_the_topic_s() {
             queue: retry_delays(50_000, 50_000),
         }))
         .unwrap();
-    client.produce("orders", 1, batch_of(&[b"b"])).unwrap();
-    let first = receive_with(&mut client, "orders", "fast", 1, 0, 5_000).unwrap();
-    assert_eq!(values(&first), ["b"]);
-    let refused = settle_with(&mut client, "orders", "fast", BACKOFF, &handles(&first)).unwrap();
+    let refused = settle_with(&mut client, "orders", "fast", BACKOFF, &handles(&second)).unwrap();
     assert!(refused.is_empty(), "{refused:?}");
-    let again = receive_with(&mut client, "orders", "fast", 1, 0, 10_000).unwrap();
-    assert_eq!(
-        values(&again),
-        ["b"],
-        "the override outlives a restart and AlterTopic"
-    );
-    assert_eq!(again[0].handle.attempt, 2);
+    let third = receive_with(&mut client, "orders", "fast", 1, 0, 10_000).unwrap();
+    assert_eq!(values(&third), ["b"], "the override outlives AlterTopic");
+    assert_eq!(third[0].handle.attempt, 3);
 
     // Only the retry delays are a group's; min <= max, counting what the group has set.
     let error = alter_group(

@@ -309,6 +309,9 @@ pub struct GroupRuntime {
     /// The group's own settings (`AlterGroup`: only the retry delays), kept in its
     /// `settings` file; they win over the topic's (`settings::group_settings`).
     own_settings: RefCell<QueueSettings>,
+    /// One `AlterGroup` at a time writes the `settings` file and applies it: two at once
+    /// would share `settings.tmp`, and each must build on what the other set.
+    settings_lock: glommio::sync::Semaphore,
 }
 
 impl GroupRuntime {
@@ -346,6 +349,7 @@ impl GroupRuntime {
             closing: Notify::new(),
             lease_starts: RefCell::new(VecDeque::new()),
             own_settings: RefCell::new(QueueSettings::default()),
+            settings_lock: glommio::sync::Semaphore::new(1),
         }
     }
 
@@ -942,6 +946,12 @@ impl Shard {
                 // The topic was deleted meanwhile.
                 continue;
             }
+            let Ok(_permit) = runtime.settings_lock.acquire_permit(1).await else {
+                unreachable!("a group's settings lock is never closed");
+            };
+            // Checked again under the lock: another AlterGroup may have changed the
+            // group's own settings since the first look.
+            check(&runtime.own_settings.borrow())?;
             let own = settings::merge(&runtime.own_settings.borrow(), &changes);
             let text = settings::group_file_text(&own);
             let directory = runtime.writer.directory().to_path_buf();
