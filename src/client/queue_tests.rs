@@ -984,6 +984,16 @@ async fn topic_settings_describe_and_purge_carry_their_arguments() {
             }],
         });
         connection.respond(&header, Ok(&body)).await;
+        let (header, request) = connection.read_request().await.unwrap();
+        let Request::AlterGroup(alter) = request else {
+            panic!("{request:?}")
+        };
+        assert_eq!((alter.topic.as_str(), alter.group.as_str()), ("q", "fast"));
+        assert_eq!(alter.settings.retry_delay_ms_max, Some(20));
+        assert_eq!(alter.settings.retry_delay_ms_min, None);
+        connection
+            .respond(&header, Ok(&ResponseBody::AlterGroup))
+            .await;
         connection
     });
     let client = Client::connect(address).await.unwrap();
@@ -1016,5 +1026,10 @@ async fn topic_settings_describe_and_purge_carry_their_arguments() {
         .is_empty());
     let purged = client.purge_topic("q.dlq").await.unwrap();
     assert_eq!(purged[0].records, 6);
+    let fast = QueueSettings {
+        retry_delay_ms_max: Some(20),
+        ..QueueSettings::default()
+    };
+    client.alter_group("q", "fast", fast).await.unwrap();
     drop(peer.await.unwrap());
 }
