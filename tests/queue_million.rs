@@ -205,7 +205,19 @@ async fn dead_letters(
         }
         let mut dead = Vec::new();
         while (dead.len() as u64) < count {
-            for consumed in consumer.poll().await.unwrap() {
+            let polled = match consumer.poll().await {
+                Ok(polled) => polled,
+                // Created by the broker shard by shard: a partition's owner may learn of
+                // the DLQ topic after the shard that answered the metadata.
+                Err(shardq::client::ClientError::PartitionRefused { error, .. })
+                    if error.code == shardq::protocol::ErrorCode::UnknownTopic =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Err(error) => panic!("reading the DLQ: {error}"),
+            };
+            for consumed in polled {
                 let record = consumed.record;
                 let header = |name: &str| {
                     record

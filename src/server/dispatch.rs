@@ -415,6 +415,17 @@ impl TopicRoute {
         }
     }
 
+    /// The shards owning the topic's `partitions` partitions, each once, ascending.
+    fn owners(&self, partitions: u32) -> Result<Vec<ShardId>, WireError> {
+        let mut owners = Vec::new();
+        for partition in 0..partitions {
+            owners.push(self.check(partition)?);
+        }
+        owners.sort_unstable();
+        owners.dedup();
+        Ok(owners)
+    }
+
     /// The owner of `partition`, or why the entry is refused.
     fn check(&self, partition: u32) -> Result<ShardId, WireError> {
         match self.partitions {
@@ -873,14 +884,7 @@ async fn receive(
     let messages_max = request
         .messages_max
         .min(shard.config.queue_receive_messages_max);
-    let mut owners: Vec<ShardId> = Vec::new();
-    for partition in 0..partitions {
-        let owner = route.check(partition)?;
-        if !owners.contains(&owner) {
-            owners.push(owner);
-        }
-    }
-    owners.sort_unstable();
+    let mut owners = route.owners(partitions)?;
     if !owners.is_empty() {
         let start = (shard.next_fetch_rotation() % owners.len() as u64) as usize;
         owners.rotate_left(start);
@@ -1113,13 +1117,7 @@ async fn describe_groups(
     let Some(partitions) = route.partitions else {
         return Err(route.unknown.clone().expect("set for an unknown topic"));
     };
-    let mut owners: Vec<ShardId> = Vec::new();
-    for partition in 0..partitions {
-        let owner = route.check(partition)?;
-        if !owners.contains(&owner) {
-            owners.push(owner);
-        }
-    }
+    let owners = route.owners(partitions)?;
     let mut tasks = Vec::with_capacity(owners.len());
     for owner in owners {
         let shard = Rc::clone(shard);
@@ -1173,13 +1171,7 @@ async fn alter_group(shard: &Rc<Shard>, request: AlterGroupRequest) -> Result<()
     let Some(partitions) = route.partitions else {
         return Err(route.unknown.clone().expect("set for an unknown topic"));
     };
-    let mut owners: Vec<ShardId> = Vec::new();
-    for partition in 0..partitions {
-        let owner = route.check(partition)?;
-        if !owners.contains(&owner) {
-            owners.push(owner);
-        }
-    }
+    let owners = route.owners(partitions)?;
     let mut tasks = Vec::with_capacity(owners.len());
     for owner in owners {
         let shard = Rc::clone(shard);

@@ -281,7 +281,29 @@ mod tests {
         assert_eq!(metas[1].expires_at_ms, 2_300);
         assert_eq!(metas[1].key_hash, None);
         // A header of the wrong size is ignored, not misread.
-        assert_eq!(metas[2], MessageMeta::plain(3_000));
+        assert_eq!(
+            metas[2],
+            MessageMeta {
+                size_bytes: metas[2].size_bytes,
+                ..MessageMeta::plain(3_000)
+            }
+        );
+        // What each weighs in a receive: key, value and headers.
+        for (meta, stored) in metas.iter().zip(&out) {
+            let record = &stored.record;
+            let headers: usize = record
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum();
+            let expected =
+                record.key.as_ref().map_or(0, |key| key.len()) + record.value.len() + headers;
+            assert_eq!(meta.size_bytes as usize, expected);
+        }
+        assert_eq!(
+            metas[1].size_bytes as usize,
+            out[1].record.value.len() + 6 + 8 + 5 + 1
+        );
     }
 
     #[test]
