@@ -1944,20 +1944,25 @@ impl QueueGroup {
                     cause,
                     decided_at_ms,
                     reason,
-                } => {
-                    if self.ensure_slot(offset).is_some() {
-                        self.restore(offset, attempts, State::DeadLettering);
-                        self.dead_letters.insert(
-                            offset,
-                            DeadLetterInfo {
-                                cause,
-                                decided_at_ms,
-                                reason,
-                            },
-                        );
-                    }
-                }
+                } => self.restore_dead_lettering(
+                    offset,
+                    attempts,
+                    DeadLetterInfo {
+                        cause,
+                        decided_at_ms,
+                        reason,
+                    },
+                ),
             }
+        }
+    }
+
+    /// A message whose DLQ append may or may not have happened, from a snapshot or the
+    /// journal (outside the window: already settled, nothing to restore).
+    fn restore_dead_lettering(&mut self, offset: u64, attempts: u32, info: DeadLetterInfo) {
+        if self.ensure_slot(offset).is_some() {
+            self.restore(offset, attempts, State::DeadLettering);
+            self.dead_letters.insert(offset, info);
         }
     }
 
@@ -2035,19 +2040,15 @@ impl QueueGroup {
                 cause,
                 decided_at_ms,
                 ref reason,
-            } => {
-                if self.ensure_slot(offset).is_some() {
-                    self.restore(offset, attempts, State::DeadLettering);
-                    self.dead_letters.insert(
-                        offset,
-                        DeadLetterInfo {
-                            cause,
-                            decided_at_ms,
-                            reason: reason.clone(),
-                        },
-                    );
-                }
-            }
+            } => self.restore_dead_lettering(
+                offset,
+                attempts,
+                DeadLetterInfo {
+                    cause,
+                    decided_at_ms,
+                    reason: reason.clone(),
+                },
+            ),
             JournalRecord::DeadLettered { offset } => {
                 if self.ensure_slot(offset).is_some() {
                     self.apply_dead_lettered(offset);
