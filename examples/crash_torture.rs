@@ -463,6 +463,7 @@ impl Broker {
             .arg(self.listen.to_string())
             .arg("--cores")
             .arg(self.cores.to_string())
+            .args(["--metrics-listen", "off"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);

@@ -24,7 +24,7 @@ start() { # sets pid, server, and elapsed to the seconds until "serving on"
     local begin end
     : > "$work/serve.log"
     begin=$(date +%s.%N)
-    "$shardq" serve --data-dir "$work/data" --listen 127.0.0.1:0 --cores 1 >/dev/null 2>>"$work/serve.log" &
+    "$shardq" serve --metrics-listen off --data-dir "$work/data" --listen 127.0.0.1:0 --cores 1 >/dev/null 2>>"$work/serve.log" &
     pid=$!
     for _ in $(seq 1 6000); do
         grep -q "serving on" "$work/serve.log" && break

@@ -22,7 +22,7 @@ trap cleanup EXIT
 
 "$repo/scripts/bench-baseline.sh" --data-dir "$work" --seconds 3 --json "$work/baseline.json" >&2
 
-"$shardq" serve --data-dir "$work/data" --listen 127.0.0.1:0 >/dev/null 2>"$work/serve.log" &
+"$shardq" serve --metrics-listen off --data-dir "$work/data" --listen 127.0.0.1:0 >/dev/null 2>"$work/serve.log" &
 pid=$!
 for _ in $(seq 1 100); do
     grep -q "serving on" "$work/serve.log" && break

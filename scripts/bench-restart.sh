@@ -26,7 +26,7 @@ start() { # sets pid, and elapsed to the seconds until "serving on"
     # that wait is part of the restart time a supervisor sees.
     : > "$work/serve.log"
     begin=$(date +%s.%N)
-    "$shardq" serve --data-dir "$work/data" --listen "$server" >/dev/null 2>>"$work/serve.log" &
+    "$shardq" serve --metrics-listen off --data-dir "$work/data" --listen "$server" >/dev/null 2>>"$work/serve.log" &
     pid=$!
     for _ in $(seq 1 6000); do
         grep -q "serving on" "$work/serve.log" && break

@@ -158,6 +158,13 @@ pub struct ServerConfig {
     pub queue_journal_records_per_snapshot_max: u64,
     /// Queue groups times partitions one shard holds state for.
     pub queue_groups_per_shard_max: u32,
+    /// Where `/metrics` (Prometheus text format), `/health/live` and `/health/ready` are
+    /// served over HTTP. `None`: nowhere (the library's default; `shardq serve` listens
+    /// on 127.0.0.1:9749 unless told `--metrics-listen off`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a scrape or health check waits for each shard to answer; a shard slower
+    /// than this is reported not live (`shardq_shard_up` 0).
+    pub metrics_shard_answer_timeout_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +205,8 @@ impl Default for ServerConfig {
             recycle_segments: true,
             shutdown_drain_ms: 2_000,
             tail_cache_bytes_per_shard: 64 << 20,
+            metrics_listen: None,
+            metrics_shard_answer_timeout_ms: 1_000,
             bind_retry_ms: 10_000,
             timestamp_future_ms_max: 3_600_000,
             producers_per_partition_max: 10_000,
@@ -366,6 +375,10 @@ impl ServerConfig {
                 "producer_snapshot_interval_bytes",
                 self.producer_snapshot_interval_bytes,
             ),
+            (
+                "metrics_shard_answer_timeout_ms",
+                u64::from(self.metrics_shard_answer_timeout_ms),
+            ),
         ] {
             if value == 0 {
                 return fail(format!("{name} must be at least 1"));
@@ -440,6 +453,20 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_answer_timeout_must_be_at_least_one_millisecond() {
+        let config = |timeout| ServerConfig {
+            metrics_shard_answer_timeout_ms: timeout,
+            ..ServerConfig::default()
+        };
+        assert!(config(1).validate().is_ok());
+        let error = config(0).validate().unwrap_err();
+        assert!(
+            error.0.contains("metrics_shard_answer_timeout_ms"),
+            "{error}"
+        );
     }
 
     #[test]

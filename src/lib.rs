@@ -16,6 +16,8 @@
 //!   producer is idempotent and retries with backoff; its consumer reads for stream
 //!   groups and its queue consumer receives, acks, nacks and extends for queue groups.
 //! - `config`: broker settings and their limits.
+//! - `metrics`: per-shard metric registries (the `metrics` crate's recorder, one per
+//!   shard thread), their Prometheus rendering and the HTTP endpoint with health checks.
 //!
 //! ```text
 //! client ──TCP──> shard k: decode frame, validate batches, split by partition
@@ -31,6 +33,8 @@ pub mod protocol;
 
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

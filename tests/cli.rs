@@ -373,6 +373,8 @@ fn serve_runs_until_sigterm_and_exits_cleanly() {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--cores",
             "1",
             "--data-dir",

@@ -7,7 +7,7 @@ start_broker() {
     local extra=()
     [ -n "$cores" ] && extra=(--cores "$cores")
     mkdir -p "$data_dir"
-    "$SHARDQ" serve --data-dir "$data_dir" --listen "127.0.0.1:$port" "${extra[@]}" \
+    "$SHARDQ" serve --metrics-listen off --data-dir "$data_dir" --listen "127.0.0.1:$port" "${extra[@]}" \
         > "$data_dir.log" 2>&1 &
     BROKER_PID=$!
     for _ in $(seq 1 100); do

@@ -347,6 +347,26 @@ pub struct ServeArgs {
     /// A client that reads none of its responses this long is disconnected.
     #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().response_write_timeout_ms)]
     pub response_write_timeout_ms: u32,
+    /// Where to serve /metrics (Prometheus), /health/live and /health/ready over HTTP;
+    /// `off` serves nothing.
+    #[arg(long, value_name = "ADDRESS|off", default_value = METRICS_DEFAULT, value_parser = parse_metrics_listen)]
+    pub metrics_listen: MetricsListen,
+}
+
+/// Where `serve` listens for scrapes, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+const METRICS_DEFAULT: &str = "127.0.0.1:9749";
+
+fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
+    if value == "off" {
+        return Ok(MetricsListen(None));
+    }
+    value
+        .parse()
+        .map(|address| MetricsListen(Some(address)))
+        .map_err(|_| format!("{value:?} is neither an address (like {METRICS_DEFAULT}) nor off"))
 }
 
 #[derive(Debug, Args)]
@@ -646,6 +666,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 shard_bytes_in_flight_max: args.shard_bytes_in_flight_max,
                 connection_idle_timeout_ms: args.connection_idle_timeout_ms,
                 response_write_timeout_ms: args.response_write_timeout_ms,
+                metrics_listen: args.metrics_listen.0,
                 ..ServerConfig::default()
             };
             shardq::server::run_until_signal(config).map_err(CliError::Server)
@@ -1239,6 +1260,19 @@ mod tests {
         assert_eq!(args.data_dir, PathBuf::from("./shardq-data"));
         assert_eq!(args.listen, "127.0.0.1:9740".parse().unwrap());
         assert_eq!(args.cores, None);
+        assert_eq!(
+            args.metrics_listen,
+            MetricsListen(Some("127.0.0.1:9749".parse().unwrap()))
+        );
+        let Command::Serve(args) = parse(&["serve", "--metrics-listen", "off"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected serve")
+        };
+        assert_eq!(args.metrics_listen, MetricsListen(None));
+        let error = parse(&["serve", "--metrics-listen", "of"]).unwrap_err();
+        assert!(error.to_string().contains("neither an address"), "{error}");
         let Command::Serve(args) = parse(&[
             "serve",
             "--data-dir",

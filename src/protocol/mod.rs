@@ -91,6 +91,29 @@ impl Opcode {
             _ => return None,
         })
     }
+
+    /// Snake-case name, as metrics label operations.
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Handshake => "handshake",
+            Opcode::Metadata => "metadata",
+            Opcode::CreateTopic => "create_topic",
+            Opcode::DeleteTopic => "delete_topic",
+            Opcode::Produce => "produce",
+            Opcode::Fetch => "fetch",
+            Opcode::AlterTopic => "alter_topic",
+            Opcode::ListOffsets => "list_offsets",
+            Opcode::CommitOffsets => "commit_offsets",
+            Opcode::FetchCommitted => "fetch_committed",
+            Opcode::Receive => "receive",
+            Opcode::Ack => "ack",
+            Opcode::Nack => "nack",
+            Opcode::Extend => "extend",
+            Opcode::DescribeGroups => "describe_groups",
+            Opcode::PurgeTopic => "purge_topic",
+            Opcode::AlterGroup => "alter_group",
+        }
+    }
 }
 
 /// Error codes carried in responses. Zero is success. The numbers are the wire values.

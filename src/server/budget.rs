@@ -49,8 +49,7 @@ impl ByteBudget {
         })
     }
 
-    #[cfg(test)]
-    fn used(&self) -> u64 {
+    pub fn used(&self) -> u64 {
         self.used.get()
     }
 

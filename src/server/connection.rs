@@ -139,6 +139,11 @@ impl ShardConnections {
         })
     }
 
+    /// Bytes the shard's connections hold now (frames and unwritten responses).
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.budget.used()
+    }
+
     /// Every connection stops reading and makes a lingering close (shutdown).
     pub fn close_all(&self) {
         self.closing.set();
@@ -603,6 +608,12 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             break End::Closing;
         };
         let silent = matches!(&request, Request::Produce(produce) if produce.acks == Acks::None);
+        let operation = request.opcode();
+        let acks = match &request {
+            Request::Produce(produce) => Some(produce.acks),
+            _ => None,
+        };
+        let received = Instant::now();
         // Reads (a long-poll, a lookup by time) stop when the client is gone; a request
         // that changes something always runs to its end (an append is not cancellable).
         let abandonable = matches!(&request, Request::Fetch(_) | Request::ListOffsets(_));
@@ -636,6 +647,12 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 dispatch::handle(shard, request, &caller).await
             };
             connection.last_activity.set(Instant::now());
+            shard.metrics.request(
+                operation,
+                acks,
+                received.elapsed(),
+                &error_codes(outcome.as_ref()),
+            );
             if silent {
                 // Nobody hears of it otherwise: the client asked for no answer.
                 if let Err(error) = &outcome {
@@ -660,6 +677,40 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         .detach();
     };
     end
+}
+
+/// The error codes an answer carries: the request's, or each failed partition's of a
+/// produce, fetch or list-offsets.
+fn error_codes(outcome: Result<&crate::protocol::ResponseBody, &WireError>) -> Vec<ErrorCode> {
+    match outcome {
+        Err(error) => vec![error.code],
+        Ok(crate::protocol::ResponseBody::Produce(response)) => response
+            .topics
+            .iter()
+            .flat_map(|topic| &topic.partitions)
+            .filter_map(|partition| partition.result.as_ref().err().map(|error| error.code))
+            .collect(),
+        Ok(crate::protocol::ResponseBody::Fetch(response)) => response
+            .topics
+            .iter()
+            .flat_map(|topic| &topic.partitions)
+            .filter_map(|partition| {
+                partition
+                    .data
+                    .batches
+                    .as_ref()
+                    .err()
+                    .map(|error| error.code)
+            })
+            .collect(),
+        Ok(crate::protocol::ResponseBody::ListOffsets(response)) => response
+            .topics
+            .iter()
+            .flat_map(|topic| &topic.partitions)
+            .filter_map(|partition| partition.result.as_ref().err().map(|error| error.code))
+            .collect(),
+        Ok(_) => Vec::new(),
+    }
 }
 
 /// Grows `lease` to `bytes`, waiting for the budgets; false if the connection must stop

@@ -756,6 +756,15 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
         bytes_max.min(shard.config.fetch_bytes_max) as usize,
         start,
     );
+    for topic in &response.topics {
+        for partition in &topic.partitions {
+            if let Ok(batches) = &partition.data.batches {
+                shard
+                    .metrics
+                    .fetched(&topic.name, partition.partition, batches);
+            }
+        }
+    }
     response
 }
 

@@ -37,6 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ConfigError, ServerConfig};
+use crate::metrics::http::{Endpoint, MetricsServer, LINK_COLLECT};
+use crate::metrics::Registry;
 use crate::shard::{MeshMessage, Shard};
 
 #[derive(Debug)]
@@ -90,6 +92,9 @@ impl From<ConfigError> for ServerError {
 pub struct ServerHandle {
     /// The shared listener's address (with the real port when port 0 was asked for).
     pub local_addr: SocketAddr,
+    /// Where `/metrics` and the health checks are served (`metrics_listen`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<(MetricsServer, Arc<Endpoint>)>,
     /// Each shard's own port, by shard id.
     pub shard_ports: Vec<u16>,
     stopping: Arc<AtomicBool>,
@@ -111,11 +116,17 @@ impl ServerHandle {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some((_, endpoint)) = &self.metrics {
+            endpoint.set_ready(false);
+        }
         self.stopping.store(true, Ordering::Release);
         // The shards see end of stream on their side and stop.
         self.stop_signals.clear();
         for executor in self.executors.drain(..) {
             let _ = executor.join();
+        }
+        if let Some((mut server, _)) = self.metrics.take() {
+            server.stop();
         }
         // Only now may another broker take the directory.
         drop(self.data_directory.take());
@@ -343,13 +354,61 @@ impl ServerHandle {
             own,
             shard_ports,
         } = bind_listeners_retrying(config.listen, shard_count, config.bind_retry_ms)?;
+        // Bound before any shard starts, like the broker's own listeners: a taken metrics
+        // port fails start-up rather than leaving the broker unwatched.
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(
+                std::net::TcpListener::bind(address)
+                    .map_err(|source| ServerError::Bind { address, source })?,
+            ),
+            None => None,
+        };
+        let registries: Vec<Arc<Registry>> = (0..shard_count)
+            .map(|shard| Registry::new(shard as u16))
+            .collect();
+        let mut metrics_links = Vec::with_capacity(shard_count);
+        let mut shard_metrics_links = Vec::with_capacity(shard_count);
+        for shard in 0..shard_count {
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(|error| ServerError::Shard {
+                    shard: shard as u16,
+                    message: format!("creating its metrics link: {error}"),
+                })?;
+            metrics_links.push(ours);
+            shard_metrics_links.push(Some(theirs));
+        }
+        let endpoint = Endpoint::new(
+            registries.clone(),
+            metrics_links,
+            Duration::from_millis(u64::from(config.metrics_shard_answer_timeout_ms)),
+        );
+        let metrics = match metrics_listener {
+            Some(listener) => {
+                let address = listener.local_addr().ok();
+                let server =
+                    MetricsServer::start(listener, Arc::clone(&endpoint)).map_err(|error| {
+                        ServerError::Shard {
+                            shard: 0,
+                            message: format!("starting the metrics endpoint: {error}"),
+                        }
+                    })?;
+                Some((server, address))
+            }
+            None => None,
+        };
         let mesh = MeshBuilder::<MeshMessage, _>::full(shard_count, config.mesh_channel_capacity);
         let (ready_sender, ready_receiver) = mpsc::channel::<Result<u16, ServerError>>();
         let stopping = Arc::new(AtomicBool::new(false));
         // Client connections open over every shard, against connections_max.
         let connections_open = Arc::new(AtomicU32::new(0));
+        let (metrics, metrics_addr) = match metrics {
+            Some((server, address)) => (Some((server, Arc::clone(&endpoint))), address),
+            None => (None, None),
+        };
         let mut handle = ServerHandle {
             local_addr,
+            metrics_addr,
+            metrics,
             shard_ports: shard_ports.clone(),
             stopping: Arc::clone(&stopping),
             stop_signals: Vec::with_capacity(shard_count),
@@ -368,6 +427,10 @@ impl ServerHandle {
                 sender: Some(ready_sender.clone()),
             };
             let probe_path = probe_path.clone();
+            let registry = Arc::clone(&registries[shard]);
+            let metrics_link = shard_metrics_links[shard]
+                .take()
+                .expect("one metrics link per shard");
             let (stop_signal, shard_stop_signal) =
                 std::os::unix::net::UnixStream::pair().map_err(|error| ServerError::Shard {
                     shard: shard as u16,
@@ -382,13 +445,25 @@ impl ServerHandle {
             let spawned = builder.spawn(move || async move {
                 // SAFETY: each descriptor comes from a socket this closure owns, handed
                 // over with `into_raw_fd`; the listener becomes its only owner.
-                let (shared_listener, own_listener, stop_signal) = unsafe {
+                let (shared_listener, own_listener, stop_signal, metrics_link) = unsafe {
                     (
                         TcpListener::from_raw_fd(shared_socket.into_raw_fd()),
                         TcpListener::from_raw_fd(own_socket.into_raw_fd()),
                         glommio::net::UnixStream::from_raw_fd(shard_stop_signal.into_raw_fd()),
+                        glommio::net::UnixStream::from_raw_fd(metrics_link.into_raw_fd()),
                     )
                 };
+                // Every `metrics::` call on this thread lands in this shard's registry.
+                let _recorder = ::metrics::set_default_local_recorder(&*registry);
+                // Answers scrapes and health checks from now on, recovery included:
+                // with state gauges once the shard exists.
+                let observed = Rc::new(Observed::default());
+                let link_task = glommio::spawn_local(serve_metrics_link(
+                    metrics_link,
+                    Rc::clone(&observed),
+                    Arc::clone(&registry),
+                ))
+                .detach();
                 let shard_id = shard as u16;
                 // A fault point for tests of start-up with a shard that never joins
                 // (debug builds only): the named shard's thread ends at once, as when
@@ -400,10 +475,13 @@ impl ServerHandle {
                     return;
                 }
                 let started = start_shard(
-                    shard_id,
-                    shard_count as u16,
-                    config,
-                    ports,
+                    ShardStart {
+                        id: shard_id,
+                        count: shard_count as u16,
+                        config,
+                        ports,
+                        registry: Arc::clone(&registry),
+                    },
                     mesh,
                     &probe_path,
                     &stopping_flag,
@@ -419,6 +497,7 @@ impl ServerHandle {
                         return;
                     }
                 };
+                *observed.shard.borrow_mut() = Some(Rc::clone(&shard));
                 run_shard(
                     shard,
                     receivers,
@@ -426,8 +505,10 @@ impl ServerHandle {
                     own_listener,
                     stop_signal,
                     connections_open,
+                    &observed,
                 )
                 .await;
+                link_task.cancel();
             });
             match spawned {
                 Ok(executor) => handle.executors.push(executor),
@@ -455,19 +536,66 @@ impl ServerHandle {
                 return Err(error);
             }
         }
+        // Every shard recovered its partitions and listens.
+        endpoint.set_ready(true);
         Ok(handle)
     }
 }
 
-async fn start_shard(
-    shard_id: u16,
-    shard_count: u16,
+/// What a shard's metrics link reports on, filled in as the shard comes up.
+#[derive(Default)]
+struct Observed {
+    shard: RefCell<Option<Rc<Shard>>>,
+    connections: RefCell<Option<Rc<connection::ShardConnections>>>,
+}
+
+/// The shard's side of its metrics link (`metrics::http`): each byte asks for an answer,
+/// with the state gauges published first when it says so. Ends when the other side goes.
+async fn serve_metrics_link(
+    mut link: glommio::net::UnixStream,
+    observed: Rc<Observed>,
+    registry: Arc<Registry>,
+) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut byte = [0u8; 1];
+    loop {
+        match link.read(&mut byte).await {
+            Ok(1) => {}
+            _ => return,
+        }
+        if byte[0] & LINK_COLLECT != 0 {
+            let shard = observed.shard.borrow().clone();
+            if let Some(shard) = shard {
+                let bytes_in_flight = observed
+                    .connections
+                    .borrow()
+                    .as_ref()
+                    .map_or(0, |connections| connections.bytes_in_flight());
+                registry.publish(shard.metrics_samples(bytes_in_flight));
+            }
+        }
+        if link.write_all(&byte).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Who a starting shard is.
+struct ShardStart {
+    id: u16,
+    count: u16,
     config: ServerConfig,
-    shard_ports: Vec<u16>,
+    ports: Vec<u16>,
+    registry: Arc<Registry>,
+}
+
+async fn start_shard(
+    start: ShardStart,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     probe_path: &std::path::Path,
     stopping: &AtomicBool,
 ) -> Result<(Rc<Shard>, Receivers<MeshMessage>), ServerError> {
+    let shard_id = start.id;
     let fail = |message: String| ServerError::Shard {
         shard: shard_id,
         message,
@@ -503,7 +631,22 @@ async fn start_shard(
             ))
         })?;
     let _ = probe.close().await;
-    let shard = Shard::new(shard_id, shard_count, config, shard_ports, senders);
+    let shard = Shard::new(
+        start.id,
+        start.count,
+        start.config,
+        start.ports,
+        senders,
+        start.registry,
+    );
+    // A fault point for tests of readiness during a long recovery (debug builds only).
+    #[cfg(debug_assertions)]
+    if let Some(delay) = std::env::var("SHARDQ_TEST_RECOVERY_DELAY_MS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
+        glommio::timer::sleep(Duration::from_millis(delay)).await;
+    }
     shard
         .load_topics()
         .await
@@ -518,6 +661,7 @@ async fn run_shard(
     own_listener: TcpListener,
     mut stop_signal: glommio::net::UnixStream,
     connections_open: Arc<AtomicU32>,
+    observed: &Observed,
 ) {
     // Mesh traffic keeps flowing until the very end: during the drain below, replies
     // from other shards complete the requests whose answers this shard still owes.
@@ -548,6 +692,7 @@ async fn run_shard(
         Rc::new(RefCell::new(HashMap::new()));
     let next_connection = Rc::new(std::cell::Cell::new(0u64));
     let shared = connection::ShardConnections::new(&shard.config);
+    *observed.connections.borrow_mut() = Some(Rc::clone(&shared));
     let refused = Rc::new(log::RateLimitedLog::default());
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
@@ -577,6 +722,7 @@ async fn run_shard(
                         // Over a limit: closing at once is the clearest refusal a
                         // client that has not spoken yet can get.
                         drop(stream);
+                        shard.metrics.connections_refused.increment(1);
                         refused.log(|| {
                             format!(
                                 "shardq: shard {}: refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {} on all shards (connections_max {max}); {} refused by this shard so far",
@@ -589,12 +735,14 @@ async fn run_shard(
                     };
                     let id = next_connection.get();
                     next_connection.set(id + 1);
+                    shard.metrics.connections_accepted.increment(1);
                     let shard = Rc::clone(&shard);
                     let shared = Rc::clone(&shared);
                     let registry = Rc::clone(&connections);
                     let handle = glommio::spawn_local(async move {
                         // Uncounted when the task ends, cancelled or not.
                         let _counted = counted;
+                        let _open = OpenGauge::new(&shard.metrics.connections_open);
                         connection::serve(shard, shared, stream, id).await;
                         registry.borrow_mut().remove(&id);
                     })
@@ -653,6 +801,23 @@ async fn run_shard(
     }
 }
 
+/// One open connection in `shardq_connections_open`, for as long as it lives (its task
+/// may end by cancellation at shutdown).
+struct OpenGauge(::metrics::Gauge);
+
+impl OpenGauge {
+    fn new(gauge: &::metrics::Gauge) -> OpenGauge {
+        gauge.increment(1.0);
+        OpenGauge(gauge.clone())
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// One open client connection, counted against `connections_max` over every shard for
 /// as long as it lives.
 struct OpenConnection(Arc<AtomicU32>);
@@ -679,10 +844,14 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     let signals = block_shutdown_signals().map_err(ServerError::Signal)?;
     let handle = ServerHandle::start(config)?;
     eprintln!(
-        "shardq: serving on {} with {} shards (shard ports {:?})",
+        "shardq: serving on {} with {} shards (shard ports {:?}); metrics {}",
         handle.local_addr,
         handle.shard_count(),
-        handle.shard_ports
+        handle.shard_ports,
+        match handle.metrics_addr {
+            Some(address) => format!("on http://{address}/metrics"),
+            None => "off".to_owned(),
+        }
     );
     let signal = wait_for_signal(&signals).map_err(ServerError::Signal)?;
     eprintln!("shardq: signal {signal} received, shutting down");

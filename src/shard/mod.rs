@@ -25,6 +25,7 @@ use glommio::channels::channel_mesh::Senders;
 
 mod offsets;
 pub mod queues;
+pub mod stats;
 
 use crate::config::ServerConfig;
 use crate::placement::shard_for;
@@ -206,6 +207,31 @@ pub enum ShardRequest {
 }
 
 impl ShardRequest {
+    /// Snake-case name of the variant, as metrics label mesh requests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ShardRequest::Produce { .. } => "produce",
+            ShardRequest::Fetch { .. } => "fetch",
+            ShardRequest::CreateTopic { .. } => "create_topic",
+            ShardRequest::AlterTopic { .. } => "alter_topic",
+            ShardRequest::UpdateTopic { .. } => "update_topic",
+            ShardRequest::ListOffsets { .. } => "list_offsets",
+            ShardRequest::DeleteTopic { .. } => "delete_topic",
+            ShardRequest::InstallTopic { .. } => "install_topic",
+            ShardRequest::RemoveTopic { .. } => "remove_topic",
+            ShardRequest::QueueReceive { .. } => "queue_receive",
+            ShardRequest::QueueWait { .. } => "queue_wait",
+            ShardRequest::QueueSettle { .. } => "queue_settle",
+            ShardRequest::DescribeGroups { .. } => "describe_groups",
+            ShardRequest::AlterGroup { .. } => "alter_group",
+            ShardRequest::FindDeadLetters { .. } => "find_dead_letters",
+            ShardRequest::DeadLetterEnd { .. } => "dead_letter_end",
+            ShardRequest::CommitOffsets { .. } => "commit_offsets",
+            ShardRequest::FetchCommitted { .. } => "fetch_committed",
+            ShardRequest::PurgeTopic { .. } => "purge_topic",
+        }
+    }
+
     /// Reads that change nothing and may run long (a long-poll, a lookup by time): the
     /// asker may give up on them, and then the owner stops them.
     pub fn is_abandonable(&self) -> bool {
@@ -322,6 +348,8 @@ pub struct Shard {
     fetch_rotation: Cell<u64>,
     /// The queue groups of owned partitions (`queues`).
     queues: queues::Queues,
+    /// This shard's metric handles and registry (`stats`).
+    pub metrics: stats::ShardMetrics,
 }
 
 impl Shard {
@@ -331,6 +359,7 @@ impl Shard {
         config: ServerConfig,
         shard_ports: Vec<u16>,
         mesh: Senders<MeshMessage>,
+        registry: Arc<crate::metrics::Registry>,
     ) -> Rc<Shard> {
         let budget = ChunkBudget::new(
             config.chunk_memory_bytes_per_shard_max,
@@ -357,6 +386,7 @@ impl Shard {
             responses_owed: Cell::new(0),
             fetch_rotation: Cell::new(0),
             queues: queues::Queues::default(),
+            metrics: stats::ShardMetrics::new(registry),
         })
     }
 
@@ -506,7 +536,10 @@ impl Shard {
                 )
                 .await;
                 match opened {
-                    Ok(log) => owned[partition as usize] = Some(log),
+                    Ok(log) => {
+                        log.set_metrics(self.metrics.partition(name, partition));
+                        owned[partition as usize] = Some(log);
+                    }
                     Err(error) => {
                         // Close what this install opened: each log's flusher holds its
                         // files open, so a create rolled back after this failure (a full
@@ -563,6 +596,7 @@ impl Shard {
 
     async fn remove_topic(&self, name: &str) -> Result<(), WireError> {
         self.catalog.borrow_mut().remove(name);
+        self.metrics.forget_topic(name);
         self.offset_stores
             .borrow_mut()
             .retain(|(topic, _), _| topic != name);
@@ -645,6 +679,7 @@ impl Shard {
                 Box::pin(Rc::clone(self).execute(request));
             return local.await;
         }
+        self.metrics.mesh_request(request.kind());
         let id = self.next_request_id.get();
         self.next_request_id.set(id + 1);
         let (sender, receiver) = oneshot::channel();

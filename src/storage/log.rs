@@ -85,6 +85,42 @@ impl LogConfig {
     }
 }
 
+/// The partition's metric handles (crate `metrics`; the shard registers them with its
+/// topic and partition labels). Recording is an atomic add on a handle only this shard
+/// writes. No-op handles until the shard sets them, and in storage tests.
+#[derive(Clone)]
+pub struct LogMetrics {
+    pub produce_records: metrics::Counter,
+    pub produce_bytes: metrics::Counter,
+    pub durable_rounds: metrics::Counter,
+    pub retention_deleted_segments: metrics::Counter,
+    pub retention_deleted_bytes: metrics::Counter,
+    pub round_records: metrics::Histogram,
+    pub round_bytes: metrics::Histogram,
+    pub write_seconds: metrics::Histogram,
+    pub fdatasync_seconds: metrics::Histogram,
+    pub tail_cache_hits: metrics::Counter,
+    pub tail_cache_misses: metrics::Counter,
+}
+
+impl Default for LogMetrics {
+    fn default() -> Self {
+        LogMetrics {
+            produce_records: metrics::Counter::noop(),
+            produce_bytes: metrics::Counter::noop(),
+            durable_rounds: metrics::Counter::noop(),
+            retention_deleted_segments: metrics::Counter::noop(),
+            retention_deleted_bytes: metrics::Counter::noop(),
+            round_records: metrics::Histogram::noop(),
+            round_bytes: metrics::Histogram::noop(),
+            write_seconds: metrics::Histogram::noop(),
+            fdatasync_seconds: metrics::Histogram::noop(),
+            tail_cache_hits: metrics::Counter::noop(),
+            tail_cache_misses: metrics::Counter::noop(),
+        }
+    }
+}
+
 /// Where a batch went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -337,6 +373,7 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     /// never an older one over a newer: the offset of the last one written.
     producer_snapshot_lock: glommio::sync::Semaphore,
     producer_snapshot_offset: std::cell::Cell<Option<u64>>,
+    metrics: RefCell<LogMetrics>,
 }
 
 /// Milliseconds since the Unix epoch by the broker's clock.
@@ -409,6 +446,7 @@ impl<S: LogStorage> PartitionLog<S> {
             flusher: RefCell::new(None),
             producer_snapshot_lock: glommio::sync::Semaphore::new(1),
             producer_snapshot_offset: std::cell::Cell::new(None),
+            metrics: RefCell::new(LogMetrics::default()),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -436,6 +474,21 @@ impl<S: LogStorage> PartitionLog<S> {
 
     pub fn segment_count(&self) -> usize {
         self.state.borrow().segments.len()
+    }
+
+    /// Bytes of batches in the partition's segments (appended, durable or not).
+    pub fn stored_bytes(&self) -> u64 {
+        self.state
+            .borrow()
+            .segments
+            .iter()
+            .map(|segment| segment.end_position)
+            .sum()
+    }
+
+    /// Where the partition records its metrics from now on.
+    pub fn set_metrics(&self, metrics: LogMetrics) {
+        *self.metrics.borrow_mut() = metrics;
     }
 
     /// Copies a validated batch into the log, assigning its offsets. Resolves once the
@@ -611,6 +664,13 @@ impl<S: LogStorage> PartitionLog<S> {
             state.producers.record(header.producer_id, kept);
         }
         self.flush_wanted.notify_all();
+        {
+            let metrics = self.metrics.borrow();
+            metrics
+                .produce_records
+                .increment(u64::from(header.record_count));
+            metrics.produce_bytes.increment(batch.len() as u64);
+        }
         AppendOutcome {
             base_offset,
             next_offset,
@@ -852,6 +912,13 @@ impl<S: LogStorage> PartitionLog<S> {
             .sync_directory(&self.directory)
             .await
             .map_err(|source| StorageError::io("syncing directory", &self.directory, source))?;
+        let metrics = self.metrics.borrow();
+        metrics
+            .retention_deleted_segments
+            .increment(removed.len() as u64);
+        metrics
+            .retention_deleted_bytes
+            .increment(removed.iter().map(|segment| segment.end_position).sum());
         Ok(removed.len())
     }
 
@@ -964,8 +1031,10 @@ impl<S: LogStorage> PartitionLog<S> {
                 self.cache
                     .ranges_from(segment.base_offset, offset, CACHED_RANGES_PER_READ_MAX);
             if let Some(batches) = cached_batches(&ranges, offset, bytes_max) {
+                self.metrics.borrow().tail_cache_hits.increment(1);
                 return Ok(batches);
             }
+            self.metrics.borrow().tail_cache_misses.increment(1);
             let entry = floor_entry(&segment.index, offset)
                 .expect("a readable offset lies at or after its segment's first batch");
             ReadSpan::of(segment, entry)
@@ -1406,6 +1475,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 .await
                 .map_err(|source| StorageError::io("preallocating", &extension.path, source))?;
         }
+        let started = std::time::Instant::now();
         let mut writes = Vec::with_capacity(round.chunks.len());
         let mut files: Vec<(Rc<S::File>, PathBuf)> = Vec::new();
         for chunk in &round.chunks {
@@ -1454,10 +1524,18 @@ impl<S: LogStorage> PartitionLog<S> {
         if let Some(error) = first_error {
             return Err(error);
         }
+        let metrics = self.metrics.borrow().clone();
+        metrics
+            .write_seconds
+            .record(started.elapsed().as_secs_f64());
         for (file, path) in &files {
+            let sync_started = std::time::Instant::now();
             file.fdatasync()
                 .await
                 .map_err(|source| StorageError::io("syncing segment", path, source))?;
+            metrics
+                .fdatasync_seconds
+                .record(sync_started.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -1470,6 +1548,14 @@ impl<S: LogStorage> PartitionLog<S> {
                 round.next_offset >= state.durable_offset,
                 "the durable watermark only moves forward"
             );
+            let metrics = self.metrics.borrow();
+            metrics.durable_rounds.increment(1);
+            metrics
+                .round_records
+                .record((round.next_offset - state.durable_offset) as f64);
+            let bytes: usize = round.chunks.iter().map(|chunk| chunk.buffer.len()).sum();
+            metrics.round_bytes.record(bytes as f64);
+            drop(metrics);
             state.durable_offset = round.next_offset;
             for segment in state.segments.iter_mut() {
                 match segment.base_offset.cmp(&round.segment_base_offset) {

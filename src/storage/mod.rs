@@ -31,7 +31,9 @@ mod sync;
 
 pub use cache::TailCache;
 pub use file::{DmaStorage, LogFile, LogStorage};
-pub use log::{now_ms, AppendOutcome, FailurePolicy, LogConfig, PartitionLog, TimeLookup};
+pub use log::{
+    now_ms, AppendOutcome, FailurePolicy, LogConfig, LogMetrics, PartitionLog, TimeLookup,
+};
 pub use sync::{ChunkBudget, Notify};
 
 use std::path::PathBuf;

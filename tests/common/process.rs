@@ -15,6 +15,9 @@ pub struct Serve {
     pub child: Child,
     /// The shared address, once the broker said it serves.
     pub address: Option<SocketAddr>,
+    /// The metrics endpoint's address, once the broker said it serves (none when `extra`
+    /// turned it off).
+    pub metrics_address: Option<SocketAddr>,
     /// stderr lines, read by a thread so the child never blocks on a full pipe.
     pub lines: mpsc::Receiver<String>,
 }
@@ -35,9 +38,13 @@ impl Serve {
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdin(Stdio::null());
+        // Port 0 unless the test says otherwise: parallel brokers must not fight over
+        // the default metrics port.
+        if !extra.contains(&"--metrics-listen") {
+            command.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
         }
@@ -55,6 +62,7 @@ impl Serve {
         Serve {
             child,
             address: None,
+            metrics_address: None,
             lines,
         }
     }
@@ -76,6 +84,11 @@ impl Serve {
                             .parse()
                             .expect("a socket address");
                         self.address = Some(address);
+                        self.metrics_address = rest
+                            .split("metrics on http://")
+                            .nth(1)
+                            .and_then(|tail| tail.split('/').next())
+                            .map(|address| address.parse().expect("a metrics address"));
                         return address;
                     }
                     seen.push(line);

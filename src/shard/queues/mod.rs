@@ -1201,12 +1201,19 @@ impl Shard {
                 .collect();
             match read_records(&runtime.log, &offsets).await {
                 Ok(stored) => {
+                    let counters =
+                        self.metrics
+                            .queue(&runtime.topic, runtime.partition, &runtime.name);
                     for item in stored {
                         let offset = item.record.offset;
                         let Ok(index) = offsets.binary_search(&offset) else {
                             continue;
                         };
                         let delivery = outcome.deliveries[index];
+                        counters.delivered.increment(1);
+                        if delivery.attempt > 1 {
+                            counters.redelivered.increment(1);
+                        }
                         messages.push(ReceivedMessage {
                             handle: Handle {
                                 partition: delivery.partition,
@@ -1364,6 +1371,17 @@ impl Shard {
                     );
                     continue;
                 }
+            }
+            let settled = outcome
+                .results
+                .iter()
+                .filter(|result| result.is_ok())
+                .count();
+            if matches!(action, SettleAction::Nack { .. }) && settled > 0 {
+                self.metrics
+                    .queue(&runtime.topic, runtime.partition, &runtime.name)
+                    .nacked
+                    .increment(settled as u64);
             }
             for (handle, result) in partition_handles.iter().zip(outcome.results) {
                 if let Err(error) = result {

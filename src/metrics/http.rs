@@ -1,0 +1,336 @@
+//! The metrics and health HTTP endpoint (`metrics_listen`): `GET /metrics` (Prometheus
+//! text format), `GET /health/live` and `GET /health/ready`.
+//!
+//! It runs on threads of its own, never on a shard: a stalled shard must not take its
+//! own health check down with it, and a scraper must not cost a shard more than
+//! answering one byte. Each shard has a link to this side (a Unix socket pair): one byte
+//! asks it to publish a snapshot of its state gauges, or just to answer (a ping); the
+//! shard echoes the byte once done. A shard that does not answer within
+//! `metrics_shard_answer_timeout_ms` is reported: not live, `shardq_shard_up 0`, and its
+//! last numbers are shown.
+//!
+//! Bounded like the broker's own port: at most `CONNECTIONS_MAX` connections at once
+//! (more are answered 503 and closed), requests of at most `REQUEST_HEAD_BYTES_MAX`
+//! bytes, read and write timeouts; every answer closes its connection.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{render, GaugeCell, HistogramCell, Registry};
+
+const CONNECTIONS_MAX: usize = 8;
+const REQUEST_HEAD_BYTES_MAX: usize = 8192;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An answer slower than this counts as a stall of the shard's loop.
+const STALL: Duration = Duration::from_millis(100);
+
+/// What a link byte asks of a shard (the low 7 bits are a sequence number, so a late
+/// answer to an earlier question is told apart).
+pub const LINK_COLLECT: u8 = 0x80;
+
+/// This side of one shard's link.
+struct Link {
+    stream: UnixStream,
+    sequence: u8,
+}
+
+/// What the endpoint shares with the broker.
+pub struct Endpoint {
+    registries: Vec<Arc<Registry>>,
+    /// Locked for a whole question to every shard, so two scrapes never read each
+    /// other's answers.
+    links: Mutex<Vec<Link>>,
+    answer_timeout: Duration,
+    /// Recovery done and every shard listening; false again once shutdown starts.
+    ready: AtomicBool,
+    up: Vec<Arc<GaugeCell>>,
+    stalls: Vec<Arc<super::CounterCell>>,
+    pings: Vec<Arc<HistogramCell>>,
+}
+
+impl Endpoint {
+    /// `links`: this side of each shard's link, by shard id.
+    pub fn new(
+        registries: Vec<Arc<Registry>>,
+        links: Vec<UnixStream>,
+        answer_timeout: Duration,
+    ) -> Arc<Endpoint> {
+        assert_eq!(registries.len(), links.len(), "one link per shard");
+        let key = |name: &'static str| metrics::Key::from_static_name(name);
+        let mut up = Vec::new();
+        let mut stalls = Vec::new();
+        let mut pings = Vec::new();
+        for registry in &registries {
+            match registry.cell(&key("shardq_shard_up"), super::Kind::Gauge) {
+                super::Cell::Gauge(cell) => up.push(cell),
+                _ => unreachable!("cell() returns the kind asked for"),
+            }
+            match registry.cell(&key("shardq_shard_stalls_total"), super::Kind::Counter) {
+                super::Cell::Counter(cell) => stalls.push(cell),
+                _ => unreachable!("cell() returns the kind asked for"),
+            }
+            match registry.cell(&key("shardq_shard_ping_seconds"), super::Kind::Histogram) {
+                super::Cell::Histogram(cell) => pings.push(cell),
+                _ => unreachable!("cell() returns the kind asked for"),
+            }
+        }
+        Arc::new(Endpoint {
+            registries,
+            links: Mutex::new(
+                links
+                    .into_iter()
+                    .map(|stream| Link {
+                        stream,
+                        sequence: 0,
+                    })
+                    .collect(),
+            ),
+            answer_timeout,
+            ready: AtomicBool::new(false),
+            up,
+            stalls,
+            pings,
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Asks every shard (a snapshot, or just an answer) and says which did not answer in
+    /// time. Shards are asked together, then waited for.
+    pub fn ask_shards(&self, collect: bool) -> Vec<u16> {
+        let mut links = self
+            .links
+            .lock()
+            .expect("no thread panics holding the lock");
+        let started = Instant::now();
+        let mut asked = Vec::with_capacity(links.len());
+        for link in links.iter_mut() {
+            link.sequence = (link.sequence + 1) & 0x7f;
+            let byte = link.sequence | if collect { LINK_COLLECT } else { 0 };
+            asked.push(link.stream.write_all(&[byte]).is_ok().then_some(byte));
+        }
+        let mut silent = Vec::new();
+        for (shard, (link, byte)) in links.iter_mut().zip(asked).enumerate() {
+            let answered =
+                byte.is_some_and(|byte| wait_answer(link, byte, started, self.answer_timeout));
+            if answered {
+                let took = started.elapsed();
+                super::HistogramFn::record(&*self.pings[shard], took.as_secs_f64());
+                if took > STALL {
+                    super::CounterFn::increment(&*self.stalls[shard], 1);
+                }
+                metrics::GaugeFn::set(&*self.up[shard], 1.0);
+            } else {
+                super::CounterFn::increment(&*self.stalls[shard], 1);
+                metrics::GaugeFn::set(&*self.up[shard], 0.0);
+                silent.push(shard as u16);
+            }
+        }
+        silent
+    }
+}
+
+/// Reads the shard's answers until `byte` comes back or the time is up; earlier (late)
+/// answers are skipped.
+fn wait_answer(link: &mut Link, byte: u8, started: Instant, timeout: Duration) -> bool {
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() || link.stream.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        let mut answer = [0u8; 1];
+        match link.stream.read(&mut answer) {
+            Ok(1) if answer[0] == byte => return true,
+            Ok(1) => continue,
+            _ => return false,
+        }
+    }
+}
+
+/// The running endpoint: its accept thread.
+pub struct MetricsServer {
+    pub local_addr: SocketAddr,
+    listener_fd: i32,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Serves `listener` until `stop`.
+    pub fn start(listener: TcpListener, endpoint: Arc<Endpoint>) -> std::io::Result<MetricsServer> {
+        let local_addr = listener.local_addr()?;
+        let listener_fd = listener.as_raw_fd();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stopping = Arc::clone(&stopping);
+            std::thread::Builder::new()
+                .name("shardq-metrics".into())
+                .spawn(move || accept_loop(listener, endpoint, stopping))?
+        };
+        Ok(MetricsServer {
+            local_addr,
+            listener_fd,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stopping.store(true, Ordering::Release);
+        // SAFETY: the descriptor belongs to the listener the accept thread owns, which
+        // stays open until that thread (joined below) returns; shutting down its read side
+        // makes the blocked accept return EINVAL on Linux.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        let _ = thread.join();
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, stopping: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = listener.accept();
+        if stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok((stream, _)) = accepted else {
+            // Out of descriptors, say: try again shortly rather than spin.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+        if active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+            active.fetch_sub(1, Ordering::AcqRel);
+            let mut stream = stream;
+            let _ = respond(
+                &mut stream,
+                503,
+                PLAIN,
+                "busy: too many metrics connections\n",
+                false,
+            );
+            continue;
+        }
+        let endpoint = Arc::clone(&endpoint);
+        let counted = Arc::clone(&active);
+        let spawned = std::thread::Builder::new()
+            .name("shardq-metrics-connection".into())
+            .spawn(move || {
+                serve(stream, &endpoint);
+                counted.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Reads one request head and answers it.
+fn serve(mut stream: TcpStream, endpoint: &Endpoint) {
+    let mut head = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        if head.len() > REQUEST_HEAD_BYTES_MAX {
+            let _ = respond(&mut stream, 431, PLAIN, "request head too large\n", false);
+            return;
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => head.extend_from_slice(&buffer[..read]),
+        }
+    }
+    let line = head.split(|byte| *byte == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        let _ = respond(&mut stream, 405, PLAIN, "only GET and HEAD\n", false);
+        return;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = answer(path, endpoint);
+    let _ = respond(&mut stream, status, content_type, &body, head_only);
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+/// The Prometheus text exposition format.
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The status, content type and body for `path`.
+pub fn answer(path: &str, endpoint: &Endpoint) -> (u16, &'static str, String) {
+    match path {
+        "/metrics" => {
+            endpoint.ask_shards(true);
+            (200, EXPOSITION, render(&endpoint.registries))
+        }
+        "/health/live" => match endpoint.ask_shards(false).as_slice() {
+            [] => (200, PLAIN, "live\n".into()),
+            silent => (
+                503,
+                PLAIN,
+                format!(
+                    "not live: shard(s) {silent:?} did not answer within {} ms\n",
+                    endpoint.answer_timeout.as_millis()
+                ),
+            ),
+        },
+        "/health/ready" if endpoint.is_ready() => (200, PLAIN, "ready\n".into()),
+        "/health/ready" => (
+            503,
+            PLAIN,
+            "not ready: starting (recovering, binding) or shutting down\n".into(),
+        ),
+        _ => (
+            404,
+            PLAIN,
+            "not found: try /metrics, /health/live or /health/ready\n".into(),
+        ),
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    if !head_only {
+        stream.write_all(body.as_bytes())?;
+    }
+    stream.flush()
+}
