@@ -245,6 +245,8 @@ fn request() -> impl Strategy<Value = Request> {
             })
         }),
         topic_name().prop_map(|topic| Request::PurgeTopic(PurgeTopicRequest { topic })),
+        proptest::collection::vec(topic_name(), 0..4)
+            .prop_map(|topics| Request::Stats(StatsRequest { topics })),
         (topic_name(), topic_name(), queue_settings()).prop_map(|(topic, group, settings)| {
             Request::AlterGroup(AlterGroupRequest {
                 topic,
@@ -406,6 +408,75 @@ fn response() -> impl Strategy<Value = (Opcode, ResponseBody)> {
         Just((Opcode::DeleteTopic, ResponseBody::DeleteTopic)),
         Just((Opcode::AlterTopic, ResponseBody::AlterTopic)),
         Just((Opcode::AlterGroup, ResponseBody::AlterGroup)),
+        (
+            proptest::collection::vec(any::<(u16, u32, u32, u64, u64, u64, u64)>(), 0..3),
+            proptest::collection::vec(
+                (
+                    "\\PC{0,12}",
+                    any::<(u32, u16, u64, u64, u64, u64, u32)>(),
+                    any::<(u64, u64, u64, u64)>()
+                ),
+                0..3
+            )
+        )
+            .prop_map(|(shards, partitions)| (
+                Opcode::Stats,
+                ResponseBody::Stats(StatsResponse {
+                    shards: shards
+                        .into_iter()
+                        .map(
+                            |(
+                                shard,
+                                connections_open,
+                                requests_in_flight,
+                                bytes_in_flight,
+                                requests_total,
+                                errors_total,
+                                busy_ms,
+                            )| ShardStats {
+                                shard,
+                                connections_open,
+                                requests_in_flight,
+                                bytes_in_flight,
+                                requests_total,
+                                errors_total,
+                                busy_ms,
+                            }
+                        )
+                        .collect(),
+                    partitions: partitions
+                        .into_iter()
+                        .map(
+                            |(
+                                topic,
+                                (
+                                    partition,
+                                    shard,
+                                    log_start_offset,
+                                    log_end_offset,
+                                    high_watermark,
+                                    bytes,
+                                    segments,
+                                ),
+                                (records_in, bytes_in, records_out, bytes_out),
+                            )| PartitionStats {
+                                topic,
+                                partition,
+                                shard,
+                                log_start_offset,
+                                log_end_offset,
+                                high_watermark,
+                                bytes,
+                                segments,
+                                records_in,
+                                bytes_in,
+                                records_out,
+                                bytes_out,
+                            }
+                        )
+                        .collect(),
+                })
+            )),
         proptest::collection::vec(
             (
                 topic_name(),

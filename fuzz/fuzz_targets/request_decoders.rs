@@ -44,10 +44,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((&opcode, body)) = data.split_first() else {
         return;
     };
-    // Map every byte to an opcode so no input is wasted; 0 and 17.. are unknown on the
+    // Map every byte to an opcode so no input is wasted; 0 and 19.. are unknown on the
     // wire and never reach a decoder (the connection answers UnknownOpcode).
-    let Some(opcode) = Opcode::from_wire(opcode % 17 + 1) else {
-        unreachable!("1..=16 are all opcodes");
+    let Some(opcode) = Opcode::from_wire(opcode % 18 + 1) else {
+        unreachable!("1..=18 are all opcodes");
     };
     check(opcode, body, &DecodeLimits::default());
     check(

@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&opcode, body)) = data.split_first() else {
         return;
     };
-    let Some(opcode) = Opcode::from_wire(opcode % 17 + 1) else {
-        unreachable!("1..=16 are all opcodes");
+    let Some(opcode) = Opcode::from_wire(opcode % 18 + 1) else {
+        unreachable!("1..=18 are all opcodes");
     };
     let Ok(decoded) = decode_response(opcode, Bytes::copy_from_slice(body)) else {
         return;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 
 use shardq::client::{
@@ -30,6 +30,7 @@ use shardq::config::ServerConfig;
 use shardq::server::ServerError;
 
 mod queue;
+mod stats;
 
 const SERVER_DEFAULT: &str = "127.0.0.1:9740";
 /// Longest single long-poll of `consume`, so that `--timeout-ms` and `--count` are
@@ -84,6 +85,9 @@ pub enum Command {
     /// Measure throughput and latency; every consumed message is verified.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Rates, offsets, bytes and durable lag per shard and partition, and every group's
+    /// lag (from the broker's Stats operation).
+    Stats(stats::StatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -723,6 +727,7 @@ async fn run_client_command(command: Command) -> Result<(), CliError> {
             let client = connect(&server).await?;
             queue::dlq(client, command).await
         }
+        Command::Stats(args) => stats::run(args).await,
     }
 }
 
@@ -811,16 +816,31 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                 });
             }
             let port_of = |shard: u16| metadata.shard_ports.get(usize::from(shard)).copied();
+            let figures =
+                client
+                    .stats(std::slice::from_ref(&name))
+                    .await
+                    .map_err(client_context(format!(
+                        "reading the stats of topic {name:?}"
+                    )))?;
+            let figures_of = |partition: u32| stats::partition_figures(&figures, &name, partition);
             let text = if json {
                 let partitions: Vec<_> = topic
                     .partitions
                     .iter()
                     .map(|partition| {
-                        json!({
+                        let mut value = json!({
                             "partition": partition.partition,
                             "shard": partition.shard,
                             "port": port_of(partition.shard),
-                        })
+                        });
+                        if let Some(Value::Object(figures)) = figures_of(partition.partition) {
+                            value
+                                .as_object_mut()
+                                .expect("built as an object")
+                                .extend(figures);
+                        }
+                        value
                     })
                     .collect();
                 format!(
@@ -854,9 +874,20 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                     let port = port_of(partition.shard)
                         .map_or_else(|| "unknown".to_owned(), |port| port.to_string());
                     text.push_str(&format!(
-                        "partition {}\tshard {}\tport {port}\n",
+                        "partition {}\tshard {}\tport {port}",
                         partition.partition, partition.shard
                     ));
+                    if let Some(figures) = figures_of(partition.partition) {
+                        text.push_str(&format!(
+                            "\tstart {}\tend {}\tdurable {}\tbytes {}\tsegments {}",
+                            figures["log_start_offset"],
+                            figures["log_end_offset"],
+                            figures["high_watermark"],
+                            figures["bytes"],
+                            figures["segments"]
+                        ));
+                    }
+                    text.push('\n');
                 }
                 text
             };

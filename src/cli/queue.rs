@@ -224,7 +224,7 @@ fn partition_json(kind: GroupKind, partition: &GroupPartition) -> Value {
     value
 }
 
-fn group_json(group: &GroupDescription) -> Value {
+pub fn group_json(group: &GroupDescription) -> Value {
     let partitions: Vec<Value> = group
         .partitions
         .iter()

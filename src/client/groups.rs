@@ -1,6 +1,6 @@
-//! Stream groups (committed offsets), group description and topic purge: the
-//! consumer-group calls of [`Client`] that are not queue receive/settle (those are in
-//! `queue`). docs/queues.md §1 has the model.
+//! Stream groups (committed offsets), group description, topic purge and broker stats:
+//! the calls of [`Client`] beyond produce, fetch and queue receive/settle (those are in
+//! `queue`). docs/queues.md §1 has the group model.
 //!
 //! Contract: `commit_offsets` returns once the broker has made every listed commit
 //! durable, or with the first partition it refused ([`ClientError::CommitRefused`]; the
@@ -13,7 +13,7 @@ use crate::protocol::queue::{
     FetchCommittedRequest, GroupDescription, PurgeTopicRequest, PurgedPartition, QueueSettings,
     COMMITTED_NONE,
 };
-use crate::protocol::{Request, ResponseBody};
+use crate::protocol::{Request, ResponseBody, StatsRequest, StatsResponse};
 
 /// A stream group's position in one partition, with the partition's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +141,24 @@ impl Client {
         {
             ResponseBody::DescribeGroups(response) => Ok(response.groups),
             other => Err(unexpected_body("describe groups", &other)),
+        }
+    }
+
+    /// What every shard and each partition of `topics` (every topic when empty) is
+    /// doing: offsets, bytes and segments per partition, records and bytes in and out
+    /// since the broker started, connections and requests per shard. Counters restart
+    /// at zero with the broker; rates are differences between two answers.
+    pub async fn stats(&self, topics: &[String]) -> Result<StatsResponse, ClientError> {
+        let request = Request::Stats(StatsRequest {
+            topics: topics.to_vec(),
+        });
+        match self
+            .connection
+            .call(request, self.timeout(), "stats")
+            .await?
+        {
+            ResponseBody::Stats(response) => Ok(response),
+            other => Err(unexpected_body("stats", &other)),
         }
     }
 

@@ -334,3 +334,112 @@ fn respond(
     }
     stream.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endpoint over two shards: the first echoes every byte back on a thread of its
+    /// own (a shard whose loop turns), the second never answers (a stalled shard).
+    fn endpoint() -> (Arc<Endpoint>, UnixStream, std::thread::JoinHandle<()>) {
+        let (ours_0, theirs_0) = UnixStream::pair().unwrap();
+        let (ours_1, stalled) = UnixStream::pair().unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut theirs = theirs_0;
+            let mut byte = [0u8; 1];
+            while let Ok(1) = theirs.read(&mut byte) {
+                if theirs.write_all(&byte).is_err() {
+                    return;
+                }
+            }
+        });
+        let endpoint = Endpoint::new(
+            vec![Registry::new(0), Registry::new(1)],
+            vec![ours_0, ours_1],
+            Duration::from_millis(200),
+        );
+        (endpoint, stalled, echo)
+    }
+
+    #[test]
+    fn live_names_the_shard_that_did_not_answer_and_ready_follows_its_flag() {
+        let (endpoint, stalled, _echo) = endpoint();
+        let (status, _, body) = answer("/health/ready", &endpoint);
+        assert_eq!(status, 503, "not ready before start-up says so: {body}");
+        endpoint.set_ready(true);
+        assert_eq!(answer("/health/ready", &endpoint).0, 200);
+        let (status, _, body) = answer("/health/live", &endpoint);
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("[1]") && body.contains("200 ms"), "{body}");
+        let (status, content_type, text) = answer("/metrics", &endpoint);
+        assert_eq!((status, content_type), (200, EXPOSITION));
+        assert!(text.contains("shardq_shard_up{shard=\"0\"} 1\n"), "{text}");
+        assert!(text.contains("shardq_shard_up{shard=\"1\"} 0\n"), "{text}");
+        // The live check and the scrape: two questions shard 1 left unanswered.
+        assert!(
+            text.contains("shardq_shard_stalls_total{shard=\"1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardq_shard_stalls_total{shard=\"0\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardq_shard_ping_seconds_count{shard=\"0\"} 2\n"),
+            "{text}"
+        );
+        // The stalled shard comes back: its late answers to earlier questions are
+        // skipped, and it is live again.
+        let mut shard_1 = stalled;
+        let echo_1 = std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            while let Ok(1) = shard_1.read(&mut byte) {
+                if shard_1.write_all(&byte).is_err() {
+                    return;
+                }
+            }
+        });
+        assert_eq!(answer("/health/live", &endpoint).0, 200);
+        endpoint.set_ready(false);
+        assert_eq!(answer("/health/ready", &endpoint).0, 503);
+        assert_eq!(answer("/nowhere", &endpoint).0, 404);
+        drop(endpoint);
+        echo_1.join().unwrap();
+    }
+
+    fn exchange(address: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_server_answers_get_and_head_and_refuses_other_methods_and_huge_heads() {
+        let (endpoint, _stalled, _echo) = endpoint();
+        endpoint.set_ready(true);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut server = MetricsServer::start(listener, endpoint).unwrap();
+        let address = server.local_addr;
+        let got = exchange(address, b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("\r\n\r\nready\n"),
+            "{got}"
+        );
+        let got = exchange(address, b"HEAD /health/ready HTTP/1.1\r\n\r\n");
+        assert!(
+            got.contains("Content-Length: 6\r\n") && got.ends_with("\r\n\r\n"),
+            "{got}"
+        );
+        let got = exchange(address, b"POST /metrics HTTP/1.1\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 405 "), "{got}");
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', REQUEST_HEAD_BYTES_MAX + 10));
+        let got = exchange(address, &huge);
+        assert!(got.starts_with("HTTP/1.1 431 "), "{got}");
+        server.stop();
+        assert!(TcpStream::connect(address).is_err(), "stopped means closed");
+    }
+}

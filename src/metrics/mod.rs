@@ -349,6 +349,43 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// Every counter named `name`: its labels and value.
+    pub fn counters_named(&self, name: &str) -> Vec<(Vec<(String, String)>, u64)> {
+        let cells = self
+            .cells
+            .lock()
+            .expect("no thread panics holding the lock");
+        cells
+            .iter()
+            .filter(|(key, _)| key.name() == name)
+            .filter_map(|(key, cell)| match cell {
+                Cell::Counter(counter) => Some((
+                    key.labels()
+                        .map(|label| (label.key().to_owned(), label.value().to_owned()))
+                        .collect(),
+                    counter.0.load(Ordering::Relaxed),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The value of the gauge registered under `name` without labels (0 if never).
+    pub fn gauge_value(&self, name: &str) -> f64 {
+        let cells = self
+            .cells
+            .lock()
+            .expect("no thread panics holding the lock");
+        cells
+            .iter()
+            .find(|(key, _)| key.name() == name && key.labels().count() == 0)
+            .and_then(|(_, cell)| match cell {
+                Cell::Gauge(gauge) => Some(gauge.get()),
+                _ => None,
+            })
+            .unwrap_or(0.0)
+    }
+
     /// Replaces the shard's snapshot gauges.
     pub fn publish(&self, samples: Vec<Sample>) {
         *self

@@ -20,6 +20,7 @@
 pub mod batch;
 pub mod codec;
 pub mod queue;
+pub mod stats;
 
 pub use queue::{
     AlterGroupRequest, CommitOffsetsRequest, CommitOffsetsResponse, DescribeGroupsRequest,
@@ -33,6 +34,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub use codec::{Reader, Writer};
+pub use stats::{PartitionStats, ShardStats, StatsRequest, StatsResponse};
 
 pub const PROTOCOL_VERSION: u8 = 1;
 pub const FRAME_HEADER_SIZE: usize = 16;
@@ -66,6 +68,7 @@ pub enum Opcode {
     DescribeGroups = 15,
     PurgeTopic = 16,
     AlterGroup = 17,
+    Stats = 18,
 }
 
 impl Opcode {
@@ -88,6 +91,7 @@ impl Opcode {
             15 => Opcode::DescribeGroups,
             16 => Opcode::PurgeTopic,
             17 => Opcode::AlterGroup,
+            18 => Opcode::Stats,
             _ => return None,
         })
     }
@@ -112,6 +116,7 @@ impl Opcode {
             Opcode::DescribeGroups => "describe_groups",
             Opcode::PurgeTopic => "purge_topic",
             Opcode::AlterGroup => "alter_group",
+            Opcode::Stats => "stats",
         }
     }
 }
@@ -843,6 +848,7 @@ pub enum Request {
     DescribeGroups(DescribeGroupsRequest),
     PurgeTopic(PurgeTopicRequest),
     AlterGroup(AlterGroupRequest),
+    Stats(StatsRequest),
 }
 
 impl Request {
@@ -867,6 +873,7 @@ impl Request {
             Request::DescribeGroups(_) => Opcode::DescribeGroups,
             Request::PurgeTopic(_) => Opcode::PurgeTopic,
             Request::AlterGroup(_) => Opcode::AlterGroup,
+            Request::Stats(_) => Opcode::Stats,
         }
     }
 
@@ -924,6 +931,7 @@ impl Request {
             | Opcode::DescribeGroups
             | Opcode::PurgeTopic
             | Opcode::AlterGroup => queue::decode_request(opcode, &mut reader, limits)?,
+            Opcode::Stats => Request::Stats(stats::decode_request(&mut reader, limits)?),
             Opcode::ListOffsets => {
                 let topic_count = reader.count("topics", limits.topics_per_request_max, 6)?;
                 let mut topics = Vec::with_capacity(topic_count);
@@ -1070,6 +1078,7 @@ impl Request {
                 | Request::DescribeGroups(_)
                 | Request::PurgeTopic(_)
                 | Request::AlterGroup(_) => queue::encode_request(self, writer),
+                Request::Stats(request) => stats::encode_request(request, writer),
                 Request::ListOffsets(request) => {
                     writer.count(request.topics.len());
                     for topic in &request.topics {
@@ -1133,6 +1142,7 @@ pub enum ResponseBody {
     DescribeGroups(DescribeGroupsResponse),
     PurgeTopic(PurgeTopicResponse),
     AlterGroup,
+    Stats(StatsResponse),
 }
 
 /// Encodes a response frame: status, then the body when the status is success.
@@ -1190,6 +1200,7 @@ pub fn encode_response(
             | ResponseBody::Settle(_)
             | ResponseBody::DescribeGroups(_)
             | ResponseBody::PurgeTopic(_) => queue::encode_response_body(body, writer),
+            ResponseBody::Stats(response) => stats::encode_response(response, writer),
             ResponseBody::ListOffsets(response) => {
                 writer.count(response.topics.len());
                 for topic in &response.topics {
@@ -1378,6 +1389,7 @@ pub fn decode_response(
         Opcode::DeleteTopic => ResponseBody::DeleteTopic,
         Opcode::AlterTopic => ResponseBody::AlterTopic,
         Opcode::AlterGroup => ResponseBody::AlterGroup,
+        Opcode::Stats => ResponseBody::Stats(stats::decode_response(&mut reader)?),
         Opcode::CommitOffsets
         | Opcode::FetchCommitted
         | Opcode::Receive

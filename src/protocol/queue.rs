@@ -1277,7 +1277,8 @@ pub(super) mod tests {
         }
         roundtrip_response(Opcode::AlterGroup, ResponseBody::AlterGroup);
         assert_eq!(Opcode::from_wire(17), Some(Opcode::AlterGroup));
-        assert_eq!(Opcode::from_wire(18), None);
+        assert_eq!(Opcode::from_wire(18), Some(Opcode::Stats));
+        assert_eq!(Opcode::from_wire(19), None);
     }
 
     #[test]

@@ -21,8 +21,8 @@ use crate::protocol::{
     FetchResponse, FetchTopicResult, HandshakeResponse, ListOffsetsPartitionResult,
     ListOffsetsRequest, ListOffsetsResponse, ListOffsetsTopicResult, MetadataRequest,
     MetadataResponse, PartitionMetadata, ProducePartitionResult, ProduceRequest, ProduceResponse,
-    ProduceTopicResult, Request, ResponseBody, TopicMetadata, WireError, PROTOCOL_VERSION,
-    TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+    ProduceTopicResult, Request, ResponseBody, StatsRequest, StatsResponse, TopicMetadata,
+    WireError, PROTOCOL_VERSION, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 use crate::shard::queues::settings::{self as queue_settings, validate_group_name};
 use crate::shard::{
@@ -127,7 +127,62 @@ pub async fn handle(
             alter_group(shard, request).await?;
             Ok(ResponseBody::AlterGroup)
         }
+        Request::Stats(request) => Ok(ResponseBody::Stats(stats(shard, request).await?)),
     }
+}
+
+/// Asks every shard for its part and puts the answer together: shards in order, each
+/// partition from its owner with what every shard fetched from it added up.
+async fn stats(shard: &Rc<Shard>, request: StatsRequest) -> Result<StatsResponse, WireError> {
+    for topic in &request.topics {
+        if shard.topic(topic).is_none() {
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {} does not exist", quote_untrusted(topic)),
+            ));
+        }
+    }
+    let asks: Vec<_> = (0..shard.count)
+        .map(|owner| {
+            let shard = Rc::clone(shard);
+            let request = ShardRequest::Stats {
+                topics: request.topics.clone(),
+            };
+            glommio::spawn_local(async move { shard.route(owner, request).await })
+        })
+        .collect();
+    let mut response = StatsResponse::default();
+    let mut fetched = Vec::new();
+    for ask in asks {
+        match ask.await {
+            ShardReply::Stats(shard_stats, partitions, shard_fetched) => {
+                response.shards.push(shard_stats);
+                response.partitions.extend(partitions);
+                fetched.extend(shard_fetched);
+            }
+            ShardReply::Done(Err(error)) => return Err(error),
+            other => {
+                return Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("unexpected reply to stats: {other:?}"),
+                ))
+            }
+        }
+    }
+    response
+        .partitions
+        .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    for entry in fetched {
+        let found = response.partitions.binary_search_by(|partition| {
+            (partition.topic.as_str(), partition.partition)
+                .cmp(&(entry.topic.as_str(), entry.partition))
+        });
+        if let Ok(index) = found {
+            response.partitions[index].records_out += entry.records;
+            response.partitions[index].bytes_out += entry.bytes;
+        }
+    }
+    Ok(response)
 }
 
 async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOffsetsResponse {

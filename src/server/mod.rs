@@ -392,6 +392,13 @@ impl ServerHandle {
                             message: format!("starting the metrics endpoint: {error}"),
                         }
                     })?;
+                // Said now, not with "serving on": a supervisor polls readiness while
+                // the shards recover.
+                if let Some(address) = address {
+                    eprintln!(
+                        "shardq: metrics and health checks on http://{address} (ready once every shard has recovered)"
+                    );
+                }
                 Some((server, address))
             }
             None => None,
@@ -505,7 +512,6 @@ impl ServerHandle {
                     own_listener,
                     stop_signal,
                     connections_open,
-                    &observed,
                 )
                 .await;
                 link_task.cancel();
@@ -542,11 +548,10 @@ impl ServerHandle {
     }
 }
 
-/// What a shard's metrics link reports on, filled in as the shard comes up.
+/// What a shard's metrics link reports on, filled in once the shard has recovered.
 #[derive(Default)]
 struct Observed {
     shard: RefCell<Option<Rc<Shard>>>,
-    connections: RefCell<Option<Rc<connection::ShardConnections>>>,
 }
 
 /// The shard's side of its metrics link (`metrics::http`): each byte asks for an answer,
@@ -566,12 +571,7 @@ async fn serve_metrics_link(
         if byte[0] & LINK_COLLECT != 0 {
             let shard = observed.shard.borrow().clone();
             if let Some(shard) = shard {
-                let bytes_in_flight = observed
-                    .connections
-                    .borrow()
-                    .as_ref()
-                    .map_or(0, |connections| connections.bytes_in_flight());
-                registry.publish(shard.metrics_samples(bytes_in_flight));
+                registry.publish(shard.metrics_samples());
             }
         }
         if link.write_all(&byte).await.is_err() {
@@ -661,7 +661,6 @@ async fn run_shard(
     own_listener: TcpListener,
     mut stop_signal: glommio::net::UnixStream,
     connections_open: Arc<AtomicU32>,
-    observed: &Observed,
 ) {
     // Mesh traffic keeps flowing until the very end: during the drain below, replies
     // from other shards complete the requests whose answers this shard still owes.
@@ -692,7 +691,10 @@ async fn run_shard(
         Rc::new(RefCell::new(HashMap::new()));
     let next_connection = Rc::new(std::cell::Cell::new(0u64));
     let shared = connection::ShardConnections::new(&shard.config);
-    *observed.connections.borrow_mut() = Some(Rc::clone(&shared));
+    {
+        let shared = Rc::clone(&shared);
+        shard.set_connection_bytes(Box::new(move || shared.bytes_in_flight()));
+    }
     let refused = Rc::new(log::RateLimitedLog::default());
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);

@@ -204,6 +204,9 @@ pub enum ShardRequest {
         topic: Arc<str>,
         partitions: Vec<u32>,
     },
+    /// This shard's stats, its owned partitions' of `topics` (all when empty), and what
+    /// its connections fetched.
+    Stats { topics: Vec<String> },
 }
 
 impl ShardRequest {
@@ -229,6 +232,7 @@ impl ShardRequest {
             ShardRequest::CommitOffsets { .. } => "commit_offsets",
             ShardRequest::FetchCommitted { .. } => "fetch_committed",
             ShardRequest::PurgeTopic { .. } => "purge_topic",
+            ShardRequest::Stats { .. } => "stats",
         }
     }
 
@@ -260,6 +264,11 @@ pub enum ShardReply {
     Commit(Vec<Result<(), WireError>>),
     Committed(Vec<Result<CommittedOffset, WireError>>),
     Purged(Vec<Result<PurgedPartition, WireError>>),
+    Stats(
+        crate::protocol::ShardStats,
+        Vec<crate::protocol::PartitionStats>,
+        Vec<stats::Fetched>,
+    ),
 }
 
 /// What travels between shards. `Send` by construction: owned bytes and strings only.
@@ -350,6 +359,8 @@ pub struct Shard {
     queues: queues::Queues,
     /// This shard's metric handles and registry (`stats`).
     pub metrics: stats::ShardMetrics,
+    /// Bytes the shard's connections hold (set by the server once it has connections).
+    connection_bytes: RefCell<Option<Box<dyn Fn() -> u64>>>,
 }
 
 impl Shard {
@@ -387,7 +398,21 @@ impl Shard {
             fetch_rotation: Cell::new(0),
             queues: queues::Queues::default(),
             metrics: stats::ShardMetrics::new(registry),
+            connection_bytes: RefCell::new(None),
         })
+    }
+
+    /// Tells the shard how to read what its connections hold, for stats and metrics.
+    pub fn set_connection_bytes(&self, read: Box<dyn Fn() -> u64>) {
+        *self.connection_bytes.borrow_mut() = Some(read);
+    }
+
+    /// Bytes the shard's connections hold now (0 before they exist).
+    pub fn connection_bytes_in_flight(&self) -> u64 {
+        self.connection_bytes
+            .borrow()
+            .as_ref()
+            .map_or(0, |read| read())
     }
 
     fn log_config(&self) -> LogConfig {
@@ -915,6 +940,10 @@ impl Shard {
                     results.push(self.purge_owned(&topic, partition).await);
                 }
                 ShardReply::Purged(results)
+            }
+            ShardRequest::Stats { topics } => {
+                let (shard, partitions, fetched) = self.stats(&topics);
+                ShardReply::Stats(shard, partitions, fetched)
             }
         }
     }

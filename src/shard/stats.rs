@@ -19,7 +19,7 @@ use super::Shard;
 use crate::metrics::{Registry, Sample};
 use crate::protocol::batch::BatchHeader;
 use crate::protocol::queue::{GroupKind, GroupPartition};
-use crate::protocol::{Acks, ErrorCode, Opcode};
+use crate::protocol::{Acks, ErrorCode, Opcode, PartitionStats, ShardStats};
 use crate::storage::{LogMetrics, PartitionLog};
 
 static METADATA: Metadata<'static> = Metadata::new("shardq", Level::INFO, None);
@@ -256,6 +256,15 @@ fn count_records(mut batches: &[u8]) -> u64 {
     records
 }
 
+/// What one shard's connections fetched from one partition since the broker started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub topic: String,
+    pub partition: u32,
+    pub records: u64,
+    pub bytes: u64,
+}
+
 /// One owned partition's state, as the Stats operation and the gauges report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionState {
@@ -333,8 +342,103 @@ impl Shard {
         out
     }
 
+    /// The executor's busy seconds, scheduler runs and tasks run since it started.
+    fn executor_totals(&self) -> (f64, u64, u64) {
+        let change = glommio::executor().executor_stats();
+        let (busy, runs, tasks) = self.metrics.executor_totals.get();
+        let totals = (
+            busy + change.executor_runtime().as_secs_f64(),
+            runs + change.scheduler_runs(),
+            tasks + change.tasks_executed(),
+        );
+        self.metrics.executor_totals.set(totals);
+        totals
+    }
+
+    /// This shard's part of a Stats answer: itself, the partitions it owns (of `topics`,
+    /// all when empty), and what its connections fetched from any partition, by (topic,
+    /// partition): (records, bytes).
+    pub fn stats(&self, topics: &[String]) -> (ShardStats, Vec<PartitionStats>, Vec<Fetched>) {
+        let registry = &self.metrics.registry;
+        let total = |name| -> u64 {
+            registry
+                .counters_named(name)
+                .iter()
+                .map(|(_, value)| value)
+                .sum()
+        };
+        let shard = ShardStats {
+            shard: self.id,
+            connections_open: registry.gauge_value("shardq_connections_open").max(0.0) as u32,
+            requests_in_flight: u32::try_from(self.responses_owed()).unwrap_or(u32::MAX),
+            bytes_in_flight: self.connection_bytes_in_flight(),
+            requests_total: total("shardq_requests_total"),
+            errors_total: total("shardq_errors_total"),
+            busy_ms: (self.executor_totals().0 * 1000.0) as u64,
+        };
+        let partitions = self
+            .partition_states(topics)
+            .into_iter()
+            .map(|state| PartitionStats {
+                topic: state.topic,
+                partition: state.partition,
+                shard: self.id,
+                log_start_offset: state.log_start_offset,
+                log_end_offset: state.log_end_offset,
+                high_watermark: state.high_watermark,
+                bytes: state.stored_bytes,
+                segments: state.segments,
+                records_in: state.records_in,
+                bytes_in: state.bytes_in,
+                records_out: 0,
+                bytes_out: 0,
+            })
+            .collect();
+        let label = |labels: &[(String, String)], name: &str| {
+            labels
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+                .unwrap_or_default()
+        };
+        let bytes: HashMap<(String, String), u64> = registry
+            .counters_named("shardq_fetch_bytes_total")
+            .into_iter()
+            .map(|(labels, value)| {
+                (
+                    (label(&labels, "topic"), label(&labels, "partition")),
+                    value,
+                )
+            })
+            .collect();
+        let fetched = registry
+            .counters_named("shardq_fetch_records_total")
+            .into_iter()
+            .filter_map(|(labels, records)| {
+                let topic = label(&labels, "topic");
+                let partition_label = label(&labels, "partition");
+                let partition = partition_label.parse().ok()?;
+                if !topics.is_empty() && !topics.contains(&topic) {
+                    return None;
+                }
+                let bytes = bytes
+                    .get(&(topic.clone(), partition_label))
+                    .copied()
+                    .unwrap_or(0);
+                Some(Fetched {
+                    topic,
+                    partition,
+                    records,
+                    bytes,
+                })
+            })
+            .collect();
+        (shard, partitions, fetched)
+    }
+
     /// The gauges of this shard's state right now, for a scrape.
-    pub fn metrics_samples(&self, connection_bytes_in_flight: u64) -> Vec<Sample> {
+    pub fn metrics_samples(&self) -> Vec<Sample> {
+        let connection_bytes_in_flight = self.connection_bytes_in_flight();
         let mut samples = Vec::new();
         let shard_wide = |name, value: f64| Sample::new(name, Vec::new(), value);
         samples.push(shard_wide(
@@ -364,14 +468,7 @@ impl Shard {
             "shardq_tail_cache_bytes",
             self.tail_cache.bytes_used() as f64,
         ));
-        let change = glommio::executor().executor_stats();
-        let (busy, runs, tasks) = self.metrics.executor_totals.get();
-        let totals = (
-            busy + change.executor_runtime().as_secs_f64(),
-            runs + change.scheduler_runs(),
-            tasks + change.tasks_executed(),
-        );
-        self.metrics.executor_totals.set(totals);
+        let totals = self.executor_totals();
         samples.push(shard_wide("shardq_shard_busy_seconds_total", totals.0));
         samples.push(shard_wide("shardq_shard_loop_runs_total", totals.1 as f64));
         samples.push(shard_wide("shardq_shard_tasks_total", totals.2 as f64));
