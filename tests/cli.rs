@@ -217,6 +217,11 @@ fn topic_list_describe_and_delete() {
                 "partition": index,
                 "shard": shard,
                 "port": shard_ports[usize::from(shard)],
+                "log_start_offset": 0,
+                "log_end_offset": 0,
+                "high_watermark": 0,
+                "bytes": 0,
+                "segments": 1,
             })
         );
     }
@@ -254,6 +259,106 @@ fn topic_list_describe_and_delete() {
     let listed = run(&["topic", "list"]);
     listed.assert_success("topic list after delete");
     assert_eq!(listed.stdout, "audit\tpartitions=1\n");
+}
+
+#[test]
+fn stats_reports_rates_offsets_and_groups_and_topic_describe_shows_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let address = broker.addr().to_string();
+    let run = |arguments: &[&str], stdin: &str| shardq(&with_server(&address, arguments), stdin);
+
+    run(&["topic", "create", "orders", "--partitions", "2"], "").assert_success("create");
+    run(&["produce", "orders"], "a\nb\nc\n").assert_success("produce");
+    let consumed = run(
+        &[
+            "consume",
+            "orders",
+            "--group",
+            "readers",
+            "--from-beginning",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "5000",
+        ],
+        "",
+    );
+    consumed.assert_success("consume");
+    assert_eq!(consumed.stdout.lines().count(), 3, "{}", consumed.stdout);
+
+    let stats = run(
+        &[
+            "stats",
+            "--json",
+            "--interval-ms",
+            "50",
+            "--topic",
+            "orders",
+        ],
+        "",
+    );
+    stats.assert_success("stats --json");
+    assert_eq!(stats.stdout.lines().count(), 1, "{}", stats.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stats.stdout).unwrap();
+    assert_eq!(report["shards"].as_array().unwrap().len(), 2, "{report}");
+    let partitions = report["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 2, "{report}");
+    let total = |key: &str| -> u64 { partitions.iter().map(|p| p[key].as_u64().unwrap()).sum() };
+    assert_eq!(total("records_in_total"), 3);
+    assert_eq!(total("records_out_total"), 3);
+    assert_eq!(total("log_end_offset"), 3);
+    assert_eq!(total("high_watermark"), 3);
+    assert_eq!(total("durable_lag"), 0);
+    assert!(report["interval_ms"].as_u64().unwrap() >= 50, "{report}");
+    let groups = report["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{report}");
+    assert_eq!(groups[0]["name"], "readers");
+    assert_eq!(groups[0]["kind"], "stream");
+    assert_eq!(groups[0]["lag"], 0);
+
+    let watched = run(
+        &[
+            "stats",
+            "--watch",
+            "--count",
+            "2",
+            "--json",
+            "--interval-ms",
+            "20",
+        ],
+        "",
+    );
+    watched.assert_success("stats --watch --count 2");
+    assert_eq!(watched.stdout.lines().count(), 2, "{}", watched.stdout);
+
+    let text = run(&["stats", "--interval-ms", "20"], "");
+    text.assert_success("stats");
+    assert!(text.stdout.contains("\norders\t0\t"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("\norders\treaders\tstream\t2\t0\t0\n"),
+        "{}",
+        text.stdout
+    );
+
+    let described = run(&["topic", "describe", "orders"], "");
+    described.assert_success("topic describe");
+    let ends: u64 = described
+        .stdout
+        .lines()
+        .filter_map(|line| line.split("\tend ").nth(1))
+        .map(|rest| rest.split('\t').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(ends, 3, "{}", described.stdout);
+
+    assert_failed_about(&run(&["stats", "--topic", "nosuch"], ""), "nosuch");
+    let usage = run(&["stats", "--count", "2"], "");
+    assert_eq!(
+        usage.status.code(),
+        Some(2),
+        "--count needs --watch: {}",
+        usage.stderr
+    );
 }
 
 /// Exit status 1 and exactly one line on stderr naming the topic.
