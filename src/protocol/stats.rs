@@ -144,3 +144,72 @@ pub(super) fn decode_response(reader: &mut Reader) -> Result<StatsResponse, Prot
     }
     Ok(StatsResponse { shards, partitions })
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::protocol::{decode_response, encode_response, Opcode, Request, ResponseBody};
+
+    /// docs/protocol.md §12's example request, byte for byte.
+    #[test]
+    fn documented_request_encodes_as_shown() {
+        let mut out = BytesMut::new();
+        Request::Stats(StatsRequest {
+            topics: vec!["orders".into()],
+        })
+        .encode(7, &mut out);
+        let hex: Vec<String> = out.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "0c 00 00 00 01 12 00 00 07 00 00 00 00 00 00 00 \
+             01 00 00 00 06 00 6f 72 64 65 72 73"
+        );
+    }
+
+    #[test]
+    fn a_response_round_trips_and_its_sizes_match_the_layout() {
+        let response = StatsResponse {
+            shards: vec![ShardStats {
+                shard: 1,
+                connections_open: 2,
+                requests_in_flight: 3,
+                bytes_in_flight: 4,
+                requests_total: 5,
+                errors_total: 6,
+                busy_ms: 7,
+            }],
+            partitions: vec![PartitionStats {
+                topic: "orders".into(),
+                partition: 3,
+                shard: 1,
+                log_start_offset: 10,
+                log_end_offset: 20,
+                high_watermark: 19,
+                bytes: 4096,
+                segments: 2,
+                records_in: 20,
+                bytes_in: 4096,
+                records_out: 40,
+                bytes_out: 8192,
+            }],
+        };
+        let mut out = BytesMut::new();
+        encode_response(
+            &mut out,
+            Opcode::Stats,
+            9,
+            Ok(&ResponseBody::Stats(response.clone())),
+        );
+        // Header, status (u16 code, empty message), two counts, one shard, one partition.
+        let status = 2 + 2;
+        assert_eq!(
+            out.len(),
+            16 + status + 4 + SHARD_STATS_SIZE + 4 + PARTITION_STATS_SIZE_MIN + "orders".len()
+        );
+        let body = out.split_off(16).freeze();
+        let decoded = decode_response(Opcode::Stats, body).expect("decodes");
+        assert_eq!(decoded, Ok(ResponseBody::Stats(response)));
+    }
+}
