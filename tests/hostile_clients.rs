@@ -777,10 +777,12 @@ fn idle_connections(broker: &TestBroker, count: usize) -> Vec<RawClient> {
         .collect()
 }
 
-/// A create/produce/delete loop (directory creation, fsyncs, renames, remove_dir_all: all
-/// now on shard 0's blocking thread, off its reactor) runs beside a producer on shard 0,
-/// which keeps being served; every topic comes and goes cleanly. (No latency is asserted:
-/// the check is that nothing breaks and the producer is served throughout.)
+/// A create/produce/delete loop (topic metadata writes, partition directories, fsyncs,
+/// renames, remove_dir_all: all on the shards' blocking threads, off their reactors)
+/// runs beside a producer on shard 0, which keeps being served; every topic comes and
+/// goes cleanly. (No latency is asserted: the check is that nothing breaks and the
+/// producer is served throughout. `a_held_partition_creation_does_not_stall_its_shard`
+/// is the test that a creation's blocking calls do not hold the shard.)
 #[test]
 fn a_topic_create_delete_loop_runs_beside_a_producer() {
     let _serial = serial();
@@ -804,6 +806,63 @@ fn a_topic_create_delete_loop_runs_beside_a_producer() {
         assert!(!dir.path().join("topics").join(&name).exists());
     }
     bystander.wait_for_progress(5, "after the create/delete loop");
+    let acked = bystander.finish();
+    assert_all_stored(shard, "steady", acked);
+}
+
+/// Partition creation's blocking directory calls run off the shard's reactor: a topic
+/// is created while the creation of its partition directories is held at a gate inside
+/// that call (a debug-build fault point). Shard 0 installs the topic first and owns
+/// some of its partitions, so its blocking thread is the one held; a producer on shard
+/// 0 must keep being answered meanwhile. Were the call on the reactor, shard 0 would
+/// serve nobody until the gate opened, and the bystander's wait would fail.
+#[cfg(debug_assertions)]
+#[test]
+fn a_held_partition_creation_does_not_stall_its_shard() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let shard = broker.shard_addr(0);
+    RawClient::connect(shard).create_topic("steady", 1);
+    let partitions = 8;
+    assert!(
+        (0..partitions).any(|partition| shardq::placement::shard_for("held", partition, 2) == 0),
+        "shard 0 owns a partition of the held topic"
+    );
+    let bystander = Bystander::start(shard, "steady");
+    let gate = &shardq::test_hooks::PARTITION_DIRECTORY_GATE;
+    /// Opens the gate however the test ends: a failed assertion must not leave a shard
+    /// held at it, or the broker's shutdown would wait for it for good.
+    struct OpenOnDrop;
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            shardq::test_hooks::PARTITION_DIRECTORY_GATE.open();
+        }
+    }
+    let _open_on_drop = OpenOnDrop;
+    gate.close();
+    let creator = {
+        let addr = broker.addr();
+        std::thread::spawn(move || RawClient::connect(addr).create_topic("held", partitions))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gate.waiting() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the creation never reached the gate"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bystander.wait_for_progress(20, "while a partition directory's creation is held");
+    assert!(!creator.is_finished(), "the creation is still held");
+    gate.open();
+    creator
+        .join()
+        .expect("the topic is created once the gate opens");
+    let mut client = RawClient::connect(broker.addr());
+    for partition in 0..partitions {
+        assert_eq!(client.produce("held", partition, batch_of(&[b"x"])), Ok(0));
+    }
     let acked = bystander.finish();
     assert_all_stored(shard, "steady", acked);
 }

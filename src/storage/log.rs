@@ -832,20 +832,24 @@ impl<S: LogStorage> PartitionLog<S> {
             self.cache.drop_segment(segment.base_offset);
             // Only a file no read or write still holds: a lagging reader must not see it
             // overwritten as the next segment.
+            // The segment is out of the log already, so no new read can take its file
+            // while the calls below run (on the blocking thread, off the reactor).
             if self.config.recycle_segments
-                && !spare.exists()
                 && Rc::strong_count(&segment.file) == 1
+                && !self.storage.exists(&spare).await.unwrap_or(true)
             {
-                std::fs::rename(&segment.path, &spare).map_err(|source| {
-                    StorageError::io("keeping a spare segment", &segment.path, source)
-                })?;
+                self.storage
+                    .rename(&segment.path, &spare)
+                    .await
+                    .map_err(|source| {
+                        StorageError::io("keeping a spare segment", &segment.path, source)
+                    })?;
             }
             for path in [&segment.path, &segment.index_path] {
-                match std::fs::remove_file(path) {
-                    Ok(()) => {}
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(StorageError::io("deleting segment", path, source)),
-                }
+                self.storage
+                    .remove_file(path)
+                    .await
+                    .map_err(|source| StorageError::io("deleting segment", path, source))?;
             }
         }
         self.storage

@@ -30,7 +30,7 @@ mod recovery;
 mod sync;
 
 pub use cache::TailCache;
-pub use file::{DmaStorage, LogFile, LogStorage};
+pub use file::{run_blocking, DmaStorage, LogFile, LogStorage};
 pub use log::{now_ms, AppendOutcome, FailurePolicy, LogConfig, PartitionLog, TimeLookup};
 pub use sync::{ChunkBudget, Notify};
 
