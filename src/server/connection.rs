@@ -576,8 +576,9 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             }
         };
         drop(frame);
-        // A fetch's answer can be far larger than its request: count it up front.
-        let expected = response_bytes_expected(&request, config);
+        // A fetch's answer, and what its owners read to make it, can be far larger than
+        // its request: count it up front.
+        let expected = response_bytes_expected(&request, shard);
         if expected > lease.bytes()
             && !grow_lease(connection, &mut lease, expected, &mut stop).await
         {
@@ -695,20 +696,12 @@ fn read_end(outcome: Read) -> End {
     }
 }
 
-/// Bytes a request's response may take, counted before it runs: a fetch may answer up
-/// to its byte budget, plus one whole batch past it and the entries' framing. Other
-/// responses are small, and counted once encoded.
-fn response_bytes_expected(request: &Request, config: &ServerConfig) -> u64 {
+/// Bytes a request may hold until its response is encoded, counted before it runs: a
+/// fetch, what its owners may read (`dispatch::fetch_bytes_reserved`). Other responses
+/// are small, and counted once encoded.
+fn response_bytes_expected(request: &Request, shard: &Shard) -> u64 {
     match request {
-        Request::Fetch(fetch) => {
-            let entries: usize = fetch
-                .topics
-                .iter()
-                .map(|topic| topic.partitions.len())
-                .sum();
-            let data = u64::from(fetch.bytes_max.min(config.fetch_bytes_max));
-            data + config.batch_bytes_max() as u64 + entries as u64 * 64 + 4096
-        }
+        Request::Fetch(fetch) => dispatch::fetch_bytes_reserved(shard, fetch),
         _ => 0,
     }
 }

@@ -31,7 +31,10 @@ mod sync;
 
 pub use cache::TailCache;
 pub use file::{run_blocking, DmaStorage, LogFile, LogStorage};
-pub use log::{now_ms, AppendOutcome, FailurePolicy, LogConfig, PartitionLog, TimeLookup};
+pub use log::{
+    now_ms, read_window_bytes_max, AppendOutcome, FailurePolicy, LogConfig, PartitionLog,
+    TimeLookup,
+};
 pub use sync::{ChunkBudget, Notify};
 
 use std::path::PathBuf;
