@@ -1137,3 +1137,95 @@ fn a_shard_at_its_byte_budget_slows_everyone_instead_of_growing() {
     let acked = bystander.finish();
     assert_all_stored(shard, "steady", acked);
 }
+
+/// Half-close: a client that shuts down its sending side is done sending, not gone. A
+/// fetch long-poll it sent before is still answered when a produce on another connection
+/// satisfies it, a long-poll nothing satisfies is answered empty at its deadline, and
+/// only then does the broker close (end of stream, not a reset). A half-closed
+/// connection that is owed nothing is closed at once, long before any idle timeout.
+#[test]
+fn a_half_closed_client_gets_every_answer_then_the_end_of_stream() {
+    use std::io::Read;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let mut admin = RawClient::connect(broker.addr());
+    admin.create_topic("events", 1);
+    admin.create_topic("silent", 1);
+    let long_poll = |topic: &str, wait_ms_max: u32| {
+        Request::Fetch(FetchRequest {
+            wait_ms_max,
+            bytes_max: 1 << 20,
+            topics: vec![FetchTopic {
+                name: topic.into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 0,
+                    bytes_max: 1 << 20,
+                }],
+            }],
+        })
+    };
+    let handshake = Request::Handshake(HandshakeRequest {
+        client_name: "half-close".into(),
+    });
+    let mut client = RawClient::connect(broker.addr());
+    let satisfied = client.send(&long_poll("events", 20_000));
+    let expires = client.send(&long_poll("silent", 300));
+    let barrier = client.send(&handshake);
+    client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    // The handshake's answer proves the broker read all three requests (the end of
+    // stream follows them). Whether it has acted on the end of stream too cannot be
+    // seen from here; the pause makes it all but certain, so that the produce below
+    // lands after it (the old broker dropped the long-polls right then, and this test
+    // would fail on it). Nothing asserted depends on the pause.
+    let (id, _, _) = client.read_frame().expect("the handshake is answered");
+    assert_eq!(id, barrier);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(admin.produce("events", 0, batch_of(&[b"late"])), Ok(0));
+    let mut answered = Vec::new();
+    while let Some((id, opcode, body)) = client.read_frame() {
+        let response = decode_response(opcode_of(opcode), body).unwrap().unwrap();
+        let ResponseBody::Fetch(response) = response else {
+            panic!("{response:?}")
+        };
+        let batches = response.topics[0].partitions[0]
+            .data
+            .batches
+            .clone()
+            .unwrap();
+        answered.push((id, batches.len()));
+        if id == satisfied {
+            let mut records = Vec::new();
+            shardq::protocol::batch::decode_records(&batches, 0, &mut records)
+                .expect("whole batches");
+            assert_eq!(values(&records), vec!["late".to_owned()]);
+        } else {
+            assert_eq!(id, expires);
+            assert!(batches.is_empty(), "nothing was produced to it");
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(
+        answered.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![satisfied, expires],
+        "both long-polls are answered before the end of stream"
+    );
+    // Then the end of stream: no reset.
+    let mut byte = [0u8; 1];
+    assert_eq!(client.stream.read(&mut byte).unwrap(), 0);
+
+    // Owed nothing: closed at once (the idle timeout is 10 minutes).
+    let mut idle = RawClient::connect(broker.addr());
+    idle.call(&handshake).expect("a handshake");
+    idle.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    idle.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(
+        idle.stream
+            .read(&mut byte)
+            .expect("end of stream, not a timeout"),
+        0
+    );
+}

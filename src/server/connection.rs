@@ -244,7 +244,8 @@ struct Outgoing {
 /// Why the reader stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// The client closed its side: everything owed is written, then the socket closes.
+    /// The client closed its sending side (half-close, or a close): every request read
+    /// is answered and written, then the socket closes.
     ClientDone,
     /// The socket failed, or the writer gave up on the client: nothing more to say.
     Broken,
@@ -265,15 +266,24 @@ struct Connection {
     in_flight_max: u64,
     /// When a request last finished or a response was last written.
     last_activity: Cell<Instant>,
-    /// Set when the client is taken to have gone: the writer gave up on it, or it closed
-    /// its sending side. Reads still running for it are dropped unanswered.
+    /// Set when the client is taken to have gone: the writer gave up on it, or its
+    /// socket failed. Reads still running for it are dropped unanswered.
     client_gone: Event,
+    /// Set when the client has gone or closed its sending side: queue receives lease
+    /// nothing more for it (a receive still running answers with what it holds).
+    leases_end: Event,
     /// Holder of the leases this connection's receives take: unique on the shard
     /// (shard id << 48 | connection number).
     holder: u64,
 }
 
 impl Connection {
+    /// The client is gone: reads running for it stop, receives lease nothing more.
+    fn client_left(&self) {
+        self.client_gone.set();
+        self.leases_end.set();
+    }
+
     fn lease(&self) -> Lease {
         Lease::empty(&self.budget, &self.connections.budget)
     }
@@ -374,22 +384,30 @@ pub async fn serve(
         in_flight_max,
         last_activity: Cell::new(Instant::now()),
         client_gone: Event::default(),
+        leases_end: Event::default(),
         holder: (u64::from(shard.id) << 48) | (connection_number & ((1 << 48) - 1)),
     });
     // Not detached: if this connection's task is cancelled (shutdown), dropping the
     // writer with it closes the socket.
     let writer = glommio::spawn_local(write_responses(Rc::clone(&connection), outgoing));
     let end = read_requests(&connection).await;
-    // Nobody waits for a long-poll or a lookup by time any more when the client has
-    // said all it will say (the Rust client half-closes only once nothing waits for an
-    // answer) or its socket failed (a reset): a receive still polling must not lease
-    // messages nobody will read. When the broker closes the connection (a protocol
-    // error, a timeout, a shutdown) the socket still carries the answers owed, and the
-    // shard's own stop ends long-polls. Writes, answered or not, run to their end.
-    if matches!(end, End::ClientDone | End::Broken) {
-        connection.client_gone.set();
+    match end {
+        // A socket that failed (a reset) has nobody to answer: reads still running stop
+        // unanswered, and writes run to their end.
+        End::Broken => connection.client_left(),
+        // Half-close: the client has said all it will say but may still be reading.
+        // Every request it sent is answered, long-polls included (each ends by its own
+        // deadline, at the latest fetch_wait_ms_max); only queue receives stop leasing
+        // and answer with what they hold (usually nothing), since a client that closed
+        // rather than half-closed would never read those messages and each delivery
+        // counts toward the dead-letter queue.
+        End::ClientDone => connection.leases_end.set(),
+        // The broker closes (a protocol error, a timeout, a shutdown): the socket still
+        // carries the answers owed, and the shard's own stop ends long-polls.
+        End::Closing => {}
     }
-    // Let requests already running finish and answer, then let the writer write it all.
+    // Let requests already running finish and answer, then let the writer write it all
+    // (each write bounded by response_write_timeout_ms).
     let _ = connection.in_flight.acquire(in_flight_max).await;
     // Every request task has ended (all permits are back), so this is the last sender:
     // the writer ends once it has written what is queued.
@@ -616,7 +634,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             let shard = &connection.shard;
             let caller = dispatch::Caller {
                 holder: connection.holder,
-                gone: Some(&connection.client_gone),
+                gone: Some(&connection.leases_end),
             };
             let outcome = if abandonable {
                 let handled = futures_lite::future::or(
@@ -800,7 +818,7 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
             // The client is gone or does not read: what is queued for it is owed to
             // nobody, the reader must stop too (shutting down the read side wakes it),
             // and the close will be a reset that frees the unsent answers at once.
-            connection.client_gone.set();
+            connection.client_left();
             socket.reset_on_close();
             socket.shutdown(std::net::Shutdown::Read);
             while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {

@@ -37,7 +37,8 @@ const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub struct Caller<'a> {
     /// Holder of the leases this connection's receives take (unique on the shard).
     pub holder: u64,
-    /// Set when the client is gone: a receive's long-poll stops waiting then.
+    /// Set when the client is gone or has closed its sending side: a receive leases
+    /// nothing more and its long-poll stops waiting then.
     pub gone: Option<&'a Event>,
 }
 
