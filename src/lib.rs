@@ -52,3 +52,9 @@ pub mod bench;
 /// Partition placement, shared by the broker (which routes) and smart clients (which skip
 /// the hop). Pure: the same inputs give the same shard on every host and every run.
 pub mod placement;
+
+/// Fault points the integration tests drive, in debug builds only (release builds have
+/// none, and no test that needs them runs there).
+#[cfg(all(feature = "server", debug_assertions))]
+#[doc(hidden)]
+pub mod test_hooks;

@@ -24,12 +24,12 @@
 //!
 //! Writes: a response is a list of buffers (`encode_response_parts`): a fetch's record
 //! batches of 16 KiB or more are the very buffers the log read, never copied into the
-//! frame. Buffers larger than 16 KiB are written from where they are; smaller ones ready
-//! at the same moment are coalesced into one write through a buffer of at most 64 KiB
-//! made for that write. glommio 0.9's `TcpStream` has no vectored write (its `AsyncWrite`
-//! implements only `poll_write`, so `write_vectored` would send the first buffer alone,
-//! and a `writev` on the raw descriptor would bypass its readiness and write-timeout
-//! handling), hence one write per large buffer and the bounded copy for small ones.
+//! frame. The writer sends every response ready at the same moment with vectored
+//! `sendmsg` calls over those buffers (no coalescing copy); glommio 0.9's `TcpStream`
+//! has no vectored write of its own (its `AsyncWrite` implements only `poll_write`), so
+//! the writer makes the call on the descriptor itself, as glommio's own write does
+//! (`Socket::send_now`), and falls back to glommio's write, with its readiness poll and
+//! write timeout, only when the socket's send queue is full.
 //!
 //! Bad input (invariant 7): an unknown opcode or an invalid topic name gets an error
 //! response and the connection goes on (the frame's length was trustworthy); a bad
@@ -77,12 +77,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const READ_BYTES_MAX: usize = 4 * READ_CHUNK_BYTES;
 /// What a connection without a buffer reads into first (most requests fit).
 const FIRST_READ_BYTES: usize = 1024;
-/// Responses up to this size are coalesced with others ready at the same moment.
-const COALESCE_FRAME_BYTES_MAX: usize = 16 * 1024;
-/// The most one coalesced write copies.
-const COALESCE_BYTES_MAX: usize = 64 * 1024;
 /// The most responses the writer takes at once.
 const WRITE_BATCH_FRAMES_MAX: usize = 64;
+/// The most buffers one `sendmsg` takes: Linux's IOV_MAX (more fails with EMSGSIZE).
+const WRITE_PARTS_MAX: usize = 1024;
 /// Bytes read and discarded per read during a lingering close.
 const LINGER_READ_BYTES: usize = 4096;
 
@@ -196,6 +194,46 @@ impl Socket {
         };
     }
 
+    /// Sends what the socket takes of `parts` now, in order, in one `sendmsg`, without
+    /// waiting: `WouldBlock` when its send queue is full. `vectors` is scratch space.
+    ///
+    /// Calling the kernel on glommio's descriptor directly is what glommio 0.9 itself does
+    /// for a stream write: `poll_write` first tries a plain `send` with MSG_DONTWAIT on
+    /// the descriptor (`net::yolo_send`) and only when that would block registers an
+    /// io_uring poll for writability (a PollAdd, not a send). So no write of glommio's is
+    /// ever queued in io_uring behind or ahead of this one, and the descriptor is in the
+    /// state glommio expects. MSG_NOSIGNAL: a peer that has gone is an EPIPE, not a
+    /// signal.
+    fn send_now(&self, parts: &[&[u8]], vectors: &mut Vec<libc::iovec>) -> io::Result<usize> {
+        vectors.clear();
+        vectors.extend(parts.iter().map(|part| libc::iovec {
+            iov_base: part.as_ptr() as *mut libc::c_void,
+            iov_len: part.len(),
+        }));
+        // SAFETY: msghdr is a plain C struct for which all zeros is a valid value (no
+        // address, no control data, no flags).
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = vectors.as_mut_ptr();
+        message.msg_iovlen = vectors.len() as _;
+        let descriptor = self.0.borrow().as_raw_fd();
+        // SAFETY: the descriptor belongs to the stream this value keeps alive; every
+        // iovec points into a part borrowed for this call, valid for its length, and
+        // the kernel only reads them (a send never writes into its buffers); `message`
+        // and `vectors` outlive the call.
+        let sent = unsafe {
+            libc::sendmsg(
+                descriptor,
+                &message,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        vectors.clear();
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+
     fn shutdown(&self, how: std::net::Shutdown) {
         let how = match how {
             std::net::Shutdown::Read => libc::SHUT_RD,
@@ -249,7 +287,8 @@ struct Outgoing {
 /// Why the reader stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// The client closed its side: everything owed is written, then the socket closes.
+    /// The client closed its sending side (half-close, or a close): every request read
+    /// is answered and written, then the socket closes.
     ClientDone,
     /// The socket failed, or the writer gave up on the client: nothing more to say.
     Broken,
@@ -270,15 +309,24 @@ struct Connection {
     in_flight_max: u64,
     /// When a request last finished or a response was last written.
     last_activity: Cell<Instant>,
-    /// Set when the client is taken to have gone: the writer gave up on it, or it closed
-    /// its sending side. Reads still running for it are dropped unanswered.
+    /// Set when the client is taken to have gone: the writer gave up on it, or its
+    /// socket failed. Reads still running for it are dropped unanswered.
     client_gone: Event,
+    /// Set when the client has gone or closed its sending side: queue receives lease
+    /// nothing more for it (a receive still running answers with what it holds).
+    leases_end: Event,
     /// Holder of the leases this connection's receives take: unique on the shard
     /// (shard id << 48 | connection number).
     holder: u64,
 }
 
 impl Connection {
+    /// The client is gone: reads running for it stop, receives lease nothing more.
+    fn client_left(&self) {
+        self.client_gone.set();
+        self.leases_end.set();
+    }
+
     fn lease(&self) -> Lease {
         Lease::empty(&self.budget, &self.connections.budget)
     }
@@ -379,22 +427,30 @@ pub async fn serve(
         in_flight_max,
         last_activity: Cell::new(Instant::now()),
         client_gone: Event::default(),
+        leases_end: Event::default(),
         holder: (u64::from(shard.id) << 48) | (connection_number & ((1 << 48) - 1)),
     });
     // Not detached: if this connection's task is cancelled (shutdown), dropping the
     // writer with it closes the socket.
     let writer = glommio::spawn_local(write_responses(Rc::clone(&connection), outgoing));
     let end = read_requests(&connection).await;
-    // Nobody waits for a long-poll or a lookup by time any more when the client has
-    // said all it will say (the Rust client half-closes only once nothing waits for an
-    // answer) or its socket failed (a reset): a receive still polling must not lease
-    // messages nobody will read. When the broker closes the connection (a protocol
-    // error, a timeout, a shutdown) the socket still carries the answers owed, and the
-    // shard's own stop ends long-polls. Writes, answered or not, run to their end.
-    if matches!(end, End::ClientDone | End::Broken) {
-        connection.client_gone.set();
+    match end {
+        // A socket that failed (a reset) has nobody to answer: reads still running stop
+        // unanswered, and writes run to their end.
+        End::Broken => connection.client_left(),
+        // Half-close: the client has said all it will say but may still be reading.
+        // Every request it sent is answered, long-polls included (each ends by its own
+        // deadline, at the latest fetch_wait_ms_max); only queue receives stop leasing
+        // and answer with what they hold (usually nothing), since a client that closed
+        // rather than half-closed would never read those messages and each delivery
+        // counts toward the dead-letter queue.
+        End::ClientDone => connection.leases_end.set(),
+        // The broker closes (a protocol error, a timeout, a shutdown): the socket still
+        // carries the answers owed, and the shard's own stop ends long-polls.
+        End::Closing => {}
     }
-    // Let requests already running finish and answer, then let the writer write it all.
+    // Let requests already running finish and answer, then let the writer write it all
+    // (each write bounded by response_write_timeout_ms).
     let _ = connection.in_flight.acquire(in_flight_max).await;
     // Every request task has ended (all permits are back), so this is the last sender:
     // the writer ends once it has written what is queued.
@@ -581,8 +637,9 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             }
         };
         drop(frame);
-        // A fetch's answer can be far larger than its request: count it up front.
-        let expected = response_bytes_expected(&request, config);
+        // A fetch's answer, and what its owners read to make it, can be far larger than
+        // its request: count it up front.
+        let expected = response_bytes_expected(&request, shard);
         if expected > lease.bytes()
             && !grow_lease(connection, &mut lease, expected, &mut stop).await
         {
@@ -626,7 +683,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             let shard = &connection.shard;
             let caller = dispatch::Caller {
                 holder: connection.holder,
-                gone: Some(&connection.client_gone),
+                gone: Some(&connection.leases_end),
             };
             let outcome = if abandonable {
                 let handled = futures_lite::future::or(
@@ -746,20 +803,12 @@ fn read_end(outcome: Read) -> End {
     }
 }
 
-/// Bytes a request's response may take, counted before it runs: a fetch may answer up
-/// to its byte budget, plus one whole batch past it and the entries' framing. Other
-/// responses are small, and counted once encoded.
-fn response_bytes_expected(request: &Request, config: &ServerConfig) -> u64 {
+/// Bytes a request may hold until its response is encoded, counted before it runs: a
+/// fetch, what its owners may read (`dispatch::fetch_bytes_reserved`). Other responses
+/// are small, and counted once encoded.
+fn response_bytes_expected(request: &Request, shard: &Shard) -> u64 {
     match request {
-        Request::Fetch(fetch) => {
-            let entries: usize = fetch
-                .topics
-                .iter()
-                .map(|topic| topic.partitions.len())
-                .sum();
-            let data = u64::from(fetch.bytes_max.min(config.fetch_bytes_max));
-            data + config.batch_bytes_max() as u64 + entries as u64 * 64 + 4096
-        }
+        Request::Fetch(fetch) => dispatch::fetch_bytes_reserved(shard, fetch),
         _ => 0,
     }
 }
@@ -833,6 +882,7 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
     let mut socket = connection.socket.clone();
     let shard = Rc::clone(&connection.shard);
     let mut ready: Vec<Outgoing> = Vec::new();
+    let mut vectors: Vec<libc::iovec> = Vec::new();
     while let Some(first) = outgoing.recv().await {
         ready.push(first);
         while ready.len() < WRITE_BATCH_FRAMES_MAX {
@@ -841,7 +891,7 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
                 _ => break,
             }
         }
-        let written = write_frames(&mut socket, &ready).await;
+        let written = write_frames(&mut socket, &ready, &mut vectors).await;
         shard.settle_responses(ready.len());
         // Dropping them gives their bytes back to the budgets.
         ready.clear();
@@ -858,7 +908,7 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
             // The client is gone or does not read: what is queued for it is owed to
             // nobody, the reader must stop too (shutting down the read side wakes it),
             // and the close will be a reset that frees the unsent answers at once.
-            connection.client_gone.set();
+            connection.client_left();
             socket.reset_on_close();
             socket.shutdown(std::net::Shutdown::Read);
             while let Some(Some(_)) = futures_lite::future::poll_once(outgoing.recv()).await {
@@ -871,33 +921,76 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
     true
 }
 
-/// Writes `frames` in order, part by part: parts larger than `COALESCE_FRAME_BYTES_MAX`
-/// from their own buffers, smaller neighbours coalesced through a buffer of at most
-/// `COALESCE_BYTES_MAX` bytes made for this call.
-async fn write_frames(socket: &mut Socket, frames: &[Outgoing]) -> io::Result<()> {
-    if let [only] = frames {
-        if let [part] = only.parts.as_slice() {
-            return socket.write_all(part).await;
-        }
-    }
-    let mut coalesced = BytesMut::new();
-    for part in frames.iter().flat_map(|outgoing| &outgoing.parts) {
-        if part.len() > COALESCE_FRAME_BYTES_MAX {
-            if !coalesced.is_empty() {
-                socket.write_all(&coalesced).await?;
-                coalesced.clear();
+/// Writes `frames` in order with vectored sends of their own buffers: nothing is copied.
+/// Each `sendmsg` takes every part still unwritten (up to `WRITE_PARTS_MAX`), partly
+/// written ones from where they stopped. When the socket takes nothing, glommio's own
+/// write of the next part waits for it to drain, under the socket's write timeout, and
+/// the vectored sends resume from there. `vectors` is the caller's scratch list, reused
+/// from call to call and left empty.
+async fn write_frames(
+    socket: &mut Socket,
+    frames: &[Outgoing],
+    vectors: &mut Vec<libc::iovec>,
+) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = frames
+        .iter()
+        .flat_map(|outgoing| outgoing.parts.iter().map(|part| &part[..]))
+        .filter(|part| !part.is_empty())
+        .collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let last = parts.len().min(first + WRITE_PARTS_MAX);
+        let sent = match socket.send_now(&parts[first..last], vectors) {
+            Ok(sent) => sent,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // The send queue is full: wait the way glommio waits (a poll for
+                // writability, bounded by response_write_timeout_ms), with a plain
+                // write of the next part.
+                match socket.write(parts[first]).await? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    sent => sent,
+                }
             }
-            socket.write_all(part).await?;
-            continue;
-        }
-        if coalesced.len() + part.len() > COALESCE_BYTES_MAX {
-            socket.write_all(&coalesced).await?;
-            coalesced.clear();
-        }
-        coalesced.extend_from_slice(part);
-    }
-    if !coalesced.is_empty() {
-        socket.write_all(&coalesced).await?;
+            Err(error) => return Err(error),
+        };
+        first = advance(&mut parts, first, sent);
     }
     Ok(())
+}
+
+/// Moves past `sent` bytes of `parts[first..]`: past the wholly written parts, then into
+/// the partly written one. Returns the index of the first part not wholly written.
+fn advance(parts: &mut [&[u8]], mut first: usize, sent: usize) -> usize {
+    let mut left = sent;
+    while left > 0 {
+        let part = &mut parts[first];
+        if left < part.len() {
+            *part = &part[left..];
+            break;
+        }
+        left -= part.len();
+        first += 1;
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance;
+
+    #[test]
+    fn a_partial_send_resumes_inside_the_part_it_stopped_in() {
+        let (a, b, c) = (&b"header"[..], &b"batch-one"[..], &b"batch-two"[..]);
+        let mut parts = vec![a, b, c];
+        // All of the first part and three bytes of the second.
+        let first = advance(&mut parts, 0, 9);
+        assert_eq!(first, 1);
+        assert_eq!(parts[first], b"ch-one");
+        // Exactly the rest of the second part.
+        let first = advance(&mut parts, first, 6);
+        assert_eq!((first, parts[first]), (2, &b"batch-two"[..]));
+        // Everything left.
+        assert_eq!(advance(&mut parts, first, 9), 3);
+    }
 }

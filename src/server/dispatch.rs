@@ -28,6 +28,7 @@ use crate::shard::queues::settings::{self as queue_settings, validate_group_name
 use crate::shard::{
     FetchItem, ListOffsetsItem, ProduceItem, Shard, ShardId, ShardReply, ShardRequest, TopicConfig,
 };
+use crate::storage::read_window_bytes_max;
 
 /// Produce requests that name no timeout get this one.
 const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -36,7 +37,8 @@ const PRODUCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub struct Caller<'a> {
     /// Holder of the leases this connection's receives take (unique on the shard).
     pub holder: u64,
-    /// Set when the client is gone: a receive's long-poll stops waiting then.
+    /// Set when the client is gone or has closed its sending side: a receive leases
+    /// nothing more and its long-poll stops waiting then.
     pub gone: Option<&'a Event>,
 }
 
@@ -823,6 +825,68 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
     response
 }
 
+/// What a fetch is reserved on its connection's and shard's byte budgets before it runs
+/// (invariant 6): the memory it may hold until its answer is encoded, on every shard it
+/// reaches. Each owning shard reads its own items one at a time, and stops once it has
+/// `bytes_max` (capped by `fetch_bytes_max`) or, before that, after a read that brought
+/// one batch past what was left; each read returns at most its budget or one whole
+/// batch. So an owner holds at most
+///   min(bytes_max + batch, sum over its items of max(item bytes_max, batch))
+/// of batches, plus the window of the one disk read it has running
+/// (`storage::read_window_bytes_max`). The owners work at once, and the answer is cut to
+/// `bytes_max` (`trim_to_budget`) only once all have replied, so each owner is counted.
+/// Add the entries' framing. Entries of unknown topics or partitions cost their framing
+/// only. Once the answer is encoded the lease shrinks to its length.
+pub fn fetch_bytes_reserved(shard: &Shard, request: &FetchRequest) -> u64 {
+    let config = &shard.config;
+    let bytes_max = u64::from(request.bytes_max.min(config.fetch_bytes_max));
+    let batch_bytes_max = config.batch_bytes_max() as u64;
+    // Per owning shard: batches it may return, and its largest read budget.
+    let mut owners: Vec<Option<(u64, u64)>> = vec![None; usize::from(shard.count)];
+    let mut entries = 0u64;
+    for topic in &request.topics {
+        let route = TopicRoute::new(shard, &topic.name);
+        for entry in &topic.partitions {
+            entries += 1;
+            let Ok(owner) = route.check(entry.partition) else {
+                continue;
+            };
+            let read_budget = u64::from(entry.bytes_max).min(bytes_max).max(1);
+            let (batches, largest) = owners[usize::from(owner)].get_or_insert((0, 0));
+            *batches = batches.saturating_add(read_budget.max(batch_bytes_max));
+            *largest = (*largest).max(read_budget);
+        }
+    }
+    let held: u64 = owners
+        .into_iter()
+        .flatten()
+        .map(|(batches, largest)| {
+            owner_bytes_reserved(
+                batches,
+                largest,
+                bytes_max,
+                batch_bytes_max,
+                config.index_interval_bytes,
+            )
+        })
+        .sum();
+    held + entries * 64 + 4096
+}
+
+/// One owning shard's part of a fetch's reservation: the batches it may return (at most
+/// `batches`, the sum over its items of max(item budget, batch), and at most `bytes_max`
+/// plus one batch) and the window of a disk read of `largest_read` bytes.
+fn owner_bytes_reserved(
+    batches: u64,
+    largest_read: u64,
+    bytes_max: u64,
+    batch_bytes_max: u64,
+    index_interval_bytes: u32,
+) -> u64 {
+    batches.min(bytes_max + batch_bytes_max)
+        + read_window_bytes_max(largest_read, index_interval_bytes, batch_bytes_max)
+}
+
 /// Each owner applies `bytes_max` to its own partitions; across owners the total can be
 /// larger. Walking the response in request order from entry `start` (wrapping around),
 /// data past the budget is dropped (the partition reads as empty at its watermark and
@@ -1256,4 +1320,37 @@ async fn alter_group(shard: &Rc<Shard>, request: AlterGroupRequest) -> Result<()
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Worked examples of a fetch's reservation on one owner (1 MiB chunks: batches up to
+    /// 1 MiB - 4 KiB; index entries every 4 KiB).
+    #[test]
+    fn an_owner_is_reserved_its_batches_and_one_read_window() {
+        let batch = MIB - 4096;
+        let window_extra = 4096 + crate::protocol::batch::BATCH_HEADER_SIZE as u64 + 2 * 4096;
+        // One partition asking 16 MiB of a 16 MiB fetch: 16 MiB of batches and a 4 MiB
+        // window.
+        assert_eq!(
+            owner_bytes_reserved(16 * MIB, 16 * MIB, 16 * MIB, batch, 4096),
+            16 * MIB + 4 * MIB + window_extra
+        );
+        // Thirty-two partitions of 1 MiB each in a 4 MiB fetch: the fetch's limit plus
+        // the batch the last read may bring past it; a 1 MiB window.
+        assert_eq!(
+            owner_bytes_reserved(32 * MIB, MIB, 4 * MIB, batch, 4096),
+            4 * MIB + batch + MIB + window_extra
+        );
+        // One partition asking 1 KiB: a whole batch still comes back, and a read is at
+        // least 64 KiB, or one batch when a batch runs past it.
+        assert_eq!(
+            owner_bytes_reserved(batch, 1024, 16 * MIB, batch, 4096),
+            batch + batch + 2 * 4096
+        );
+    }
 }

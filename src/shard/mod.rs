@@ -510,6 +510,11 @@ impl Shard {
 
     /// Start-up: install every topic found on disk and open the partitions this shard
     /// owns (recovering them).
+    ///
+    /// Runs before the shard accepts connections or serves its mesh peers, so reading the
+    /// catalog with blocking calls on the reactor stalls nobody; the partitions open
+    /// through the same code as a topic created at run time (their directory calls on
+    /// the blocking thread, their file I/O through io_uring).
     pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
         for (name, mut topic) in read_topic_catalog(&self.topics_directory())? {
             // Settings stored under larger limits than the broker's now are cut to them
@@ -1502,9 +1507,10 @@ fn failed_reply(error: WireError) -> ShardReply {
 // would otherwise stall every connection of the shard meanwhile.
 
 /// Runs blocking file-system work on the executor's blocking thread (glommio's
-/// `spawn_blocking`), so the shard keeps serving while it runs.
+/// `spawn_blocking`), so the shard keeps serving while it runs. The same thread takes the
+/// partition logs' directory calls (`storage::run_blocking`).
 async fn off_reactor<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
-    glommio::executor().spawn_blocking(work).await
+    crate::storage::run_blocking(work).await
 }
 
 async fn write_metadata(

@@ -304,7 +304,7 @@ impl OffsetStore {
 }
 
 async fn off_reactor<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
-    glommio::executor().spawn_blocking(work).await
+    crate::storage::run_blocking(work).await
 }
 
 #[cfg(test)]

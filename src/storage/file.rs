@@ -4,7 +4,17 @@
 //! Tests implement the same traits to inject torn and short writes, EIO, ENOSPC and
 //! crashes that drop unsynced writes (`storage::faults`), and run the production log code
 //! unchanged on top.
+//!
+//! File-system metadata calls that io_uring does not do for glommio (creating and
+//! listing directories, renaming and removing files, looking whether a file exists) are
+//! blocking system calls: each runs on the executor's blocking thread
+//! (`run_blocking`), never on the shard's reactor, where a slow directory operation
+//! would stall every connection and partition of the shard meanwhile (a topic created at
+//! run time opens its partitions while the shard serves others). Opening, reading,
+//! writing, preallocating and syncing files and directories go through io_uring and stay
+//! where they are.
 
+use std::ffi::OsString;
 use std::io;
 use std::ops::Deref;
 use std::path::Path;
@@ -30,12 +40,67 @@ pub trait LogFile: 'static {
     async fn size(&self) -> io::Result<u64>;
 }
 
-/// Opening files and making directory entries durable.
+/// Opening files, making directory entries durable, and the metadata calls around them
+/// (by default on the blocking thread: `run_blocking`).
 #[allow(async_fn_in_trait)]
 pub trait LogStorage: 'static {
     type File: LogFile;
     async fn open(&self, path: &Path, create: bool) -> io::Result<Self::File>;
     async fn sync_directory(&self, path: &Path) -> io::Result<()>;
+
+    /// Creates `path` and any missing parents (not synced: the caller syncs the parent).
+    /// True when `path` did not exist before.
+    async fn create_directory(&self, path: &Path) -> io::Result<bool> {
+        let path = path.to_path_buf();
+        run_blocking(move || {
+            #[cfg(debug_assertions)]
+            crate::test_hooks::PARTITION_DIRECTORY_GATE.pass();
+            if path.try_exists()? {
+                return Ok(false);
+            }
+            std::fs::create_dir_all(&path)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The names of the entries of directory `path`.
+    async fn list_directory(&self, path: &Path) -> io::Result<Vec<OsString>> {
+        let path = path.to_path_buf();
+        run_blocking(move || {
+            std::fs::read_dir(&path)?
+                .map(|entry| entry.map(|entry| entry.file_name()))
+                .collect()
+        })
+        .await
+    }
+
+    async fn exists(&self, path: &Path) -> io::Result<bool> {
+        let path = path.to_path_buf();
+        run_blocking(move || path.try_exists()).await
+    }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let (from, to) = (from.to_path_buf(), to.to_path_buf());
+        run_blocking(move || std::fs::rename(from, to)).await
+    }
+
+    /// Removes the file at `path`; one that is not there counts as removed.
+    async fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let path = path.to_path_buf();
+        run_blocking(move || match std::fs::remove_file(path) {
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
+        .await
+    }
+}
+
+/// Runs a blocking file-system call on the executor's blocking thread (glommio's
+/// `spawn_blocking`; the broker pins it to the shard's CPU), so the reactor keeps serving
+/// while it runs.
+pub async fn run_blocking<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(work).await
 }
 
 /// Production storage: O_DIRECT files through io_uring.

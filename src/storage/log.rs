@@ -121,6 +121,31 @@ impl Default for LogMetrics {
     }
 }
 
+/// How much a disk read of batches asks of the file at once, for a read of about
+/// `bytes_hint` bytes: at least 64 KiB (small reads are not worth more calls), at most 4
+/// MiB, plus one index interval (a read starts at the index entry at or before the
+/// offset asked for) and one batch header (to see the next batch's length).
+fn read_window_bytes(bytes_hint: u64, index_interval_bytes: u32) -> u64 {
+    bytes_hint
+        .clamp(64 * 1024, 4 << 20)
+        .saturating_add(u64::from(index_interval_bytes))
+        .saturating_add(BATCH_HEADER_SIZE as u64)
+}
+
+/// The most memory one `PartitionLog::read(_, bytes_max)` holds at once besides the batches
+/// it returns: its read window, or a whole batch of up to `batch_bytes_max` when one runs
+/// past the window, plus the two partial blocks an O_DIRECT read of an unaligned range
+/// adds. (A read served from the tail cache holds no window.) Callers that count memory
+/// (the connection byte budgets) reserve this for every read they may have running.
+pub fn read_window_bytes_max(
+    bytes_max: u64,
+    index_interval_bytes: u32,
+    batch_bytes_max: u64,
+) -> u64 {
+    read_window_bytes(bytes_max, index_interval_bytes).max(batch_bytes_max)
+        + 2 * ALIGNMENT_BYTES as u64
+}
+
 /// Where a batch went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -892,20 +917,24 @@ impl<S: LogStorage> PartitionLog<S> {
             self.cache.drop_segment(segment.base_offset);
             // Only a file no read or write still holds: a lagging reader must not see it
             // overwritten as the next segment.
+            // The segment is out of the log already, so no new read can take its file
+            // while the calls below run (on the blocking thread, off the reactor).
             if self.config.recycle_segments
-                && !spare.exists()
                 && Rc::strong_count(&segment.file) == 1
+                && !self.storage.exists(&spare).await.unwrap_or(true)
             {
-                std::fs::rename(&segment.path, &spare).map_err(|source| {
-                    StorageError::io("keeping a spare segment", &segment.path, source)
-                })?;
+                self.storage
+                    .rename(&segment.path, &spare)
+                    .await
+                    .map_err(|source| {
+                        StorageError::io("keeping a spare segment", &segment.path, source)
+                    })?;
             }
             for path in [&segment.path, &segment.index_path] {
-                match std::fs::remove_file(path) {
-                    Ok(()) => {}
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(StorageError::io("deleting segment", path, source)),
-                }
+                self.storage
+                    .remove_file(path)
+                    .await
+                    .map_err(|source| StorageError::io("deleting segment", path, source))?;
             }
         }
         self.storage
@@ -1039,7 +1068,12 @@ impl<S: LogStorage> PartitionLog<S> {
                 .expect("a readable offset lies at or after its segment's first batch");
             ReadSpan::of(segment, entry)
         };
-        let mut out = BytesMut::new();
+        // Sized once: what is asked for or what the segment holds past the read's start,
+        // whichever is less (the answer holds about that much, or one larger batch). A
+        // buffer grown by doubling could hold twice its length, and each growth copies.
+        let mut out = BytesMut::with_capacity(
+            (span.end_position - span.position).min(bytes_max as u64) as usize,
+        );
         let scanned = self
             .scan_batches(span, bytes_max as u64, |header, batch| {
                 if header.next_offset() <= offset {
@@ -1174,10 +1208,7 @@ impl<S: LogStorage> PartitionLog<S> {
             offset: mut expected_offset,
             end_position,
         } = span;
-        let window_max = bytes_hint
-            .clamp(64 * 1024, 4 << 20)
-            .saturating_add(u64::from(self.config.index_interval_bytes))
-            .saturating_add(BATCH_HEADER_SIZE as u64);
+        let window_max = read_window_bytes(bytes_hint, self.config.index_interval_bytes);
         let mut need = 0u64;
         while position < end_position {
             let length = (end_position - position).min(window_max.max(need));

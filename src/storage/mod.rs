@@ -30,9 +30,10 @@ mod recovery;
 mod sync;
 
 pub use cache::TailCache;
-pub use file::{DmaStorage, LogFile, LogStorage};
+pub use file::{run_blocking, DmaStorage, LogFile, LogStorage};
 pub use log::{
-    now_ms, AppendOutcome, FailurePolicy, LogConfig, LogMetrics, PartitionLog, TimeLookup,
+    now_ms, read_window_bytes_max, AppendOutcome, FailurePolicy, LogConfig, LogMetrics,
+    PartitionLog, TimeLookup,
 };
 pub use sync::{ChunkBudget, Notify};
 

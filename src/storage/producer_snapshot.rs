@@ -71,7 +71,9 @@ pub(crate) async fn write_snapshot<S: LogStorage>(
         .map_err(|source| StorageError::io("syncing producer snapshot", &temp, source))?;
     drop(file);
     let target = directory.join(PRODUCER_SNAPSHOT_FILE);
-    std::fs::rename(&temp, &target)
+    storage
+        .rename(&temp, &target)
+        .await
         .map_err(|source| StorageError::io("renaming producer snapshot", &temp, source))?;
     storage
         .sync_directory(directory)
@@ -87,8 +89,10 @@ async fn load_snapshot<S: LogStorage>(
     producers_max: usize,
 ) -> Result<Option<(SnapshotPoint, ProducerTable)>, String> {
     let path = directory.join(PRODUCER_SNAPSHOT_FILE);
-    if !path.exists() {
-        return Ok(None);
+    match storage.exists(&path).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(error) => return Err(format!("looking for {}: {error}", path.display())),
     }
     let file = storage
         .open(&path, false)

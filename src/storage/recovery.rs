@@ -102,14 +102,19 @@ pub(crate) async fn create_segment<S: LogStorage>(
     let path = directory.join(segment_file_name(base_offset));
     let index_path = directory.join(index::index_file_name(base_offset));
     let spare = directory.join(SPARE_SEGMENT_FILE);
-    let recycled = spare.exists();
     let created = async {
+        let recycled = storage
+            .exists(&spare)
+            .await
+            .map_err(|source| StorageError::io("looking for a spare segment", &spare, source))?;
         if recycled {
             // A segment retention deleted, kept for this: its blocks are written
             // extents, much faster to overwrite than fresh ones. Its old bytes are never
             // read (reads stop at the durable end) and recovery tells them apart by their
             // offsets, which lie below this segment's base.
-            std::fs::rename(&spare, &path)
+            storage
+                .rename(&spare, &path)
+                .await
                 .map_err(|source| StorageError::io("recycling segment", &spare, source))?;
         }
         let file = open_file(storage, &path, true).await?;
@@ -132,8 +137,8 @@ pub(crate) async fn create_segment<S: LogStorage>(
         Ok(files) => files,
         Err(error) => {
             // Leave no half-made segment behind: recovery would take it for the next one.
-            let _ = std::fs::remove_file(&path);
-            let _ = std::fs::remove_file(&index_path);
+            let _ = storage.remove_file(&path).await;
+            let _ = storage.remove_file(&index_path).await;
             return Err(error);
         }
     };
@@ -399,22 +404,25 @@ pub(crate) async fn recover<S: LogStorage>(
     directory: &Path,
     config: &LogConfig,
 ) -> Result<RecoveredSegment<S::File>, StorageError> {
-    if !directory.exists() {
-        std::fs::create_dir_all(directory).map_err(|source| {
-            StorageError::io("creating partition directory", directory, source)
-        })?;
+    // The directory calls run on the blocking thread (`LogStorage`), at start-up as for a
+    // topic created at run time: the shard may be serving other partitions meanwhile.
+    let created = storage
+        .create_directory(directory)
+        .await
+        .map_err(|source| StorageError::io("creating partition directory", directory, source))?;
+    if created {
         // The new directory's entry must survive a crash too.
         if let Some(parent) = directory.parent() {
             sync_directory(storage, parent).await?;
         }
     }
     let mut base_offsets = Vec::new();
-    let entries = std::fs::read_dir(directory)
+    let entries = storage
+        .list_directory(directory)
+        .await
         .map_err(|source| StorageError::io("listing partition directory", directory, source))?;
-    for entry in entries {
-        let entry = entry
-            .map_err(|source| StorageError::io("listing partition directory", directory, source))?;
-        if let Some(base_offset) = entry.file_name().to_str().and_then(parse_segment_file_name) {
+    for name in entries {
+        if let Some(base_offset) = name.to_str().and_then(parse_segment_file_name) {
             base_offsets.push(base_offset);
         }
     }
