@@ -246,13 +246,20 @@ fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, stopping: Arc<Ato
     }
 }
 
-/// Reads one request head and answers it.
+/// Reads one request head and answers it. The whole head must arrive within
+/// `CLIENT_TIMEOUT`, not each piece of it: a client trickling a byte at a time would
+/// otherwise hold one of the few connection slots, and the health checks with it.
 fn serve(mut stream: TcpStream, endpoint: &Endpoint) {
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
     let mut buffer = [0u8; 1024];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") {
         if head.len() > REQUEST_HEAD_BYTES_MAX {
             let _ = respond(&mut stream, 431, PLAIN, "request head too large\n", false);
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return;
         }
         match stream.read(&mut buffer) {
@@ -439,6 +446,31 @@ mod tests {
         huge.extend(std::iter::repeat_n(b'a', REQUEST_HEAD_BYTES_MAX + 10));
         let got = exchange(address, &huge);
         assert!(got.starts_with("HTTP/1.1 431 "), "{got}");
+        // A head that never completes is dropped at the deadline, not kept alive by a
+        // trickle.
+        let mut slow = TcpStream::connect(address).unwrap();
+        slow.set_read_timeout(Some(CLIENT_TIMEOUT * 3)).unwrap();
+        let started = Instant::now();
+        let mut closed = false;
+        while started.elapsed() < CLIENT_TIMEOUT * 2 {
+            if slow.write_all(b"G").is_err() {
+                closed = true;
+                break;
+            }
+            let mut byte = [0u8; 1];
+            // Waits up to 200 ms for the end of stream; a timeout means still open.
+            slow.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            if let Ok(0) = slow.read(&mut byte) {
+                closed = true;
+                break;
+            }
+        }
+        assert!(
+            closed,
+            "a trickling client was still connected after {:?}",
+            started.elapsed()
+        );
         server.stop();
         assert!(TcpStream::connect(address).is_err(), "stopped means closed");
     }
