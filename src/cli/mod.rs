@@ -816,13 +816,20 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
                 });
             }
             let port_of = |shard: u16| metadata.shard_ports.get(usize::from(shard)).copied();
-            let figures =
-                client
-                    .stats(std::slice::from_ref(&name))
-                    .await
-                    .map_err(client_context(format!(
-                        "reading the stats of topic {name:?}"
-                    )))?;
+            // A broker older than the Stats operation answers unknown_opcode: describe
+            // what it can without the figures.
+            let figures = match client.stats(std::slice::from_ref(&name)).await {
+                Ok(figures) => figures,
+                Err(ClientError::Broker(error))
+                    if error.code == shardq::protocol::ErrorCode::UnknownOpcode =>
+                {
+                    shardq::protocol::StatsResponse::default()
+                }
+                Err(error) => {
+                    let context = format!("reading the stats of topic {name:?}");
+                    return Err(client_context(context)(error));
+                }
+            };
             let figures_of = |partition: u32| stats::partition_figures(&figures, &name, partition);
             let text = if json {
                 let partitions: Vec<_> = topic

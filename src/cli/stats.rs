@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
-use shardq::client::Client;
+use shardq::client::{Client, ClientError};
 use shardq::protocol::queue::GroupDescription;
-use shardq::protocol::StatsResponse;
+use shardq::protocol::{ErrorCode, StatsResponse};
 
 use super::{client_context, connect, queue, write_stdout, CliError, ServerArgs};
 
@@ -94,13 +94,16 @@ async fn groups(
     topics.dedup();
     let mut out = Vec::with_capacity(topics.len());
     for topic in topics {
-        let described = client
-            .describe_groups(topic, None)
-            .await
-            .map_err(client_context(format!(
-                "describing the groups of {topic:?}"
-            )))?;
-        out.push((topic.to_owned(), described));
+        match client.describe_groups(topic, None).await {
+            Ok(described) => out.push((topic.to_owned(), described)),
+            // Deleted since the stats were read: no groups to show.
+            Err(ClientError::UnknownTopic { .. }) => {}
+            Err(ClientError::Broker(error)) if error.code == ErrorCode::UnknownTopic => {}
+            Err(error) => {
+                let context = format!("describing the groups of {topic:?}");
+                return Err(client_context(context)(error));
+            }
+        }
     }
     Ok(out)
 }
@@ -157,7 +160,11 @@ fn report_json(
                 .partitions
                 .iter()
                 .find(|other| other.topic == partition.topic && other.partition == partition.partition);
-            let previous = |field: fn(&shardq::protocol::PartitionStats) -> u64| earlier.map_or(0, field);
+            // A partition new since the first answer has no rate yet (its totals are not
+            // one interval's worth): `rate` gives 0 for a counter "gone back".
+            let previous = |field: fn(&shardq::protocol::PartitionStats) -> u64| {
+                earlier.map_or(u64::MAX, field)
+            };
             json!({
                 "topic": partition.topic,
                 "partition": partition.partition,

@@ -25,7 +25,7 @@ pub mod http;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ::metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
@@ -83,8 +83,8 @@ pub const FAMILIES: &[Family] = &[
     family("shardq_requests_total", Kind::Counter, &["operation"], "Requests received, by operation."),
     family("shardq_errors_total", Kind::Counter, &["operation", "code"], "Errors answered, by operation and error code: a whole request's, or one partition's of a produce, fetch or list-offsets."),
     family("shardq_acks_none_failures_total", Kind::Counter, &["code"], "Produce requests with acks=none that failed (no client hears of them), by error code."),
-    family("shardq_produce_latency_seconds", Kind::Histogram, &["acks"], "Produce requests from the complete frame to the answer, by acks level."),
-    family("shardq_fetch_latency_seconds", Kind::Histogram, &[], "Fetch requests from the complete frame to the answer, long-poll waits included."),
+    family("shardq_produce_latency_seconds", Kind::Histogram, &["acks"], "Produce requests from when the connection starts them (its in-flight and byte limits admitting them) to the answer, by acks level."),
+    family("shardq_fetch_latency_seconds", Kind::Histogram, &[], "Fetch requests from when the connection starts them to the answer, long-poll waits included."),
     family("shardq_connections_accepted_total", Kind::Counter, &[], "Client connections accepted."),
     family("shardq_connections_refused_total", Kind::Counter, &[], "Client connections refused at connections_per_shard_max or connections_max."),
     family("shardq_connections_open", Kind::Gauge, &[], "Client connections open."),
@@ -215,13 +215,12 @@ impl GaugeFn for GaugeCell {
     }
 }
 
-/// A histogram with fixed buckets: a count per bucket (the last is +Inf), the count and
-/// the sum of every value.
+/// A histogram with fixed buckets: a count per bucket (the last is +Inf) and the sum of
+/// every value.
 #[derive(Debug)]
 pub struct HistogramCell {
     bounds: &'static [f64],
     buckets: Vec<AtomicU64>,
-    count: AtomicU64,
     sum: GaugeCell,
 }
 
@@ -230,7 +229,6 @@ impl HistogramCell {
         HistogramCell {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
             sum: GaugeCell::default(),
         }
     }
@@ -244,9 +242,9 @@ impl HistogramCell {
             let bound = self.bounds.get(index).copied().unwrap_or(f64::INFINITY);
             buckets.push((bound, cumulative));
         }
-        // Read after the buckets, so a concurrent record never shows a count below the
-        // +Inf bucket... except that it may show one above it; Prometheus tolerates that.
-        (buckets, self.count.load(Ordering::Relaxed), self.sum.get())
+        // The count is the +Inf bucket's, so the two always agree even while the shard
+        // records (the sum may be a record ahead or behind).
+        (buckets, cumulative, self.sum.get())
     }
 }
 
@@ -254,7 +252,6 @@ impl HistogramFn for HistogramCell {
     fn record(&self, value: f64) {
         let index = self.bounds.partition_point(|bound| *bound < value);
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.sum.increment(value);
     }
 }
@@ -317,10 +314,7 @@ impl Registry {
             key.name(),
             kind.as_str()
         );
-        let mut cells = self
-            .cells
-            .lock()
-            .expect("no thread panics holding the lock");
+        let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         cells
             .entry(key.clone())
             .or_insert_with(|| match kind {
@@ -335,10 +329,7 @@ impl Registry {
 
     /// The value of a counter registered with exactly these labels (0 if never).
     pub fn counter_value(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let cells = self
-            .cells
-            .lock()
-            .expect("no thread panics holding the lock");
+        let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         cells
             .iter()
             .find(|(key, _)| key.name() == name && labels_match(key, labels))
@@ -351,10 +342,7 @@ impl Registry {
 
     /// Every counter named `name`: its labels and value.
     pub fn counters_named(&self, name: &str) -> Vec<(Vec<(String, String)>, u64)> {
-        let cells = self
-            .cells
-            .lock()
-            .expect("no thread panics holding the lock");
+        let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         cells
             .iter()
             .filter(|(key, _)| key.name() == name)
@@ -372,10 +360,7 @@ impl Registry {
 
     /// The value of the gauge registered under `name` without labels (0 if never).
     pub fn gauge_value(&self, name: &str) -> f64 {
-        let cells = self
-            .cells
-            .lock()
-            .expect("no thread panics holding the lock");
+        let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         cells
             .iter()
             .find(|(key, _)| key.name() == name && key.labels().count() == 0)
@@ -388,19 +373,13 @@ impl Registry {
 
     /// Replaces the shard's snapshot gauges.
     pub fn publish(&self, samples: Vec<Sample>) {
-        *self
-            .snapshot
-            .lock()
-            .expect("no thread panics holding the lock") = samples;
+        *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = samples;
     }
 
     /// Drops every handle labelled `topic` (a deleted topic): its counters stop being
     /// exported. Handles still held elsewhere keep working, unexported.
     pub fn forget_topic(&self, topic: &str) {
-        let mut cells = self
-            .cells
-            .lock()
-            .expect("no thread panics holding the lock");
+        let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         cells.retain(|key, _| {
             !key.labels()
                 .any(|label| label.key() == "topic" && label.value() == topic)
@@ -454,16 +433,20 @@ enum Value {
 
 /// Renders every registry in the Prometheus text exposition format (version 0.0.4): one
 /// `# HELP` and `# TYPE` per family, then its samples with a `shard` label first.
-/// `extra` are process-wide samples (no shard label).
 pub fn render(registries: &[Arc<Registry>]) -> String {
     let mut families: HashMap<&'static str, Vec<LabelledValue>> = HashMap::new();
     for registry in registries {
         let shard = registry.shard.to_string();
         {
-            let cells = registry
+            // Copied out first: the shard registers handles under this lock, so it is
+            // held only for the copy, never while formatting.
+            let cells: Vec<(Key, Cell)> = registry
                 .cells
                 .lock()
-                .expect("no thread panics holding the lock");
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(key, cell)| (key.clone(), cell.clone()))
+                .collect();
             for (key, cell) in cells.iter() {
                 let Some(family) = family_of(key.name()) else {
                     continue;
@@ -492,7 +475,7 @@ pub fn render(registries: &[Arc<Registry>]) -> String {
         let snapshot = registry
             .snapshot
             .lock()
-            .expect("no thread panics holding the lock");
+            .unwrap_or_else(PoisonError::into_inner);
         for sample in snapshot.iter() {
             let mut labels = vec![("shard".to_owned(), shard.clone())];
             labels.extend(

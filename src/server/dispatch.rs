@@ -136,6 +136,9 @@ pub async fn handle(
 /// Asks every shard for its part and puts the answer together: shards in order, each
 /// partition from its owner with what every shard fetched from it added up.
 async fn stats(shard: &Rc<Shard>, request: StatsRequest) -> Result<StatsResponse, WireError> {
+    let mut request = request;
+    request.topics.sort_unstable();
+    request.topics.dedup();
     for topic in &request.topics {
         if shard.topic(topic).is_none() {
             return Err(WireError::new(
@@ -818,7 +821,9 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse {
             if let Ok(batches) = &partition.data.batches {
                 shard
                     .metrics
-                    .fetched(&topic.name, partition.partition, batches);
+                    .fetched(&topic.name, partition.partition, batches, || {
+                        shard.partition_count(&topic.name).is_some()
+                    });
             }
         }
     }

@@ -381,7 +381,11 @@ impl ServerHandle {
             registries.clone(),
             metrics_links,
             Duration::from_millis(u64::from(config.metrics_shard_answer_timeout_ms)),
-        );
+        )
+        .map_err(|error| ServerError::Shard {
+            shard: 0,
+            message: format!("setting up the metrics links: {error}"),
+        })?;
         let metrics = match metrics_listener {
             Some(listener) => {
                 let address = listener.local_addr().ok();

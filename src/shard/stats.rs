@@ -34,9 +34,12 @@ pub struct ShardMetrics {
     fetch_latency: Histogram,
     /// Fetched records and bytes by topic and partition, on the shard that answered.
     fetched: RefCell<HashMap<Arc<str>, FetchedCounters>>,
-    /// Queue groups' delivered, redelivered and nacked counters by (topic, partition,
-    /// group).
-    queue: RefCell<HashMap<(String, u32, String), QueueCounters>>,
+    /// Queue groups' delivered, redelivered and nacked counters by (topic, partition),
+    /// then group.
+    queue: RefCell<HashMap<(Arc<str>, u32), GroupCounters>>,
+    /// Errors by (opcode, error code), and acks=none failures by error code.
+    errors: RefCell<HashMap<(u8, u16), Counter>>,
+    acks_none_failures: RefCell<HashMap<u16, Counter>>,
     /// Requests sent to other shards, by kind.
     mesh: RefCell<HashMap<&'static str, Counter>>,
     pub tail_cache_hits: Counter,
@@ -48,6 +51,9 @@ pub struct ShardMetrics {
     /// since the last time anyone asked.
     executor_totals: std::cell::Cell<(f64, u64, u64)>,
 }
+
+/// The delivery counters of one partition's queue groups, by group.
+type GroupCounters = HashMap<String, QueueCounters>;
 
 /// Records and bytes fetched, by partition of one topic.
 type FetchedCounters = HashMap<u32, (Counter, Counter)>;
@@ -84,6 +90,8 @@ impl ShardMetrics {
             requests: RefCell::new(HashMap::new()),
             fetched: RefCell::new(HashMap::new()),
             queue: RefCell::new(HashMap::new()),
+            errors: RefCell::new(HashMap::new()),
+            acks_none_failures: RefCell::new(HashMap::new()),
             mesh: RefCell::new(HashMap::new()),
             executor_totals: std::cell::Cell::new((0.0, 0, 0)),
             registry,
@@ -153,33 +161,54 @@ impl ShardMetrics {
             _ => {}
         }
         for code in errors {
-            // Errors are rare, so their handles are not cached.
-            self.counter(
-                "shardq_errors_total",
-                vec![
-                    Label::new("operation", opcode.name()),
-                    Label::new("code", code.name()),
-                ],
-            )
-            .increment(1);
-            if acks == Some(Acks::None) {
-                self.counter(
-                    "shardq_acks_none_failures_total",
-                    vec![Label::new("code", code.name())],
-                )
+            // Cached too: a client can make errors as fast as it can send.
+            self.errors
+                .borrow_mut()
+                .entry((opcode as u8, *code as u16))
+                .or_insert_with(|| {
+                    self.counter(
+                        "shardq_errors_total",
+                        vec![
+                            Label::new("operation", opcode.name()),
+                            Label::new("code", code.name()),
+                        ],
+                    )
+                })
                 .increment(1);
+            if acks == Some(Acks::None) {
+                self.acks_none_failures
+                    .borrow_mut()
+                    .entry(*code as u16)
+                    .or_insert_with(|| {
+                        self.counter(
+                            "shardq_acks_none_failures_total",
+                            vec![Label::new("code", code.name())],
+                        )
+                    })
+                    .increment(1);
             }
         }
     }
 
-    /// Whole batches a fetch answered with, for `topic`'s `partition`.
-    pub fn fetched(&self, topic: &str, partition: u32, batches: &[u8]) {
+    /// Whole batches a fetch answered with, for `topic`'s `partition`. `exists` is asked
+    /// before a topic's counters are first registered: a fetch finishing after its topic
+    /// was deleted must not bring the deleted topic's series back.
+    pub fn fetched(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: &[u8],
+        exists: impl FnOnce() -> bool,
+    ) {
         if batches.is_empty() {
             return;
         }
         let records = count_records(batches);
         let mut fetched = self.fetched.borrow_mut();
         if !fetched.contains_key(topic) {
+            if !exists() {
+                return;
+            }
             fetched.insert(Arc::from(topic), HashMap::new());
         }
         let partitions = fetched.get_mut(topic).expect("inserted above");
@@ -211,14 +240,18 @@ impl ShardMetrics {
     }
 
     /// The delivery counters of a queue group's partition.
-    pub fn queue(&self, topic: &str, partition: u32, group: &str) -> QueueCounters {
-        self.queue
-            .borrow_mut()
-            .entry((topic.to_owned(), partition, group.to_owned()))
+    pub fn queue(&self, topic: &Arc<str>, partition: u32, group: &str) -> QueueCounters {
+        let mut queue = self.queue.borrow_mut();
+        let groups = queue.entry((Arc::clone(topic), partition)).or_default();
+        if let Some(counters) = groups.get(group) {
+            return counters.clone();
+        }
+        groups
+            .entry(group.to_owned())
             .or_insert_with(|| {
                 let labels = || {
                     vec![
-                        Label::new("topic", topic.to_owned()),
+                        Label::new("topic", topic.to_string()),
                         Label::new("partition", partition.to_string()),
                         Label::new("group", group.to_owned()),
                     ]
@@ -237,9 +270,18 @@ impl ShardMetrics {
         self.fetched.borrow_mut().remove(topic);
         self.queue
             .borrow_mut()
-            .retain(|(name, _, _), _| name != topic);
+            .retain(|(name, _), _| &**name != topic);
         self.registry.forget_topic(topic);
     }
+}
+
+/// The value of label `name` (empty when absent).
+fn label(labels: &[(String, String)], name: &str) -> String {
+    labels
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default()
 }
 
 /// Records in a run of whole batches (a fetch answer).
@@ -303,20 +345,34 @@ impl Shard {
     }
 
     pub fn partition_states(&self, topics: &[String]) -> Vec<PartitionState> {
-        let registry = &self.metrics.registry;
+        // One pass over the registry per counter, not one per partition.
+        let by_partition = |name| -> HashMap<(String, String), u64> {
+            self.metrics
+                .registry
+                .counters_named(name)
+                .into_iter()
+                .map(|(labels, value)| {
+                    (
+                        (label(&labels, "topic"), label(&labels, "partition")),
+                        value,
+                    )
+                })
+                .collect()
+        };
+        let records_in = by_partition("shardq_produce_records_total");
+        let bytes_in = by_partition("shardq_produce_bytes_total");
         self.owned_partitions(topics)
             .into_iter()
             .map(|(topic, partition, log)| {
-                let number = partition.to_string();
-                let labels = [("topic", topic.as_str()), ("partition", number.as_str())];
+                let key = (topic.clone(), partition.to_string());
                 PartitionState {
                     log_start_offset: log.log_start_offset(),
                     log_end_offset: log.next_offset(),
                     high_watermark: log.high_watermark(),
                     stored_bytes: log.stored_bytes(),
                     segments: u32::try_from(log.segment_count()).unwrap_or(u32::MAX),
-                    records_in: registry.counter_value("shardq_produce_records_total", &labels),
-                    bytes_in: registry.counter_value("shardq_produce_bytes_total", &labels),
+                    records_in: records_in.get(&key).copied().unwrap_or(0),
+                    bytes_in: bytes_in.get(&key).copied().unwrap_or(0),
                     topic,
                     partition,
                 }
@@ -394,13 +450,6 @@ impl Shard {
                 bytes_out: 0,
             })
             .collect();
-        let label = |labels: &[(String, String)], name: &str| {
-            labels
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-                .unwrap_or_default()
-        };
         let bytes: HashMap<(String, String), u64> = registry
             .counters_named("shardq_fetch_bytes_total")
             .into_iter()
@@ -485,7 +534,7 @@ impl Shard {
                 ("shardq_log_durable_offset", state.high_watermark),
                 (
                     "shardq_log_durable_lag_records",
-                    state.log_end_offset - state.high_watermark,
+                    state.log_end_offset.saturating_sub(state.high_watermark),
                 ),
                 ("shardq_log_bytes", state.stored_bytes),
                 ("shardq_log_segments", u64::from(state.segments)),
