@@ -9,7 +9,7 @@
 //!   time does not grow with the amount of data. A missing or torn index just means a
 //!   longer scan, and the index is written again;
 //! - every scanned batch must pass its framing and CRC check and carry the next dense
-//!   offset;
+//!   offset, and its records must fit the segment (`SEGMENT_OFFSETS_MAX`);
 //! - the scan of the last segment stops at the first batch that does not: a whole batch
 //!   whose base offset lies below the segment's base is stale data of a recycled file and
 //!   simply marks the end; a whole batch inside the segment's range that repeats an
@@ -40,6 +40,10 @@ pub(crate) struct RecoveredSegment<F> {
     pub tail_bytes: Vec<u8>,
 }
 
+/// Most offsets one segment holds: index entries store an offset relative to the
+/// segment's base in 32 bits (`storage::index`).
+const SEGMENT_OFFSETS_MAX: u64 = u32::MAX as u64;
+
 /// Bytes read per scan step.
 const SCAN_WINDOW_BYTES: usize = 1 << 20;
 
@@ -56,7 +60,9 @@ enum ScanEnd {
     /// A whole, valid batch of this segment's own offset range that repeats offsets
     /// already recovered: not something a crash produces (a bit flip in its base offset,
     /// which the CRC does not cover, or a second writer). Taking it for the end would let
-    /// new appends reuse offsets over acknowledged data, so recovery refuses.
+    /// new appends reuse offsets over acknowledged data, so recovery refuses. Also the
+    /// next batch in line when its records would take the segment past
+    /// `SEGMENT_OFFSETS_MAX` offsets or past u64::MAX.
     Corrupt { reason: String },
 }
 
@@ -256,6 +262,27 @@ async fn scan_segment<F: LogFile>(
                 });
                 break;
             }
+            // The base offset is right, but the records must also fit the segment: its
+            // offsets stay within SEGMENT_OFFSETS_MAX of its base (the index stores them
+            // in 32 bits, and the next batch's entry holds the offset after this one)
+            // and below u64::MAX. No broker writes more: a segment's bytes run out long
+            // before. A whole batch in line that claims more passed its CRC all the same
+            // (the scan checks framing, not each record) or sits in a segment named near
+            // u64::MAX; taking it would panic the index rewrite, cutting it would guess.
+            // Found by the recovery_scan fuzz target and property test.
+            let batch_next_offset = header
+                .base_offset
+                .checked_add(u64::from(header.record_count))
+                .filter(|batch_next| batch_next - segment_base <= SEGMENT_OFFSETS_MAX);
+            let Some(batch_next_offset) = batch_next_offset else {
+                stop = Some(ScanEnd::Corrupt {
+                    reason: format!(
+                        "batch at byte {batch_position} holds {} records from offset {}: more than a segment based at {segment_base} can hold ({SEGMENT_OFFSETS_MAX} offsets, none past u64::MAX)",
+                        header.record_count, header.base_offset
+                    ),
+                });
+                break;
+            };
             max_timestamp_ms = max_timestamp_ms.max(header.max_timestamp_ms);
             last_append_ms = last_append_ms.max(header.append_time_ms);
             let due = index.last().is_none_or(|last| {
@@ -268,7 +295,7 @@ async fn scan_segment<F: LogFile>(
                     timestamp_ms: max_timestamp_ms,
                 });
             }
-            next_offset = header.next_offset();
+            next_offset = batch_next_offset;
             at += batch_length;
         }
         position += at as u64;
