@@ -6,9 +6,11 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz`) and a compiler that takes -Z flags: a
 # nightly toolchain, or stable with RUSTC_BOOTSTRAP=1 (set here unless already set).
 # Built with debug assertions and overflow checks (-a) and without a sanitizer (-s none):
-# protocol/ has no unsafe code, so AddressSanitizer would only halve the executions.
-# Seeds: encoded example frames and batches from tests/protocol_properties.rs
-# (`dump_fuzz_seeds`), written to fuzz/corpus/<target>/ when that folder is missing.
+# neither protocol/ nor the recovery scan (over in-memory files) has unsafe code, so
+# AddressSanitizer would only halve the executions.
+# Seeds: encoded example frames and batches from tests/protocol_properties.rs, and segment
+# images from tests/recovery_properties.rs (each file's `dump_fuzz_seeds`), written to
+# fuzz/corpus/<target>/ when that folder is missing.
 # Crashes land in fuzz/artifacts/<target>/; each one found becomes a regression test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,15 +18,24 @@ seconds=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
 shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame_header request_decoders response_decoders batch_validation)
+    targets=(frame_header request_decoders response_decoders batch_validation recovery_scan)
 fi
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
 flags=(-a -s none)
 
+# The property test file that writes each target's seeds.
+seeds_test() {
+    case "$1" in
+        recovery_scan) echo recovery_properties ;;
+        *) echo protocol_properties ;;
+    esac
+}
+dumped=()
 for target in "${targets[@]}"; do
-    if [ ! -d "fuzz/corpus/$target" ]; then
-        cargo test -q --test protocol_properties -- --ignored dump_fuzz_seeds >/dev/null
-        break
+    test_name=$(seeds_test "$target")
+    if [ ! -d "fuzz/corpus/$target" ] && [[ ! " ${dumped[*]} " =~ " $test_name " ]]; then
+        cargo test -q --test "$test_name" -- --ignored dump_fuzz_seeds >/dev/null
+        dumped+=("$test_name")
     fi
 done
 cargo fuzz build "${flags[@]}" >/dev/null

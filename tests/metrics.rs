@@ -330,7 +330,10 @@ async fn metrics_and_stats_count_exactly_what_was_produced_fetched_and_settled()
         if !text.contains("topic=\"m\"") {
             break;
         }
-        assert!(Instant::now() < deadline, "topic m's series stayed:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "topic m's series stayed:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Tests implement the same traits to inject torn and short writes, EIO, ENOSPC and
 //! crashes that drop unsynced writes (`storage::faults`), and run the production log code
-//! unchanged on top.
+//! unchanged on top; recovery's fuzz target runs it on files held in memory
+//! (`storage::memory`).
 //!
 //! File-system metadata calls that io_uring does not do for glommio (creating and
 //! listing directories, renaming and removing files, looking whether a file exists) are
@@ -38,6 +39,13 @@ pub trait LogFile: 'static {
     async fn pre_allocate(&self, size: u64) -> io::Result<()>;
     async fn truncate(&self, size: u64) -> io::Result<()>;
     async fn size(&self) -> io::Result<u64>;
+    /// An aligned buffer of `size` bytes for `write_at`. By default from the running
+    /// glommio executor's pool (memory registered with io_uring), which panics outside an
+    /// executor; the in-memory file (`storage::memory`) takes heap memory instead, so
+    /// recovery can run on it with no executor at all.
+    fn allocate_buffer(&self, size: usize) -> DmaBuffer {
+        glommio::allocate_dma_buffer(size)
+    }
 }
 
 /// Opening files, making directory entries durable, and the metadata calls around them

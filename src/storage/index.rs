@@ -63,8 +63,13 @@ pub(crate) fn decode_entries(bytes: &[u8], base_offset: u64) -> Vec<IndexEntry> 
         let relative = u32::from_le_bytes(slot[0..4].try_into().expect("four bytes"));
         let position = u32::from_le_bytes(slot[4..8].try_into().expect("four bytes"));
         let timestamp_ms = i64::from_le_bytes(slot[8..16].try_into().expect("eight bytes"));
+        // A segment's base offset is its file name: one near u64::MAX leaves no room for
+        // what an entry claims (found by the recovery_scan property test).
+        let Some(offset) = base_offset.checked_add(u64::from(relative)) else {
+            break;
+        };
         let entry = IndexEntry {
-            offset: base_offset + u64::from(relative),
+            offset,
             position: u64::from(position),
             timestamp_ms,
         };
@@ -140,6 +145,20 @@ mod tests {
         // A first entry that is not (0, 0) means nothing is trustworthy.
         bytes[0] = 1;
         assert!(decode_entries(&bytes, 100).is_empty());
+    }
+
+    #[test]
+    fn an_entry_past_u64_max_ends_the_valid_prefix() {
+        // The entry of the recovery_scan regression: relative offset 65 in a segment
+        // based at u64::MAX - 64.
+        let mut bytes = vec![0u8; INDEX_ENTRY_SIZE];
+        bytes[0..4].copy_from_slice(&65u32.to_le_bytes());
+        assert!(decode_entries(&bytes, u64::MAX - 64).is_empty());
+        // The same entry as a second one: the first stays.
+        let mut two = vec![0u8; 2 * INDEX_ENTRY_SIZE];
+        two[INDEX_ENTRY_SIZE..].copy_from_slice(&bytes);
+        two[INDEX_ENTRY_SIZE + 4] = 1;
+        assert_eq!(decode_entries(&two, u64::MAX - 64).len(), 1);
     }
 
     #[test]

@@ -22,8 +22,13 @@ mod cache;
 #[cfg(test)]
 pub(crate) mod faults;
 mod file;
+/// Recovery of one segment in memory, with its invariants checked: the entry point of
+/// the `recovery_scan` fuzz target. Not the broker's API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod log;
+mod memory;
 mod producer_snapshot;
 pub mod producers;
 mod recovery;

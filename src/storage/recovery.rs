@@ -9,7 +9,7 @@
 //!   time does not grow with the amount of data. A missing or torn index just means a
 //!   longer scan, and the index is written again;
 //! - every scanned batch must pass its framing and CRC check and carry the next dense
-//!   offset;
+//!   offset, and its records must fit the segment (`SEGMENT_OFFSETS_MAX`);
 //! - the scan of the last segment stops at the first batch that does not: a whole batch
 //!   whose base offset lies below the segment's base is stale data of a recycled file and
 //!   simply marks the end; a whole batch inside the segment's range that repeats an
@@ -40,15 +40,40 @@ pub(crate) struct RecoveredSegment<F> {
     pub tail_bytes: Vec<u8>,
 }
 
-/// Bytes read per scan step.
-const SCAN_WINDOW_BYTES: usize = 1 << 20;
+/// Most offsets one segment holds: index entries store an offset relative to the
+/// segment's base in 32 bits (`storage::index`).
+pub(crate) const SEGMENT_OFFSETS_MAX: u64 = u32::MAX as u64;
 
-/// The largest batch a scan will read to check: far above any chunk size in use, but a
-/// bound on what a garbage length (stale or torn bytes) can make recovery allocate.
-const BATCH_BYTES_SCAN_MAX: usize = 256 << 20;
+/// How much a segment scan reads at a time, and the largest batch it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScanLimits {
+    /// Bytes read per scan step: at least one batch header, at most `batch_bytes_max`.
+    pub window_bytes: usize,
+    /// The largest batch a scan will read to check: far above any chunk size in use, but
+    /// a bound on what a garbage length (stale or torn bytes) can make recovery allocate.
+    pub batch_bytes_max: usize,
+}
+
+impl ScanLimits {
+    /// What the broker uses. The fuzz target (`storage::fuzzing`) picks far smaller ones,
+    /// so that inputs of a few KiB reach the window and size branches too.
+    pub(crate) const PRODUCTION: ScanLimits = ScanLimits {
+        window_bytes: 1 << 20,
+        batch_bytes_max: 256 << 20,
+    };
+
+    fn check(&self) {
+        // A window shorter than a header would end every scan at once, as if at zeros;
+        // one longer than the largest batch would take batches past that bound unchecked.
+        assert!(
+            BATCH_HEADER_SIZE <= self.window_bytes && self.window_bytes <= self.batch_bytes_max,
+            "scan limits {self:?}: the window must hold a batch header and not exceed the largest batch"
+        );
+    }
+}
 
 /// How a segment scan ended.
-enum ScanEnd {
+pub(crate) enum ScanEnd {
     /// Zeros, stale data of a recycled file, or the end of the file.
     Clean,
     /// Something that is not a whole, valid, next-in-line batch.
@@ -56,17 +81,19 @@ enum ScanEnd {
     /// A whole, valid batch of this segment's own offset range that repeats offsets
     /// already recovered: not something a crash produces (a bit flip in its base offset,
     /// which the CRC does not cover, or a second writer). Taking it for the end would let
-    /// new appends reuse offsets over acknowledged data, so recovery refuses.
+    /// new appends reuse offsets over acknowledged data, so recovery refuses. Also the
+    /// next batch in line when its records would take the segment past
+    /// `SEGMENT_OFFSETS_MAX` offsets or past u64::MAX.
     Corrupt { reason: String },
 }
 
-struct Scan {
-    index: Vec<IndexEntry>,
-    end_position: u64,
-    next_offset: u64,
-    max_timestamp_ms: i64,
-    last_append_ms: i64,
-    end: ScanEnd,
+pub(crate) struct Scan {
+    pub index: Vec<IndexEntry>,
+    pub end_position: u64,
+    pub next_offset: u64,
+    pub max_timestamp_ms: i64,
+    pub last_append_ms: i64,
+    pub end: ScanEnd,
 }
 
 async fn sync_directory<S: LogStorage>(storage: &S, directory: &Path) -> Result<(), StorageError> {
@@ -177,7 +204,9 @@ async fn scan_segment<F: LogFile>(
     start: &IndexEntry,
     mut index: Vec<IndexEntry>,
     config: &LogConfig,
+    limits: ScanLimits,
 ) -> Result<Scan, StorageError> {
+    limits.check();
     let file_size = file
         .size()
         .await
@@ -191,7 +220,7 @@ async fn scan_segment<F: LogFile>(
         if position + BATCH_HEADER_SIZE as u64 > file_size {
             break ScanEnd::Clean;
         }
-        let length = (file_size - position).min(SCAN_WINDOW_BYTES.max(need) as u64) as usize;
+        let length = (file_size - position).min(limits.window_bytes.max(need) as u64) as usize;
         let data = file
             .read_at(position, length)
             .await
@@ -235,7 +264,7 @@ async fn scan_segment<F: LogFile>(
             }
             if batch_length > rest.len() {
                 if batch_position + batch_length as u64 > file_size
-                    || batch_length > BATCH_BYTES_SCAN_MAX
+                    || batch_length > limits.batch_bytes_max
                 {
                     stop = Some(ScanEnd::Torn {
                         reason: format!("batch at byte {batch_position} runs past the file end"),
@@ -261,6 +290,27 @@ async fn scan_segment<F: LogFile>(
                 });
                 break;
             }
+            // The base offset is right, but the records must also fit the segment: its
+            // offsets stay within SEGMENT_OFFSETS_MAX of its base (the index stores them
+            // in 32 bits, and the next batch's entry holds the offset after this one)
+            // and below u64::MAX. No broker writes more: a segment's bytes run out long
+            // before. A whole batch in line that claims more passed its CRC all the same
+            // (the scan checks framing, not each record) or sits in a segment named near
+            // u64::MAX; taking it would panic the index rewrite, cutting it would guess.
+            // Found by the recovery_scan fuzz target and property test.
+            let batch_next_offset = header
+                .base_offset
+                .checked_add(u64::from(header.record_count))
+                .filter(|batch_next| batch_next - segment_base <= SEGMENT_OFFSETS_MAX);
+            let Some(batch_next_offset) = batch_next_offset else {
+                stop = Some(ScanEnd::Corrupt {
+                    reason: format!(
+                        "batch at byte {batch_position} holds {} records from offset {}: more than a segment based at {segment_base} can hold ({SEGMENT_OFFSETS_MAX} offsets, none past u64::MAX)",
+                        header.record_count, header.base_offset
+                    ),
+                });
+                break;
+            };
             max_timestamp_ms = max_timestamp_ms.max(header.max_timestamp_ms);
             last_append_ms = last_append_ms.max(header.append_time_ms);
             let due = index.last().is_none_or(|last| {
@@ -273,7 +323,7 @@ async fn scan_segment<F: LogFile>(
                     timestamp_ms: max_timestamp_ms,
                 });
             }
-            next_offset = header.next_offset();
+            next_offset = batch_next_offset;
             at += batch_length;
         }
         position += at as u64;
@@ -314,14 +364,14 @@ fn refuse_old_format(batch: &[u8], path: &Path, position: u64) -> Result<(), Sto
 
 /// Whether the batch an index entry points at is really there: the right base offset
 /// and a valid CRC.
-async fn entry_checks_out<F: LogFile>(file: &F, entry: &IndexEntry) -> bool {
+async fn entry_checks_out<F: LogFile>(file: &F, entry: &IndexEntry, limits: ScanLimits) -> bool {
     let Ok(header) = file.read_at(entry.position, BATCH_HEADER_SIZE).await else {
         return false;
     };
     let Some(parsed) = BatchHeader::read(&header) else {
         return false;
     };
-    if parsed.base_offset != entry.offset || parsed.batch_length as usize > BATCH_BYTES_SCAN_MAX {
+    if parsed.base_offset != entry.offset || parsed.batch_length as usize > limits.batch_bytes_max {
         return false;
     }
     match file
@@ -339,6 +389,7 @@ async fn load_index<S: LogStorage>(
     index_path: &Path,
     segment: &S::File,
     base_offset: u64,
+    limits: ScanLimits,
 ) -> Result<(S::File, Vec<IndexEntry>), StorageError> {
     let index_file = open_file(storage, index_path, true).await?;
     let size = index_file
@@ -357,7 +408,7 @@ async fn load_index<S: LogStorage>(
     // Trust the last entry only once the segment confirms it; entries written ahead of
     // a crash may point past the data that survived.
     while let Some(last) = entries.last() {
-        if entry_checks_out(segment, last).await {
+        if entry_checks_out(segment, last, limits).await {
             break;
         }
         entries.pop();
@@ -378,7 +429,7 @@ pub(crate) async fn rewrite_index<F: LogFile>(
         .map_err(|source| StorageError::io("truncating index", path, source))?;
     if !entries.is_empty() {
         let length = super::align_up((entries.len() * index::INDEX_ENTRY_SIZE) as u64) as usize;
-        let mut buffer = glommio::allocate_dma_buffer(length);
+        let mut buffer = file.allocate_buffer(length);
         index::encode_entries(entries, base_offset, buffer.as_bytes_mut());
         let written = file
             .write_at(Rc::new(buffer), 0)
@@ -395,6 +446,155 @@ pub(crate) async fn rewrite_index<F: LogFile>(
     file.fdatasync()
         .await
         .map_err(|source| StorageError::io("syncing index", path, source))
+}
+
+/// One segment opened, its index loaded and verified, and its data scanned: what recovery
+/// knows of it before deciding anything. `recover` takes each segment through
+/// `scan_segment_files`, `judge_scan_end` and `settle_segment`, in that order; the fuzz
+/// target (`storage::fuzzing`) runs the same three on one segment in memory.
+pub(crate) struct ScannedSegment<F> {
+    pub base_offset: u64,
+    pub path: PathBuf,
+    pub file: F,
+    pub file_size: u64,
+    pub index_path: PathBuf,
+    pub index_file: F,
+    /// Entries of the `.index` file that were loaded and verified; the scan extends them.
+    pub loaded_count: usize,
+    /// Where the scan began: the last loaded entry, or byte 0 at the base offset.
+    pub start: IndexEntry,
+    pub scan: Scan,
+}
+
+/// Opens the segment of `base_offset` in `directory` and its index (creating a missing
+/// `.index` empty), loads the index's verified prefix, and scans the segment from its
+/// last entry. Changes nothing on disk.
+pub(crate) async fn scan_segment_files<S: LogStorage>(
+    storage: &S,
+    directory: &Path,
+    base_offset: u64,
+    config: &LogConfig,
+    limits: ScanLimits,
+) -> Result<ScannedSegment<S::File>, StorageError> {
+    let path: PathBuf = directory.join(segment_file_name(base_offset));
+    let index_path = directory.join(index::index_file_name(base_offset));
+    let file = open_file(storage, &path, false).await?;
+    let file_size = file
+        .size()
+        .await
+        .map_err(|source| StorageError::io("sizing segment", &path, source))?;
+    let (index_file, loaded) = load_index(storage, &index_path, &file, base_offset, limits).await?;
+    let loaded_count = loaded.len();
+    let start = loaded.last().copied().unwrap_or(IndexEntry {
+        offset: base_offset,
+        position: 0,
+        timestamp_ms: i64::MIN,
+    });
+    let scan = scan_segment(&file, &path, base_offset, &start, loaded, config, limits).await?;
+    Ok(ScannedSegment {
+        base_offset,
+        path,
+        file,
+        file_size,
+        index_path,
+        index_file,
+        loaded_count,
+        start,
+        scan,
+    })
+}
+
+/// Decides what a scan's end means. `next_base_offset` is the base offset of the segment
+/// after this one, `None` for the last segment. Refuses (`Corrupt`) what recovery may not
+/// cut; returns why the last segment's tail is torn when it is (the caller says so, and
+/// `settle_segment` cuts it).
+pub(crate) fn judge_scan_end<F>(
+    scanned: &ScannedSegment<F>,
+    next_base_offset: Option<u64>,
+) -> Result<Option<String>, StorageError> {
+    let scan = &scanned.scan;
+    // A sealed segment that ends exactly where the next one begins is whole, even if
+    // what follows its data does not look like zeros (old bytes of a recycled file).
+    let complete = next_base_offset.is_some_and(|next_base| scan.next_offset == next_base);
+    if let ScanEnd::Corrupt { reason } = &scan.end {
+        if !complete {
+            return Err(StorageError::Corrupt {
+                path: scanned.path.clone(),
+                position: scan.end_position,
+                reason: reason.clone(),
+            });
+        }
+    }
+    if let (ScanEnd::Torn { reason }, false) = (&scan.end, complete) {
+        if next_base_offset.is_some() {
+            return Err(StorageError::Corrupt {
+                path: scanned.path.clone(),
+                position: scan.end_position,
+                reason: reason.clone(),
+            });
+        }
+        return Ok(Some(reason.clone()));
+    }
+    Ok(None)
+}
+
+/// Makes a judged segment ready to serve: the last segment (`last`) loses everything past
+/// its recovered end and is fdatasync'ed; an index the scan changed is written again.
+pub(crate) async fn settle_segment<F: LogFile>(
+    scanned: ScannedSegment<F>,
+    last: bool,
+) -> Result<Segment<F>, StorageError> {
+    let ScannedSegment {
+        base_offset,
+        path,
+        file,
+        file_size,
+        index_path,
+        index_file,
+        loaded_count,
+        start: _,
+        scan,
+    } = scanned;
+    if last {
+        // Whatever lies past the recovered end goes, torn or not: the chunks of one
+        // round are written concurrently, so a crash can keep a later chunk and lose
+        // an earlier one. The scan stops at the hole, but the later chunk's batches
+        // (never acknowledged) would still be on disk, and once new appends had
+        // reused their offsets a later recovery could adopt them as records. Cut at
+        // the end and allocate again, so the rest reads as zeros. The price: a
+        // recycled file's written blocks past the end become fresh ones again.
+        if scan.end_position < file_size {
+            file.truncate(scan.end_position)
+                .await
+                .map_err(|source| StorageError::io("truncating segment", &path, source))?;
+            file.pre_allocate(file_size)
+                .await
+                .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
+        }
+        file.fdatasync()
+            .await
+            .map_err(|source| StorageError::io("syncing segment", &path, source))?;
+    }
+    let index_complete = scan.index.len() == loaded_count && !last;
+    if !index_complete {
+        rewrite_index(&index_file, &index_path, &scan.index, base_offset).await?;
+    }
+    let index_written = scan.index.len();
+    Ok(Segment {
+        base_offset,
+        path,
+        file: Rc::new(file),
+        index_path,
+        index_file: Rc::new(index_file),
+        index: scan.index,
+        index_written,
+        end_position: scan.end_position,
+        durable_position: scan.end_position,
+        allocated_bytes: file_size,
+        next_offset: scan.next_offset,
+        max_timestamp_ms: scan.max_timestamp_ms,
+        last_append_ms: scan.last_append_ms,
+    })
 }
 
 /// Opens every segment in `directory` (creating the directory and a first segment when
@@ -435,10 +635,7 @@ pub(crate) async fn recover<S: LogStorage>(
         });
     }
     let mut segments: Vec<Segment<S::File>> = Vec::with_capacity(base_offsets.len());
-    let last = base_offsets.len() - 1;
     for (number, base_offset) in base_offsets.iter().copied().enumerate() {
-        let path: PathBuf = directory.join(segment_file_name(base_offset));
-        let index_path = directory.join(index::index_file_name(base_offset));
         if let Some(previous) = segments.last() {
             if previous.next_offset != base_offset {
                 return Err(StorageError::Corrupt {
@@ -451,87 +648,23 @@ pub(crate) async fn recover<S: LogStorage>(
                 });
             }
         }
-        let file = open_file(storage, &path, false).await?;
-        let file_size = file
-            .size()
-            .await
-            .map_err(|source| StorageError::io("sizing segment", &path, source))?;
-        let (index_file, loaded) = load_index(storage, &index_path, &file, base_offset).await?;
-        let loaded_count = loaded.len();
-        let start = loaded.last().copied().unwrap_or(IndexEntry {
-            offset: base_offset,
-            position: 0,
-            timestamp_ms: i64::MIN,
-        });
-        let scan = scan_segment(&file, &path, base_offset, &start, loaded, config).await?;
-        // A sealed segment that ends exactly where the next one begins is whole, even if
-        // what follows its data does not look like zeros (old bytes of a recycled file).
-        let complete = base_offsets
-            .get(number + 1)
-            .is_some_and(|next_base| scan.next_offset == *next_base);
-        if let ScanEnd::Corrupt { reason } = &scan.end {
-            if !complete {
-                return Err(StorageError::Corrupt {
-                    path,
-                    position: scan.end_position,
-                    reason: reason.clone(),
-                });
-            }
-        }
-        if let (ScanEnd::Torn { reason }, false) = (&scan.end, complete) {
-            if number != last {
-                return Err(StorageError::Corrupt {
-                    path,
-                    position: scan.end_position,
-                    reason: reason.clone(),
-                });
-            }
+        let next_base_offset = base_offsets.get(number + 1).copied();
+        let scanned = scan_segment_files(
+            storage,
+            directory,
+            base_offset,
+            config,
+            ScanLimits::PRODUCTION,
+        )
+        .await?;
+        if let Some(reason) = judge_scan_end(&scanned, next_base_offset)? {
             eprintln!(
                 "shardq: recovery: cutting the torn tail of {} at byte {}: {reason}",
-                path.display(),
-                scan.end_position
+                scanned.path.display(),
+                scanned.scan.end_position
             );
         }
-        if number == last {
-            // Whatever lies past the recovered end goes, torn or not: the chunks of one
-            // round are written concurrently, so a crash can keep a later chunk and lose
-            // an earlier one. The scan stops at the hole, but the later chunk's batches
-            // (never acknowledged) would still be on disk, and once new appends had
-            // reused their offsets a later recovery could adopt them as records. Cut at
-            // the end and allocate again, so the rest reads as zeros. The price: a
-            // recycled file's written blocks past the end become fresh ones again.
-            if scan.end_position < file_size {
-                file.truncate(scan.end_position)
-                    .await
-                    .map_err(|source| StorageError::io("truncating segment", &path, source))?;
-                file.pre_allocate(file_size)
-                    .await
-                    .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
-            }
-            file.fdatasync()
-                .await
-                .map_err(|source| StorageError::io("syncing segment", &path, source))?;
-        }
-        let index_complete = scan.index.len() == loaded_count && number != last;
-        if !index_complete {
-            rewrite_index(&index_file, &index_path, &scan.index, base_offset).await?;
-        }
-        let index_written = scan.index.len();
-        segments.push(Segment {
-            base_offset,
-            path,
-            file: Rc::new(file),
-            index_path,
-            index_file: Rc::new(index_file),
-            index: scan.index,
-            index_written,
-            end_position: scan.end_position,
-            durable_position: scan.end_position,
-            allocated_bytes: file_size,
-            next_offset: scan.next_offset,
-            max_timestamp_ms: scan.max_timestamp_ms,
-            last_append_ms: scan.last_append_ms,
-        });
+        segments.push(settle_segment(scanned, next_base_offset.is_none()).await?);
     }
     let tail = segments.last().expect("at least one segment");
     let tail_start = align_down(tail.end_position);
