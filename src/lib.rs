@@ -11,7 +11,8 @@
 //!   idempotent producers' table that stores a resent batch once.
 //! - `shard`: the per-core event loop: owns partitions, places partitions on shards,
 //!   forwards requests between shards over glommio's channel mesh.
-//! - `server`: listeners, connections, request dispatch, start-up and shutdown.
+//! - `server`: listeners, connections, request dispatch, start-up and shutdown, systemd
+//!   notification (readiness, recovery progress, watchdog: `server::notify`).
 //! - `client`: the tokio client (feature `client`), built on `protocol` only; its
 //!   producer is idempotent and retries with backoff; its consumer reads for stream
 //!   groups and its queue consumer receives, acks, nacks and extends for queue groups.

@@ -6,14 +6,19 @@
 //! the channel mesh, recovers the partitions it owns, reports ready, and then accepts on
 //! the shared port (SO_REUSEPORT: the kernel spreads connections over shards) and on its
 //! own port (`listen port + 1 + shard id`, for shard-aware clients).
+//!
+//! `run_until_signal` wraps that for `shardq serve`: under systemd it reports recovery
+//! progress, readiness, watchdog pings and the stop over `$NOTIFY_SOCKET` (`notify`).
 
 mod budget;
 mod connection;
 pub mod data_dir;
 mod dispatch;
 mod log;
+pub mod notify;
 
 use data_dir::{DataDirectory, DataDirectoryError};
+use notify::RecoveryProgress;
 
 /// How often a starting shard, waiting in the mesh join, checks whether start-up was
 /// abandoned (a running shard waits for the stop on its stop socket instead).
@@ -95,6 +100,8 @@ pub struct ServerHandle {
     /// Where `/metrics` and the health checks are served (`metrics_listen`), if anywhere.
     pub metrics_addr: Option<SocketAddr>,
     metrics: Option<(MetricsServer, Arc<Endpoint>)>,
+    /// Pings every shard's loop (with or without `metrics_listen`): the systemd watchdog.
+    endpoint: Arc<Endpoint>,
     /// Each shard's own port, by shard id.
     pub shard_ports: Vec<u16>,
     stopping: Arc<AtomicBool>,
@@ -316,6 +323,15 @@ fn exit_on_shard_panic() {
 
 impl ServerHandle {
     pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        Self::start_reporting(config, &Arc::new(RecoveryProgress::default()))
+    }
+
+    /// `start`, counting recovered partitions in `progress` as the shards go (read by
+    /// another thread: `run_until_signal` shows it to systemd).
+    pub fn start_reporting(
+        config: ServerConfig,
+        progress: &Arc<RecoveryProgress>,
+    ) -> Result<ServerHandle, ServerError> {
         config.validate()?;
         let mut online: Vec<usize> = CpuSet::online()
             .map_err(|error| ServerError::Shard {
@@ -347,6 +363,17 @@ impl ServerHandle {
         let probe_path = data_directory
             .probe_file()
             .map_err(ServerError::DataDirectory)?;
+        // The progress total. Unreadable metadata leaves it unknown; the shards then
+        // fail start-up with the error in full.
+        if let Ok(catalog) =
+            crate::shard::read_topic_catalog(&data_dir::topics_directory(&config.data_dir))
+        {
+            let total = catalog
+                .iter()
+                .map(|(_, topic)| topic.partitions)
+                .fold(0u32, u32::saturating_add);
+            let _ = progress.total.set(total);
+        }
 
         let Listeners {
             local_addr,
@@ -420,6 +447,7 @@ impl ServerHandle {
             local_addr,
             metrics_addr,
             metrics,
+            endpoint: Arc::clone(&endpoint),
             shard_ports: shard_ports.clone(),
             stopping: Arc::clone(&stopping),
             stop_signals: Vec::with_capacity(shard_count),
@@ -438,6 +466,7 @@ impl ServerHandle {
                 sender: Some(ready_sender.clone()),
             };
             let probe_path = probe_path.clone();
+            let progress = Arc::clone(progress);
             let registry = Arc::clone(&registries[shard]);
             let metrics_link = shard_metrics_links[shard]
                 .take()
@@ -496,6 +525,7 @@ impl ServerHandle {
                     mesh,
                     &probe_path,
                     &stopping_flag,
+                    &progress.recovered,
                 )
                 .await;
                 let (shard, receivers) = match started {
@@ -598,6 +628,7 @@ async fn start_shard(
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     probe_path: &std::path::Path,
     stopping: &AtomicBool,
+    recovered: &AtomicU32,
 ) -> Result<(Rc<Shard>, Receivers<MeshMessage>), ServerError> {
     let shard_id = start.id;
     let fail = |message: String| ServerError::Shard {
@@ -652,7 +683,7 @@ async fn start_shard(
         glommio::timer::sleep(Duration::from_millis(delay)).await;
     }
     shard
-        .load_topics()
+        .load_topics(recovered)
         .await
         .map_err(|error| fail(format!("recovering partitions: {error}")))?;
     Ok((shard, receivers))
@@ -686,6 +717,31 @@ async fn run_shard(
                     glommio::timer::sleep(interval).await;
                     shard.apply_retention().await;
                 }
+            })
+            .detach(),
+        );
+    }
+    // A fault point for tests of the systemd watchdog (debug builds only):
+    // `SHARDQ_TEST_STALL_SHARD=<shard>:<after ms>:<for ms>` blocks that shard's thread,
+    // its loop with it, for a while once it serves.
+    #[cfg(debug_assertions)]
+    if let Some((after, lasting)) =
+        std::env::var("SHARDQ_TEST_STALL_SHARD")
+            .ok()
+            .and_then(|value| {
+                let mut fields = value.split(':').map(|field| field.parse::<u64>().ok());
+                let (Some(Some(stalled)), Some(Some(after)), Some(Some(lasting))) =
+                    (fields.next(), fields.next(), fields.next())
+                else {
+                    return None;
+                };
+                (stalled == u64::from(shard.id)).then_some((after, lasting))
+            })
+    {
+        background.push(
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(after)).await;
+                std::thread::sleep(Duration::from_millis(lasting));
             })
             .detach(),
         );
@@ -845,10 +901,25 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Runs the broker until SIGINT or SIGTERM, then shuts it down cleanly.
+/// Runs the broker until SIGINT or SIGTERM, then shuts it down cleanly. Under systemd
+/// (`$NOTIFY_SOCKET`), reports start-up progress, readiness, watchdog pings and the
+/// stop (`notify`).
 pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
+    use sd_notify::NotifyState;
     let signals = block_shutdown_signals().map_err(ServerError::Signal)?;
-    let handle = ServerHandle::start(config)?;
+    let progress = Arc::new(RecoveryProgress::default());
+    let reporter = notify::report_progress(Arc::clone(&progress));
+    let started = ServerHandle::start_reporting(config, &progress);
+    if let Some(reporter) = reporter {
+        reporter.stop();
+    }
+    let handle = match started {
+        Ok(handle) => handle,
+        Err(error) => {
+            notify::send(&[NotifyState::Status(&format!("start-up failed: {error}"))]);
+            return Err(error);
+        }
+    };
     eprintln!(
         "shardq: serving on {} with {} shards (shard ports {:?}); metrics {}",
         handle.local_addr,
@@ -859,8 +930,27 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
             None => "off".to_owned(),
         }
     );
+    let serving = format!(
+        "serving on {} with {} shards; {} partitions recovered",
+        handle.local_addr,
+        handle.shard_count(),
+        progress.recovered.load(Ordering::Relaxed)
+    );
+    // Every shard has recovered and listens: only now is the broker ready.
+    notify::send(&[NotifyState::Ready, NotifyState::Status(&serving)]);
+    let watchdog = notify::watchdog_interval()
+        .map(|interval| notify::watchdog(Arc::clone(&handle.endpoint), interval, serving));
     let signal = wait_for_signal(&signals).map_err(ServerError::Signal)?;
     eprintln!("shardq: signal {signal} received, shutting down");
+    // systemd stops watching once told the broker is stopping; the shards stop answering
+    // pings while they flush, so the pings stop first.
+    if let Some(watchdog) = watchdog {
+        watchdog.stop();
+    }
+    notify::send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: flushing and closing every partition"),
+    ]);
     handle.shutdown();
     Ok(())
 }

@@ -515,7 +515,12 @@ impl Shard {
     /// catalog with blocking calls on the reactor stalls nobody; the partitions open
     /// through the same code as a topic created at run time (their directory calls on
     /// the blocking thread, their file I/O through io_uring).
-    pub async fn load_topics(self: &Rc<Self>) -> Result<(), StorageError> {
+    /// Recovers every topic in the catalog. `recovered` counts each partition this shard
+    /// has opened (recovered), summed over shards for the start-up progress systemd shows.
+    pub async fn load_topics(
+        self: &Rc<Self>,
+        recovered: &std::sync::atomic::AtomicU32,
+    ) -> Result<(), StorageError> {
         for (name, mut topic) in read_topic_catalog(&self.topics_directory())? {
             // Settings stored under larger limits than the broker's now are cut to them
             // (the topic keeps working); shard 0 says so, once per topic and key.
@@ -526,7 +531,7 @@ impl Shard {
                 }
             }
             topic.queue = fitted;
-            self.install_topic(&name, topic).await?;
+            self.install_topic(&name, topic, Some(recovered)).await?;
         }
         Ok(())
     }
@@ -535,6 +540,7 @@ impl Shard {
         self: &Rc<Self>,
         name: &str,
         topic: TopicConfig,
+        recovered: Option<&std::sync::atomic::AtomicU32>,
     ) -> Result<(), StorageError> {
         if self.topic(name).is_some() {
             // Already installed: a shard still loading topics at start-up may have read
@@ -569,6 +575,9 @@ impl Shard {
                     Ok(log) => {
                         log.set_metrics(self.metrics.partition(name, partition));
                         owned[partition as usize] = Some(log);
+                        if let Some(recovered) = recovered {
+                            recovered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                     Err(error) => {
                         // Close what this install opened: each log's flusher holds its
@@ -854,7 +863,7 @@ impl Shard {
                 ShardReply::Done(self.coordinate_delete(name).await)
             }
             ShardRequest::InstallTopic { name, topic } => ShardReply::Done(
-                self.install_topic(&name, topic)
+                self.install_topic(&name, topic, None)
                     .await
                     .map_err(|error| self.wire_error(&error)),
             ),
