@@ -599,6 +599,7 @@ fn body_of(frame: &[u8]) -> Bytes {
 fn check_decoded_request(request: &Request, body: &[u8], limits: &DecodeLimits) {
     let (topics, partitions) = match request {
         Request::Metadata(request) => (request.topics.len(), 0),
+        Request::Stats(request) => (request.topics.len(), 0),
         Request::ListOffsets(request) => (
             request.topics.len(),
             request.topics.iter().map(|t| t.partitions.len()).sum(),

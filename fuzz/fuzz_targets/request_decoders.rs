@@ -15,6 +15,7 @@ fn check(opcode: Opcode, body: &[u8], limits: &DecodeLimits) {
     assert_eq!(request.opcode(), opcode);
     let (topics, partitions): (usize, usize) = match &request {
         Request::Metadata(request) => (request.topics.len(), 0),
+        Request::Stats(request) => (request.topics.len(), 0),
         Request::ListOffsets(request) => (
             request.topics.len(),
             request.topics.iter().map(|t| t.partitions.len()).sum(),
