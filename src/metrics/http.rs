@@ -47,6 +47,8 @@ struct Link {
     /// while one is unanswered, so a stalled shard's socket cannot fill up (and block the
     /// asker) and sequence numbers cannot wrap onto a live question.
     unanswered: Option<u8>,
+    /// The shard's side closed (the shard stopped): never asked again, always silent.
+    gone: bool,
 }
 
 /// Every link, and the last question's outcome.
@@ -104,6 +106,7 @@ impl Endpoint {
                 stream,
                 sequence: 0,
                 unanswered: None,
+                gone: false,
             });
         }
         Ok(Arc::new(Endpoint {
@@ -144,7 +147,7 @@ impl Endpoint {
         let started = Instant::now();
         let mut answered_at: Vec<Option<Duration>> = vec![None; state.links.len()];
         for link in state.links.iter_mut() {
-            if link.unanswered.is_some() {
+            if link.unanswered.is_some() || link.gone {
                 continue;
             }
             link.sequence = (link.sequence + 1) & 0x7f;
@@ -210,7 +213,8 @@ impl Endpoint {
 }
 
 /// Reads whatever answers the shard has sent (without waiting); true once the answer to
-/// its unanswered question is among them. Earlier, late answers are skipped.
+/// its unanswered question is among them. Earlier, late answers are skipped. A closed
+/// link is marked gone, so it is not polled (it would be readable at once, forever).
 fn take_answers(link: &mut Link) -> bool {
     let Some(expected) = link.unanswered else {
         return false;
@@ -218,7 +222,13 @@ fn take_answers(link: &mut Link) -> bool {
     let mut answers = [0u8; 64];
     loop {
         match link.stream.read(&mut answers) {
-            Ok(0) | Err(_) => return false,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => {
+                link.gone = true;
+                link.unanswered = None;
+                return false;
+            }
             Ok(read) => {
                 if answers[..read].contains(&expected) {
                     link.unanswered = None;
@@ -485,6 +495,36 @@ mod tests {
         assert_eq!(answer("/nowhere", &endpoint).0, 404);
         drop(endpoint);
         echo_0.join().unwrap();
+    }
+
+    #[test]
+    fn a_shard_whose_link_closed_is_silent_without_waiting_out_the_timeout() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let endpoint =
+            Endpoint::new(vec![Registry::new(0)], vec![ours], Duration::from_secs(30)).unwrap();
+        // The shard takes the question, then goes away without answering.
+        let shard = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut byte = [0u8; 1];
+            theirs.read_exact(&mut byte).unwrap();
+        });
+        let started = Instant::now();
+        assert_eq!(endpoint.ask_shards(false), vec![0]);
+        shard.join().unwrap();
+        // Far below the 30 s answer timeout: the end of stream settles it.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        // And it is not asked (nor waited for) again.
+        let started = Instant::now();
+        assert_eq!(endpoint.ask_shards(false), vec![0]);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     fn exchange(address: SocketAddr, request: &[u8]) -> String {
