@@ -49,6 +49,31 @@ fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
         .map_err(|error| format!("no answer: {error}"))
 }
 
+/// A reuse-port listener on a port of the kernel's choosing whose two next ports are
+/// free (a broker there listens on them too): taken at once rather than probed and bound
+/// later, so no broker another test starts meanwhile on port 0 can be handed it.
+fn taken_port_triple() -> (socket2::Socket, u16) {
+    for _ in 0..100 {
+        let holder = reuse_port_listener(0);
+        let port = holder
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .expect("an IP socket")
+            .port();
+        if port > 65_000 {
+            continue;
+        }
+        let others: Vec<_> = (1..=2)
+            .map(|step| TcpListener::bind(("127.0.0.1", port + step)))
+            .collect();
+        if others.iter().all(Result::is_ok) {
+            return (holder, port);
+        }
+    }
+    panic!("no three consecutive free ports found")
+}
+
 /// A listening socket with SO_REUSEPORT on 127.0.0.1:`port`, as a lingering socket of a
 /// killed broker (or another broker) would hold it.
 fn reuse_port_listener(port: u16) -> socket2::Socket {
@@ -128,11 +153,10 @@ fn restart_right_after_kill_9_serves_every_connection_and_keeps_acked_data() {
 #[test]
 fn a_port_that_stays_taken_fails_start_up_after_the_retry_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port_triple();
     // Another process's reuse-port listener on the shared port (say, a second broker
     // on another data directory): joining its group would split connections with it.
     // Held, not used: the port stays taken for the whole test.
-    let _holder = reuse_port_listener(port);
+    let (_holder, port) = taken_port_triple();
     let mut broker = Serve::start(
         &dir.path().join("data"),
         &format!("127.0.0.1:{port}"),
@@ -150,8 +174,7 @@ fn a_port_that_stays_taken_fails_start_up_after_the_retry_bound() {
 #[test]
 fn start_up_waits_for_a_lingering_listener_to_go() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port_triple();
-    let holder = reuse_port_listener(port);
+    let (holder, port) = taken_port_triple();
     let mut broker = Serve::start(
         &dir.path().join("data"),
         &format!("127.0.0.1:{port}"),
