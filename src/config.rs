@@ -93,6 +93,13 @@ pub struct ServerConfig {
     /// Longest a stopping shard waits for the responses it owes (acknowledgements the
     /// final flush released) to be written before it closes its connections.
     pub shutdown_drain_ms: u32,
+    /// Longest `shardq serve` takes, from SIGINT or SIGTERM, to stop: flush and fdatasync
+    /// every partition and queue group, answer what was read, close. Past it the process
+    /// exits with status 1 and says so (acknowledged durable data is on disk either way;
+    /// memory-acknowledged data not yet flushed is not). At least
+    /// `shutdown_drain_ms + connection_linger_ms`, which a clean stop may spend waiting on
+    /// slow clients.
+    pub shutdown_timeout_ms: u32,
     /// Keep one segment that retention deletes per partition and reuse it for the next
     /// new segment: overwriting written blocks is much faster than writing fresh ones.
     pub recycle_segments: bool,
@@ -204,6 +211,7 @@ impl Default for ServerConfig {
             retention_check_interval_ms: 10_000,
             recycle_segments: true,
             shutdown_drain_ms: 2_000,
+            shutdown_timeout_ms: 30_000,
             tail_cache_bytes_per_shard: 64 << 20,
             metrics_listen: None,
             metrics_shard_answer_timeout_ms: 1_000,
@@ -384,6 +392,13 @@ impl ServerConfig {
                 return fail(format!("{name} must be at least 1"));
             }
         }
+        let waits_ms = u64::from(self.shutdown_drain_ms) + u64::from(self.connection_linger_ms);
+        if u64::from(self.shutdown_timeout_ms) < waits_ms {
+            return fail(format!(
+                "shutdown_timeout_ms {} must be at least shutdown_drain_ms + connection_linger_ms = {waits_ms}: a clean stop may wait that long on slow clients",
+                self.shutdown_timeout_ms
+            ));
+        }
         if self.queue_groups_per_shard_max == 0 {
             return fail("queue_groups_per_shard_max must be at least 1".into());
         }
@@ -453,6 +468,22 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn shutdown_timeout_must_cover_the_drain_and_the_linger() {
+        let config = |timeout| ServerConfig {
+            shutdown_drain_ms: 1_500,
+            connection_linger_ms: 500,
+            shutdown_timeout_ms: timeout,
+            ..ServerConfig::default()
+        };
+        assert!(config(2_000).validate().is_ok());
+        let error = config(1_999).validate().unwrap_err();
+        assert!(
+            error.0.contains("shutdown_timeout_ms 1999") && error.0.contains("2000"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub enum ServerError {
         message: String,
     },
     Signal(std::io::Error),
+    /// The stop after SIGINT or SIGTERM took longer than `shutdown_timeout_ms`.
+    StopTimedOut {
+        timeout_ms: u32,
+    },
 }
 
 impl std::fmt::Display for ServerError {
@@ -81,6 +85,10 @@ impl std::fmt::Display for ServerError {
             ServerError::DataDirectory(error) => write!(f, "{error}"),
             ServerError::Shard { shard, message } => write!(f, "shard {shard} failed to start: {message}"),
             ServerError::Signal(source) => write!(f, "waiting for a signal: {source}"),
+            ServerError::StopTimedOut { timeout_ms } => write!(
+                f,
+                "the stop did not finish within shutdown_timeout_ms = {timeout_ms}: exiting anyway (durably acknowledged data is on disk; memory-acknowledged data not yet flushed may be lost)"
+            ),
         }
     }
 }
@@ -828,6 +836,15 @@ async fn run_shard(
     for task in background {
         task.cancel();
     }
+    // A fault point for tests of the stop's bound and of a second signal (debug builds
+    // only): a stop that takes this much longer, as a slow disk would make it.
+    #[cfg(debug_assertions)]
+    if let Some(delay) = std::env::var("SHARDQ_TEST_STOP_DELAY_MS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
+        glommio::timer::sleep(Duration::from_millis(delay)).await;
+    }
     // Connections stop reading now; what they already read is answered below.
     shared.close_all();
     shard.close_all().await;
@@ -907,6 +924,7 @@ impl Drop for OpenConnection {
 pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     use sd_notify::NotifyState;
     let signals = block_shutdown_signals().map_err(ServerError::Signal)?;
+    let shutdown_timeout_ms = config.shutdown_timeout_ms;
     let progress = Arc::new(RecoveryProgress::default());
     let reporter = notify::report_progress(Arc::clone(&progress));
     let started = ServerHandle::start_reporting(config, &progress);
@@ -941,7 +959,9 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     let watchdog = notify::watchdog_interval()
         .map(|interval| notify::watchdog(Arc::clone(&handle.endpoint), interval, serving));
     let signal = wait_for_signal(&signals).map_err(ServerError::Signal)?;
-    eprintln!("shardq: signal {signal} received, shutting down");
+    eprintln!(
+        "shardq: signal {signal} received, shutting down: flushing and closing every partition (at most {shutdown_timeout_ms} ms; a second signal exits at once)"
+    );
     // systemd stops watching once told the broker is stopping; the shards stop answering
     // pings while they flush, so the pings stop first.
     if let Some(watchdog) = watchdog {
@@ -951,8 +971,115 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
         NotifyState::Stopping,
         NotifyState::Status("stopping: flushing and closing every partition"),
     ]);
-    handle.shutdown();
-    Ok(())
+    // The stop runs on its own thread so that this one can watch for a second signal and
+    // for the bound; the socket pair's far end closing says the stop is over.
+    let (stopped, stop_over) =
+        std::os::unix::net::UnixStream::pair().map_err(ServerError::Signal)?;
+    let stopper = std::thread::Builder::new()
+        .name("shardq-stop".into())
+        .spawn(move || {
+            handle.shutdown();
+            drop(stopped);
+        })
+        .map_err(ServerError::Signal)?;
+    let bound = Duration::from_millis(u64::from(shutdown_timeout_ms));
+    match wait_for_stop(&signals, &stop_over, bound).map_err(ServerError::Signal)? {
+        StopOutcome::Stopped => {
+            // The thread has nothing left to do but return.
+            let _ = stopper.join();
+            eprintln!("shardq: stopped cleanly");
+            Ok(())
+        }
+        StopOutcome::Signal(second) => {
+            // Every durable acknowledgement was given after its fdatasync, and queue
+            // state changes are answered only once journaled: ending the process here
+            // loses nothing acknowledged as durable. Memory-acknowledged records the
+            // stop had not flushed yet are lost, as that acknowledgement level allows.
+            eprintln!(
+                "shardq: signal {second} received again: exiting at once, without finishing the stop (durably acknowledged data is on disk; memory-acknowledged data not yet flushed is not)"
+            );
+            std::process::exit(EXIT_SECOND_SIGNAL_BASE + second)
+        }
+        StopOutcome::TimedOut => Err(ServerError::StopTimedOut {
+            timeout_ms: shutdown_timeout_ms,
+        }),
+    }
+}
+
+/// A second signal during the stop exits with 128 + its number, the status a shell
+/// reports for a process the signal ended (143 for SIGTERM, 130 for SIGINT).
+const EXIT_SECOND_SIGNAL_BASE: i32 = 128;
+
+enum StopOutcome {
+    Stopped,
+    Signal(i32),
+    TimedOut,
+}
+
+/// Waits until `stop_over` reads end of stream (the stop finished), a blocked signal
+/// arrives, or `bound` passes, whichever is first.
+fn wait_for_stop(
+    signals: &libc::sigset_t,
+    stop_over: &std::os::unix::net::UnixStream,
+    bound: Duration,
+) -> std::io::Result<StopOutcome> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: `signals` is an initialised set; -1 asks for a new descriptor.
+    let signal_fd = unsafe { libc::signalfd(-1, signals, libc::SFD_CLOEXEC) };
+    if signal_fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    let signal_fd = unsafe { OwnedFd::from_raw_fd(signal_fd) };
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(StopOutcome::TimedOut);
+        }
+        let mut polled = [
+            libc::pollfd {
+                fd: signal_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_over.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Rounded up, so the loop never spins on a sub-millisecond remainder.
+        let timeout_ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+        // SAFETY: `polled` is a valid array of two pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, timeout_ms) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if polled[0].revents != 0 {
+            // SAFETY: signalfd_siginfo is plain data; the read fills it or fails.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: `info` is a writable buffer of exactly `size` bytes.
+            let read = unsafe {
+                libc::read(
+                    signal_fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if read == size as isize {
+                return Ok(StopOutcome::Signal(info.ssi_signo as i32));
+            }
+        }
+        if polled[1].revents != 0 {
+            return Ok(StopOutcome::Stopped);
+        }
+    }
 }
 
 /// Blocks SIGINT and SIGTERM on this thread before any shard thread exists, so every
