@@ -105,10 +105,13 @@ warn() { echo "install.sh: $*" >&2; }
 # Runs a command that changes the system, or only prints it under --dry-run. Every change
 # goes through here, so a dry run names each one and changes nothing.
 act() {
+    local quoted
+    # Quoted as the shell would need it, so a printed command can be pasted.
+    quoted=$(printf '%q ' "$@")
     if [ "$dry_run" = 1 ]; then
-        say "would run: $*"
+        say "would run: ${quoted% }"
     else
-        say "run: $*"
+        say "run: ${quoted% }"
         "$@"
     fi
 }
