@@ -1,0 +1,638 @@
+//! The operator scripts, run for real: `scripts/install.sh` into a staging root (`--root`)
+//! from a copy of the checkout's install inputs, and `scripts/tune-host.sh` against a fake
+//! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`).
+//!
+//! Not covered here, because it would change the machine running the tests: installing
+//! into the real root (user creation, `systemctl`, `sysctl -p`) and tuning the real host.
+//! Both paths are printed by `--dry-run`, which the tests also run.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a script printed, for assertions and failure messages.
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Run {
+        Run {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    fn expect_status(&self, wanted: i32, what: &str) -> &Run {
+        assert_eq!(
+            self.status,
+            Some(wanted),
+            "{what}: exit status {:?}, wanted {wanted}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    fn expect_output(&self, needle: &str, what: &str) -> &Run {
+        assert!(
+            self.stdout.contains(needle) || self.stderr.contains(needle),
+            "{what}: no '{needle}' in the output\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Every file and directory under a root, by relative path: its mode and, for a file, its
+/// bytes (a symbolic link: mode 0 and its target, not followed).
+type Tree = BTreeMap<PathBuf, (u32, Vec<u8>)>;
+
+fn snapshot(root: &Path) -> Tree {
+    let mut entries = BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        for entry in fs::read_dir(&directory).unwrap() {
+            let path = entry.unwrap().path();
+            let metadata = fs::symlink_metadata(&path).unwrap();
+            let relative = path.strip_prefix(root).unwrap().to_path_buf();
+            if metadata.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                entries.insert(relative, (0, target.into_os_string().into_encoded_bytes()));
+            } else if metadata.is_dir() {
+                entries.insert(relative, (metadata.mode(), Vec::new()));
+                pending.push(path);
+            } else {
+                entries.insert(relative, (metadata.mode(), fs::read(&path).unwrap()));
+            }
+        }
+    }
+    entries
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+fn write(path: &Path, contents: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, contents).unwrap();
+}
+
+// --- install.sh ------------------------------------------------------------------------
+
+/// A copy of what `install.sh` reads from a checkout, so a test controls whether
+/// `tuning/shardq.toml` exists (the real one comes from other work) without touching the
+/// repository.
+struct Checkout {
+    directory: PathBuf,
+}
+
+const STAND_IN_CONFIG: &str = "# stand-in example config written by tests/scripts.rs\n";
+
+impl Checkout {
+    fn new(parent: &Path, with_config: bool) -> Checkout {
+        let directory = parent.join("checkout");
+        let source = repository();
+        for relative in [
+            "scripts/install.sh",
+            "tuning/systemd/shardq.service",
+            "docs/operations.md",
+        ] {
+            fs::create_dir_all(directory.join(relative).parent().unwrap()).unwrap();
+            fs::copy(source.join(relative), directory.join(relative)).unwrap();
+        }
+        fs::create_dir_all(directory.join("tuning/sysctl.d")).unwrap();
+        for entry in fs::read_dir(source.join("tuning/sysctl.d")).unwrap() {
+            let path = entry.unwrap().path();
+            fs::copy(
+                &path,
+                directory
+                    .join("tuning/sysctl.d")
+                    .join(path.file_name().unwrap()),
+            )
+            .unwrap();
+        }
+        if with_config {
+            write(&directory.join("tuning/shardq.toml"), STAND_IN_CONFIG);
+        }
+        Checkout { directory }
+    }
+
+    fn install(&self, arguments: &[&str]) -> Run {
+        Run::from(
+            Command::new("bash")
+                .arg(self.directory.join("scripts/install.sh"))
+                .args(arguments)
+                .output()
+                .expect("run scripts/install.sh"),
+        )
+    }
+}
+
+/// A file standing in for the broker binary: the script only copies it.
+fn stand_in_binary(directory: &Path) -> PathBuf {
+    let path = directory.join("shardq-built");
+    write(&path, "#!/bin/sh\necho stand-in shardq\n");
+    path
+}
+
+/// The repository's unit with the program of ExecStart= and the Documentation= path
+/// replaced the way the script must replace them, everything else unchanged.
+fn expected_unit(binary_path: &str, documentation_directory: &str) -> String {
+    let source = read(&repository().join("tuning/systemd/shardq.service"));
+    let mut expected = String::new();
+    for line in source.lines() {
+        if let Some(command) = line.strip_prefix("ExecStart=") {
+            let arguments = command.split_once(' ').map_or("", |(_, rest)| rest);
+            expected.push_str(&format!("ExecStart={binary_path} {arguments}"));
+        } else if line.starts_with("Documentation=file://") {
+            expected.push_str(&format!(
+                "Documentation=file://{documentation_directory}/operations.md"
+            ));
+        } else {
+            expected.push_str(line);
+        }
+        expected.push('\n');
+    }
+    expected
+}
+
+#[test]
+fn install_dry_run_changes_nothing_and_names_each_action() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let before = snapshot(temporary.path());
+
+    let run = checkout.install(&[
+        "--dry-run",
+        "--root",
+        root.to_str().unwrap(),
+        "--binary",
+        binary.to_str().unwrap(),
+    ]);
+
+    run.expect_status(0, "dry run");
+    assert_eq!(
+        snapshot(temporary.path()),
+        before,
+        "a dry run changed files\n{}",
+        run.stdout
+    );
+    let root_text = root.to_str().unwrap();
+    for action in [
+        "dry run: nothing is changed".to_owned(),
+        format!("would run: install -D -m 0755 -- {}", binary.display()),
+        format!("{root_text}/usr/local/bin/shardq"),
+        "not creating user or group shardq".to_owned(),
+        format!("install -d -m 0755 -- {root_text}/etc/shardq"),
+        format!("install -d -m 0750 -- {root_text}/var/lib/shardq"),
+        format!("{root_text}/etc/shardq/shardq.toml"),
+        format!(
+            "would write {root_text}/etc/systemd/system/shardq.service from {} with ExecStart=/usr/local/bin/shardq",
+            checkout.directory.join("tuning/systemd/shardq.service").display()
+        ),
+        format!("{root_text}/etc/sysctl.d/60-shardq.conf"),
+        format!("{root_text}/usr/local/share/doc/shardq/operations.md"),
+        "no daemon-reload".to_owned(),
+    ] {
+        run.expect_output(&action, "dry run");
+    }
+}
+
+#[test]
+fn install_into_staging_root_twice_keeps_an_edited_config() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    let arguments = [
+        "--root",
+        root.to_str().unwrap(),
+        "--binary",
+        binary.to_str().unwrap(),
+    ];
+
+    checkout
+        .install(&arguments)
+        .expect_status(0, "first install")
+        .expect_output("not creating user or group shardq", "first install");
+
+    let installed_binary = root.join("usr/local/bin/shardq");
+    assert_eq!(read(&installed_binary), read(&binary));
+    assert_eq!(mode(&installed_binary), 0o755);
+    let unit = root.join("etc/systemd/system/shardq.service");
+    assert_eq!(
+        read(&unit),
+        expected_unit("/usr/local/bin/shardq", "/usr/local/share/doc/shardq")
+    );
+    assert_eq!(mode(&unit), 0o644);
+    let config = root.join("etc/shardq/shardq.toml");
+    assert_eq!(read(&config), STAND_IN_CONFIG);
+    assert_eq!(mode(&config), 0o640);
+    assert_eq!(mode(&root.join("var/lib/shardq")), 0o750);
+    let sysctl = root.join("etc/sysctl.d/60-shardq.conf");
+    assert_eq!(
+        read(&sysctl),
+        read(&repository().join("tuning/sysctl.d/60-shardq.conf"))
+    );
+    assert_eq!(
+        read(&root.join("usr/local/share/doc/shardq/operations.md")),
+        read(&repository().join("docs/operations.md"))
+    );
+
+    // The operator edits the config and the example changes; a reinstall keeps the edit.
+    let edited = "# edited by the operator\n";
+    write(&config, edited);
+    write(
+        &checkout.directory.join("tuning/shardq.toml"),
+        "# a newer example\n",
+    );
+    let before = snapshot(&root);
+    checkout
+        .install(&arguments)
+        .expect_status(0, "second install")
+        .expect_output("differs from", "second install")
+        .expect_output("unit: ", "second install");
+    assert_eq!(
+        read(&config),
+        edited,
+        "the second install overwrote the config"
+    );
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "the second install changed the staging root"
+    );
+}
+
+#[test]
+fn install_prefix_moves_the_binary_and_the_unit_follows() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    checkout
+        .install(&[
+            "--root",
+            root.to_str().unwrap(),
+            "--binary",
+            binary.to_str().unwrap(),
+            "--prefix",
+            "/opt/shardq",
+        ])
+        .expect_status(0, "install with --prefix");
+    assert_eq!(read(&root.join("opt/shardq/bin/shardq")), read(&binary));
+    assert!(!root.join("usr/local/bin/shardq").exists());
+    assert_eq!(
+        read(&root.join("etc/systemd/system/shardq.service")),
+        expected_unit("/opt/shardq/bin/shardq", "/opt/shardq/share/doc/shardq")
+    );
+}
+
+#[test]
+fn install_without_an_example_config_fails_that_step_and_does_the_rest() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), false);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    let run = checkout.install(&[
+        "--root",
+        root.to_str().unwrap(),
+        "--binary",
+        binary.to_str().unwrap(),
+    ]);
+    run.expect_status(1, "install without tuning/shardq.toml")
+        .expect_output(
+            &format!(
+                "config: {} is not in this checkout",
+                checkout.directory.join("tuning/shardq.toml").display()
+            ),
+            "install without tuning/shardq.toml",
+        )
+        .expect_output("failed steps: config", "install without tuning/shardq.toml");
+    assert!(!root.join("etc/shardq/shardq.toml").exists());
+    assert!(root.join("usr/local/bin/shardq").is_file());
+    assert!(root.join("etc/systemd/system/shardq.service").is_file());
+    assert!(root.join("etc/sysctl.d/60-shardq.conf").is_file());
+}
+
+#[test]
+fn uninstall_keeps_config_and_data_and_purge_removes_them() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    let root_text = root.to_str().unwrap();
+    checkout
+        .install(&["--root", root_text, "--binary", binary.to_str().unwrap()])
+        .expect_status(0, "install");
+    let topic_file = root.join("var/lib/shardq/topics/orders/topic.meta");
+    write(&topic_file, "partitions=1\n");
+
+    let before = snapshot(&root);
+    checkout
+        .install(&["--uninstall", "--dry-run", "--root", root_text])
+        .expect_status(0, "uninstall dry run")
+        .expect_output("would run: rm -f --", "uninstall dry run");
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "an uninstall dry run changed files"
+    );
+
+    for pass in ["first", "second"] {
+        checkout
+            .install(&["--uninstall", "--root", root_text])
+            .expect_status(0, &format!("{pass} uninstall"))
+            .expect_output("kept", &format!("{pass} uninstall"));
+        assert!(!root.join("usr/local/bin/shardq").exists());
+        assert!(!root.join("etc/systemd/system/shardq.service").exists());
+        assert!(!root.join("etc/sysctl.d/60-shardq.conf").exists());
+        assert!(!root.join("usr/local/share/doc/shardq").exists());
+        assert_eq!(read(&root.join("etc/shardq/shardq.toml")), STAND_IN_CONFIG);
+        assert_eq!(read(&topic_file), "partitions=1\n");
+    }
+
+    checkout
+        .install(&["--uninstall", "--purge", "--root", root_text])
+        .expect_status(0, "purge")
+        .expect_output("every topic and message in it", "purge");
+    assert!(!root.join("etc/shardq").exists());
+    assert!(!root.join("var/lib/shardq").exists());
+
+    checkout
+        .install(&["--purge", "--root", root_text])
+        .expect_status(2, "--purge alone")
+        .expect_output("--purge only goes with --uninstall", "--purge alone");
+}
+
+// --- tune-host.sh ----------------------------------------------------------------------
+
+/// A fake `/sys` and `/proc`: 4 online CPUs, cpufreq on CPUs 0, 1 and 3 only (CPU 2 has
+/// none, like a VM), four interrupts, and the data directory's device as partition 1 of
+/// a virtio disk whose scheduler is mq-deadline.
+struct FakeHost {
+    _temporary: tempfile::TempDir,
+    sys: PathBuf,
+    proc: PathBuf,
+    data: PathBuf,
+    state: PathBuf,
+    scheduler: PathBuf,
+}
+
+impl FakeHost {
+    fn new() -> FakeHost {
+        let temporary = tempfile::tempdir().unwrap();
+        let sys = temporary.path().join("sys");
+        let proc = temporary.path().join("proc");
+        let data = temporary.path().join("data");
+        fs::create_dir_all(&data).unwrap();
+
+        write(&sys.join("devices/system/cpu/online"), "0-3\n");
+        for cpu in [0, 1, 3] {
+            let cpufreq = sys.join(format!("devices/system/cpu/cpu{cpu}/cpufreq"));
+            write(&cpufreq.join("scaling_governor"), "powersave\n");
+            write(
+                &cpufreq.join("scaling_available_governors"),
+                "performance powersave\n",
+            );
+        }
+        fs::create_dir_all(sys.join("devices/system/cpu/cpu2")).unwrap();
+
+        // irq 10: everywhere; 11: only on CPU 3, off the shards already; 12: only on
+        // shard CPU 1; each named by its handler directory as in /proc/irq.
+        for (irq, affinity, name) in [
+            (10, "0-3", "nvme0q1"),
+            (11, "3", "eth0-rx-0"),
+            (12, "1", "virtio1-req.0"),
+        ] {
+            write(
+                &proc.join(format!("irq/{irq}/smp_affinity_list")),
+                &format!("{affinity}\n"),
+            );
+            fs::create_dir_all(proc.join(format!("irq/{irq}/{name}"))).unwrap();
+        }
+        // irq 13 refuses every write, as a kernel-managed interrupt does: a read-only
+        // sysfs file (writing it fails even for root).
+        fs::create_dir_all(proc.join("irq/13")).unwrap();
+        std::os::unix::fs::symlink(
+            "/sys/devices/system/cpu/possible",
+            proc.join("irq/13/smp_affinity_list"),
+        )
+        .unwrap();
+
+        let device = fs::metadata(&data).unwrap().dev();
+        // Linux's dev_t encoding, as in the script and glibc's major() and minor().
+        let major = ((device >> 8) & 0xfff) | ((device >> 32) & !0xfff);
+        let minor = (device & 0xff) | ((device >> 12) & !0xff);
+        let disk = sys.join("devices/virtual/block/vdz");
+        write(
+            &disk.join("queue/scheduler"),
+            "none [mq-deadline] kyber bfq\n",
+        );
+        write(&disk.join("queue/rotational"), "0\n");
+        write(&disk.join("vdz1/partition"), "1\n");
+        fs::create_dir_all(sys.join("dev/block")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/virtual/block/vdz/vdz1",
+            sys.join(format!("dev/block/{major}:{minor}")),
+        )
+        .unwrap();
+
+        let state = temporary.path().join("run/tune-host.state");
+        let scheduler = disk.join("queue/scheduler");
+        FakeHost {
+            _temporary: temporary,
+            sys,
+            proc,
+            data,
+            state,
+            scheduler,
+        }
+    }
+
+    fn tune(&self, arguments: &[&str]) -> Run {
+        Run::from(
+            Command::new("bash")
+                .arg(repository().join("scripts/tune-host.sh"))
+                .args(arguments)
+                .args([
+                    "--data-dir",
+                    self.data.to_str().unwrap(),
+                    "--state-file",
+                    self.state.to_str().unwrap(),
+                ])
+                .env("SHARDQ_TUNE_SYS_ROOT", &self.sys)
+                .env("SHARDQ_TUNE_PROC_ROOT", &self.proc)
+                .output()
+                .expect("run scripts/tune-host.sh"),
+        )
+    }
+
+    /// Both fake trees, file by file.
+    fn snapshot(&self) -> (Tree, Tree) {
+        (snapshot(&self.sys), snapshot(&self.proc))
+    }
+
+    fn irq(&self, irq: u32) -> String {
+        read(&self.proc.join(format!("irq/{irq}/smp_affinity_list")))
+    }
+
+    fn governor(&self, cpu: u32) -> String {
+        read(&self.sys.join(format!(
+            "devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor"
+        )))
+    }
+}
+
+#[test]
+fn tune_host_apply_then_revert_restores_every_original() {
+    let host = FakeHost::new();
+    let original = host.snapshot();
+
+    let run = host.tune(&["apply", "--cpus", "0-2"]);
+    run.expect_status(0, "apply")
+        .expect_output("CPUs 2 have no cpufreq", "apply")
+        .expect_output("irq 13", "apply")
+        .expect_output("the kernel refused", "apply");
+    assert_eq!(host.irq(10), "3\n", "irq 10 leaves the shard CPUs 0-2");
+    assert_eq!(host.irq(11), "3\n", "irq 11 was off the shards already");
+    assert_eq!(
+        host.irq(12),
+        "3\n",
+        "irq 12 had only shard CPUs: all others"
+    );
+    assert_eq!(host.governor(0), "performance\n");
+    assert_eq!(host.governor(1), "performance\n");
+    assert_eq!(host.governor(3), "powersave\n", "CPU 3 runs no shard");
+    assert_eq!(read(&host.scheduler), "none\n");
+    let state = read(&host.state);
+    assert_eq!(
+        state.lines().count(),
+        5,
+        "irq 10, irq 12, two governors, one scheduler:\n{state}"
+    );
+    assert!(
+        !state.contains("irq/13"),
+        "a refused write is not saved:\n{state}"
+    );
+
+    // A second apply changes nothing and keeps the originals, not the tuned values.
+    host.tune(&["apply", "--cpus", "0-2"])
+        .expect_status(0, "second apply")
+        .expect_output("changed 0 values", "second apply");
+    assert_eq!(read(&host.state), state);
+
+    host.tune(&["status", "--cpus", "0-2"])
+        .expect_status(0, "status")
+        .expect_output("applied: ", "status")
+        .expect_output("cpu 0 governor: performance", "status");
+
+    let before_dry_revert = host.snapshot();
+    host.tune(&["revert", "--dry-run"])
+        .expect_status(0, "revert dry run")
+        .expect_output("would restore", "revert dry run");
+    assert_eq!(host.snapshot(), before_dry_revert);
+    assert_eq!(read(&host.state), state);
+
+    host.tune(&["revert"])
+        .expect_status(0, "revert")
+        .expect_output("every saved value restored", "revert");
+    assert!(!host.state.exists(), "revert leaves no state file");
+    // The fake scheduler file now holds what revert wrote, "mq-deadline"; the kernel's
+    // file would list every scheduler again with mq-deadline selected. Every other file
+    // is byte for byte what it was.
+    assert_eq!(read(&host.scheduler), "mq-deadline\n");
+    write(&host.scheduler, "none [mq-deadline] kyber bfq\n");
+    assert_eq!(host.snapshot(), original);
+
+    host.tune(&["revert"])
+        .expect_status(0, "revert again")
+        .expect_output("nothing to revert", "revert again");
+}
+
+#[test]
+fn tune_host_dry_run_writes_nothing() {
+    let host = FakeHost::new();
+    let original = host.snapshot();
+    host.tune(&["apply", "--dry-run", "--cpus", "0-2"])
+        .expect_status(0, "dry run")
+        .expect_output(
+            "would set irq 10 (nvme0q1) affinity to 3 (now 0-3)",
+            "dry run",
+        )
+        .expect_output("would set cpu 0 governor to performance", "dry run")
+        .expect_output(
+            "would set vdz I/O scheduler to none (now mq-deadline)",
+            "dry run",
+        );
+    assert_eq!(host.snapshot(), original);
+    assert!(!host.state.exists(), "a dry run writes no state file");
+}
+
+#[test]
+fn tune_host_with_every_cpu_a_shard_leaves_interrupts_alone() {
+    let host = FakeHost::new();
+    host.tune(&["apply"])
+        .expect_status(0, "apply on every CPU")
+        .expect_output("no CPU is left for interrupts", "apply on every CPU");
+    assert_eq!(host.irq(10), "0-3\n");
+    assert_eq!(host.governor(3), "performance\n");
+    host.tune(&["revert"]).expect_status(0, "revert");
+    assert_eq!(host.governor(3), "powersave\n");
+}
+
+#[test]
+fn tune_host_refuses_a_cpu_that_is_not_online() {
+    let host = FakeHost::new();
+    let original = host.snapshot();
+    host.tune(&["apply", "--cpus", "0,7"])
+        .expect_status(2, "offline CPU")
+        .expect_output("CPU 7, which is not online (online: 0-3)", "offline CPU");
+    host.tune(&["apply", "--cpus", "0-x"])
+        .expect_status(2, "bad list")
+        .expect_output("is not a CPU list", "bad list");
+    assert_eq!(host.snapshot(), original);
+}
+
+/// The two scripts this file tests are kept shellcheck-clean. Skipped, saying so, where
+/// shellcheck is not installed (`apt-get install shellcheck`).
+#[test]
+fn install_and_tune_scripts_pass_shellcheck() {
+    let Ok(output) = Command::new("shellcheck").arg("--version").output() else {
+        eprintln!("shellcheck is not installed: skipping (apt-get install shellcheck)");
+        return;
+    };
+    assert!(output.status.success());
+    let run = Run::from(
+        Command::new("shellcheck")
+            .current_dir(repository())
+            .args(["scripts/install.sh", "scripts/tune-host.sh"])
+            .output()
+            .unwrap(),
+    );
+    run.expect_status(0, "shellcheck");
+}
