@@ -21,7 +21,7 @@
 # What an install does (each step says what it did; running it again is harmless):
 #   1. the binary: built here (or --binary), installed as PREFIX/bin/shardq
 #   2. the system user and group shardq (no login shell, no home directory)
-#   3. /etc/shardq, and /var/lib/shardq owned by shardq, mode 0750
+#   3. /etc/shardq, and /var/lib/shardq owned by shardq, mode 0700
 #   4. /etc/shardq/shardq.toml from tuning/shardq.toml, never over an existing one
 #   5. /etc/systemd/system/shardq.service from tuning/systemd/, ExecStart= pointing at
 #      the installed binary
@@ -237,13 +237,13 @@ create_user() {
 # 3. Directories.
 create_directories() {
     act install -d -m 0755 -- "$staging$config_directory"
-    # 0750: the broker's own files inside are private anyway (it runs with umask 077).
+    # 0700, as the unit's StateDirectoryMode= sets it at every start: only the broker reads its data.
     # The unit's StateDirectoryMode= sets the mode systemd keeps it at when it starts.
     if on_real_root; then
-        act install -d -m 0750 -o "$user" -g "$group" -- "$data_directory"
+        act install -d -m 0700 -o "$user" -g "$group" -- "$data_directory"
     else
         say "staging root: $staging$data_directory stays owned by $(id -un); the target host must chown $user:$group $data_directory"
-        act install -d -m 0750 -- "$staging$data_directory"
+        act install -d -m 0700 -- "$staging$data_directory"
     fi
 }
 

@@ -208,7 +208,7 @@ fn install_dry_run_changes_nothing_and_names_each_action() {
         format!("{root_text}/usr/local/bin/shardq"),
         "not creating user or group shardq".to_owned(),
         format!("install -d -m 0755 -- {root_text}/etc/shardq"),
-        format!("install -d -m 0750 -- {root_text}/var/lib/shardq"),
+        format!("install -d -m 0700 -- {root_text}/var/lib/shardq"),
         format!("{root_text}/etc/shardq/shardq.toml"),
         format!(
             "would write {root_text}/etc/systemd/system/shardq.service from {} with ExecStart=/usr/local/bin/shardq",
