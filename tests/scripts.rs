@@ -252,7 +252,7 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
     let config = root.join("etc/shardq/shardq.toml");
     assert_eq!(read(&config), STAND_IN_CONFIG);
     assert_eq!(mode(&config), 0o640);
-    assert_eq!(mode(&root.join("var/lib/shardq")), 0o750);
+    assert_eq!(mode(&root.join("var/lib/shardq")), 0o700);
     let sysctl = root.join("etc/sysctl.d/60-shardq.conf");
     assert_eq!(
         read(&sysctl),
