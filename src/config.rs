@@ -16,6 +16,10 @@ pub struct ServerConfig {
     /// The shared listener (SO_REUSEPORT on every shard). Each shard also listens on
     /// `port + 1 + shard_id`; with port 0 every listener gets an ephemeral port.
     pub listen: SocketAddr,
+    /// Connections the kernel queues on each listening socket before the shard accepts
+    /// them (`listen(2)`'s backlog; the kernel cuts it to `net.core.somaxconn`). A burst
+    /// of connects beyond it waits for SYN retransmits (1 s, then more).
+    pub listen_backlog: u32,
     /// Number of shards, one pinned per CPU. `None`: every online CPU.
     pub cores: Option<usize>,
     /// Largest frame body accepted from a client.
@@ -179,6 +183,7 @@ impl Default for ServerConfig {
         ServerConfig {
             data_dir: PathBuf::from("./shardq-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9740)),
+            listen_backlog: 1024,
             cores: None,
             frame_body_bytes_max: 16 << 20,
             batch_records_max: 100_000,
@@ -345,6 +350,7 @@ impl ServerConfig {
                 u64::from(self.connections_per_shard_max),
             ),
             ("connections_max", u64::from(self.connections_max)),
+            ("listen_backlog", u64::from(self.listen_backlog)),
             (
                 "list_offsets_scan_bytes_max",
                 self.list_offsets_scan_bytes_max,

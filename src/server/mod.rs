@@ -156,7 +156,11 @@ impl Drop for ServerHandle {
     }
 }
 
-fn listener_socket(address: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+fn listener_socket(
+    address: SocketAddr,
+    reuse_port: bool,
+    backlog: u32,
+) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -164,7 +168,8 @@ fn listener_socket(address: SocketAddr, reuse_port: bool) -> std::io::Result<soc
         socket.set_reuse_port(true)?;
     }
     socket.bind(&address.into())?;
-    socket.listen(1024)?;
+    // The kernel cuts it to net.core.somaxconn.
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket)
 }
 
@@ -181,6 +186,7 @@ struct Listeners {
 fn bind_listeners(
     listen: SocketAddr,
     shard_count: usize,
+    backlog: u32,
 ) -> Result<Listeners, (SocketAddr, std::io::Error)> {
     if listen.port() != 0 {
         // Any socket still listening on the shared port, above all the lingering
@@ -201,7 +207,7 @@ fn bind_listeners(
             .map_err(|error| (listen, error))?;
     }
     // The shared one first, so port 0 resolves once for every shard.
-    let first = listener_socket(listen, true).map_err(|error| (listen, error))?;
+    let first = listener_socket(listen, true, backlog).map_err(|error| (listen, error))?;
     let local_addr = first
         .local_addr()
         .ok()
@@ -209,7 +215,8 @@ fn bind_listeners(
         .expect("a bound TCP socket has an address");
     let mut shared = vec![first];
     for _ in 1..shard_count {
-        shared.push(listener_socket(local_addr, true).map_err(|error| (local_addr, error))?);
+        shared
+            .push(listener_socket(local_addr, true, backlog).map_err(|error| (local_addr, error))?);
     }
     let mut own = Vec::with_capacity(shard_count);
     let mut shard_ports = Vec::with_capacity(shard_count);
@@ -229,7 +236,7 @@ fn bind_listeners(
             })?
         };
         let address = SocketAddr::new(local_addr.ip(), port);
-        let socket = listener_socket(address, false).map_err(|error| (address, error))?;
+        let socket = listener_socket(address, false, backlog).map_err(|error| (address, error))?;
         let bound = socket
             .local_addr()
             .ok()
@@ -251,14 +258,14 @@ fn bind_listeners(
 /// listening sockets stay bound for a few hundred milliseconds after the process is
 /// reaped: a supervisor restarting it at once must not fail for that.
 fn bind_listeners_retrying(
-    listen: SocketAddr,
+    config: &ServerConfig,
     shard_count: usize,
-    bind_retry_ms: u32,
 ) -> Result<Listeners, ServerError> {
+    let (listen, bind_retry_ms) = (config.listen, config.bind_retry_ms);
     let deadline = std::time::Instant::now() + Duration::from_millis(u64::from(bind_retry_ms));
     let mut logged = false;
     loop {
-        match bind_listeners(listen, shard_count) {
+        match bind_listeners(listen, shard_count, config.listen_backlog) {
             Ok(listeners) => return Ok(listeners),
             Err((address, source))
                 if source.kind() == std::io::ErrorKind::AddrInUse
@@ -388,7 +395,7 @@ impl ServerHandle {
             shared,
             own,
             shard_ports,
-        } = bind_listeners_retrying(config.listen, shard_count, config.bind_retry_ms)?;
+        } = bind_listeners_retrying(&config, shard_count)?;
         // Bound before any shard starts, like the broker's own listeners: a taken metrics
         // port fails start-up rather than leaving the broker unwatched.
         let metrics_listener = match config.metrics_listen {
