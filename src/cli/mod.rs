@@ -29,6 +29,7 @@ use shardq::client::{
 use shardq::config::ServerConfig;
 use shardq::server::ServerError;
 
+mod doctor;
 mod queue;
 mod stats;
 
@@ -88,6 +89,9 @@ pub enum Command {
     /// Rates, offsets, bytes and durable lag per shard and partition, and every group's
     /// lag (from the broker's Stats operation).
     Stats(stats::StatsArgs),
+    /// Preflight: check this host for the broker `serve` would run with the same flags
+    /// (a table, or --json); exit status 1 when any check failed.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -597,6 +601,10 @@ pub enum CliError {
         topic: String,
         group: String,
     },
+    /// `doctor` found failures (the table on stdout says which).
+    ChecksFailed {
+        failed: usize,
+    },
 }
 
 impl fmt::Display for CliError {
@@ -620,6 +628,7 @@ impl fmt::Display for CliError {
             CliError::UnknownGroup { topic, group } => {
                 write!(f, "topic {topic:?} has no group {group:?}")
             }
+            CliError::ChecksFailed { failed } => write!(f, "doctor: {failed} checks failed"),
         }
     }
 }
@@ -632,7 +641,8 @@ impl std::error::Error for CliError {
             CliError::Io { source, .. } => Some(source),
             CliError::UnknownTopic { .. }
             | CliError::HandlesRefused { .. }
-            | CliError::UnknownGroup { .. } => None,
+            | CliError::UnknownGroup { .. }
+            | CliError::ChecksFailed { .. } => None,
             CliError::Bench(error) => Some(error),
         }
     }
@@ -677,6 +687,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         // The bench runs its own multi-thread runtime and producer threads.
         Command::Bench(command) => bench(command),
+        // Synchronous: it checks the host, it talks to no broker.
+        Command::Doctor(args) => doctor::run(args),
         command => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -692,8 +704,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn run_client_command(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(_) | Command::Bench(_) => {
-            unreachable!("serve and bench do not run on this runtime")
+        Command::Serve(_) | Command::Bench(_) | Command::Doctor(_) => {
+            unreachable!("serve, bench and doctor do not run on this runtime")
         }
         Command::Topic { server, command } => {
             let client = connect(&server).await?;

@@ -16,6 +16,7 @@ pub mod data_dir;
 mod dispatch;
 mod log;
 pub mod notify;
+pub mod preflight;
 
 use data_dir::{DataDirectory, DataDirectoryError};
 use notify::RecoveryProgress;
@@ -58,6 +59,9 @@ pub enum ServerError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    /// RLIMIT_MEMLOCK is below what the shards' io_uring registrations need
+    /// (`preflight::check_locked_memory`); checked before any shard starts.
+    LockedMemory(preflight::LockedMemoryShortfall),
     /// The data directory could not be opened, is locked by another broker, or has a
     /// layout this broker does not read.
     DataDirectory(DataDirectoryError),
@@ -82,6 +86,7 @@ impl std::fmt::Display for ServerError {
                 "cannot run {requested} shards: only {available} CPUs are online (use --cores N with N <= {available})"
             ),
             ServerError::Bind { address, source } => write!(f, "cannot listen on {address}: {source}"),
+            ServerError::LockedMemory(shortfall) => write!(f, "{shortfall}; {}", shortfall.fix()),
             ServerError::DataDirectory(error) => write!(f, "{error}"),
             ServerError::Shard { shard, message } => write!(f, "shard {shard} failed to start: {message}"),
             ServerError::Signal(source) => write!(f, "waiting for a signal: {source}"),
@@ -367,6 +372,30 @@ impl ServerHandle {
                 available: online.len(),
             });
         }
+        // Below what the shards need glommio either refuses to start an executor, which
+        // only shows as a shard thread that ends before it reports, or silently runs
+        // without its registered buffers: say so now, with the numbers. The first stops
+        // start-up before anything exists; the second is a warning, since the broker
+        // still works (a developer's shell has a memlock limit of a few MiB).
+        let locked_memory_limit =
+            preflight::LockedMemoryLimit::current().map_err(|error| ServerError::Shard {
+                shard: 0,
+                message: format!("reading RLIMIT_MEMLOCK and capabilities: {error}"),
+            })?;
+        if let Err(shortfall) = preflight::check_locked_memory(
+            &config,
+            shard_count,
+            locked_memory_limit,
+            preflight::KernelVersion::running(),
+        ) {
+            if shortfall.stops_the_shards() {
+                return Err(ServerError::LockedMemory(shortfall));
+            }
+            eprintln!(
+                "shardq: warning: {shortfall}; starting without registered I/O buffers, so every write and read pins its pages itself (slower); to fix, {}",
+                shortfall.fix()
+            );
+        }
         exit_on_shard_panic();
         // Everything the broker creates is its own: directories 0700, files 0600.
         // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
@@ -469,7 +498,7 @@ impl ServerHandle {
             executors: Vec::with_capacity(shard_count),
             data_directory: Some(data_directory),
         };
-        let io_memory = config.chunk_memory_bytes_per_shard_max + (16 << 20);
+        let io_memory = preflight::io_memory_bytes(&config);
         for (shard, (shared_socket, own_socket)) in shared.into_iter().zip(own).enumerate() {
             let stopping_flag = Arc::clone(&stopping);
             let connections_open = Arc::clone(&connections_open);

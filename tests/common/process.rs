@@ -20,6 +20,8 @@ pub struct Serve {
     pub metrics_address: Option<SocketAddr>,
     /// stderr lines, read by a thread so the child never blocks on a full pipe.
     pub lines: mpsc::Receiver<String>,
+    /// The lines `wait_serving` read before the "serving on" line.
+    pub seen: Vec<String>,
 }
 
 impl Serve {
@@ -48,7 +50,11 @@ impl Serve {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("shardq serve starts");
+        Self::from_child(command.spawn().expect("shardq serve starts"))
+    }
+
+    /// Watches a `shardq serve` the test spawned itself (with its stderr piped).
+    pub fn from_child(mut child: Child) -> Serve {
         let stderr = child.stderr.take().expect("piped stderr");
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -64,6 +70,7 @@ impl Serve {
             address: None,
             metrics_address: None,
             lines,
+            seen: Vec::new(),
         }
     }
 
@@ -71,7 +78,6 @@ impl Serve {
     /// exits or does not get there in time.
     pub fn wait_serving(&mut self) -> SocketAddr {
         let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -91,12 +97,12 @@ impl Serve {
                             .map(|address| address.parse().expect("a metrics address"));
                         return address;
                     }
-                    seen.push(line);
+                    self.seen.push(line);
                 }
                 Err(_) => panic!(
                     "no 'serving on' within {STEP_TIMEOUT:?} (exit: {:?}); stderr:\n{}",
                     self.child.try_wait(),
-                    seen.join("\n")
+                    self.seen.join("\n")
                 ),
             }
         }
