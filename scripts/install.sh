@@ -248,27 +248,44 @@ create_directories() {
 }
 
 # 4. The configuration, only where there is none: an operator's edits are never lost.
+# It is the repository's example with data_dir set to the service's data directory.
 install_config() {
     local destination=$staging$config_path
     if [ ! -f "$config_source" ]; then
-        warn "config: $config_source is not in this checkout (it comes with the configuration file work); no $config_path installed. Write one, or install again from a checkout that has it"
+        warn "config: $config_source is missing from this checkout; no $config_path installed"
         failed_steps+=(config)
         return
     fi
+    local rendered
+    rendered=$(sed -e "s|^data_dir = .*|data_dir = \"$data_directory\"|" "$config_source")
     if [ -e "$destination" ]; then
-        if cmp -s "$config_source" "$destination"; then
-            say "config: $destination exists and matches $config_source"
+        if [ "$(cat "$destination")" = "$rendered" ]; then
+            say "config: $destination exists and matches $config_source (data_dir = \"$data_directory\")"
         else
             say "config: $destination exists and differs from $config_source; kept as it is (compare: diff -u $destination $config_source)"
         fi
         return
     fi
-    if on_real_root; then
-        # Readable by the broker's group, writable by root only.
-        act install -m 0640 -o root -g "$group" -- "$config_source" "$destination"
-    else
-        act install -m 0640 -- "$config_source" "$destination"
+    if [ "$(grep -c '^data_dir = ' "$config_source" || true)" != 1 ]; then
+        warn "config: $config_source has no single data_dir line to point at $data_directory; no $config_path installed"
+        failed_steps+=(config)
+        return
     fi
+    if [ "$dry_run" = 1 ]; then
+        say "would write $destination from $config_source with data_dir = \"$data_directory\""
+        return
+    fi
+    say "write $destination from $config_source with data_dir = \"$data_directory\""
+    install -d -m 0755 -- "$(dirname "$destination")"
+    local temporary
+    temporary=$(mktemp "$(dirname "$destination")/.shardq.toml.XXXXXX")
+    printf '%s\n' "$rendered" >"$temporary"
+    # Readable by the broker's group, writable by root only.
+    chmod 0640 "$temporary"
+    if on_real_root; then
+        chown "root:$group" "$temporary"
+    fi
+    mv -f -- "$temporary" "$destination"
 }
 
 # 5. The unit, with ExecStart= and Documentation= pointing where this install put things.

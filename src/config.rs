@@ -1,6 +1,7 @@
-//! Broker settings. Every limit the broker enforces lives here, with its default; the
-//! `serve` flags set the common ones. `validate` refuses combinations that cannot work
-//! before any shard starts.
+//! Broker settings. Every limit the broker enforces lives here, with its default.
+//! `validate` refuses values that cannot work before any shard starts, naming the key,
+//! the value and the allowed range. Embedders and tests build `ServerConfig` in code;
+//! `shardq serve` reads it from a TOML file, `SHARDQ_*` variables and flags (`file`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,9 @@ use std::path::PathBuf;
 pub use crate::delivery::{ExpiryPolicy as QueueExpiryPolicy, Ordering as QueueOrdering};
 use crate::delivery::{QueueGroupConfig, RetryPolicy};
 pub use crate::storage::FailurePolicy;
+
+#[cfg(feature = "config-file")]
+pub mod file;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -20,8 +24,12 @@ pub struct ServerConfig {
     /// them (`listen(2)`'s backlog; the kernel cuts it to `net.core.somaxconn`). A burst
     /// of connects beyond it waits for SYN retransmits (1 s, then more).
     pub listen_backlog: u32,
-    /// Number of shards, one pinned per CPU. `None`: every online CPU.
+    /// Number of shards, one pinned per CPU. `None`: one per CPU of `cpus`, or every
+    /// online CPU.
     pub cores: Option<usize>,
+    /// The CPUs the shards run on, shard k on the k-th. `None`: the lowest-numbered
+    /// online CPUs, as many as `cores`. With both set, `cores` must count the list.
+    pub cpus: Option<CpuList>,
     /// Largest frame body accepted from a client.
     pub frame_body_bytes_max: u32,
     /// Most records in one batch.
@@ -185,6 +193,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9740)),
             listen_backlog: 1024,
             cores: None,
+            cpus: None,
             frame_body_bytes_max: 16 << 20,
             batch_records_max: 100_000,
             topics_per_request_max: 1024,
@@ -248,13 +257,34 @@ impl Default for ServerConfig {
     }
 }
 
-/// A setting that cannot work, with the numbers involved.
+/// A setting that cannot work: the key, the value it was given and what it may be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub struct ConfigError {
+    /// The key as the config file names it (`ServerConfig`'s field).
+    pub key: &'static str,
+    /// The value it was given, as the config file would write it.
+    pub value: String,
+    /// The values it may take, with the numbers (and the other keys they depend on).
+    pub allowed: String,
+}
+
+impl ConfigError {
+    fn new(key: &'static str, value: impl std::fmt::Display, allowed: impl Into<String>) -> Self {
+        ConfigError {
+            key,
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration: {}", self.0)
+        write!(
+            f,
+            "invalid configuration: {} = {} is not allowed: must be {}",
+            self.key, self.value, self.allowed
+        )
     }
 }
 
@@ -262,70 +292,241 @@ impl std::error::Error for ConfigError {}
 
 pub const ALIGNMENT_BYTES: usize = 4096;
 
-impl ServerConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |message: String| Err(ConfigError(message));
-        if self.cores == Some(0) {
-            return fail("cores must be at least 1".into());
+/// Most shards a broker runs: shard ids are 16-bit on the wire and in placement.
+pub const SHARDS_MAX: usize = u16::MAX as usize;
+
+/// The largest segment: index entries hold 32-bit positions, and a segment is whole
+/// blocks (the last multiple of 4096 below 4 GiB).
+pub const SEGMENT_SIZE_BYTES_MAX: u64 =
+    (u32::MAX as u64 / ALIGNMENT_BYTES as u64) * ALIGNMENT_BYTES as u64;
+
+/// Highest CPU number a `cpus` list may name: Linux's own ceiling (`NR_CPUS` at most
+/// 8192), which also bounds the memory a range like `0-99999999` would take.
+pub const CPU_NUMBER_MAX: usize = 8191;
+
+/// The CPUs the shards run on, in shard order: shard k runs on the k-th CPU of the list.
+/// Written as the kernel writes CPU lists (`/sys/devices/system/cpu/online`):
+/// `"2-7"`, `"0,2,4-6"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(Vec<usize>);
+
+/// Why a CPU list does not parse, with the piece at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuListError {
+    pub list: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for CpuListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CPU list {:?}: {}", self.list, self.reason)
+    }
+}
+
+impl std::error::Error for CpuListError {}
+
+impl CpuList {
+    /// A list of distinct CPUs; panics on an empty list or a repeated CPU (a bug: parse
+    /// refuses both).
+    pub fn new(cpus: Vec<usize>) -> CpuList {
+        assert!(!cpus.is_empty(), "a CPU list names at least one CPU");
+        let mut sorted = cpus.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), cpus.len(), "a CPU list names each CPU once");
+        CpuList(cpus)
+    }
+
+    pub fn parse(text: &str) -> Result<CpuList, CpuListError> {
+        let fail = |reason: String| CpuListError {
+            list: text.to_string(),
+            reason,
+        };
+        let number = |piece: &str| -> Result<usize, CpuListError> {
+            let cpu: usize = piece.trim().parse().map_err(|_| {
+                fail(format!(
+                    "{:?} is not a CPU number (lists look like \"2-7\" or \"0,2,4-6\")",
+                    piece.trim()
+                ))
+            })?;
+            if cpu > CPU_NUMBER_MAX {
+                return Err(fail(format!(
+                    "CPU {cpu} is past the highest CPU number, {CPU_NUMBER_MAX}"
+                )));
+            }
+            Ok(cpu)
+        };
+        if text.trim().is_empty() {
+            return Err(fail("names no CPU".into()));
         }
-        if self.chunk_size_bytes < 2 * ALIGNMENT_BYTES
-            || self.chunk_size_bytes % ALIGNMENT_BYTES != 0
-        {
-            return fail(format!(
-                "chunk_size_bytes {} must be a multiple of {ALIGNMENT_BYTES} and at least {}",
-                self.chunk_size_bytes,
-                2 * ALIGNMENT_BYTES
-            ));
+        let mut cpus = Vec::new();
+        for piece in text.split(',') {
+            match piece.split_once('-') {
+                Some((first, last)) => {
+                    let (first, last) = (number(first)?, number(last)?);
+                    if first > last {
+                        return Err(fail(format!(
+                            "range {first}-{last} runs backwards (write {last}-{first})"
+                        )));
+                    }
+                    cpus.extend(first..=last);
+                }
+                None => cpus.push(number(piece)?),
+            }
+        }
+        let mut seen = vec![false; CPU_NUMBER_MAX + 1];
+        for &cpu in &cpus {
+            if std::mem::replace(&mut seen[cpu], true) {
+                return Err(fail(format!(
+                    "CPU {cpu} is named twice (one shard per CPU)"
+                )));
+            }
+        }
+        Ok(CpuList(cpus))
+    }
+
+    pub fn cpus(&self) -> &[usize] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for CpuList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&cpu_list_text(&self.0))
+    }
+}
+
+/// CPUs as `CpuList::parse` reads them, runs of consecutive CPUs as ranges: `0,2,4-6`.
+pub fn cpu_list_text(cpus: &[usize]) -> String {
+    let mut pieces = Vec::new();
+    let mut index = 0;
+    while index < cpus.len() {
+        let first = cpus[index];
+        while index + 1 < cpus.len() && cpus[index + 1] == cpus[index] + 1 {
+            index += 1;
+        }
+        let last = cpus[index];
+        pieces.push(if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+        index += 1;
+    }
+    pieces.join(",")
+}
+
+impl ServerConfig {
+    /// Refuses values that cannot work; each error names the key, its value and the
+    /// allowed range (computed from the other keys it depends on).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key, value: &dyn std::fmt::Display, allowed: String| {
+            Err(ConfigError::new(key, value, allowed))
+        };
+        if let Some(cores) = self.cores {
+            if cores == 0 || cores > SHARDS_MAX {
+                return fail(
+                    "cores",
+                    &cores,
+                    format!("\"auto\" or from 1 to {SHARDS_MAX} (and at most the online CPUs)"),
+                );
+            }
+            if let Some(cpus) = &self.cpus {
+                if cpus.len() != cores {
+                    return fail(
+                        "cores",
+                        &cores,
+                        format!(
+                            "{} (the number of CPUs in cpus = \"{cpus}\"), or \"auto\"",
+                            cpus.len()
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.len() > SHARDS_MAX {
+                return fail(
+                    "cpus",
+                    &format!("\"{cpus}\""),
+                    format!("a list of at most {SHARDS_MAX} CPUs"),
+                );
+            }
+        }
+        let alignment = ALIGNMENT_BYTES;
+        if self.chunk_size_bytes < 2 * alignment || self.chunk_size_bytes % alignment != 0 {
+            return fail(
+                "chunk_size_bytes",
+                &self.chunk_size_bytes,
+                format!("a multiple of {alignment}, at least {}", 2 * alignment),
+            );
         }
         if self.chunk_memory_bytes_per_shard_max < 4 * self.chunk_size_bytes {
-            return fail(format!(
-                "chunk_memory_bytes_per_shard_max {} must hold at least 4 chunks of {} bytes",
-                self.chunk_memory_bytes_per_shard_max, self.chunk_size_bytes
-            ));
+            return fail(
+                "chunk_memory_bytes_per_shard_max",
+                &self.chunk_memory_bytes_per_shard_max,
+                format!(
+                    "at least {} (4 chunks of chunk_size_bytes = {})",
+                    4 * self.chunk_size_bytes,
+                    self.chunk_size_bytes
+                ),
+            );
         }
-        if self.segment_size_bytes % ALIGNMENT_BYTES as u64 != 0 {
-            return fail(format!(
-                "segment_size_bytes {} must be a multiple of {ALIGNMENT_BYTES}: padded block writes must stay inside the preallocated file",
-                self.segment_size_bytes
-            ));
-        }
-        if self.segment_size_bytes < self.chunk_size_bytes as u64 {
-            return fail(format!(
-                "segment_size_bytes {} must be at least chunk_size_bytes {}",
-                self.segment_size_bytes, self.chunk_size_bytes
-            ));
-        }
-        if self.segment_size_bytes > u64::from(u32::MAX) {
-            return fail(format!(
-                "segment_size_bytes {} must be below 4 GiB: index entries hold 32-bit positions",
-                self.segment_size_bytes
-            ));
-        }
-        if self.segment_preallocate_step_bytes < ALIGNMENT_BYTES as u64
-            || self.segment_preallocate_step_bytes % ALIGNMENT_BYTES as u64 != 0
+        // Padded block writes must stay inside the preallocated file; index entries
+        // hold 32-bit positions.
+        if self.segment_size_bytes % alignment as u64 != 0
+            || self.segment_size_bytes < self.chunk_size_bytes as u64
+            || self.segment_size_bytes > SEGMENT_SIZE_BYTES_MAX
         {
-            return fail(format!(
-                "segment_preallocate_step_bytes {} must be a multiple of {ALIGNMENT_BYTES} and at least {ALIGNMENT_BYTES}",
-                self.segment_preallocate_step_bytes
-            ));
+            return fail(
+                "segment_size_bytes",
+                &self.segment_size_bytes,
+                format!(
+                    "a multiple of {alignment} from {} (chunk_size_bytes) to {SEGMENT_SIZE_BYTES_MAX}",
+                    self.chunk_size_bytes
+                ),
+            );
+        }
+        if self.segment_preallocate_step_bytes < alignment as u64
+            || self.segment_preallocate_step_bytes % alignment as u64 != 0
+        {
+            return fail(
+                "segment_preallocate_step_bytes",
+                &self.segment_preallocate_step_bytes,
+                format!("a multiple of {alignment}, at least {alignment}"),
+            );
         }
         let frame_bytes_max = u64::from(self.frame_body_bytes_max) + 16;
         if self.connection_bytes_in_flight_max < frame_bytes_max {
-            return fail(format!(
-                "connection_bytes_in_flight_max {} must hold one largest frame, {frame_bytes_max} bytes (frame_body_bytes_max + 16)",
-                self.connection_bytes_in_flight_max
-            ));
+            return fail(
+                "connection_bytes_in_flight_max",
+                &self.connection_bytes_in_flight_max,
+                format!(
+                    "at least {frame_bytes_max} (one largest frame: frame_body_bytes_max = {} + 16)",
+                    self.frame_body_bytes_max
+                ),
+            );
         }
         if self.shard_bytes_in_flight_max < self.connection_bytes_in_flight_max {
-            return fail(format!(
-                "shard_bytes_in_flight_max {} must be at least connection_bytes_in_flight_max {}",
-                self.shard_bytes_in_flight_max, self.connection_bytes_in_flight_max
-            ));
+            return fail(
+                "shard_bytes_in_flight_max",
+                &self.shard_bytes_in_flight_max,
+                format!(
+                    "at least {} (connection_bytes_in_flight_max)",
+                    self.connection_bytes_in_flight_max
+                ),
+            );
         }
-        if self.index_interval_bytes == 0 {
-            return fail("index_interval_bytes must be at least 1".into());
-        }
-        for (name, value) in [
+        for (key, value) in [
+            ("index_interval_bytes", u64::from(self.index_interval_bytes)),
             ("frame_body_bytes_max", u64::from(self.frame_body_bytes_max)),
             ("batch_records_max", u64::from(self.batch_records_max)),
             (
@@ -393,27 +594,49 @@ impl ServerConfig {
                 "metrics_shard_answer_timeout_ms",
                 u64::from(self.metrics_shard_answer_timeout_ms),
             ),
+            (
+                "queue_groups_per_shard_max",
+                u64::from(self.queue_groups_per_shard_max),
+            ),
+            ("queue_receive_bytes_max", self.queue_receive_bytes_max),
         ] {
             if value == 0 {
-                return fail(format!("{name} must be at least 1"));
+                return fail(key, &value, "at least 1".into());
             }
         }
         let waits_ms = u64::from(self.shutdown_drain_ms) + u64::from(self.connection_linger_ms);
         if u64::from(self.shutdown_timeout_ms) < waits_ms {
-            return fail(format!(
-                "shutdown_timeout_ms {} must be at least shutdown_drain_ms + connection_linger_ms = {waits_ms}: a clean stop may wait that long on slow clients",
-                self.shutdown_timeout_ms
-            ));
+            return fail(
+                "shutdown_timeout_ms",
+                &self.shutdown_timeout_ms,
+                format!(
+                    "at least {waits_ms} (shutdown_drain_ms + connection_linger_ms: a clean stop may wait that long on slow clients)"
+                ),
+            );
         }
-        if self.queue_groups_per_shard_max == 0 {
-            return fail("queue_groups_per_shard_max must be at least 1".into());
-        }
-        if self.queue_receive_bytes_max == 0 {
-            return fail("queue_receive_bytes_max = 0: must be at least 1".into());
-        }
-        // The same checks every queue group's config passes, on the broker's defaults.
+        // The same checks every queue group's config passes, on the broker's defaults,
+        // with the bounds that depend on other keys spelled out.
         if let Err(error) = self.queue_group_defaults(0).validate() {
-            return fail(error.to_string());
+            let allowed = match error.key {
+                "queue_in_flight_messages_max" => format!(
+                    "from 1 to {} (queue_window_messages_max)",
+                    self.queue_window_messages_max
+                ),
+                "queue_retry_delay_ms_min" => format!(
+                    "at most {} (queue_retry_delay_ms_max)",
+                    self.queue_retry_delay_ms_max
+                ),
+                "queue_retry_delay_multiplier_percent" => {
+                    "at least 100 (delays never shrink)".into()
+                }
+                "queue_retry_jitter_percent" => "from 0 to 100".into(),
+                "queue_visibility_timeout_ms_default" => format!(
+                    "from 1 to {} (queue_visibility_timeout_ms_max)",
+                    self.queue_visibility_timeout_ms_max
+                ),
+                _ => error.reason.trim_start_matches("must be ").to_string(),
+            };
+            return fail(error.key, &error.value, allowed);
         }
         Ok(())
     }
@@ -459,6 +682,100 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them_and_print_back() {
+        for (text, cpus, printed) in [
+            ("2-7", vec![2, 3, 4, 5, 6, 7], "2-7"),
+            ("0,2,4-6", vec![0, 2, 4, 5, 6], "0,2,4-6"),
+            (" 1 ", vec![1], "1"),
+            ("3,1", vec![3, 1], "3,1"),
+            ("0-1,3", vec![0, 1, 3], "0-1,3"),
+        ] {
+            let list = CpuList::parse(text).unwrap();
+            assert_eq!(list.cpus(), &cpus[..], "{text}");
+            assert_eq!(list.to_string(), printed, "{text}");
+            assert_eq!(CpuList::parse(printed).unwrap(), list);
+        }
+    }
+
+    #[test]
+    fn malformed_cpu_lists_name_the_piece_at_fault() {
+        for (text, reason) in [
+            ("", "names no CPU"),
+            ("0,,1", "\"\" is not a CPU number"),
+            ("a-3", "\"a\" is not a CPU number"),
+            ("3-1", "range 3-1 runs backwards"),
+            ("0-2,1", "CPU 1 is named twice"),
+            ("8192", "CPU 8192 is past the highest CPU number, 8191"),
+            ("0-99999999", "CPU 99999999 is past"),
+        ] {
+            let error = CpuList::parse(text).unwrap_err();
+            assert!(error.reason.contains(reason), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn errors_carry_key_value_and_allowed_range() {
+        let refused = |config: ServerConfig| config.validate().unwrap_err();
+        let error = refused(ServerConfig {
+            segment_size_bytes: SEGMENT_SIZE_BYTES_MAX + ALIGNMENT_BYTES as u64,
+            ..ServerConfig::default()
+        });
+        assert_eq!(error.key, "segment_size_bytes");
+        assert_eq!(error.value, "4294967296");
+        assert_eq!(
+            error.allowed,
+            "a multiple of 4096 from 1048576 (chunk_size_bytes) to 4294963200"
+        );
+        assert!(ServerConfig {
+            segment_size_bytes: SEGMENT_SIZE_BYTES_MAX,
+            ..ServerConfig::default()
+        }
+        .validate()
+        .is_ok());
+        let error = refused(ServerConfig {
+            cores: Some(3),
+            cpus: Some(CpuList::parse("0-1").unwrap()),
+            ..ServerConfig::default()
+        });
+        assert_eq!(
+            (error.key, error.value.as_str(), error.allowed.as_str()),
+            (
+                "cores",
+                "3",
+                "2 (the number of CPUs in cpus = \"0-1\"), or \"auto\""
+            )
+        );
+        assert!(ServerConfig {
+            cores: Some(2),
+            cpus: Some(CpuList::parse("0-1").unwrap()),
+            ..ServerConfig::default()
+        }
+        .validate()
+        .is_ok());
+        let error = refused(ServerConfig {
+            cores: Some(0),
+            ..ServerConfig::default()
+        });
+        assert_eq!((error.key, error.value.as_str()), ("cores", "0"));
+        let error = refused(ServerConfig {
+            queue_retry_jitter_percent: 101,
+            ..ServerConfig::default()
+        });
+        assert_eq!(
+            (error.key, error.value.as_str(), error.allowed.as_str()),
+            ("queue_retry_jitter_percent", "101", "from 0 to 100")
+        );
+        let error = refused(ServerConfig {
+            shard_bytes_in_flight_max: (32 << 20) - 1,
+            ..ServerConfig::default()
+        });
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration: shard_bytes_in_flight_max = 33554431 is not allowed: must be at least 33554432 (connection_bytes_in_flight_max)"
+        );
+    }
+
+    #[test]
     fn preallocation_step_must_be_whole_blocks() {
         let config = |step| ServerConfig {
             segment_preallocate_step_bytes: step,
@@ -469,8 +786,8 @@ mod tests {
         for step in [0, ALIGNMENT_BYTES as u64 - 1, ALIGNMENT_BYTES as u64 + 1] {
             let error = config(step).validate().unwrap_err();
             assert!(
-                error.0.contains("segment_preallocate_step_bytes")
-                    && error.0.contains(&step.to_string()),
+                error.to_string().contains("segment_preallocate_step_bytes")
+                    && error.to_string().contains(&step.to_string()),
                 "{error}"
             );
         }
@@ -486,10 +803,11 @@ mod tests {
         };
         assert!(config(2_000).validate().is_ok());
         let error = config(1_999).validate().unwrap_err();
-        assert!(
-            error.0.contains("shutdown_timeout_ms 1999") && error.0.contains("2000"),
-            "{error}"
+        assert_eq!(
+            (error.key, error.value.as_str()),
+            ("shutdown_timeout_ms", "1999")
         );
+        assert!(error.allowed.starts_with("at least 2000 "), "{error}");
     }
 
     #[test]
@@ -501,7 +819,9 @@ mod tests {
         assert!(config(1).validate().is_ok());
         let error = config(0).validate().unwrap_err();
         assert!(
-            error.0.contains("metrics_shard_answer_timeout_ms"),
+            error
+                .to_string()
+                .contains("metrics_shard_answer_timeout_ms"),
             "{error}"
         );
     }
@@ -515,7 +835,9 @@ mod tests {
         assert!(config(1).validate().is_ok());
         let error = config(0).validate().unwrap_err();
         assert!(
-            error.0.contains("stream_groups_per_partition_max"),
+            error
+                .to_string()
+                .contains("stream_groups_per_partition_max"),
             "{error}"
         );
     }
@@ -537,7 +859,7 @@ mod tests {
         let refused = |config: ServerConfig, key: &str, value: &str| {
             let error = config.validate().expect_err(key);
             assert!(
-                error.0.contains(key) && error.0.contains(value),
+                error.to_string().contains(key) && error.to_string().contains(value),
                 "{key} = {value}: {error}"
             );
         };

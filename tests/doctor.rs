@@ -287,6 +287,65 @@ fn doctor_fails_the_lock_check_on_a_data_dir_a_running_broker_holds() {
     );
 }
 
+#[test]
+fn doctor_checks_the_broker_a_config_file_describes_and_fails_a_setting_serve_would_refuse() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("from-file");
+    let config = root.path().join("shardq.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncores = 1\n{extra}",
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+    };
+    let run = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_shardq"))
+            .args(["doctor", "--json", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("shardq doctor runs");
+        let stdout = String::from_utf8(output.stdout).expect("UTF-8 output");
+        let document: Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|error| panic!("--json prints JSON ({error}):\n{stdout}"));
+        let check = |name: &str| {
+            document["checks"]
+                .as_array()
+                .expect("a checks array")
+                .iter()
+                .find(|check| check["name"] == name)
+                .unwrap_or_else(|| panic!("no {name} check: {stdout}"))
+                .clone()
+        };
+        (output.status.code(), check("config"), check("data_dir"))
+    };
+
+    write_config("");
+    let (_, config_check, data_dir_check) = run();
+    assert_eq!(config_check["status"], "pass", "{config_check}");
+    // The data directory is the file's, not serve's default.
+    let found = data_dir_check["found"].as_str().unwrap();
+    assert!(
+        found.contains(&data_dir.display().to_string()),
+        "{data_dir_check}"
+    );
+
+    // One past the edge: the stop's bound below drain + linger (2000 + 2000).
+    write_config("shutdown_timeout_ms = 3999\n");
+    let (code, config_check, _) = run();
+    assert_eq!(code, Some(1));
+    assert_eq!(config_check["status"], "fail", "{config_check}");
+    let found = config_check["found"].as_str().unwrap();
+    assert!(
+        found.contains("shutdown_timeout_ms") && found.contains("3999") && found.contains("4000"),
+        "{config_check}"
+    );
+}
+
 /// CAP_IPC_LOCK's number in linux/capability.h.
 const CAP_IPC_LOCK: libc::c_ulong = 14;
 

@@ -263,3 +263,38 @@ fn a_second_signal_during_the_stop_exits_at_once_keeping_durable_acknowledgement
     }
     assert!(durable > 0, "the load had durable acknowledgements");
 }
+
+#[test]
+fn a_stop_past_shutdown_timeout_exits_1_saying_so_and_keeps_durable_acknowledgements() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // The smallest bound allowed: shutdown_drain_ms + connection_linger_ms (2 s each).
+    let arguments = ["--cores", "2", "--set", "shutdown_timeout_ms=4000"];
+    let mut broker = Serve::start_with_env(
+        &data_dir,
+        "127.0.0.1:0",
+        &arguments,
+        &[("SHARDQ_TEST_STOP_DELAY_MS", "60000")],
+    );
+    let address = broker.wait_serving();
+    let mut client = RawClient::connect(address);
+    client.create_topic(TOPIC, PARTITIONS);
+    let values = ["a", "b", "c"];
+    for value in values {
+        client
+            .produce(TOPIC, 0, batch_of(&[value.as_bytes()]))
+            .expect("durable produce");
+    }
+    drop(client);
+    signal(&broker, libc::SIGTERM);
+    let (status, stderr) = broker.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("did not finish within shutdown_timeout_ms = 4000"),
+        "{stderr}"
+    );
+
+    let mut broker = Serve::start(&data_dir, "127.0.0.1:0", &["--cores", "2"]);
+    let mut client = RawClient::connect(broker.wait_serving());
+    assert_eq!(common::values(&client.fetch_all(TOPIC, 0, 0)), values);
+}

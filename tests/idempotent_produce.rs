@@ -137,7 +137,7 @@ fn invalid_producer_table_bound_is_refused_by_the_config() {
         } else {
             "producer_snapshot_interval_bytes"
         };
-        assert!(error.0.contains(name), "{error}");
+        assert_eq!(error.key, name, "{error}");
     }
 }
 

@@ -101,13 +101,25 @@ fn write(path: &Path, contents: &str) {
 // --- install.sh ------------------------------------------------------------------------
 
 /// A copy of what `install.sh` reads from a checkout, so a test controls whether
-/// `tuning/shardq.toml` exists (the real one comes from other work) without touching the
-/// repository.
+/// `tuning/shardq.toml` exists, and can change it, without touching the repository.
 struct Checkout {
     directory: PathBuf,
 }
 
-const STAND_IN_CONFIG: &str = "# stand-in example config written by tests/scripts.rs\n";
+/// The repository's example config as `install.sh` installs it: data in the service's
+/// state directory.
+fn installed_config() -> String {
+    let example = read(&repository().join("tuning/shardq.toml"));
+    assert_eq!(
+        example.matches("\ndata_dir = \"./shardq-data\"\n").count(),
+        1,
+        "tuning/shardq.toml has one data_dir line, the default"
+    );
+    example.replace(
+        "\ndata_dir = \"./shardq-data\"\n",
+        "\ndata_dir = \"/var/lib/shardq\"\n",
+    )
+}
 
 impl Checkout {
     fn new(parent: &Path, with_config: bool) -> Checkout {
@@ -133,7 +145,11 @@ impl Checkout {
             .unwrap();
         }
         if with_config {
-            write(&directory.join("tuning/shardq.toml"), STAND_IN_CONFIG);
+            fs::copy(
+                source.join("tuning/shardq.toml"),
+                directory.join("tuning/shardq.toml"),
+            )
+            .unwrap();
         }
         Checkout { directory }
     }
@@ -250,8 +266,19 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
     );
     assert_eq!(mode(&unit), 0o644);
     let config = root.join("etc/shardq/shardq.toml");
-    assert_eq!(read(&config), STAND_IN_CONFIG);
+    assert_eq!(read(&config), installed_config());
     assert_eq!(mode(&config), 0o640);
+    // The broker reads it as installed, with its data where the unit expects it.
+    let printed = Command::new(env!("CARGO_BIN_EXE_shardq"))
+        .args(["config", "print", "--config"])
+        .arg(&config)
+        .output()
+        .expect("shardq config print runs");
+    let printed_text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success() && printed_text.contains("data_dir = \"/var/lib/shardq\""),
+        "{printed:?}"
+    );
     assert_eq!(mode(&root.join("var/lib/shardq")), 0o700);
     let sysctl = root.join("etc/sysctl.d/60-shardq.conf");
     assert_eq!(
@@ -327,7 +354,7 @@ fn install_without_an_example_config_fails_that_step_and_does_the_rest() {
     run.expect_status(1, "install without tuning/shardq.toml")
         .expect_output(
             &format!(
-                "config: {} is not in this checkout",
+                "config: {} is missing from this checkout",
                 checkout.directory.join("tuning/shardq.toml").display()
             ),
             "install without tuning/shardq.toml",
@@ -372,7 +399,10 @@ fn uninstall_keeps_config_and_data_and_purge_removes_them() {
         assert!(!root.join("etc/systemd/system/shardq.service").exists());
         assert!(!root.join("etc/sysctl.d/60-shardq.conf").exists());
         assert!(!root.join("usr/local/share/doc/shardq").exists());
-        assert_eq!(read(&root.join("etc/shardq/shardq.toml")), STAND_IN_CONFIG);
+        assert_eq!(
+            read(&root.join("etc/shardq/shardq.toml")),
+            installed_config()
+        );
         assert_eq!(read(&topic_file), "partitions=1\n");
     }
 

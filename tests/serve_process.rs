@@ -297,7 +297,7 @@ fn serve_sets_the_connection_limits_and_refuses_impossible_ones() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(
-            "shard_bytes_in_flight_max 1024 must be at least connection_bytes_in_flight_max"
+            "shard_bytes_in_flight_max = 1024 is not allowed: must be at least 33554432 (connection_bytes_in_flight_max)"
         ),
         "{stderr}"
     );

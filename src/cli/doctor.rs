@@ -1,58 +1,32 @@
 //! `shardq doctor`: the preflight checks of `shardq::server::preflight` as a table (or
 //! JSON with `--json`), for the broker `serve` would run with the same flags.
 //!
-//! Exit status: 0 when no check failed (warnings allowed), 1 when any did. The checks
-//! work from a `ServerConfig`: a `--config FILE` option only has to build that config.
-
-use std::net::SocketAddr;
-use std::path::PathBuf;
+//! Exit status: 0 when no check failed (warnings allowed), 1 when any did. It takes what
+//! `serve` takes (`--config`, `--set`, `SHARDQ_*`, the flags) and checks the
+//! `ServerConfig` they come to; one `serve` would refuse is the `config` check's failure.
 
 use clap::Args;
 use serde_json::{json, Value};
 
-use shardq::config::ServerConfig;
 use shardq::server::preflight::{run_checks, Check, Status};
 
-use super::{parse_metrics_listen, write_stdout, CliError, MetricsListen, METRICS_DEFAULT};
+use super::{write_stdout, CliError, ServeArgs};
 
-/// The broker-describing flags of `serve`, with its defaults.
+/// What `serve` takes, and `--json`.
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
-    /// Directory of the partition logs.
-    #[arg(long, default_value = "./shardq-data")]
-    pub data_dir: PathBuf,
-    /// Shared listening address; shard k also listens on port + 1 + k.
-    #[arg(long, default_value = super::SERVER_DEFAULT)]
-    pub listen: SocketAddr,
-    /// Number of shards (one per core); default: every online CPU.
-    #[arg(long, value_name = "N")]
-    pub cores: Option<usize>,
-    /// Most open client connections over all shards.
-    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().connections_max)]
-    pub connections_max: u32,
-    /// Where serve would listen for scrapes; `off` for nowhere.
-    #[arg(long, value_name = "ADDRESS|off", default_value = METRICS_DEFAULT, value_parser = parse_metrics_listen)]
-    pub metrics_listen: MetricsListen,
+    /// The broker to check, described as `serve` takes it: `--config FILE`, `--set`,
+    /// `SHARDQ_*` and the same flags, with the same precedence.
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Print one JSON document with every check instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
-impl DoctorArgs {
-    fn config(&self) -> ServerConfig {
-        ServerConfig {
-            data_dir: self.data_dir.clone(),
-            listen: self.listen,
-            cores: self.cores,
-            connections_max: self.connections_max,
-            metrics_listen: self.metrics_listen.0,
-            ..ServerConfig::default()
-        }
-    }
-}
-
 pub fn run(args: DoctorArgs) -> Result<(), CliError> {
-    let checks = run_checks(&args.config());
+    let config = super::config::unvalidated_serve_config(args.serve)?;
+    let checks = run_checks(&config);
     let text = if args.json {
         let mut document = serde_json::to_string_pretty(&to_json(&checks))
             .expect("a JSON value always serializes");

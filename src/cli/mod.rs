@@ -1,4 +1,5 @@
-//! The `shardq` command line: `serve` runs the broker; `topic`, `produce`, `consume`,
+//! The `shardq` command line: `serve` runs the broker (`config print` shows what it would
+//! run with: `config`); `topic`, `produce`, `consume`,
 //! `receive`, `ack`, `nack`, `group` and `dlq` talk to one through [`shardq::client`]
 //! (the queue-group commands are in `queue`).
 //!
@@ -26,9 +27,9 @@ use shardq::client::{
     Producer, ProducerConfig, ProducerRecord, QueueOrdering, QueueSettings, Refusal, Retention,
     SendHandle, StartPosition,
 };
-use shardq::config::ServerConfig;
 use shardq::server::ServerError;
 
+mod config;
 mod doctor;
 mod queue;
 mod stats;
@@ -52,6 +53,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// The broker's configuration: `config print` shows the effective one.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Create, list, describe and delete topics.
     Topic {
         #[command(flatten)]
@@ -327,38 +331,51 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
+/// Each flag sets the config key of its name and wins over `--set`, SHARDQ_<KEY> and
+/// the file; a flag not given falls through to them (hence no clap defaults here).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Directory of the partition logs.
-    #[arg(long, default_value = "./shardq-data")]
-    pub data_dir: PathBuf,
-    /// Shared listening address; shard k also listens on port + 1 + k.
-    #[arg(long, default_value = SERVER_DEFAULT)]
-    pub listen: SocketAddr,
-    /// Number of shards (one per core); default: every online CPU.
+    #[command(flatten)]
+    pub source: config::ConfigSourceArgs,
+    /// Directory of the partition logs [default: ./shardq-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Shared listening address; shard k also listens on port + 1 + k
+    /// [default: 127.0.0.1:9740].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Number of shards (one per core) [default: one per CPU of --cpus, else every
+    /// online CPU].
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
+    /// The CPUs the shards run on, shard k on the k-th: "2-7" or "0,2,4-6"
+    /// [default: the lowest-numbered online CPUs].
+    #[arg(long, value_name = "LIST", value_parser = config::parse_cpus)]
+    pub cpus: Option<shardq::config::CpuList>,
     /// How long start-up retries binding an address still in use (a broker killed a
-    /// moment ago leaves its sockets bound briefly); 0 fails at once.
-    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().bind_retry_ms)]
-    pub bind_retry_ms: u32,
-    /// Most open client connections over all shards; more are closed at once.
-    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().connections_max)]
-    pub connections_max: u32,
+    /// moment ago leaves its sockets bound briefly); 0 fails at once [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub bind_retry_ms: Option<u32>,
+    /// Most open client connections over all shards; more are closed at once
+    /// [default: 20000].
+    #[arg(long, value_name = "N")]
+    pub connections_max: Option<u32>,
     /// Bytes of request frames and unwritten responses one shard's connections may
-    /// hold; reading pauses at the limit.
-    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().shard_bytes_in_flight_max)]
-    pub shard_bytes_in_flight_max: u64,
-    /// A connection with nothing sent, running or unwritten this long is closed.
-    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().connection_idle_timeout_ms)]
-    pub connection_idle_timeout_ms: u32,
-    /// A client that reads none of its responses this long is disconnected.
-    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().response_write_timeout_ms)]
-    pub response_write_timeout_ms: u32,
+    /// hold; reading pauses at the limit [default: 134217728].
+    #[arg(long, value_name = "BYTES")]
+    pub shard_bytes_in_flight_max: Option<u64>,
+    /// A connection with nothing sent, running or unwritten this long is closed
+    /// [default: 600000].
+    #[arg(long, value_name = "MS")]
+    pub connection_idle_timeout_ms: Option<u32>,
+    /// A client that reads none of its responses this long is disconnected
+    /// [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub response_write_timeout_ms: Option<u32>,
     /// Where to serve /metrics (Prometheus), /health/live and /health/ready over HTTP;
-    /// `off` serves nothing.
-    #[arg(long, value_name = "ADDRESS|off", default_value = METRICS_DEFAULT, value_parser = parse_metrics_listen)]
-    pub metrics_listen: MetricsListen,
+    /// `off` serves nothing [default: 127.0.0.1:9749].
+    #[arg(long, value_name = "ADDRESS|off", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 /// Where `serve` listens for scrapes, if anywhere.
@@ -579,6 +596,8 @@ pub struct ConsumeArgs {
 #[derive(Debug)]
 pub enum CliError {
     Server(ServerError),
+    /// A config that does not load or validate: nothing was started.
+    Config(config::ConfigCliError),
     Client {
         context: String,
         source: ClientError,
@@ -611,6 +630,7 @@ impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CliError::Server(error) => write!(f, "server: {error}"),
+            CliError::Config(error) => write!(f, "{error}"),
             CliError::Client { context, source } => write!(f, "{context}: {source}"),
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
             CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
@@ -637,6 +657,7 @@ impl std::error::Error for CliError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             CliError::Server(error) => Some(error),
+            CliError::Config(error) => Some(error),
             CliError::Client { source, .. } => Some(source),
             CliError::Io { source, .. } => Some(source),
             CliError::UnknownTopic { .. }
@@ -671,20 +692,10 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => {
-            let config = ServerConfig {
-                data_dir: args.data_dir,
-                listen: args.listen,
-                cores: args.cores,
-                bind_retry_ms: args.bind_retry_ms,
-                connections_max: args.connections_max,
-                shard_bytes_in_flight_max: args.shard_bytes_in_flight_max,
-                connection_idle_timeout_ms: args.connection_idle_timeout_ms,
-                response_write_timeout_ms: args.response_write_timeout_ms,
-                metrics_listen: args.metrics_listen.0,
-                ..ServerConfig::default()
-            };
+            let config = config::serve_config(args)?;
             shardq::server::run_until_signal(config).map_err(CliError::Server)
         }
+        Command::Config(command) => config::config(command),
         // The bench runs its own multi-thread runtime and producer threads.
         Command::Bench(command) => bench(command),
         // Synchronous: it checks the host, it talks to no broker.
@@ -704,8 +715,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn run_client_command(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(_) | Command::Bench(_) | Command::Doctor(_) => {
-            unreachable!("serve, bench and doctor do not run on this runtime")
+        Command::Serve(_) | Command::Config(_) | Command::Bench(_) | Command::Doctor(_) => {
+            unreachable!("serve, config, bench and doctor do not run on this runtime")
         }
         Command::Topic { server, command } => {
             let client = connect(&server).await?;
@@ -1271,6 +1282,7 @@ fn rewind_to_unprinted(consumer: &mut Consumer, unprinted: &[ConsumedRecord]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shardq::config::ServerConfig;
 
     #[test]
     fn times_parse_as_rfc3339_or_epoch_milliseconds() {
@@ -1304,26 +1316,38 @@ mod tests {
 
     #[test]
     fn serve_defaults_and_flags() {
-        let Command::Serve(args) = parse(&["serve"]).unwrap().command else {
-            panic!("expected serve")
+        let serve = |arguments: &[&str]| {
+            let Command::Serve(args) = parse(arguments).unwrap().command else {
+                panic!("expected serve")
+            };
+            args
         };
-        assert_eq!(args.data_dir, PathBuf::from("./shardq-data"));
-        assert_eq!(args.listen, "127.0.0.1:9740".parse().unwrap());
-        assert_eq!(args.cores, None);
-        assert_eq!(
-            args.metrics_listen,
-            MetricsListen(Some("127.0.0.1:9749".parse().unwrap()))
-        );
-        let Command::Serve(args) = parse(&["serve", "--metrics-listen", "off"])
-            .unwrap()
-            .command
-        else {
-            panic!("expected serve")
-        };
-        assert_eq!(args.metrics_listen, MetricsListen(None));
+        // A flag not given is None, so that the file and SHARDQ_<KEY> can set the key;
+        // the defaults then come from serve_defaults (unless the test environment sets
+        // SHARDQ_* keys).
+        let args = serve(&["serve"]);
+        assert_eq!(args.data_dir, None);
+        assert_eq!(args.connections_max, None);
+        assert_eq!(args.metrics_listen, None);
+        if !std::env::vars().any(|(name, _)| name.starts_with("SHARDQ_")) {
+            let resolved = config::serve_config(args).unwrap();
+            assert_eq!(resolved.data_dir, PathBuf::from("./shardq-data"));
+            assert_eq!(resolved.listen, "127.0.0.1:9740".parse().unwrap());
+            assert_eq!(resolved.cores, None);
+            assert_eq!(
+                resolved.metrics_listen,
+                Some("127.0.0.1:9749".parse().unwrap())
+            );
+            assert_eq!(
+                resolved.connections_max,
+                ServerConfig::default().connections_max
+            );
+        }
+        let args = serve(&["serve", "--metrics-listen", "off"]);
+        assert_eq!(args.metrics_listen, Some(MetricsListen(None)));
         let error = parse(&["serve", "--metrics-listen", "of"]).unwrap_err();
         assert!(error.to_string().contains("neither an address"), "{error}");
-        let Command::Serve(args) = parse(&[
+        let args = serve(&[
             "serve",
             "--data-dir",
             "/d",
@@ -1331,19 +1355,19 @@ mod tests {
             "0.0.0.0:1",
             "--cores",
             "3",
-        ])
-        .unwrap()
-        .command
-        else {
-            panic!("expected serve")
-        };
-        assert_eq!(args.data_dir, PathBuf::from("/d"));
-        assert_eq!(args.listen.port(), 1);
+            "--cpus",
+            "0,2-3",
+        ]);
+        assert_eq!(args.data_dir, Some(PathBuf::from("/d")));
+        assert_eq!(args.listen.unwrap().port(), 1);
         assert_eq!(args.cores, Some(3));
+        assert_eq!(args.cpus.unwrap().cpus(), &[0, 2, 3]);
         assert_eq!(
             parse(&["serve", "--listen", "nowhere"]).unwrap_err().kind(),
             ErrorKind::ValueValidation
         );
+        let error = parse(&["serve", "--cpus", "3-1"]).unwrap_err();
+        assert!(error.to_string().contains("runs backwards"), "{error}");
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub enum ServerError {
         requested: usize,
         available: usize,
     },
+    /// A CPU of `cpus` that is not online.
+    CpuOffline {
+        cpu: usize,
+        online: Vec<usize>,
+    },
     Bind {
         address: SocketAddr,
         source: std::io::Error,
@@ -84,6 +89,11 @@ impl std::fmt::Display for ServerError {
             ServerError::Placement { requested, available } => write!(
                 f,
                 "cannot run {requested} shards: only {available} CPUs are online (use --cores N with N <= {available})"
+            ),
+            ServerError::CpuOffline { cpu, online } => write!(
+                f,
+                "invalid configuration: cpus names CPU {cpu}, which is not online (online: {})",
+                crate::config::cpu_list_text(online)
             ),
             ServerError::Bind { address, source } => write!(f, "cannot listen on {address}: {source}"),
             ServerError::LockedMemory(shortfall) => write!(f, "{shortfall}; {}", shortfall.fix()),
@@ -365,13 +375,27 @@ impl ServerHandle {
         // k-th CPU, so `--cores N` leaves the highest CPUs free for other work (a
         // co-located client, say) and runs are reproducible.
         online.sort_unstable();
-        let shard_count = config.cores.unwrap_or(online.len());
-        if shard_count > online.len() || shard_count > usize::from(u16::MAX) {
-            return Err(ServerError::Placement {
-                requested: shard_count,
-                available: online.len(),
-            });
-        }
+        // Shard k runs on shard_cpus[k]: the operator's list (`cpus`), else the lowest
+        // online CPUs.
+        let shard_cpus: Vec<usize> = match &config.cpus {
+            Some(list) => {
+                if let Some(&cpu) = list.cpus().iter().find(|cpu| !online.contains(cpu)) {
+                    return Err(ServerError::CpuOffline { cpu, online });
+                }
+                list.cpus().to_vec()
+            }
+            None => {
+                let shard_count = config.cores.unwrap_or(online.len());
+                if shard_count > online.len() || shard_count > usize::from(u16::MAX) {
+                    return Err(ServerError::Placement {
+                        requested: shard_count,
+                        available: online.len(),
+                    });
+                }
+                online[..shard_count].to_vec()
+            }
+        };
+        let shard_count = shard_cpus.len();
         // Below what the shards need glommio either refuses to start an executor, which
         // only shows as a shard thread that ends before it reports, or silently runs
         // without its registered buffers: say so now, with the numbers. The first stops
@@ -521,7 +545,7 @@ impl ServerHandle {
                     message: format!("creating its stop signal: {error}"),
                 })?;
             handle.stop_signals.push(stop_signal);
-            let builder = LocalExecutorBuilder::new(Placement::Fixed(online[shard]))
+            let builder = LocalExecutorBuilder::new(Placement::Fixed(shard_cpus[shard]))
                 .name(&format!("{SHARD_THREAD_PREFIX}{shard}"))
                 .io_memory(io_memory);
             // The sockets move into the closure whole: if the executor never runs it,
