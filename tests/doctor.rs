@@ -475,3 +475,96 @@ fn serve_under_a_memlock_limit_below_the_need_warns_with_the_numbers_and_still_s
         ["a", "b", "c"]
     );
 }
+
+/// A command whose open-files limits are `soft` and `hard` once it runs.
+fn with_open_files_limits(command: &mut Command, soft: u64, hard: u64) {
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn serve_raises_its_open_files_soft_limit_to_the_hard_one() {
+    let root = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardq"));
+    command
+        .args(["serve", "--cores", "1", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(root.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_open_files_limits(&mut command, 256, 4096);
+    let mut broker = Serve::from_child(command.spawn().expect("serve spawns"));
+    broker.wait_serving();
+    assert!(
+        broker
+            .seen
+            .iter()
+            .any(|line| line.contains("open-files soft limit from 256 to 4096")),
+        "{:?}",
+        broker.seen
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("an open files line");
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+}
+
+#[test]
+fn doctor_warns_when_the_hard_open_files_limit_is_below_connections_max() {
+    let root = tempfile::tempdir().unwrap();
+    let check = |connections_max: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shardq"));
+        command
+            .args([
+                "doctor",
+                "--json",
+                "--cores",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--metrics-listen", "127.0.0.1:0", "--connections-max"])
+            .arg(connections_max)
+            .arg("--data-dir")
+            .arg(root.path().join("data"))
+            .stdin(Stdio::null());
+        // A soft limit far below: what counts is the hard one, which serve raises it to.
+        with_open_files_limits(&mut command, 64, 2048);
+        let output = command.output().expect("doctor runs");
+        let document: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        document["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["name"] == "open_files")
+            .expect("an open_files check")
+            .clone()
+    };
+    // 1 shard: 18 descriptors of its own, no partitions yet.
+    let fits = check("2000");
+    assert_eq!(fits["status"], "pass", "{fits}");
+    let past = check("2048");
+    assert_eq!(past["status"], "warn", "{past}");
+    assert!(
+        past["found"]
+            .as_str()
+            .unwrap()
+            .contains("accepts fail past about 2030 connections"),
+        "{past}"
+    );
+}

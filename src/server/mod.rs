@@ -420,6 +420,17 @@ impl ServerHandle {
                 shortfall.fix()
             );
         }
+        // A descriptor per connection and per segment file: the soft limit's usual 1024
+        // would refuse connections long before connections_max.
+        match preflight::raise_open_files_limit() {
+            Ok((before, after)) if before != after => eprintln!(
+                "shardq: raised the open-files soft limit from {} to {} (the hard limit)",
+                before.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+                after.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+            ),
+            Ok(_) => {}
+            Err(error) => eprintln!("shardq: warning: raising the open-files soft limit: {error}"),
+        }
         exit_on_shard_panic();
         // Everything the broker creates is its own: directories 0700, files 0600.
         // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.

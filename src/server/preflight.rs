@@ -181,6 +181,11 @@ fn has_effective_capability(capability: u32) -> io::Result<bool> {
 
 /// The soft limit of `resource`; `None` when unlimited.
 fn soft_limit(resource: libc::__rlimit_resource_t) -> io::Result<Option<u64>> {
+    Ok(limits(resource)?.0)
+}
+
+/// A resource's soft and hard limits; `None` is unlimited.
+fn limits(resource: libc::__rlimit_resource_t) -> io::Result<(Option<u64>, Option<u64>)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -189,7 +194,8 @@ fn soft_limit(resource: libc::__rlimit_resource_t) -> io::Result<Option<u64>> {
     if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur))
+    let finite = |value: libc::rlim_t| (value != libc::RLIM_INFINITY).then_some(value);
+    Ok((finite(limit.rlim_cur), finite(limit.rlim_max)))
 }
 
 /// A kernel release's first two numbers.
@@ -1096,8 +1102,10 @@ fn check_disk_space(
 }
 
 fn check_open_files(config: &ServerConfig, shards: usize, state: Option<&DataDirState>) -> Check {
-    let limit = match soft_limit(libc::RLIMIT_NOFILE) {
-        Ok(limit) => limit,
+    // `serve` raises its soft limit to the hard one at start (`raise_open_files_limit`),
+    // so the hard limit is what the broker gets.
+    let limit = match limits(libc::RLIMIT_NOFILE) {
+        Ok((_, hard)) => hard,
         Err(error) => {
             return Check::fail(
                 "open_files",
@@ -1125,19 +1133,53 @@ fn check_open_files(config: &ServerConfig, shards: usize, state: Option<&DataDir
     let fixed = DESCRIPTORS_PER_PROCESS + DESCRIPTORS_PER_SHARD * shards as u64;
     let needed = connections + segment_descriptors + fixed;
     let found = format!(
-        "{}; needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions + {fixed} for the shards and the process",
-        limit.map_or_else(|| "unlimited".to_owned(), |limit| format!("soft limit {limit}"))
+        "{} (serve raises its soft limit to it); needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions + {fixed} for the shards and the process",
+        limit.map_or_else(|| "hard limit unlimited".to_owned(), |limit| format!("hard limit {limit}"))
+    );
+    let fix = format!(
+        "raise it to at least {needed}: LimitNOFILE= in the systemd unit (the shipped unit has 1048576), or `ulimit -Hn {needed}` as root before starting; or lower connections_max"
     );
     match limit {
-        Some(limit) if limit < needed => Check::fail(
+        // The partitions alone cannot open their files: recovery fails.
+        Some(limit) if limit < segment_descriptors + fixed => Check::fail("open_files", found, fix),
+        // It serves, but accepts fail (EMFILE) before connections_max is reached.
+        Some(limit) if limit < needed => Check::warn(
             "open_files",
-            found,
             format!(
-                "raise it to at least {needed}: LimitNOFILE= in the systemd unit, or `ulimit -n {needed}` in the shell; or lower --connections-max"
+                "{found}: accepts fail past about {} connections",
+                limit - segment_descriptors - fixed
             ),
+            fix,
         ),
         _ => Check::pass("open_files", found),
     }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit, as servers that hold a
+/// descriptor per connection do (Go's runtime does it for every program): the soft
+/// limit's usual 1024 is a guard for programs that use select(2), which shardq does not.
+/// Returns the soft limit before and after; `None` is unlimited.
+pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, exclusively borrowed rlimit for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let finite = |value: libc::rlim_t| (value != libc::RLIM_INFINITY).then_some(value);
+    let before = finite(limit.rlim_cur);
+    if limit.rlim_cur == limit.rlim_max {
+        return Ok((before, before));
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: `limit` is a valid rlimit; raising the soft limit up to the hard one needs
+    // no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, finite(limit.rlim_max)))
 }
 
 /// The chosen value of a sysfs setting like `always [madvise] never`.
