@@ -16,6 +16,7 @@ pub mod data_dir;
 mod dispatch;
 mod log;
 pub mod notify;
+mod summary;
 
 use data_dir::{DataDirectory, DataDirectoryError};
 use notify::RecoveryProgress;
@@ -44,7 +45,7 @@ use std::time::Duration;
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::http::{Endpoint, MetricsServer, LINK_COLLECT};
 use crate::metrics::Registry;
-use crate::shard::{MeshMessage, Shard};
+use crate::shard::{MeshMessage, RecoveredTotals, Shard};
 
 #[derive(Debug)]
 pub enum ServerError {
@@ -104,6 +105,12 @@ pub struct ServerHandle {
     endpoint: Arc<Endpoint>,
     /// Each shard's own port, by shard id.
     pub shard_ports: Vec<u16>,
+    /// The CPU each shard runs on, by shard id.
+    pub shard_cpus: Vec<usize>,
+    /// The data directory, as opened (absolute).
+    pub data_dir: std::path::PathBuf,
+    /// What every shard recovered at start-up.
+    pub recovered: RecoveredTotals,
     stopping: Arc<AtomicBool>,
     /// This side of each shard's stop socket pair: closing it wakes the shard to stop.
     stop_signals: Vec<std::os::unix::net::UnixStream>,
@@ -257,8 +264,10 @@ fn bind_listeners_retrying(
                     && std::time::Instant::now() < deadline =>
             {
                 if !logged {
-                    eprintln!(
-                        "shardq: {address} is in use (a stopped broker's sockets may still be closing); retrying for up to {bind_retry_ms} ms (bind_retry_ms)"
+                    tracing::warn!(
+                        %address,
+                        bind_retry_ms,
+                        "{address} is in use (a stopped broker's sockets may still be closing); retrying for up to {bind_retry_ms} ms (bind_retry_ms)"
                     );
                     logged = true;
                 }
@@ -274,11 +283,11 @@ fn bind_listeners_retrying(
 /// so, and start-up fails instead of waiting for it forever.
 struct ReadyGuard {
     shard: u16,
-    sender: Option<mpsc::Sender<Result<u16, ServerError>>>,
+    sender: Option<mpsc::Sender<Result<RecoveredTotals, ServerError>>>,
 }
 
 impl ReadyGuard {
-    fn report(&mut self, outcome: Result<u16, ServerError>) {
+    fn report(&mut self, outcome: Result<RecoveredTotals, ServerError>) {
         if let Some(sender) = self.sender.take() {
             let _ = sender.send(outcome);
         }
@@ -312,9 +321,9 @@ fn exit_on_shard_panic() {
                 .name()
                 .is_some_and(|name| name.starts_with(SHARD_THREAD_PREFIX));
             if on_shard {
-                eprintln!(
-                    "shardq: fatal: a shard panicked; exiting with status {EXIT_SHARD_PANIC} so that the supervisor restarts the broker"
-                );
+                crate::logs::fatal(format_args!(
+                    "a shard panicked; exiting with status {EXIT_SHARD_PANIC} so that the supervisor restarts the broker"
+                ));
                 std::process::exit(EXIT_SHARD_PANIC);
             }
         }));
@@ -426,8 +435,9 @@ impl ServerHandle {
                 // Said now, not with "serving on": a supervisor polls readiness while
                 // the shards recover.
                 if let Some(address) = address {
-                    eprintln!(
-                        "shardq: metrics and health checks on http://{address} (ready once every shard has recovered)"
+                    tracing::info!(
+                        metrics_address = %address,
+                        "metrics and health checks on http://{address} (ready once every shard has recovered)"
                     );
                 }
                 Some((server, address))
@@ -435,7 +445,8 @@ impl ServerHandle {
             None => None,
         };
         let mesh = MeshBuilder::<MeshMessage, _>::full(shard_count, config.mesh_channel_capacity);
-        let (ready_sender, ready_receiver) = mpsc::channel::<Result<u16, ServerError>>();
+        let (ready_sender, ready_receiver) =
+            mpsc::channel::<Result<RecoveredTotals, ServerError>>();
         let stopping = Arc::new(AtomicBool::new(false));
         // Client connections open over every shard, against connections_max.
         let connections_open = Arc::new(AtomicU32::new(0));
@@ -449,12 +460,16 @@ impl ServerHandle {
             metrics,
             endpoint: Arc::clone(&endpoint),
             shard_ports: shard_ports.clone(),
+            shard_cpus: online[..shard_count].to_vec(),
+            data_dir: config.data_dir.clone(),
+            recovered: RecoveredTotals::default(),
             stopping: Arc::clone(&stopping),
             stop_signals: Vec::with_capacity(shard_count),
             executors: Vec::with_capacity(shard_count),
             data_directory: Some(data_directory),
         };
         let io_memory = config.chunk_memory_bytes_per_shard_max + (16 << 20);
+        let recovery_started = std::time::Instant::now();
         for (shard, (shared_socket, own_socket)) in shared.into_iter().zip(own).enumerate() {
             let stopping_flag = Arc::clone(&stopping);
             let connections_open = Arc::clone(&connections_open);
@@ -529,9 +544,9 @@ impl ServerHandle {
                 )
                 .await;
                 let (shard, receivers) = match started {
-                    Ok(started) => {
-                        ready.report(Ok(shard_id));
-                        started
+                    Ok((shard, receivers, recovered)) => {
+                        ready.report(Ok(recovered));
+                        (shard, receivers)
                     }
                     Err(error) => {
                         ready.report(Err(error));
@@ -571,11 +586,15 @@ impl ServerHandle {
                     message: "a shard stopped before reporting".into(),
                 })
             });
-            if let Err(error) = outcome {
-                handle.shutdown();
-                return Err(error);
+            match outcome {
+                Ok(recovered) => handle.recovered.merge(recovered),
+                Err(error) => {
+                    handle.shutdown();
+                    return Err(error);
+                }
             }
         }
+        summary::log_recovery_total(&handle.recovered, recovery_started.elapsed());
         // Every shard recovered its partitions and listens.
         endpoint.set_ready(true);
         Ok(handle)
@@ -629,7 +648,7 @@ async fn start_shard(
     probe_path: &std::path::Path,
     stopping: &AtomicBool,
     recovered: &AtomicU32,
-) -> Result<(Rc<Shard>, Receivers<MeshMessage>), ServerError> {
+) -> Result<(Rc<Shard>, Receivers<MeshMessage>, RecoveredTotals), ServerError> {
     let shard_id = start.id;
     let fail = |message: String| ServerError::Shard {
         shard: shard_id,
@@ -682,11 +701,11 @@ async fn start_shard(
     {
         glommio::timer::sleep(Duration::from_millis(delay)).await;
     }
-    shard
+    let recovered = shard
         .load_topics(recovered)
         .await
         .map_err(|error| fail(format!("recovering partitions: {error}")))?;
-    Ok((shard, receivers))
+    Ok((shard, receivers, recovered))
 }
 
 async fn run_shard(
@@ -755,7 +774,7 @@ async fn run_shard(
         let shared = Rc::clone(&shared);
         shard.set_connection_bytes(Box::new(move || shared.bytes_in_flight()));
     }
-    let refused = Rc::new(log::RateLimitedLog::default());
+    let refused = Rc::new(log::RateLimitedLog::new(&shard.config));
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
         let shared = Rc::clone(&shared);
@@ -769,7 +788,7 @@ async fn run_shard(
                     let stream = match listener.accept().await {
                         Ok(stream) => stream,
                         Err(error) => {
-                            eprintln!("shardq: shard {}: accept failed: {error}", shard.id);
+                            tracing::warn!(shard = shard.id, error = %error, "accept failed: {error}");
                             glommio::timer::sleep(Duration::from_millis(10)).await;
                             continue;
                         }
@@ -783,15 +802,24 @@ async fn run_shard(
                     let Some(counted) = counted else {
                         // Over a limit: closing at once is the clearest refusal a
                         // client that has not spoken yet can get.
+                        let peer = stream
+                            .peer_addr()
+                            .map_or_else(|_| "unknown".to_owned(), |address| address.to_string());
                         drop(stream);
                         shard.metrics.connections_refused.increment(1);
-                        refused.log(|| {
-                            format!(
-                                "shardq: shard {}: refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {} on all shards (connections_max {max}); {} refused by this shard so far",
-                                shard.id,
-                                connections_open.load(Ordering::Relaxed),
-                                refused.total() + 1
-                            )
+                        refused.log(|held_back| {
+                            let open_on_all_shards = connections_open.load(Ordering::Relaxed);
+                            tracing::warn!(
+                                shard = shard.id,
+                                peer = %peer,
+                                open_on_shard = open,
+                                connections_per_shard_max = on_shard_max,
+                                open_on_all_shards,
+                                connections_max = max,
+                                refused_total = refused.total(),
+                                held_back,
+                                "refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {open_on_all_shards} on all shards (connections_max {max})"
+                            );
                         });
                         continue;
                     };
@@ -920,16 +948,7 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
             return Err(error);
         }
     };
-    eprintln!(
-        "shardq: serving on {} with {} shards (shard ports {:?}); metrics {}",
-        handle.local_addr,
-        handle.shard_count(),
-        handle.shard_ports,
-        match handle.metrics_addr {
-            Some(address) => format!("on http://{address}/metrics"),
-            None => "off".to_owned(),
-        }
-    );
+    summary::log_startup_summary(&handle);
     let serving = format!(
         "serving on {} with {} shards; {} partitions recovered",
         handle.local_addr,
@@ -941,7 +960,7 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     let watchdog = notify::watchdog_interval()
         .map(|interval| notify::watchdog(Arc::clone(&handle.endpoint), interval, serving));
     let signal = wait_for_signal(&signals).map_err(ServerError::Signal)?;
-    eprintln!("shardq: signal {signal} received, shutting down");
+    tracing::info!(signal, "signal {signal} received, shutting down");
     // systemd stops watching once told the broker is stopping; the shards stop answering
     // pings while they flush, so the pings stop first.
     if let Some(watchdog) = watchdog {
