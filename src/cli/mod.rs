@@ -29,6 +29,7 @@ use shardq::client::{
 use shardq::config::ServerConfig;
 use shardq::server::ServerError;
 
+mod logs;
 mod queue;
 mod stats;
 
@@ -355,6 +356,23 @@ pub struct ServeArgs {
     /// `off` serves nothing.
     #[arg(long, value_name = "ADDRESS|off", default_value = METRICS_DEFAULT, value_parser = parse_metrics_listen)]
     pub metrics_listen: MetricsListen,
+    /// Log lines on stderr as `text` (timestamped; with syslog priorities and no
+    /// timestamp under journald) or `json` (one object per line).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
+    pub log_format: logs::LogFormat,
+    /// Least level logged: error, warn, info, debug or trace (or a filter such as
+    /// `info,shardq::storage=debug`); default: $SHARDQ_LOG, else info.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<String>,
+}
+
+fn parse_log_level(value: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(value)
+        .map(|_| value.to_owned())
+        .map_err(|error| {
+            format!("{value:?} is not a level (error, warn, info, debug, trace) or filter: {error}")
+        })
 }
 
 /// Where `serve` listens for scrapes, if anywhere.
@@ -574,7 +592,6 @@ pub struct ConsumeArgs {
 /// Why a command failed; printed as one line on stderr.
 #[derive(Debug)]
 pub enum CliError {
-    Server(ServerError),
     Client {
         context: String,
         source: ClientError,
@@ -597,12 +614,15 @@ pub enum CliError {
         topic: String,
         group: String,
     },
+    /// `serve` could not set up its log output.
+    Logs(logs::LogSetupError),
+    /// `serve` failed and said why in its log (an error event); nothing more to print.
+    Logged(ServerError),
 }
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Server(error) => write!(f, "server: {error}"),
             CliError::Client { context, source } => write!(f, "{context}: {source}"),
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
             CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
@@ -620,6 +640,8 @@ impl fmt::Display for CliError {
             CliError::UnknownGroup { topic, group } => {
                 write!(f, "topic {topic:?} has no group {group:?}")
             }
+            CliError::Logs(error) => write!(f, "{error}"),
+            CliError::Logged(error) => write!(f, "server: {error}"),
         }
     }
 }
@@ -627,13 +649,14 @@ impl fmt::Display for CliError {
 impl std::error::Error for CliError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            CliError::Server(error) => Some(error),
             CliError::Client { source, .. } => Some(source),
             CliError::Io { source, .. } => Some(source),
             CliError::UnknownTopic { .. }
             | CliError::HandlesRefused { .. }
             | CliError::UnknownGroup { .. } => None,
             CliError::Bench(error) => Some(error),
+            CliError::Logs(error) => Some(error),
+            CliError::Logged(error) => Some(error),
         }
     }
 }
@@ -649,6 +672,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Logged(_)) => ExitCode::FAILURE,
         Err(error) => {
             for line in error.to_string().lines() {
                 eprintln!("shardq: {line}");
@@ -661,6 +685,7 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => {
+            logs::init(args.log_format, args.log_level.as_deref()).map_err(CliError::Logs)?;
             let config = ServerConfig {
                 data_dir: args.data_dir,
                 listen: args.listen,
@@ -673,7 +698,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 metrics_listen: args.metrics_listen.0,
                 ..ServerConfig::default()
             };
-            shardq::server::run_until_signal(config).map_err(CliError::Server)
+            // A failure to start (or to wait for signals) is an error event like any
+            // other, so journald and JSON readers see it with its level.
+            shardq::server::run_until_signal(config).map_err(|error| {
+                tracing::error!(error = %error, "serve failed: {error}");
+                CliError::Logged(error)
+            })
         }
         // The bench runs its own multi-thread runtime and producer threads.
         Command::Bench(command) => bench(command),

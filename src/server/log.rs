@@ -94,7 +94,11 @@ mod tests {
         log.log_at(start + Duration::from_millis(10_000), |held_back| {
             next = Some(held_back)
         });
-        assert_eq!(next, Some(96), "95 of the burst and 1 just before the window ended");
+        assert_eq!(
+            next,
+            Some(96),
+            "95 of the burst and 1 just before the window ended"
+        );
         assert_eq!(log.total(), 102);
     }
 

@@ -1057,7 +1057,7 @@ impl Shard {
         if let Ok(purged) = &purged {
             tracing::info!(
                 shard = self.id,
-                topic,
+                topic = %topic,
                 partition,
                 log_start_offset = purged.log_start_offset,
                 "purged partition: every stored record deleted"
@@ -1516,7 +1516,7 @@ fn log_topic_change(
         Ok(()) => match topic {
             Some(topic) => tracing::info!(
                 shard = 0,
-                topic = name,
+                topic = %name,
                 partitions = topic.partitions,
                 retention_bytes_max = topic.retention.bytes_max,
                 retention_ms_max = topic.retention.ms_max,
@@ -1524,12 +1524,14 @@ fn log_topic_change(
                 queue_settings = ?topic.queue,
                 "topic {change}"
             ),
-            None => tracing::info!(shard = 0, topic = name, "topic {change}"),
+            None => tracing::info!(shard = 0, topic = %name, "topic {change}"),
         },
-        Err(error) if error.code == ErrorCode::StorageError || error.code == ErrorCode::Internal => {
+        Err(error)
+            if error.code == ErrorCode::StorageError || error.code == ErrorCode::Internal =>
+        {
             tracing::error!(
                 shard = 0,
-                topic = name,
+                topic = %name,
                 error = %error,
                 "topic could not be {change}: {error}"
             )
@@ -1564,7 +1566,7 @@ impl RecoveredTotals {
         let bytes = log.stored_bytes();
         tracing::info!(
             shard,
-            topic,
+            topic = %topic,
             partition,
             records,
             segments,

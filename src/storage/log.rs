@@ -1504,9 +1504,7 @@ impl<S: LogStorage> PartitionLog<S> {
     /// no longer be trusted while its siblings go on.
     fn apply_failure_policy(&self, error: &StorageError) {
         if self.config.failure_policy == FailurePolicy::ExitProcess {
-            crate::logs::fatal(format_args!(
-                "the log can no longer be trusted: {error}"
-            ));
+            crate::logs::fatal(format_args!("the log can no longer be trusted: {error}"));
             std::process::exit(super::EXIT_STORAGE_FAILED);
         }
     }

@@ -1135,9 +1135,9 @@ impl Shard {
         // receive or settings change there), never per request.
         tracing::info!(
             shard = self.id,
-            topic,
+            topic = %topic,
             partition,
-            group = name,
+            group = %name,
             start_offset = start,
             "queue group {name:?} created on partition {partition} of {topic}"
         );
