@@ -610,7 +610,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 error = %error,
                 "rolling to a new segment: {error}; the partition has stopped"
             );
-            self.apply_failure_policy(error);
+            self.apply_failure_policy("rolling to a new segment", error);
         }
         rolled
     }
@@ -1495,16 +1495,19 @@ impl<S: LogStorage> PartitionLog<S> {
         if retryable {
             glommio::timer::sleep(self.config.storage_full_retry).await;
         } else {
-            self.apply_failure_policy(&error);
+            self.apply_failure_policy("writing and syncing", &error);
         }
     }
 
     /// After the partition stopped on a write, sync or roll error other than a full disk:
     /// with `ExitProcess` the whole broker exits, so no shard serves on a disk that can
     /// no longer be trusted while its siblings go on.
-    fn apply_failure_policy(&self, error: &StorageError) {
+    fn apply_failure_policy(&self, doing: &str, error: &StorageError) {
         if self.config.failure_policy == FailurePolicy::ExitProcess {
-            crate::logs::fatal(format_args!("the log can no longer be trusted: {error}"));
+            crate::logs::fatal(format_args!(
+                "the log can no longer be trusted: {} failed while {doing}: {error}",
+                self.directory.display()
+            ));
             std::process::exit(super::EXIT_STORAGE_FAILED);
         }
     }
