@@ -374,9 +374,10 @@ impl ServerHandle {
             .map_err(ServerError::DataDirectory)?;
         // The progress total. Unreadable metadata leaves it unknown; the shards then
         // fail start-up with the error in full.
-        if let Ok(catalog) =
-            crate::shard::read_topic_catalog(&data_dir::topics_directory(&config.data_dir))
-        {
+        if let Ok(catalog) = crate::shard::read_topic_catalog(
+            &data_dir::topics_directory(&config.data_dir),
+            crate::shard::SkippedDirectories::Ignore,
+        ) {
             let total = catalog
                 .iter()
                 .map(|(_, topic)| topic.partitions)

@@ -522,7 +522,13 @@ impl Shard {
         recovered: &std::sync::atomic::AtomicU32,
     ) -> Result<RecoveredTotals, StorageError> {
         let mut totals = RecoveredTotals::default();
-        for (name, mut topic) in read_topic_catalog(&self.topics_directory())? {
+        // Every shard reads the catalog; shard 0 alone says what it skipped.
+        let skipped = if self.id == 0 {
+            SkippedDirectories::Log
+        } else {
+            SkippedDirectories::Ignore
+        };
+        for (name, mut topic) in read_topic_catalog(&self.topics_directory(), skipped)? {
             // Settings stored under larger limits than the broker's now are cut to them
             // (the topic keeps working); shard 0 says so, once per topic and key.
             let (fitted, cuts) = queues::settings::fit_to_limits(&topic.queue, &self.config);
@@ -1540,6 +1546,14 @@ fn log_topic_change(
     }
 }
 
+/// Whether `read_topic_catalog` logs the topic directories it skips: each start-up reads
+/// the catalog once per shard and once more to count partitions, and one line is enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkippedDirectories {
+    Log,
+    Ignore,
+}
+
 /// What one shard recovered at start-up, summed over its partitions (the broker's total
 /// line adds up every shard's).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1709,8 +1723,11 @@ fn remove_topic_metadata(topics_dir: &Path, name: &str) -> std::io::Result<()> {
 }
 
 /// Reads every `<data_dir>/topics/<topic>/topic.meta`. Directories without one (a topic whose
-/// deletion was interrupted) are skipped with a warning.
-pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)>, StorageError> {
+/// deletion was interrupted) are skipped, with a warning when `skipped` says so.
+pub fn read_topic_catalog(
+    topics_dir: &Path,
+    skipped: SkippedDirectories,
+) -> Result<Vec<(String, TopicConfig)>, StorageError> {
     let mut topics = Vec::new();
     let entries = std::fs::read_dir(topics_dir)
         .map_err(|source| StorageError::io("listing topics directory", topics_dir, source))?;
@@ -1731,11 +1748,13 @@ pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)
         let text = match std::fs::read_to_string(&metadata_path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(
-                    path = %path.display(),
-                    "skipping {}: no {TOPIC_METADATA_FILE} (an interrupted delete?)",
-                    path.display()
-                );
+                if skipped == SkippedDirectories::Log {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "skipping {}: no {TOPIC_METADATA_FILE} (an interrupted delete?)",
+                        path.display()
+                    );
+                }
                 continue;
             }
             Err(source) => {
