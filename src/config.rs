@@ -184,6 +184,12 @@ pub struct ServerConfig {
     /// How long a scrape or health check waits for each shard to answer; a shard slower
     /// than this is reported not live (`shardq_shard_up` 0).
     pub metrics_shard_answer_timeout_ms: u32,
+    /// Log lines one shard writes per `log_window_ms` for each kind of event a client can
+    /// cause at will (refused connections, protocol errors, timeouts, failed acks=none
+    /// produces); the rest are counted and the count goes out with the next line.
+    pub log_lines_per_window_max: u32,
+    /// The window of `log_lines_per_window_max`.
+    pub log_window_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -229,6 +235,8 @@ impl Default for ServerConfig {
             tail_cache_bytes_per_shard: 64 << 20,
             metrics_listen: None,
             metrics_shard_answer_timeout_ms: 1_000,
+            log_lines_per_window_max: 5,
+            log_window_ms: 10_000,
             bind_retry_ms: 10_000,
             timestamp_future_ms_max: 3_600_000,
             producers_per_partition_max: 10_000,
@@ -552,6 +560,7 @@ impl ServerConfig {
             ),
             ("connections_max", u64::from(self.connections_max)),
             ("listen_backlog", u64::from(self.listen_backlog)),
+            ("log_window_ms", u64::from(self.log_window_ms)),
             (
                 "list_offsets_scan_bytes_max",
                 self.list_offsets_scan_bytes_max,

@@ -17,6 +17,8 @@
 //!   producer is idempotent and retries with backoff; its consumer reads for stream
 //!   groups and its queue consumer receives, acks, nacks and extends for queue groups.
 //! - `config`: broker settings and their limits.
+//! - `logs`: what the broker's `tracing` events share (the fatal exit's last line);
+//!   the binary installs the subscriber that writes them.
 //! - `metrics`: per-shard metric registries (the `metrics` crate's recorder, one per
 //!   shard thread), their Prometheus rendering and the HTTP endpoint with health checks.
 //!
@@ -34,6 +36,8 @@ pub mod protocol;
 
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod logs;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]

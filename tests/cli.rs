@@ -456,7 +456,8 @@ fn wait_for_serving(child: &mut Child) -> SocketAddr {
                 panic!("serve did not say where it listens ({error}); stderr so far: {seen:?}");
             }
         };
-        if let Some(rest) = line.strip_prefix("shardq: serving on ") {
+        // Anywhere in the line: log lines start with a timestamp and a level.
+        if let Some((_, rest)) = line.split_once("serving on ") {
             let address = rest
                 .split(' ')
                 .next()

@@ -354,7 +354,8 @@ fn health_is_live_but_not_ready_during_recovery_then_ready_until_shutdown() {
             .lines
             .recv_timeout(left)
             .expect("a line saying where the health checks are");
-        if let Some(rest) = line.strip_prefix("shardq: metrics and health checks on http://") {
+        // Anywhere in the line: log lines start with a timestamp and a level.
+        if let Some((_, rest)) = line.split_once("metrics and health checks on http://") {
             break rest.split(' ').next().unwrap().parse().unwrap();
         }
     };

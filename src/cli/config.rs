@@ -103,7 +103,29 @@ fn validated(layered: &Layered) -> Result<(), ConfigCliError> {
 pub fn serve_config(args: ServeArgs) -> Result<shardq::config::ServerConfig, CliError> {
     let layered = serve_layers(args)?;
     validated(&layered).map_err(CliError::Config)?;
+    log_differences_from_defaults(&layered);
     Ok(layered.config)
+}
+
+/// One start-up line with every setting whose value is not `serve`'s default, and where
+/// it came from: what an operator changed, without the 60 keys that they did not.
+fn log_differences_from_defaults(layered: &Layered) {
+    let defaults = Layered::new(serve_defaults());
+    let changed: Vec<String> = layered
+        .entries()
+        .zip(defaults.entries())
+        .filter(|((_, value, _), (_, default, _))| value != default)
+        .map(|((key, value, source), _)| format!("{} = {value} ({source})", key.dotted()))
+        .collect();
+    if changed.is_empty() {
+        tracing::info!(changed = 0, "settings: every key at its default");
+    } else {
+        tracing::info!(
+            changed = changed.len(),
+            "settings that differ from the defaults: {}",
+            changed.join(", ")
+        );
+    }
 }
 
 /// What `serve` would run with, not yet validated: `doctor` reports a setting `serve`

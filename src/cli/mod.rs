@@ -31,6 +31,7 @@ use shardq::server::ServerError;
 
 mod config;
 mod doctor;
+mod logs;
 mod queue;
 mod stats;
 
@@ -376,6 +377,29 @@ pub struct ServeArgs {
     /// `off` serves nothing [default: 127.0.0.1:9749].
     #[arg(long, value_name = "ADDRESS|off", value_parser = parse_metrics_listen)]
     pub metrics_listen: Option<MetricsListen>,
+    /// Log lines on stderr as `text` (timestamped; with syslog priorities and no
+    /// timestamp under journald) or `json` (one object per line).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        env = "SHARDQ_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: logs::LogFormat,
+    /// Least level logged: error, warn, info, debug or trace (or a filter such as
+    /// `info,shardq::storage=debug`); default: $SHARDQ_LOG, else info.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<String>,
+}
+
+fn parse_log_level(value: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(value)
+        .map(|_| value.to_owned())
+        .map_err(|error| {
+            format!("{value:?} is not a level (error, warn, info, debug, trace) or filter: {error}")
+        })
 }
 
 /// Where `serve` listens for scrapes, if anywhere.
@@ -595,7 +619,6 @@ pub struct ConsumeArgs {
 /// Why a command failed; printed as one line on stderr.
 #[derive(Debug)]
 pub enum CliError {
-    Server(ServerError),
     /// A config that does not load or validate: nothing was started.
     Config(config::ConfigCliError),
     Client {
@@ -624,12 +647,15 @@ pub enum CliError {
     ChecksFailed {
         failed: usize,
     },
+    /// `serve` could not set up its log output.
+    Logs(logs::LogSetupError),
+    /// `serve` failed and said why in its log (an error event); nothing more to print.
+    Logged(ServerError),
 }
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Server(error) => write!(f, "server: {error}"),
             CliError::Config(error) => write!(f, "{error}"),
             CliError::Client { context, source } => write!(f, "{context}: {source}"),
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
@@ -649,6 +675,8 @@ impl fmt::Display for CliError {
                 write!(f, "topic {topic:?} has no group {group:?}")
             }
             CliError::ChecksFailed { failed } => write!(f, "doctor: {failed} checks failed"),
+            CliError::Logs(error) => write!(f, "{error}"),
+            CliError::Logged(error) => write!(f, "server: {error}"),
         }
     }
 }
@@ -656,7 +684,6 @@ impl fmt::Display for CliError {
 impl std::error::Error for CliError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            CliError::Server(error) => Some(error),
             CliError::Config(error) => Some(error),
             CliError::Client { source, .. } => Some(source),
             CliError::Io { source, .. } => Some(source),
@@ -665,6 +692,8 @@ impl std::error::Error for CliError {
             | CliError::UnknownGroup { .. }
             | CliError::ChecksFailed { .. } => None,
             CliError::Bench(error) => Some(error),
+            CliError::Logs(error) => Some(error),
+            CliError::Logged(error) => Some(error),
         }
     }
 }
@@ -680,6 +709,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Logged(_)) => ExitCode::FAILURE,
         Err(error) => {
             for line in error.to_string().lines() {
                 eprintln!("shardq: {line}");
@@ -692,8 +722,14 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => {
+            logs::init(args.log_format, args.log_level.as_deref()).map_err(CliError::Logs)?;
             let config = config::serve_config(args)?;
-            shardq::server::run_until_signal(config).map_err(CliError::Server)
+            // A failure to start (or to wait for signals) is an error event like any
+            // other, so journald and JSON readers see it with its level.
+            shardq::server::run_until_signal(config).map_err(|error| {
+                tracing::error!(error = %error, "serve failed: {error}");
+                CliError::Logged(error)
+            })
         }
         Command::Config(command) => config::config(command),
         // The bench runs its own multi-thread runtime and producer threads.

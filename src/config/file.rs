@@ -34,7 +34,7 @@ pub const ENVIRONMENT_PREFIX: &str = "SHARDQ_";
 
 /// `SHARDQ_*` variables that are not config keys and are left alone: the client
 /// commands' broker address, and the debug builds' fault points.
-pub const NOT_CONFIG_VARIABLES: &[&str] = &["SHARDQ_SERVER"];
+pub const NOT_CONFIG_VARIABLES: &[&str] = &["SHARDQ_SERVER", "SHARDQ_LOG", "SHARDQ_LOG_FORMAT"];
 pub const NOT_CONFIG_VARIABLE_PREFIXES: &[&str] = &["SHARDQ_TEST_"];
 
 /// The defaults `shardq serve` starts from: the library's, with the metrics endpoint on.
@@ -538,6 +538,8 @@ config_keys! {
         queue_groups_per_shard_max: U32,
         metrics_listen: MetricsAddress,
         metrics_shard_answer_timeout_ms: U32,
+        log_lines_per_window_max: U32,
+        log_window_ms: U32,
     }
     topic_defaults {
         queue_visibility_timeout_ms_default: U64,

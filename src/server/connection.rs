@@ -120,9 +120,11 @@ pub struct ShardConnections {
     buffers: RefCell<Vec<BytesMut>>,
     buffers_max: usize,
     closing: Event,
-    /// Connections closed for a timeout, and acks=none requests that failed.
+    /// Connections closed for a timeout, acks=none requests that failed, and frames
+    /// refused as malformed: each kind rate-limited on its own.
     timeouts: RateLimitedLog,
     silent_failures: RateLimitedLog,
+    protocol_errors: RateLimitedLog,
 }
 
 impl ShardConnections {
@@ -132,8 +134,9 @@ impl ShardConnections {
             buffers: RefCell::new(Vec::new()),
             buffers_max: config.read_buffers_pooled_per_shard_max as usize,
             closing: Event::default(),
-            timeouts: RateLimitedLog::default(),
-            silent_failures: RateLimitedLog::default(),
+            timeouts: RateLimitedLog::new(config),
+            silent_failures: RateLimitedLog::new(config),
+            protocol_errors: RateLimitedLog::new(config),
         })
     }
 
@@ -321,6 +324,34 @@ struct Connection {
 }
 
 impl Connection {
+    /// The client's address, for log events (asked of the socket only when one is
+    /// emitted: nothing on the request path pays for it).
+    fn peer(&self) -> String {
+        self.socket
+            .0
+            .try_borrow()
+            .ok()
+            .and_then(|stream| stream.peer_addr().ok())
+            .map_or_else(|| "unknown".to_owned(), |address| address.to_string())
+    }
+
+    /// Logs a frame refused as malformed (rate-limited per shard): the client is
+    /// answered with the error either way.
+    fn log_protocol_error(&self, opcode: u8, error: &dyn std::fmt::Display, closes: bool) {
+        let shard = self.shard.id;
+        self.connections.protocol_errors.log(|held_back| {
+            tracing::warn!(
+                shard,
+                peer = %self.peer(),
+                opcode,
+                error = %error,
+                closes_connection = closes,
+                held_back,
+                "refused a malformed frame"
+            );
+        });
+    }
+
     /// The client is gone: reads running for it stop, receives lease nothing more.
     fn client_left(&self) {
         self.client_gone.set();
@@ -542,13 +573,17 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                     }
                 }
                 Read::TimedOut => {
-                    connection.connections.timeouts.log(|| {
-                        format!(
-                            "shardq: shard {}: closing a connection that sent {} bytes of a frame header in {} ms (frame_read_timeout_ms)",
-                            shard.id,
+                    connection.connections.timeouts.log(|held_back| {
+                        tracing::warn!(
+                            shard = shard.id,
+                            peer = %connection.peer(),
+                            bytes_received = buffer.len(),
+                            frame_read_timeout_ms = config.frame_read_timeout_ms,
+                            held_back,
+                            "closing a connection that sent {} bytes of a frame header in {} ms (frame_read_timeout_ms)",
                             buffer.len(),
                             config.frame_read_timeout_ms
-                        )
+                        );
                     });
                     return End::Closing;
                 }
@@ -561,6 +596,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             Some(Err(error)) => {
                 // The header itself is bad: answer what we can, then hang up.
                 let correlation_id = peek_correlation_id(&buffer).unwrap_or(0);
+                connection.log_protocol_error(buffer[5], &error, true);
                 connection.refuse(buffer[5], correlation_id, &error).await;
                 break End::Closing;
             }
@@ -587,13 +623,18 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             match read_some(connection, &mut buffer, deadline, &mut stop).await {
                 Read::Data => {}
                 Read::TimedOut => {
-                    connection.connections.timeouts.log(|| {
-                        format!(
-                            "shardq: shard {}: closing a connection that sent {} of a {frame_length}-byte frame in {} ms (frame_read_timeout_ms)",
-                            shard.id,
+                    connection.connections.timeouts.log(|held_back| {
+                        tracing::warn!(
+                            shard = shard.id,
+                            peer = %connection.peer(),
+                            bytes_received = buffer.len(),
+                            frame_length,
+                            frame_read_timeout_ms = config.frame_read_timeout_ms,
+                            held_back,
+                            "closing a connection that sent {} of a {frame_length}-byte frame in {} ms (frame_read_timeout_ms)",
                             buffer.len(),
                             config.frame_read_timeout_ms
-                        )
+                        );
                     });
                     return End::Closing;
                 }
@@ -607,6 +648,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 ErrorCode::InvalidRequest,
                 "clients send requests, not responses",
             );
+            connection.log_protocol_error(header.opcode, &error, true);
             connection
                 .send_error(header.opcode, header.correlation_id, &error)
                 .await;
@@ -617,6 +659,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             let error = ProtocolError::UnknownOpcode {
                 opcode: header.opcode,
             };
+            connection.log_protocol_error(header.opcode, &error, false);
             connection
                 .refuse(header.opcode, header.correlation_id, &error)
                 .await;
@@ -625,6 +668,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         let request = match Request::decode(opcode, body, &limits) {
             Ok(request) => request,
             Err(error) => {
+                connection.log_protocol_error(header.opcode, &error, error.closes_connection());
                 connection
                     .refuse(header.opcode, header.correlation_id, &error)
                     .await;
@@ -713,11 +757,14 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             if silent {
                 // Nobody hears of it otherwise: the client asked for no answer.
                 if let Err(error) = &outcome {
-                    connection.connections.silent_failures.log(|| {
-                        format!(
-                            "shardq: shard {}: produce with acks=none failed: {error}",
-                            shard.id
-                        )
+                    connection.connections.silent_failures.log(|held_back| {
+                        tracing::warn!(
+                            shard = shard.id,
+                            peer = %connection.peer(),
+                            error = %error,
+                            held_back,
+                            "produce with acks=none failed: {error}"
+                        );
                     });
                 }
                 shard.settle_responses(1);
@@ -898,11 +945,15 @@ async fn write_responses(connection: Rc<Connection>, outgoing: LocalReceiver<Out
         connection.last_activity.set(Instant::now());
         if let Err(error) = written {
             if error.kind() == io::ErrorKind::TimedOut {
-                connection.connections.timeouts.log(|| {
-                    format!(
-                        "shardq: shard {}: closing a connection that read none of its responses for {} ms (response_write_timeout_ms)",
-                        shard.id, shard.config.response_write_timeout_ms
-                    )
+                connection.connections.timeouts.log(|held_back| {
+                    tracing::warn!(
+                        shard = shard.id,
+                        peer = %connection.peer(),
+                        response_write_timeout_ms = shard.config.response_write_timeout_ms,
+                        held_back,
+                        "closing a connection that read none of its responses for {} ms (response_write_timeout_ms)",
+                        shard.config.response_write_timeout_ms
+                    );
                 });
             }
             // The client is gone or does not read: what is queued for it is owed to

@@ -244,8 +244,11 @@ fn upgrade_layout(data_dir: &Path) -> Result<(), DataDirectoryError> {
     }
     let _ = std::fs::remove_file(data_dir.join(LEGACY_PROBE_FILE));
     if moved > 0 {
-        eprintln!(
-            "shardq: moved {moved} topic directories of {} under {TOPICS_DIRECTORY}/ (layout {LAYOUT_VERSION})",
+        tracing::info!(
+            data_dir = %data_dir.display(),
+            moved,
+            layout = LAYOUT_VERSION,
+            "moved {moved} topic directories of {} under {TOPICS_DIRECTORY}/ (layout {LAYOUT_VERSION})",
             data_dir.display()
         );
     }

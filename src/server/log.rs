@@ -1,47 +1,61 @@
-//! Rate-limited log lines, one limiter per kind of event per shard: a client can make
+//! Rate-limited log events, one limiter per kind of event per shard: a client can make
 //! the broker refuse, time out or fail requests as fast as it can send, and the log must
-//! not become its amplifier. At most `LINES_PER_WINDOW` lines per `WINDOW`; the lines
-//! held back are counted and the count goes out with the next line printed.
+//! not become its amplifier. At most `log_lines_per_window_max` events per
+//! `log_window_ms` are emitted; the ones held back are counted, and the count goes out
+//! as the `held_back` field of the next event emitted (0 when none were).
+//!
+//! Runs on the shard's thread only (no locks: `Cell`s); the clock is passed in so that
+//! the tests step it instead of sleeping.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-const WINDOW: Duration = Duration::from_secs(10);
-const LINES_PER_WINDOW: u32 = 5;
+use crate::config::ServerConfig;
 
-#[derive(Default)]
 pub struct RateLimitedLog {
+    window: Duration,
+    lines_per_window_max: u32,
     window_start: Cell<Option<Instant>>,
-    printed: Cell<u32>,
+    emitted: Cell<u32>,
     held_back: Cell<u64>,
-    /// Events seen in all, printed or not.
+    /// Events seen in all, emitted or not.
     total: Cell<u64>,
 }
 
 impl RateLimitedLog {
-    /// Counts the event, and prints `line()` unless this window's lines are spent.
-    pub fn log(&self, line: impl FnOnce() -> String) {
+    pub fn new(config: &ServerConfig) -> RateLimitedLog {
+        RateLimitedLog {
+            window: Duration::from_millis(u64::from(config.log_window_ms)),
+            lines_per_window_max: config.log_lines_per_window_max,
+            window_start: Cell::new(None),
+            emitted: Cell::new(0),
+            held_back: Cell::new(0),
+            total: Cell::new(0),
+        }
+    }
+
+    /// Counts the event, and calls `emit(held_back)` (which emits the tracing event)
+    /// unless this window's lines are spent.
+    pub fn log(&self, emit: impl FnOnce(u64)) {
+        self.log_at(Instant::now(), emit);
+    }
+
+    fn log_at(&self, now: Instant, emit: impl FnOnce(u64)) {
         self.total.set(self.total.get() + 1);
-        let now = Instant::now();
         let expired = self
             .window_start
             .get()
-            .is_none_or(|start| now.duration_since(start) >= WINDOW);
+            .is_none_or(|start| now.duration_since(start) >= self.window);
         if expired {
             self.window_start.set(Some(now));
-            self.printed.set(0);
+            self.emitted.set(0);
         }
-        if self.printed.get() >= LINES_PER_WINDOW {
+        if self.emitted.get() >= self.lines_per_window_max {
             self.held_back.set(self.held_back.get() + 1);
             return;
         }
-        self.printed.set(self.printed.get() + 1);
-        let held_back = self.held_back.replace(0);
-        if held_back == 0 {
-            eprintln!("{}", line());
-        } else {
-            eprintln!("{} ({held_back} more like it not logged)", line());
-        }
+        self.emitted.set(self.emitted.get() + 1);
+        emit(self.held_back.replace(0));
     }
 
     /// Every event counted so far.
@@ -54,18 +68,46 @@ impl RateLimitedLog {
 mod tests {
     use super::*;
 
+    fn limiter(lines_per_window_max: u32) -> RateLimitedLog {
+        RateLimitedLog::new(&ServerConfig {
+            log_lines_per_window_max: lines_per_window_max,
+            log_window_ms: 10_000,
+            ..ServerConfig::default()
+        })
+    }
+
     #[test]
-    fn lines_past_the_window_limit_are_counted_not_printed() {
-        let log = RateLimitedLog::default();
-        let mut printed = 0;
+    fn lines_past_the_window_limit_are_counted_then_reported_with_the_next_window() {
+        let log = limiter(5);
+        let start = Instant::now();
+        let mut emitted = Vec::new();
         for _ in 0..100 {
-            log.log(|| {
-                printed += 1;
-                "event".into()
-            });
+            log.log_at(start, |held_back| emitted.push(held_back));
         }
-        assert_eq!(printed, LINES_PER_WINDOW);
+        assert_eq!(emitted, vec![0; 5]);
         assert_eq!(log.total(), 100);
-        assert_eq!(log.held_back.get(), 100 - u64::from(LINES_PER_WINDOW));
+        // Just before the window ends: still held back.
+        log.log_at(start + Duration::from_millis(9_999), |_| {
+            panic!("the window is not over")
+        });
+        let mut next = None;
+        log.log_at(start + Duration::from_millis(10_000), |held_back| {
+            next = Some(held_back)
+        });
+        assert_eq!(
+            next,
+            Some(96),
+            "95 of the burst and 1 just before the window ended"
+        );
+        assert_eq!(log.total(), 102);
+    }
+
+    #[test]
+    fn a_limit_of_zero_emits_nothing_and_counts_everything() {
+        let log = limiter(0);
+        for _ in 0..10 {
+            log.log(|_| panic!("nothing is emitted"));
+        }
+        assert_eq!(log.total(), 10);
     }
 }

@@ -17,6 +17,7 @@ mod dispatch;
 mod log;
 pub mod notify;
 pub mod preflight;
+mod summary;
 
 use data_dir::{DataDirectory, DataDirectoryError};
 use notify::RecoveryProgress;
@@ -45,7 +46,7 @@ use std::time::Duration;
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::http::{Endpoint, MetricsServer, LINK_COLLECT};
 use crate::metrics::Registry;
-use crate::shard::{MeshMessage, Shard};
+use crate::shard::{MeshMessage, RecoveredTotals, Shard};
 
 #[derive(Debug)]
 pub enum ServerError {
@@ -127,6 +128,12 @@ pub struct ServerHandle {
     endpoint: Arc<Endpoint>,
     /// Each shard's own port, by shard id.
     pub shard_ports: Vec<u16>,
+    /// The CPU each shard runs on, by shard id.
+    pub shard_cpus: Vec<usize>,
+    /// The data directory, as opened (absolute).
+    pub data_dir: std::path::PathBuf,
+    /// What every shard recovered at start-up.
+    pub recovered: RecoveredTotals,
     stopping: Arc<AtomicBool>,
     /// This side of each shard's stop socket pair: closing it wakes the shard to stop.
     stop_signals: Vec<std::os::unix::net::UnixStream>,
@@ -287,8 +294,10 @@ fn bind_listeners_retrying(
                     && std::time::Instant::now() < deadline =>
             {
                 if !logged {
-                    eprintln!(
-                        "shardq: {address} is in use (a stopped broker's sockets may still be closing); retrying for up to {bind_retry_ms} ms (bind_retry_ms)"
+                    tracing::warn!(
+                        %address,
+                        bind_retry_ms,
+                        "{address} is in use (a stopped broker's sockets may still be closing); retrying for up to {bind_retry_ms} ms (bind_retry_ms)"
                     );
                     logged = true;
                 }
@@ -304,11 +313,11 @@ fn bind_listeners_retrying(
 /// so, and start-up fails instead of waiting for it forever.
 struct ReadyGuard {
     shard: u16,
-    sender: Option<mpsc::Sender<Result<u16, ServerError>>>,
+    sender: Option<mpsc::Sender<Result<RecoveredTotals, ServerError>>>,
 }
 
 impl ReadyGuard {
-    fn report(&mut self, outcome: Result<u16, ServerError>) {
+    fn report(&mut self, outcome: Result<RecoveredTotals, ServerError>) {
         if let Some(sender) = self.sender.take() {
             let _ = sender.send(outcome);
         }
@@ -342,9 +351,9 @@ fn exit_on_shard_panic() {
                 .name()
                 .is_some_and(|name| name.starts_with(SHARD_THREAD_PREFIX));
             if on_shard {
-                eprintln!(
-                    "shardq: fatal: a shard panicked; exiting with status {EXIT_SHARD_PANIC} so that the supervisor restarts the broker"
-                );
+                crate::logs::fatal(format_args!(
+                    "a shard panicked; exiting with status {EXIT_SHARD_PANIC} so that the supervisor restarts the broker"
+                ));
                 std::process::exit(EXIT_SHARD_PANIC);
             }
         }));
@@ -415,21 +424,25 @@ impl ServerHandle {
             if shortfall.stops_the_shards() {
                 return Err(ServerError::LockedMemory(shortfall));
             }
-            eprintln!(
-                "shardq: warning: {shortfall}; starting without registered I/O buffers, so every write and read pins its pages itself (slower); to fix, {}",
+            tracing::warn!(
+                limit_bytes = shortfall.limit_bytes,
+                needed_bytes = shortfall.needed_bytes,
+                "{shortfall}; starting without registered I/O buffers, so every write and read pins its pages itself (slower); to fix, {}",
                 shortfall.fix()
             );
         }
         // A descriptor per connection and per segment file: the soft limit's usual 1024
         // would refuse connections long before connections_max.
         match preflight::raise_open_files_limit() {
-            Ok((before, after)) if before != after => eprintln!(
-                "shardq: raised the open-files soft limit from {} to {} (the hard limit)",
+            Ok((before, after)) if before != after => tracing::info!(
+                "raised the open-files soft limit from {} to {} (the hard limit)",
                 before.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
                 after.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
             ),
             Ok(_) => {}
-            Err(error) => eprintln!("shardq: warning: raising the open-files soft limit: {error}"),
+            Err(error) => {
+                tracing::warn!(error = %error, "raising the open-files soft limit: {error}")
+            }
         }
         exit_on_shard_panic();
         // Everything the broker creates is its own: directories 0700, files 0600.
@@ -444,9 +457,10 @@ impl ServerHandle {
             .map_err(ServerError::DataDirectory)?;
         // The progress total. Unreadable metadata leaves it unknown; the shards then
         // fail start-up with the error in full.
-        if let Ok(catalog) =
-            crate::shard::read_topic_catalog(&data_dir::topics_directory(&config.data_dir))
-        {
+        if let Ok(catalog) = crate::shard::read_topic_catalog(
+            &data_dir::topics_directory(&config.data_dir),
+            crate::shard::SkippedDirectories::Ignore,
+        ) {
             let total = catalog
                 .iter()
                 .map(|(_, topic)| topic.partitions)
@@ -505,8 +519,9 @@ impl ServerHandle {
                 // Said now, not with "serving on": a supervisor polls readiness while
                 // the shards recover.
                 if let Some(address) = address {
-                    eprintln!(
-                        "shardq: metrics and health checks on http://{address} (ready once every shard has recovered)"
+                    tracing::info!(
+                        metrics_address = %address,
+                        "metrics and health checks on http://{address} (ready once every shard has recovered)"
                     );
                 }
                 Some((server, address))
@@ -514,7 +529,8 @@ impl ServerHandle {
             None => None,
         };
         let mesh = MeshBuilder::<MeshMessage, _>::full(shard_count, config.mesh_channel_capacity);
-        let (ready_sender, ready_receiver) = mpsc::channel::<Result<u16, ServerError>>();
+        let (ready_sender, ready_receiver) =
+            mpsc::channel::<Result<RecoveredTotals, ServerError>>();
         let stopping = Arc::new(AtomicBool::new(false));
         // Client connections open over every shard, against connections_max.
         let connections_open = Arc::new(AtomicU32::new(0));
@@ -528,12 +544,16 @@ impl ServerHandle {
             metrics,
             endpoint: Arc::clone(&endpoint),
             shard_ports: shard_ports.clone(),
+            shard_cpus: online[..shard_count].to_vec(),
+            data_dir: config.data_dir.clone(),
+            recovered: RecoveredTotals::default(),
             stopping: Arc::clone(&stopping),
             stop_signals: Vec::with_capacity(shard_count),
             executors: Vec::with_capacity(shard_count),
             data_directory: Some(data_directory),
         };
         let io_memory = preflight::io_memory_bytes(&config);
+        let recovery_started = std::time::Instant::now();
         for (shard, (shared_socket, own_socket)) in shared.into_iter().zip(own).enumerate() {
             let stopping_flag = Arc::clone(&stopping);
             let connections_open = Arc::clone(&connections_open);
@@ -608,9 +628,9 @@ impl ServerHandle {
                 )
                 .await;
                 let (shard, receivers) = match started {
-                    Ok(started) => {
-                        ready.report(Ok(shard_id));
-                        started
+                    Ok((shard, receivers, recovered)) => {
+                        ready.report(Ok(recovered));
+                        (shard, receivers)
                     }
                     Err(error) => {
                         ready.report(Err(error));
@@ -650,11 +670,15 @@ impl ServerHandle {
                     message: "a shard stopped before reporting".into(),
                 })
             });
-            if let Err(error) = outcome {
-                handle.shutdown();
-                return Err(error);
+            match outcome {
+                Ok(recovered) => handle.recovered.merge(recovered),
+                Err(error) => {
+                    handle.shutdown();
+                    return Err(error);
+                }
             }
         }
+        summary::log_recovery_total(&handle.recovered, recovery_started.elapsed());
         // Every shard recovered its partitions and listens.
         endpoint.set_ready(true);
         Ok(handle)
@@ -708,7 +732,7 @@ async fn start_shard(
     probe_path: &std::path::Path,
     stopping: &AtomicBool,
     recovered: &AtomicU32,
-) -> Result<(Rc<Shard>, Receivers<MeshMessage>), ServerError> {
+) -> Result<(Rc<Shard>, Receivers<MeshMessage>, RecoveredTotals), ServerError> {
     let shard_id = start.id;
     let fail = |message: String| ServerError::Shard {
         shard: shard_id,
@@ -761,11 +785,11 @@ async fn start_shard(
     {
         glommio::timer::sleep(Duration::from_millis(delay)).await;
     }
-    shard
+    let recovered = shard
         .load_topics(recovered)
         .await
         .map_err(|error| fail(format!("recovering partitions: {error}")))?;
-    Ok((shard, receivers))
+    Ok((shard, receivers, recovered))
 }
 
 async fn run_shard(
@@ -834,7 +858,7 @@ async fn run_shard(
         let shared = Rc::clone(&shared);
         shard.set_connection_bytes(Box::new(move || shared.bytes_in_flight()));
     }
-    let refused = Rc::new(log::RateLimitedLog::default());
+    let refused = Rc::new(log::RateLimitedLog::new(&shard.config));
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
         let shared = Rc::clone(&shared);
@@ -848,7 +872,7 @@ async fn run_shard(
                     let stream = match listener.accept().await {
                         Ok(stream) => stream,
                         Err(error) => {
-                            eprintln!("shardq: shard {}: accept failed: {error}", shard.id);
+                            tracing::warn!(shard = shard.id, error = %error, "accept failed: {error}");
                             glommio::timer::sleep(Duration::from_millis(10)).await;
                             continue;
                         }
@@ -862,15 +886,24 @@ async fn run_shard(
                     let Some(counted) = counted else {
                         // Over a limit: closing at once is the clearest refusal a
                         // client that has not spoken yet can get.
+                        let peer = stream
+                            .peer_addr()
+                            .map_or_else(|_| "unknown".to_owned(), |address| address.to_string());
                         drop(stream);
                         shard.metrics.connections_refused.increment(1);
-                        refused.log(|| {
-                            format!(
-                                "shardq: shard {}: refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {} on all shards (connections_max {max}); {} refused by this shard so far",
-                                shard.id,
-                                connections_open.load(Ordering::Relaxed),
-                                refused.total() + 1
-                            )
+                        refused.log(|held_back| {
+                            let open_on_all_shards = connections_open.load(Ordering::Relaxed);
+                            tracing::warn!(
+                                shard = shard.id,
+                                peer = %peer,
+                                open_on_shard = open,
+                                connections_per_shard_max = on_shard_max,
+                                open_on_all_shards,
+                                connections_max = max,
+                                refused_total = refused.total(),
+                                held_back,
+                                "refused a connection: {open} open on this shard (connections_per_shard_max {on_shard_max}), {open_on_all_shards} on all shards (connections_max {max})"
+                            );
                         });
                         continue;
                     };
@@ -1009,16 +1042,7 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
             return Err(error);
         }
     };
-    eprintln!(
-        "shardq: serving on {} with {} shards (shard ports {:?}); metrics {}",
-        handle.local_addr,
-        handle.shard_count(),
-        handle.shard_ports,
-        match handle.metrics_addr {
-            Some(address) => format!("on http://{address}/metrics"),
-            None => "off".to_owned(),
-        }
-    );
+    summary::log_startup_summary(&handle);
     let serving = format!(
         "serving on {} with {} shards; {} partitions recovered",
         handle.local_addr,
@@ -1030,8 +1054,11 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     let watchdog = notify::watchdog_interval()
         .map(|interval| notify::watchdog(Arc::clone(&handle.endpoint), interval, serving));
     let signal = wait_for_signal(&signals).map_err(ServerError::Signal)?;
-    eprintln!(
-        "shardq: signal {signal} received, shutting down: flushing and closing every partition (at most {shutdown_timeout_ms} ms; a second signal exits at once)"
+    let first_signal_at = std::time::Instant::now();
+    tracing::info!(
+        signal,
+        shutdown_timeout_ms,
+        "signal {signal} received, shutting down: flushing and closing every partition (at most {shutdown_timeout_ms} ms; a second signal exits at once)"
     );
     // systemd stops watching once told the broker is stopping; the shards stop answering
     // pings while they flush, so the pings stop first.
@@ -1054,11 +1081,13 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
         })
         .map_err(ServerError::Signal)?;
     let bound = Duration::from_millis(u64::from(shutdown_timeout_ms));
-    match wait_for_stop(&signals, &stop_over, bound).map_err(ServerError::Signal)? {
+    match wait_for_stop(&signals, &stop_over, first_signal_at, bound)
+        .map_err(ServerError::Signal)?
+    {
         StopOutcome::Stopped => {
             // The thread has nothing left to do but return.
             let _ = stopper.join();
-            eprintln!("shardq: stopped cleanly");
+            tracing::info!("stopped cleanly");
             Ok(())
         }
         StopOutcome::Signal(second) => {
@@ -1066,8 +1095,9 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
             // state changes are answered only once journaled: ending the process here
             // loses nothing acknowledged as durable. Memory-acknowledged records the
             // stop had not flushed yet are lost, as that acknowledgement level allows.
-            eprintln!(
-                "shardq: signal {second} received again: exiting at once, without finishing the stop (durably acknowledged data is on disk; memory-acknowledged data not yet flushed is not)"
+            tracing::warn!(
+                signal = second,
+                "signal {second} received again: exiting at once, without finishing the stop (durably acknowledged data is on disk; memory-acknowledged data not yet flushed is not)"
             );
             std::process::exit(EXIT_SECOND_SIGNAL_BASE + second)
         }
@@ -1081,6 +1111,12 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
 /// reports for a process the signal ended (143 for SIGTERM, 130 for SIGINT).
 const EXIT_SECOND_SIGNAL_BASE: i32 = 128;
 
+/// Signals this soon after the first are the same request delivered twice, not a
+/// second one: timeout(1), for one, signals both the process and its process group, so
+/// the broker gets SIGTERM twice within a few milliseconds. An operator who means a
+/// second signal sends it after reading the "shutting down" line, more than a second on.
+const REPEATED_SIGNAL_WINDOW: Duration = Duration::from_millis(1000);
+
 enum StopOutcome {
     Stopped,
     Signal(i32),
@@ -1088,10 +1124,12 @@ enum StopOutcome {
 }
 
 /// Waits until `stop_over` reads end of stream (the stop finished), a blocked signal
-/// arrives, or `bound` passes, whichever is first.
+/// arrives (past `REPEATED_SIGNAL_WINDOW` after the first), or `bound` passes,
+/// whichever is first.
 fn wait_for_stop(
     signals: &libc::sigset_t,
     stop_over: &std::os::unix::net::UnixStream,
+    first_signal_at: std::time::Instant,
     bound: Duration,
 ) -> std::io::Result<StopOutcome> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -1144,7 +1182,15 @@ fn wait_for_stop(
                 )
             };
             if read == size as isize {
-                return Ok(StopOutcome::Signal(info.ssi_signo as i32));
+                let signal = info.ssi_signo as i32;
+                if first_signal_at.elapsed() >= REPEATED_SIGNAL_WINDOW {
+                    return Ok(StopOutcome::Signal(signal));
+                }
+                tracing::info!(
+                    signal,
+                    "signal {signal} received again within {} ms of the first: taken as the same request, the stop goes on",
+                    REPEATED_SIGNAL_WINDOW.as_millis()
+                );
             }
         }
         if polled[1].revents != 0 {

@@ -35,7 +35,7 @@ pub fn enabled() -> bool {
 /// serves whether or not its supervisor hears it).
 pub fn send(states: &[NotifyState]) {
     if let Err(error) = sd_notify::notify(states) {
-        eprintln!("shardq: cannot notify the service manager ($NOTIFY_SOCKET): {error}");
+        tracing::warn!(error = %error, "cannot notify the service manager ($NOTIFY_SOCKET): {error}");
     }
 }
 
@@ -89,7 +89,7 @@ impl Ticker {
                 thread: Some(thread),
             },
             Err(error) => {
-                eprintln!("shardq: cannot start the {name} thread: {error}");
+                tracing::error!(thread = name, error = %error, "cannot start the {name} thread: {error}");
                 Ticker {
                     stop: None,
                     thread: None,
@@ -148,13 +148,14 @@ pub fn watchdog(endpoint: Arc<Endpoint>, interval: Duration, serving: String) ->
             if stalled.is_empty() {
                 send(&[NotifyState::Watchdog]);
             } else {
-                eprintln!("shardq: every shard answers again; watchdog pings resume");
+                tracing::info!("every shard answers again; watchdog pings resume");
                 stalled.clear();
                 send(&[NotifyState::Watchdog, NotifyState::Status(&serving)]);
             }
         } else if silent != stalled {
-            eprintln!(
-                "shardq: shards {silent:?} did not answer a ping (metrics_shard_answer_timeout_ms); withholding the systemd watchdog ping"
+            tracing::error!(
+                shards = ?silent,
+                "shards {silent:?} did not answer a ping (metrics_shard_answer_timeout_ms); withholding the systemd watchdog ping"
             );
             send(&[NotifyState::Status(&format!(
                 "shards {silent:?} not answering; watchdog pings withheld"

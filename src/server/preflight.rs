@@ -949,23 +949,24 @@ impl DataDirState {
         } else {
             directory.to_path_buf()
         };
-        let topics = crate::shard::read_topic_catalog(&topics_dir)
-            .map_err(|error| format!("reading topic metadata: {error}"))
-            .map(|catalog| {
-                catalog
-                    .into_iter()
-                    .map(|(name, topic)| {
-                        let (used_bytes, segment_files) = disk_usage(&topics_dir.join(&name));
-                        TopicOnDisk {
-                            name,
-                            partitions: topic.partitions,
-                            retention_bytes_max: topic.retention.bytes_max,
-                            used_bytes,
-                            segment_files,
-                        }
-                    })
-                    .collect()
-            });
+        let topics =
+            crate::shard::read_topic_catalog(&topics_dir, crate::shard::SkippedDirectories::Ignore)
+                .map_err(|error| format!("reading topic metadata: {error}"))
+                .map(|catalog| {
+                    catalog
+                        .into_iter()
+                        .map(|(name, topic)| {
+                            let (used_bytes, segment_files) = disk_usage(&topics_dir.join(&name));
+                            TopicOnDisk {
+                                name,
+                                partitions: topic.partitions,
+                                retention_bytes_max: topic.retention.bytes_max,
+                                used_bytes,
+                                segment_files,
+                            }
+                        })
+                        .collect()
+                });
         DataDirState {
             topics,
             free_bytes: free_bytes(directory),

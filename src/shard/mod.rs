@@ -520,27 +520,35 @@ impl Shard {
     pub async fn load_topics(
         self: &Rc<Self>,
         recovered: &std::sync::atomic::AtomicU32,
-    ) -> Result<(), StorageError> {
-        for (name, mut topic) in read_topic_catalog(&self.topics_directory())? {
+    ) -> Result<RecoveredTotals, StorageError> {
+        let mut totals = RecoveredTotals::default();
+        // Every shard reads the catalog; shard 0 alone says what it skipped.
+        let skipped = if self.id == 0 {
+            SkippedDirectories::Log
+        } else {
+            SkippedDirectories::Ignore
+        };
+        for (name, mut topic) in read_topic_catalog(&self.topics_directory(), skipped)? {
             // Settings stored under larger limits than the broker's now are cut to them
             // (the topic keeps working); shard 0 says so, once per topic and key.
             let (fitted, cuts) = queues::settings::fit_to_limits(&topic.queue, &self.config);
             if self.id == 0 {
                 for cut in cuts {
-                    eprintln!("shardq: topic {}: {cut}", quote_untrusted(&name));
+                    tracing::warn!(topic = %name, "topic {}: {cut}", quote_untrusted(&name));
                 }
             }
             topic.queue = fitted;
-            self.install_topic(&name, topic, Some(recovered)).await?;
+            self.install_topic(&name, topic, Some((recovered, &mut totals)))
+                .await?;
         }
-        Ok(())
+        Ok(totals)
     }
 
     async fn install_topic(
         self: &Rc<Self>,
         name: &str,
         topic: TopicConfig,
-        recovered: Option<&std::sync::atomic::AtomicU32>,
+        mut recovered: Option<(&std::sync::atomic::AtomicU32, &mut RecoveredTotals)>,
     ) -> Result<(), StorageError> {
         if self.topic(name).is_some() {
             // Already installed: a shard still loading topics at start-up may have read
@@ -562,6 +570,7 @@ impl Shard {
         let mut owned = vec![None; partitions as usize];
         for partition in 0..partitions {
             if topic.owner(name, partition, self.count) == self.id {
+                let opening = std::time::Instant::now();
                 let opened = PartitionLog::open(
                     Rc::new(DmaStorage),
                     self.partition_directory(name, partition),
@@ -574,10 +583,11 @@ impl Shard {
                 match opened {
                     Ok(log) => {
                         log.set_metrics(self.metrics.partition(name, partition));
-                        owned[partition as usize] = Some(log);
-                        if let Some(recovered) = recovered {
+                        if let Some((recovered, totals)) = recovered.as_mut() {
                             recovered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            totals.add(self.id, name, partition, &log, opening.elapsed());
                         }
+                        owned[partition as usize] = Some(log);
                     }
                     Err(error) => {
                         // Close what this install opened: each log's flusher holds its
@@ -1049,6 +1059,24 @@ impl Shard {
     }
 
     async fn purge_owned(&self, topic: &str, partition: u32) -> Result<PurgedPartition, WireError> {
+        let purged = self.purge_owned_unlogged(topic, partition).await;
+        if let Ok(purged) = &purged {
+            tracing::info!(
+                shard = self.id,
+                topic = %topic,
+                partition,
+                log_start_offset = purged.log_start_offset,
+                "purged partition: every stored record deleted"
+            );
+        }
+        purged
+    }
+
+    async fn purge_owned_unlogged(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<PurgedPartition, WireError> {
         let log = self.log(topic, partition)?;
         let before = log.log_start_offset();
         let log_start_offset = log.purge().await.map_err(|error| self.wire_error(&error))?;
@@ -1146,9 +1174,11 @@ impl Shard {
                 // The partition's queue groups hear of the new log start.
                 Ok(removed) if removed > 0 => self.queue_log_start_moved(),
                 Ok(_) => {}
-                Err(error) => eprintln!(
-                    "shardq: retention of {}: {error}",
-                    log.directory().display()
+                Err(error) => tracing::error!(
+                    shard = self.id,
+                    partition_directory = %log.directory().display(),
+                    error = %error,
+                    "applying retention: {error}"
                 ),
             }
         }
@@ -1358,7 +1388,7 @@ impl Shard {
                 // The new file may be in place without its directory synced: put the old
                 // one back, so what a restart reads is what every shard serves.
                 if let Err(undo) = write_metadata(self.topics_directory(), &name, before).await {
-                    eprintln!("shardq: undoing the change to topic {name:?}: {undo}");
+                    tracing::error!(topic = %name, error = %undo, "undoing the change to topic {name:?}: {undo}");
                 }
                 return Err(WireError::new(
                     ErrorCode::StorageError,
@@ -1373,6 +1403,7 @@ impl Shard {
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);
+        log_topic_change("altered", &name, Some(&topic), &outcome);
         outcome
     }
 
@@ -1422,7 +1453,7 @@ impl Shard {
                     .broadcast(|| ShardRequest::RemoveTopic { name: name.clone() })
                     .await;
                 if let Err(undo) = remove_directory(self.topics_directory(), &name).await {
-                    eprintln!("shardq: undoing the creation of topic {name:?}: {undo}");
+                    tracing::error!(topic = %name, error = %undo, "undoing the creation of topic {name:?}: {undo}");
                 }
                 return Err(error);
             }
@@ -1430,6 +1461,7 @@ impl Shard {
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);
+        log_topic_change("created", &name, Some(&topic), &outcome);
         outcome
     }
 
@@ -1472,7 +1504,104 @@ impl Shard {
         }
         .await;
         self.topics_changing.borrow_mut().remove(&name);
+        log_topic_change("deleted", &name, None, &outcome);
         outcome
+    }
+}
+
+/// One line per topic change, from shard 0 (which coordinates them): what changed and the
+/// settings it now has. A refused change (a bad name, a taken one) is the client's answer,
+/// not a log line; one that failed on the broker's side (storage) is logged as an error.
+fn log_topic_change(
+    change: &'static str,
+    name: &str,
+    topic: Option<&TopicConfig>,
+    outcome: &Result<(), WireError>,
+) {
+    match outcome {
+        Ok(()) => match topic {
+            Some(topic) => tracing::info!(
+                shard = 0,
+                topic = %name,
+                partitions = topic.partitions,
+                retention_bytes_max = topic.retention.bytes_max,
+                retention_ms_max = topic.retention.ms_max,
+                dead_letter_source = topic.dead_letter_source.as_deref(),
+                queue_settings = ?topic.queue,
+                "topic {change}"
+            ),
+            None => tracing::info!(shard = 0, topic = %name, "topic {change}"),
+        },
+        Err(error)
+            if error.code == ErrorCode::StorageError || error.code == ErrorCode::Internal =>
+        {
+            tracing::error!(
+                shard = 0,
+                topic = %name,
+                error = %error,
+                "topic could not be {change}: {error}"
+            )
+        }
+        Err(_) => {}
+    }
+}
+
+/// Whether `read_topic_catalog` logs the topic directories it skips: each start-up reads
+/// the catalog once per shard and once more to count partitions, and one line is enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkippedDirectories {
+    Log,
+    Ignore,
+}
+
+/// What one shard recovered at start-up, summed over its partitions (the broker's total
+/// line adds up every shard's).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredTotals {
+    pub partitions: u32,
+    /// Offsets from each log start to its next offset (records still stored).
+    pub records: u64,
+    pub segments: u64,
+    pub bytes: u64,
+}
+
+impl RecoveredTotals {
+    /// Counts one recovered partition, and logs its line.
+    fn add(
+        &mut self,
+        shard: ShardId,
+        topic: &str,
+        partition: u32,
+        log: &PartitionLog,
+        elapsed: Duration,
+    ) {
+        let records = log.next_offset() - log.log_start_offset();
+        let segments = log.segment_count() as u64;
+        let bytes = log.stored_bytes();
+        tracing::info!(
+            shard,
+            topic = %topic,
+            partition,
+            records,
+            segments,
+            bytes,
+            log_start_offset = log.log_start_offset(),
+            next_offset = log.next_offset(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "recovered partition {partition} of {topic}: {records} records in {segments} segments in {} ms",
+            elapsed.as_millis()
+        );
+        self.partitions += 1;
+        self.records += records;
+        self.segments += segments;
+        self.bytes += bytes;
+    }
+
+    pub fn merge(&mut self, other: RecoveredTotals) {
+        self.partitions += other.partitions;
+        self.records += other.records;
+        self.segments += other.segments;
+        self.bytes += other.bytes;
     }
 }
 
@@ -1594,8 +1723,11 @@ fn remove_topic_metadata(topics_dir: &Path, name: &str) -> std::io::Result<()> {
 }
 
 /// Reads every `<data_dir>/topics/<topic>/topic.meta`. Directories without one (a topic whose
-/// deletion was interrupted) are skipped with a warning.
-pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)>, StorageError> {
+/// deletion was interrupted) are skipped, with a warning when `skipped` says so.
+pub fn read_topic_catalog(
+    topics_dir: &Path,
+    skipped: SkippedDirectories,
+) -> Result<Vec<(String, TopicConfig)>, StorageError> {
     let mut topics = Vec::new();
     let entries = std::fs::read_dir(topics_dir)
         .map_err(|source| StorageError::io("listing topics directory", topics_dir, source))?;
@@ -1616,10 +1748,13 @@ pub fn read_topic_catalog(topics_dir: &Path) -> Result<Vec<(String, TopicConfig)
         let text = match std::fs::read_to_string(&metadata_path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!(
-                    "shardq: skipping {}: no {TOPIC_METADATA_FILE} (an interrupted delete?)",
-                    path.display()
-                );
+                if skipped == SkippedDirectories::Log {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "skipping {}: no {TOPIC_METADATA_FILE} (an interrupted delete?)",
+                        path.display()
+                    );
+                }
                 continue;
             }
             Err(source) => {

@@ -156,9 +156,10 @@ impl OffsetStore {
             file.set_len(valid as u64)
                 .and_then(|()| file.sync_all())
                 .map_err(|source| StorageError::io("cutting committed offsets", &path, source))?;
-            eprintln!(
-                "shardq: {}: cut {} bytes of an incomplete commit record",
-                path.display(),
+            tracing::warn!(
+                path = %path.display(),
+                bytes_cut = bytes.len() - valid,
+                "cut {} bytes of an incomplete commit record",
                 bytes.len() - valid
             );
         }
@@ -246,7 +247,11 @@ impl OffsetStore {
             .await;
             if let Err(error) = written {
                 let reason = format!("writing {}: {error}", self.path.display());
-                eprintln!("shardq: {reason}; this partition refuses commits until a restart");
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %error,
+                    "{reason}; this partition refuses commits until a restart"
+                );
                 *self.failed.borrow_mut() = Some(reason);
                 break;
             }
@@ -255,7 +260,15 @@ impl OffsetStore {
                 let mut new_groups = self.new_groups.borrow_mut();
                 for (group, offset) in commits.iter() {
                     committed.insert(group.clone(), *offset);
-                    new_groups.remove(group);
+                    if new_groups.remove(group) {
+                        // Once per group and partition: its first commit is durable.
+                        tracing::info!(
+                            path = %self.path.display(),
+                            group = %group,
+                            offset = *offset,
+                            "stream group {group:?} created on this partition"
+                        );
+                    }
                 }
             }
             self.records_in_file
@@ -264,7 +277,11 @@ impl OffsetStore {
             self.written.notify_all();
             if let Err(error) = self.compact_if_due().await {
                 let reason = format!("compacting {}: {error}", self.path.display());
-                eprintln!("shardq: {reason}; this partition refuses commits until a restart");
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %error,
+                    "{reason}; this partition refuses commits until a restart"
+                );
                 *self.failed.borrow_mut() = Some(reason);
                 break;
             }

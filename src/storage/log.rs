@@ -605,11 +605,12 @@ impl<S: LogStorage> PartitionLog<S> {
         self.roll_done.notify_all();
         if stopped {
             let error = rolled.as_ref().expect_err("checked above");
-            eprintln!(
-                "shardq: partition {}: rolling to a new segment: {error}; the partition has stopped",
-                self.directory.display()
+            tracing::error!(
+                partition_directory = %self.directory.display(),
+                error = %error,
+                "rolling to a new segment: {error}; the partition has stopped"
             );
-            self.apply_failure_policy(error);
+            self.apply_failure_policy("rolling to a new segment", error);
         }
         rolled
     }
@@ -1253,9 +1254,11 @@ impl<S: LogStorage> PartitionLog<S> {
                     };
                     // The damaged header's own offset cannot be trusted; the offset the
                     // walk expected here can.
-                    eprintln!(
-                        "shardq: partition {}: {error}; not serving at or past offset {expected_offset}",
-                        self.directory.display(),
+                    tracing::error!(
+                        partition_directory = %self.directory.display(),
+                        error = %error,
+                        offset = expected_offset,
+                        "damaged batch: {error}; not serving at or past offset {expected_offset}"
                     );
                     let mut state = self.state.borrow_mut();
                     if !state
@@ -1309,7 +1312,11 @@ impl<S: LogStorage> PartitionLog<S> {
         if self.state.borrow().failed.is_none() {
             if let Err(error) = self.seal_index().await {
                 // The index is rebuilt from the segment on the next open.
-                eprintln!("shardq: partition {}: {error}", self.directory.display());
+                tracing::warn!(
+                    partition_directory = %self.directory.display(),
+                    error = %error,
+                    "sealing the index at close: {error} (rebuilt from the segment on the next open)"
+                );
             }
             // Only when everything appended is durable (closing abandons a round waiting
             // on a full disk): a snapshot must not cover what the disk does not hold.
@@ -1459,15 +1466,20 @@ impl<S: LogStorage> PartitionLog<S> {
             }
             state.durable_waiters.drain(..).collect()
         };
-        eprintln!(
-            "shardq: partition {}: {error}{}",
-            self.directory.display(),
-            if retryable {
-                "; appends are refused and the write is retried"
-            } else {
-                "; the partition has stopped"
-            }
-        );
+        if retryable {
+            tracing::warn!(
+                partition_directory = %self.directory.display(),
+                error = %error,
+                retry_ms = self.config.storage_full_retry.as_millis() as u64,
+                "{error}; appends are refused and the write is retried"
+            );
+        } else {
+            tracing::error!(
+                partition_directory = %self.directory.display(),
+                error = %error,
+                "{error}; the partition has stopped"
+            );
+        }
         // Waiters learn now; their batches stay queued and may still become durable once
         // the write succeeds (a retrying producer may then store a record twice, as after
         // a timeout).
@@ -1483,16 +1495,19 @@ impl<S: LogStorage> PartitionLog<S> {
         if retryable {
             glommio::timer::sleep(self.config.storage_full_retry).await;
         } else {
-            self.apply_failure_policy(&error);
+            self.apply_failure_policy("writing and syncing", &error);
         }
     }
 
     /// After the partition stopped on a write, sync or roll error other than a full disk:
     /// with `ExitProcess` the whole broker exits, so no shard serves on a disk that can
     /// no longer be trusted while its siblings go on.
-    fn apply_failure_policy(&self, error: &StorageError) {
+    fn apply_failure_policy(&self, doing: &str, error: &StorageError) {
         if self.config.failure_policy == FailurePolicy::ExitProcess {
-            eprintln!("shardq: fatal: the log can no longer be trusted: {error}");
+            crate::logs::fatal(format_args!(
+                "the log can no longer be trusted: {} failed while {doing}: {error}",
+                self.directory.display()
+            ));
             std::process::exit(super::EXIT_STORAGE_FAILED);
         }
     }
@@ -1716,9 +1731,11 @@ impl<S: LogStorage> PartitionLog<S> {
         }
         match producer_snapshot::write_snapshot(&*self.storage, &self.directory, bytes).await {
             Ok(()) => self.producer_snapshot_offset.set(Some(point.offset)),
-            Err(error) => eprintln!(
-                "shardq: partition {}: producer snapshot at offset {}: {error}",
-                self.directory.display(),
+            Err(error) => tracing::warn!(
+                partition_directory = %self.directory.display(),
+                offset = point.offset,
+                error = %error,
+                "writing the producer snapshot at offset {}: {error}",
                 point.offset
             ),
         }

@@ -244,9 +244,10 @@ pub(crate) async fn recover_table<S: LogStorage>(
         Ok(Some((point, table))) => match scan_start(segments, &point).await {
             Ok(start) => Some((start, table)),
             Err(reason) => {
-                eprintln!(
-                    "shardq: recovery: ignoring the producer snapshot of {}: {reason}; rebuilding from the last segment",
-                    directory.display()
+                tracing::warn!(
+                    partition_directory = %directory.display(),
+                    reason = %reason,
+                    "recovery: ignoring the producer snapshot: {reason}; rebuilding from the last segment"
                 );
                 None
             }
@@ -254,16 +255,20 @@ pub(crate) async fn recover_table<S: LogStorage>(
         Ok(None) => {
             let empty = segments.len() == 1 && segments[0].end_position == 0;
             if !empty {
-                eprintln!(
-                    "shardq: recovery: {} has no producer snapshot; rebuilding the producer table from the last segment",
-                    directory.display()
+                // Expected after a crash (snapshots are written at close and every
+                // producer_snapshot_interval_bytes): not a warning.
+                tracing::info!(
+                    partition_directory = %directory.display(),
+                    "recovery: no producer snapshot; rebuilding the producer table from the last segment"
                 );
             }
             None
         }
         Err(reason) => {
-            eprintln!(
-                "shardq: recovery: ignoring the producer snapshot: {reason}; rebuilding from the last segment"
+            tracing::warn!(
+                partition_directory = %directory.display(),
+                reason = %reason,
+                "recovery: ignoring the producer snapshot: {reason}; rebuilding from the last segment"
             );
             None
         }

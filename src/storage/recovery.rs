@@ -658,8 +658,11 @@ pub(crate) async fn recover<S: LogStorage>(
         )
         .await?;
         if let Some(reason) = judge_scan_end(&scanned, next_base_offset)? {
-            eprintln!(
-                "shardq: recovery: cutting the torn tail of {} at byte {}: {reason}",
+            tracing::warn!(
+                path = %scanned.path.display(),
+                position = scanned.scan.end_position,
+                reason = %reason,
+                "recovery: cutting the torn tail of {} at byte {}: {reason}",
                 scanned.path.display(),
                 scanned.scan.end_position
             );

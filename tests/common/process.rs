@@ -82,7 +82,9 @@ impl Serve {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("shardq: serving on ") {
+                    // Anywhere in the line: text log lines start with a timestamp and
+                    // a level (or a syslog priority under journald).
+                    if let Some((_, rest)) = line.split_once("serving on ") {
                         let address: SocketAddr = rest
                             .split(' ')
                             .next()

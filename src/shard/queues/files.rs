@@ -183,9 +183,10 @@ pub fn cut_journal(
     for (first_seq, path, bytes) in &files.journals {
         let end = start + bytes.len();
         if start > valid_bytes || (start == valid_bytes && keep.is_some()) {
-            eprintln!(
-                "shardq: {}: dropping journal segment {} past a damaged tail",
-                directory.display(),
+            tracing::warn!(
+                group_directory = %directory.display(),
+                path = %path.display(),
+                "dropping journal segment {} past a damaged tail",
                 path.display()
             );
             std::fs::remove_file(path).map_err(|source| {
@@ -194,9 +195,11 @@ pub fn cut_journal(
         } else {
             let length = valid_bytes.min(end) - start;
             if length < bytes.len() {
-                eprintln!(
-                    "shardq: {}: cutting a torn journal tail, {} bytes of {} kept",
-                    path.display(),
+                tracing::warn!(
+                    path = %path.display(),
+                    bytes_kept = length,
+                    bytes_found = bytes.len(),
+                    "cutting a torn queue group journal tail, {} bytes of {} kept",
                     length,
                     bytes.len()
                 );
@@ -616,12 +619,15 @@ impl JournalWriter {
                         state.stopped = true;
                     }
                     self.durable_changed.notify_all();
-                    eprintln!(
-                        "shardq: queue group journal {}: {error}",
-                        self.directory.display()
+                    tracing::error!(
+                        group_directory = %self.directory.display(),
+                        error = %error,
+                        "queue group journal: {error}"
                     );
                     if self.failure_policy == FailurePolicy::ExitProcess {
-                        eprintln!("shardq: fatal: a queue group journal can no longer be trusted");
+                        crate::logs::fatal(format_args!(
+                            "a queue group journal can no longer be trusted"
+                        ));
                         std::process::exit(EXIT_STORAGE_FAILED);
                     }
                     break;

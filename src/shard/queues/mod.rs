@@ -378,11 +378,11 @@ impl GroupRuntime {
     /// Logs a DLQ failure once per cause until the next success.
     fn log_dead_letter_failure(&self, cause: String, message: impl FnOnce() -> String) {
         if self.dead_letter_logged.borrow_mut().insert(cause) {
-            eprintln!(
-                "shardq: queue group {:?} of {} partition {}: {} (retried with a growing delay; logged once per cause, see dead_lettering in describe)",
-                self.name,
-                self.topic,
-                self.partition,
+            tracing::warn!(
+                topic = %self.topic,
+                partition = self.partition,
+                group = %self.name,
+                "dead-lettering: {} (retried with a growing delay; logged once per cause, see dead_lettering in describe)",
                 message()
             );
         }
@@ -698,9 +698,12 @@ impl Shard {
             // Retention moved the log start: the next round tells the group.
             Err(StorageError::OffsetOutOfRange { .. }) => true,
             Err(error) => {
-                eprintln!(
-                    "shardq: queue group {:?} of {} partition {}: reading metadata: {error}",
-                    group.name, group.topic, group.partition
+                tracing::error!(
+                    topic = %group.topic,
+                    partition = group.partition,
+                    group = %group.name,
+                    error = %error,
+                    "queue group: reading metadata: {error}"
                 );
                 false
             }
@@ -808,8 +811,12 @@ impl Shard {
             })?;
             drop(journal);
             if let Some(stopped) = &report.journal_stopped {
-                eprintln!(
-                    "shardq: queue group {name:?} of {topic} partition {partition}: journal ends in a torn or damaged record ({stopped}) after {} valid bytes; cutting it there",
+                tracing::warn!(
+                    topic = %topic,
+                    partition,
+                    group = %name,
+                    valid_bytes = report.journal_valid_bytes,
+                    "queue group journal ends in a torn or damaged record ({stopped}) after {} valid bytes; cutting it there",
                     report.journal_valid_bytes
                 );
             }
@@ -885,9 +892,11 @@ impl Shard {
         );
         let ordering = group.state.borrow().config().ordering;
         if policy.ordering != ordering {
-            eprintln!(
-                "shardq: queue group {:?} of {topic} partition {}: the new ordering applies from the next start",
-                group.name, group.partition
+            tracing::info!(
+                topic = %topic,
+                partition = group.partition,
+                group = %group.name,
+                "queue group: the new ordering applies from the next start"
             );
             policy.ordering = ordering;
         }
@@ -929,6 +938,7 @@ impl Shard {
             )
         };
         check(&QueueSettings::default())?;
+        let partitions_owned = partitions.len();
         for &partition in &partitions {
             if let Some(runtime) = self.queue_group(&topic, partition, &group) {
                 check(&runtime.own_settings.borrow())?;
@@ -966,6 +976,18 @@ impl Shard {
             self.apply_queue_policy(&runtime, &config);
         }
         self.queues.wake(&topic, &group);
+        // One line per shard that owns partitions of the topic (each applies the change
+        // to its own).
+        if partitions_owned > 0 {
+            tracing::info!(
+                shard = self.id,
+                topic = %topic,
+                group = %group,
+                partitions = partitions_owned,
+                changes = ?changes,
+                "queue group {group:?} of {topic} altered"
+            );
+        }
         Ok(())
     }
 
@@ -1109,6 +1131,16 @@ impl Shard {
             self.close_queue_group(&runtime).await;
             return Err(self.journal_error(&error));
         }
+        // Once per group and partition (a group comes to a partition with its first
+        // receive or settings change there), never per request.
+        tracing::info!(
+            shard = self.id,
+            topic = %topic,
+            partition,
+            group = %name,
+            start_offset = start,
+            "queue group {name:?} created on partition {partition} of {topic}"
+        );
         Ok(runtime)
     }
 
@@ -1230,10 +1262,13 @@ impl Shard {
                 Err(error) => {
                     // Leased but unreadable (retention took it meanwhile): the lease
                     // runs out; the group hears of the log start on its next round.
-                    eprintln!(
-                        "shardq: queue group {:?} of {topic} partition {}: reading {} leased offsets from {} for a receive: {error}",
-                        runtime.name,
-                        runtime.partition,
+                    tracing::warn!(
+                        topic = %topic,
+                        partition = runtime.partition,
+                        group = %runtime.name,
+                        offset = offsets[0],
+                        error = %error,
+                        "queue group: reading {} leased offsets from {} for a receive: {error}",
                         offsets.len(),
                         offsets[0]
                     );
@@ -2048,9 +2083,13 @@ async fn write_group_snapshot(group: Rc<GroupRuntime>, seq: u64, bytes: Vec<u8>)
     .await;
     if let Err(error) = outcome {
         if !group.closed.get() {
-            eprintln!(
-                "shardq: queue group {:?} of {} partition {}: snapshot at seq {seq}: {error}",
-                group.name, group.topic, group.partition
+            tracing::warn!(
+                topic = %group.topic,
+                partition = group.partition,
+                group = %group.name,
+                seq,
+                error = %error,
+                "queue group: writing the snapshot at seq {seq}: {error}"
             );
         }
     }
