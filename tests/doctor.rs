@@ -451,7 +451,7 @@ fn serve_under_a_memlock_limit_below_the_need_warns_with_the_numbers_and_still_s
     let warning = broker
         .seen
         .iter()
-        .find(|line| line.contains("warning") && line.contains("RLIMIT_MEMLOCK"))
+        .find(|line| line.contains("WARN") && line.contains("RLIMIT_MEMLOCK"))
         .unwrap_or_else(|| panic!("no memlock warning before serving: {:?}", broker.seen));
     for part in [
         format!("is {limit_bytes} bytes"),

@@ -159,6 +159,7 @@ fn serve_on_socket(
         address: None,
         metrics_address: None,
         lines,
+        seen: Vec::new(),
     }
 }
 
