@@ -308,6 +308,22 @@ pub const SHARDS_MAX: usize = u16::MAX as usize;
 pub const SEGMENT_SIZE_BYTES_MAX: u64 =
     (u32::MAX as u64 / ALIGNMENT_BYTES as u64) * ALIGNMENT_BYTES as u64;
 
+/// The largest append chunk: far above any batch a frame can carry (16 MiB by default),
+/// and small enough that 4 of them stay a sane per-shard budget.
+pub const CHUNK_SIZE_BYTES_MAX: usize = 1 << 30;
+
+/// The largest per-shard chunk budget. glommio allocates it (plus 16 MiB for reads) as
+/// each executor's I/O memory when the shard starts; past a few hundred GiB no host has
+/// it, and near `isize::MAX` the allocation's layout itself fails.
+pub const CHUNK_MEMORY_BYTES_PER_SHARD_MAX: usize = 256 << 30;
+
+/// The deepest shard-to-shard channel: every shard holds one to every other, so the
+/// memory is the square of the shards times this.
+pub const MESH_CHANNEL_CAPACITY_MAX: usize = 1 << 20;
+
+/// The largest tail cache per shard.
+pub const TAIL_CACHE_BYTES_PER_SHARD_MAX: usize = 1 << 40;
+
 /// Highest CPU number a `cpus` list may name: Linux's own ceiling (`NR_CPUS` at most
 /// 8192), which also bounds the memory a range like `0-99999999` would take.
 pub const CPU_NUMBER_MAX: usize = 8191;
@@ -470,22 +486,45 @@ impl ServerConfig {
             }
         }
         let alignment = ALIGNMENT_BYTES;
-        if self.chunk_size_bytes < 2 * alignment || self.chunk_size_bytes % alignment != 0 {
+        if self.chunk_size_bytes < 2 * alignment
+            || self.chunk_size_bytes % alignment != 0
+            || self.chunk_size_bytes > CHUNK_SIZE_BYTES_MAX
+        {
             return fail(
                 "chunk_size_bytes",
                 &self.chunk_size_bytes,
-                format!("a multiple of {alignment}, at least {}", 2 * alignment),
+                format!(
+                    "a multiple of {alignment} from {} to {CHUNK_SIZE_BYTES_MAX}",
+                    2 * alignment
+                ),
             );
         }
-        if self.chunk_memory_bytes_per_shard_max < 4 * self.chunk_size_bytes {
+        // No overflow: chunk_size_bytes is at most 1 GiB here.
+        let four_chunks = 4 * self.chunk_size_bytes;
+        if self.chunk_memory_bytes_per_shard_max < four_chunks
+            || self.chunk_memory_bytes_per_shard_max > CHUNK_MEMORY_BYTES_PER_SHARD_MAX
+        {
             return fail(
                 "chunk_memory_bytes_per_shard_max",
                 &self.chunk_memory_bytes_per_shard_max,
                 format!(
-                    "at least {} (4 chunks of chunk_size_bytes = {})",
-                    4 * self.chunk_size_bytes,
+                    "from {four_chunks} (4 chunks of chunk_size_bytes = {}) to {CHUNK_MEMORY_BYTES_PER_SHARD_MAX}",
                     self.chunk_size_bytes
                 ),
+            );
+        }
+        if self.mesh_channel_capacity > MESH_CHANNEL_CAPACITY_MAX {
+            return fail(
+                "mesh_channel_capacity",
+                &self.mesh_channel_capacity,
+                format!("from 1 to {MESH_CHANNEL_CAPACITY_MAX}"),
+            );
+        }
+        if self.tail_cache_bytes_per_shard > TAIL_CACHE_BYTES_PER_SHARD_MAX {
+            return fail(
+                "tail_cache_bytes_per_shard",
+                &self.tail_cache_bytes_per_shard,
+                format!("from 0 (off) to {TAIL_CACHE_BYTES_PER_SHARD_MAX}"),
             );
         }
         // Padded block writes must stay inside the preallocated file; index entries
@@ -800,6 +839,48 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn memory_sizes_are_refused_past_their_ceilings_without_overflowing() {
+        let refused = |config: ServerConfig, key: &str| {
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.key, key, "{error}");
+        };
+        let at = |chunk: usize, budget: usize, mesh: usize, cache: usize| ServerConfig {
+            chunk_size_bytes: chunk,
+            chunk_memory_bytes_per_shard_max: budget,
+            mesh_channel_capacity: mesh,
+            tail_cache_bytes_per_shard: cache,
+            ..ServerConfig::default()
+        };
+        let chunk = CHUNK_SIZE_BYTES_MAX;
+        let budget = CHUNK_MEMORY_BYTES_PER_SHARD_MAX;
+        let mesh = MESH_CHANNEL_CAPACITY_MAX;
+        let cache = TAIL_CACHE_BYTES_PER_SHARD_MAX;
+        // Each at its ceiling (segments must hold a chunk).
+        let mut config = at(chunk, budget, mesh, cache);
+        config.segment_size_bytes = chunk as u64;
+        config.validate().unwrap();
+        refused(at(chunk + 4096, budget, mesh, cache), "chunk_size_bytes");
+        refused(
+            at(1 << 20, budget + 1, mesh, cache),
+            "chunk_memory_bytes_per_shard_max",
+        );
+        refused(
+            at(1 << 20, 64 << 20, mesh + 1, cache),
+            "mesh_channel_capacity",
+        );
+        refused(
+            at(1 << 20, 64 << 20, 1024, cache + 1),
+            "tail_cache_bytes_per_shard",
+        );
+        // Values whose products used to overflow are refused by name.
+        refused(at(usize::MAX - 4095, 64 << 20, 1024, 0), "chunk_size_bytes");
+        refused(
+            at(1 << 20, usize::MAX, 1024, 0),
+            "chunk_memory_bytes_per_shard_max",
+        );
     }
 
     #[test]

@@ -450,6 +450,8 @@ fn cpus_flag_pins_the_shard_to_that_cpu() {
         &[],
     );
     serve.wait_serving();
+    let summary = serve.seen.last().expect("the serving line");
+    assert!(summary.contains(&format!("cpus=[{cpu}]")), "{summary}");
     let allowed = shard_thread_cpus(serve.child.id(), 0);
     assert!(
         !allowed.is_empty() && allowed.iter().all(|cpus| *cpus == cpu_text),

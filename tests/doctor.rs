@@ -363,10 +363,14 @@ fn serve_under_memlock(data_dir: &Path, limit_bytes: u64) -> Command {
     // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
     unsafe {
         command.pre_exec(move || {
-            // The tests run as root, whose CAP_IPC_LOCK exempts it from the limit: drop
-            // it from the bounding set so that the shardq exec'd next runs without it.
+            // As root, CAP_IPC_LOCK exempts the broker from the limit: drop it from the
+            // bounding set so that the shardq exec'd next runs without it. A user
+            // without CAP_SETPCAP may not (EPERM) and has no CAP_IPC_LOCK to drop.
             if libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EPERM) {
+                    return Err(error);
+                }
             }
             let limit = libc::rlimit {
                 rlim_cur: limit_bytes,
@@ -393,7 +397,7 @@ fn serve_under_a_memlock_limit_glommio_cannot_start_under_exits_with_the_numbers
     let limit_bytes: u64 = 256 << 10;
     let mut child = serve_under_memlock(&data_dir, limit_bytes)
         .spawn()
-        .expect("serve spawns (dropping CAP_IPC_LOCK needs CAP_SETPCAP: run as root)");
+        .expect("serve spawns");
     // Without the check a shard thread ends and start-up fails opaquely, or worse the
     // broker serves: either must fail the test, not hang it.
     let deadline = Instant::now() + STEP_TIMEOUT;
@@ -445,7 +449,7 @@ fn serve_under_a_memlock_limit_below_the_need_warns_with_the_numbers_and_still_s
     let limit_bytes: u64 = 1 << 20;
     let child = serve_under_memlock(&data_dir, limit_bytes)
         .spawn()
-        .expect("serve spawns (dropping CAP_IPC_LOCK needs CAP_SETPCAP: run as root)");
+        .expect("serve spawns");
     let mut broker = Serve::from_child(child);
     let address = broker.wait_serving();
     let warning = broker
@@ -566,5 +570,29 @@ fn doctor_warns_when_the_hard_open_files_limit_is_below_connections_max() {
             .unwrap()
             .contains("accepts fail past about 2030 connections"),
         "{past}"
+    );
+}
+
+#[test]
+fn doctor_checks_the_cpus_list_serve_would_pin_to() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let online = std::thread::available_parallelism().map_or(1, |count| count.get());
+    let highest = (online - 1).to_string();
+    let (_, checks) = doctor_json(&data_dir, &["--cpus", &highest]);
+    let cpus = by_name(&checks)["cpus"];
+    assert_eq!(cpus.status, "pass", "{cpus:?}");
+    assert!(cpus.found.contains(&format!("[{highest}]")), "{cpus:?}");
+
+    // A CPU past the online ones: serve refuses it, so doctor fails it.
+    let offline = online.to_string();
+    let (code, checks) = doctor_json(&data_dir, &["--cpus", &offline]);
+    assert_eq!(code, 1);
+    let cpus = by_name(&checks)["cpus"];
+    assert_eq!(cpus.status, "fail", "{cpus:?}");
+    assert!(
+        cpus.found
+            .contains(&format!("cpus names CPU {offline}, which is not online")),
+        "{cpus:?}"
     );
 }

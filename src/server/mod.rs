@@ -386,41 +386,37 @@ impl ServerHandle {
         online.sort_unstable();
         // Shard k runs on shard_cpus[k]: the operator's list (`cpus`), else the lowest
         // online CPUs.
-        let shard_cpus: Vec<usize> = match &config.cpus {
-            Some(list) => {
-                if let Some(&cpu) = list.cpus().iter().find(|cpu| !online.contains(cpu)) {
-                    return Err(ServerError::CpuOffline { cpu, online });
-                }
-                list.cpus().to_vec()
+        let shard_cpus = preflight::shard_cpus(&config, &online).map_err(|error| match error {
+            preflight::PlacementError::Offline { cpu, online } => {
+                ServerError::CpuOffline { cpu, online }
             }
-            None => {
-                let shard_count = config.cores.unwrap_or(online.len());
-                if shard_count > online.len() || shard_count > usize::from(u16::MAX) {
-                    return Err(ServerError::Placement {
-                        requested: shard_count,
-                        available: online.len(),
-                    });
-                }
-                online[..shard_count].to_vec()
-            }
-        };
+            preflight::PlacementError::TooMany {
+                requested,
+                available,
+            } => ServerError::Placement {
+                requested,
+                available,
+            },
+        })?;
         let shard_count = shard_cpus.len();
         // Below what the shards need glommio either refuses to start an executor, which
         // only shows as a shard thread that ends before it reports, or silently runs
         // without its registered buffers: say so now, with the numbers. The first stops
         // start-up before anything exists; the second is a warning, since the broker
         // still works (a developer's shell has a memlock limit of a few MiB).
-        let locked_memory_limit =
-            preflight::LockedMemoryLimit::current().map_err(|error| ServerError::Shard {
-                shard: 0,
-                message: format!("reading RLIMIT_MEMLOCK and capabilities: {error}"),
-            })?;
-        if let Err(shortfall) = preflight::check_locked_memory(
-            &config,
-            shard_count,
-            locked_memory_limit,
-            preflight::KernelVersion::running(),
-        ) {
+        let locked_memory_limit = preflight::LockedMemoryLimit::current()
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "cannot read RLIMIT_MEMLOCK or capabilities, so the locked-memory check is skipped: {error}")
+            })
+            .ok();
+        if let Some(Err(shortfall)) = locked_memory_limit.map(|limit| {
+            preflight::check_locked_memory(
+                &config,
+                shard_count,
+                limit,
+                preflight::KernelVersion::running(),
+            )
+        }) {
             if shortfall.stops_the_shards() {
                 return Err(ServerError::LockedMemory(shortfall));
             }
@@ -430,19 +426,6 @@ impl ServerHandle {
                 "{shortfall}; starting without registered I/O buffers, so every write and read pins its pages itself (slower); to fix, {}",
                 shortfall.fix()
             );
-        }
-        // A descriptor per connection and per segment file: the soft limit's usual 1024
-        // would refuse connections long before connections_max.
-        match preflight::raise_open_files_limit() {
-            Ok((before, after)) if before != after => tracing::info!(
-                "raised the open-files soft limit from {} to {} (the hard limit)",
-                before.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
-                after.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
-            ),
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(error = %error, "raising the open-files soft limit: {error}")
-            }
         }
         exit_on_shard_panic();
         // Everything the broker creates is its own: directories 0700, files 0600.
@@ -544,7 +527,7 @@ impl ServerHandle {
             metrics,
             endpoint: Arc::clone(&endpoint),
             shard_ports: shard_ports.clone(),
-            shard_cpus: online[..shard_count].to_vec(),
+            shard_cpus: shard_cpus.clone(),
             data_dir: config.data_dir.clone(),
             recovered: RecoveredTotals::default(),
             stopping: Arc::clone(&stopping),
@@ -1029,12 +1012,39 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     use sd_notify::NotifyState;
     let signals = block_shutdown_signals().map_err(ServerError::Signal)?;
     let shutdown_timeout_ms = config.shutdown_timeout_ms;
+    raise_open_files_limit();
+    // A signal during start-up (a long recovery, the bind retry) ends the process at
+    // once: nothing has been acknowledged yet, and recovery is safe to cut short (it is
+    // what a kill -9 leaves behind). Without this, the signal would wait until start-up
+    // ended and the broker would report ready only to stop.
+    let (start_up_over, start_up_watched) =
+        std::os::unix::net::UnixStream::pair().map_err(ServerError::Signal)?;
+    let start_up_watcher = std::thread::Builder::new()
+        .name("shardq-start-signals".into())
+        .spawn(move || {
+            match wait_for_stop(&signals, &start_up_watched, None, None) {
+                Ok(StopOutcome::Signal(signal)) => {
+                    tracing::warn!(
+                        signal,
+                        "signal {signal} received during start-up: exiting before serving (nothing was acknowledged yet; the next start recovers as after a crash)"
+                    );
+                    std::process::exit(EXIT_SECOND_SIGNAL_BASE + signal)
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "watching for signals during start-up: {error}"),
+            }
+        })
+        .map_err(ServerError::Signal)?;
     let progress = Arc::new(RecoveryProgress::default());
     let reporter = notify::report_progress(Arc::clone(&progress));
     let started = ServerHandle::start_reporting(config, &progress);
     if let Some(reporter) = reporter {
         reporter.stop();
     }
+    // Signals now wait for `sigwait` below (one that raced the hand-over ended the
+    // process already, or is still pending).
+    drop(start_up_over);
+    let _ = start_up_watcher.join();
     let handle = match started {
         Ok(handle) => handle,
         Err(error) => {
@@ -1081,7 +1091,7 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
         })
         .map_err(ServerError::Signal)?;
     let bound = Duration::from_millis(u64::from(shutdown_timeout_ms));
-    match wait_for_stop(&signals, &stop_over, first_signal_at, bound)
+    match wait_for_stop(&signals, &stop_over, Some(first_signal_at), Some(bound))
         .map_err(ServerError::Signal)?
     {
         StopOutcome::Stopped => {
@@ -1107,6 +1117,21 @@ pub fn run_until_signal(config: ServerConfig) -> Result<(), ServerError> {
     }
 }
 
+/// A descriptor per connection and per segment file: the soft limit's usual 1024 would
+/// refuse connections long before connections_max. Done by `shardq serve` only: a
+/// library embedder's process may use select(2), which breaks past 1024 descriptors.
+fn raise_open_files_limit() {
+    match preflight::raise_open_files_limit() {
+        Ok((before, after)) if before != after => tracing::info!(
+            "raised the open-files soft limit from {} to {} (the hard limit)",
+            before.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+            after.map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string()),
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(error = %error, "raising the open-files soft limit: {error}"),
+    }
+}
+
 /// A second signal during the stop exits with 128 + its number, the status a shell
 /// reports for a process the signal ended (143 for SIGTERM, 130 for SIGINT).
 const EXIT_SECOND_SIGNAL_BASE: i32 = 128;
@@ -1124,13 +1149,13 @@ enum StopOutcome {
 }
 
 /// Waits until `stop_over` reads end of stream (the stop finished), a blocked signal
-/// arrives (past `REPEATED_SIGNAL_WINDOW` after the first), or `bound` passes,
-/// whichever is first.
+/// arrives (past `REPEATED_SIGNAL_WINDOW` after `first_signal_at`, if given), or
+/// `bound` passes (if given), whichever is first.
 fn wait_for_stop(
     signals: &libc::sigset_t,
     stop_over: &std::os::unix::net::UnixStream,
-    first_signal_at: std::time::Instant,
-    bound: Duration,
+    first_signal_at: Option<std::time::Instant>,
+    bound: Option<Duration>,
 ) -> std::io::Result<StopOutcome> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: `signals` is an initialised set; -1 asks for a new descriptor.
@@ -1140,10 +1165,11 @@ fn wait_for_stop(
     }
     // SAFETY: signalfd returned a new descriptor that nothing else owns.
     let signal_fd = unsafe { OwnedFd::from_raw_fd(signal_fd) };
-    let deadline = std::time::Instant::now() + bound;
+    let deadline = bound.map(|bound| std::time::Instant::now() + bound);
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
+        let left =
+            deadline.map(|deadline| deadline.saturating_duration_since(std::time::Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
             return Ok(StopOutcome::TimedOut);
         }
         let mut polled = [
@@ -1158,8 +1184,11 @@ fn wait_for_stop(
                 revents: 0,
             },
         ];
-        // Rounded up, so the loop never spins on a sub-millisecond remainder.
-        let timeout_ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+        // Rounded up, so the loop never spins on a sub-millisecond remainder; -1 waits
+        // without a bound.
+        let timeout_ms = left.map_or(-1, |left| {
+            i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+        });
         // SAFETY: `polled` is a valid array of two pollfd for the duration of the call.
         let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, timeout_ms) };
         if ready < 0 {
@@ -1183,7 +1212,7 @@ fn wait_for_stop(
             };
             if read == size as isize {
                 let signal = info.ssi_signo as i32;
-                if first_signal_at.elapsed() >= REPEATED_SIGNAL_WINDOW {
+                if first_signal_at.is_none_or(|first| first.elapsed() >= REPEATED_SIGNAL_WINDOW) {
                     return Ok(StopOutcome::Signal(signal));
                 }
                 tracing::info!(

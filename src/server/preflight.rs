@@ -48,7 +48,9 @@ const CAP_IPC_LOCK: u32 = 14;
 
 /// The I/O memory each shard's executor asks glommio for.
 pub fn io_memory_bytes(config: &ServerConfig) -> usize {
-    config.chunk_memory_bytes_per_shard_max + IO_MEMORY_READ_BYTES
+    config
+        .chunk_memory_bytes_per_shard_max
+        .saturating_add(IO_MEMORY_READ_BYTES)
 }
 
 /// Locked memory one shard needs: glommio registers its whole I/O memory with each of its
@@ -75,7 +77,10 @@ pub fn locked_memory_bytes_per_shard(config: &ServerConfig, kernel: Option<Kerne
         }
         _ => 0,
     };
-    GLOMMIO_RINGS_PER_EXECUTOR * io_memory + rings
+    // Saturating: `doctor` reports on configurations `validate` refuses too.
+    GLOMMIO_RINGS_PER_EXECUTOR
+        .saturating_mul(io_memory)
+        .saturating_add(rings)
 }
 
 /// What RLIMIT_MEMLOCK means for this process.
@@ -247,9 +252,6 @@ const KERNEL_MIN: KernelVersion = KernelVersion::new(5, 8);
 /// vm.swappiness above this warns: a shard's pages swapped out stall every connection on
 /// that shard while they come back.
 const SWAPPINESS_MAX: u32 = 10;
-/// net.core.somaxconn below this warns: the kernel cuts the broker's listen backlog
-/// (1024, `listener_socket`) down to it, and connection bursts get dropped.
-const SOMAXCONN_MIN: u32 = 1024;
 /// Descriptors a broker holds besides connections and segment files. Measured on Linux
 /// 6.18 (`ls /proc/PID/fd` of an idle broker with no topics and metrics on): 18 with 1
 /// shard, 29 with 2: 11 per shard (3 io_uring rings, an eventfd, the shared and own
@@ -351,11 +353,20 @@ pub fn run_checks(config: &ServerConfig) -> Vec<Check> {
     let kernel = KernelVersion::running();
     checks.push(check_kernel(kernel));
     checks.push(check_io_uring());
-    let cpus = online_cpus();
-    let shards = match &cpus {
-        Ok(online) => config.cores.unwrap_or(online.len()),
-        Err(_) => config.cores.unwrap_or(1),
+    let online = online_cpus();
+    let placement = online
+        .as_ref()
+        .map_err(|error| io::Error::new(error.kind(), error.to_string()))
+        .map(|online| shard_cpus(config, online));
+    // What the other checks size for: the shards serve would run, or as many as asked.
+    let shard_cpu_list: Vec<usize> = match &placement {
+        Ok(Ok(cpus)) => cpus.clone(),
+        _ => match &config.cpus {
+            Some(list) => list.cpus().to_vec(),
+            None => (0..config.cores.unwrap_or(1)).collect(),
+        },
     };
+    let shards = shard_cpu_list.len();
     checks.push(match LockedMemoryLimit::current() {
         Ok(limit) => memlock_check(config, shards, limit, kernel),
         Err(error) => Check::fail(
@@ -364,7 +375,7 @@ pub fn run_checks(config: &ServerConfig) -> Vec<Check> {
             "check /proc is mounted",
         ),
     });
-    checks.push(check_cpus(config.cores, shards, cpus));
+    checks.push(check_cpus(config, placement));
     let directory = prepare_data_dir(&config.data_dir);
     checks.push(directory.check.clone());
     let usable = directory.usable.then_some(directory.path.as_path());
@@ -379,11 +390,14 @@ pub fn run_checks(config: &ServerConfig) -> Vec<Check> {
         "/sys/kernel/mm/transparent_hugepage/enabled",
     )));
     checks.push(check_swappiness(&read_text("/proc/sys/vm/swappiness")));
-    checks.push(check_cpu_governor(shards));
+    checks.push(check_cpu_governor(&shard_cpu_list));
     checks.push(check_clocksource(&read_text(
         "/sys/devices/system/clocksource/clocksource0/current_clocksource",
     )));
-    checks.push(check_somaxconn(&read_text("/proc/sys/net/core/somaxconn")));
+    checks.push(check_somaxconn(
+        &read_text("/proc/sys/net/core/somaxconn"),
+        config.listen_backlog,
+    ));
     checks.push(check_listen(config.listen, shards));
     checks.push(check_metrics_listen(config.metrics_listen));
     checks
@@ -501,7 +515,44 @@ fn check_io_uring() -> Check {
 }
 
 /// Online CPUs in the order shards use them (ascending: shard k on the k-th).
-fn online_cpus() -> io::Result<Vec<usize>> {
+/// Why the shards cannot be placed as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementError {
+    /// `cpus` names a CPU that is not online.
+    Offline { cpu: usize, online: Vec<usize> },
+    /// `cores` asks for more shards than there are online CPUs (or than a shard id holds).
+    TooMany { requested: usize, available: usize },
+}
+
+/// The CPU each shard runs on, shard k on the k-th: the operator's list (`cpus`), else
+/// the lowest `cores` online CPUs (every online CPU without `cores`). `online` is sorted.
+/// `serve` places its executors with it and `doctor` checks the same CPUs.
+pub fn shard_cpus(config: &ServerConfig, online: &[usize]) -> Result<Vec<usize>, PlacementError> {
+    match &config.cpus {
+        Some(list) => {
+            if let Some(&cpu) = list.cpus().iter().find(|cpu| !online.contains(cpu)) {
+                return Err(PlacementError::Offline {
+                    cpu,
+                    online: online.to_vec(),
+                });
+            }
+            Ok(list.cpus().to_vec())
+        }
+        None => {
+            let count = config.cores.unwrap_or(online.len());
+            if count > online.len() || count > usize::from(u16::MAX) {
+                return Err(PlacementError::TooMany {
+                    requested: count,
+                    available: online.len(),
+                });
+            }
+            Ok(online[..count].to_vec())
+        }
+    }
+}
+
+/// Online CPUs, sorted.
+pub fn online_cpus() -> io::Result<Vec<usize>> {
     let mut online: Vec<usize> = glommio::CpuSet::online()
         .map_err(|error| io::Error::other(error.to_string()))?
         .into_iter()
@@ -527,28 +578,44 @@ fn allowed_cpus() -> io::Result<BTreeSet<usize>> {
         .collect())
 }
 
-fn check_cpus(cores: Option<usize>, shards: usize, online: io::Result<Vec<usize>>) -> Check {
-    let online = match online {
-        Ok(online) => online,
-        Err(error) => {
-            return Check::fail(
+fn check_cpus(
+    config: &ServerConfig,
+    placement: io::Result<Result<Vec<usize>, PlacementError>>,
+) -> Check {
+    let used =
+        match placement {
+            Ok(Ok(used)) => used,
+            Ok(Err(PlacementError::Offline { cpu, online })) => {
+                return Check::fail(
+                    "cpus",
+                    format!(
+                        "cpus names CPU {cpu}, which is not online (online: {})",
+                        crate::config::cpu_list_text(&online)
+                    ),
+                    "name online CPUs in cpus (--cpus)",
+                )
+            }
+            Ok(Err(PlacementError::TooMany {
+                requested,
+                available,
+            })) => return Check::fail(
                 "cpus",
-                format!("cannot list online CPUs: {error}"),
-                "check /sys/devices/system/cpu is readable",
-            )
-        }
-    };
-    if shards > online.len() {
-        return Check::fail(
-            "cpus",
-            format!(
-                "{shards} shards asked for (--cores) but only {} CPUs are online",
-                online.len()
+                format!(
+                    "{requested} shards asked for (--cores) but only {available} CPUs are online"
+                ),
+                format!("use --cores N with N <= {available}"),
             ),
-            format!("use --cores N with N <= {}", online.len()),
-        );
-    }
-    let used = &online[..shards];
+            Err(error) => {
+                return Check::fail(
+                    "cpus",
+                    format!("cannot list online CPUs: {error}"),
+                    "check /sys/devices/system/cpu is readable",
+                )
+            }
+        };
+    let shards = used.len();
+    let online_count = online_cpus().map_or(0, |online| online.len());
+
     match allowed_cpus() {
         Ok(allowed) => {
             let outside: Vec<usize> = used
@@ -575,16 +642,14 @@ fn check_cpus(cores: Option<usize>, shards: usize, online: io::Result<Vec<usize>
             )
         }
     }
-    let chosen = match cores {
-        Some(_) => "--cores",
-        None => "one per online CPU",
+    let chosen = match (&config.cpus, config.cores) {
+        (Some(_), _) => "cpus",
+        (None, Some(_)) => "--cores",
+        (None, None) => "one per online CPU",
     };
     Check::pass(
         "cpus",
-        format!(
-            "{shards} shards ({chosen}) on online CPUs {used:?} of {}",
-            online.len()
-        ),
+        format!("{shards} shards ({chosen}) on online CPUs {used:?} of {online_count}"),
     )
 }
 
@@ -1222,10 +1287,9 @@ fn check_swappiness(setting: &io::Result<String>) -> Check {
     }
 }
 
-fn check_cpu_governor(shards: usize) -> Check {
-    let online = online_cpus().unwrap_or_default();
+fn check_cpu_governor(shard_cpus: &[usize]) -> Check {
     let mut governors: Vec<(usize, String)> = Vec::new();
-    for cpu in online.iter().take(shards) {
+    for cpu in shard_cpus {
         let path = format!("/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor");
         if let Ok(governor) = read_text(&path) {
             governors.push((*cpu, governor));
@@ -1275,15 +1339,18 @@ fn check_clocksource(setting: &io::Result<String>) -> Check {
     }
 }
 
-fn check_somaxconn(setting: &io::Result<String>) -> Check {
+/// net.core.somaxconn below the broker's `listen_backlog` warns: the kernel cuts the
+/// backlog down to it, and connection bursts get dropped.
+fn check_somaxconn(setting: &io::Result<String>, listen_backlog: u32) -> Check {
     match setting.as_ref().map(|text| text.parse::<u32>()) {
-        Ok(Ok(value)) if value >= SOMAXCONN_MIN => {
-            Check::pass("somaxconn", format!("net.core.somaxconn = {value}"))
-        }
+        Ok(Ok(value)) if value >= listen_backlog => Check::pass(
+            "somaxconn",
+            format!("net.core.somaxconn = {value}, at least listen_backlog = {listen_backlog}"),
+        ),
         Ok(Ok(value)) => Check::warn(
             "somaxconn",
-            format!("net.core.somaxconn = {value}: the kernel cuts the broker's listen backlog of {SOMAXCONN_MIN} to it, and connection bursts are dropped"),
-            "sysctl net.core.somaxconn=4096 (tuning/sysctl-shardq.conf)",
+            format!("net.core.somaxconn = {value}: the kernel cuts the broker's listen backlog (listen_backlog = {listen_backlog}) to it, and connection bursts are dropped"),
+            format!("sysctl net.core.somaxconn={} (tuning/sysctl.d/60-shardq.conf sets 4096), or lower listen_backlog", listen_backlog.max(4096)),
         ),
         _ => Check::warn(
             "somaxconn",
@@ -1491,8 +1558,9 @@ mod tests {
         assert_eq!(check_swappiness(&text("11")).status, Status::Warn);
         assert_eq!(check_clocksource(&text("tsc")).status, Status::Pass);
         assert_eq!(check_clocksource(&text("kvm-clock")).status, Status::Warn);
-        assert_eq!(check_somaxconn(&text("1024")).status, Status::Pass);
-        assert_eq!(check_somaxconn(&text("1023")).status, Status::Warn);
+        assert_eq!(check_somaxconn(&text("1024"), 1024).status, Status::Pass);
+        assert_eq!(check_somaxconn(&text("1023"), 1024).status, Status::Warn);
+        assert_eq!(check_somaxconn(&text("4096"), 4097).status, Status::Warn);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct Serve {
     pub metrics_address: Option<SocketAddr>,
     /// stderr lines, read by a thread so the child never blocks on a full pipe.
     pub lines: mpsc::Receiver<String>,
-    /// The lines `wait_serving` read before the "serving on" line.
+    /// The lines `wait_serving` read, the "serving on" line last.
     pub seen: Vec<String>,
 }
 
@@ -97,6 +97,7 @@ impl Serve {
                             .nth(1)
                             .and_then(|tail| tail.split('/').next())
                             .map(|address| address.parse().expect("a metrics address"));
+                        self.seen.push(line);
                         return address;
                     }
                     self.seen.push(line);
