@@ -422,8 +422,8 @@ install_config() {
         return 1
     fi
     local rendered
-    rendered=$(render_config)
     if [ -e "$destination" ]; then
+        rendered=$(render_config 2>/dev/null || true)
         if [ "$(cat "$destination")" = "$rendered" ]; then
             say "config: $destination exists and matches what this install writes (data_dir = \"$data_directory\")"
         else
@@ -431,6 +431,7 @@ install_config() {
         fi
         return
     fi
+    rendered=$(render_config)
     if [ "$dry_run" = 1 ]; then
         say "would write $destination: data_dir = \"$data_directory\", listen and metrics_listen from $config_source"
         return
