@@ -3,7 +3,7 @@
 //! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`).
 //!
 //! Not covered here, because it would change the machine running the tests: installing
-//! into the real root (user creation, `systemctl`, `sysctl -p`) and tuning the real host.
+//! into the real root (user creation, `systemctl`, the real `/proc/sys`) and tuning the real host.
 //! Both paths are printed by `--dry-run`, which the tests also run.
 
 use std::collections::BTreeMap;
