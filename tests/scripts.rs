@@ -3,8 +3,9 @@
 //! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`).
 //!
 //! Not covered here, because it would change the machine running the tests: installing
-//! into the real root (user creation, `systemctl`, the real `/proc/sys`) and tuning the real host.
-//! Both paths are printed by `--dry-run`, which the tests also run.
+//! into the real root (user creation, `systemctl`, the real `/proc/sys`) and tuning the
+//! real host. Both paths are printed by `--dry-run`, which the tests also run; the sysctl
+//! step's comparisons run against a fake `/proc/sys` (`SHARDQ_INSTALL_PROC_SYS`).
 
 use std::collections::BTreeMap;
 use std::fs;
