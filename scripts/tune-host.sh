@@ -19,7 +19,9 @@
 #   --data-dir DIR     the broker's data directory (default /var/lib/shardq; an ancestor
 #                      if it does not exist yet)
 #   --state-file FILE  where originals are kept (default /run/shardq-tune-host.state:
-#                      /run is emptied at boot, as are the settings themselves)
+#                      /run is emptied at boot, as are the settings themselves). One not
+#                      owned by the user running this, writable by others, or naming a
+#                      file apply does not write is refused
 #   --scheduler NAME   the I/O scheduler to set (default none, and only on NVMe, virtio
 #                      and Xen disks; given, it is set on any disk)
 #   --governor NAME    the frequency governor to set (default performance)
@@ -33,6 +35,7 @@
 # value (it stays in the state file for another try) or the host cannot be read; 2 for a
 # usage error.
 set -euo pipefail
+shopt -s extglob
 
 sys_root=${SHARDQ_TUNE_SYS_ROOT:-/sys}
 proc_root=${SHARDQ_TUNE_PROC_ROOT:-/proc}
@@ -41,7 +44,7 @@ sys_root=$(readlink -f -- "$sys_root" || echo "$sys_root")
 proc_root=${proc_root%/}
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -155,15 +158,42 @@ housekeeping_list=$(compress_list "${housekeeping_cpus[@]}")
 # One line per changed file: "sys" or "proc", the path under that root, the value it held
 # (tab-separated; sysfs and procfs values are one line without tabs). Paths are kept
 # relative to the root so a state written against a fake tree never names the real one.
+#
+# revert (often under sudo) writes back to the paths this file names, so it is trusted
+# only when it can only have come from apply: owned by the user running the script and
+# writable by nobody else, and naming only the files apply writes, in the shapes apply
+# writes them (no "..", no absolute path). Anything else refuses the whole file.
+valid_state_key() {
+    local key=$1
+    [[ $key == proc:irq/+([0-9])/smp_affinity_list ]] && return 0
+    [[ $key == sys:devices/system/cpu/cpu+([0-9])/cpufreq/scaling_governor ]] && return 0
+    [[ $key =~ ^sys:block/[A-Za-z0-9][A-Za-z0-9_.:!+-]*/queue/scheduler$ ]] && return 0
+    return 1
+}
+
 declare -A saved=()
 saved_order=()
 if [ -f "$state_file" ]; then
+    exec {state_fd}<"$state_file" || fail "cannot read $state_file"
+    # Checked on the open file (fstat), so it is the file read below.
+    read -r state_type state_owner state_mode < <(stat -L -c '%F %u %a' - <&"$state_fd" | sed 's/^regular file/regular-file/') ||
+        fail "cannot stat $state_file"
+    [ "$state_type" = regular-file ] || fail "refusing $state_file: not a regular file"
+    [ "$state_owner" = "$(id -u)" ] ||
+        fail "refusing $state_file: owned by uid $state_owner, not by uid $(id -u) running this; apply writes it as the user who runs revert"
+    (( (8#$state_mode & 8#022) == 0 )) ||
+        fail "refusing $state_file: mode $state_mode lets others write it (apply writes it 0600)"
+    line_number=0
     while IFS=$'\t' read -r root_name relative value; do
+        line_number=$((line_number + 1))
         [ -n "$root_name" ] || continue
         key=$root_name:$relative
+        valid_state_key "$key" ||
+            fail "refusing $state_file: line $line_number names $root_name '$relative', which is no file apply writes"
         [ -n "${saved[$key]+set}" ] || saved_order+=("$key")
         saved[$key]=$value
-    done <"$state_file"
+    done <&"$state_fd"
+    exec {state_fd}<&-
 fi
 
 write_state() {
@@ -431,11 +461,13 @@ tune_scheduler() {
             say "scheduler: $name does not offer $target (offers: $available); left at $current"
             continue
         fi
-        if [[ $disk != "$sys_root"/* ]]; then
-            say "scheduler: $disk is outside $sys_root; skipped"
+        # Written through /sys/block/NAME, the one path shape revert accepts.
+        if [ ! -f "$sys_root/block/$name/queue/scheduler" ] ||
+            ! valid_state_key "sys:block/$name/queue/scheduler"; then
+            say "scheduler: $name has no $sys_root/block/$name/queue/scheduler; skipped"
             continue
         fi
-        key="sys:${disk#"$sys_root"/}/queue/scheduler"
+        key="sys:block/$name/queue/scheduler"
         set_value "$key" "$target" "$current" "$name I/O scheduler"
     done
 }

@@ -3,8 +3,9 @@
 //! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`).
 //!
 //! Not covered here, because it would change the machine running the tests: installing
-//! into the real root (user creation, `systemctl`, `sysctl -p`) and tuning the real host.
-//! Both paths are printed by `--dry-run`, which the tests also run.
+//! into the real root (user creation, `systemctl`, the real `/proc/sys`) and tuning the
+//! real host. Both paths are printed by `--dry-run`, which the tests also run; the sysctl
+//! step's comparisons run against a fake `/proc/sys` (`SHARDQ_INSTALL_PROC_SYS`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -106,19 +107,27 @@ struct Checkout {
     directory: PathBuf,
 }
 
-/// The repository's example config as `install.sh` installs it: data in the service's
-/// state directory.
-fn installed_config() -> String {
-    let example = read(&repository().join("tuning/shardq.toml"));
+/// Checks the config `install.sh` installs: short, so every other key keeps its default
+/// (the full example would pin every default of this release), with data in the
+/// service's state directory, the example's addresses, and a pointer to the example.
+fn check_installed_config(config: &str) {
+    let settings: Vec<&str> = config
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+        .collect();
     assert_eq!(
-        example.matches("\ndata_dir = \"./shardq-data\"\n").count(),
-        1,
-        "tuning/shardq.toml has one data_dir line, the default"
+        settings,
+        [
+            "data_dir = \"/var/lib/shardq\"",
+            "listen = \"127.0.0.1:9740\"",
+            "metrics_listen = \"127.0.0.1:9749\"",
+        ],
+        "installed config:\n{config}"
     );
-    example.replace(
-        "\ndata_dir = \"./shardq-data\"\n",
-        "\ndata_dir = \"/var/lib/shardq\"\n",
-    )
+    assert!(
+        config.contains("/usr/local/share/doc/shardq/shardq.toml.example"),
+        "the header names the full example:\n{config}"
+    );
 }
 
 impl Checkout {
@@ -204,6 +213,7 @@ fn install_dry_run_changes_nothing_and_names_each_action() {
 
     let run = checkout.install(&[
         "--dry-run",
+        "--sysctl",
         "--root",
         root.to_str().unwrap(),
         "--binary",
@@ -266,7 +276,7 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
     );
     assert_eq!(mode(&unit), 0o644);
     let config = root.join("etc/shardq/shardq.toml");
-    assert_eq!(read(&config), installed_config());
+    check_installed_config(&read(&config));
     assert_eq!(mode(&config), 0o640);
     // The broker reads it as installed, with its data where the unit expects it.
     let printed = Command::new(env!("CARGO_BIN_EXE_shardq"))
@@ -280,10 +290,14 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
         "{printed:?}"
     );
     assert_eq!(mode(&root.join("var/lib/shardq")), 0o700);
-    let sysctl = root.join("etc/sysctl.d/60-shardq.conf");
+    assert!(
+        !root.join("etc/sysctl.d/60-shardq.conf").exists(),
+        "host-wide kernel settings are installed only with --sysctl"
+    );
+    // The full example, every key at its default, is a reference next to the docs.
     assert_eq!(
-        read(&sysctl),
-        read(&repository().join("tuning/sysctl.d/60-shardq.conf"))
+        read(&root.join("usr/local/share/doc/shardq/shardq.toml.example")),
+        read(&repository().join("tuning/shardq.toml"))
     );
     assert_eq!(
         read(&root.join("usr/local/share/doc/shardq/operations.md")),
@@ -308,11 +322,13 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
         edited,
         "the second install overwrote the config"
     );
-    assert_eq!(
-        snapshot(&root),
-        before,
-        "the second install changed the staging root"
-    );
+    // Only the reference copy of the example follows the checkout.
+    let example = PathBuf::from("usr/local/share/doc/shardq/shardq.toml.example");
+    let mut after = snapshot(&root);
+    assert_eq!(after.remove(&example).unwrap().1, b"# a newer example\n");
+    let mut before = before;
+    before.remove(&example).unwrap();
+    assert_eq!(after, before, "the second install changed the staging root");
 }
 
 #[test]
@@ -363,7 +379,9 @@ fn install_without_an_example_config_fails_that_step_and_does_the_rest() {
     assert!(!root.join("etc/shardq/shardq.toml").exists());
     assert!(root.join("usr/local/bin/shardq").is_file());
     assert!(root.join("etc/systemd/system/shardq.service").is_file());
-    assert!(root.join("etc/sysctl.d/60-shardq.conf").is_file());
+    assert!(root
+        .join("usr/local/share/doc/shardq/operations.md")
+        .is_file());
 }
 
 #[test]
@@ -399,10 +417,7 @@ fn uninstall_keeps_config_and_data_and_purge_removes_them() {
         assert!(!root.join("etc/systemd/system/shardq.service").exists());
         assert!(!root.join("etc/sysctl.d/60-shardq.conf").exists());
         assert!(!root.join("usr/local/share/doc/shardq").exists());
-        assert_eq!(
-            read(&root.join("etc/shardq/shardq.toml")),
-            installed_config()
-        );
+        check_installed_config(&read(&root.join("etc/shardq/shardq.toml")));
         assert_eq!(read(&topic_file), "partitions=1\n");
     }
 
@@ -417,6 +432,181 @@ fn uninstall_keeps_config_and_data_and_purge_removes_them() {
         .install(&["--purge", "--root", root_text])
         .expect_status(2, "--purge alone")
         .expect_output("--purge only goes with --uninstall", "--purge alone");
+}
+
+/// A fake /proc/sys for the sysctl step (`SHARDQ_INSTALL_PROC_SYS`): a tuned host where
+/// somaxconn and rmem_max are above the file's values and the rest below or at the
+/// kernel's defaults; vectors separated by tabs as the kernel prints them.
+fn fake_proc_sys(directory: &Path) -> PathBuf {
+    let proc_sys = directory.join("proc-sys");
+    for (key, value) in [
+        ("net/core/somaxconn", "65535"),
+        ("net/core/rmem_max", "134217728"),
+        ("net/core/wmem_max", "212992"),
+        ("net/core/netdev_max_backlog", "1000"),
+        ("net/ipv4/tcp_max_syn_backlog", "512"),
+        ("net/ipv4/tcp_slow_start_after_idle", "1"),
+        ("net/ipv4/tcp_rmem", "4096\t131072\t6291456"),
+        ("net/ipv4/tcp_wmem", "4096\t16384\t67108864"),
+        ("vm/swappiness", "60"),
+    ] {
+        write(&proc_sys.join(key), &format!("{value}\n"));
+    }
+    proc_sys
+}
+
+fn install_with_kernel(checkout: &Checkout, proc_sys: &Path, arguments: &[&str]) -> Run {
+    Run::from(
+        Command::new("bash")
+            .arg(checkout.directory.join("scripts/install.sh"))
+            .args(arguments)
+            .env("SHARDQ_INSTALL_PROC_SYS", proc_sys)
+            .output()
+            .expect("run scripts/install.sh"),
+    )
+}
+
+fn setting(proc_sys: &Path, key: &str) -> String {
+    read(&proc_sys.join(key))
+}
+
+#[test]
+fn install_sysctl_is_opt_in_only_raises_and_uninstall_restores() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    let root_text = root.to_str().unwrap();
+    let proc_sys = fake_proc_sys(temporary.path());
+    let tuned = snapshot(&proc_sys);
+    let base = ["--root", root_text, "--binary", binary.to_str().unwrap()];
+
+    // Without --sysctl: no file, no kernel value touched.
+    install_with_kernel(&checkout, &proc_sys, &base)
+        .expect_status(0, "install without --sysctl")
+        .expect_output("--sysctl installs", "install without --sysctl");
+    assert!(!root.join("etc/sysctl.d/60-shardq.conf").exists());
+    assert_eq!(snapshot(&proc_sys), tuned);
+
+    // With it: only the values below the file's are raised.
+    let with_sysctl = [&base[..], &["--sysctl"]].concat();
+    install_with_kernel(&checkout, &proc_sys, &with_sysctl)
+        .expect_status(0, "install --sysctl")
+        .expect_output("net.core.somaxconn is 65535 here", "install --sysctl");
+    assert_eq!(setting(&proc_sys, "net/core/somaxconn"), "65535\n");
+    assert_eq!(setting(&proc_sys, "net/core/rmem_max"), "134217728\n");
+    assert_eq!(setting(&proc_sys, "vm/swappiness"), "60\n");
+    assert_eq!(
+        setting(&proc_sys, "net/ipv4/tcp_slow_start_after_idle"),
+        "1\n"
+    );
+    assert_eq!(
+        setting(&proc_sys, "net/ipv4/tcp_wmem"),
+        "4096\t16384\t67108864\n",
+        "a vector whose maximum is higher stays"
+    );
+    assert_eq!(setting(&proc_sys, "net/core/wmem_max"), "16777216\n");
+    assert_eq!(setting(&proc_sys, "net/core/netdev_max_backlog"), "16384\n");
+    assert_eq!(setting(&proc_sys, "net/ipv4/tcp_max_syn_backlog"), "4096\n");
+    assert_eq!(
+        setting(&proc_sys, "net/ipv4/tcp_rmem"),
+        "4096 131072 33554432\n"
+    );
+    let installed_path = root.join("etc/sysctl.d/60-shardq.conf");
+    let installed = read(&installed_path);
+    let active: Vec<&str> = installed
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .collect();
+    assert_eq!(
+        active,
+        [
+            "net.ipv4.tcp_max_syn_backlog = 4096",
+            "net.ipv4.tcp_rmem = 4096 131072 33554432",
+            "net.core.wmem_max = 16777216",
+            "net.core.netdev_max_backlog = 16384",
+        ],
+        "at boot the file sets only what it raised:\n{installed}"
+    );
+    assert!(
+        installed.contains("# shardq-original: net.core.netdev_max_backlog = 1000\n"),
+        "{installed}"
+    );
+
+    // A rerun keeps the originals (not the raised values) and changes nothing.
+    let before = (snapshot(&root), snapshot(&proc_sys));
+    install_with_kernel(&checkout, &proc_sys, &with_sysctl).expect_status(0, "second --sysctl");
+    assert_eq!((snapshot(&root), snapshot(&proc_sys)), before);
+
+    // The operator changes one of them afterwards: uninstall leaves that one alone and
+    // puts every other raised value back.
+    write(&proc_sys.join("net/core/wmem_max"), "999999999\n");
+    install_with_kernel(&checkout, &proc_sys, &["--uninstall", "--root", root_text])
+        .expect_status(0, "uninstall")
+        .expect_output("net.core.wmem_max is 999999999", "uninstall");
+    assert!(!installed_path.exists());
+    write(&proc_sys.join("net/core/wmem_max"), "212992\n");
+    let restored = snapshot(&proc_sys);
+    for (path, (_, bytes)) in &tuned {
+        let now = &restored[path].1;
+        assert_eq!(
+            String::from_utf8_lossy(now)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            String::from_utf8_lossy(bytes)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            "{} not restored",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn install_a_failing_command_fails_its_step_and_the_rest_still_run() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    let binary = stand_in_binary(temporary.path());
+    let root = temporary.path().join("root");
+    // A file where /etc/shardq goes: `install -d` fails inside the directories step.
+    write(&root.join("etc/shardq"), "in the way\n");
+    let run = checkout.install(&[
+        "--root",
+        root.to_str().unwrap(),
+        "--binary",
+        binary.to_str().unwrap(),
+    ]);
+    run.expect_status(1, "install with /etc/shardq a file")
+        .expect_output("directories: failed", "install with /etc/shardq a file")
+        .expect_output(
+            "failed steps: directories config",
+            "install with /etc/shardq a file",
+        );
+    assert!(root.join("usr/local/bin/shardq").is_file());
+    assert!(root.join("etc/systemd/system/shardq.service").is_file());
+    assert!(root
+        .join("usr/local/share/doc/shardq/operations.md")
+        .is_file());
+}
+
+/// Dry runs only: these tests may run as root, and `--root /.` is the real root.
+#[test]
+fn install_root_that_resolves_to_slash_is_the_real_root() {
+    let temporary = tempfile::tempdir().unwrap();
+    let checkout = Checkout::new(temporary.path(), true);
+    for root in ["/.", "//", "/usr/.."] {
+        let run = checkout.install(&["--uninstall", "--purge", "--dry-run", "--root", root]);
+        run.expect_status(0, root)
+            .expect_output("uninstalling on / ", root);
+        assert!(
+            !run.stdout.contains("staging root") && !run.stdout.contains("//"),
+            "--root {root} counted as a staging root:\n{}",
+            run.stdout
+        );
+        checkout
+            .install(&["--dry-run", "--root", root])
+            .expect_output("installing on / ", root);
+    }
 }
 
 // --- tune-host.sh ----------------------------------------------------------------------
@@ -491,6 +681,10 @@ impl FakeHost {
             sys.join(format!("dev/block/{major}:{minor}")),
         )
         .unwrap();
+
+        // /sys/block/NAME, the path apply writes the scheduler through.
+        fs::create_dir_all(sys.join("block")).unwrap();
+        std::os::unix::fs::symlink("../devices/virtual/block/vdz", sys.join("block/vdz")).unwrap();
 
         let state = temporary.path().join("run/tune-host.state");
         let scheduler = disk.join("queue/scheduler");
@@ -646,6 +840,77 @@ fn tune_host_refuses_a_cpu_that_is_not_online() {
         .expect_status(2, "bad list")
         .expect_output("is not a CPU list", "bad list");
     assert_eq!(host.snapshot(), original);
+}
+
+#[test]
+fn tune_host_revert_refuses_a_state_file_naming_other_files() {
+    let host = FakeHost::new();
+    host.tune(&["apply", "--cpus", "0-2"])
+        .expect_status(0, "apply");
+    let state = read(&host.state);
+    let victim = host.proc.join("../victim");
+    write(&victim, "untouched\n");
+    for planted in [
+        "proc\t../victim\tchosen",
+        "proc\tirq/10/../../../victim\tchosen",
+        "sys\tdevices/system/cpu/cpu0/cpufreq/../../../../../../victim\tchosen",
+        "sys\tblock/../../victim\tchosen",
+        "proc\t/etc/victim\tchosen",
+        "other\tirq/10/smp_affinity_list\t0",
+        "sys\tdevices/system/cpu/cpu0/cpufreq/scaling_max_freq\t1",
+    ] {
+        write(&host.state, &format!("{state}{planted}\n"));
+        fs::set_permissions(&host.state, fs::Permissions::from_mode(0o600)).unwrap();
+        let tuned = host.snapshot();
+        host.tune(&["revert"])
+            .expect_status(1, planted)
+            .expect_output("refusing", planted);
+        assert_eq!(read(&victim), "untouched\n", "{planted}");
+        assert_eq!(host.snapshot(), tuned, "{planted}: revert wrote something");
+    }
+    write(&host.state, &state);
+    host.tune(&["revert"])
+        .expect_status(0, "revert of apply's own state")
+        .expect_output("every saved value restored", "revert");
+}
+
+#[test]
+fn tune_host_refuses_a_state_file_others_can_write_or_own() {
+    let host = FakeHost::new();
+    host.tune(&["apply", "--cpus", "0-2"])
+        .expect_status(0, "apply");
+    assert_eq!(mode(&host.state), 0o600, "apply writes its state 0600");
+    for writable in [0o620, 0o602, 0o666] {
+        fs::set_permissions(&host.state, fs::Permissions::from_mode(writable)).unwrap();
+        let tuned = host.snapshot();
+        host.tune(&["revert"])
+            .expect_status(1, &format!("mode {writable:o}"))
+            .expect_output("lets others write it", &format!("mode {writable:o}"));
+        assert_eq!(host.snapshot(), tuned);
+    }
+    fs::set_permissions(&host.state, fs::Permissions::from_mode(0o600)).unwrap();
+    // Another owner: only root can make one here, so only then is it checked.
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    if uid.trim() == "0" {
+        let chowned = Command::new("chown")
+            .arg("65534")
+            .arg(&host.state)
+            .status()
+            .unwrap();
+        assert!(chowned.success());
+        let tuned = host.snapshot();
+        host.tune(&["revert"])
+            .expect_status(1, "owned by another user")
+            .expect_output("owned by uid 65534", "owned by another user");
+        assert_eq!(host.snapshot(), tuned);
+        let restored = Command::new("chown")
+            .arg("0")
+            .arg(&host.state)
+            .status()
+            .unwrap();
+        assert!(restored.success());
+    }
+    host.tune(&["revert"]).expect_status(0, "revert");
 }
 
 /// The two scripts this file tests are kept shellcheck-clean. Skipped, saying so, where
