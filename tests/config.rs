@@ -163,7 +163,7 @@ fn out_of_range_values_name_key_value_and_allowed_range() {
             &[],
             &[
                 "chunk_size_bytes = 4096",
-                "a multiple of 4096, at least 8192",
+                "a multiple of 4096 from 8192 to 1073741824",
             ],
         ),
         (

@@ -335,3 +335,28 @@ fn sigterm_delivered_twice_at_once_as_timeout_sends_it_still_drains_and_exits_0(
     assert!(stderr.contains("taken as the same request"), "{stderr}");
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
 }
+
+#[test]
+fn a_signal_during_start_up_exits_at_once_without_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // A recovery that would take a minute (a large data directory).
+    let mut broker = Serve::start_with_env(
+        &data_dir,
+        "127.0.0.1:0",
+        &["--cores", "1"],
+        &[("SHARDQ_TEST_RECOVERY_DELAY_MS", "60000")],
+    );
+    // Start-up is under way once the metrics endpoint listens (it answers during
+    // recovery).
+    wait_for_line(&mut broker, "metrics and health checks on");
+    signal(&broker, libc::SIGTERM);
+    let (status, stderr) = broker.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{status:?}; stderr:\n{stderr}"
+    );
+    assert!(stderr.contains("during start-up"), "{stderr}");
+    assert!(!stderr.contains("serving on"), "{stderr}");
+}

@@ -79,7 +79,13 @@ fn layered(source: &ConfigSourceArgs) -> Result<Layered, ConfigCliError> {
         .apply_environment(std::env::vars_os())
         .map_err(ConfigCliError::Load)?;
     for warning in warnings {
-        eprintln!("shardq: warning: {warning}");
+        // `serve` has its log output set up by now: the warning goes where its other
+        // lines go (JSON, journald); `config print` and `doctor` print it plainly.
+        if tracing::dispatcher::has_been_set() {
+            tracing::warn!("{warning}");
+        } else {
+            eprintln!("shardq: warning: {warning}");
+        }
     }
     for argument in &source.set {
         layered.apply_set(argument).map_err(ConfigCliError::Load)?;

@@ -711,8 +711,14 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Logged(_)) => ExitCode::FAILURE,
         Err(error) => {
-            for line in error.to_string().lines() {
-                eprintln!("shardq: {line}");
+            // `serve` set up its log output before reading its config: its errors are
+            // log events there (JSON, journald); every other command prints them.
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("{error}");
+            } else {
+                for line in error.to_string().lines() {
+                    eprintln!("shardq: {line}");
+                }
             }
             ExitCode::FAILURE
         }

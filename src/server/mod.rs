@@ -842,10 +842,14 @@ async fn run_shard(
         shard.set_connection_bytes(Box::new(move || shared.bytes_in_flight()));
     }
     let refused = Rc::new(log::RateLimitedLog::new(&shard.config));
+    // Accept errors (EMFILE once the descriptors run out) recur as fast as clients
+    // connect: limited like the refusals.
+    let accept_failed = Rc::new(log::RateLimitedLog::new(&shard.config));
     for listener in [shared_listener, own_listener] {
         let shard = Rc::clone(&shard);
         let shared = Rc::clone(&shared);
         let refused = Rc::clone(&refused);
+        let accept_failed = Rc::clone(&accept_failed);
         let connections_open = Arc::clone(&connections_open);
         let connections = Rc::clone(&connections);
         let next_connection = Rc::clone(&next_connection);
@@ -855,7 +859,14 @@ async fn run_shard(
                     let stream = match listener.accept().await {
                         Ok(stream) => stream,
                         Err(error) => {
-                            tracing::warn!(shard = shard.id, error = %error, "accept failed: {error}");
+                            accept_failed.log(|held_back| {
+                                tracing::warn!(
+                                    shard = shard.id,
+                                    error = %error,
+                                    held_back,
+                                    "accept failed: {error}"
+                                )
+                            });
                             glommio::timer::sleep(Duration::from_millis(10)).await;
                             continue;
                         }

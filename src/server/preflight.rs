@@ -582,37 +582,38 @@ fn check_cpus(
     config: &ServerConfig,
     placement: io::Result<Result<Vec<usize>, PlacementError>>,
 ) -> Check {
-    let used =
-        match placement {
-            Ok(Ok(used)) => used,
-            Ok(Err(PlacementError::Offline { cpu, online })) => {
-                return Check::fail(
-                    "cpus",
-                    format!(
-                        "cpus names CPU {cpu}, which is not online (online: {})",
-                        crate::config::cpu_list_text(&online)
-                    ),
-                    "name online CPUs in cpus (--cpus)",
-                )
-            }
-            Ok(Err(PlacementError::TooMany {
-                requested,
-                available,
-            })) => return Check::fail(
+    let used = match placement {
+        Ok(Ok(used)) => used,
+        Ok(Err(PlacementError::Offline { cpu, online })) => {
+            return Check::fail(
+                "cpus",
+                format!(
+                    "cpus names CPU {cpu}, which is not online (online: {})",
+                    crate::config::cpu_list_text(&online)
+                ),
+                "name online CPUs in cpus (--cpus)",
+            )
+        }
+        Ok(Err(PlacementError::TooMany {
+            requested,
+            available,
+        })) => {
+            return Check::fail(
                 "cpus",
                 format!(
                     "{requested} shards asked for (--cores) but only {available} CPUs are online"
                 ),
                 format!("use --cores N with N <= {available}"),
-            ),
-            Err(error) => {
-                return Check::fail(
-                    "cpus",
-                    format!("cannot list online CPUs: {error}"),
-                    "check /sys/devices/system/cpu is readable",
-                )
-            }
-        };
+            )
+        }
+        Err(error) => {
+            return Check::fail(
+                "cpus",
+                format!("cannot list online CPUs: {error}"),
+                "check /sys/devices/system/cpu is readable",
+            )
+        }
+    };
     let shards = used.len();
     let online_count = online_cpus().map_or(0, |online| online.len());
 

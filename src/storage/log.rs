@@ -1252,14 +1252,6 @@ impl<S: LogStorage> PartitionLog<S> {
                         position: batch_position,
                         reason,
                     };
-                    // The damaged header's own offset cannot be trusted; the offset the
-                    // walk expected here can.
-                    tracing::error!(
-                        partition_directory = %self.directory.display(),
-                        error = %error,
-                        offset = expected_offset,
-                        "damaged batch: {error}; not serving at or past offset {expected_offset}"
-                    );
                     let mut state = self.state.borrow_mut();
                     if !state
                         .segments
@@ -1273,6 +1265,22 @@ impl<S: LogStorage> PartitionLog<S> {
                             log_start_offset: state.segments[0].base_offset,
                             high_watermark: state.durable_offset,
                         });
+                    }
+                    // Logged once per damage found, not once per read that meets it:
+                    // fetches from before a known damaged offset scan across it again.
+                    // The damaged header's own offset cannot be trusted; the offset the
+                    // walk expected here can.
+                    if state
+                        .corrupt
+                        .as_ref()
+                        .is_none_or(|(known, _)| expected_offset < *known)
+                    {
+                        tracing::error!(
+                            partition_directory = %self.directory.display(),
+                            error = %error,
+                            offset = expected_offset,
+                            "damaged batch: {error}; not serving at or past offset {expected_offset}"
+                        );
                     }
                     let corrupt_offset = state
                         .corrupt
