@@ -56,6 +56,12 @@ impl Serve {
     /// Watches a `shardq serve` the test spawned itself (with its stderr piped).
     pub fn from_child(mut child: Child) -> Serve {
         let stderr = child.stderr.take().expect("piped stderr");
+        Self::reading(child, stderr)
+    }
+
+    /// Watches a `shardq serve` whose stderr the test reads from `stderr` (the other end
+    /// of a socket pair, say).
+    pub fn reading(child: Child, stderr: impl std::io::Read + Send + 'static) -> Serve {
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
