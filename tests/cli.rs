@@ -152,8 +152,9 @@ fn topic_produce_consume_round_trip() {
         "",
     );
     crlf.assert_success("consume --timeout-ms 0");
+    // Split on '\n' alone: `lines()` would strip a '\r' the CLI wrongly kept.
     assert!(
-        crlf.stdout.lines().any(|line| line == "crlf"),
+        crlf.stdout.split('\n').any(|line| line == "crlf"),
         "{:?}",
         crlf.stdout
     );

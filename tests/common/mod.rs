@@ -131,10 +131,20 @@ impl RawClient {
         decode_response(opcode, body).expect("response decodes")
     }
 
-    /// True when the broker has closed this connection (reads end of stream).
+    /// True when the broker has closed this connection: the read ends the stream (or the
+    /// close came as a reset). False when the connection is still open: a byte arrives,
+    /// or nothing does within the read timeout (a silent open connection is not closed).
     pub fn is_closed_by_peer(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => match error.kind() {
+                std::io::ErrorKind::ConnectionReset => true,
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => false,
+                _ => panic!("reading to see whether the broker closed: {error}"),
+            },
+        }
     }
 }
 
