@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use common::TestBroker;
 
@@ -28,12 +30,14 @@ const REQUIRED_KEYS: [&str; 15] = [
     "e2e_latency_us",
 ];
 const PERCENTILE_KEYS: [&str; 6] = ["p50", "p90", "p99", "p999", "p9999", "max"];
+/// Longest one bench run may take (they are sized to take a few seconds).
+const BENCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn run_bench(broker: &TestBroker, arguments: &[&str]) -> (std::process::Output, serde_json::Value) {
     let out_dir = tempfile::tempdir().expect("temp dir");
     let json_path = out_dir.path().join("result.json");
     let plot_path = out_dir.path().join("result.svg");
-    let output = Command::new(env!("CARGO_BIN_EXE_shardq"))
+    let child = Command::new(env!("CARGO_BIN_EXE_shardq"))
         .arg("bench")
         .args(arguments)
         .args(["--server", &broker.addr().to_string(), "--quiet"])
@@ -41,8 +45,27 @@ fn run_bench(broker: &TestBroker, arguments: &[&str]) -> (std::process::Output, 
         .arg(&json_path)
         .arg("--plot")
         .arg(&plot_path)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("shardq runs");
+    // Bounded: a bench that hangs (a consumer waiting for messages that never come)
+    // fails the test instead of stalling the suite.
+    let pid = child.id();
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    let output = match receiver.recv_timeout(BENCH_TIMEOUT) {
+        Ok(output) => output.expect("wait for shardq bench"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped (its waiter has
+            // not returned).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("shardq bench {arguments:?} ran past {BENCH_TIMEOUT:?}");
+        }
+    };
     assert!(
         output.status.success(),
         "bench failed: {}\n{}",
