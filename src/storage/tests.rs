@@ -177,6 +177,12 @@ fn reads_stop_at_the_durable_watermark_and_out_of_range_is_typed() {
         // Not yet flushed: the flusher has not had a chance to run since this append.
         log.append(&batch(2, 2, 10)).await.unwrap();
         let high_watermark = log.high_watermark();
+        // What the test is about: appended but not yet durable records exist.
+        assert_eq!(
+            (high_watermark, log.next_offset()),
+            (2, 4),
+            "the second append is not durable yet"
+        );
         let bytes = log.read(0, 1 << 20).await.unwrap();
         let mut records = Vec::new();
         decode_records(&bytes, 0, &mut records).unwrap();
@@ -785,9 +791,14 @@ fn a_missing_or_torn_index_is_rebuilt_from_its_segment() {
         sealed_index[16..32].iter().any(|byte| *byte != 0),
         "a sealed index holds entries"
     );
-    // Lose the first index entirely, tear the second one's second block with garbage.
+    // Lose the first index entirely, tear the second one from its third entry on (the
+    // rest of its first block) with garbage.
     std::fs::remove_file(&indexes[0]).unwrap();
     let mut torn = std::fs::read(&indexes[1]).unwrap();
+    assert!(
+        torn[40..56].iter().any(|byte| *byte != 0),
+        "the torn range held entries"
+    );
     for byte in &mut torn[40..4096] {
         *byte = 0x5a;
     }
@@ -799,6 +810,24 @@ fn a_missing_or_torn_index_is_rebuilt_from_its_segment() {
         let records = read_all(&log, 0).await;
         check_dense(&records, 0);
         assert_eq!(records.len() as u64, next);
+        // Lookups by time go through the rebuilt indexes too: against a model, the
+        // first offset whose timestamp is at least the one asked for.
+        let first_at_or_after = |timestamp: i64| {
+            records
+                .iter()
+                .find(|record| record.timestamp_ms >= timestamp)
+                .map_or(next, |record| record.offset)
+        };
+        for record in records.iter().step_by(37) {
+            for timestamp in [record.timestamp_ms, record.timestamp_ms + 1] {
+                assert_eq!(
+                    log.offset_for_timestamp(timestamp).await.unwrap(),
+                    first_at_or_after(timestamp),
+                    "t={timestamp}"
+                );
+            }
+        }
+        assert_eq!(log.offset_for_timestamp(i64::MAX).await.unwrap(), next);
         log.close().await;
     });
     let rebuilt = std::fs::read(&indexes[0]).expect("the missing index is written again");
@@ -1026,7 +1055,7 @@ fn a_round_taken_while_an_append_waits_for_budget_writes_the_partial_block() {
             Rc::new(DmaStorage),
             directory.clone(),
             config(),
-            budget,
+            Rc::clone(&budget),
             TailCache::new(0),
             Rc::new(Notify::new()),
         )
@@ -1039,6 +1068,8 @@ fn a_round_taken_while_an_append_waits_for_budget_writes_the_partial_block() {
         for first in 0..2u64 {
             outcomes.push(log.append(&batch(first, 1, 40_000)).await.unwrap());
         }
+        // The precondition: both chunks are held, so the third append must wait.
+        assert_eq!(budget.chunks_available(), 0, "the budget is spent");
         let waiting = {
             let log = Rc::clone(&log);
             glommio::spawn_local(async move { log.append(&batch(2, 1, 40_000)).await.unwrap() })
