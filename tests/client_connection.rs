@@ -9,7 +9,9 @@ use common::client::{record_offsets, record_values, records_until, STEP_TIMEOUT}
 use common::TestBroker;
 use shardq::client::{is_offset_out_of_range, Acks, Client, ClientError};
 use shardq::protocol::batch::BatchBuilder;
-use shardq::protocol::{ErrorCode, ProducePartition, ProduceRequest, ProduceTopic};
+use shardq::protocol::{
+    ErrorCode, MetadataRequest, Opcode, ProducePartition, ProduceRequest, ProduceTopic, Request,
+};
 
 fn batch_of(values: &[&[u8]]) -> Bytes {
     let mut builder = BatchBuilder::new(BytesMut::new());
@@ -126,6 +128,35 @@ async fn produce_with_acks_none_lands_without_an_answer() {
     assert_eq!(fetched.records.len(), 1);
     assert_eq!(&fetched.records[0].value[..], b"fire and forget");
     assert_eq!(fetched.high_watermark, 1);
+
+    // The client drops anything answering an acks=none produce, so it cannot show that
+    // the broker sends nothing: a raw connection can. After an acks=none produce, the
+    // next frame on the wire must answer the request sent after it.
+    let mut raw = common::RawClient::connect(broker.addr());
+    let silent = raw.send(&Request::Produce(produce_request(
+        "t",
+        0,
+        Acks::None,
+        batch_of(&[b"raw and forget"]),
+    )));
+    let answered = raw.send(&Request::Metadata(MetadataRequest {
+        topics: vec!["t".into()],
+    }));
+    let (correlation_id, opcode, _) = raw.read_frame().expect("the metadata answer");
+    assert_eq!(
+        (correlation_id, common::opcode_of(opcode)),
+        (answered, Opcode::Metadata),
+        "a frame answered the acks=none produce {silent}"
+    );
+    // It lands all the same (a long-poll at offset 1 returns once it is durable).
+    let fetched = tokio::time::timeout(
+        STEP_TIMEOUT,
+        client.fetch_records("t", 0, 1, 15_000, 1 << 20),
+    )
+    .await
+    .expect("the raw acks-none record arrives")
+    .unwrap();
+    assert_eq!(&fetched.records[0].value[..], b"raw and forget");
 }
 
 #[tokio::test]
