@@ -13,8 +13,10 @@ use shardq::client::{
     Client, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
     Retention, StartPosition, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
-use shardq::protocol::batch::BatchBuilder;
-use shardq::protocol::{Acks, ProducePartition, ProduceRequest, ProduceTopic};
+use shardq::protocol::batch::{check_framing, BatchBuilder};
+use shardq::protocol::{
+    Acks, FetchPartition, FetchRequest, FetchTopic, ProducePartition, ProduceRequest, ProduceTopic,
+};
 
 fn small_segments(dir: &Path) -> shardq::config::ServerConfig {
     shardq::config::ServerConfig {
@@ -37,25 +39,43 @@ fn segment_count(dir: &Path, topic: &str) -> usize {
         .count()
 }
 
-/// Waits (bounded) until `condition` holds for the partition's (log start, high watermark).
-async fn until_offsets(
-    client: &Client,
-    topic: &str,
-    condition: impl Fn(u64, u64) -> bool,
-) -> (u64, u64) {
-    let wait = async {
-        loop {
-            let (start, end) = client.partition_offsets(topic, 0).await.unwrap();
-            if condition(start, end) {
-                return (start, end);
-            }
-            // The retention check runs every 20 ms; look again after one period.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Bytes of the batches stored from `start` to the high watermark of partition 0;
+/// `None` when `start` is no longer stored (retention moved past it meanwhile).
+async fn stored_bytes_from(client: &Client, topic: &str, start: u64) -> Option<u64> {
+    let mut next = start;
+    let mut bytes_total = 0u64;
+    loop {
+        let response = client
+            .fetch(FetchRequest {
+                wait_ms_max: 0,
+                bytes_max: 1 << 20,
+                topics: vec![FetchTopic {
+                    name: topic.into(),
+                    partitions: vec![FetchPartition {
+                        partition: 0,
+                        offset: next,
+                        bytes_max: 1 << 20,
+                    }],
+                }],
+            })
+            .await
+            .expect("fetch");
+        let data = response.topics[0].partitions[0].data.clone();
+        let batches = data.batches.ok()?;
+        if batches.is_empty() {
+            return Some(bytes_total);
         }
-    };
-    tokio::time::timeout(STEP_TIMEOUT, wait)
-        .await
-        .expect("retention acted within the step limit")
+        let mut rest = &batches[..];
+        while !rest.is_empty() {
+            let header = check_framing(rest).expect("stored batches pass framing and CRC");
+            // Whole batches come back: count each once, from the one holding `next`.
+            if header.next_offset() > next {
+                bytes_total += u64::from(header.batch_length);
+                next = header.next_offset();
+            }
+            rest = &rest[header.batch_length as usize..];
+        }
+    }
 }
 
 #[test]
@@ -99,11 +119,32 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
         for handle in handles {
             handle.await.unwrap();
         }
-        // Size retention keeps at least 512 KiB (about 500 of these 1 KiB records) and
-        // less than that plus a 256 KiB segment; the wait fails if it never gets there.
-        let (start, end) = until_offsets(&client, "logs", |start, end| end - start < 1_000).await;
+        // Size retention keeps at least 512 KiB and less than that plus one 256 KiB
+        // segment (a segment more would take it past the bound); the wait fails if the
+        // partition never gets below it.
+        let kept_bytes_max: u64 = (512 << 10) + (256 << 10);
+        let wait = async {
+            loop {
+                let (start, end) = client.partition_offsets("logs", 0).await.unwrap();
+                // Retention may move the start between the two calls: look again then.
+                if let Some(kept) = stored_bytes_from(&client, "logs", start).await {
+                    if kept < kept_bytes_max {
+                        return (start, end, kept);
+                    }
+                }
+                // The retention check runs every 20 ms; look again after one period.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (start, end, kept) = tokio::time::timeout(STEP_TIMEOUT, wait)
+            .await
+            .expect("size retention got below its bound plus one segment");
         assert_eq!(end, 2_000);
-        assert!(end - start >= 500, "kept {} records", end - start);
+        assert!(
+            kept >= 512 << 10,
+            "kept {kept} bytes, {} records",
+            end - start
+        );
 
         // Below the log start: typed, with the valid range.
         match client.fetch_records("logs", 0, 0, 0, 1 << 20).await {
