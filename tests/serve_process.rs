@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::BytesMut;
-use common::process::{Serve, STEP_TIMEOUT};
+use common::process::{metadata_round_trip, Serve, STEP_TIMEOUT};
 use common::{batch_of, RawClient};
-use shardq::protocol::{MetadataRequest, Request};
+use shardq::protocol::Request;
 
 /// A port P with P, P+1 and P+2 free right now (the shared port and two shard ports).
 fn free_port_triple() -> u16 {
@@ -28,25 +26,6 @@ fn free_port_triple() -> u16 {
         }
     }
     panic!("no three consecutive free ports found")
-}
-
-/// One request/response round trip on a fresh connection: a Metadata request, answered
-/// within the read timeout. Fails if the connection was accepted by nobody.
-fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .map_err(|error| format!("connect: {error}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut out = BytesMut::new();
-    Request::Metadata(MetadataRequest { topics: Vec::new() }).encode(7, &mut out);
-    stream
-        .write_all(&out)
-        .map_err(|error| format!("write: {error}"))?;
-    let mut header = [0u8; shardq::protocol::FRAME_HEADER_SIZE];
-    stream
-        .read_exact(&mut header)
-        .map_err(|error| format!("no answer: {error}"))
 }
 
 /// A reuse-port listener on a port of the kernel's choosing whose two next ports are

@@ -4,17 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use common::process::{Serve, STEP_TIMEOUT};
+use common::process::{metadata_round_trip, Serve, STEP_TIMEOUT};
 use common::RawClient;
-use shardq::protocol::{MetadataRequest, Request};
 
 /// The service manager's end of `$NOTIFY_SOCKET`.
 struct Manager {
@@ -72,24 +69,6 @@ impl Manager {
     fn lines_seen(&self) -> impl Iterator<Item = &str> {
         self.seen.iter().flat_map(|(_, text)| text.lines())
     }
-}
-
-/// A Metadata request on a fresh connection, answered.
-fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .map_err(|error| format!("connect: {error}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut out = BytesMut::new();
-    Request::Metadata(MetadataRequest { topics: Vec::new() }).encode(7, &mut out);
-    stream
-        .write_all(&out)
-        .map_err(|error| format!("write: {error}"))?;
-    let mut header = [0u8; shardq::protocol::FRAME_HEADER_SIZE];
-    stream
-        .read_exact(&mut header)
-        .map_err(|error| format!("no answer: {error}"))
 }
 
 fn sigterm(serve: &Serve) {

@@ -1,12 +1,15 @@
 //! `shardq serve` as a child process, for tests of what an operator or a supervisor
 //! sees: its stderr lines, its exit status, a kill -9.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use shardq::protocol::{MetadataRequest, Request};
 
 /// Longest any one step may take before the test fails.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,4 +151,23 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One request/response round trip on a fresh connection: a Metadata request, answered
+/// within the read timeout. Fails if the connection was accepted by nobody.
+pub fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .map_err(|error| format!("connect: {error}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut out = BytesMut::new();
+    Request::Metadata(MetadataRequest { topics: Vec::new() }).encode(7, &mut out);
+    stream
+        .write_all(&out)
+        .map_err(|error| format!("write: {error}"))?;
+    let mut header = [0u8; shardq::protocol::FRAME_HEADER_SIZE];
+    stream
+        .read_exact(&mut header)
+        .map_err(|error| format!("no answer: {error}"))
 }
