@@ -364,6 +364,47 @@ fn recovery_refuses_a_gap_between_sealed_segments() {
 }
 
 #[test]
+fn recovery_refuses_a_sealed_segment_torn_at_its_tail() {
+    let (root, directory) = partition_dir();
+    fill_segments(root.path(), &directory, 3);
+    let segments = segment_files(&directory);
+    // The first segment's data ends where its last whole batch does.
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    let mut end = 0usize;
+    while let Ok(header) = crate::protocol::batch::check_framing(&bytes[end..]) {
+        end += header.batch_length as usize;
+    }
+    assert!(end > 4096, "the sealed segment holds batches ({end} bytes)");
+    // A torn tail: the last batch's final bytes never reached the disk. Recovery cuts
+    // such a tail only in the last segment; a sealed one is followed by more log, so
+    // its tail was acknowledged and must be whole.
+    for byte in &mut bytes[end - 100..end] {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&segments[0], &bytes).unwrap();
+    let torn_name = segments[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root.path(), move || async move {
+        let outcome = open_with(Rc::new(DmaStorage), &directory).await;
+        sender
+            .send(outcome.err().map(|error| error.to_string()))
+            .unwrap();
+    });
+    let error = receiver
+        .recv()
+        .unwrap()
+        .expect("a sealed segment with a torn tail is refused");
+    assert!(
+        error.contains("corrupt") && error.contains(&torn_name),
+        "{error}"
+    );
+}
+
+#[test]
 fn damage_inside_a_sealed_segment_is_reported_with_its_position_and_not_served_past() {
     let (root, directory) = partition_dir();
     let next = fill_segments(root.path(), &directory, 3);
