@@ -116,6 +116,14 @@ fn start_producers(address: SocketAddr, acked: &Arc<AtomicU64>) -> Vec<JoinHandl
         .collect()
 }
 
+/// What every producer sent, once each has seen its connection end.
+fn join_producers(producers: Vec<JoinHandle<Vec<Sent>>>) -> Vec<Sent> {
+    producers
+        .into_iter()
+        .flat_map(|producer| producer.join().expect("producer thread"))
+        .collect()
+}
+
 fn wait_for_acks(acked: &AtomicU64, count: u64) {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while acked.load(Ordering::Relaxed) < count {
@@ -177,10 +185,7 @@ fn sigterm_under_produce_load_stores_every_acknowledged_record_and_exits_0() {
     // The broker exits 1 once `shutdown_timeout_ms` has passed: 0 is the bound kept.
     assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{stderr}");
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
-    let sent: Vec<Sent> = producers
-        .into_iter()
-        .flat_map(|producer| producer.join().expect("producer thread"))
-        .collect();
+    let sent = join_producers(producers);
 
     let mut broker = Serve::start(&data_dir, "127.0.0.1:0", &arguments);
     let log = stored(broker.wait_serving());
@@ -251,10 +256,7 @@ fn a_second_signal_during_the_stop_exits_at_once_keeping_durable_acknowledgement
         "{status:?}; stderr:\n{stderr}"
     );
     assert!(stderr.contains("exiting at once"), "{stderr}");
-    let sent: Vec<Sent> = producers
-        .into_iter()
-        .flat_map(|producer| producer.join().expect("producer thread"))
-        .collect();
+    let sent = join_producers(producers);
 
     let mut broker = Serve::start(&data_dir, "127.0.0.1:0", &arguments);
     let log = stored(broker.wait_serving());

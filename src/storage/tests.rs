@@ -340,23 +340,30 @@ fn segment_files(directory: &Path) -> Vec<PathBuf> {
     segments
 }
 
+/// Opens the partition in `directory`: the error's text if the open is refused, `None`
+/// if it opens (the log is then closed again).
+fn open_error(root: &Path, directory: PathBuf) -> Option<String> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    run(root, move || async move {
+        let error = match open_with(Rc::new(DmaStorage), &directory).await {
+            Ok(log) => {
+                log.close().await;
+                None
+            }
+            Err(error) => Some(error.to_string()),
+        };
+        sender.send(error).unwrap();
+    });
+    receiver.recv().unwrap()
+}
+
 #[test]
 fn recovery_refuses_a_gap_between_sealed_segments() {
     let (root, directory) = partition_dir();
     fill_segments(root.path(), &directory, 3);
     let segments = segment_files(&directory);
     std::fs::remove_file(&segments[1]).unwrap();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    run(root.path(), move || async move {
-        let outcome = open_with(Rc::new(DmaStorage), &directory).await;
-        sender
-            .send(outcome.err().map(|error| error.to_string()))
-            .unwrap();
-    });
-    let error = receiver
-        .recv()
-        .unwrap()
-        .expect("a missing sealed segment is refused");
+    let error = open_error(root.path(), directory).expect("a missing sealed segment is refused");
     assert!(
         error.contains("corrupt") && error.contains("next segment starts"),
         "{error}"
@@ -387,17 +394,8 @@ fn recovery_refuses_a_sealed_segment_torn_at_its_tail() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    run(root.path(), move || async move {
-        let outcome = open_with(Rc::new(DmaStorage), &directory).await;
-        sender
-            .send(outcome.err().map(|error| error.to_string()))
-            .unwrap();
-    });
-    let error = receiver
-        .recv()
-        .unwrap()
-        .expect("a sealed segment with a torn tail is refused");
+    let error =
+        open_error(root.path(), directory).expect("a sealed segment with a torn tail is refused");
     assert!(
         error.contains("corrupt") && error.contains(&torn_name),
         "{error}"
