@@ -164,13 +164,79 @@ impl Checkout {
     }
 
     fn install(&self, arguments: &[&str]) -> Run {
-        Run::from(
-            Command::new("bash")
-                .arg(self.directory.join("scripts/install.sh"))
-                .args(arguments)
-                .output()
-                .expect("run scripts/install.sh"),
-        )
+        self.install_with(arguments, &[])
+    }
+
+    /// `install.sh` with extra environment, such as a fake /proc/sys.
+    fn install_with(&self, arguments: &[&str], environment: &[(&str, &Path)]) -> Run {
+        let mut command = Command::new("bash");
+        command
+            .arg(self.directory.join("scripts/install.sh"))
+            .args(arguments);
+        for (key, value) in environment {
+            command.env(key, value);
+        }
+        Run::from(command.output().expect("run scripts/install.sh"))
+    }
+}
+
+/// What most install tests start from: a checkout copy, a stand-in binary and an empty
+/// staging root, all in one temporary directory.
+struct Staging {
+    temporary: tempfile::TempDir,
+    checkout: Checkout,
+    binary: PathBuf,
+    root: PathBuf,
+}
+
+impl Staging {
+    fn new(with_config: bool) -> Staging {
+        let temporary = tempfile::tempdir().unwrap();
+        let checkout = Checkout::new(temporary.path(), with_config);
+        let binary = stand_in_binary(temporary.path());
+        let root = temporary.path().join("root");
+        Staging {
+            temporary,
+            checkout,
+            binary,
+            root,
+        }
+    }
+
+    fn root_text(&self) -> &str {
+        self.root.to_str().unwrap()
+    }
+
+    /// `install.sh --root ROOT --binary BINARY` followed by `extra`.
+    fn install(&self, extra: &[&str]) -> Run {
+        self.install_with(extra, &[])
+    }
+
+    fn install_with(&self, extra: &[&str], environment: &[(&str, &Path)]) -> Run {
+        let arguments = [
+            &[
+                "--root",
+                self.root_text(),
+                "--binary",
+                self.binary.to_str().unwrap(),
+            ],
+            extra,
+        ]
+        .concat();
+        self.checkout.install_with(&arguments, environment)
+    }
+
+    /// The steps other than the config's: binary, unit and docs are in the root.
+    fn expect_binary_unit_and_docs(&self) {
+        assert!(self.root.join("usr/local/bin/shardq").is_file());
+        assert!(self
+            .root
+            .join("etc/systemd/system/shardq.service")
+            .is_file());
+        assert!(self
+            .root
+            .join("usr/local/share/doc/shardq/operations.md")
+            .is_file());
     }
 }
 
@@ -204,33 +270,23 @@ fn expected_unit(binary_path: &str, documentation_directory: &str) -> String {
 
 #[test]
 fn install_dry_run_changes_nothing_and_names_each_action() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    fs::create_dir(&root).unwrap();
-    let before = snapshot(temporary.path());
+    let staging = Staging::new(true);
+    fs::create_dir(&staging.root).unwrap();
+    let before = snapshot(staging.temporary.path());
 
-    let run = checkout.install(&[
-        "--dry-run",
-        "--sysctl",
-        "--root",
-        root.to_str().unwrap(),
-        "--binary",
-        binary.to_str().unwrap(),
-    ]);
+    let run = staging.install(&["--dry-run", "--sysctl"]);
 
     run.expect_status(0, "dry run");
     assert_eq!(
-        snapshot(temporary.path()),
+        snapshot(staging.temporary.path()),
         before,
         "a dry run changed files\n{}",
         run.stdout
     );
-    let root_text = root.to_str().unwrap();
+    let root_text = staging.root_text();
     for action in [
         "dry run: nothing is changed".to_owned(),
-        format!("would run: install -D -m 0755 -- {}", binary.display()),
+        format!("would run: install -D -m 0755 -- {}", staging.binary.display()),
         format!("{root_text}/usr/local/bin/shardq"),
         "not creating user or group shardq".to_owned(),
         format!("install -d -m 0755 -- {root_text}/etc/shardq"),
@@ -238,7 +294,7 @@ fn install_dry_run_changes_nothing_and_names_each_action() {
         format!("{root_text}/etc/shardq/shardq.toml"),
         format!(
             "would write {root_text}/etc/systemd/system/shardq.service from {} with ExecStart=/usr/local/bin/shardq",
-            checkout.directory.join("tuning/systemd/shardq.service").display()
+            staging.checkout.directory.join("tuning/systemd/shardq.service").display()
         ),
         format!("{root_text}/etc/sysctl.d/60-shardq.conf"),
         format!("{root_text}/usr/local/share/doc/shardq/operations.md"),
@@ -250,24 +306,16 @@ fn install_dry_run_changes_nothing_and_names_each_action() {
 
 #[test]
 fn install_into_staging_root_twice_keeps_an_edited_config() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    let arguments = [
-        "--root",
-        root.to_str().unwrap(),
-        "--binary",
-        binary.to_str().unwrap(),
-    ];
+    let staging = Staging::new(true);
+    let root = &staging.root;
 
-    checkout
-        .install(&arguments)
+    staging
+        .install(&[])
         .expect_status(0, "first install")
         .expect_output("not creating user or group shardq", "first install");
 
     let installed_binary = root.join("usr/local/bin/shardq");
-    assert_eq!(read(&installed_binary), read(&binary));
+    assert_eq!(read(&installed_binary), read(&staging.binary));
     assert_eq!(mode(&installed_binary), 0o755);
     let unit = root.join("etc/systemd/system/shardq.service");
     assert_eq!(
@@ -308,12 +356,12 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
     let edited = "# edited by the operator\n";
     write(&config, edited);
     write(
-        &checkout.directory.join("tuning/shardq.toml"),
+        &staging.checkout.directory.join("tuning/shardq.toml"),
         "# a newer example\n",
     );
-    let before = snapshot(&root);
-    checkout
-        .install(&arguments)
+    let before = snapshot(root);
+    staging
+        .install(&[])
         .expect_status(0, "second install")
         .expect_output("differs from", "second install")
         .expect_output("unit: ", "second install");
@@ -324,7 +372,7 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
     );
     // Only the reference copy of the example follows the checkout.
     let example = PathBuf::from("usr/local/share/doc/shardq/shardq.toml.example");
-    let mut after = snapshot(&root);
+    let mut after = snapshot(root);
     assert_eq!(after.remove(&example).unwrap().1, b"# a newer example\n");
     let mut before = before;
     before.remove(&example).unwrap();
@@ -333,21 +381,15 @@ fn install_into_staging_root_twice_keeps_an_edited_config() {
 
 #[test]
 fn install_prefix_moves_the_binary_and_the_unit_follows() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    checkout
-        .install(&[
-            "--root",
-            root.to_str().unwrap(),
-            "--binary",
-            binary.to_str().unwrap(),
-            "--prefix",
-            "/opt/shardq",
-        ])
+    let staging = Staging::new(true);
+    let root = &staging.root;
+    staging
+        .install(&["--prefix", "/opt/shardq"])
         .expect_status(0, "install with --prefix");
-    assert_eq!(read(&root.join("opt/shardq/bin/shardq")), read(&binary));
+    assert_eq!(
+        read(&root.join("opt/shardq/bin/shardq")),
+        read(&staging.binary)
+    );
     assert!(!root.join("usr/local/bin/shardq").exists());
     assert_eq!(
         read(&root.join("etc/systemd/system/shardq.service")),
@@ -357,56 +399,39 @@ fn install_prefix_moves_the_binary_and_the_unit_follows() {
 
 #[test]
 fn install_without_an_example_config_fails_that_step_and_does_the_rest() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), false);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    let run = checkout.install(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--binary",
-        binary.to_str().unwrap(),
-    ]);
+    let staging = Staging::new(false);
+    let run = staging.install(&[]);
     run.expect_status(1, "install without tuning/shardq.toml")
         .expect_output(
             &format!(
                 "config: {} is missing from this checkout",
-                checkout.directory.join("tuning/shardq.toml").display()
+                staging
+                    .checkout
+                    .directory
+                    .join("tuning/shardq.toml")
+                    .display()
             ),
             "install without tuning/shardq.toml",
         )
         .expect_output("failed steps: config", "install without tuning/shardq.toml");
-    assert!(!root.join("etc/shardq/shardq.toml").exists());
-    assert!(root.join("usr/local/bin/shardq").is_file());
-    assert!(root.join("etc/systemd/system/shardq.service").is_file());
-    assert!(root
-        .join("usr/local/share/doc/shardq/operations.md")
-        .is_file());
+    assert!(!staging.root.join("etc/shardq/shardq.toml").exists());
+    staging.expect_binary_unit_and_docs();
 }
 
 #[test]
 fn uninstall_keeps_config_and_data_and_purge_removes_them() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    let root_text = root.to_str().unwrap();
-    checkout
-        .install(&["--root", root_text, "--binary", binary.to_str().unwrap()])
-        .expect_status(0, "install");
+    let staging = Staging::new(true);
+    let (checkout, root, root_text) = (&staging.checkout, &staging.root, staging.root_text());
+    staging.install(&[]).expect_status(0, "install");
     let topic_file = root.join("var/lib/shardq/topics/orders/topic.meta");
     write(&topic_file, "partitions=1\n");
 
-    let before = snapshot(&root);
+    let before = snapshot(root);
     checkout
         .install(&["--uninstall", "--dry-run", "--root", root_text])
         .expect_status(0, "uninstall dry run")
         .expect_output("would run: rm -f --", "uninstall dry run");
-    assert_eq!(
-        snapshot(&root),
-        before,
-        "an uninstall dry run changed files"
-    );
+    assert_eq!(snapshot(root), before, "an uninstall dry run changed files");
 
     for pass in ["first", "second"] {
         checkout
@@ -455,42 +480,29 @@ fn fake_proc_sys(directory: &Path) -> PathBuf {
     proc_sys
 }
 
-fn install_with_kernel(checkout: &Checkout, proc_sys: &Path, arguments: &[&str]) -> Run {
-    Run::from(
-        Command::new("bash")
-            .arg(checkout.directory.join("scripts/install.sh"))
-            .args(arguments)
-            .env("SHARDQ_INSTALL_PROC_SYS", proc_sys)
-            .output()
-            .expect("run scripts/install.sh"),
-    )
-}
-
 fn setting(proc_sys: &Path, key: &str) -> String {
     read(&proc_sys.join(key))
 }
 
 #[test]
 fn install_sysctl_is_opt_in_only_raises_and_uninstall_restores() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
-    let root_text = root.to_str().unwrap();
-    let proc_sys = fake_proc_sys(temporary.path());
+    let staging = Staging::new(true);
+    let root = &staging.root;
+    let proc_sys = fake_proc_sys(staging.temporary.path());
+    let kernel = [("SHARDQ_INSTALL_PROC_SYS", proc_sys.as_path())];
     let tuned = snapshot(&proc_sys);
-    let base = ["--root", root_text, "--binary", binary.to_str().unwrap()];
 
     // Without --sysctl: no file, no kernel value touched.
-    install_with_kernel(&checkout, &proc_sys, &base)
+    staging
+        .install_with(&[], &kernel)
         .expect_status(0, "install without --sysctl")
         .expect_output("--sysctl installs", "install without --sysctl");
     assert!(!root.join("etc/sysctl.d/60-shardq.conf").exists());
     assert_eq!(snapshot(&proc_sys), tuned);
 
     // With it: only the values below the file's are raised.
-    let with_sysctl = [&base[..], &["--sysctl"]].concat();
-    install_with_kernel(&checkout, &proc_sys, &with_sysctl)
+    staging
+        .install_with(&["--sysctl"], &kernel)
         .expect_status(0, "install --sysctl")
         .expect_output("net.core.somaxconn is 65535 here", "install --sysctl");
     assert_eq!(setting(&proc_sys, "net/core/somaxconn"), "65535\n");
@@ -534,14 +546,18 @@ fn install_sysctl_is_opt_in_only_raises_and_uninstall_restores() {
     );
 
     // A rerun keeps the originals (not the raised values) and changes nothing.
-    let before = (snapshot(&root), snapshot(&proc_sys));
-    install_with_kernel(&checkout, &proc_sys, &with_sysctl).expect_status(0, "second --sysctl");
-    assert_eq!((snapshot(&root), snapshot(&proc_sys)), before);
+    let before = (snapshot(root), snapshot(&proc_sys));
+    staging
+        .install_with(&["--sysctl"], &kernel)
+        .expect_status(0, "second --sysctl");
+    assert_eq!((snapshot(root), snapshot(&proc_sys)), before);
 
     // The operator changes one of them afterwards: uninstall leaves that one alone and
     // puts every other raised value back.
     write(&proc_sys.join("net/core/wmem_max"), "999999999\n");
-    install_with_kernel(&checkout, &proc_sys, &["--uninstall", "--root", root_text])
+    staging
+        .checkout
+        .install_with(&["--uninstall", "--root", staging.root_text()], &kernel)
         .expect_status(0, "uninstall")
         .expect_output("net.core.wmem_max is 999999999", "uninstall");
     assert!(!installed_path.exists());
@@ -564,29 +580,17 @@ fn install_sysctl_is_opt_in_only_raises_and_uninstall_restores() {
 
 #[test]
 fn install_a_failing_command_fails_its_step_and_the_rest_still_run() {
-    let temporary = tempfile::tempdir().unwrap();
-    let checkout = Checkout::new(temporary.path(), true);
-    let binary = stand_in_binary(temporary.path());
-    let root = temporary.path().join("root");
+    let staging = Staging::new(true);
     // A file where /etc/shardq goes: `install -d` fails inside the directories step.
-    write(&root.join("etc/shardq"), "in the way\n");
-    let run = checkout.install(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--binary",
-        binary.to_str().unwrap(),
-    ]);
+    write(&staging.root.join("etc/shardq"), "in the way\n");
+    let run = staging.install(&[]);
     run.expect_status(1, "install with /etc/shardq a file")
         .expect_output("directories: failed", "install with /etc/shardq a file")
         .expect_output(
             "failed steps: directories config",
             "install with /etc/shardq a file",
         );
-    assert!(root.join("usr/local/bin/shardq").is_file());
-    assert!(root.join("etc/systemd/system/shardq.service").is_file());
-    assert!(root
-        .join("usr/local/share/doc/shardq/operations.md")
-        .is_file());
+    staging.expect_binary_unit_and_docs();
 }
 
 /// Dry runs only: these tests may run as root, and `--root /.` is the real root.
