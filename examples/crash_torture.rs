@@ -537,10 +537,31 @@ fn harness(message: String) -> Failure {
 }
 
 /// A shared port with `cores` free ports after it, all on 127.0.0.1 (checked by binding
-/// them; a race with another process is possible and shows as a start failure).
+/// them), outside the kernel's ephemeral range: the producers' own connections take
+/// ports from that range, and one could hold a broker port while the broker restarts.
+/// A race with another program is still possible; the broker's `bind_retry_ms` rides
+/// out a short one, and a long one shows as a start failure naming the port.
 fn free_port_range(cores: u16, rng: &mut SplitMix64) -> Result<u16, Failure> {
-    for _ in 0..200 {
-        let base = rng.range(20_000, 60_000 - u64::from(cores) - 1) as u16;
+    let (ephemeral_low, ephemeral_high) = ephemeral_port_range();
+    let span = u64::from(cores) + 1;
+    // Candidate bases: [10000, low - span] and [high + 1, 65535 - span + 1].
+    let below = (10_000u64, u64::from(ephemeral_low).saturating_sub(span));
+    let above = (
+        u64::from(ephemeral_high) + 1,
+        65_536u64.saturating_sub(span),
+    );
+    let windows: Vec<(u64, u64)> = [below, above]
+        .into_iter()
+        .filter(|(first, last)| first < last)
+        .collect();
+    if windows.is_empty() {
+        return Err(harness(format!(
+            "no port range outside the ephemeral range {ephemeral_low}-{ephemeral_high} fits {span} ports; pass --port"
+        )));
+    }
+    for attempt in 0..200 {
+        let (first, last) = windows[attempt % windows.len()];
+        let base = rng.range(first, last) as u16;
         let free = (0..=cores).all(|index| TcpListener::bind(("127.0.0.1", base + index)).is_ok());
         if free {
             return Ok(base);
@@ -549,6 +570,18 @@ fn free_port_range(cores: u16, rng: &mut SplitMix64) -> Result<u16, Failure> {
     Err(harness(String::from(
         "no free port range found in 200 tries",
     )))
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), or Linux's
+/// default where it cannot be read.
+fn ephemeral_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut fields = text.split_whitespace().map(str::parse::<u16>);
+            Some((fields.next()?.ok()?, fields.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 // ---------------------------------------------------------------------------------------
