@@ -60,11 +60,7 @@ impl Client {
                 })
                 .collect(),
         });
-        let response = match self
-            .connection
-            .call(request, self.timeout(), "commit offsets")
-            .await?
-        {
+        let response = match self.call(request, self.timeout(), "commit offsets").await? {
             ResponseBody::CommitOffsets(response) => response,
             other => return Err(unexpected_body("commit offsets", &other)),
         };
@@ -95,7 +91,6 @@ impl Client {
             partitions: partitions.to_vec(),
         });
         let response = match self
-            .connection
             .call(request, self.timeout(), "fetch committed offsets")
             .await?
         {
@@ -135,7 +130,6 @@ impl Client {
             group: group.unwrap_or_default().to_owned(),
         });
         match self
-            .connection
             .call(request, self.timeout(), "describe groups")
             .await?
         {
@@ -152,11 +146,7 @@ impl Client {
         let request = Request::Stats(StatsRequest {
             topics: topics.to_vec(),
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "stats")
-            .await?
-        {
+        match self.call(request, self.timeout(), "stats").await? {
             ResponseBody::Stats(response) => Ok(response),
             other => Err(unexpected_body("stats", &other)),
         }
@@ -177,11 +167,7 @@ impl Client {
             group: group.to_owned(),
             settings,
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "alter group")
-            .await?
-        {
+        match self.call(request, self.timeout(), "alter group").await? {
             ResponseBody::AlterGroup => Ok(()),
             other => Err(unexpected_body("alter group", &other)),
         }
@@ -193,11 +179,7 @@ impl Client {
         let request = Request::PurgeTopic(PurgeTopicRequest {
             topic: topic.to_owned(),
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "purge topic")
-            .await?
-        {
+        match self.call(request, self.timeout(), "purge topic").await? {
             ResponseBody::PurgeTopic(response) => Ok(response.partitions),
             other => Err(unexpected_body("purge topic", &other)),
         }

@@ -26,12 +26,12 @@
 //! # }
 //! ```
 //!
-//! What it is: an async layer over the sans-IO [`crate::protocol`] codec. What it is not:
+//! What it is: an async layer over the sans-IO [`crate::protocol`] codec that reconnects
+//! when its connection breaks ([`Client`], `ClientConfig::reconnect`). What it is not:
 //! shard-aware (every request goes to the shard this connection landed on, which forwards
-//! to the owner), and it does not reconnect: a broken connection fails every request on
-//! it for good. The [`Producer`] retries retriable produce errors on its connection; as an
-//! idempotent producer (the default) it marks every batch with its producer id and a
-//! per-partition sequence, so the broker stores a resent batch once.
+//! to the owner). The [`Producer`] retries retriable produce errors, a broken connection
+//! among them; as an idempotent producer (the default) it marks every batch with its
+//! producer id and a per-partition sequence, so the broker stores a resent batch once.
 //! It runs on whatever tokio runtime calls it; it never touches glommio or server code.
 //!
 //! Contract of [`Client`]:
@@ -40,8 +40,10 @@
 //!   whatever order the broker answers;
 //! - at most `ClientConfig::requests_pending_max` requests are written and unanswered at
 //!   once; a caller past the limit waits for a slot (backpressure, never a growing queue);
-//! - when the connection breaks, every pending request and every later one fails with
-//!   [`ClientError::Disconnected`], which names the first cause;
+//! - when the connection breaks, every request pending on it fails with
+//!   [`ClientError::Disconnected`], which names the first cause, except those safe to
+//!   send twice, which go out again on a new connection; later requests reconnect first
+//!   (with `reconnect` off they fail with the same `Disconnected`);
 //! - a response whose top-level status is an error becomes [`ClientError::Broker`]; an
 //!   error for one partition inside a good response becomes
 //!   [`ClientError::PartitionRefused`] ([`ClientError::CommitRefused`] for a commit); a
@@ -64,10 +66,11 @@ mod tests;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::net::TcpStream;
 
 use crate::protocol::batch::BatchError;
 use crate::protocol::{
@@ -360,6 +363,17 @@ pub struct ClientConfig {
     pub response_body_bytes_max: u32,
     /// How long a request (other than a fetch's own long-poll) may wait for its answer.
     pub request_timeout_ms: u64,
+    /// Reconnect when the connection breaks (on by default): the next request opens a
+    /// new connection to the same address, resolved again, retrying with exponential
+    /// backoff. Off: a broken connection fails every request for good.
+    pub reconnect: bool,
+    /// The first wait between two connection attempts; each failure doubles it, up to
+    /// `reconnect_backoff_ms_max`, with full jitter.
+    pub reconnect_backoff_ms_min: u64,
+    pub reconnect_backoff_ms_max: u64,
+    /// How long one request waits for the broker to come back before it fails with
+    /// [`ClientError::Connect`]. The next request tries again.
+    pub reconnect_timeout_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -369,6 +383,10 @@ impl Default for ClientConfig {
             requests_pending_max: 256,
             response_body_bytes_max: (16 << 20) + (1 << 20),
             request_timeout_ms: 30_000,
+            reconnect: true,
+            reconnect_backoff_ms_min: 20,
+            reconnect_backoff_ms_max: 2_000,
+            reconnect_timeout_ms: 30_000,
         }
     }
 }
@@ -387,107 +405,258 @@ impl ClientConfig {
                 value: 0,
             });
         }
+        if self.reconnect {
+            for (field, value) in [
+                ("reconnect_backoff_ms_min", self.reconnect_backoff_ms_min),
+                ("reconnect_timeout_ms", self.reconnect_timeout_ms),
+            ] {
+                if value == 0 {
+                    return Err(ClientError::InvalidConfig { field, value });
+                }
+            }
+            if self.reconnect_backoff_ms_max < self.reconnect_backoff_ms_min {
+                return Err(ClientError::InvalidConfig {
+                    field: "reconnect_backoff_ms_max",
+                    value: self.reconnect_backoff_ms_max,
+                });
+            }
+        }
         Ok(())
     }
 }
 
-/// One connection to a broker. Cheap to clone: clones share the connection. When the last
-/// clone is dropped the connection is shut down.
+/// A connection to a broker, reopened when it breaks (`ClientConfig::reconnect`). Cheap
+/// to clone: clones share the connection. When the last clone is dropped the connection is
+/// shut down.
+///
+/// Reconnecting: a request that finds the connection broken first opens a new one to the
+/// same address (resolved again), retrying with exponential backoff for up to
+/// `reconnect_timeout_ms`, while other requests wait for that one attempt. A request that
+/// was on the wire when the connection broke fails with [`ClientError::Disconnected`],
+/// except reads and other requests that are safe to send twice (metadata, fetch, list
+/// offsets, committed offsets, commits, describe groups, stats), which are sent once more
+/// on the new connection. A [`Producer`] retries its batches itself (idempotently, so a
+/// batch is stored once); a [`Consumer`] keeps its positions and reads on from them.
 #[derive(Clone)]
 pub struct Client {
-    connection: Arc<Connection>,
-    handshake: Arc<HandshakeResponse>,
-    config: Arc<ClientConfig>,
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    /// The address as the caller gave it, resolved again on every reconnect.
+    address: String,
+    config: ClientConfig,
+    session: std::sync::Mutex<Arc<Session>>,
+    /// Held by the one request that is reconnecting; the others wait for its outcome.
+    reconnecting: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+    reconnects: AtomicU64,
+}
+
+/// One connection and what the broker said on it.
+struct Session {
+    connection: Connection,
+    handshake: HandshakeResponse,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let session = self.session_now();
         f.debug_struct("Client")
-            .field("peer", &self.connection.peer())
-            .field("handshake", &self.handshake)
+            .field("address", &self.inner.address)
+            .field("peer", &session.connection.peer())
+            .field("broken", &session.connection.is_broken())
+            .field("reconnects", &self.reconnects())
+            .field("handshake", &session.handshake)
             .finish()
     }
 }
 
 impl Client {
-    /// Connects with the default [`ClientConfig`] and does the handshake.
-    pub async fn connect(address: impl ToSocketAddrs + fmt::Debug) -> Result<Client, ClientError> {
+    /// Connects with the default [`ClientConfig`] and does the handshake. `address` is
+    /// `host:port` (a name is resolved again on every reconnect), or a `SocketAddr`.
+    pub async fn connect(address: impl fmt::Display) -> Result<Client, ClientError> {
         Client::connect_with(address, ClientConfig::default()).await
     }
 
-    /// Connects, sets TCP_NODELAY (requests are small and latency matters more than
-    /// packet count; the writer already coalesces queued requests into one write) and
-    /// does the handshake.
+    /// Connects with `config` and does the handshake.
     pub async fn connect_with(
-        address: impl ToSocketAddrs + fmt::Debug,
+        address: impl fmt::Display,
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
         config.validate()?;
-        let address_text = format!("{address:?}");
-        let connect_error = |source: io::Error| ClientError::Connect {
-            address: address_text.clone(),
-            source: Arc::new(source),
-        };
-        let stream = TcpStream::connect(address).await.map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
-        let connection = Connection::start(stream, &config).map_err(connect_error)?;
-        let timeout = Duration::from_millis(config.request_timeout_ms);
-        let request = Request::Handshake(HandshakeRequest {
-            client_name: config.client_name.clone(),
-        });
-        let handshake = match connection.call(request, timeout, "handshake").await? {
-            ResponseBody::Handshake(handshake) => handshake,
-            other => return Err(unexpected_body("handshake", &other)),
-        };
-        if handshake.protocol_version != PROTOCOL_VERSION {
-            return Err(ClientError::Protocol(ProtocolError::UnsupportedVersion {
-                version: handshake.protocol_version,
-            }));
-        }
+        let address = address.to_string();
+        let session = open_session(&address, &config).await?;
         Ok(Client {
-            connection: Arc::new(connection),
-            handshake: Arc::new(handshake),
-            config: Arc::new(config),
+            inner: Arc::new(ClientInner {
+                address,
+                config,
+                session: std::sync::Mutex::new(Arc::new(session)),
+                reconnecting: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+                reconnects: AtomicU64::new(0),
+            }),
         })
     }
 
-    /// What the broker said in the handshake.
-    pub fn handshake(&self) -> &HandshakeResponse {
-        &self.handshake
+    /// What the broker said in the handshake of the current connection.
+    pub fn handshake(&self) -> HandshakeResponse {
+        self.session_now().handshake.clone()
     }
 
     /// Shards the broker runs.
     pub fn shard_count(&self) -> u16 {
-        self.handshake.shard_count
+        self.session_now().handshake.shard_count
     }
 
-    /// The shard that accepted this connection.
+    /// The shard that accepted the current connection.
     pub fn shard_id(&self) -> u16 {
-        self.handshake.shard_id
+        self.session_now().handshake.shard_id
     }
 
+    /// The address the client connects to, as given.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The broker address of the current connection.
     pub fn peer_address(&self) -> SocketAddr {
-        self.connection.peer()
+        self.session_now().connection.peer()
     }
 
-    /// Whether the connection is known to be broken or closed: every request fails.
+    /// Whether the current connection is known to be broken or closed. With reconnect
+    /// on, the next request opens a new one (unless the client was closed).
     pub fn is_broken(&self) -> bool {
-        self.connection.is_broken()
+        self.session_now().connection.is_broken()
+    }
+
+    /// Whether [`Client::close`] was called (on any clone).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// How many times the client has reconnected.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &ClientConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// Fails every pending request and every later one with [`ClientError::Closed`], on
-    /// every clone, and stops reading. The socket itself closes when the last clone is
-    /// dropped (the writer task then shuts it down).
+    /// every clone, stops reading and never reconnects. The socket itself closes when the
+    /// last clone is dropped (the writer task then shuts it down).
     pub fn close(&self) {
-        self.connection.close();
+        self.inner.closed.store(true, Ordering::Release);
+        self.session_now().connection.close();
+    }
+
+    fn session_now(&self) -> Arc<Session> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The connection to send on: the current one, or a new one if it is broken and
+    /// reconnecting is on (module docs of [`Client`]).
+    async fn session(&self) -> Result<Arc<Session>, ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        let current = self.session_now();
+        if !current.connection.is_broken() || !self.inner.config.reconnect {
+            return Ok(current);
+        }
+        let limit = Duration::from_millis(self.inner.config.reconnect_timeout_ms);
+        let deadline = tokio::time::Instant::now() + limit;
+        let gave_up = |last: Option<ClientError>| {
+            last.unwrap_or_else(|| ClientError::Connect {
+                address: self.inner.address.clone(),
+                source: Arc::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the broker did not come back within {} ms (reconnect_timeout_ms)",
+                        limit.as_millis()
+                    ),
+                )),
+            })
+        };
+        let Ok(_reconnecting) =
+            tokio::time::timeout_at(deadline, self.inner.reconnecting.lock()).await
+        else {
+            return Err(gave_up(None));
+        };
+        // Another request may have reconnected while this one waited.
+        let current = self.session_now();
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        if !current.connection.is_broken() {
+            return Ok(current);
+        }
+        let config = &self.inner.config;
+        let mut last = None;
+        for attempt in 1u32.. {
+            match tokio::time::timeout_at(deadline, open_session(&self.inner.address, config)).await
+            {
+                Ok(Ok(session)) => {
+                    let session = Arc::new(session);
+                    *self
+                        .inner
+                        .session
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = session.clone();
+                    self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                    // A close that raced with the attempt wins.
+                    if self.is_closed() {
+                        session.connection.close();
+                        return Err(ClientError::Closed);
+                    }
+                    return Ok(session);
+                }
+                Ok(Err(error)) => last = Some(error),
+                Err(_elapsed) => break,
+            }
+            let delay = backoff_delay(
+                attempt,
+                config.reconnect_backoff_ms_min,
+                config.reconnect_backoff_ms_max,
+            );
+            if tokio::time::Instant::now() + delay >= deadline {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+        }
+        Err(gave_up(last))
+    }
+
+    /// Sends `request` on the current connection (reconnecting first if needed) and
+    /// waits for its answer; a request that is safe to send twice is sent once more on a
+    /// new connection when the one it was on broke.
+    pub(super) async fn call(
+        &self,
+        request: Request,
+        timeout: Duration,
+        operation: &'static str,
+    ) -> Result<ResponseBody, ClientError> {
+        let session = self.session().await?;
+        let resend =
+            (self.inner.config.reconnect && safe_to_resend(&request)).then(|| request.clone());
+        match session.connection.call(request, timeout, operation).await {
+            Err(ClientError::Disconnected { .. }) if resend.is_some() => {
+                let session = self.session().await?;
+                let request = resend.expect("checked above");
+                session.connection.call(request, timeout, operation).await
+            }
+            result => result,
+        }
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis(self.config.request_timeout_ms)
+        Duration::from_millis(self.inner.config.request_timeout_ms)
     }
 
     /// Topic metadata; an empty list asks for every topic. A topic the broker does not
@@ -496,11 +665,7 @@ impl Client {
         let request = Request::Metadata(MetadataRequest {
             topics: topics.to_vec(),
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "metadata")
-            .await?
-        {
+        match self.call(request, self.timeout(), "metadata").await? {
             ResponseBody::Metadata(metadata) => Ok(metadata),
             other => Err(unexpected_body("metadata", &other)),
         }
@@ -537,11 +702,7 @@ impl Client {
             retention,
             queue,
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "create topic")
-            .await?
-        {
+        match self.call(request, self.timeout(), "create topic").await? {
             ResponseBody::CreateTopic => Ok(()),
             other => Err(unexpected_body("create topic", &other)),
         }
@@ -566,11 +727,7 @@ impl Client {
             retention,
             queue,
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "alter topic")
-            .await?
-        {
+        match self.call(request, self.timeout(), "alter topic").await? {
             ResponseBody::AlterTopic => Ok(()),
             other => Err(unexpected_body("alter topic", &other)),
         }
@@ -596,11 +753,7 @@ impl Client {
                     .collect(),
             }],
         });
-        let response = match self
-            .connection
-            .call(request, self.timeout(), "list offsets")
-            .await?
-        {
+        let response = match self.call(request, self.timeout(), "list offsets").await? {
             ResponseBody::ListOffsets(response) => response,
             other => return Err(unexpected_body("list offsets", &other)),
         };
@@ -628,11 +781,7 @@ impl Client {
         let request = Request::DeleteTopic(DeleteTopicRequest {
             name: name.to_owned(),
         });
-        match self
-            .connection
-            .call(request, self.timeout(), "delete topic")
-            .await?
-        {
+        match self.call(request, self.timeout(), "delete topic").await? {
             ResponseBody::DeleteTopic => Ok(()),
             other => Err(unexpected_body("delete topic", &other)),
         }
@@ -647,16 +796,18 @@ impl Client {
         &self,
         request: ProduceRequest,
     ) -> Result<Option<ProduceResponse>, ClientError> {
-        let timeout =
-            Duration::from_millis(u64::from(request.timeout_ms) + self.config.request_timeout_ms);
+        let timeout = Duration::from_millis(
+            u64::from(request.timeout_ms) + self.inner.config.request_timeout_ms,
+        );
         if request.acks == Acks::None {
-            self.connection
+            self.session()
+                .await?
+                .connection
                 .send_without_response(Request::Produce(request), timeout)
                 .await?;
             return Ok(None);
         }
         match self
-            .connection
             .call(Request::Produce(request), timeout, "produce")
             .await?
         {
@@ -668,13 +819,10 @@ impl Client {
     /// Sends a fetch request. The wait is bounded by its long-poll `wait_ms_max` plus
     /// `request_timeout_ms`.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, ClientError> {
-        let timeout =
-            Duration::from_millis(u64::from(request.wait_ms_max) + self.config.request_timeout_ms);
-        match self
-            .connection
-            .call(Request::Fetch(request), timeout, "fetch")
-            .await?
-        {
+        let timeout = Duration::from_millis(
+            u64::from(request.wait_ms_max) + self.inner.config.request_timeout_ms,
+        );
+        match self.call(Request::Fetch(request), timeout, "fetch").await? {
             ResponseBody::Fetch(response) => Ok(response),
             other => Err(unexpected_body("fetch", &other)),
         }
@@ -706,6 +854,70 @@ impl Client {
         let response = self.fetch(request).await?;
         fetch_records_from_response(&response, topic, partition, offset)
     }
+}
+
+/// Connects, sets TCP_NODELAY (requests are small and latency matters more than packet
+/// count; the writer already coalesces queued requests into one write) and does the
+/// handshake.
+async fn open_session(address: &str, config: &ClientConfig) -> Result<Session, ClientError> {
+    let connect_error = |source: io::Error| ClientError::Connect {
+        address: address.to_owned(),
+        source: Arc::new(source),
+    };
+    let stream = TcpStream::connect(address).await.map_err(connect_error)?;
+    stream.set_nodelay(true).map_err(connect_error)?;
+    let connection = Connection::start(stream, config).map_err(connect_error)?;
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let request = Request::Handshake(HandshakeRequest {
+        client_name: config.client_name.clone(),
+    });
+    let handshake = match connection.call(request, timeout, "handshake").await? {
+        ResponseBody::Handshake(handshake) => handshake,
+        other => return Err(unexpected_body("handshake", &other)),
+    };
+    if handshake.protocol_version != PROTOCOL_VERSION {
+        return Err(ClientError::Protocol(ProtocolError::UnsupportedVersion {
+            version: handshake.protocol_version,
+        }));
+    }
+    Ok(Session {
+        connection,
+        handshake,
+    })
+}
+
+/// Requests whose second copy does no harm: reads, and commits (which set a position
+/// rather than move it).
+fn safe_to_resend(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Handshake(_)
+            | Request::Metadata(_)
+            | Request::Fetch(_)
+            | Request::ListOffsets(_)
+            | Request::CommitOffsets(_)
+            | Request::FetchCommitted(_)
+            | Request::DescribeGroups(_)
+            | Request::Stats(_)
+    )
+}
+
+/// The wait before reconnect attempt `attempt + 1`: full jitter over
+/// `[0, min(max, min * 2^(attempt-1))]`.
+fn backoff_delay(attempt: u32, min_ms: u64, max_ms: u64) -> Duration {
+    let cap = min_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
+        .min(max_ms);
+    let mut seed = [0u8; 8];
+    // Jitter only spreads reconnecting clients apart; a clock-derived value will do
+    // where the random source fails.
+    if getrandom::getrandom(&mut seed).is_err() {
+        seed = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos()) as u64)
+            .to_le_bytes();
+    }
+    Duration::from_millis(u64::from_le_bytes(seed) % cap.saturating_add(1))
 }
 
 fn unexpected_body(operation: &'static str, body: &ResponseBody) -> ClientError {

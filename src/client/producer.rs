@@ -20,15 +20,17 @@
 //! producer is idempotent: it picks a random non-zero producer id, and every batch
 //! carries it with the partition's next sequence number, so the broker stores a batch
 //! once however often it is sent. A batch that fails with a retriable error (Timeout,
-//! ShuttingDown, StorageFull, or no answer within the client's timeout) is sent again,
-//! byte for byte, after an exponential backoff with full jitter, until it succeeds or
-//! `delivery_timeout_ms` has passed since its first send. Order per partition holds
-//! because a partition has one batch in flight: the next batch of that partition is
-//! sent only once the retried one is done, so no later batch can overtake it or fail
-//! with OutOfOrderSequence because of it. A batch that fails for good leaves the broker
-//! unsure of the partition's sequence (did the last attempt land?), so the producer then
-//! takes a new producer id, which the broker does not know and so accepts at any
-//! sequence. The client does not reconnect: when the connection breaks the error is
+//! ShuttingDown, StorageFull, a broken connection, or no answer within the client's
+//! timeout) is sent again, byte for byte, after an exponential backoff with full jitter,
+//! until it succeeds or `delivery_timeout_ms` has passed since its first send. Order per
+//! partition holds because a partition has one batch in flight: the next batch of that
+//! partition is sent only once the retried one is done, so no later batch can overtake
+//! it or fail with OutOfOrderSequence because of it. A batch that fails for good leaves
+//! the broker unsure of the partition's sequence (did the last attempt land?), so the
+//! producer then takes a new producer id, which the broker does not know and so accepts
+//! at any sequence. When the connection breaks the batch is retried on the client's next
+//! connection (the broker keeps producer ids and sequences across restarts, so a batch
+//! that did land is not stored again); with `ClientConfig::reconnect` off the error is
 //! final, with `maybe_written` true when the request may have reached the broker.
 //!
 //! Without idempotence (`idempotent: false`, producer id 0) only errors that prove the
@@ -659,9 +661,10 @@ struct Verdict {
     maybe_written: bool,
 }
 
-/// Reads a failed attempt. `broken_before` says the connection was already known to be
-/// broken before the attempt, so the request never left.
-fn verdict(error: &ClientError, broken_before: bool) -> Verdict {
+/// Reads a failed attempt. `broken_before` says the request could not have left: the
+/// client was closed, or its connection broken with reconnecting off. `reconnects` says
+/// the client opens a new connection for the next attempt.
+fn verdict(error: &ClientError, broken_before: bool, reconnects: bool) -> Verdict {
     let verdict = |retriable, maybe_written| Verdict {
         retriable,
         maybe_written,
@@ -688,10 +691,14 @@ fn verdict(error: &ClientError, broken_before: bool) -> Verdict {
             ErrorCode::StorageError | ErrorCode::Internal => verdict(false, true),
             _ => verdict(false, false),
         },
-        // No reconnect (another issue): a broken connection is final.
-        ClientError::Disconnected { .. } | ClientError::Io { .. } | ClientError::Closed => {
-            verdict(false, !broken_before)
+        // The connection broke, perhaps after the request was written; the next attempt
+        // goes out on a new connection if the client reconnects.
+        ClientError::Disconnected { .. } | ClientError::Io { .. } => {
+            verdict(reconnects, !broken_before)
         }
+        // No connection could be opened, so this attempt never left.
+        ClientError::Connect { .. } => verdict(reconnects, false),
+        ClientError::Closed => verdict(false, !broken_before),
         _ => verdict(false, true),
     }
 }
@@ -770,7 +777,8 @@ async fn send_request(
             batch.first_sent.get_or_insert(started);
             batch.attempts += 1;
         }
-        let broken_before = shared.client.is_broken();
+        let reconnects = shared.client.config().reconnect;
+        let broken_before = shared.client.is_closed() || (!reconnects && shared.client.is_broken());
         let request = build_request(&shared.config, &batches);
         let result = shared.client.produce(request).await;
         drop(held);
@@ -795,7 +803,7 @@ async fn send_request(
                 }
                 Err(error) => error,
             };
-            let verdict = verdict(&error, broken_before);
+            let verdict = verdict(&error, broken_before, reconnects);
             batch.maybe_written |= verdict.maybe_written;
             let first_sent = batch.first_sent.expect("set before sending");
             let retry_allowed = verdict.retriable
@@ -1000,15 +1008,41 @@ mod tests {
             ),
             (disconnected.clone(), false, (false, true)),
             (disconnected, true, (false, false)),
+            (ClientError::Closed, false, (false, true)),
+            (ClientError::Closed, true, (false, false)),
         ];
         for (error, broken_before, (retriable, maybe_written)) in cases {
             assert_eq!(
-                verdict(&error, broken_before),
+                verdict(&error, broken_before, false),
                 Verdict {
                     retriable,
                     maybe_written
                 },
                 "{error}"
+            );
+        }
+        // With reconnecting on, a broken connection is retried on the next one; a batch
+        // whose connection could not even be opened was not written.
+        let disconnected = ClientError::Disconnected {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            cause: Arc::new(ClientError::Closed),
+        };
+        let connect = ClientError::Connect {
+            address: "127.0.0.1:1".into(),
+            source: Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        };
+        for (error, broken_before, (retriable, maybe_written)) in [
+            (disconnected, false, (true, true)),
+            (connect, false, (true, false)),
+            (ClientError::Closed, true, (false, false)),
+        ] {
+            assert_eq!(
+                verdict(&error, broken_before, true),
+                Verdict {
+                    retriable,
+                    maybe_written
+                },
+                "{error} (reconnecting)"
             );
         }
     }

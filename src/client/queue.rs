@@ -424,9 +424,8 @@ impl Client {
         request: ReceiveRequest,
     ) -> Result<Vec<ReceivedMessage>, ClientError> {
         let timeout =
-            Duration::from_millis(u64::from(request.wait_ms) + self.config.request_timeout_ms);
+            Duration::from_millis(u64::from(request.wait_ms) + self.config().request_timeout_ms);
         match self
-            .connection
             .call(Request::Receive(request), timeout, "receive")
             .await?
         {
@@ -465,7 +464,6 @@ impl Client {
                 ranges: handle_ranges(chunk.iter().copied()),
             };
             let response = match self
-                .connection
                 .call(Request::Settle(request), self.timeout(), kind.name())
                 .await?
             {

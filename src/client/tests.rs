@@ -62,6 +62,24 @@ async fn responses_in_any_order_reach_their_callers() {
     drop(peer.await.unwrap());
 }
 
+/// The client as it is with `reconnect` off: a broken connection is final.
+fn no_reconnect() -> ClientConfig {
+    ClientConfig {
+        reconnect: false,
+        ..ClientConfig::default()
+    }
+}
+
+/// Reconnecting quickly, and giving up soon when nothing answers.
+fn quick_reconnect() -> ClientConfig {
+    ClientConfig {
+        reconnect_backoff_ms_min: 1,
+        reconnect_backoff_ms_max: 10,
+        reconnect_timeout_ms: 2_000,
+        ..ClientConfig::default()
+    }
+}
+
 #[tokio::test]
 async fn broken_connection_fails_every_pending_request_and_later_ones() {
     let (listener, address) = listen().await;
@@ -71,7 +89,7 @@ async fn broken_connection_fails_every_pending_request_and_later_ones() {
         connection.read_request().await.unwrap();
         // Drop the connection with both requests unanswered.
     });
-    let client = Client::connect(address).await.unwrap();
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
     let first = tokio::spawn({
         let client = client.clone();
         async move { client.metadata(&["a".to_owned()]).await }
@@ -224,6 +242,36 @@ fn fetch_response_without_the_partition_is_an_unexpected_response() {
     );
 }
 
+/// Metadata of one topic `t` with one partition.
+fn one_partition_metadata() -> ResponseBody {
+    ResponseBody::Metadata(MetadataResponse {
+        shard_ports: vec![],
+        topics: vec![TopicMetadata {
+            name: "t".into(),
+            error: None,
+            partitions: vec![crate::protocol::PartitionMetadata {
+                partition: 0,
+                shard: 0,
+            }],
+            retention: Default::default(),
+            queue: Default::default(),
+        }],
+    })
+}
+
+/// A produce answer for partition 0 of `t`.
+fn produce_answer(result: Result<u64, WireError>) -> ResponseBody {
+    ResponseBody::Produce(crate::protocol::ProduceResponse {
+        topics: vec![crate::protocol::ProduceTopicResult {
+            name: "t".into(),
+            partitions: vec![crate::protocol::ProducePartitionResult {
+                partition: 0,
+                result,
+            }],
+        }],
+    })
+}
+
 /// A peer that serves one topic `t` of one partition to a producer: answers the metadata
 /// request, then hands each produce request to `answer` (with its batch) and writes what
 /// it returns (`None`: leave it unanswered). Returns every batch it received.
@@ -236,20 +284,9 @@ async fn producer_peer(
     while let Some((header, request)) = connection.read_request().await {
         match request {
             Request::Metadata(_) => {
-                let body = ResponseBody::Metadata(MetadataResponse {
-                    shard_ports: vec![],
-                    topics: vec![TopicMetadata {
-                        name: "t".into(),
-                        error: None,
-                        partitions: vec![crate::protocol::PartitionMetadata {
-                            partition: 0,
-                            shard: 0,
-                        }],
-                        retention: Default::default(),
-                        queue: Default::default(),
-                    }],
-                });
-                connection.respond(&header, Ok(&body)).await;
+                connection
+                    .respond(&header, Ok(&one_partition_metadata()))
+                    .await;
             }
             Request::Produce(produce) => {
                 let batch = produce.topics[0].partitions[0].batch.clone();
@@ -258,16 +295,9 @@ async fn producer_peer(
                 let Some(result) = answer(index, &batch) else {
                     continue;
                 };
-                let body = ResponseBody::Produce(crate::protocol::ProduceResponse {
-                    topics: vec![crate::protocol::ProduceTopicResult {
-                        name: "t".into(),
-                        partitions: vec![crate::protocol::ProducePartitionResult {
-                            partition: 0,
-                            result,
-                        }],
-                    }],
-                });
-                connection.respond(&header, Ok(&body)).await;
+                connection
+                    .respond(&header, Ok(&produce_answer(result)))
+                    .await;
             }
             other => panic!("unexpected request {other:?}"),
         }
@@ -414,30 +444,19 @@ async fn out_of_order_sequence_is_final_and_not_written() {
 }
 
 #[tokio::test]
-async fn connection_lost_after_sending_is_final_and_maybe_written() {
+async fn connection_lost_after_sending_is_final_and_maybe_written_without_reconnect() {
     let (listener, address) = listen().await;
     let peer = tokio::spawn(async move {
         let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
         // Metadata, then the produce arrives and the connection drops unanswered.
         let (header, _) = connection.read_request().await.unwrap();
-        let body = ResponseBody::Metadata(MetadataResponse {
-            shard_ports: vec![],
-            topics: vec![TopicMetadata {
-                name: "t".into(),
-                error: None,
-                partitions: vec![crate::protocol::PartitionMetadata {
-                    partition: 0,
-                    shard: 0,
-                }],
-                retention: Default::default(),
-                queue: Default::default(),
-            }],
-        });
-        connection.respond(&header, Ok(&body)).await;
+        connection
+            .respond(&header, Ok(&one_partition_metadata()))
+            .await;
         let (_, produce) = connection.read_request().await.unwrap();
         assert!(matches!(produce, Request::Produce(_)));
     });
-    let client = Client::connect(address).await.unwrap();
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
     let producer = Producer::new(client.clone(), quick_retries()).unwrap();
     let error = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
@@ -459,4 +478,146 @@ async fn connection_lost_after_sending_is_final_and_maybe_written() {
         .await
         .unwrap_err();
     assert_eq!(error.maybe_written(), Some(false), "{error}");
+}
+
+#[tokio::test]
+async fn a_read_lost_with_its_connection_is_sent_again_on_a_new_one() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut first = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (_, request) = first.read_request().await.unwrap();
+        assert_eq!(topic_of(&request), "a");
+        drop(first);
+        // The same request again, on the client's second connection.
+        let mut second = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, request) = second.read_request().await.unwrap();
+        assert_eq!(topic_of(&request), "a");
+        second
+            .respond(&header, Ok(&metadata_body(&topic_of(&request))))
+            .await;
+        second
+    });
+    let client = Client::connect_with(address, quick_reconnect())
+        .await
+        .unwrap();
+    let metadata = client.metadata(&["a".to_owned()]).await.unwrap();
+    assert_eq!(metadata.topics[0].name, "a");
+    assert_eq!(client.reconnects(), 1);
+    assert!(!client.is_broken());
+    drop(peer.await.unwrap());
+}
+
+#[tokio::test]
+async fn a_change_lost_with_its_connection_fails_and_the_next_request_reconnects() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut first = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (_, request) = first.read_request().await.unwrap();
+        assert!(matches!(request, Request::DeleteTopic(_)), "{request:?}");
+        drop(first);
+        let mut second = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, request) = second.read_request().await.unwrap();
+        // Not the delete again: it may have been done, so it is the caller's to resend.
+        assert_eq!(topic_of(&request), "b");
+        second
+            .respond(&header, Ok(&metadata_body(&topic_of(&request))))
+            .await;
+        second
+    });
+    let client = Client::connect_with(address, quick_reconnect())
+        .await
+        .unwrap();
+    let error = client.delete_topic("a").await.unwrap_err();
+    assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
+    client.metadata(&["b".to_owned()]).await.unwrap();
+    assert_eq!(client.reconnects(), 1);
+    drop(peer.await.unwrap());
+}
+
+#[tokio::test]
+async fn reconnecting_gives_up_after_its_timeout_naming_the_address() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        connection.read_request().await.unwrap();
+        // Nothing listens any more once the listener goes with this task.
+    });
+    let config = ClientConfig {
+        reconnect_timeout_ms: 200,
+        ..quick_reconnect()
+    };
+    let client = Client::connect_with(address, config).await.unwrap();
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { client.delete_topic("a").await }
+    });
+    peer.await.unwrap();
+    assert!(matches!(
+        pending.await.unwrap(),
+        Err(ClientError::Disconnected { .. })
+    ));
+    let error = client.metadata(&[]).await.unwrap_err();
+    match &error {
+        ClientError::Connect { address: named, .. } => {
+            assert_eq!(named, &address.to_string(), "{error}")
+        }
+        other => panic!("expected a connect error, got {other}"),
+    }
+    assert_eq!(client.reconnects(), 0);
+}
+
+#[tokio::test]
+async fn a_closed_client_never_reconnects() {
+    let (listener, address) = listen().await;
+    let (client, _first) = tokio::join!(
+        Client::connect_with(address, quick_reconnect()),
+        ScriptedConnection::accept_and_handshake(&listener)
+    );
+    let client = client.unwrap();
+    client.close();
+    assert!(client.is_closed());
+    assert!(matches!(
+        client.metadata(&[]).await,
+        Err(ClientError::Closed)
+    ));
+    // No second connection was attempted.
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "a closed client connected again");
+    assert_eq!(client.reconnects(), 0);
+}
+
+#[tokio::test]
+async fn a_batch_lost_with_its_connection_is_sent_again_byte_for_byte_on_the_next() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut first = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, _) = first.read_request().await.unwrap();
+        first.respond(&header, Ok(&one_partition_metadata())).await;
+        let (_, lost) = first.read_request().await.unwrap();
+        drop(first);
+        let mut second = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, again) = second.read_request().await.unwrap();
+        let (Request::Produce(lost), Request::Produce(again)) = (lost, again) else {
+            panic!("expected the produce twice");
+        };
+        assert_eq!(
+            lost.topics[0].partitions[0].batch, again.topics[0].partitions[0].batch,
+            "the same batch: producer id, sequence and records"
+        );
+        second.respond(&header, Ok(&produce_answer(Ok(7)))).await;
+        second
+    });
+    let client = Client::connect_with(address, quick_reconnect())
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let metadata = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(metadata.offset, Some(7));
+    assert_eq!(client.reconnects(), 1);
+    drop(peer.await.unwrap());
 }

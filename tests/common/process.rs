@@ -171,3 +171,39 @@ pub fn metadata_round_trip(address: SocketAddr) -> Result<(), String> {
         .read_exact(&mut header)
         .map_err(|error| format!("no answer: {error}"))
 }
+
+/// A port P with P .. P + `count` - 1 free right now, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so that no socket bound to port 0 (every other
+/// broker and client of the test run) can be handed one of them later. For a broker that
+/// must come back on the same address after a restart.
+pub fn fixed_port_range(count: u16) -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let first = 10_000u16;
+    let last = ephemeral_low
+        .checked_sub(count)
+        .filter(|last| *last > first)
+        .expect("room for the ports below the ephemeral range");
+    // Spread the tests of one run over the range: start from a place that differs per
+    // process and per call.
+    let salt = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos())
+        ^ std::process::id();
+    let mut candidate = first + (salt % u32::from(last - first)) as u16;
+    for _ in 0..1_000 {
+        let free = (0..count)
+            .all(|step| std::net::TcpListener::bind(("127.0.0.1", candidate + step)).is_ok());
+        if free {
+            return candidate;
+        }
+        candidate = if candidate + count >= last {
+            first
+        } else {
+            candidate + count
+        };
+    }
+    panic!("no {count} consecutive free ports below {ephemeral_low}")
+}
