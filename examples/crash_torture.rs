@@ -721,7 +721,7 @@ async fn produce(
                 load.topic.borrow_mut().sent.remove(&id);
                 report.sent -= 1;
                 if !load.killed.get() {
-                    report.error_before_kill = Some(format!("send refused: {error}"));
+                    report.error_before_kill = Some(format!("send refused: {}", error.report()));
                     return report;
                 }
                 // After the kill: the loop now drains what is in flight.
@@ -751,7 +751,8 @@ fn record_outcome(
         }
         Err(error) => {
             if !load.killed.get() && report.error_before_kill.is_none() {
-                report.error_before_kill = Some(format!("{} refused: {error}", describe_id(id)));
+                report.error_before_kill =
+                    Some(format!("{} refused: {}", describe_id(id), error.report()));
             }
         }
     }
@@ -1020,7 +1021,7 @@ async fn admin_call(
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(Failure::Broker {
             cycle,
-            message: format!("{what}: {error}"),
+            message: format!("{what}: {}", error.report()),
         }),
         Err(_elapsed) => Err(Failure::Broker {
             cycle,
@@ -1040,7 +1041,7 @@ async fn check_new_topic(
     let metadata = admin
         .metadata(&[name.to_owned()])
         .await
-        .map_err(|error| broker_failure(format!("metadata: {error}")))?;
+        .map_err(|error| broker_failure(format!("metadata: {}", error.report())))?;
     let entry = metadata
         .topics
         .iter()
@@ -1068,7 +1069,7 @@ async fn check_new_topic(
         let (start, end) = admin
             .partition_offsets(name, partition)
             .await
-            .map_err(|error| broker_failure(format!("list offsets: {error}")))?;
+            .map_err(|error| broker_failure(format!("list offsets: {}", error.report())))?;
         if (start, end) != (0, 0) {
             return Err(broker_failure(format!(
                 "new topic {name} partition {partition} is not empty: offsets {start}..{end}"
@@ -1082,11 +1083,14 @@ async fn connect(address: SocketAddr) -> Result<Client, String> {
     let config = ClientConfig {
         client_name: String::from("crash-torture"),
         request_timeout_ms: 10_000,
+        // Each cycle's producers end with the kill: every send pending then must fail
+        // (and be verified as kept or dropped), not wait for the next broker.
+        reconnect: false,
         ..ClientConfig::default()
     };
     Client::connect_with(address, config)
         .await
-        .map_err(|error| format!("connect to {address}: {error}"))
+        .map_err(|error| format!("connect to {address}: {}", error.report()))
 }
 
 struct Ready {
@@ -1446,7 +1450,7 @@ async fn timed<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout_at(deadline.into(), call).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(error.to_string()),
+        Ok(Err(error)) => Err(error.report().to_string()),
         Err(_elapsed) => Err(format!(
             "verification took longer than {} s",
             VERIFY_TIMEOUT.as_secs()

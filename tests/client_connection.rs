@@ -64,6 +64,10 @@ async fn duplicate_topic_is_a_broker_error_and_others_still_work() {
     );
     assert!(matches!(error, ClientError::Broker(_)), "{error}");
     let error = client.delete_topic("never-made").await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::UnknownTopic { topic } if topic == "never-made"),
+        "{error}"
+    );
     assert_eq!(error.wire_code(), Some(ErrorCode::UnknownTopic), "{error}");
     client.create_topic("payments", 3).await.unwrap();
     client.delete_topic("payments").await.unwrap();
@@ -231,6 +235,14 @@ async fn fetch_records_skips_earlier_records_and_reports_partition_errors() {
         .fetch_records("t", 7, 0, 0, 1 << 20)
         .await
         .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            ClientError::UnknownPartition { topic, partition: 7, partition_count: None }
+                if topic == "t"
+        ),
+        "{error}"
+    );
     assert_eq!(
         error.wire_code(),
         Some(ErrorCode::UnknownPartition),
@@ -240,5 +252,9 @@ async fn fetch_records_skips_earlier_records_and_reports_partition_errors() {
         .fetch_records("missing", 0, 0, 0, 1 << 20)
         .await
         .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::UnknownTopic { topic } if topic == "missing"),
+        "{error}"
+    );
     assert_eq!(error.wire_code(), Some(ErrorCode::UnknownTopic), "{error}");
 }

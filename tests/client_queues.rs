@@ -107,19 +107,14 @@ async fn dead_letters_until(
     }
     // The broker creates the DLQ topic itself, shard by shard: the shard that answered
     // the metadata may know it before the partition's owner does.
-    loop {
-        match client.fetch_records(dlq, partition, 0, 0, 1).await {
-            Err(shardq::client::ClientError::PartitionRefused { error, .. })
-                if error.code == shardq::protocol::ErrorCode::UnknownTopic =>
-            {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{dlq} partition {partition} was not installed within {STEP_TIMEOUT:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            _ => break,
-        }
+    while let Err(shardq::client::ClientError::UnknownTopic { .. }) =
+        client.fetch_records(dlq, partition, 0, 0, 1).await
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{dlq} partition {partition} was not installed within {STEP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     records_until(client, dlq, partition, count).await
 }

@@ -319,7 +319,11 @@ async fn metrics_and_stats_count_exactly_what_was_produced_fetched_and_settled()
         .stats(&["no-such-topic".to_owned()])
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("unknown_topic"), "{error}");
+    assert!(
+        error.report().to_string().contains("unknown_topic"),
+        "{}",
+        error.report()
+    );
 
     // A deleted topic's series go with it (a scrape within 250 ms of the last one may
     // show the shards' previous snapshot).

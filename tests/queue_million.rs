@@ -209,9 +209,7 @@ async fn dead_letters(
                 Ok(polled) => polled,
                 // Created by the broker shard by shard: a partition's owner may learn of
                 // the DLQ topic after the shard that answered the metadata.
-                Err(shardq::client::ClientError::PartitionRefused { error, .. })
-                    if error.code == shardq::protocol::ErrorCode::UnknownTopic =>
-                {
+                Err(shardq::client::ClientError::UnknownTopic { .. }) => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }

@@ -270,9 +270,9 @@ fn offsets_are_listed_by_time_and_at_both_ends() {
         let records = consumer.poll().await.unwrap();
         assert_eq!(records[0].record.value, "at-2500".as_bytes());
         match client.list_offsets("times", &[(1, 0)]).await {
-            Err(ClientError::PartitionRefused { error, .. }) => {
-                assert_eq!(error.code, shardq::protocol::ErrorCode::UnknownPartition)
-            }
+            Err(ClientError::UnknownPartition {
+                topic, partition, ..
+            }) => assert_eq!((topic.as_str(), partition), ("times", 1)),
             other => panic!("expected UnknownPartition, got {other:?}"),
         }
     });

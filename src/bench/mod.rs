@@ -209,7 +209,7 @@ impl fmt::Display for BenchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BenchError::Config(text) => write!(f, "invalid bench settings: {text}"),
-            BenchError::Client { context, source } => write!(f, "{context}: {source}"),
+            BenchError::Client { context, source } => write!(f, "{context}: {}", source.report()),
             BenchError::Io { context, source } => write!(f, "{context}: {source}"),
             BenchError::Verification(text) => write!(f, "VERIFICATION FAILED: {text}"),
         }

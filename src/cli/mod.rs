@@ -657,7 +657,7 @@ impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CliError::Config(error) => write!(f, "{error}"),
-            CliError::Client { context, source } => write!(f, "{context}: {source}"),
+            CliError::Client { context, source } => write!(f, "{context}: {}", source.report()),
             CliError::Io { context, source } => write!(f, "{context}: {source}"),
             CliError::UnknownTopic { topic } => write!(f, "topic {topic:?} does not exist"),
             CliError::Bench(error) => write!(f, "bench: {error}"),

@@ -66,13 +66,7 @@ pub fn fetch_records_from_response(
                 high_watermark: data.high_watermark,
             })
         }
-        Err(error) => {
-            return Err(ClientError::PartitionRefused {
-                topic: topic.to_owned(),
-                partition,
-                error: error.clone(),
-            })
-        }
+        Err(error) => return Err(ClientError::refusal(topic, Some(partition), error.clone())),
     };
     let mut records = Vec::new();
     decode_records(batches, offset, &mut records).map_err(|source| ClientError::Batch {
@@ -312,7 +306,7 @@ impl Consumer {
                 topic: topic.to_owned(),
             })?;
         if let Some(error) = entry.error {
-            return Err(ClientError::Broker(error));
+            return Err(ClientError::refusal(topic, None, error));
         }
         // One request for every partition's committed offset, rather than one each.
         let committed = match &self.config.group {

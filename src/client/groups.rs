@@ -107,11 +107,7 @@ impl Client {
                     high_watermark: committed.high_watermark,
                 }),
                 Err(error) => {
-                    return Err(ClientError::PartitionRefused {
-                        topic: topic.to_owned(),
-                        partition: result.partition,
-                        error,
-                    })
+                    return Err(ClientError::refusal(topic, Some(result.partition), error))
                 }
             }
         }

@@ -74,10 +74,10 @@ use tokio::net::TcpStream;
 
 use crate::protocol::batch::BatchError;
 use crate::protocol::{
-    AlterTopicRequest, CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchRequest,
-    FetchResponse, HandshakeRequest, HandshakeResponse, ListOffsetsPartition, ListOffsetsRequest,
+    AlterTopicRequest, CreateTopicRequest, DeleteTopicRequest, FetchRequest, FetchResponse,
+    HandshakeRequest, HandshakeResponse, ListOffsetsPartition, ListOffsetsRequest,
     ListOffsetsTopic, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
-    ProtocolError, Request, ResponseBody, WireError, PROTOCOL_VERSION,
+    ProtocolError, Request, ResponseBody, PROTOCOL_VERSION,
 };
 
 use connection::Connection;
@@ -88,7 +88,7 @@ pub use crate::protocol::queue::{
     QueueSettings, ReceiveRequest, ReceivedMessage, SettleAction,
 };
 pub use crate::protocol::{
-    Acks, PartitionOffsets, Retention, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+    Acks, ErrorCode, PartitionOffsets, Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,
@@ -104,7 +104,14 @@ pub use queue::{
 
 /// Everything that can go wrong talking to a broker. `Clone`, because one broken
 /// connection must fail every request that was waiting on it with the same cause.
+///
+/// One condition, one variant, from every call: a topic the broker does not know is
+/// [`ClientError::UnknownTopic`] and a partition past its topic's count is
+/// [`ClientError::UnknownPartition`], whichever request found out. `Display` says what
+/// failed; the underlying cause is [`std::error::Error::source`], and
+/// [`ClientError::report`] prints the whole chain on one line.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum ClientError {
     /// Resolving or connecting to the broker failed.
     Connect {
@@ -156,13 +163,15 @@ pub enum ClientError {
         operation: &'static str,
         timeout_ms: u64,
     },
-    /// A topic named in a request is not in the broker's metadata.
+    /// A topic named in a request does not exist (or was deleted while the request was
+    /// in flight).
     UnknownTopic { topic: String },
-    /// A partition outside the topic's partition count.
+    /// A partition outside the topic's partition count; the count where the client knew
+    /// it from metadata.
     UnknownPartition {
         topic: String,
         partition: u32,
-        partition_count: u32,
+        partition_count: Option<u32>,
     },
     /// A configuration value that cannot work.
     InvalidConfig { field: &'static str, value: u64 },
@@ -204,10 +213,61 @@ impl ClientError {
                 Some(error.code)
             }
             ClientError::OffsetOutOfRange { .. } => Some(ErrorCode::OffsetOutOfRange),
+            ClientError::UnknownTopic { .. } => Some(ErrorCode::UnknownTopic),
+            ClientError::UnknownPartition { .. } => Some(ErrorCode::UnknownPartition),
             ClientError::ProduceFailed { cause, .. } => cause.wire_code(),
             ClientError::CommitRefused { error, .. } => Some(error.code),
             _ => None,
         }
+    }
+
+    /// Whether the same call, made again, may succeed without anything else changing:
+    /// the broker was unreachable, stopping, out of disk or slow to answer. A
+    /// [`ClientError::ProduceFailed`] is retriable when its last cause was (the producer
+    /// has already retried it until `delivery_timeout_ms`; see `maybe_written` before
+    /// sending the record again).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Io { .. }
+            | ClientError::Disconnected { .. }
+            | ClientError::Timeout { .. } => true,
+            ClientError::Broker(error)
+            | ClientError::PartitionRefused { error, .. }
+            | ClientError::CommitRefused { error, .. } => matches!(
+                error.code,
+                ErrorCode::ShuttingDown | ErrorCode::Timeout | ErrorCode::StorageFull
+            ),
+            ClientError::ProduceFailed { cause, .. } => cause.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// The one variant for a broker's refusal about `topic` (`partition`, where the
+    /// refusal was for one partition): UnknownTopic and UnknownPartition become their
+    /// own variants whichever request found them.
+    pub(crate) fn refusal(topic: &str, partition: Option<u32>, error: WireError) -> ClientError {
+        match (error.code, partition) {
+            (ErrorCode::UnknownTopic, _) => ClientError::UnknownTopic {
+                topic: topic.to_owned(),
+            },
+            (ErrorCode::UnknownPartition, Some(partition)) => ClientError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+                partition_count: None,
+            },
+            (_, Some(partition)) => ClientError::PartitionRefused {
+                topic: topic.to_owned(),
+                partition,
+                error,
+            },
+            (_, None) => ClientError::Broker(error),
+        }
+    }
+
+    /// The error and every cause under it, on one line, separated by `: `.
+    pub fn report(&self) -> ErrorReport<'_> {
+        ErrorReport(self)
     }
 
     /// For a produced batch that failed for good: whether it may have been stored
@@ -231,19 +291,13 @@ impl ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Connect { address, source } => {
-                write!(f, "cannot connect to {address}: {source}")
-            }
-            ClientError::Io { context, peer, source } => {
-                write!(f, "{context} (broker {peer}): {source}")
-            }
-            ClientError::Protocol(error) => write!(f, "malformed response from broker: {error}"),
-            ClientError::Broker(error) => write!(f, "broker refused the request: {error}"),
+            ClientError::Connect { address, .. } => write!(f, "cannot connect to {address}"),
+            ClientError::Io { context, peer, .. } => write!(f, "{context} (broker {peer})"),
+            ClientError::Protocol(_) => write!(f, "malformed response from broker"),
+            ClientError::Broker(_) => write!(f, "broker refused the request"),
             ClientError::PartitionRefused {
-                topic,
-                partition,
-                error,
-            } => write!(f, "broker refused topic {topic:?} partition {partition}: {error}"),
+                topic, partition, ..
+            } => write!(f, "broker refused topic {topic:?} partition {partition}"),
             ClientError::OffsetOutOfRange {
                 topic,
                 partition,
@@ -255,16 +309,14 @@ impl fmt::Display for ClientError {
                 "offset {requested} of topic {topic:?} partition {partition} is outside the stored range [{log_start_offset}, {high_watermark}]"
             ),
             ClientError::Batch {
-                topic,
-                partition,
-                source,
-            } => write!(f, "bad record batch from topic {topic:?} partition {partition}: {source}"),
+                topic, partition, ..
+            } => write!(f, "bad record batch from topic {topic:?} partition {partition}"),
             ClientError::UnexpectedResponse {
                 correlation_id,
                 reason,
             } => write!(f, "unexpected response (correlation id {correlation_id}): {reason}"),
-            ClientError::Disconnected { peer, cause } => {
-                write!(f, "connection to broker {peer} is broken: {cause}")
+            ClientError::Disconnected { peer, .. } => {
+                write!(f, "connection to broker {peer} is broken")
             }
             ClientError::Closed => write!(f, "the client was closed"),
             ClientError::Timeout {
@@ -275,21 +327,26 @@ impl fmt::Display for ClientError {
             ClientError::UnknownPartition {
                 topic,
                 partition,
-                partition_count,
+                partition_count: Some(count),
             } => write!(
                 f,
-                "topic {topic:?} has {partition_count} partitions, there is no partition {partition}"
+                "topic {topic:?} has {count} partitions, there is no partition {partition}"
             ),
+            ClientError::UnknownPartition {
+                topic,
+                partition,
+                partition_count: None,
+            } => write!(f, "topic {topic:?} has no partition {partition}"),
             ClientError::InvalidConfig { field, value } => {
                 write!(f, "invalid client configuration: {field} = {value}")
             }
             ClientError::ProduceFailed {
-                cause,
                 maybe_written,
                 attempts,
+                ..
             } => write!(
                 f,
-                "produce failed after {attempts} attempt(s), {}: {cause}",
+                "produce failed after {attempts} attempt(s), {}",
                 if *maybe_written {
                     "the batch may have been written"
                 } else {
@@ -321,10 +378,10 @@ impl fmt::Display for ClientError {
                 group,
                 topic,
                 partition,
-                error,
+                ..
             } => write!(
                 f,
-                "broker refused group {group:?}'s commit of topic {topic:?} partition {partition}: {error}"
+                "broker refused group {group:?}'s commit of topic {topic:?} partition {partition}"
             ),
             ClientError::NotInGroup => write!(
                 f,
@@ -341,13 +398,36 @@ impl std::error::Error for ClientError {
                 Some(source.as_ref())
             }
             ClientError::Protocol(error) => Some(error),
-            ClientError::Broker(error) | ClientError::PartitionRefused { error, .. } => Some(error),
+            ClientError::Broker(error)
+            | ClientError::PartitionRefused { error, .. }
+            | ClientError::CommitRefused { error, .. } => Some(error),
             ClientError::Batch { source, .. } => Some(source),
             ClientError::Disconnected { cause, .. } | ClientError::ProduceFailed { cause, .. } => {
                 Some(cause.as_ref())
             }
             _ => None,
         }
+    }
+}
+
+/// [`ClientError::report`]: the error, then each `source()` under it, joined by `: `.
+pub struct ErrorReport<'a>(&'a ClientError);
+
+impl fmt::Display for ErrorReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ErrorReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -643,15 +723,24 @@ impl Client {
         operation: &'static str,
     ) -> Result<ResponseBody, ClientError> {
         let session = self.session().await?;
+        let topic = whole_request_topic(&request).map(str::to_owned);
         let resend =
             (self.inner.config.reconnect && safe_to_resend(&request)).then(|| request.clone());
-        match session.connection.call(request, timeout, operation).await {
+        let result = match session.connection.call(request, timeout, operation).await {
             Err(ClientError::Disconnected { .. }) if resend.is_some() => {
                 let session = self.session().await?;
                 let request = resend.expect("checked above");
                 session.connection.call(request, timeout, operation).await
             }
             result => result,
+        };
+        // A refusal of the whole request about its one topic: the same variant as a
+        // refusal of one partition of it.
+        match (result, topic) {
+            (Err(ClientError::Broker(error)), Some(topic)) => {
+                Err(ClientError::refusal(&topic, None, error))
+            }
+            (result, _) => result,
         }
     }
 
@@ -766,11 +855,7 @@ impl Client {
             match result.result {
                 Ok(offsets) => answered.push((result.partition, offsets)),
                 Err(error) => {
-                    return Err(ClientError::PartitionRefused {
-                        topic: topic.to_owned(),
-                        partition: result.partition,
-                        error,
-                    })
+                    return Err(ClientError::refusal(topic, Some(result.partition), error))
                 }
             }
         }
@@ -884,6 +969,22 @@ async fn open_session(address: &str, config: &ClientConfig) -> Result<Session, C
         connection,
         handshake,
     })
+}
+
+/// The one topic a request is about, where a refusal of the whole request is about it.
+fn whole_request_topic(request: &Request) -> Option<&str> {
+    match request {
+        Request::DeleteTopic(request) => Some(&request.name),
+        Request::AlterTopic(request) => Some(&request.name),
+        Request::CommitOffsets(request) => Some(&request.topic),
+        Request::FetchCommitted(request) => Some(&request.topic),
+        Request::Receive(request) => Some(&request.topic),
+        Request::Settle(request) => Some(&request.topic),
+        Request::DescribeGroups(request) => Some(&request.topic),
+        Request::PurgeTopic(request) => Some(&request.topic),
+        Request::AlterGroup(request) => Some(&request.topic),
+        _ => None,
+    }
 }
 
 /// Requests whose second copy does no harm: reads, and commits (which set a position

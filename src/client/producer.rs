@@ -280,7 +280,7 @@ impl TopicRoute {
             (Some(partition), _) => Err(ClientError::UnknownPartition {
                 topic: topic.to_owned(),
                 partition,
-                partition_count: self.partition_count,
+                partition_count: Some(self.partition_count),
             }),
             (None, Some(key)) => Ok(placement::partition_for_key(key, self.partition_count)),
             (None, None) => {
@@ -356,6 +356,11 @@ impl Drop for Owner {
 }
 
 /// A batching producer over one [`Client`]. Cheap to clone; clones share the batches.
+///
+/// Closing: [`Producer::close`] refuses later sends at once with [`ClientError::Closed`]
+/// (on every clone) and waits until every record already sent is answered. Dropping the
+/// last clone without closing does the same in the background: the records already sent
+/// still go out and their handles still resolve, but nothing waits for them.
 #[derive(Clone)]
 pub struct Producer {
     shared: Arc<ProducerShared>,
@@ -428,6 +433,10 @@ impl Producer {
             .iter()
             .map(|(name, value)| (name.as_str(), &value[..]))
             .collect();
+        // Refused at once after a close, not after waiting for memory.
+        if self.shared.state().closing || self.shared.client.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let key = record.key.as_deref();
         let size = BatchBuilder::record_size(key, &record.value, &headers);
         // A record larger than the whole budget takes all of it rather than waiting forever.
@@ -498,7 +507,7 @@ impl Producer {
             .find(|entry| entry.name == topic);
         match entry {
             Some(entry) => match entry.error {
-                Some(error) => Err(ClientError::Broker(error)),
+                Some(error) => Err(ClientError::refusal(topic, None, error)),
                 None if entry.partitions.is_empty() => Err(ClientError::UnknownTopic {
                     topic: topic.to_owned(),
                 }),
@@ -636,11 +645,11 @@ fn batch_outcome(
     match found {
         Some(partition) => match &partition.result {
             Ok(base_offset) => Ok(Some(*base_offset)),
-            Err(error) => Err(ClientError::PartitionRefused {
-                topic: batch.topic.to_string(),
-                partition: batch.partition,
-                error: error.clone(),
-            }),
+            Err(error) => Err(ClientError::refusal(
+                &batch.topic,
+                Some(batch.partition),
+                error.clone(),
+            )),
         },
         None => Err(ClientError::UnexpectedResponse {
             correlation_id: 0,
@@ -695,6 +704,10 @@ fn verdict(error: &ClientError, broken_before: bool, reconnects: bool) -> Verdic
         // goes out on a new connection if the client reconnects.
         ClientError::Disconnected { .. } | ClientError::Io { .. } => {
             verdict(reconnects, !broken_before)
+        }
+        // Refused before anything was appended (protocol.md §6).
+        ClientError::UnknownTopic { .. } | ClientError::UnknownPartition { .. } => {
+            verdict(false, false)
         }
         // No connection could be opened, so this attempt never left.
         ClientError::Connect { .. } => verdict(reconnects, false),
@@ -895,7 +908,7 @@ mod tests {
             route.choose("t", Some(4), None),
             Err(ClientError::UnknownPartition {
                 partition: 4,
-                partition_count: 4,
+                partition_count: Some(4),
                 ..
             })
         ));
@@ -1000,6 +1013,20 @@ mod tests {
                 (false, false),
             ),
             (refused(ErrorCode::InvalidBatch), false, (false, false)),
+            (
+                ClientError::refusal("t", Some(0), WireError::new(ErrorCode::UnknownTopic, "x")),
+                false,
+                (false, false),
+            ),
+            (
+                ClientError::refusal(
+                    "t",
+                    Some(9),
+                    WireError::new(ErrorCode::UnknownPartition, "x"),
+                ),
+                false,
+                (false, false),
+            ),
             (refused(ErrorCode::StorageError), false, (false, true)),
             (
                 ClientError::Broker(WireError::new(ErrorCode::ShuttingDown, "x")),

@@ -705,12 +705,7 @@ impl QueueConsumer {
                 topic: topic.clone(),
             })?;
         if let Some(error) = entry.error {
-            if error.code == ErrorCode::UnknownTopic {
-                return Err(ClientError::UnknownTopic {
-                    topic: topic.clone(),
-                });
-            }
-            return Err(ClientError::Broker(error));
+            return Err(ClientError::refusal(topic, None, error));
         }
         match entry.queue.visibility_timeout_ms {
             Some(ms) if ms > 0 => Ok(Duration::from_millis(ms)),

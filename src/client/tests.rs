@@ -104,7 +104,7 @@ async fn broken_connection_fails_every_pending_request_and_later_ones() {
     for error in [&first, &second] {
         assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
         assert!(
-            error.to_string().contains("closed the connection"),
+            error.report().to_string().contains("closed the connection"),
             "{error}"
         );
     }
@@ -620,4 +620,113 @@ async fn a_batch_lost_with_its_connection_is_sent_again_byte_for_byte_on_the_nex
     assert_eq!(metadata.offset, Some(7));
     assert_eq!(client.reconnects(), 1);
     drop(peer.await.unwrap());
+}
+
+#[test]
+fn display_names_what_failed_and_never_repeats_its_source() {
+    let io = || Arc::new(io::Error::other("the io cause"));
+    let refusal = || WireError::new(ErrorCode::StorageFull, "the broker's words");
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let errors = [
+        ClientError::Connect {
+            address: "broker.example:9740".into(),
+            source: io(),
+        },
+        ClientError::Io {
+            context: "reading responses",
+            peer,
+            source: io(),
+        },
+        ClientError::Broker(refusal()),
+        ClientError::PartitionRefused {
+            topic: "t".into(),
+            partition: 1,
+            error: refusal(),
+        },
+        ClientError::CommitRefused {
+            group: "g".into(),
+            topic: "t".into(),
+            partition: 1,
+            error: refusal(),
+        },
+        ClientError::Disconnected {
+            peer,
+            cause: Arc::new(ClientError::Broker(refusal())),
+        },
+        ClientError::ProduceFailed {
+            cause: Arc::new(ClientError::Broker(refusal())),
+            maybe_written: false,
+            attempts: 2,
+        },
+    ];
+    for error in errors {
+        let source = std::error::Error::source(&error).expect("each has a source");
+        let (text, report) = (error.to_string(), error.report().to_string());
+        assert!(
+            !text.contains(&source.to_string()),
+            "{text} repeats {source}"
+        );
+        assert_eq!(report, format!("{text}: {}", source_chain(source)));
+        assert!(
+            report.ends_with("the io cause") || report.ends_with("the broker's words"),
+            "{report}"
+        );
+    }
+    // Addresses are kept as given, unquoted.
+    let connect = ClientError::Connect {
+        address: "broker.example:9740".into(),
+        source: io(),
+    };
+    assert_eq!(connect.to_string(), "cannot connect to broker.example:9740");
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    match error.source() {
+        Some(under) => format!("{error}: {}", source_chain(under)),
+        None => error.to_string(),
+    }
+}
+
+#[test]
+fn one_variant_per_condition_and_which_ones_are_retriable() {
+    let unknown_topic = WireError::new(ErrorCode::UnknownTopic, "x");
+    let unknown_partition = WireError::new(ErrorCode::UnknownPartition, "x");
+    for partition in [None, Some(3)] {
+        assert!(matches!(
+            ClientError::refusal("t", partition, unknown_topic.clone()),
+            ClientError::UnknownTopic { topic } if topic == "t"
+        ));
+    }
+    assert!(matches!(
+        ClientError::refusal("t", Some(3), unknown_partition),
+        ClientError::UnknownPartition {
+            partition: 3,
+            partition_count: None,
+            ..
+        }
+    ));
+    let retriable = [
+        ErrorCode::ShuttingDown,
+        ErrorCode::Timeout,
+        ErrorCode::StorageFull,
+    ];
+    for code in [
+        ErrorCode::ShuttingDown,
+        ErrorCode::Timeout,
+        ErrorCode::StorageFull,
+        ErrorCode::InvalidBatch,
+        ErrorCode::StorageError,
+        ErrorCode::OutOfOrderSequence,
+    ] {
+        let error = ClientError::refusal("t", Some(0), WireError::new(code, "x"));
+        assert_eq!(error.is_retriable(), retriable.contains(&code), "{code:?}");
+    }
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    assert!(ClientError::Disconnected {
+        peer,
+        cause: Arc::new(ClientError::Closed)
+    }
+    .is_retriable());
+    assert!(!ClientError::Closed.is_retriable());
+    assert!(!ClientError::UnknownTopic { topic: "t".into() }.is_retriable());
 }
