@@ -418,6 +418,120 @@ fn topic_and_partition_counts_hold_at_their_edges() {
     assert_eq!(client.produce("fourth", 0, batch_of(&[b"in"])), Ok(0));
 }
 
+/// `topics_per_request_max` and `partitions_per_request_max` (§1, §6): a request listing
+/// exactly as many is served; one more is MalformedFrame, naming both counts, and the
+/// connection is closed (§7). The partition limit counts over all the request's topics.
+#[test]
+fn requests_listing_the_most_topics_and_partitions_are_served_and_one_more_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(ServerConfig {
+        topics_per_request_max: 2,
+        partitions_per_request_max: 3,
+        ..test_config(dir.path(), 2)
+    });
+    let mut admin = RawClient::connect(broker.addr());
+    for name in ["a", "b", "c"] {
+        admin.create_topic(name, 2);
+    }
+    let metadata = |names: &[&str]| {
+        Request::Metadata(MetadataRequest {
+            topics: names.iter().map(|name| name.to_string()).collect(),
+        })
+    };
+    // (topic, partitions) entries of one produce.
+    let produce_to = |entries: &[(&str, &[u32])]| {
+        Request::Produce(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: entries
+                .iter()
+                .map(|(name, partitions)| ProduceTopic {
+                    name: name.to_string(),
+                    partitions: partitions
+                        .iter()
+                        .map(|&partition| ProducePartition {
+                            partition,
+                            batch: batch_of(&[format!("{name}{partition}").as_bytes()]),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    };
+    let list_offsets = |entries: &[(&str, &[u32])]| {
+        Request::ListOffsets(ListOffsetsRequest {
+            topics: entries
+                .iter()
+                .map(|(name, partitions)| ListOffsetsTopic {
+                    name: name.to_string(),
+                    partitions: partitions
+                        .iter()
+                        .map(|&partition| ListOffsetsPartition {
+                            partition,
+                            timestamp_ms: TIMESTAMP_LATEST,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    };
+    let served = [
+        metadata(&["a", "b"]),
+        produce_to(&[("a", &[0, 1]), ("b", &[0])]),
+        fetch(0, 1 << 20, "a", &[(0, 0), (1, 0), (0, 0)]),
+        list_offsets(&[("a", &[0, 1]), ("b", &[0])]),
+    ];
+    let mut client = RawClient::connect(broker.addr());
+    for request in &served {
+        client.call(request).expect("at the limits");
+    }
+    let refused = [
+        (
+            metadata(&["a", "b", "c"]),
+            "topics lists 3 entries, at most 2",
+        ),
+        (
+            produce_to(&[("a", &[0, 1]), ("c", &[0, 1])]),
+            "lists 4 entries, at most 3",
+        ),
+        (
+            Request::Fetch(FetchRequest {
+                wait_ms_max: 0,
+                bytes_max: 1 << 20,
+                topics: ["a", "b"]
+                    .map(|name| FetchTopic {
+                        name: name.into(),
+                        partitions: (0..2)
+                            .map(|partition| FetchPartition {
+                                partition,
+                                offset: 0,
+                                bytes_max: 1 << 20,
+                            })
+                            .collect(),
+                    })
+                    .to_vec(),
+            }),
+            "partitions lists 4 entries, at most 3",
+        ),
+        (
+            list_offsets(&[("a", &[0, 1]), ("b", &[0, 1])]),
+            "partitions lists 4 entries, at most 3",
+        ),
+    ];
+    for (request, message) in &refused {
+        let mut client = RawClient::connect(broker.addr());
+        let error = client.call(request).expect_err("one past a limit");
+        assert_eq!(error.code, ErrorCode::MalformedFrame, "{error}");
+        assert!(error.message.contains(message), "{error}");
+        assert!(client.is_closed_by_peer(), "MalformedFrame closes");
+    }
+    // Only the produce at the limit stored anything.
+    for (name, partition, stored) in [("a", 0, 1), ("a", 1, 1), ("b", 0, 1), ("c", 0, 0)] {
+        let records = admin.fetch_all(name, partition, 0);
+        assert_eq!(records.len(), stored, "{name}/{partition}");
+    }
+}
+
 /// Topic and group names: 200 bytes are accepted everywhere, 201 are refused by every
 /// request that names one (InvalidTopicName, InvalidGroupName), the message quoting
 /// exactly the first 64 bytes and `...` (§1), and the connection stays open (§7).
