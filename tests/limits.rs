@@ -265,6 +265,74 @@ fn batches_at_the_byte_and_record_limits_are_stored_and_one_past_is_refused() {
     assert!(stored[7].value.iter().all(|byte| *byte == b'z'));
 }
 
+/// The smallest segment (`segment_size_bytes` = `chunk_size_bytes`, its lower edge) with
+/// the largest batches (`chunk_size_bytes - 4096` bytes): a batch that ends exactly at the
+/// segment's size goes in, one byte more rolls a new segment, and after a restart every
+/// record reads back at its offset.
+#[test]
+fn the_smallest_segment_takes_the_largest_batches_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        segment_size_bytes: 256 << 10,
+        ..test_config(dir.path(), 1)
+    };
+    assert_eq!(config.segment_size_bytes, config.chunk_size_bytes as u64);
+    let bytes_max = config.batch_bytes_max();
+    let mut broker = TestBroker::start_with(config.clone());
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("edge", 1);
+    let small = batch_of(&[&[0u8; 10]]).len();
+    // What a small batch and a largest one leave of a segment.
+    let rest = (256 << 10) - bytes_max - small;
+    let plan: Vec<(usize, u8)> = vec![
+        (small, b'a'),
+        (bytes_max, b'b'),
+        (rest, b'c'),  // ends exactly at the segment's size
+        (small, b'd'), // rolls
+        (bytes_max, b'e'),
+        (rest + 1, b'f'), // one byte past: rolls
+        (bytes_max, b'g'),
+        (small, b'h'), // one byte past again: rolls
+    ];
+    for (offset, (length, fill)) in plan.iter().enumerate() {
+        let batch = if *length == small {
+            batch_of(&[&[*fill; 10]])
+        } else {
+            batch_of_length(*length, *fill)
+        };
+        assert_eq!(batch.len(), *length);
+        assert_eq!(client.produce("edge", 0, batch), Ok(offset as u64));
+    }
+    let read = |client: &mut RawClient| -> Vec<(u8, usize)> {
+        client
+            .fetch_all("edge", 0, 0)
+            .iter()
+            .map(|record| {
+                assert!(record.value.iter().all(|byte| *byte == record.value[0]));
+                (record.value[0], record.value.len())
+            })
+            .collect()
+    };
+    let before = read(&mut client);
+    assert_eq!(
+        before.iter().map(|(fill, _)| *fill).collect::<Vec<_>>(),
+        b"abcdefgh"
+    );
+    drop(client);
+    broker.stop();
+    let segments = std::fs::read_dir(dir.path().join("topics/edge/0"))
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".log")
+        })
+        .count();
+    assert_eq!(segments, 4, "a roll at each edge and only there");
+    let broker = TestBroker::start_with(config);
+    let after = read(&mut RawClient::connect(broker.addr()));
+    assert_eq!(after, before, "every record reads back after the restart");
+}
+
 /// `connections_per_shard_max`: the Nth connection on a shard is served, the N+1th is
 /// accepted and closed at once without an answer (§7), and once a client leaves, a new
 /// connection is served (and the one after it refused again).
