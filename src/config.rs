@@ -186,7 +186,8 @@ pub struct ServerConfig {
     pub metrics_shard_answer_timeout_ms: u32,
     /// Log lines one shard writes per `log_window_ms` for each kind of event a client can
     /// cause at will (refused connections, protocol errors, timeouts, failed acks=none
-    /// produces); the rest are counted and the count goes out with the next line.
+    /// produces); the rest are counted and the count goes out with the next line. 0: none
+    /// of them is written (the metrics still count them).
     pub log_lines_per_window_max: u32,
     /// The window of `log_lines_per_window_max`.
     pub log_window_ms: u32,
