@@ -871,3 +871,105 @@ fn timeout_when_a_durable_produce_is_not_durable_in_time() {
     );
     serve.kill9();
 }
+
+/// Code 4, frame_too_large, at its edge: a body of exactly `frame_body_bytes_max` bytes
+/// is read and answered; one byte more is refused from the header alone (the body is
+/// never sent), echoing the id, and the connection is closed.
+/// (`u32::MAX` bytes: `bad_input::malformed_frames_are_refused_while_another_client_keeps_producing`.)
+#[test]
+fn frame_too_large_one_byte_past_frame_body_bytes_max() {
+    let _gate = shared_gate();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(ServerConfig {
+        frame_body_bytes_max: 4096,
+        ..test_config(dir.path(), 1)
+    });
+    let mut client = RawClient::connect(broker.addr());
+    // 2 bytes of length and 4094 of name: a body of exactly 4096 bytes.
+    let at_limit = Request::Handshake(HandshakeRequest {
+        client_name: "n".repeat(4094),
+    });
+    assert_eq!(body_of(&at_limit).len(), 4096);
+    let answer = client
+        .call(&at_limit)
+        .expect("a body at the limit is served");
+    assert!(matches!(answer, ResponseBody::Handshake(_)), "{answer:?}");
+    let mut header = frame(Opcode::Handshake as u8, 0, 77, &[]);
+    header[0..4].copy_from_slice(&4097u32.to_le_bytes());
+    client.send_bytes(&header);
+    let error = error_answer(&mut client, 77, Opcode::Handshake);
+    assert_eq!(error.code, ErrorCode::FrameTooLarge, "{error}");
+    assert!(error.message.contains("4096"), "{error}");
+    assert_closed(&mut client, "4097-byte body");
+}
+
+/// Code 11, invalid_batch, at the broker's two batch limits: `batch_records_max` records
+/// and `chunk_size_bytes − 4096` bytes are stored; one record or one byte more is
+/// refused for that entry only, stores nothing, and the connection stays open.
+#[test]
+fn invalid_batch_one_past_batch_records_max_and_the_batch_size_limit() {
+    let _gate = shared_gate();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        batch_records_max: 3,
+        ..test_config(dir.path(), 1)
+    };
+    let batch_bytes_max = config.chunk_size_bytes - 4096;
+    let broker = TestBroker::start_with(config);
+    let mut client = RawClient::connect(broker.addr());
+    client.create_topic("limits", 1);
+    let error = client
+        .produce("limits", 0, batch_of(&[b"1", b"2", b"3", b"4"]))
+        .expect_err("4 records, past batch_records_max");
+    assert_eq!(error.code, ErrorCode::InvalidBatch, "{error}");
+    assert_eq!(
+        client.produce("limits", 0, batch_of(&[b"1", b"2", b"3"])),
+        Ok(0),
+        "3 records is the limit, and the refused batch took no offsets"
+    );
+    // One record without key or headers: 64 bytes of batch header, 22 of record fields.
+    let sized = |bytes: usize| batch_of(&[&vec![b's'; bytes - 64 - 22]]);
+    assert_eq!(sized(batch_bytes_max).len(), batch_bytes_max);
+    let error = client
+        .produce("limits", 0, sized(batch_bytes_max + 1))
+        .expect_err("one byte past the batch size limit");
+    assert_eq!(error.code, ErrorCode::InvalidBatch, "{error}");
+    assert_open(&mut client, "invalid_batch");
+    assert_eq!(
+        client.produce("limits", 0, sized(batch_bytes_max)),
+        Ok(3),
+        "a batch of exactly the limit is stored"
+    );
+    assert_eq!(client.fetch_all("limits", 0, 0).len(), 4);
+}
+
+/// Code 8, invalid_topic_name, at the rules' edges (protocol.md §1): a name of 200 bytes
+/// is a name (Metadata answers it is unknown); 201 bytes, an empty name, `.` and `..` are
+/// refused whole while decoding, and the connection stays open.
+/// (65,535-byte names: `hostile_clients::huge_topic_names_are_refused_at_decode_cheaply`.)
+#[test]
+fn invalid_topic_name_past_200_bytes_and_for_dot_names() {
+    let _gate = shared_gate();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 1);
+    let mut client = RawClient::connect(broker.addr());
+    let metadata = |names: Vec<String>| Request::Metadata(MetadataRequest { topics: names });
+    let answer = client
+        .call(&metadata(vec!["n".repeat(200)]))
+        .expect("200 bytes is a valid name");
+    let ResponseBody::Metadata(answer) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(
+        answer.topics[0].error.as_ref().map(|error| error.code),
+        Some(ErrorCode::UnknownTopic)
+    );
+    for bad in ["n".repeat(201), String::new(), ".".into(), "..".into()] {
+        // Behind a valid name: the request is refused whole, not per topic.
+        let error = client
+            .call(&metadata(vec!["fine".into(), bad.clone()]))
+            .expect_err("an invalid name");
+        assert_eq!(error.code, ErrorCode::InvalidTopicName, "{bad:?}: {error}");
+        assert_open(&mut client, &format!("topic name {bad:?}"));
+    }
+}

@@ -752,7 +752,11 @@ mod tests {
         decode_records(&Bytes::from(documented), 0, &mut records).unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(
-            (records[0].timestamp_ms, records[0].key.clone(), &records[0].value[..]),
+            (
+                records[0].timestamp_ms,
+                records[0].key.clone(),
+                &records[0].value[..]
+            ),
             (1_700_000_000_000, None, &b"hi"[..])
         );
         assert!(records[0].headers.is_empty());
