@@ -934,6 +934,12 @@ fn invalid_batch_one_past_batch_records_max_and_the_batch_size_limit() {
         .produce("limits", 0, sized(batch_bytes_max + 1))
         .expect_err("one byte past the batch size limit");
     assert_eq!(error.code, ErrorCode::InvalidBatch, "{error}");
+    // Refused by the receiving shard (§5.5), naming the limit and the key behind it.
+    assert!(
+        error.message.contains(&batch_bytes_max.to_string())
+            && error.message.contains("chunk_size_bytes"),
+        "{error}"
+    );
     assert_open(&mut client, "invalid_batch");
     assert_eq!(
         client.produce("limits", 0, sized(batch_bytes_max)),
