@@ -763,7 +763,7 @@ fn storage_error_for_a_fetch_that_meets_damaged_data_after_a_restart() {
         "the second batch's value is where the test looks"
     );
     file.seek(SeekFrom::Start(position)).unwrap();
-    file.write_all(&[b'B']).unwrap();
+    file.write_all(b"B").unwrap();
     file.sync_all().unwrap();
     drop(file);
 
