@@ -1551,6 +1551,33 @@ pub fn quote_untrusted(text: &str) -> String {
     format!("{:?}...", &text[..end])
 }
 
+/// The bytes of the first code block after `after` in docs/protocol.md: on each line the
+/// leading two-digit hex pairs, up to the comment. For tests that compare the document's
+/// worked examples with the codec, reading the document itself so the two cannot drift.
+#[cfg(test)]
+pub(crate) fn protocol_md_example_bytes(after: &str) -> Vec<u8> {
+    let doc = include_str!("../../docs/protocol.md");
+    let (_, rest) = doc
+        .split_once(after)
+        .unwrap_or_else(|| panic!("protocol.md says {after:?}"));
+    let block = rest
+        .split("```")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a code block after {after:?}"));
+    block
+        .lines()
+        .flat_map(|line| {
+            line.split_whitespace()
+                .map_while(|token| {
+                    (token.len() == 2)
+                        .then(|| u8::from_str_radix(token, 16).ok())
+                        .flatten()
+                })
+                .collect::<Vec<u8>>()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
