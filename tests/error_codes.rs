@@ -20,6 +20,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+#[cfg(debug_assertions)]
 use common::process::Serve;
 use common::*;
 use shardq::config::ServerConfig;
