@@ -6,11 +6,13 @@
 //! broker ends the stream; a silent open connection does not count) exactly as §6 and §7
 //! say.
 //!
-//! Codes covered elsewhere and not repeated here: unsupported_version, frame_too_large,
-//! unknown_opcode, corrupt_batch, invalid_batch and a truncated body (bad_input.rs);
-//! invalid_topic_name for long names and the ListOffsets scan limit of one lookup
-//! (hostile_clients.rs); storage_full (disk_faults.rs); the queue codes 22 to 26
-//! (queue_groups.rs); shutting_down (graceful_stop.rs, shutdown_drain.rs).
+//! Cases covered elsewhere and not repeated here: unsupported_version, unknown_opcode,
+//! corrupt_batch, frame_too_large far past its limit, a lying record count and a
+//! truncated body (bad_input.rs; the limits' edges are here); invalid_topic_name for
+//! 65,535-byte names and the ListOffsets scan limit of one lookup (hostile_clients.rs);
+//! invalid_timestamp (bad_input.rs); out_of_order_sequence (idempotent_produce.rs);
+//! storage_full (disk_faults.rs); the queue codes 22 to 26 (queue_groups.rs,
+//! stream_groups.rs); shutting_down (graceful_stop.rs, shutdown_drain.rs).
 //! `internal` has no way in from a socket (it is a broker bug): it is the unit test
 //! `shard::tests::log_answers_internal_for_a_partition_another_shard_owns`.
 mod common;
