@@ -49,6 +49,60 @@ mod tests {
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
+    /// docs/protocol.md §9: every reference value `fnv1a64("…") = 0x…` it prints, and
+    /// the shards it says partitions 0–3 of `orders` live on, read from the document at
+    /// test time so the two cannot drift apart.
+    #[test]
+    fn protocol_md_placement_examples_match_the_code() {
+        let doc = include_str!("../docs/protocol.md");
+        let section = doc
+            .split("## 9. Placement")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("protocol.md has §9");
+        let mut references = 0;
+        for piece in section.split("`fnv1a64(\"").skip(1) {
+            let (input, rest) = piece.split_once("\")").expect("a quoted input");
+            let hex = rest
+                .trim_start()
+                .strip_prefix("= 0x")
+                .and_then(|rest| rest.split('`').next())
+                .expect("= 0x… after each reference input");
+            let documented = u64::from_str_radix(hex, 16).expect("hex");
+            assert_eq!(
+                fnv1a64(input.as_bytes()),
+                documented,
+                "protocol.md §9: fnv1a64({input:?})"
+            );
+            references += 1;
+        }
+        assert_eq!(references, 4, "the four reference values of §9");
+        let shards_listed = |after: &str, until: char| -> Vec<u16> {
+            let start = section
+                .find(after)
+                .unwrap_or_else(|| panic!("§9 says {after:?}"))
+                + after.len();
+            section[start..]
+                .split(until)
+                .next()
+                .unwrap()
+                .split(',')
+                .map(|shard| shard.trim().parse().expect("a shard number"))
+                .collect()
+        };
+        let on_4 = shards_listed("partitions 0–3 of `orders` live on shards ", ';');
+        let on_8 = shards_listed("with 8 shards on ", '.');
+        for (shard_count, documented) in [(4, on_4), (8, on_8)] {
+            let computed: Vec<u16> = (0..4)
+                .map(|partition| shard_for("orders", partition, shard_count))
+                .collect();
+            assert_eq!(
+                computed, documented,
+                "protocol.md §9: partitions 0–3 of orders with {shard_count} shards"
+            );
+        }
+    }
+
     #[test]
     fn consecutive_partitions_spread_over_every_shard() {
         for shards in 1..=8u16 {

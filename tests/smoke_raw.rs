@@ -101,3 +101,64 @@ fn a_fetch_past_its_byte_budget_returns_watermarks_without_data() {
         assert_eq!(partition.data.high_watermark, 2);
     }
 }
+
+/// The hex pairs of `text` up to the first token that is not one.
+fn hex_bytes(text: &str) -> Vec<u8> {
+    text.split_whitespace()
+        .map_while(|token| {
+            (token.len() == 2)
+                .then(|| u8::from_str_radix(token, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// docs/protocol.md §10 over a real socket: the documented CreateTopic frame, sent as
+/// printed, is answered with exactly the documented response bytes, and creates the
+/// topic it describes. (The codec's side is the unit test
+/// `protocol_md_create_topic_example_matches_the_codec`.)
+#[test]
+fn protocol_md_create_topic_frame_is_answered_as_documented() {
+    let doc = include_str!("../docs/protocol.md");
+    let section = doc
+        .split("## 10. Worked example: CreateTopic")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("protocol.md has §10");
+    let request = section
+        .split("All 44 bytes: `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .map(hex_bytes)
+        .expect("the one-line dump");
+    let response = section
+        .split("```")
+        .nth(3)
+        .map(hex_bytes)
+        .expect("the response dump");
+    assert_eq!((request.len(), response.len()), (44, 20));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), 2);
+    let mut client = RawClient::connect(broker.addr());
+    client.send_bytes(&request);
+    // The bytes as they come off the socket, header included.
+    let mut answered = vec![0u8; response.len()];
+    std::io::Read::read_exact(&mut client.stream, &mut answered).expect("an answer");
+    assert_eq!(answered, response, "protocol.md §10's response");
+    let described = client
+        .call(&Request::Metadata(MetadataRequest {
+            topics: vec!["orders".into()],
+        }))
+        .expect("metadata");
+    let ResponseBody::Metadata(described) = described else {
+        panic!("{described:?}")
+    };
+    let orders = &described.topics[0];
+    assert_eq!(orders.error, None);
+    assert_eq!(orders.partitions.len(), 4);
+    assert_eq!(
+        (orders.retention.bytes_max, orders.retention.ms_max),
+        (0, 86_400_000)
+    );
+}

@@ -735,6 +735,31 @@ mod tests {
         }
         assert_eq!(documented, batch.to_vec(), "protocol.md example batch");
         assert_eq!(batch.len(), 88);
+        // And the documented bytes read back as what the text says they hold: a batch the
+        // broker takes, CRC32C (checked with the crc32c crate, not the code under test)
+        // over bytes 24..88, one record "hi" without key or headers.
+        assert_eq!(
+            format!("{:#010x}", crc32c::crc32c(&documented[24..])),
+            crc,
+            "the stated CRC is CRC32C of bytes 24..88"
+        );
+        let header = validate_batch(&documented, 1).expect("the broker takes the example");
+        assert_eq!(
+            (header.producer_id, header.sequence, header.record_count),
+            (0x1122_3344_5566_7788, 3, 1)
+        );
+        let mut records = Vec::new();
+        decode_records(&Bytes::from(documented), 0, &mut records).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (
+                records[0].timestamp_ms,
+                records[0].key.clone(),
+                &records[0].value[..]
+            ),
+            (1_700_000_000_000, None, &b"hi"[..])
+        );
+        assert!(records[0].headers.is_empty());
     }
 
     /// Found by tests/protocol_properties.rs (`batch_checks_on_mutated_batches`): two

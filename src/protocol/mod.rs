@@ -903,7 +903,13 @@ impl Request {
                     bytes_max: reader.u64("retention_bytes_max")?,
                     ms_max: reader.u64("retention_ms_max")?,
                 },
-                queue: queue::read_settings(&mut reader)?,
+                // Optional (§5.3): a body that ends after retention_ms_max, as clients
+                // written before queue settings send it, takes every default.
+                queue: if reader.remaining() == 0 {
+                    QueueSettings::default()
+                } else {
+                    queue::read_settings(&mut reader)?
+                },
             }),
             Opcode::AlterTopic => Request::AlterTopic(AlterTopicRequest {
                 name: read_topic_name(&mut reader)?,
@@ -1545,6 +1551,33 @@ pub fn quote_untrusted(text: &str) -> String {
     format!("{:?}...", &text[..end])
 }
 
+/// The bytes of the first code block after `after` in docs/protocol.md: on each line the
+/// leading two-digit hex pairs, up to the comment. For tests that compare the document's
+/// worked examples with the codec, reading the document itself so the two cannot drift.
+#[cfg(test)]
+pub(crate) fn protocol_md_example_bytes(after: &str) -> Vec<u8> {
+    let doc = include_str!("../../docs/protocol.md");
+    let (_, rest) = doc
+        .split_once(after)
+        .unwrap_or_else(|| panic!("protocol.md says {after:?}"));
+    let block = rest
+        .split("```")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a code block after {after:?}"));
+    block
+        .lines()
+        .flat_map(|line| {
+            line.split_whitespace()
+                .map_while(|token| {
+                    (token.len() == 2)
+                        .then(|| u8::from_str_radix(token, 16).ok())
+                        .flatten()
+                })
+                .collect::<Vec<u8>>()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1641,6 +1674,109 @@ mod tests {
                 }],
             }],
         }));
+    }
+
+    /// Hex bytes written as two-digit pairs separated by spaces, up to the first token
+    /// that is not one (the start of a comment).
+    fn leading_hex_bytes(text: &str) -> Vec<u8> {
+        text.split_whitespace()
+            .map_while(|token| {
+                (token.len() == 2)
+                    .then(|| u8::from_str_radix(token, 16).ok())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// docs/protocol.md §10, the worked CreateTopic example, read from the document at
+    /// test time: the offset table and the one-line dump agree with each other, decode to
+    /// the request the text describes, and are what the crate's encoder writes (which
+    /// also sends the optional queue settings, empty: the same frame with 6 more body
+    /// bytes, as the section says); the success response is what the broker encodes.
+    #[test]
+    fn protocol_md_create_topic_example_matches_the_codec() {
+        let doc = include_str!("../../docs/protocol.md");
+        let section = doc
+            .split("## 10. Worked example: CreateTopic")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("protocol.md has §10");
+        let blocks: Vec<&str> = section.split("```").skip(1).step_by(2).collect();
+        assert_eq!(
+            blocks.len(),
+            2,
+            "§10 has the request table and the response dump"
+        );
+        // The table: `offset  bytes  field`, each row's offset where the last one ended.
+        let mut table = Vec::new();
+        let rows = blocks[0].lines().filter(|line| {
+            line.trim_start()
+                .starts_with(|first: char| first.is_ascii_digit())
+        });
+        for line in rows {
+            let (offset, rest) = line.trim_start().split_once(' ').expect("offset, bytes");
+            let offset: usize = offset.parse().expect("a row opens with its offset");
+            assert_eq!(offset, table.len(), "protocol.md §10 row offsets: {line:?}");
+            let bytes = leading_hex_bytes(rest);
+            assert!(!bytes.is_empty(), "a row with bytes: {line:?}");
+            table.extend(bytes);
+        }
+        let all = section
+            .split("All 44 bytes: `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .expect("the one-line dump");
+        let dump = leading_hex_bytes(all);
+        assert_eq!(
+            table, dump,
+            "protocol.md §10: the table and the one-line dump"
+        );
+        assert_eq!(dump.len(), 44);
+
+        let expected = Request::CreateTopic(CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 4,
+            retention: Retention {
+                bytes_max: 0,
+                ms_max: 86_400_000,
+            },
+            queue: QueueSettings::default(),
+        });
+        let Decoded::Complete(header) = decode_frame_header(&dump, 1 << 20).unwrap() else {
+            panic!("a whole header")
+        };
+        assert_eq!(
+            (header.opcode, header.flags, header.correlation_id),
+            (Opcode::CreateTopic as u8, 0, 1)
+        );
+        assert_eq!(header.frame_length(), dump.len());
+        let body = Bytes::copy_from_slice(&dump[FRAME_HEADER_SIZE..]);
+        assert_eq!(
+            Request::decode(Opcode::CreateTopic, body, &DecodeLimits::default()),
+            Ok(expected.clone()),
+            "protocol.md §10's frame decodes to the request it describes"
+        );
+        let mut encoded = BytesMut::new();
+        expected.encode(1, &mut encoded);
+        let mut with_settings = dump.clone();
+        with_settings[0] += 6;
+        with_settings.extend([0, 0, 0, 0, 0, 0]);
+        assert_eq!(encoded.to_vec(), with_settings, "the crate's encoding");
+
+        let mut response = BytesMut::new();
+        encode_response(
+            &mut response,
+            Opcode::CreateTopic,
+            1,
+            Ok(&ResponseBody::CreateTopic),
+        );
+        let documented = leading_hex_bytes(blocks[1]);
+        assert_eq!(documented.len(), 20);
+        assert_eq!(
+            response.to_vec(),
+            documented,
+            "protocol.md §10 success response"
+        );
     }
 
     #[test]

@@ -1123,16 +1123,11 @@ pub(super) mod tests {
         ]
     }
 
-    /// The worked examples of docs/protocol.md §11.4, §11.5 and §11.8, byte for byte.
+    /// The worked examples of docs/protocol.md §11.4, §11.5 and §11.8, byte for byte, read
+    /// from the document.
     #[test]
     fn documented_examples_encode_as_shown() {
-        let hex = |frame: &BytesMut| {
-            frame
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        use super::super::protocol_md_example_bytes as documented;
         let mut out = BytesMut::new();
         Request::Receive(ReceiveRequest {
             topic: "orders".into(),
@@ -1142,12 +1137,9 @@ pub(super) mod tests {
             wait_ms: 1000,
         })
         .encode(1, &mut out);
-        assert_eq!(
-            hex(&out),
-            "1d 00 00 00 01 0b 00 00 01 00 00 00 00 00 00 00 \
-             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
-             0a 00 00 00 00 00 00 00 e8 03 00 00"
-        );
+        let receive = documented("Worked example: receive up to 10 messages");
+        assert_eq!(receive.len(), 45, "protocol.md §11.4 says 45 bytes");
+        assert_eq!(out.to_vec(), receive, "protocol.md §11.4");
         let mut out = BytesMut::new();
         Request::Settle(SettleRequest {
             topic: "orders".into(),
@@ -1160,12 +1152,9 @@ pub(super) mod tests {
             })),
         })
         .encode(2, &mut out);
-        assert_eq!(
-            hex(&out),
-            "29 00 00 00 01 0c 00 00 02 00 00 00 00 00 00 00 \
-             06 00 6f 72 64 65 72 73 07 00 62 69 6c 6c 69 6e 67 \
-             01 00 00 00 00 00 00 00 11 00 00 00 00 00 00 00 03 00 00 00 01 00 00 00"
-        );
+        let ack = documented("Worked example: ack offsets 17, 18 and 19");
+        assert_eq!(ack.len(), 57, "protocol.md §11.5 says 57 bytes");
+        assert_eq!(out.to_vec(), ack, "protocol.md §11.5");
         // §11.8: the body after the 16-byte header.
         let mut out = BytesMut::new();
         Request::AlterGroup(AlterGroupRequest {
@@ -1180,9 +1169,9 @@ pub(super) mod tests {
         .encode(3, &mut out);
         let body = out.split_off(super::super::FRAME_HEADER_SIZE);
         assert_eq!(
-            hex(&body),
-            "06 00 6f 72 64 65 72 73 04 00 66 61 73 74 02 00 00 00 \
-             03 00 14 00 00 00 00 00 00 00 04 00 14 00 00 00 00 00 00 00 00 00"
+            body.to_vec(),
+            documented("Example body (after the 16-byte header), topic `orders`, group `fast`"),
+            "protocol.md §11.8"
         );
     }
 

@@ -152,7 +152,7 @@ mod tests {
     use super::*;
     use crate::protocol::{decode_response, encode_response, Opcode, Request, ResponseBody};
 
-    /// docs/protocol.md §12's example request, byte for byte.
+    /// docs/protocol.md §12's example request, byte for byte, read from the document.
     #[test]
     fn documented_request_encodes_as_shown() {
         let mut out = BytesMut::new();
@@ -160,11 +160,10 @@ mod tests {
             topics: vec!["orders".into()],
         })
         .encode(7, &mut out);
-        let hex: Vec<String> = out.iter().map(|byte| format!("{byte:02x}")).collect();
         assert_eq!(
-            hex.join(" "),
-            "0c 00 00 00 01 12 00 00 07 00 00 00 00 00 00 00 \
-             01 00 00 00 06 00 6f 72 64 65 72 73"
+            out.to_vec(),
+            crate::protocol::protocol_md_example_bytes("Example request frame, correlation id 7"),
+            "protocol.md §12"
         );
     }
 

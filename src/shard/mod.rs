@@ -1826,6 +1826,82 @@ pub fn read_topic_catalog(
 mod tests {
     use super::*;
 
+    /// Invariant 4 of DESIGN.md: only the owning shard touches a partition. Asked for the
+    /// log of a partition another shard owns (a routing bug), a shard answers Internal
+    /// naming the owner, instead of serving or opening it; its own partitions are served,
+    /// a partition past the count is UnknownPartition and an unknown topic UnknownTopic.
+    #[test]
+    fn log_answers_internal_for_a_partition_another_shard_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_path_buf();
+        // glommio's O_DIRECT probe wants an existing file opened first (DESIGN.md).
+        let probe = data_dir.join("probe");
+        std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let file = glommio::io::DmaFile::open(&probe).await.unwrap();
+                file.close().await.unwrap();
+                let mesh =
+                    glommio::channels::channel_mesh::MeshBuilder::<MeshMessage, _>::full(1, 16);
+                let (senders, _receivers) = mesh.join().await.unwrap();
+                let config = ServerConfig {
+                    data_dir: data_dir.clone(),
+                    segment_size_bytes: 4 << 20,
+                    chunk_size_bytes: 256 << 10,
+                    chunk_memory_bytes_per_shard_max: 8 << 20,
+                    ..ServerConfig::default()
+                };
+                // Shard 1 of 2: installing a topic opens only the partitions it owns.
+                let shard = Shard::new(
+                    1,
+                    2,
+                    config,
+                    vec![0, 0],
+                    senders,
+                    crate::metrics::Registry::new(1),
+                );
+                let topic = TopicConfig {
+                    partitions: 4,
+                    ..TopicConfig::default()
+                };
+                shard
+                    .install_topic("orders", topic.clone(), None)
+                    .await
+                    .unwrap();
+                let mut refused = 0;
+                for partition in 0..4 {
+                    let owner = topic.owner("orders", partition, 2);
+                    match shard.log("orders", partition) {
+                        Ok(_) => {
+                            assert_eq!(owner, 1, "partition {partition} is served by its owner")
+                        }
+                        Err(error) => {
+                            assert_ne!(owner, 1, "partition {partition}: {error}");
+                            assert_eq!(error.code, ErrorCode::Internal, "{error}");
+                            assert!(
+                                error.message.contains("owned by shard 0, not shard 1"),
+                                "{error}"
+                            );
+                            refused += 1;
+                        }
+                    }
+                }
+                assert_eq!(refused, 2, "two of the four partitions are shard 0's");
+                assert_eq!(
+                    shard.log("orders", 4).err().map(|error| error.code),
+                    Some(ErrorCode::UnknownPartition)
+                );
+                assert_eq!(
+                    shard.log("missing", 0).err().map(|error| error.code),
+                    Some(ErrorCode::UnknownTopic)
+                );
+                shard.close_all().await;
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
     #[test]
     fn storage_full_means_not_appended_and_a_full_disk_after_append_means_maybe() {
         let full = StorageError::NoSpace {

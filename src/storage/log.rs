@@ -1582,6 +1582,12 @@ impl<S: LogStorage> PartitionLog<S> {
         metrics
             .write_seconds
             .record(started.elapsed().as_secs_f64());
+        // A fault point for tests of durable produces that time out (debug builds only):
+        // `SHARDQ_TEST_FDATASYNC_DELAY_MS` holds every round here, written but not synced.
+        #[cfg(debug_assertions)]
+        if let Some(delay) = crate::test_hooks::fdatasync_delay() {
+            glommio::timer::sleep(delay).await;
+        }
         for (file, path) in &files {
             let sync_started = std::time::Instant::now();
             file.fdatasync()
