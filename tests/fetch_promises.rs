@@ -250,8 +250,13 @@ fn an_abandoned_long_poll_stops_on_every_owner() {
     }
     // And the broker serves on, on both shards.
     for partition in [local, remote] {
-        admin.produce("left", partition, batch_of(&[b"after"])).unwrap();
-        assert_eq!(values(&admin.fetch_all("left", partition, 0)), vec!["after"]);
+        admin
+            .produce("left", partition, batch_of(&[b"after"]))
+            .unwrap();
+        assert_eq!(
+            values(&admin.fetch_all("left", partition, 0)),
+            vec!["after"]
+        );
     }
 }
 
@@ -327,7 +332,11 @@ fn records_acknowledged_in_memory_are_hidden_until_durable() {
         panic!("{response:?}")
     };
     assert_eq!(
-        response.topics[0].partitions[0].result.as_ref().unwrap().offset,
+        response.topics[0].partitions[0]
+            .result
+            .as_ref()
+            .unwrap()
+            .offset,
         1,
         "latest is the durable watermark"
     );
@@ -335,7 +344,12 @@ fn records_acknowledged_in_memory_are_hidden_until_durable() {
     drop(held);
     let partitions = fetched(client.call(&fetch_request(20_000, 1 << 20, "soft", &[(0, 1)])));
     let mut records = Vec::new();
-    decode_records(partitions[0].data.batches.as_ref().unwrap(), 1, &mut records).unwrap();
+    decode_records(
+        partitions[0].data.batches.as_ref().unwrap(),
+        1,
+        &mut records,
+    )
+    .unwrap();
     assert_eq!(values(&records), vec!["in memory"]);
     assert_eq!(partitions[0].data.high_watermark, 2);
 }
@@ -408,7 +422,8 @@ fn a_fetch_at_or_past_damaged_data_is_refused_and_never_returns_what_follows() {
     // At the damaged batch, past it in its segment, and in later segments: refused,
     // with no bytes.
     for offset in [next, next + 1, count / 2, count - 1] {
-        let partitions = fetched(client.call(&fetch_request(0, 16 << 10, "damaged", &[(0, offset)])));
+        let partitions =
+            fetched(client.call(&fetch_request(0, 16 << 10, "damaged", &[(0, offset)])));
         let error = partitions[0]
             .data
             .batches
@@ -482,7 +497,10 @@ fn a_half_close_after_pipelined_requests_and_a_cut_frame_answers_them_all() {
         assert_eq!(answered, ids, "cut at {cut}: every whole request answered");
         let mut byte = [0u8; 1];
         assert_eq!(
-            client.stream.read(&mut byte).expect("end of stream, no reset"),
+            client
+                .stream
+                .read(&mut byte)
+                .expect("end of stream, no reset"),
             0
         );
         // The other connection was served throughout and still is.
