@@ -118,8 +118,8 @@ fn no_limit_and_young_segments_are_kept_and_the_log_start_survives_a_restart() {
     // 0 and 0: no limit at all. An hour: every segment here is younger than that.
     create_with(&mut client, "unlimited", 0, 0);
     create_with(&mut client, "young", 0, 3_600_000);
-    // Deletes once it holds more than a segment past 256 KiB: shows the checks run.
-    create_with(&mut client, "sized", 256 << 10, 0);
+    // Limited once written (below): its deletions show the checks run.
+    create_with(&mut client, "sized", 0, 0);
     for topic in ["unlimited", "young"] {
         fill(&mut client, topic, 60);
     }
@@ -131,13 +131,13 @@ fn no_limit_and_young_segments_are_kept_and_the_log_start_survives_a_restart() {
         kept.iter().all(|segments| segments.len() >= 4),
         "several sealed segments: {kept:?}"
     );
-    // Two deletions on "sized", the second after a second fill: the pass that made it
-    // began after the first deletion, long after the other two topics were written, and
-    // a pass looks at every partition of the shard.
-    fill(&mut client, "sized", 60);
-    let first = wait_for_start_past(&mut client, "sized", 0);
-    fill(&mut client, "sized", 30);
-    let start = wait_for_start_past(&mut client, "sized", first);
+    // "sized" is written in full, then limited: the check that deletes its head runs
+    // after the other two topics were written, and looks at every partition of the
+    // shard. It deletes every segment the limit lets go at once (nothing is appended
+    // meanwhile), so the log start it leaves is final.
+    fill(&mut client, "sized", 90);
+    alter_retention(&mut client, "sized", 256 << 10, 0);
+    let start = wait_for_start_past(&mut client, "sized", 0);
     for (topic, segments) in ["unlimited", "young"].iter().zip(&kept) {
         assert_eq!(
             &segment_files(dir.path(), topic),
