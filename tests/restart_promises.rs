@@ -218,6 +218,7 @@ fn a_stop_with_zero_drain_and_linger_does_not_wait_for_a_client_that_never_reads
             break;
         }
         assert!(Instant::now() < deadline, "the fetches were never read");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     drop(admin);
     signal(&broker, libc::SIGTERM);
