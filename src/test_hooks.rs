@@ -17,6 +17,12 @@ pub static PARTITION_DIRECTORY_GATE: Gate = Gate::new();
 /// answered, durable ones wait, and the durable watermark stays where it is.
 pub static DURABLE_ROUNDS: Gate = Gate::new();
 
+/// Passed by shard 0 alone when the broker stops, before its connections stop reading
+/// (on its reactor, waiting without blocking it). A test closes it to hold shard 0 still
+/// serving while the other shards stop, and sends requests for their partitions through
+/// a shard 0 connection opened before the stop.
+pub static SHARD_ZERO_STOP: Gate = Gate::new();
+
 /// Fetch long-polls parked on an owning shard, waiting for data (`Shard::fetch_owned`),
 /// over every shard of every broker in the process. A test reads it to see a long-poll
 /// whose client went away stop on its owner instead of waiting out its `wait_ms_max`.
