@@ -5,9 +5,9 @@
 //! durable, reads refused at and past damaged data, and a half-closed connection with
 //! pipelined requests and a frame cut short.
 //!
-//! Every test here takes `serial()`: the test hooks they use (held durable rounds, the
-//! count of parked long-polls) are shared by every broker in the process.
-#![cfg(debug_assertions)]
+//! Every test here takes `serial()`: the test hooks some use (held durable rounds, the
+//! count of parked long-polls; debug builds only) are shared by every broker in the
+//! process.
 mod common;
 
 use std::io::{Read, Write};
@@ -15,11 +15,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+#[cfg(debug_assertions)]
 use common::process::STEP_TIMEOUT;
 use common::*;
 use shardq::placement::shard_for;
 use shardq::protocol::batch::{check_framing, decode_records};
 use shardq::protocol::*;
+#[cfg(debug_assertions)]
 use shardq::test_hooks::{DURABLE_ROUNDS, FETCH_LONG_POLLS_PARKED};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -56,6 +58,7 @@ fn fetched(response: Result<ResponseBody, WireError>) -> Vec<FetchPartitionResul
 }
 
 /// Waits (bounded) until `FETCH_LONG_POLLS_PARKED` is `count`.
+#[cfg(debug_assertions)]
 fn wait_for_parked(count: usize, what: &str) {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while FETCH_LONG_POLLS_PARKED.get() != count {
@@ -174,6 +177,7 @@ fn an_expired_long_poll_across_shards_answers_empty_after_its_wait() {
 /// §5.6: a long-poll waits until "the shard is shutting down" at the latest. A stop
 /// answers the long-polls already read at once, not after their wait, then ends the
 /// connection; a request sent after that is not read.
+#[cfg(debug_assertions)]
 #[test]
 fn long_polls_are_answered_when_the_broker_stops_not_after_their_wait() {
     let _serial = serial();
@@ -233,6 +237,7 @@ fn long_polls_are_answered_when_the_broker_stops_not_after_their_wait() {
 /// A client that goes away (a reset) during a long-poll: the shard that read it drops
 /// its own wait and tells the other owners to stop theirs, at once rather than at the
 /// end of `wait_ms_max`; the broker serves on.
+#[cfg(debug_assertions)]
 #[test]
 fn an_abandoned_long_poll_stops_on_every_owner() {
     let _serial = serial();
@@ -275,8 +280,10 @@ fn an_abandoned_long_poll_stops_on_every_owner() {
 
 /// Opens the durable-round gate when dropped, so a failing test does not leave the
 /// broker unable to stop.
+#[cfg(debug_assertions)]
 struct RoundsHeld;
 
+#[cfg(debug_assertions)]
 impl RoundsHeld {
     fn hold() -> RoundsHeld {
         DURABLE_ROUNDS.close();
@@ -284,6 +291,7 @@ impl RoundsHeld {
     }
 }
 
+#[cfg(debug_assertions)]
 impl Drop for RoundsHeld {
     fn drop(&mut self) {
         DURABLE_ROUNDS.open();
@@ -292,6 +300,7 @@ impl Drop for RoundsHeld {
 
 /// §5.5/§5.6: a record acknowledged with acks=memory is not readable, nor counted in the
 /// high watermark, nor does it wake a long-poll, until it is durable; then it is.
+#[cfg(debug_assertions)]
 #[test]
 fn records_acknowledged_in_memory_are_hidden_until_durable() {
     let _serial = serial();
