@@ -43,6 +43,57 @@ pub fn fdatasync_delay() -> Option<Duration> {
     })
 }
 
+/// Passed by each partition's flusher before it writes a round (`PartitionLog`'s
+/// flusher, on the shard's reactor, so it waits without blocking the thread). A test
+/// closes it to keep appended data from becoming durable: acks=memory produces are
+/// answered, durable ones wait, and the durable watermark stays where it is.
+pub static DURABLE_ROUNDS: Gate = Gate::new();
+
+/// Passed by shard 0 alone when the broker stops, before its connections stop reading
+/// (on its reactor, waiting without blocking it). A test closes it to hold shard 0 still
+/// serving while the other shards stop, and sends requests for their partitions through
+/// a shard 0 connection opened before the stop.
+pub static SHARD_ZERO_STOP: Gate = Gate::new();
+
+/// Fetch long-polls parked on an owning shard, waiting for data (`Shard::fetch_owned`),
+/// over every shard of every broker in the process. A test reads it to see a long-poll
+/// whose client went away stop on its owner instead of waiting out its `wait_ms_max`.
+pub static FETCH_LONG_POLLS_PARKED: Count = Count::new();
+
+/// A count of things in progress, each held by a `Counted`.
+pub struct Count(AtomicUsize);
+
+impl Count {
+    pub const fn new() -> Count {
+        Count(AtomicUsize::new(0))
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// One more, until the returned guard is dropped.
+    pub fn enter(&'static self) -> Counted {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Counted(self)
+    }
+}
+
+impl Default for Count {
+    fn default() -> Count {
+        Count::new()
+    }
+}
+
+/// One in a `Count`, while it lives.
+pub struct Counted(&'static Count);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A gate callers wait at while it is closed.
 pub struct Gate {
     closed: Mutex<bool>,
@@ -86,6 +137,19 @@ impl Gate {
                 .changed
                 .wait(closed)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// As `pass`, for a caller on a shard's reactor: it sleeps in short steps instead of
+    /// blocking the thread, so the shard keeps serving everything else meanwhile.
+    pub async fn pass_async(&self) {
+        if !*self.lock() {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while *self.lock() {
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
     }

@@ -1,6 +1,10 @@
 //! A clean shutdown answers what it stored: every record found after a restart was
 //! acknowledged to its producer before the connection closed, however the stop fell
-//! among pipelined durable produces.
+//! among pipelined durable produces; and a request that reaches a shard already
+//! stopping is answered ShuttingDown and not stored (docs/operations.md).
+//!
+//! Both tests take `serial()`: the second holds shard 0's stop with a test hook that
+//! every broker in the process passes.
 mod common;
 
 use std::collections::HashMap;
@@ -10,10 +14,20 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use common::*;
+use shardq::placement::shard_for;
 use shardq::protocol::*;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 #[test]
 fn records_stored_at_shutdown_were_all_acknowledged() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), 1);
     let mut admin = RawClient::connect(broker.addr());
@@ -108,4 +122,74 @@ fn records_stored_at_shutdown_were_all_acknowledged() {
             "record v{id} is stored but its producer was not told so"
         );
     }
+}
+
+/// Opens `SHARD_ZERO_STOP` when dropped, so a failing test cannot leave a stop held.
+#[cfg(debug_assertions)]
+struct ShardZeroStopHeld;
+
+#[cfg(debug_assertions)]
+impl Drop for ShardZeroStopHeld {
+    fn drop(&mut self) {
+        shardq::test_hooks::SHARD_ZERO_STOP.open();
+    }
+}
+
+/// A connection opened before the stop, on a shard that has not stopped yet (held by a
+/// test hook), sends produces for a partition whose shard is stopping: once that shard
+/// stops taking work they are answered ShuttingDown, and what was answered so is not
+/// stored, while every produce acknowledged before is.
+#[cfg(debug_assertions)]
+#[test]
+fn produces_reaching_a_stopping_shard_are_answered_shutting_down_and_not_stored() {
+    use shardq::test_hooks::SHARD_ZERO_STOP;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TestBroker::start(dir.path(), 2);
+    let config = broker.config.clone();
+    let mut client = RawClient::connect(broker.shard_addr(0));
+    client.create_topic("late", 4);
+    let remote = (0..4)
+        .find(|partition| shard_for("late", *partition, 2) == 1)
+        .expect("a partition on shard 1");
+    client
+        .produce("late", remote, batch_of(&[b"before"]))
+        .unwrap();
+    SHARD_ZERO_STOP.close();
+    let held = ShardZeroStopHeld;
+    let stopper = std::thread::spawn(move || broker.stop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while SHARD_ZERO_STOP.waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 0 never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Shard 1 stops meanwhile; its partitions take produces until it does.
+    let mut acknowledged = vec!["before".to_owned()];
+    let refused = loop {
+        let value = format!("try {}", acknowledged.len());
+        match client.produce("late", remote, batch_of(&[value.as_bytes()])) {
+            Ok(_) => acknowledged.push(value),
+            Err(error) => {
+                assert_eq!(error.code, ErrorCode::ShuttingDown, "{error:?}");
+                break value;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 1 never stopped taking produces"
+        );
+    };
+    drop(held);
+    stopper.join().unwrap();
+
+    let broker = TestBroker::start_with(config);
+    let mut client = RawClient::connect(broker.addr());
+    let stored = values(&client.fetch_all("late", remote, 0));
+    assert_eq!(
+        stored, acknowledged,
+        "{refused:?} was answered ShuttingDown"
+    );
 }

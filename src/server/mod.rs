@@ -943,6 +943,10 @@ async fn run_shard(
     {
         glommio::timer::sleep(Duration::from_millis(delay)).await;
     }
+    #[cfg(debug_assertions)]
+    if shard.id == 0 {
+        crate::test_hooks::SHARD_ZERO_STOP.pass_async().await;
+    }
     // Connections stop reading now; what they already read is answered below.
     shared.close_all();
     shard.close_all().await;

@@ -1261,6 +1261,10 @@ impl Shard {
             if ready || now >= deadline {
                 break;
             }
+            // Counted while parked, for tests of abandoned long-polls (debug builds
+            // only): a cancelled fetch drops the count with this future.
+            #[cfg(debug_assertions)]
+            let _parked = crate::test_hooks::FETCH_LONG_POLLS_PARKED.enter();
             let _ = glommio::timer::timeout(deadline - now, async {
                 let _ = listener.await;
                 Ok(())

@@ -834,7 +834,18 @@ impl<S: LogStorage> PartitionLog<S> {
         bytes_max: u64,
         ms_max: u64,
     ) -> Result<usize, StorageError> {
-        let now = now_ms();
+        self.apply_retention_at(bytes_max, ms_max, now_ms()).await
+    }
+
+    /// `apply_retention` with the current time given (ms since the Unix epoch): the age
+    /// rule is the only part with time in it, so tests step this clock instead of
+    /// waiting for segments to age (retention_tests.rs).
+    pub async fn apply_retention_at(
+        &self,
+        bytes_max: u64,
+        ms_max: u64,
+        now: i64,
+    ) -> Result<usize, StorageError> {
         let removed: Vec<Segment<S::File>> = {
             let mut state = self.state.borrow_mut();
             let mut total: u64 = state
@@ -1432,7 +1443,13 @@ impl<S: LogStorage> PartitionLog<S> {
                 (self.take_round(&mut state), state.closed)
             };
             match round {
-                Some(round) => self.run_round(round).await,
+                Some(round) => {
+                    // Tests hold rounds here to look at data acknowledged in memory
+                    // but not yet durable (debug builds only).
+                    #[cfg(debug_assertions)]
+                    crate::test_hooks::DURABLE_ROUNDS.pass_async().await;
+                    self.run_round(round).await
+                }
                 None if closed => return,
                 None => {
                     let _ = wanted.await;

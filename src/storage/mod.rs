@@ -205,4 +205,6 @@ mod unit_tests {
 }
 
 #[cfg(test)]
+mod retention_tests;
+#[cfg(test)]
 mod tests;

@@ -86,6 +86,15 @@ impl Serve {
     /// Waits for the "serving on" line; panics with everything printed if the broker
     /// exits or does not get there in time.
     pub fn wait_serving(&mut self) -> SocketAddr {
+        self.wait_serving_or_exit()
+            .unwrap_or_else(|(status, stderr)| {
+                panic!("serve exited ({status}) before serving; stderr:\n{stderr}")
+            })
+    }
+
+    /// Waits for the "serving on" line, or for the broker to exit first: then its status
+    /// and everything it printed. Panics if neither happens in time.
+    pub fn wait_serving_or_exit(&mut self) -> Result<SocketAddr, (ExitStatus, String)> {
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -107,9 +116,14 @@ impl Serve {
                             .and_then(|tail| tail.split('/').next())
                             .map(|address| address.parse().expect("a metrics address"));
                         self.seen.push(line);
-                        return address;
+                        return Ok(address);
                     }
                     self.seen.push(line);
+                }
+                // The reader thread ends when the process closes its stderr.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let (status, _) = self.wait_exit();
+                    return Err((status, self.seen.join("\n")));
                 }
                 Err(_) => panic!(
                     "no 'serving on' within {STEP_TIMEOUT:?} (exit: {:?}); stderr:\n{}",
