@@ -159,24 +159,6 @@ fn list_offsets(
         .collect()
 }
 
-fn fetch_request(topic: &str, partitions: &[(u32, u64)], wait_ms_max: u32) -> Request {
-    Request::Fetch(FetchRequest {
-        wait_ms_max,
-        bytes_max: 1 << 20,
-        topics: vec![FetchTopic {
-            name: topic.into(),
-            partitions: partitions
-                .iter()
-                .map(|&(partition, offset)| FetchPartition {
-                    partition,
-                    offset,
-                    bytes_max: 1 << 20,
-                })
-                .collect(),
-        }],
-    })
-}
-
 /// One partition's answer to a fetch without waiting.
 fn fetch_one(
     client: &mut RawClient,
@@ -185,7 +167,13 @@ fn fetch_one(
     offset: u64,
 ) -> FetchPartitionData {
     let response = client
-        .call(&fetch_request(topic, &[(partition, offset)], 0))
+        .call(&fetch_request(
+            0,
+            1 << 20,
+            1 << 20,
+            topic,
+            &[(partition, offset)],
+        ))
         .expect("Fetch answers per partition");
     let ResponseBody::Fetch(response) = response else {
         panic!("Fetch answered with {response:?}")
@@ -481,9 +469,21 @@ fn unknown_topic_for_a_long_poll_whose_topic_is_deleted() {
         "the partitions live on both shards"
     );
     let mut alone = RawClient::connect(broker.shard_addr(0));
-    let alone_id = alone.send(&fetch_request("doomed", &[(0, 0)], 600_000));
+    let alone_id = alone.send(&fetch_request(
+        600_000,
+        1 << 20,
+        1 << 20,
+        "doomed",
+        &[(0, 0)],
+    ));
     let mut both = RawClient::connect(broker.shard_addr(1));
-    let both_id = both.send(&fetch_request("doomed", &[(0, 0), (1, 0)], 600_000));
+    let both_id = both.send(&fetch_request(
+        600_000,
+        1 << 20,
+        1 << 20,
+        "doomed",
+        &[(0, 0), (1, 0)],
+    ));
     // Both fetches are read and waiting once the broker counts them in flight, beside
     // the Stats request asking.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -544,7 +544,13 @@ fn unknown_topic_for_a_long_poll_whose_topic_is_deleted() {
     for client in [&mut alone, &mut both] {
         assert_open(client, "a long-poll of a deleted topic");
         let response = client
-            .call(&fetch_request("doomed", &[(0, 0), (1, 0)], 600_000))
+            .call(&fetch_request(
+                600_000,
+                1 << 20,
+                1 << 20,
+                "doomed",
+                &[(0, 0), (1, 0)],
+            ))
             .expect("answered per partition");
         let ResponseBody::Fetch(response) = response else {
             panic!("{response:?}")
@@ -853,7 +859,7 @@ fn timeout_when_a_durable_produce_is_not_durable_in_time() {
     );
     assert_open(&mut client, "timeout");
     // Appended: a long-poll sees it once the held fdatasync completes.
-    let id = client.send(&fetch_request("slow", &[(0, 0)], 20_000));
+    let id = client.send(&fetch_request(20_000, 1 << 20, 1 << 20, "slow", &[(0, 0)]));
     let (answered, _, body) = client.read_frame().expect("the fetch is answered");
     assert_eq!(answered, id);
     let Ok(ResponseBody::Fetch(fetched)) = decode_response(Opcode::Fetch, body).expect("decodes")

@@ -32,31 +32,6 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn fetch_request(wait_ms_max: u32, bytes_max: u32, topic: &str, entries: &[(u32, u64)]) -> Request {
-    Request::Fetch(FetchRequest {
-        wait_ms_max,
-        bytes_max,
-        topics: vec![FetchTopic {
-            name: topic.into(),
-            partitions: entries
-                .iter()
-                .map(|&(partition, offset)| FetchPartition {
-                    partition,
-                    offset,
-                    bytes_max: 1 << 20,
-                })
-                .collect(),
-        }],
-    })
-}
-
-fn fetched(response: Result<ResponseBody, WireError>) -> Vec<FetchPartitionResult> {
-    match response {
-        Ok(ResponseBody::Fetch(mut response)) => response.topics.remove(0).partitions,
-        other => panic!("a fetch answered with {other:?}"),
-    }
-}
-
 /// Waits (bounded) until `FETCH_LONG_POLLS_PARKED` is `count`.
 #[cfg(debug_assertions)]
 fn wait_for_parked(count: usize, what: &str) {
@@ -110,7 +85,8 @@ fn a_fetch_across_shards_returns_at_most_its_byte_budget_in_total() {
         fetches += 1;
         assert!(fetches < 100, "every partition is read out: {offsets:?}");
         let entries: Vec<(u32, u64)> = (0..4u32).map(|p| (p, offsets[p as usize])).collect();
-        let partitions = fetched(client.call(&fetch_request(0, bytes_max, "spread", &entries)));
+        let partitions =
+            fetched(client.call(&fetch_request(0, bytes_max, 1 << 20, "spread", &entries)));
         let mut total = 0usize;
         for result in &partitions {
             let batches = result.data.batches.clone().expect("readable");
@@ -130,7 +106,7 @@ fn a_fetch_across_shards_returns_at_most_its_byte_budget_in_total() {
     // consumer must progress), every other partition, on either shard, comes back empty.
     let entries: Vec<(u32, u64)> = (0..4u32).map(|partition| (partition, 0)).collect();
     for _ in 0..4 {
-        let partitions = fetched(client.call(&fetch_request(0, 1, "spread", &entries)));
+        let partitions = fetched(client.call(&fetch_request(0, 1, 1 << 20, "spread", &entries)));
         let sizes: Vec<usize> = partitions
             .iter()
             .map(|result| result.data.batches.as_ref().expect("readable").len())
@@ -157,6 +133,7 @@ fn an_expired_long_poll_across_shards_answers_empty_after_its_wait() {
     let started = Instant::now();
     let partitions = fetched(client.call(&fetch_request(
         wait.as_millis() as u32,
+        1 << 20,
         1 << 20,
         "quiet",
         &[at_end(local), at_end(remote)],
@@ -188,9 +165,16 @@ fn long_polls_are_answered_when_the_broker_stops_not_after_their_wait() {
     let (local, remote) = one_per_shard("idle", 4);
     // The default fetch_wait_ms_max: longer than the stop may take (the drain gives up
     // after shutdown_drain_ms, 2 s), so an answer at all shows the wait was cut short.
-    let one_shard = client.send(&fetch_request(30_000, 1 << 20, "idle", &[(local, 0)]));
+    let one_shard = client.send(&fetch_request(
+        30_000,
+        1 << 20,
+        1 << 20,
+        "idle",
+        &[(local, 0)],
+    ));
     let two_shards = client.send(&fetch_request(
         30_000,
+        1 << 20,
         1 << 20,
         "idle",
         &[(local, 0), (remote, 0)],
@@ -247,8 +231,20 @@ fn an_abandoned_long_poll_stops_on_every_owner() {
     admin.create_topic("left", 4);
     let (local, remote) = one_per_shard("left", 4);
     let mut client = RawClient::connect(broker.shard_addr(0));
-    client.send(&fetch_request(30_000, 1 << 20, "left", &[(local, 0)]));
-    client.send(&fetch_request(30_000, 1 << 20, "left", &[(remote, 0)]));
+    client.send(&fetch_request(
+        30_000,
+        1 << 20,
+        1 << 20,
+        "left",
+        &[(local, 0)],
+    ));
+    client.send(&fetch_request(
+        30_000,
+        1 << 20,
+        1 << 20,
+        "left",
+        &[(remote, 0)],
+    ));
     wait_for_parked(2, "both long-polls parked");
     // A close with SO_LINGER 0 is a reset: the client is gone, not just done sending
     // (a half-close would be answered at the end of the wait, §7).
@@ -331,14 +327,14 @@ fn records_acknowledged_in_memory_are_hidden_until_durable() {
         assert!(Instant::now() < deadline, "no round reached the gate");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let partitions = fetched(client.call(&fetch_request(0, 1 << 20, "soft", &[(0, 0)])));
+    let partitions = fetched(client.call(&fetch_request(0, 1 << 20, 1 << 20, "soft", &[(0, 0)])));
     let data = &partitions[0].data;
     assert_eq!(data.high_watermark, 1, "the watermark is the durable one");
     let mut records = Vec::new();
     decode_records(data.batches.as_ref().unwrap(), 0, &mut records).unwrap();
     assert_eq!(values(&records), vec!["durable"]);
     // At the watermark: a long-poll is not woken by the memory-acked record.
-    let partitions = fetched(client.call(&fetch_request(300, 1 << 20, "soft", &[(0, 1)])));
+    let partitions = fetched(client.call(&fetch_request(300, 1 << 20, 1 << 20, "soft", &[(0, 1)])));
     assert_eq!(partitions[0].data.batches, Ok(bytes::Bytes::new()));
     assert_eq!(partitions[0].data.high_watermark, 1);
     let response = client.call(&Request::ListOffsets(ListOffsetsRequest {
@@ -364,7 +360,8 @@ fn records_acknowledged_in_memory_are_hidden_until_durable() {
     );
     // Durable now: a long-poll sees it.
     drop(held);
-    let partitions = fetched(client.call(&fetch_request(20_000, 1 << 20, "soft", &[(0, 1)])));
+    let partitions =
+        fetched(client.call(&fetch_request(20_000, 1 << 20, 1 << 20, "soft", &[(0, 1)])));
     let mut records = Vec::new();
     decode_records(
         partitions[0].data.batches.as_ref().unwrap(),
@@ -413,7 +410,13 @@ fn a_fetch_at_or_past_damaged_data_is_refused_and_never_returns_what_follows() {
     let mut client = RawClient::connect(broker.addr());
     let mut next = 0u64;
     let refused = loop {
-        let partitions = fetched(client.call(&fetch_request(0, 16 << 10, "damaged", &[(0, next)])));
+        let partitions = fetched(client.call(&fetch_request(
+            0,
+            16 << 10,
+            1 << 20,
+            "damaged",
+            &[(0, next)],
+        )));
         let data = &partitions[0].data;
         assert_eq!(data.high_watermark, count);
         match &data.batches {
@@ -444,8 +447,13 @@ fn a_fetch_at_or_past_damaged_data_is_refused_and_never_returns_what_follows() {
     // At the damaged batch, past it in its segment, and in later segments: refused,
     // with no bytes.
     for offset in [next, next + 1, count / 2, count - 1] {
-        let partitions =
-            fetched(client.call(&fetch_request(0, 16 << 10, "damaged", &[(0, offset)])));
+        let partitions = fetched(client.call(&fetch_request(
+            0,
+            16 << 10,
+            1 << 20,
+            "damaged",
+            &[(0, offset)],
+        )));
         match &partitions[0].data.batches {
             Err(error) => assert_eq!(error.code, ErrorCode::StorageError, "offset {offset}"),
             Ok(batches) => panic!(
@@ -455,7 +463,8 @@ fn a_fetch_at_or_past_damaged_data_is_refused_and_never_returns_what_follows() {
         }
     }
     // Before it, still served.
-    let partitions = fetched(client.call(&fetch_request(0, 16 << 10, "damaged", &[(0, 0)])));
+    let partitions =
+        fetched(client.call(&fetch_request(0, 16 << 10, 1 << 20, "damaged", &[(0, 0)])));
     let batches = partitions[0].data.batches.clone().unwrap();
     assert_eq!(check_framing(&batches).unwrap().base_offset, 0);
 }
@@ -476,7 +485,7 @@ fn a_half_close_after_pipelined_requests_and_a_cut_frame_answers_them_all() {
         let mut client = RawClient::connect(broker.addr());
         // A long-poll still waiting when the end of stream comes: answered too, empty,
         // at the end of its wait.
-        let mut ids = vec![client.send(&fetch_request(500, 1 << 20, "silent", &[(0, 0)]))];
+        let mut ids = vec![client.send(&fetch_request(500, 1 << 20, 1 << 20, "silent", &[(0, 0)]))];
         for index in 0..REQUESTS {
             ids.push(client.send(&Request::Produce(ProduceRequest {
                 acks: Acks::Durable,

@@ -37,31 +37,6 @@ fn produce(topic: &str, partition: u32, batch: Bytes) -> Request {
     })
 }
 
-fn fetch(wait_ms_max: u32, bytes_max: u32, topic: &str, partitions: &[(u32, u64)]) -> Request {
-    Request::Fetch(FetchRequest {
-        wait_ms_max,
-        bytes_max,
-        topics: vec![FetchTopic {
-            name: topic.into(),
-            partitions: partitions
-                .iter()
-                .map(|&(partition, offset)| FetchPartition {
-                    partition,
-                    offset,
-                    bytes_max: u32::MAX,
-                })
-                .collect(),
-        }],
-    })
-}
-
-fn fetched(response: Result<ResponseBody, WireError>) -> Vec<FetchPartitionResult> {
-    match response {
-        Ok(ResponseBody::Fetch(response)) => response.topics[0].partitions.clone(),
-        other => panic!("fetch answered with {other:?}"),
-    }
-}
-
 /// Values of the records of one fetch entry's batches.
 fn fetched_values(result: &FetchPartitionResult) -> Vec<String> {
     let batches = result.data.batches.clone().expect("partition readable");
@@ -399,7 +374,7 @@ fn requests_past_the_in_flight_limit_wait_for_a_slot_and_are_all_answered() {
     });
     let mut admin = RawClient::connect(broker.addr());
     admin.create_topic("quiet", 1);
-    let long_poll = fetch(30_000, 64 << 10, "quiet", &[(0, 0)]);
+    let long_poll = fetch_request(30_000, 64 << 10, u32::MAX, "quiet", &[(0, 0)]);
     let handshake = Request::Handshake(HandshakeRequest {
         client_name: "in-flight".into(),
     });
@@ -546,7 +521,7 @@ fn requests_listing_the_most_topics_and_partitions_are_served_and_one_more_close
     let served = [
         metadata(&["a", "b"]),
         produce_to(&[("a", &[0, 1]), ("b", &[0])]),
-        fetch(0, 1 << 20, "a", &[(0, 0), (1, 0), (0, 0)]),
+        fetch_request(0, 1 << 20, u32::MAX, "a", &[(0, 0), (1, 0), (0, 0)]),
         list_offsets(&[("a", &[0, 1]), ("b", &[0])]),
     ];
     let mut client = RawClient::connect(broker.addr());
@@ -673,7 +648,7 @@ fn names_of_200_bytes_work_and_201_are_refused_quoting_64() {
             topics: vec![long.clone()],
         }),
         produce(&long, 0, batch_of(&[b"never"])),
-        fetch(0, 1 << 20, &long, &[(0, 0)]),
+        fetch_request(0, 1 << 20, u32::MAX, &long, &[(0, 0)]),
         Request::ListOffsets(ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: long.clone(),
@@ -743,14 +718,26 @@ fn fetches_asking_past_the_maxima_are_cut_to_them() {
         vec![(remote, 5)],
         vec![(local, 5), (remote, 5)],
     ] {
-        let results = fetched(client.call(&fetch(u32::MAX, u32::MAX, "data", &partitions)));
+        let results = fetched(client.call(&fetch_request(
+            u32::MAX,
+            u32::MAX,
+            u32::MAX,
+            "data",
+            &partitions,
+        )));
         for result in results {
             assert_eq!(result.data.batches, Ok(Bytes::new()), "{partitions:?}");
             assert_eq!(result.data.high_watermark, 5);
         }
     }
     for partition in [local, remote] {
-        let results = fetched(client.call(&fetch(0, u32::MAX, "data", &[(partition, 0)])));
+        let results = fetched(client.call(&fetch_request(
+            0,
+            u32::MAX,
+            u32::MAX,
+            "data",
+            &[(partition, 0)],
+        )));
         assert_eq!(
             fetched_values(&results[0]),
             ["0".repeat(1_000), "1".repeat(1_000)],
@@ -758,7 +745,13 @@ fn fetches_asking_past_the_maxima_are_cut_to_them() {
         );
     }
     // Both partitions: the two batches of the first with data fit, the other's do not.
-    let results = fetched(client.call(&fetch(0, u32::MAX, "data", &[(local, 0), (remote, 0)])));
+    let results = fetched(client.call(&fetch_request(
+        0,
+        u32::MAX,
+        u32::MAX,
+        "data",
+        &[(local, 0), (remote, 0)],
+    )));
     let total: usize = results
         .iter()
         .map(|result| result.data.batches.as_ref().unwrap().len())
@@ -774,7 +767,7 @@ fn fetches_asking_past_the_maxima_are_cut_to_them() {
         .unwrap();
     let value = vec![b'b'; 3 * batch_length];
     assert_eq!(client.produce("data", big, batch_of(&[&value])), Ok(0));
-    let results = fetched(client.call(&fetch(0, u32::MAX, "data", &[(big, 0)])));
+    let results = fetched(client.call(&fetch_request(0, u32::MAX, u32::MAX, "data", &[(big, 0)])));
     assert_eq!(fetched_values(&results[0]).len(), 1, "one whole batch");
 }
 

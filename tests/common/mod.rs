@@ -163,9 +163,43 @@ pub fn batch_of(values: &[&[u8]]) -> Bytes {
 
 use shardq::protocol::batch::{decode_records, Record};
 use shardq::protocol::{
-    Acks, CreateTopicRequest, FetchPartition, FetchRequest, FetchTopic, ProducePartition,
-    ProduceRequest, ProduceTopic,
+    Acks, CreateTopicRequest, FetchPartition, FetchPartitionResult, FetchRequest, FetchTopic,
+    ProducePartition, ProduceRequest, ProduceTopic,
 };
+
+/// A Fetch of `topic` at each `(partition, offset)`, with the request's and each
+/// partition's byte budgets.
+pub fn fetch_request(
+    wait_ms_max: u32,
+    bytes_max: u32,
+    partition_bytes_max: u32,
+    topic: &str,
+    partitions: &[(u32, u64)],
+) -> Request {
+    Request::Fetch(FetchRequest {
+        wait_ms_max,
+        bytes_max,
+        topics: vec![FetchTopic {
+            name: topic.into(),
+            partitions: partitions
+                .iter()
+                .map(|&(partition, offset)| FetchPartition {
+                    partition,
+                    offset,
+                    bytes_max: partition_bytes_max,
+                })
+                .collect(),
+        }],
+    })
+}
+
+/// The partitions of a fetch answer's first topic; anything else fails the test.
+pub fn fetched(response: Result<ResponseBody, WireError>) -> Vec<FetchPartitionResult> {
+    match response {
+        Ok(ResponseBody::Fetch(mut response)) => response.topics.remove(0).partitions,
+        other => panic!("a fetch answered with {other:?}"),
+    }
+}
 
 impl RawClient {
     pub fn create_topic(&mut self, name: &str, partitions: u32) {
