@@ -8,7 +8,8 @@
 //!
 //! Cases covered elsewhere and not repeated here: unsupported_version, unknown_opcode,
 //! corrupt_batch, frame_too_large far past its limit, a lying record count and a
-//! truncated body (bad_input.rs; the limits' edges are here); invalid_topic_name for
+//! truncated body (bad_input.rs); frame_too_large one byte past `frame_body_bytes_max`,
+//! and the other limits' edges (limits.rs; the batch limits' refusal messages are here); invalid_topic_name for
 //! 65,535-byte names and the ListOffsets scan limit of one lookup (hostile_clients.rs);
 //! invalid_timestamp (bad_input.rs); out_of_order_sequence (idempotent_produce.rs);
 //! storage_full (disk_faults.rs); the queue codes 22 to 26 (queue_groups.rs,
@@ -879,37 +880,6 @@ fn timeout_when_a_durable_produce_is_not_durable_in_time() {
         "the timed-out batch became durable"
     );
     serve.kill9();
-}
-
-/// Code 4, frame_too_large, at its edge: a body of exactly `frame_body_bytes_max` bytes
-/// is read and answered; one byte more is refused from the header alone (the body is
-/// never sent), echoing the id, and the connection is closed.
-/// (`u32::MAX` bytes: `bad_input::malformed_frames_are_refused_while_another_client_keeps_producing`.)
-#[test]
-fn frame_too_large_one_byte_past_frame_body_bytes_max() {
-    let _gate = shared_gate();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = TestBroker::start_with(ServerConfig {
-        frame_body_bytes_max: 4096,
-        ..test_config(dir.path(), 1)
-    });
-    let mut client = RawClient::connect(broker.addr());
-    // 2 bytes of length and 4094 of name: a body of exactly 4096 bytes.
-    let at_limit = Request::Handshake(HandshakeRequest {
-        client_name: "n".repeat(4094),
-    });
-    assert_eq!(body_of(&at_limit).len(), 4096);
-    let answer = client
-        .call(&at_limit)
-        .expect("a body at the limit is served");
-    assert!(matches!(answer, ResponseBody::Handshake(_)), "{answer:?}");
-    let mut header = frame(Opcode::Handshake as u8, 0, 77, &[]);
-    header[0..4].copy_from_slice(&4097u32.to_le_bytes());
-    client.send_bytes(&header);
-    let error = error_answer(&mut client, 77, Opcode::Handshake);
-    assert_eq!(error.code, ErrorCode::FrameTooLarge, "{error}");
-    assert!(error.message.contains("4096"), "{error}");
-    assert_closed(&mut client, "4097-byte body");
 }
 
 /// Code 11, invalid_batch, at the broker's two batch limits: `batch_records_max` records
