@@ -1039,7 +1039,7 @@ async fn check_new_topic(
 ) -> Result<(), Failure> {
     let broker_failure = |message: String| Failure::Broker { cycle, message };
     let metadata = admin
-        .metadata(&[name.to_owned()])
+        .metadata(&[name])
         .await
         .map_err(|error| broker_failure(format!("metadata: {}", error.report())))?;
     let entry = metadata

@@ -86,7 +86,7 @@ async fn metadata_of_an_unknown_topic_is_an_entry_error_not_a_call_error() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), 2);
     let client = Client::connect(broker.addr()).await.unwrap();
-    let metadata = client.metadata(&["missing".to_owned()]).await.unwrap();
+    let metadata = client.metadata(&["missing"]).await.unwrap();
     assert_eq!(metadata.topics.len(), 1);
     assert_eq!(metadata.topics[0].name, "missing");
     let error = metadata.topics[0].error.as_ref().expect("an entry error");

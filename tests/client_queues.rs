@@ -92,7 +92,7 @@ async fn dead_letters_until(
 ) -> Vec<shardq::client::Record> {
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
-        let metadata = client.metadata(&[dlq.to_owned()]).await.unwrap();
+        let metadata = client.metadata(&[dlq]).await.unwrap();
         if metadata
             .topics
             .iter()

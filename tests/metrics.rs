@@ -299,7 +299,7 @@ async fn metrics_and_stats_count_exactly_what_was_produced_fetched_and_settled()
     assert_eq!(sum(&text, "shardq_shard_up", &[]), 2.0);
 
     // The Stats operation reads the same counters.
-    let stats = client.stats(&["m".to_owned()]).await.unwrap();
+    let stats = client.stats(&["m"]).await.unwrap();
     assert_eq!(stats.shards.len(), 2);
     assert_eq!(stats.partitions.len(), 3);
     for (partition, figures) in stats.partitions.iter().enumerate() {
@@ -315,10 +315,7 @@ async fn metrics_and_stats_count_exactly_what_was_produced_fetched_and_settled()
     }
     let errors: u64 = stats.shards.iter().map(|shard| shard.errors_total).sum();
     assert_eq!(errors, 2);
-    let error = client
-        .stats(&["no-such-topic".to_owned()])
-        .await
-        .unwrap_err();
+    let error = client.stats(&["no-such-topic"]).await.unwrap_err();
     assert!(
         error.report().to_string().contains("unknown_topic"),
         "{}",

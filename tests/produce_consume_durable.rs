@@ -135,7 +135,7 @@ fn durable_produce_consume_survives_restart_and_offsets_continue() {
     let (placed, first) = runtime.block_on(async {
         let admin = Client::connect(addr).await.unwrap();
         admin.create_topic("orders", PARTITIONS).await.unwrap();
-        let metadata = admin.metadata(&["orders".into()]).await.unwrap();
+        let metadata = admin.metadata(&["orders"]).await.unwrap();
         let shards: std::collections::BTreeSet<u16> = metadata.topics[0]
             .partitions
             .iter()

@@ -194,7 +194,7 @@ async fn dead_letters(
         // The DLQ topic is created by the broker at the first dead letter, which may
         // still be on its way when the last nack is answered.
         loop {
-            let metadata = client.metadata(&["work.dlq".to_owned()]).await.unwrap();
+            let metadata = client.metadata(&["work.dlq"]).await.unwrap();
             if metadata.topics[0].error.is_none() {
                 break;
             }

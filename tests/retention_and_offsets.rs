@@ -94,7 +94,7 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
             .create_topic_with("logs", 1, retention)
             .await
             .unwrap();
-        let metadata = client.metadata(&["logs".into()]).await.unwrap();
+        let metadata = client.metadata(&["logs"]).await.unwrap();
         assert_eq!(metadata.topics[0].retention, retention);
         let producer = Producer::new(
             client.clone(),
@@ -179,7 +179,7 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
             )
             .await
             .unwrap();
-        let metadata = client.metadata(&["logs".into()]).await.unwrap();
+        let metadata = client.metadata(&["logs"]).await.unwrap();
         assert_eq!(metadata.topics[0].retention.ms_max, 1);
         let dir = dir.path().to_path_buf();
         let wait = async {
@@ -206,7 +206,7 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
     let broker = TestBroker::start_with(small_segments(dir.path()));
     runtime.block_on(async {
         let client = Client::connect(broker.addr()).await.unwrap();
-        let metadata = client.metadata(&["logs".into()]).await.unwrap();
+        let metadata = client.metadata(&["logs"]).await.unwrap();
         assert_eq!(
             metadata.topics[0].retention,
             Retention {

@@ -651,7 +651,7 @@ struct Placement {
 
 /// Creates the topic if missing and works out where each partition lives.
 async fn prepare_topic(config: &BenchConfig, bootstrap: &Client) -> Result<Layout, BenchError> {
-    let topics = [config.topic.clone()];
+    let topics = [config.topic.as_str()];
     let mut metadata = bootstrap
         .metadata(&topics)
         .await

@@ -175,7 +175,7 @@ pub(super) async fn run(
     placement: Placement,
 ) -> Result<Outcome, BenchError> {
     let metadata = bootstrap
-        .metadata(std::slice::from_ref(&config.topic))
+        .metadata(&[config.topic.as_str()])
         .await
         .map_err(client_error("reading the topic's queue settings"))?;
     let deliveries_max = metadata

@@ -864,7 +864,7 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
         }
         TopicCommand::Describe { name, json } => {
             let metadata = client
-                .metadata(std::slice::from_ref(&name))
+                .metadata(&[name.as_str()])
                 .await
                 .map_err(client_context(format!("describing topic {name:?}")))?;
             let topic = metadata
@@ -883,7 +883,7 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<(), CliError> {
             let port_of = |shard: u16| metadata.shard_ports.get(usize::from(shard)).copied();
             // A broker older than the Stats operation answers unknown_opcode: describe
             // what it can without the figures.
-            let figures = match client.stats(std::slice::from_ref(&name)).await {
+            let figures = match client.stats(&[name.as_str()]).await {
                 Ok(figures) => figures,
                 Err(ClientError::Broker(error))
                     if error.code == shardq::protocol::ErrorCode::UnknownOpcode =>

@@ -443,10 +443,7 @@ async fn dlq_layout(
     topic: &str,
 ) -> Result<(String, Vec<(u32, u64, u64)>), CliError> {
     let failed = || client_context(format!("reading the metadata of topic {topic:?}"));
-    let metadata = client
-        .metadata(&[topic.to_owned()])
-        .await
-        .map_err(failed())?;
+    let metadata = client.metadata(&[topic]).await.map_err(failed())?;
     let source = metadata
         .topics
         .iter()
@@ -464,10 +461,7 @@ async fn dlq_layout(
     }
     let dlq = dlq_topic_name(topic, &source.queue);
     let failed = || client_context(format!("reading dead-letter topic {dlq:?}"));
-    let metadata = client
-        .metadata(std::slice::from_ref(&dlq))
-        .await
-        .map_err(failed())?;
+    let metadata = client.metadata(&[dlq.as_str()]).await.map_err(failed())?;
     let Some(entry) = metadata
         .topics
         .into_iter()

@@ -71,8 +71,9 @@ pub async fn run(args: StatsArgs) -> Result<(), CliError> {
 }
 
 async fn sample(client: &Client, topics: &[String]) -> Result<Sample, CliError> {
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     let stats = client
-        .stats(topics)
+        .stats(&topics)
         .await
         .map_err(client_context("reading the broker's stats"))?;
     Ok(Sample {

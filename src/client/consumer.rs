@@ -297,7 +297,7 @@ impl Consumer {
         topic: &str,
         start: StartPosition,
     ) -> Result<u32, ClientError> {
-        let metadata = self.client.metadata(&[topic.to_owned()]).await?;
+        let metadata = self.client.metadata(&[topic]).await?;
         let entry = metadata
             .topics
             .into_iter()

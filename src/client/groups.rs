@@ -138,9 +138,9 @@ impl Client {
     /// doing: offsets, bytes and segments per partition, records and bytes in and out
     /// since the broker started, connections and requests per shard. Counters restart
     /// at zero with the broker; rates are differences between two answers.
-    pub async fn stats(&self, topics: &[String]) -> Result<StatsResponse, ClientError> {
+    pub async fn stats(&self, topics: &[&str]) -> Result<StatsResponse, ClientError> {
         let request = Request::Stats(StatsRequest {
-            topics: topics.to_vec(),
+            topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
         });
         match self.call(request, self.timeout(), "stats").await? {
             ResponseBody::Stats(response) => Ok(response),

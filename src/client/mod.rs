@@ -750,9 +750,9 @@ impl Client {
 
     /// Topic metadata; an empty list asks for every topic. A topic the broker does not
     /// know comes back with its `error` set, not as an error of the whole call.
-    pub async fn metadata(&self, topics: &[String]) -> Result<MetadataResponse, ClientError> {
+    pub async fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse, ClientError> {
         let request = Request::Metadata(MetadataRequest {
-            topics: topics.to_vec(),
+            topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
         });
         match self.call(request, self.timeout(), "metadata").await? {
             ResponseBody::Metadata(metadata) => Ok(metadata),

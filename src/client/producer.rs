@@ -500,7 +500,7 @@ impl Producer {
     }
 
     async fn fetch_route(&self, topic: &str) -> Result<TopicRoute, ClientError> {
-        let metadata = self.shared.client.metadata(&[topic.to_owned()]).await?;
+        let metadata = self.shared.client.metadata(&[topic]).await?;
         let entry = metadata
             .topics
             .into_iter()

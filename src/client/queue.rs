@@ -692,11 +692,7 @@ impl QueueConsumer {
             return Ok(visibility);
         }
         let topic = &self.inner.topic;
-        let metadata = self
-            .inner
-            .client
-            .metadata(std::slice::from_ref(topic))
-            .await?;
+        let metadata = self.inner.client.metadata(&[topic.as_str()]).await?;
         let entry = metadata
             .topics
             .into_iter()

@@ -53,7 +53,7 @@ async fn responses_in_any_order_reach_their_callers() {
     let names = ["a", "b", "c"];
     let calls = names.map(|name| {
         let client = client.clone();
-        tokio::spawn(async move { client.metadata(&[name.to_owned()]).await })
+        tokio::spawn(async move { client.metadata(&[name]).await })
     });
     for (name, call) in names.iter().zip(calls) {
         let metadata = call.await.unwrap().unwrap();
@@ -92,7 +92,7 @@ async fn broken_connection_fails_every_pending_request_and_later_ones() {
     let client = Client::connect_with(address, no_reconnect()).await.unwrap();
     let first = tokio::spawn({
         let client = client.clone();
-        async move { client.metadata(&["a".to_owned()]).await }
+        async move { client.metadata(&["a"]).await }
     });
     let second = tokio::spawn({
         let client = client.clone();
@@ -146,7 +146,7 @@ async fn pending_requests_are_bounded() {
         .into_iter()
         .map(|name| {
             let client = client.clone();
-            tokio::spawn(async move { client.metadata(&[name.to_owned()]).await })
+            tokio::spawn(async move { client.metadata(&[name]).await })
         })
         .collect();
     for call in calls {
@@ -221,13 +221,10 @@ async fn produce_with_acks_none_expects_no_answer_and_keeps_routing() {
     };
     assert_eq!(client.produce(request).await.unwrap(), None);
     // With one pending slot, this would wait forever if the produce still held it.
-    let metadata = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.metadata(&["after".to_owned()]),
-    )
-    .await
-    .expect("the unanswered produce must not hold a pending slot")
-    .unwrap();
+    let metadata = tokio::time::timeout(Duration::from_secs(20), client.metadata(&["after"]))
+        .await
+        .expect("the unanswered produce must not hold a pending slot")
+        .unwrap();
     assert_eq!(metadata.topics[0].name, "after");
     drop(peer.await.unwrap());
 }
@@ -500,7 +497,7 @@ async fn a_read_lost_with_its_connection_is_sent_again_on_a_new_one() {
     let client = Client::connect_with(address, quick_reconnect())
         .await
         .unwrap();
-    let metadata = client.metadata(&["a".to_owned()]).await.unwrap();
+    let metadata = client.metadata(&["a"]).await.unwrap();
     assert_eq!(metadata.topics[0].name, "a");
     assert_eq!(client.reconnects(), 1);
     assert!(!client.is_broken());
@@ -529,7 +526,7 @@ async fn a_change_lost_with_its_connection_fails_and_the_next_request_reconnects
         .unwrap();
     let error = client.delete_topic("a").await.unwrap_err();
     assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
-    client.metadata(&["b".to_owned()]).await.unwrap();
+    client.metadata(&["b"]).await.unwrap();
     assert_eq!(client.reconnects(), 1);
     drop(peer.await.unwrap());
 }
