@@ -720,7 +720,8 @@ fn a_write_error_stops_the_partition_and_a_short_write_is_retried() {
 /// when the flusher's writes and syncs run relative to the test's calls, and when the
 /// blocking thread's directory calls finish, depend on timing, so a replay can take a
 /// different path after the first point where timing mattered (the printed counts then
-/// differ). A failure names its seed; replay it a few times.
+/// differ). A failure names its seed; replay it a few times. docs/reliability.md, "The
+/// storage crash model", has the model, the counts of a run and what it does not cover.
 #[test]
 fn model_based_crash_recovery() {
     let (seeds, replay) = model_seeds();
@@ -807,6 +808,89 @@ fn model_based_crash_recovery() {
             "the runs exercised too little: {count} {what}, at least {minimum} wanted ({total})"
         );
     }
+}
+
+/// The fault model's directory changes: a crash undoes a suffix of the creates, renames
+/// (bringing back the file a rename replaced) and removals made since the directory's
+/// last fsync, and nothing made before it.
+#[test]
+fn a_crash_undoes_only_directory_changes_not_yet_fsynced() {
+    let (root, directory) = partition_dir();
+    std::fs::create_dir_all(&directory).unwrap();
+    run(root.path(), move || async move {
+        let listing = |directory: &Path| {
+            let mut names: Vec<(String, String)> = std::fs::read_dir(directory)
+                .unwrap()
+                .map(|entry| {
+                    let path = entry.unwrap().path();
+                    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                    (name, std::fs::read_to_string(&path).unwrap())
+                })
+                .collect();
+            names.sort();
+            names
+        };
+        let mut outcomes = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            for entry in std::fs::read_dir(&directory).unwrap() {
+                std::fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+            std::fs::write(directory.join("old"), "old").unwrap();
+            std::fs::write(directory.join("target"), "target").unwrap();
+            let storage = FaultyStorage::new();
+            let synced = directory.join("synced");
+            drop(storage.open(&synced, true).await.unwrap());
+            storage.sync_directory(&directory).await.unwrap();
+            drop(
+                storage
+                    .open(&directory.join("created"), true)
+                    .await
+                    .unwrap(),
+            );
+            storage
+                .rename(&directory.join("old"), &directory.join("target"))
+                .await
+                .unwrap();
+            storage.remove_file(&synced).await.unwrap();
+            let report = storage.plan.crash(&mut TestRng::new(seed)).await;
+            assert_eq!(report.metadata_kept + report.metadata_undone, 3);
+            outcomes.insert((report.metadata_undone, listing(&directory)));
+            assert!(
+                storage.open(&synced, false).await.is_err(),
+                "after a crash every operation fails"
+            );
+        }
+        let entry = |name: &str, content: &str| (name.to_string(), content.to_string());
+        let expected = std::collections::BTreeSet::from([
+            (0, vec![entry("created", ""), entry("target", "old")]),
+            (
+                1,
+                vec![
+                    entry("created", ""),
+                    entry("synced", ""),
+                    entry("target", "old"),
+                ],
+            ),
+            (
+                2,
+                vec![
+                    entry("created", ""),
+                    entry("old", "old"),
+                    entry("synced", ""),
+                    entry("target", "target"),
+                ],
+            ),
+            (
+                3,
+                vec![
+                    entry("old", "old"),
+                    entry("synced", ""),
+                    entry("target", "target"),
+                ],
+            ),
+        ]);
+        assert_eq!(outcomes, expected);
+    });
 }
 
 /// The fixed seeds, plus `SHARDQ_TEST_SEEDS` (default 4) drawn from the clock; or the one
