@@ -2,8 +2,9 @@
 //! production implementation over glommio's `DmaFile` (O_DIRECT, io_uring).
 //!
 //! Tests implement the same traits to inject torn and short writes, EIO, ENOSPC and
-//! crashes that drop unsynced writes (`storage::faults`), and run the production log code
-//! unchanged on top; recovery's fuzz target runs it on files held in memory
+//! crashes that drop unsynced writes and undo directory changes not yet fsynced
+//! (`storage::faults`, which therefore implements every metadata call too), and run the
+//! production log code unchanged on top; recovery's fuzz target runs it on files held in memory
 //! (`storage::memory`).
 //!
 //! File-system metadata calls that io_uring does not do for glommio (creating and

@@ -164,9 +164,21 @@ pub(crate) async fn create_segment<S: LogStorage>(
         Ok(files) => files,
         Err(error) => {
             // Leave no half-made segment behind: recovery would take it for the next one.
-            let _ = storage.remove_file(&path).await;
-            let _ = storage.remove_file(&index_path).await;
-            return Err(error);
+            // The removal must be durable before the caller goes on: after a refused roll
+            // appends go on into the old segment, past this one's base offset, and a crash
+            // that brought the file back would leave a segment based below the end of the
+            // one before it, which recovery refuses (found by the crash model, seed
+            // 994646720171). If the cleanup fails, that error stops the partition.
+            let cleaned = async {
+                for file in [&path, &index_path] {
+                    storage.remove_file(file).await.map_err(|source| {
+                        StorageError::io("removing a half-made segment", file, source)
+                    })?;
+                }
+                sync_directory(storage, directory).await
+            }
+            .await;
+            return Err(cleaned.err().unwrap_or(error));
         }
     };
     Ok(Segment {
