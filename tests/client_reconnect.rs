@@ -218,3 +218,137 @@ async fn producer_and_consumer_carry_on_across_kill_9_and_restart() {
     }
     drop(broker);
 }
+
+/// A queue worker (`QueueConsumer::run`) across `kill -9` and a restart: the loop does not
+/// end, and every message is handled and acknowledged; the group ends with nothing in
+/// flight and nothing left to deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_worker_carries_on_across_kill_9_and_restart() {
+    use shardq::client::{QueueSettings, Retention};
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    const MESSAGES: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let port = fixed_port_range(1 + PARTITIONS as u16);
+    let listen = format!("127.0.0.1:{port}");
+    let mut broker = start_broker(data_dir.clone(), listen.clone()).await;
+    let config = ClientConfig {
+        reconnect_timeout_ms: STEP_TIMEOUT.as_millis() as u64,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_with(&listen, config).await.unwrap();
+    // Short leases, so a delivery whose ack died with the broker comes back soon.
+    let queue = QueueSettings {
+        visibility_timeout_ms: Some(1_000),
+        ..QueueSettings::default()
+    };
+    client
+        .create_topic_with_queue("jobs", PARTITIONS, Retention::default(), queue)
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for index in 0..MESSAGES {
+        producer
+            .send("jobs", ProducerRecord::new(index.to_string()))
+            .await
+            .unwrap();
+    }
+    producer.close().await.unwrap();
+
+    let handled: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let handled_count = Arc::new(AtomicU64::new(0));
+    // Past the first quarter, handlers wait for the restart: the kill lands with
+    // handlers running and the loop receiving.
+    let (restarted, restart) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn({
+        // More handlers than messages: once every message is leased, a receive is
+        // always waiting at the broker, so the kill breaks one under the loop.
+        let consumer = shardq::client::QueueConsumer::builder(client.clone(), "jobs", "workers")
+            .concurrency(2 * MESSAGES as u32)
+            .receive_batch(100)
+            .receive_wait(std::time::Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let handled = handled.clone();
+        let handled_count = handled_count.clone();
+        async move {
+            consumer
+                .run(
+                    move |message| {
+                        let handled = handled.clone();
+                        let handled_count = handled_count.clone();
+                        let mut restart = restart.clone();
+                        async move {
+                            let value: u64 = std::str::from_utf8(message.value())
+                                .unwrap()
+                                .parse()
+                                .unwrap();
+                            let count = {
+                                let mut handled = handled.lock().unwrap();
+                                handled.insert(value);
+                                handled.len() as u64
+                            };
+                            handled_count.fetch_max(count, Ordering::AcqRel);
+                            if count > MESSAGES / 4 {
+                                restart.wait_for(|done| *done).await.unwrap();
+                            }
+                            Ok::<(), std::io::Error>(())
+                        }
+                    },
+                    async move {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+        }
+    });
+    wait_for(
+        &handled_count,
+        MESSAGES / 4,
+        "messages handled before the kill",
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        broker.kill9();
+        drop(broker);
+    })
+    .await
+    .unwrap();
+    let broker = start_broker(data_dir.clone(), listen.clone()).await;
+    if restarted.send(true).is_err() {
+        panic!("the worker loop ended at the kill: {:?}", worker.await);
+    }
+    wait_for(&handled_count, MESSAGES, "every message handled").await;
+    // Every delivery settled: nothing in flight, nothing left. (A message whose ack
+    // was lost with the broker is delivered again once its lease runs out.)
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        loop {
+            let groups = client
+                .describe_groups("jobs", Some("workers"))
+                .await
+                .unwrap();
+            let settled = groups[0]
+                .partitions
+                .iter()
+                .all(|partition| partition.in_flight == 0 && partition.lag() == 0);
+            if settled {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every message acknowledged");
+    stop.send(()).unwrap();
+    let summary = tokio::time::timeout(STEP_TIMEOUT, worker)
+        .await
+        .expect("the worker stops when told")
+        .unwrap()
+        .unwrap_or_else(|error| panic!("the worker loop ended on an error: {error}"));
+    assert!(summary.acked >= MESSAGES, "{summary:?}");
+    assert!(client.reconnects() >= 1, "{client:?}");
+    drop(broker);
+}

@@ -159,6 +159,13 @@ impl Connection {
         self.shared.pending().failure.is_some()
     }
 
+    /// Gives up the connection: every pending and later request fails with
+    /// `Disconnected`, naming `cause`.
+    pub(super) fn abandon(&self, cause: ClientError) {
+        self.shared.fail(cause);
+        self.reader.abort();
+    }
+
     pub(super) fn close(&self) {
         self.shared.fail(ClientError::Closed);
         self.reader.abort();

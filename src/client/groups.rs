@@ -13,7 +13,7 @@ use crate::protocol::queue::{
     FetchCommittedRequest, GroupDescription, PurgeTopicRequest, PurgedPartition, QueueSettings,
     COMMITTED_NONE,
 };
-use crate::protocol::{Request, ResponseBody, StatsRequest, StatsResponse};
+use crate::protocol::{ErrorCode, Request, ResponseBody, StatsRequest, StatsResponse};
 
 /// A stream group's position in one partition, with the partition's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,13 +65,25 @@ impl Client {
             other => return Err(unexpected_body("commit offsets", &other)),
         };
         for result in response.partitions {
-            if let Err(error) = result.result {
-                return Err(ClientError::CommitRefused {
-                    group: group.to_owned(),
-                    topic: topic.to_owned(),
-                    partition: result.partition,
-                    error,
-                });
+            match result.result {
+                Ok(_) => {}
+                // The one variant for these, as from every other call.
+                Err(error)
+                    if matches!(
+                        error.code,
+                        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition
+                    ) =>
+                {
+                    return Err(ClientError::refusal(topic, Some(result.partition), error))
+                }
+                Err(error) => {
+                    return Err(ClientError::CommitRefused {
+                        group: group.to_owned(),
+                        topic: topic.to_owned(),
+                        partition: result.partition,
+                        error,
+                    })
+                }
             }
         }
         Ok(())

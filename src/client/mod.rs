@@ -151,7 +151,7 @@ pub enum ClientError {
     /// The broker answered something we did not ask for.
     UnexpectedResponse { correlation_id: u64, reason: String },
     /// The connection broke; `cause` is the first failure, shared by every request that
-    /// was pending then or is made later.
+    /// was pending on it (and, with `ClientConfig::reconnect` off, every later one).
     Disconnected {
         peer: SocketAddr,
         cause: Arc<ClientError>,
@@ -228,10 +228,10 @@ impl ClientError {
     /// sending the record again).
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::Connect { .. }
-            | ClientError::Io { .. }
-            | ClientError::Disconnected { .. }
-            | ClientError::Timeout { .. } => true,
+            ClientError::Connect { .. } | ClientError::Io { .. } | ClientError::Timeout { .. } => {
+                true
+            }
+            ClientError::Disconnected { .. } => self.is_connection_lost(),
             ClientError::Broker(error)
             | ClientError::PartitionRefused { error, .. }
             | ClientError::CommitRefused { error, .. } => matches!(
@@ -239,6 +239,22 @@ impl ClientError {
                 ErrorCode::ShuttingDown | ErrorCode::Timeout | ErrorCode::StorageFull
             ),
             ClientError::ProduceFailed { cause, .. } => cause.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// A connection that broke under the request (the socket failed, or the broker
+    /// stopped answering): with reconnecting on, the same request can go out on a new
+    /// one. Not a connection the client gave up because the broker's bytes made no sense
+    /// (that would break the next one the same way), nor a closed client.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            ClientError::Disconnected { cause, .. } => {
+                matches!(
+                    **cause,
+                    ClientError::Io { .. } | ClientError::Timeout { .. }
+                )
+            }
             _ => false,
         }
     }
@@ -530,6 +546,8 @@ struct ClientInner {
     /// Held by the one request that is reconnecting; the others wait for its outcome.
     reconnecting: tokio::sync::Mutex<()>,
     closed: AtomicBool,
+    /// Woken by `close`, for requests waiting on a reconnect.
+    closing: tokio::sync::Notify,
     reconnects: AtomicU64,
 }
 
@@ -574,6 +592,7 @@ impl Client {
                 session: std::sync::Mutex::new(Arc::new(session)),
                 reconnecting: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),
+                closing: tokio::sync::Notify::new(),
                 reconnects: AtomicU64::new(0),
             }),
         })
@@ -629,6 +648,7 @@ impl Client {
     /// last clone is dropped (the writer task then shuts it down).
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        self.inner.closing.notify_waiters();
         self.session_now().connection.close();
     }
 
@@ -650,10 +670,37 @@ impl Client {
         if !current.connection.is_broken() || !self.inner.config.reconnect {
             return Ok(current);
         }
-        let limit = Duration::from_millis(self.inner.config.reconnect_timeout_ms);
+        // A close ends the wait for another request's attempt, the attempts and the
+        // backoff alike.
+        let closed = self.inner.closing.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        tokio::select! {
+            biased;
+            () = &mut closed => Err(ClientError::Closed),
+            result = self.reconnect() => result,
+        }
+    }
+
+    /// Opens a new connection, retrying with backoff until `reconnect_timeout_ms`; one
+    /// request at a time does it, the others wait and use its connection.
+    async fn reconnect(&self) -> Result<Arc<Session>, ClientError> {
+        let config = &self.inner.config;
+        let limit = Duration::from_millis(config.reconnect_timeout_ms);
         let deadline = tokio::time::Instant::now() + limit;
-        let gave_up = |last: Option<ClientError>| {
-            last.unwrap_or_else(|| ClientError::Connect {
+        // Always a Connect error, naming the address, with the last attempt's failure
+        // (or the time limit) as its cause: nothing was sent on a connection that did
+        // not open.
+        let gave_up = |last: Option<ClientError>| match last {
+            Some(connect @ ClientError::Connect { .. }) => connect,
+            Some(other) => ClientError::Connect {
+                address: self.inner.address.clone(),
+                source: Arc::new(io::Error::other(other)),
+            },
+            None => ClientError::Connect {
                 address: self.inner.address.clone(),
                 source: Arc::new(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -662,7 +709,7 @@ impl Client {
                         limit.as_millis()
                     ),
                 )),
-            })
+            },
         };
         let Ok(_reconnecting) =
             tokio::time::timeout_at(deadline, self.inner.reconnecting.lock()).await
@@ -671,13 +718,9 @@ impl Client {
         };
         // Another request may have reconnected while this one waited.
         let current = self.session_now();
-        if self.is_closed() {
-            return Err(ClientError::Closed);
-        }
         if !current.connection.is_broken() {
             return Ok(current);
         }
-        let config = &self.inner.config;
         let mut last = None;
         for attempt in 1u32.. {
             match tokio::time::timeout_at(deadline, open_session(&self.inner.address, config)).await
@@ -726,11 +769,11 @@ impl Client {
         let topic = whole_request_topic(&request).map(str::to_owned);
         let resend =
             (self.inner.config.reconnect && safe_to_resend(&request)).then(|| request.clone());
-        let result = match session.connection.call(request, timeout, operation).await {
-            Err(ClientError::Disconnected { .. }) if resend.is_some() => {
+        let result = match self.exchange(&session, request, timeout, operation).await {
+            Err(error) if resend.is_some() && error.is_connection_lost() => {
                 let session = self.session().await?;
                 let request = resend.expect("checked above");
-                session.connection.call(request, timeout, operation).await
+                self.exchange(&session, request, timeout, operation).await
             }
             result => result,
         };
@@ -742,6 +785,23 @@ impl Client {
             }
             (result, _) => result,
         }
+    }
+
+    /// One request on `session`. No answer within `timeout` also gives up the
+    /// connection: a broker that stopped answering (a host gone without a reset, a
+    /// dropped NAT entry) would otherwise hold every later request until its own timeout.
+    async fn exchange(
+        &self,
+        session: &Session,
+        request: Request,
+        timeout: Duration,
+        operation: &'static str,
+    ) -> Result<ResponseBody, ClientError> {
+        let result = session.connection.call(request, timeout, operation).await;
+        if let Err(timed_out @ ClientError::Timeout { .. }) = &result {
+            session.connection.abandon(timed_out.clone());
+        }
+        result
     }
 
     fn timeout(&self) -> Duration {
@@ -974,6 +1034,7 @@ async fn open_session(address: &str, config: &ClientConfig) -> Result<Session, C
 /// The one topic a request is about, where a refusal of the whole request is about it.
 fn whole_request_topic(request: &Request) -> Option<&str> {
     match request {
+        Request::Stats(request) if request.topics.len() == 1 => Some(&request.topics[0]),
         Request::DeleteTopic(request) => Some(&request.name),
         Request::AlterTopic(request) => Some(&request.name),
         Request::CommitOffsets(request) => Some(&request.topic),
@@ -1005,7 +1066,7 @@ fn safe_to_resend(request: &Request) -> bool {
 
 /// The wait before reconnect attempt `attempt + 1`: full jitter over
 /// `[0, min(max, min * 2^(attempt-1))]`.
-fn backoff_delay(attempt: u32, min_ms: u64, max_ms: u64) -> Duration {
+pub(super) fn backoff_delay(attempt: u32, min_ms: u64, max_ms: u64) -> Duration {
     let cap = min_ms
         .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
         .min(max_ms);

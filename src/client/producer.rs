@@ -340,6 +340,8 @@ impl ProducerShared {
             state.closing = true;
             state.accumulator.seal_all();
         }
+        // A send waiting for memory is refused now, not once memory frees up.
+        self.budget.close();
         self.wake.notify_one();
     }
 }
@@ -702,9 +704,10 @@ fn verdict(error: &ClientError, broken_before: bool, reconnects: bool) -> Verdic
         },
         // The connection broke, perhaps after the request was written; the next attempt
         // goes out on a new connection if the client reconnects.
-        ClientError::Disconnected { .. } | ClientError::Io { .. } => {
-            verdict(reconnects, !broken_before)
+        ClientError::Disconnected { .. } => {
+            verdict(reconnects && error.is_connection_lost(), !broken_before)
         }
+        ClientError::Io { .. } => verdict(reconnects, !broken_before),
         // Refused before anything was appended (protocol.md §6).
         ClientError::UnknownTopic { .. } | ClientError::UnknownPartition { .. } => {
             verdict(false, false)
@@ -1048,11 +1051,23 @@ mod tests {
                 "{error}"
             );
         }
-        // With reconnecting on, a broken connection is retried on the next one; a batch
-        // whose connection could not even be opened was not written.
+        // With reconnecting on, a lost connection is retried on the next one; a batch
+        // whose connection could not even be opened was not written; a connection given
+        // up over bytes that made no sense is not retried (the next would break alike).
+        let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let disconnected = ClientError::Disconnected {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            cause: Arc::new(ClientError::Closed),
+            peer,
+            cause: Arc::new(ClientError::Io {
+                context: "reading responses",
+                peer,
+                source: Arc::new(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            }),
+        };
+        let garbled = ClientError::Disconnected {
+            peer,
+            cause: Arc::new(ClientError::Protocol(
+                crate::protocol::ProtocolError::UnsupportedVersion { version: 9 },
+            )),
         };
         let connect = ClientError::Connect {
             address: "127.0.0.1:1".into(),
@@ -1060,6 +1075,7 @@ mod tests {
         };
         for (error, broken_before, (retriable, maybe_written)) in [
             (disconnected, false, (true, true)),
+            (garbled, false, (false, true)),
             (connect, false, (true, false)),
             (ClientError::Closed, true, (false, false)),
         ] {

@@ -724,11 +724,18 @@ impl QueueConsumer {
     /// When `shutdown` resolves, `run` stops receiving, lets every running handler finish
     /// (still extending their leases), settles them, and returns what it did. A receive
     /// already sent is waited for and its messages handled too, so none is left leased
-    /// and unprocessed. An error of the transport (or the broker refusing a whole
-    /// request) returns at once as a [`ClientError`]; handlers still running are then
-    /// aborted and their messages come back when their leases run out. A refused ack,
-    /// nack or extension of one handle is counted in [`RunSummary::refused`] and the loop
-    /// goes on.
+    /// and unprocessed.
+    ///
+    /// A broker restart does not end the loop when the client reconnects
+    /// (`ClientConfig::reconnect`, the default): a receive that fails retriably (the
+    /// connection lost, the broker stopping or unreachable) is tried again after a
+    /// backoff, and an ack, nack or extension whose connection was lost is sent once
+    /// more on the next connection (an ack the lost attempt already made then counts as
+    /// done). Handlers keep running meanwhile. Any other error (or the broker refusing a
+    /// whole request) returns at once as a [`ClientError`]; handlers still running are
+    /// then aborted and their messages come back when their leases run out. A refused
+    /// ack, nack or extension of one handle is counted in [`RunSummary::refused`] and the
+    /// loop goes on.
     ///
     /// ```no_run
     /// # async fn charge(_: &[u8]) -> Result<(), std::io::Error> { Ok(()) }
@@ -770,13 +777,27 @@ impl QueueConsumer {
         let mut settling: JoinSet<Result<SettleCounts, ClientError>> = JoinSet::new();
         let mut stopping = false;
         let mut shutdown = std::pin::pin!(shutdown);
+        // Receives in a row that failed retriably: the next waits a backoff first.
+        let mut receive_failures = 0u32;
+        let reconnects = self.client().config().reconnect;
         loop {
             if !stopping && receiving.is_none() && running.len() < concurrency {
                 let room = (concurrency - running.len()) as u32;
                 let messages_max = config.receive_messages_max.min(room);
                 let consumer = self.clone();
                 let wait = config.receive_wait;
+                let backoff = (receive_failures > 0).then(|| {
+                    let client = self.client().config();
+                    super::backoff_delay(
+                        receive_failures,
+                        client.reconnect_backoff_ms_min,
+                        client.reconnect_backoff_ms_max,
+                    )
+                });
                 receiving = Some(Box::pin(async move {
+                    if let Some(backoff) = backoff {
+                        tokio::time::sleep(backoff).await;
+                    }
                     consumer.receive(messages_max, Some(lease), wait).await
                 }));
             }
@@ -800,7 +821,20 @@ impl QueueConsumer {
                     }
                 }, if receiving.is_some() => {
                     receiving = None;
-                    for message in received? {
+                    let received = match received {
+                        Ok(received) => {
+                            receive_failures = 0;
+                            received
+                        }
+                        // The next receive reconnects. What a receive lost with its
+                        // connection may have leased comes back when the lease runs out.
+                        Err(error) if reconnects && error.is_retriable() => {
+                            receive_failures = receive_failures.saturating_add(1);
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    };
+                    for message in received {
                         summary.received += 1;
                         let entry = Running {
                             handle: message.handle(),
@@ -846,7 +880,9 @@ impl QueueConsumer {
                         }
                         let consumer = self.clone();
                         settling.spawn(async move {
-                            let outcome = consumer.ack(&acks).await?;
+                            let outcome = consumer
+                                .settle_surviving_reconnect(|| consumer.ack(&acks))
+                                .await?;
                             Ok((outcome.accepted() as u64, 0, outcome.refused.len() as u64))
                         });
                     }
@@ -856,7 +892,11 @@ impl QueueConsumer {
                         }
                         let consumer = self.clone();
                         settling.spawn(async move {
-                            let outcome = consumer.nack(&handles, NackDelay::Backoff, &reason).await?;
+                            let outcome = consumer
+                                .settle_surviving_reconnect(|| {
+                                    consumer.nack(&handles, NackDelay::Backoff, &reason)
+                                })
+                                .await?;
                             Ok((0, outcome.accepted() as u64, outcome.refused.len() as u64))
                         });
                     }
@@ -877,7 +917,9 @@ impl QueueConsumer {
                         .map(|running| running.handle)
                         .collect();
                     let sent_at = Instant::now();
-                    let outcome = self.extend(&due, lease).await?;
+                    let outcome = self
+                        .settle_surviving_reconnect(|| self.extend(&due, lease))
+                        .await?;
                     summary.extended += outcome.accepted() as u64;
                     summary.refused += outcome.refused.len() as u64;
                     for running in running.values_mut() {
@@ -892,6 +934,33 @@ impl QueueConsumer {
                     }
                 }
             }
+        }
+    }
+}
+
+impl QueueConsumer {
+    /// For `run`: an ack, nack or extension whose connection was lost is sent once more
+    /// on the next connection (with reconnecting on). The lost attempt may have been
+    /// applied: an ack it made is then refused as AlreadySettled, which counts as done.
+    async fn settle_surviving_reconnect<F, Settling>(
+        &self,
+        attempt: F,
+    ) -> Result<SettleOutcome, ClientError>
+    where
+        F: Fn() -> Settling,
+        Settling: Future<Output = Result<SettleOutcome, ClientError>>,
+    {
+        match attempt().await {
+            Err(error) if error.is_connection_lost() && self.client().config().reconnect => {
+                let mut outcome = attempt().await?;
+                if outcome.kind == SettleKind::Ack {
+                    outcome
+                        .refused
+                        .retain(|refusal| refusal.error != SettleError::AlreadySettled);
+                }
+                Ok(outcome)
+            }
+            result => result,
         }
     }
 }

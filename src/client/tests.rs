@@ -719,11 +719,136 @@ fn one_variant_per_condition_and_which_ones_are_retriable() {
         assert_eq!(error.is_retriable(), retriable.contains(&code), "{code:?}");
     }
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    assert!(ClientError::Disconnected {
+    let lost = ClientError::Disconnected {
         peer,
-        cause: Arc::new(ClientError::Closed)
-    }
-    .is_retriable());
+        cause: Arc::new(ClientError::Io {
+            context: "reading responses",
+            peer,
+            source: Arc::new(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }),
+    };
+    assert!(lost.is_retriable() && lost.is_connection_lost());
+    let garbled = ClientError::Disconnected {
+        peer,
+        cause: Arc::new(ClientError::Protocol(ProtocolError::UnsupportedVersion {
+            version: 9,
+        })),
+    };
+    assert!(!garbled.is_retriable() && !garbled.is_connection_lost());
     assert!(!ClientError::Closed.is_retriable());
     assert!(!ClientError::UnknownTopic { topic: "t".into() }.is_retriable());
+}
+
+#[tokio::test]
+async fn a_close_ends_a_reconnect_in_progress() {
+    let (listener, address) = listen().await;
+    let (client, first) = tokio::join!(
+        Client::connect_with(
+            address,
+            ClientConfig {
+                reconnect_timeout_ms: 600_000,
+                ..quick_reconnect()
+            }
+        ),
+        ScriptedConnection::accept_and_handshake(&listener)
+    );
+    let client = client.unwrap();
+    // Nothing listens any more: the client reconnects, and keeps failing, until its
+    // ten-minute limit.
+    drop(first);
+    drop(listener);
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.metadata(&["a"]).await }
+    });
+    while client.reconnects() == 0 && !client.is_broken() {
+        tokio::task::yield_now().await;
+    }
+    client.close();
+    let result = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the close ended the reconnect, not its ten-minute limit")
+        .unwrap();
+    assert!(matches!(result, Err(ClientError::Closed)), "{result:?}");
+    assert_eq!(client.reconnects(), 0);
+}
+
+#[tokio::test]
+async fn a_send_waiting_for_memory_is_refused_when_the_producer_closes() {
+    let (listener, address) = listen().await;
+    // Answers the metadata, then never answers the produce: the first record's memory
+    // is never given back.
+    let peer = tokio::spawn(producer_peer(listener, |_, _| None));
+    let client = Client::connect(address).await.unwrap();
+    let config = ProducerConfig {
+        buffer_bytes_max: 600,
+        ..quick_retries()
+    };
+    let producer = Producer::new(client.clone(), config).unwrap();
+    let _held = producer
+        .send("t", ProducerRecord::new("x".repeat(512)).with_partition(0))
+        .await
+        .unwrap();
+    let mut waiting = Box::pin(producer.send("t", ProducerRecord::new("y".repeat(512))));
+    let first_poll = std::future::poll_fn(|context| {
+        std::task::Poll::Ready(std::future::Future::poll(waiting.as_mut(), context).is_pending())
+    })
+    .await;
+    assert!(first_poll, "the second send waits for memory");
+    // The close cannot finish (its flush waits for an answer that never comes), but
+    // the waiting send is refused at once.
+    let closing = tokio::spawn({
+        let producer = producer.clone();
+        async move { producer.close().await }
+    });
+    let refused = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting send is refused while the close is still flushing");
+    assert!(matches!(refused, Err(ClientError::Closed)), "{refused:?}");
+    assert!(!closing.is_finished());
+    closing.abort();
+    client.close();
+    drop(client);
+    drop(producer);
+    peer.abort();
+}
+
+#[tokio::test]
+async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut first = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, _) = first.read_request().await.unwrap();
+        first.respond(&header, Ok(&one_partition_metadata())).await;
+        let (_, produce) = first.read_request().await.unwrap();
+        assert!(matches!(produce, Request::Produce(_)));
+        drop(first);
+        // The client reconnects for its next request, but the batch, which the broker
+        // may have stored, never comes again: the metadata request is all there is.
+        let mut second = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, request) = second.read_request().await.unwrap();
+        assert!(matches!(request, Request::Metadata(_)), "{request:?}");
+        second.respond(&header, Ok(&one_partition_metadata())).await;
+        let again = tokio::time::timeout(Duration::from_millis(300), second.read_request()).await;
+        assert!(again.is_err(), "the batch was sent again: {again:?}");
+    });
+    let client = Client::connect_with(address, quick_reconnect())
+        .await
+        .unwrap();
+    let config = ProducerConfig {
+        idempotent: false,
+        ..quick_retries()
+    };
+    let producer = Producer::new(client.clone(), config).unwrap();
+    let sent = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap();
+    let error = sent.await.unwrap_err();
+    assert_eq!(error.maybe_written(), Some(true), "{error}");
+    assert!(error.cause().is_connection_lost(), "{error}");
+    // The next request reconnects; the peer checks nothing else follows it.
+    client.metadata(&["t"]).await.unwrap();
+    assert_eq!(client.reconnects(), 1);
+    peer.await.unwrap();
 }
