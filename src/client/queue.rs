@@ -731,8 +731,10 @@ impl QueueConsumer {
     /// connection lost, the broker stopping or unreachable) is tried again after a
     /// backoff, and an ack, nack or extension whose connection was lost is sent once
     /// more on the next connection (an ack the lost attempt already made then counts as
-    /// done). Handlers keep running meanwhile. Any other error (or the broker refusing a
-    /// whole request) returns at once as a [`ClientError`]; handlers still running are
+    /// done). Handlers keep running meanwhile. A broker that stays unreachable for
+    /// `reconnect_timeout_ms` ends the loop with [`ClientError::Connect`]. Any other
+    /// error (or the broker refusing a whole request) returns at once as a
+    /// [`ClientError`]; handlers still running are
     /// then aborted and their messages come back when their leases run out. A refused
     /// ack, nack or extension of one handle is counted in [`RunSummary::refused`] and the
     /// loop goes on.
@@ -828,7 +830,11 @@ impl QueueConsumer {
                         }
                         // The next receive reconnects. What a receive lost with its
                         // connection may have leased comes back when the lease runs out.
-                        Err(error) if reconnects && error.is_retriable() => {
+                        Err(error)
+                            if reconnects
+                                && error.is_retriable()
+                                && !matches!(error, ClientError::Connect { .. }) =>
+                        {
                             receive_failures = receive_failures.saturating_add(1);
                             continue;
                         }

@@ -634,14 +634,18 @@ async fn run_nacks_a_panicking_handler() {
 }
 
 #[tokio::test]
-async fn run_returns_the_transport_error_when_the_connection_breaks() {
+async fn run_returns_the_transport_error_when_the_connection_breaks_without_reconnect() {
     let (listener, address) = listen().await;
     let peer = tokio::spawn(async move {
         let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
         connection.read_request().await.unwrap();
         // Dropped with the receive unanswered.
     });
-    let client = Client::connect(address).await.unwrap();
+    let config = ClientConfig {
+        reconnect: false,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_with(address, config).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
         .visibility_timeout(Duration::from_secs(60))
         .build()
@@ -660,6 +664,41 @@ async fn run_returns_the_transport_error_when_the_connection_breaks() {
         .unwrap_err();
     assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
     assert!(!handled.load(Ordering::Relaxed));
+    peer.await.unwrap();
+}
+
+/// With reconnecting on, a lost connection does not end the loop, but a broker that
+/// stays unreachable past `reconnect_timeout_ms` does: the caller hears of it.
+#[tokio::test]
+async fn run_returns_when_the_broker_stays_unreachable_past_the_reconnect_limit() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        connection.read_request().await.unwrap();
+        // Dropped with the receive unanswered, and nothing listens any more.
+    });
+    let config = ClientConfig {
+        reconnect_backoff_ms_min: 1,
+        reconnect_backoff_ms_max: 10,
+        reconnect_timeout_ms: 200,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_with(address, config).await.unwrap();
+    let consumer = QueueConsumer::builder(client, "t", "g")
+        .visibility_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(
+            |_message| async { Ok::<(), String>(()) },
+            std::future::pending::<()>(),
+        ),
+    )
+    .await
+    .expect("run ends once the broker stays away")
+    .unwrap_err();
+    assert!(matches!(error, ClientError::Connect { .. }), "{error}");
     peer.await.unwrap();
 }
 
