@@ -1830,15 +1830,17 @@ pub fn read_topic_catalog(
 mod tests {
     use super::*;
 
-    /// Invariant 4 of DESIGN.md: only the owning shard touches a partition. Asked for the
-    /// log of a partition another shard owns (a routing bug), a shard answers Internal
-    /// naming the owner, instead of serving or opening it; its own partitions are served,
-    /// a partition past the count is UnknownPartition and an unknown topic UnknownTopic.
+    /// Invariant 4 (docs/architecture.md, "Invariants"): only the owning shard touches a
+    /// partition. Asked for the log of a partition another shard owns (a routing bug), a
+    /// shard answers Internal naming the owner, instead of serving or opening it; its own
+    /// partitions are served, a partition past the count is UnknownPartition and an
+    /// unknown topic UnknownTopic.
     #[test]
     fn log_answers_internal_for_a_partition_another_shard_owns() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().to_path_buf();
-        // glommio's O_DIRECT probe wants an existing file opened first (DESIGN.md).
+        // glommio's O_DIRECT probe wants an existing file opened first, as the broker writes
+        // its probe file before starting the executors (docs/architecture.md).
         let probe = data_dir.join("probe");
         std::fs::write(&probe, vec![0u8; 4096]).unwrap();
         glommio::LocalExecutorBuilder::default()
