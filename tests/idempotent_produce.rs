@@ -155,8 +155,10 @@ mod client_retries {
     use super::common::TestBroker;
 
     /// A proxy in front of the broker that forwards every byte, except that it drops the
-    /// answers to the first `drop_produce_answers` produce requests: the broker stores
-    /// the batch and the client never hears so, as when an ack is lost.
+    /// answers to the first `drop_produce_answers` produce requests (over all its
+    /// connections): the broker stores the batch and the client never hears so, as when
+    /// an ack is lost. It serves every connection the client opens (a client gives up a
+    /// connection whose answer did not come, and reconnects).
     async fn lossy_proxy(
         broker: std::net::SocketAddr,
         drop_produce_answers: usize,
@@ -166,37 +168,53 @@ mod client_retries {
         let dropped = Arc::new(AtomicUsize::new(0));
         let counter = dropped.clone();
         tokio::spawn(async move {
-            let (client, _) = listener.accept().await.unwrap();
-            let upstream = TcpStream::connect(broker).await.unwrap();
-            let (mut client_read, mut client_write) = client.into_split();
-            let (mut upstream_read, mut upstream_write) = upstream.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut client_read, &mut upstream_write).await;
-            });
-            let mut buffer = BytesMut::new();
-            loop {
-                while let Ok(Decoded::Complete(header)) = decode_frame_header(&buffer, u32::MAX) {
-                    if buffer.len() < header.frame_length() {
-                        break;
-                    }
-                    let frame = buffer.split_to(header.frame_length());
-                    if header.opcode == Opcode::Produce as u8
-                        && counter.load(Ordering::SeqCst) < drop_produce_answers
-                    {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    if client_write.write_all(&frame).await.is_err() {
-                        return;
-                    }
-                }
-                match upstream_read.read_buf(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward_dropping(
+                    client,
+                    broker,
+                    counter.clone(),
+                    drop_produce_answers,
+                ));
             }
         });
         (address, dropped)
+    }
+
+    /// One proxied connection of `lossy_proxy`.
+    async fn forward_dropping(
+        client: TcpStream,
+        broker: std::net::SocketAddr,
+        counter: Arc<AtomicUsize>,
+        drop_produce_answers: usize,
+    ) {
+        let upstream = TcpStream::connect(broker).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut upstream_read, mut upstream_write) = upstream.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_read, &mut upstream_write).await;
+        });
+        let mut buffer = BytesMut::new();
+        loop {
+            while let Ok(Decoded::Complete(header)) = decode_frame_header(&buffer, u32::MAX) {
+                if buffer.len() < header.frame_length() {
+                    break;
+                }
+                let frame = buffer.split_to(header.frame_length());
+                if header.opcode == Opcode::Produce as u8
+                    && counter.load(Ordering::SeqCst) < drop_produce_answers
+                {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if client_write.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            match upstream_read.read_buf(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
