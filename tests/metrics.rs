@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::client::{records_until, STEP_TIMEOUT};
 use common::process::Serve;
 use common::{batch_of, test_config, TestBroker};
-use shardq::client::{Acks, Client, NackDelay, QueueConsumer};
+use shardq::client::{Acks, Client, ClientError, NackDelay, QueueConsumer};
 use shardq::protocol::{ErrorCode, ProducePartition, ProduceRequest, ProduceTopic};
 
 /// A blocking HTTP GET: (status, body). The endpoint closes every connection after its
@@ -317,7 +317,7 @@ async fn metrics_and_stats_count_exactly_what_was_produced_fetched_and_settled()
     assert_eq!(errors, 2);
     let error = client.stats(&["no-such-topic"]).await.unwrap_err();
     assert!(
-        error.report().to_string().contains("unknown_topic"),
+        matches!(&error, ClientError::UnknownTopic { topic } if topic == "no-such-topic"),
         "{}",
         error.report()
     );
