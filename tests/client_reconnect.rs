@@ -37,6 +37,27 @@ async fn start_broker(data_dir: std::path::PathBuf, listen: String) -> Serve {
     .expect("the broker starts")
 }
 
+/// A broker in a new data directory on ports below the ephemeral range (it must come
+/// back on the same address for the clients to find it): the temporary directory, the
+/// data directory, the listen address and the broker.
+async fn start_on_fixed_ports() -> (tempfile::TempDir, std::path::PathBuf, String, Serve) {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // The shared port and the two shard ports.
+    let port = fixed_port_range(1 + PARTITIONS as u16);
+    let listen = format!("127.0.0.1:{port}");
+    let broker = start_broker(data_dir.clone(), listen.clone()).await;
+    (dir, data_dir, listen, broker)
+}
+
+/// Reconnecting (the default), waiting as long as a test step for the broker.
+fn reconnecting() -> ClientConfig {
+    ClientConfig {
+        reconnect_timeout_ms: STEP_TIMEOUT.as_millis() as u64,
+        ..ClientConfig::default()
+    }
+}
+
 /// Waits until `counter` reaches `target`, failing the test after `STEP_TIMEOUT`.
 async fn wait_for(counter: &AtomicU64, target: u64, what: &str) {
     tokio::time::timeout(STEP_TIMEOUT, async {
@@ -119,18 +140,8 @@ async fn consume_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_consumer_carry_on_across_kill_9_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    // The shared port and the two shard ports; the broker must come back on the same
-    // address for the clients to find it.
-    let port = fixed_port_range(1 + PARTITIONS as u16);
-    let listen = format!("127.0.0.1:{port}");
-    let mut broker = start_broker(data_dir.clone(), listen.clone()).await;
-
-    let config = ClientConfig {
-        reconnect_timeout_ms: STEP_TIMEOUT.as_millis() as u64,
-        ..ClientConfig::default()
-    };
+    let (_dir, data_dir, listen, mut broker) = start_on_fixed_ports().await;
+    let config = reconnecting();
     let admin = Client::connect_with(&listen, config.clone()).await.unwrap();
     admin.create_topic("orders", PARTITIONS).await.unwrap();
     let producer_client = Client::connect_with(&listen, config.clone()).await.unwrap();
@@ -229,16 +240,8 @@ async fn a_queue_worker_carries_on_across_kill_9_and_restart() {
     use std::sync::Mutex;
 
     const MESSAGES: u64 = 400;
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let port = fixed_port_range(1 + PARTITIONS as u16);
-    let listen = format!("127.0.0.1:{port}");
-    let mut broker = start_broker(data_dir.clone(), listen.clone()).await;
-    let config = ClientConfig {
-        reconnect_timeout_ms: STEP_TIMEOUT.as_millis() as u64,
-        ..ClientConfig::default()
-    };
-    let client = Client::connect_with(&listen, config).await.unwrap();
+    let (_dir, data_dir, listen, mut broker) = start_on_fixed_ports().await;
+    let client = Client::connect_with(&listen, reconnecting()).await.unwrap();
     // Short leases, so a delivery whose ack died with the broker comes back soon.
     let queue = QueueSettings {
         visibility_timeout_ms: Some(1_000),

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use glommio::LocalExecutorBuilder;
 
+use super::tests::run;
 use super::*;
 use crate::protocol::batch::{check_framing, BatchBuilder};
 
@@ -30,25 +30,6 @@ fn config(recycle_segments: bool) -> LogConfig {
         producers_per_partition_max: 1_000,
         producer_snapshot_interval_bytes: 16 << 20,
     }
-}
-
-/// Runs `body` on a fresh executor, after the O_DIRECT probe glommio needs
-/// (docs/storage.md, Directory layout).
-fn run<Fut>(root: &Path, body: impl FnOnce() -> Fut + Send + 'static)
-where
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    let probe = root.join("probe");
-    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
-    LocalExecutorBuilder::default()
-        .spawn(move || async move {
-            let file = glommio::io::DmaFile::open(&probe).await.unwrap();
-            file.close().await.unwrap();
-            body().await;
-        })
-        .unwrap()
-        .join()
-        .unwrap();
 }
 
 async fn open(directory: &Path, recycle_segments: bool) -> Rc<PartitionLog> {

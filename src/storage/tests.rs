@@ -48,7 +48,7 @@ fn config() -> LogConfig {
 }
 
 /// Runs `body` on a fresh executor, after the O_DIRECT probe glommio needs (docs/storage.md, Directory layout).
-fn run<F, Fut>(directory: &Path, body: F)
+pub(super) fn run<F, Fut>(directory: &Path, body: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
