@@ -852,3 +852,48 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
     assert_eq!(client.reconnects(), 1);
     peer.await.unwrap();
 }
+
+#[test]
+fn reconnect_settings_are_validated_at_their_edges() {
+    let with = |change: fn(&mut ClientConfig)| {
+        let mut config = ClientConfig::default();
+        change(&mut config);
+        config.validate()
+    };
+    let refused = |result: Result<(), ClientError>, field: &str| match result {
+        Err(ClientError::InvalidConfig { field: named, .. }) => assert_eq!(named, field),
+        other => panic!("{field}: expected a refusal, got {other:?}"),
+    };
+    refused(
+        with(|c| c.reconnect_backoff_ms_min = 0),
+        "reconnect_backoff_ms_min",
+    );
+    refused(with(|c| c.reconnect_timeout_ms = 0), "reconnect_timeout_ms");
+    refused(
+        with(|c| {
+            c.reconnect_backoff_ms_min = 10;
+            c.reconnect_backoff_ms_max = 9;
+        }),
+        "reconnect_backoff_ms_max",
+    );
+    // At the edges: 1 ms, and a maximum equal to the minimum.
+    with(|c| {
+        c.reconnect_backoff_ms_min = 1;
+        c.reconnect_backoff_ms_max = 1;
+        c.reconnect_timeout_ms = 1;
+    })
+    .unwrap();
+    // With reconnecting off, the reconnect settings are not used and not checked.
+    with(|c| {
+        c.reconnect = false;
+        c.reconnect_timeout_ms = 0;
+    })
+    .unwrap();
+    // The backoff never exceeds its cap, even for huge attempt counts.
+    for attempt in [1, 2, 10, 64, u32::MAX] {
+        assert!(super::backoff_delay(attempt, 20, 2_000) <= Duration::from_millis(2_000));
+    }
+    // Near the top of the range the doubling saturates instead of overflowing.
+    let cap = u64::MAX / 2;
+    assert!(super::backoff_delay(40, u64::MAX / 4, cap) <= Duration::from_millis(cap));
+}
