@@ -39,9 +39,9 @@ fn seen(records: &[ConsumedRecord]) -> Vec<(u32, u64, String)> {
         .iter()
         .map(|consumed| {
             (
-                consumed.partition,
-                consumed.record.offset,
-                String::from_utf8_lossy(&consumed.record.value).into_owned(),
+                consumed.partition(),
+                consumed.offset(),
+                String::from_utf8_lossy(consumed.value()).into_owned(),
             )
         })
         .collect()
@@ -74,7 +74,7 @@ async fn one_poll_reads_every_partition_and_advances_positions() {
             (1, 2, "5".into()),
         ]
     );
-    assert!(records.iter().all(|consumed| &*consumed.topic == "t"));
+    assert!(records.iter().all(|consumed| consumed.topic() == "t"));
     for partition in 0..2 {
         assert_eq!(consumer.position("t", partition), Some(3));
         assert_eq!(consumer.high_watermark("t", partition), Some(3));

@@ -125,11 +125,11 @@ async fn consume_all(
             .await
             .unwrap_or_else(|error| panic!("poll failed after {total} records: {error}"));
         for record in records {
-            let value: u64 = std::str::from_utf8(&record.record.value)
+            let value: u64 = std::str::from_utf8(record.value())
                 .unwrap()
                 .parse()
                 .unwrap();
-            seen[record.partition as usize].push((record.record.offset, value));
+            seen[record.partition() as usize].push((record.offset(), value));
         }
         read.store(
             seen.iter().map(|records| records.len() as u64).sum(),

@@ -80,13 +80,13 @@ async fn consume_all(addr: std::net::SocketAddr, expected: usize) -> Contents {
             .expect("a poll answers within its long-poll bound")
             .expect("poll");
         for consumed in records {
-            let value = String::from_utf8(consumed.record.value.to_vec()).unwrap();
-            let previous = contents.insert((consumed.partition, consumed.record.offset), value);
+            let value = String::from_utf8(consumed.value().to_vec()).unwrap();
+            let previous = contents.insert((consumed.partition(), consumed.offset()), value);
             assert!(
                 previous.is_none(),
                 "offset {} of partition {} delivered twice",
-                consumed.record.offset,
-                consumed.partition
+                consumed.offset(),
+                consumed.partition()
             );
         }
     }

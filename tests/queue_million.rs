@@ -216,7 +216,7 @@ async fn dead_letters(
                 Err(error) => panic!("reading the DLQ: {error}"),
             };
             for consumed in polled {
-                let record = consumed.record;
+                let record = consumed.into_record();
                 let header = |name: &str| {
                     record
                         .headers

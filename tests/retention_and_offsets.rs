@@ -164,8 +164,8 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
             .unwrap();
         assert_eq!(first, start);
         let records = consumer.poll().await.unwrap();
-        assert_eq!(records[0].record.offset, start);
-        assert_eq!(records[0].record.value, format!("{start:01000}").as_bytes());
+        assert_eq!(records[0].offset(), start);
+        assert_eq!(records[0].value(), format!("{start:01000}").as_bytes());
 
         // Changed later: an age limit of 1 ms deletes every sealed segment; the active
         // one always stays.
@@ -268,7 +268,7 @@ fn offsets_are_listed_by_time_and_at_both_ends() {
             .unwrap();
         assert_eq!(start, 3);
         let records = consumer.poll().await.unwrap();
-        assert_eq!(records[0].record.value, "at-2500".as_bytes());
+        assert_eq!(records[0].value(), "at-2500".as_bytes());
         match client.list_offsets("times", &[(1, 0)]).await {
             Err(ClientError::UnknownPartition {
                 topic, partition, ..

@@ -46,8 +46,8 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::client::{
-    Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, SendHandle, StartPosition,
+    Acks, Client, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    SendHandle, StartPosition,
 };
 use crate::placement;
 use crate::protocol::batch::{BATCH_HEADER_SIZE, RECORD_OVERHEAD};
@@ -1227,15 +1227,12 @@ async fn run_consumer(
         }
         let now = now_ns();
         last_progress = Instant::now();
-        for ConsumedRecord {
-            partition, record, ..
-        } in &records
-        {
+        for record in &records {
             if limit.is_some_and(|limit| consumed_here >= limit) {
                 break;
             }
             let header = verifier
-                .check(*partition, record.offset, &record.value)
+                .check(record.partition(), record.offset(), record.value())
                 .map_err(BenchError::Verification)?;
             consumed_here += 1;
             result.verified += 1;

@@ -1197,14 +1197,14 @@ fn bench(command: BenchCommand) -> Result<(), CliError> {
 /// One line of `consume --json`.
 pub fn record_json(consumed: &ConsumedRecord) -> serde_json::Value {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    let record = &consumed.record;
+    let record = consumed.record();
     let headers: serde_json::Map<String, serde_json::Value> = record
         .headers
         .iter()
         .map(|(name, value)| (name.clone(), serde_json::Value::String(text(value))))
         .collect();
     json!({
-        "partition": consumed.partition,
+        "partition": consumed.partition(),
         "offset": record.offset,
         "key": record.key.as_deref().map(text),
         "timestamp_ms": record.timestamp_ms,
@@ -1284,7 +1284,7 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
             if args.json {
                 output.extend_from_slice(record_json(consumed).to_string().as_bytes());
             } else {
-                output.extend_from_slice(&consumed.record.value);
+                output.extend_from_slice(consumed.value());
             }
             output.push(b'\n');
             remaining = remaining.map(|count| count - 1);
@@ -1313,9 +1313,9 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
 fn rewind_to_unprinted(consumer: &mut Consumer, unprinted: &[ConsumedRecord]) {
     let mut rewound: Vec<(&str, u32)> = Vec::new();
     for consumed in unprinted {
-        let key = (&*consumed.topic, consumed.partition);
+        let key = (consumed.topic(), consumed.partition());
         if !rewound.contains(&key) {
-            consumer.assign(key.0, key.1, consumed.record.offset);
+            consumer.assign(key.0, key.1, consumed.offset());
             rewound.push(key);
         }
     }
@@ -1546,17 +1546,17 @@ mod tests {
 
     #[test]
     fn json_line_has_every_field_and_is_lossy() {
-        let consumed = ConsumedRecord {
-            topic: "t".into(),
-            partition: 2,
-            record: shardq::client::Record {
+        let consumed = ConsumedRecord::new(
+            "t",
+            2,
+            shardq::client::Record {
                 offset: 7,
                 timestamp_ms: 1_000,
                 key: Some(Bytes::from_static(b"k\xff")),
                 value: Bytes::from_static(b"hello"),
                 headers: vec![("h".into(), Bytes::from_static(b"v"))],
             },
-        };
+        );
         assert_eq!(
             record_json(&consumed),
             json!({

@@ -15,9 +15,18 @@
 //! processed): after a crash the group re-reads at most what was handed out since the last
 //! commit (at-least-once).
 
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_core::Stream;
+
+use super::groups::CommittedPosition;
 use super::{Client, ClientError, TIMESTAMP_LATEST};
 use crate::protocol::batch::{decode_records, Record};
 use crate::protocol::{ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
@@ -158,31 +167,201 @@ impl ConsumerConfig {
     }
 }
 
-/// A record with where it came from.
+/// A record with the topic and partition it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumedRecord {
-    pub topic: Arc<str>,
-    pub partition: u32,
-    pub record: Record,
+    topic: Arc<str>,
+    partition: u32,
+    record: Record,
 }
 
-#[derive(Debug, Clone)]
-struct Position {
+impl ConsumedRecord {
+    /// A record as if read from `partition` of `topic`: for testing code that handles
+    /// records.
+    pub fn new(topic: &str, partition: u32, record: Record) -> ConsumedRecord {
+        ConsumedRecord {
+            topic: Arc::from(topic),
+            partition,
+            record,
+        }
+    }
+
+    /// The topic the record was read from.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition the record was read from.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The record's offset in its partition.
+    pub fn offset(&self) -> u64 {
+        self.record.offset
+    }
+
+    /// The producer's timestamp, in ms since the epoch.
+    pub fn timestamp_ms(&self) -> i64 {
+        self.record.timestamp_ms
+    }
+
+    /// The record's key, if it was produced with one.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.record.key.as_ref()
+    }
+
+    /// The record's value.
+    pub fn value(&self) -> &Bytes {
+        &self.record.value
+    }
+
+    /// The record's headers, in the order they were produced.
+    pub fn headers(&self) -> &[(String, Bytes)] {
+        &self.record.headers
+    }
+
+    /// The record without its topic and partition.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The record, taken out (its key, value and headers are not copied).
+    pub fn into_record(self) -> Record {
+        self.record
+    }
+}
+
+/// One partition a [`Consumer`] reads: where it is, and how far behind the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
     topic: Arc<str>,
     partition: u32,
     offset: u64,
     high_watermark: Option<u64>,
+    log_start_offset: Option<u64>,
     /// What the group has on record for this partition, as far as this consumer knows.
     committed: Option<u64>,
 }
 
-/// Reads several partitions, keeping the next offset of each.
-#[derive(Debug)]
+impl Assignment {
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The next offset the consumer hands out: one past the last record it handed out,
+    /// or where the partition was assigned.
+    pub fn position(&self) -> u64 {
+        self.offset
+    }
+
+    /// One past the last offset the broker had when the consumer last heard from it
+    /// (assigning with [`Consumer::assign_from`] or [`Consumer::assign_topic`], a fetch,
+    /// or [`Consumer::refresh_watermarks`]). `None` after a plain [`Consumer::assign`]
+    /// until the first of those.
+    pub fn high_watermark(&self) -> Option<u64> {
+        self.high_watermark
+    }
+
+    /// The first offset still stored, when last heard (as for `high_watermark`).
+    pub fn log_start_offset(&self) -> Option<u64> {
+        self.log_start_offset
+    }
+
+    /// The group's committed offset for this partition, as far as this consumer knows
+    /// (read at assignment, then what it committed); `None` without a group or before the
+    /// group's first commit.
+    pub fn committed(&self) -> Option<u64> {
+        self.committed
+    }
+
+    /// Records stored but not yet handed out: `high_watermark - position` (0 at the end of
+    /// the partition); `None` while the high watermark is unknown.
+    pub fn lag(&self) -> Option<u64> {
+        self.high_watermark
+            .map(|high_watermark| high_watermark.saturating_sub(self.offset))
+    }
+
+    /// Whether every record stored when last heard has been handed out; `None` while the
+    /// high watermark is unknown.
+    pub fn at_end(&self) -> Option<bool> {
+        self.lag().map(|lag| lag == 0)
+    }
+
+    fn is(&self, topic: &str, partition: u32) -> bool {
+        &*self.topic == topic && self.partition == partition
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + Sync>>;
+
+/// The one request a consumer has out, kept across cancelled polls so that the next poll
+/// picks up its answer instead of asking again.
+enum InFlight {
+    /// An automatic commit of `offsets`; the future says how many of its topics were
+    /// committed and the error that stopped it, if any.
+    Commit {
+        offsets: Vec<TopicOffsets>,
+        future: BoxFuture<(usize, Option<ClientError>)>,
+    },
+    Fetch(BoxFuture<Result<FetchResponse, ClientError>>),
+}
+
+/// Positions of one topic to commit: `(partition, offset)`.
+type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
+
+/// Reads several partitions, keeping the next offset of each: by [`Consumer::poll`], or
+/// as a [`Stream`] of records (the `Consumer` itself) or of batches
+/// ([`Consumer::batches`]).
+///
+/// Guarantees:
+/// - records of a partition come in offset order, each batch's CRC32C checked, none
+///   skipped and none twice (unless the caller assigns an earlier offset);
+/// - a position moves only past records handed to the caller, so an error loses nothing:
+///   the next poll reads the same offsets again;
+/// - positions live in memory; only a stream group's commits (`ConsumerConfig::group`)
+///   keep them across restarts of the program;
+/// - over a broker restart the consumer reads on from its positions, as its [`Client`]
+///   reconnects (`ClientConfig::reconnect`).
+///
+/// # Cancel safety
+/// [`Consumer::poll`], [`Consumer::poll_with_wait`] and the streams are cancel safe: a
+/// fetch (or automatic commit) still in flight when the poll is dropped is kept, and the
+/// next poll takes its answer rather than sending another. Records fetched but not yet
+/// handed out stay buffered, their positions not moved. Assigning or unassigning a
+/// partition drops the fetch in flight and the buffer (positions are unchanged, so they
+/// are read again).
 pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
-    positions: Vec<Position>,
+    assignments: Vec<Assignment>,
     last_commit: Instant,
+    /// Fetched and not yet handed out, with the index of their assignment; no position
+    /// has moved past them. Emptied whenever `assignments` changes, so the indexes hold.
+    buffered: VecDeque<(usize, ConsumedRecord)>,
+    in_flight: Option<InFlight>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .field("assignments", &self.assignments)
+            .field("buffered", &self.buffered.len())
+            .field(
+                "in_flight",
+                &match self.in_flight {
+                    None => "none",
+                    Some(InFlight::Commit { .. }) => "commit",
+                    Some(InFlight::Fetch(_)) => "fetch",
+                },
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Consumer {
@@ -190,8 +369,10 @@ impl Consumer {
         Consumer {
             client,
             config,
-            positions: Vec::new(),
+            assignments: Vec::new(),
             last_commit: Instant::now(),
+            buffered: VecDeque::new(),
+            in_flight: None,
         }
     }
 
@@ -204,73 +385,135 @@ impl Consumer {
         &self.client
     }
 
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
     /// Reads `partition` of `topic` from `offset` on (replacing an earlier position). The
-    /// group's committed offset is not consulted: `offset` is where reading starts.
+    /// group's committed offset is not consulted: `offset` is where reading starts. The
+    /// high watermark stays unknown until the first fetch.
     pub fn assign(&mut self, topic: &str, partition: u32, offset: u64) {
         self.assign_known(topic, partition, offset, None);
     }
 
+    /// Stops reading `partition` of `topic`; false when it was not assigned.
+    pub fn unassign(&mut self, topic: &str, partition: u32) -> bool {
+        let before = self.assignments.len();
+        self.assignments
+            .retain(|assignment| !assignment.is(topic, partition));
+        let removed = self.assignments.len() != before;
+        if removed {
+            self.assignments_changed();
+        }
+        removed
+    }
+
+    /// The partitions this consumer reads, in the order they were assigned.
+    pub fn assignments(&self) -> impl ExactSizeIterator<Item = &Assignment> + '_ {
+        self.assignments.iter()
+    }
+
+    /// One partition's assignment, if assigned.
+    pub fn assignment(&self, topic: &str, partition: u32) -> Option<&Assignment> {
+        self.find(topic, partition)
+    }
+
     fn assign_known(&mut self, topic: &str, partition: u32, offset: u64, committed: Option<u64>) {
         match self
-            .positions
+            .assignments
             .iter_mut()
-            .find(|position| &*position.topic == topic && position.partition == partition)
+            .find(|assignment| assignment.is(topic, partition))
         {
-            Some(position) => {
-                position.offset = offset;
+            Some(assignment) => {
+                assignment.offset = offset;
                 if committed.is_some() {
-                    position.committed = committed;
+                    assignment.committed = committed;
                 }
             }
-            None => self.positions.push(Position {
+            None => self.assignments.push(Assignment {
                 topic: Arc::from(topic),
                 partition,
                 offset,
                 high_watermark: None,
+                log_start_offset: None,
                 committed,
             }),
+        }
+        self.assignments_changed();
+    }
+
+    /// What was fetched for the old assignments is dropped; positions did not move past
+    /// it, so it is read again.
+    fn assignments_changed(&mut self) {
+        self.buffered.clear();
+        self.in_flight = None;
+    }
+
+    fn learn_offsets(&mut self, topic: &str, partition: u32, offsets: (u64, u64)) {
+        if let Some(assignment) = self
+            .assignments
+            .iter_mut()
+            .find(|assignment| assignment.is(topic, partition))
+        {
+            assignment.log_start_offset = Some(offsets.0);
+            assignment.high_watermark = Some(offsets.1);
         }
     }
 
     /// Resolves where to read `partition` from, assigns it and returns the offset: the
     /// group's committed offset when the consumer has a group that committed this
-    /// partition, else `start` resolved against the broker.
+    /// partition, else `start` resolved against the broker. Learns the partition's high
+    /// watermark, so [`Assignment::lag`] is known at once.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] when the broker
+    /// has no such partition; any error of the requests it makes.
     pub async fn assign_from(
         &mut self,
         topic: &str,
         partition: u32,
         start: StartPosition,
     ) -> Result<u64, ClientError> {
-        if let Some(group) = &self.config.group {
-            let committed = self
-                .client
-                .committed_offsets(group, topic, &[partition])
-                .await?;
-            let resume = committed
-                .iter()
-                .find(|position| position.partition == partition)
-                .and_then(|position| position.resume_offset().map(|offset| (position, offset)));
-            if let Some((position, offset)) = resume {
-                let recorded = position.offset;
-                self.assign_known(topic, partition, offset, recorded);
-                return Ok(offset);
+        let committed = match &self.config.group {
+            Some(group) => {
+                self.client
+                    .committed_offsets(group, topic, &[partition])
+                    .await?
             }
-        }
-        let offset = self.resolve_start(topic, partition, start).await?;
-        self.assign(topic, partition, offset);
+            None => Vec::new(),
+        };
+        let offsets = self.client.partition_offsets(topic, partition).await?;
+        let offset = self
+            .resolve(topic, partition, start, &committed, offsets)
+            .await?;
+        self.learn_offsets(topic, partition, offsets);
         Ok(offset)
     }
 
-    async fn resolve_start(
-        &self,
+    /// Assigns `partition` at the group's committed offset if it has one, else at
+    /// `start` (resolved with the partition's `(log_start_offset, high_watermark)`,
+    /// `offsets`, where that is enough); returns the offset.
+    async fn resolve(
+        &mut self,
         topic: &str,
         partition: u32,
         start: StartPosition,
+        committed: &[CommittedPosition],
+        offsets: (u64, u64),
     ) -> Result<u64, ClientError> {
+        let resume = committed
+            .iter()
+            .find(|position| position.partition == partition)
+            .and_then(|position| position.resume_offset().map(|offset| (position, offset)));
+        if let Some((position, offset)) = resume {
+            let recorded = position.offset;
+            self.assign_known(topic, partition, offset, recorded);
+            return Ok(offset);
+        }
         let offset = match start {
             StartPosition::Offset(offset) => offset,
-            StartPosition::Beginning => self.client.partition_offsets(topic, partition).await?.0,
-            StartPosition::End => self.client.partition_offsets(topic, partition).await?.1,
+            StartPosition::Beginning => offsets.0,
+            StartPosition::End => offsets.1,
             StartPosition::Time(timestamp_ms) => {
                 let answered = self
                     .client
@@ -288,10 +531,18 @@ impl Consumer {
                     })?
             }
         };
+        self.assign(topic, partition, offset);
         Ok(offset)
     }
 
-    /// Assigns every partition of `topic`, all from `start`; returns the partition count.
+    /// Assigns every partition of `topic`, each at the group's committed offset where it
+    /// has one, else from `start`; returns the partition count. Learns every partition's
+    /// high watermark.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] when the broker has no such topic; any error of the
+    /// requests it makes (a metadata request, one list-offsets request for all
+    /// partitions, and with a group one committed-offsets request).
     pub async fn assign_topic(
         &mut self,
         topic: &str,
@@ -308,164 +559,430 @@ impl Consumer {
         if let Some(error) = entry.error {
             return Err(ClientError::refusal(topic, None, error));
         }
-        // One request for every partition's committed offset, rather than one each.
+        let partitions: Vec<u32> = entry
+            .partitions
+            .iter()
+            .map(|partition| partition.partition)
+            .collect();
+        // One request for every partition's committed offset, and one for every
+        // partition's range, rather than one each.
         let committed = match &self.config.group {
             Some(group) => self.client.committed_offsets(group, topic, &[]).await?,
             None => Vec::new(),
         };
-        for partition in &entry.partitions {
-            let partition = partition.partition;
-            let resume = committed
-                .iter()
-                .find(|position| position.partition == partition)
-                .and_then(|position| position.resume_offset().map(|offset| (position, offset)));
-            match resume {
-                Some((position, offset)) => {
-                    let recorded = position.offset;
-                    self.assign_known(topic, partition, offset, recorded);
-                }
-                None => {
-                    let offset = self.resolve_start(topic, partition, start).await?;
-                    self.assign(topic, partition, offset);
+        let ranges = self.list_ranges(topic, &partitions).await?;
+        for (partition, offsets) in ranges {
+            self.resolve(topic, partition, start, &committed, offsets)
+                .await?;
+            self.learn_offsets(topic, partition, offsets);
+        }
+        Ok(partitions.len() as u32)
+    }
+
+    /// `(partition, (log_start_offset, high_watermark))` of each partition, in one request.
+    async fn list_ranges(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+    ) -> Result<Vec<(u32, (u64, u64))>, ClientError> {
+        let query: Vec<(u32, i64)> = partitions
+            .iter()
+            .map(|partition| (*partition, TIMESTAMP_LATEST))
+            .collect();
+        let answered = self.client.list_offsets(topic, &query).await?;
+        partitions
+            .iter()
+            .map(|partition| {
+                answered
+                    .iter()
+                    .find(|(answered, _)| answered == partition)
+                    .map(|(_, offsets)| {
+                        (
+                            *partition,
+                            (offsets.log_start_offset, offsets.high_watermark),
+                        )
+                    })
+                    .ok_or_else(|| ClientError::UnexpectedResponse {
+                        correlation_id: 0,
+                        reason: format!(
+                            "list offsets has no answer for {topic:?} partition {partition}"
+                        ),
+                    })
+            })
+            .collect()
+    }
+
+    /// Asks the broker for the high watermark and first stored offset of every assigned
+    /// partition (one request per topic), so [`Assignment::lag`] is current without
+    /// reading.
+    ///
+    /// # Errors
+    /// Any error of the list-offsets requests; assignments not yet refreshed keep what
+    /// they knew.
+    pub async fn refresh_watermarks(&mut self) -> Result<(), ClientError> {
+        for (topic, partitions) in self.assigned_by_topic(|_| true) {
+            let partitions: Vec<u32> = partitions.iter().map(|(partition, _)| *partition).collect();
+            for (partition, offsets) in self.list_ranges(&topic, &partitions).await? {
+                self.learn_offsets(&topic, partition, offsets);
+            }
+        }
+        Ok(())
+    }
+
+    /// The assignments `pick` selects, grouped by topic: `(partition, position)`.
+    fn assigned_by_topic(&self, pick: impl Fn(&Assignment) -> bool) -> Vec<TopicOffsets> {
+        let mut topics: Vec<TopicOffsets> = Vec::new();
+        for assignment in self
+            .assignments
+            .iter()
+            .filter(|assignment| pick(assignment))
+        {
+            let entry = (assignment.partition, assignment.offset);
+            match topics
+                .iter_mut()
+                .find(|(topic, _)| *topic == assignment.topic)
+            {
+                Some((_, partitions)) => partitions.push(entry),
+                None => topics.push((assignment.topic.clone(), vec![entry])),
+            }
+        }
+        topics
+    }
+
+    /// Positions that moved since the group last heard of them.
+    fn moved_positions(&self) -> Vec<TopicOffsets> {
+        self.assigned_by_topic(|assignment| assignment.committed != Some(assignment.offset))
+    }
+
+    /// Records that the group has `offsets` on record.
+    fn mark_committed(&mut self, offsets: &[TopicOffsets]) {
+        for (topic, partitions) in offsets {
+            for (partition, offset) in partitions {
+                if let Some(assignment) = self.assignments.iter_mut().find(|assignment| {
+                    assignment.topic == *topic && assignment.partition == *partition
+                }) {
+                    assignment.committed = Some(*offset);
                 }
             }
         }
-        Ok(entry.partitions.len() as u32)
     }
 
     /// Records every position that moved since the group last heard of it as the
-    /// group's committed offset (one request per topic), durably. Fails with
-    /// [`ClientError::NotInGroup`] when the consumer has no group.
+    /// group's committed offset (one request per topic), durably.
+    ///
+    /// # Errors
+    /// [`ClientError::NotInGroup`] when the consumer has no group;
+    /// [`ClientError::CommitRefused`] or any request error otherwise. Topics committed
+    /// before the error stay committed.
+    ///
+    /// # Cancel safety
+    /// Cancelling it may leave some topics committed and others not; the next commit
+    /// sends every position the group may not have.
     pub async fn commit(&mut self) -> Result<(), ClientError> {
         let Some(group) = self.config.group.clone() else {
             return Err(ClientError::NotInGroup);
         };
-        let mut topics: Vec<Arc<str>> = Vec::new();
-        for position in &self.positions {
-            if position.committed != Some(position.offset) && !topics.contains(&position.topic) {
-                topics.push(position.topic.clone());
+        let offsets = self.moved_positions();
+        let (committed, error) = commit_all(self.client.clone(), group, offsets.clone()).await;
+        self.mark_committed(&offsets[..committed]);
+        match error {
+            Some(error) => Err(error),
+            None => {
+                self.last_commit = Instant::now();
+                Ok(())
             }
         }
-        for topic in topics {
-            let offsets: Vec<(u32, u64)> = self
-                .positions
-                .iter()
-                .filter(|position| position.topic == topic)
-                .filter(|position| position.committed != Some(position.offset))
-                .map(|position| (position.partition, position.offset))
-                .collect();
-            self.client.commit_offsets(&group, &topic, &offsets).await?;
-            for position in &mut self.positions {
-                if position.topic == topic {
-                    if let Some((_, offset)) = offsets
-                        .iter()
-                        .find(|(partition, _)| *partition == position.partition)
-                    {
-                        position.committed = Some(*offset);
-                    }
-                }
-            }
-        }
-        self.last_commit = Instant::now();
-        Ok(())
     }
 
     /// The offset the group has on record for a partition, as far as this consumer knows
     /// (read at assignment, then what it committed).
     pub fn committed(&self, topic: &str, partition: u32) -> Option<u64> {
         self.find(topic, partition)
-            .and_then(|position| position.committed)
+            .and_then(|assignment| assignment.committed)
     }
 
-    /// The next offset to read, if assigned.
+    /// The next offset to hand out, if assigned.
     pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.find(topic, partition).map(|position| position.offset)
+        self.find(topic, partition)
+            .map(|assignment| assignment.offset)
     }
 
-    /// The high watermark the last poll saw, if any.
+    /// The partition's high watermark when last heard (see
+    /// [`Assignment::high_watermark`]).
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<u64> {
         self.find(topic, partition)
-            .and_then(|position| position.high_watermark)
+            .and_then(|assignment| assignment.high_watermark)
     }
 
-    fn find(&self, topic: &str, partition: u32) -> Option<&Position> {
-        self.positions
+    /// Records of the partition not yet handed out (see [`Assignment::lag`]).
+    pub fn lag(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.find(topic, partition).and_then(Assignment::lag)
+    }
+
+    /// The lag summed over every assignment; `None` while any is unknown.
+    pub fn total_lag(&self) -> Option<u64> {
+        self.assignments.iter().map(Assignment::lag).sum()
+    }
+
+    fn find(&self, topic: &str, partition: u32) -> Option<&Assignment> {
+        self.assignments
             .iter()
-            .find(|position| &*position.topic == topic && position.partition == partition)
+            .find(|assignment| assignment.is(topic, partition))
     }
 
-    /// One Fetch naming every assigned partition, waiting up to `wait_ms_max` when none
-    /// has new records. Records are grouped by partition, in offset order within each.
+    /// The records fetched and not yet handed out, or one Fetch naming every assigned
+    /// partition, waiting up to `wait_ms_max` when none has new records (then the result
+    /// is empty). Records are grouped by partition, in offset order within each. With
+    /// `auto_commit_interval` set, commits first when it is due.
+    ///
+    /// # Errors
+    /// Any error of the fetch or the automatic commit (nothing is lost: positions do not
+    /// move); [`ClientError::OffsetOutOfRange`] when a position fell out of the stored
+    /// range (see [`is_offset_out_of_range`]); [`ClientError::Batch`] when a batch fails
+    /// its CRC.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: see [`Consumer`].
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
         self.poll_with_wait(self.config.wait_ms_max).await
     }
 
-    /// As [`Consumer::poll`], with this call's own long-poll limit.
+    /// As [`Consumer::poll`], with this call's own long-poll limit (a fetch already in
+    /// flight from a cancelled poll keeps the limit it was sent with).
     pub async fn poll_with_wait(
         &mut self,
         wait_ms_max: u32,
     ) -> Result<Vec<ConsumedRecord>, ClientError> {
-        if self.positions.is_empty() {
-            return Ok(Vec::new());
+        if self.buffered.is_empty() {
+            if self.assignments.is_empty() {
+                return Ok(Vec::new());
+            }
+            poll_fn(|cx| self.poll_fetch(cx, wait_ms_max)).await?;
         }
-        if let (Some(_), Some(interval)) = (&self.config.group, self.config.auto_commit_interval) {
+        let mut records = Vec::with_capacity(self.buffered.len());
+        while let Some(record) = self.hand_out() {
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// A stream of the records, one poll's worth at a time (never an empty one); see
+    /// [`Batches`].
+    pub fn batches(&mut self) -> Batches<'_> {
+        Batches { consumer: self }
+    }
+
+    /// The next buffered record, its position moved past it.
+    fn hand_out(&mut self) -> Option<ConsumedRecord> {
+        let (index, record) = self.buffered.pop_front()?;
+        self.assignments[index].offset = record.offset() + 1;
+        Some(record)
+    }
+
+    /// Drives the request in flight (starting one when there is none) until one fetch has
+    /// been answered and its records buffered (possibly none: the long-poll expired).
+    /// Needs an assignment and an empty buffer.
+    fn poll_fetch(
+        &mut self,
+        cx: &mut Context<'_>,
+        wait_ms_max: u32,
+    ) -> Poll<Result<(), ClientError>> {
+        debug_assert!(self.buffered.is_empty() && !self.assignments.is_empty());
+        loop {
+            match &mut self.in_flight {
+                None => self.in_flight = Some(self.start_request(wait_ms_max)),
+                Some(InFlight::Commit { future, .. }) => {
+                    let (committed, error) = ready!(future.as_mut().poll(cx));
+                    let Some(InFlight::Commit { offsets, .. }) = self.in_flight.take() else {
+                        unreachable!("the commit just polled is in flight");
+                    };
+                    self.mark_committed(&offsets[..committed]);
+                    if let Some(error) = error {
+                        return Poll::Ready(Err(error));
+                    }
+                    self.last_commit = Instant::now();
+                    // The fetch goes out next time round.
+                    self.in_flight = Some(self.fetch(wait_ms_max));
+                }
+                Some(InFlight::Fetch(future)) => {
+                    let answer = ready!(future.as_mut().poll(cx));
+                    self.in_flight = None;
+                    return Poll::Ready(answer.and_then(|response| self.take_in(&response)));
+                }
+            }
+        }
+    }
+
+    /// An automatic commit when one is due, else the fetch.
+    fn start_request(&self, wait_ms_max: u32) -> InFlight {
+        if let (Some(group), Some(interval)) =
+            (&self.config.group, self.config.auto_commit_interval)
+        {
             if self.last_commit.elapsed() >= interval {
-                self.commit().await?;
+                let offsets = self.moved_positions();
+                let future = Box::pin(commit_all(
+                    self.client.clone(),
+                    group.clone(),
+                    offsets.clone(),
+                ));
+                return InFlight::Commit { offsets, future };
             }
         }
+        self.fetch(wait_ms_max)
+    }
+
+    fn fetch(&self, wait_ms_max: u32) -> InFlight {
+        let client = self.client.clone();
         let request = self.fetch_request(wait_ms_max);
-        let response = self.client.fetch(request).await?;
-        // Decode everything before moving any position, so an error loses nothing.
-        let mut decoded = Vec::with_capacity(self.positions.len());
-        for position in &self.positions {
-            let fetched = fetch_records_from_response(
-                &response,
-                &position.topic,
-                position.partition,
-                position.offset,
-            )?;
-            decoded.push(fetched);
+        InFlight::Fetch(Box::pin(async move { client.fetch(request).await }))
+    }
+
+    /// Decodes every partition of `response` into the buffer, learning watermarks; all or
+    /// nothing, so an error loses no record.
+    fn take_in(&mut self, response: &FetchResponse) -> Result<(), ClientError> {
+        let mut decoded = Vec::with_capacity(self.assignments.len());
+        for assignment in &self.assignments {
+            decoded.push(fetch_records_from_response(
+                response,
+                &assignment.topic,
+                assignment.partition,
+                assignment.offset,
+            )?);
         }
-        let mut consumed = Vec::new();
-        for (position, fetched) in self.positions.iter_mut().zip(decoded) {
-            position.high_watermark = Some(fetched.high_watermark);
-            if let Some(last) = fetched.records.last() {
-                position.offset = last.offset + 1;
-            }
-            consumed.extend(fetched.records.into_iter().map(|record| ConsumedRecord {
-                topic: position.topic.clone(),
-                partition: position.partition,
-                record,
-            }));
+        for (index, (assignment, fetched)) in self.assignments.iter_mut().zip(decoded).enumerate() {
+            assignment.high_watermark = Some(fetched.high_watermark);
+            assignment.log_start_offset = Some(fetched.log_start_offset);
+            self.buffered
+                .extend(fetched.records.into_iter().map(|record| {
+                    (
+                        index,
+                        ConsumedRecord {
+                            topic: assignment.topic.clone(),
+                            partition: assignment.partition,
+                            record,
+                        },
+                    )
+                }));
         }
-        Ok(consumed)
+        Ok(())
     }
 
     fn fetch_request(&self, wait_ms_max: u32) -> FetchRequest {
-        let mut topics: Vec<FetchTopic> = Vec::new();
-        for position in &self.positions {
-            let partition = FetchPartition {
-                partition: position.partition,
-                offset: position.offset,
-                bytes_max: self.config.partition_bytes_max,
-            };
-            match topics
-                .iter_mut()
-                .find(|topic| *topic.name == *position.topic)
-            {
-                Some(topic) => topic.partitions.push(partition),
-                None => topics.push(FetchTopic {
-                    name: position.topic.to_string(),
-                    partitions: vec![partition],
-                }),
-            }
-        }
+        let topics = self
+            .assigned_by_topic(|_| true)
+            .into_iter()
+            .map(|(topic, partitions)| FetchTopic {
+                name: topic.to_string(),
+                partitions: partitions
+                    .into_iter()
+                    .map(|(partition, offset)| FetchPartition {
+                        partition,
+                        offset,
+                        bytes_max: self.config.partition_bytes_max,
+                    })
+                    .collect(),
+            })
+            .collect();
         FetchRequest {
             wait_ms_max,
             bytes_max: self.config.bytes_max,
             topics,
         }
     }
+
+    /// One record at a time, for the [`Stream`] implementations.
+    fn poll_next_record(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<ConsumedRecord, ClientError>>> {
+        loop {
+            if let Some(record) = self.hand_out() {
+                return Poll::Ready(Some(Ok(record)));
+            }
+            if self.assignments.is_empty() {
+                return Poll::Ready(None);
+            }
+            match ready!(self.poll_fetch(cx, self.config.wait_ms_max)) {
+                Ok(()) => {}
+                Err(ClientError::Closed) => return Poll::Ready(None),
+                Err(error) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+    }
+}
+
+/// The consumer as a stream of records, in the order [`Consumer::poll`] would hand them
+/// out, each moving its partition's position past it as it is yielded.
+///
+/// An error is yielded as an item and the stream goes on: polling again retries what
+/// failed, having lost nothing (an [`ClientError::OffsetOutOfRange`] stays until the
+/// partition is assigned elsewhere). The stream ends when nothing is assigned or the
+/// client is closed; it yields again once something is assigned.
+///
+/// # Cancel safety
+/// Cancel safe (a `next()` dropped in a `select!` loses nothing and wastes no fetch): see
+/// [`Consumer`].
+impl Stream for Consumer {
+    type Item = Result<ConsumedRecord, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_next_record(cx)
+    }
+}
+
+/// A [`Consumer`]'s records as a stream of batches: each item is what one
+/// [`Consumer::poll`] returns, never empty (a long-poll that expires with nothing new
+/// yields nothing). Ends, yields errors and is cancel safe as the record stream is.
+#[derive(Debug)]
+pub struct Batches<'a> {
+    consumer: &'a mut Consumer,
+}
+
+impl Batches<'_> {
+    /// The consumer, for its assignments, lag and commits between items.
+    pub fn consumer(&mut self) -> &mut Consumer {
+        self.consumer
+    }
+}
+
+impl Stream for Batches<'_> {
+    type Item = Result<Vec<ConsumedRecord>, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let consumer = &mut *self.get_mut().consumer;
+        loop {
+            if !consumer.buffered.is_empty() {
+                let mut records = Vec::with_capacity(consumer.buffered.len());
+                while let Some(record) = consumer.hand_out() {
+                    records.push(record);
+                }
+                return Poll::Ready(Some(Ok(records)));
+            }
+            if consumer.assignments.is_empty() {
+                return Poll::Ready(None);
+            }
+            match ready!(consumer.poll_fetch(cx, consumer.config.wait_ms_max)) {
+                Ok(()) => {}
+                Err(ClientError::Closed) => return Poll::Ready(None),
+                Err(error) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+    }
+}
+
+/// Commits `offsets` for `group`, one request per topic, in order; returns how many topics
+/// were committed and the error that stopped it.
+async fn commit_all(
+    client: Client,
+    group: String,
+    offsets: Vec<TopicOffsets>,
+) -> (usize, Option<ClientError>) {
+    for (done, (topic, partitions)) in offsets.iter().enumerate() {
+        if let Err(error) = client.commit_offsets(&group, topic, partitions).await {
+            return (done, Some(error));
+        }
+    }
+    (offsets.len(), None)
 }
 
 /// Whether an error means the position is outside the stored log (too old or past the

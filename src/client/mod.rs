@@ -14,7 +14,7 @@
 //! let mut consumer = Consumer::new(client.clone(), config);
 //! consumer.assign_topic("orders", StartPosition::Beginning).await?;
 //! for record in consumer.poll().await? {
-//!     println!("{} {}", record.partition, record.record.offset);
+//!     println!("{} {}", record.partition(), record.offset());
 //! }
 //! consumer.commit().await?;
 //! // A queue group: lease, then settle.
@@ -91,8 +91,8 @@ pub use crate::protocol::{
     Acks, ErrorCode, PartitionOffsets, Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
 };
 pub use consumer::{
-    fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,
-    FetchedRecords, StartPosition,
+    fetch_records_from_response, is_offset_out_of_range, Assignment, Batches, ConsumedRecord,
+    Consumer, ConsumerConfig, FetchedRecords, StartPosition,
 };
 pub use groups::CommittedPosition;
 pub use producer::{Producer, ProducerConfig, ProducerRecord, RecordMetadata, SendHandle};

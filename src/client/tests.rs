@@ -897,3 +897,135 @@ fn reconnect_settings_are_validated_at_their_edges() {
     let cap = u64::MAX / 2;
     assert!(super::backoff_delay(40, u64::MAX / 4, cap) <= Duration::from_millis(cap));
 }
+
+/// A fetch answer for partition 0 of `t`: `values` stored from `base_offset` on, in one
+/// batch, with the high watermark just past them.
+fn fetch_answer(base_offset: u64, values: &[&'static [u8]]) -> ResponseBody {
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    for value in values {
+        builder.push(5, None, value, &[]);
+    }
+    let mut batch = BytesMut::from(&builder.finish()[..]);
+    crate::protocol::batch::stamp_batch(&mut batch, base_offset, 5);
+    ResponseBody::Fetch(FetchResponse {
+        topics: vec![crate::protocol::FetchTopicResult {
+            name: "t".into(),
+            partitions: vec![crate::protocol::FetchPartitionResult {
+                partition: 0,
+                data: crate::protocol::FetchPartitionData {
+                    log_start_offset: 0,
+                    high_watermark: base_offset + values.len() as u64,
+                    batches: Ok(batch.freeze()),
+                },
+            }],
+        }],
+    })
+}
+
+/// The offset a fetch asks of partition 0 of `t`.
+fn fetch_offset(request: &Request) -> u64 {
+    match request {
+        Request::Fetch(fetch) => fetch.topics[0].partitions[0].offset,
+        other => panic!("expected a fetch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_poll_leaves_its_fetch_for_the_next_poll_to_take() {
+    let (listener, address) = listen().await;
+    let (answer_now, answer) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (header, first) = connection.read_request().await.unwrap();
+        assert_eq!(fetch_offset(&first), 0);
+        // Answered only after the poll that sent it was cancelled.
+        answer.await.unwrap();
+        connection
+            .respond(&header, Ok(&fetch_answer(0, &[b"a", b"b", b"c"])))
+            .await;
+        // Had the cancelled fetch been dropped, the next poll would ask for offset 0
+        // again; it must take the answer above and ask from 3.
+        let (header, second) = connection.read_request().await.unwrap();
+        assert_eq!(fetch_offset(&second), 3, "the fetch was sent twice");
+        connection
+            .respond(&header, Ok(&fetch_answer(3, &[b"d"])))
+            .await;
+        connection
+    });
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    consumer.assign("t", 0, 0);
+    // The request is out once the client has written it: poll until then and drop it.
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), consumer.poll()).await;
+    assert!(
+        cancelled.is_err(),
+        "the fetch was never answered: {cancelled:?}"
+    );
+    assert_eq!(consumer.position("t", 0), Some(0));
+    answer_now.send(()).unwrap();
+    let values = |records: Vec<ConsumedRecord>| -> Vec<(u64, Bytes)> {
+        records
+            .into_iter()
+            .map(|record| (record.offset(), record.value().clone()))
+            .collect()
+    };
+    let first = tokio::time::timeout(Duration::from_secs(20), consumer.poll())
+        .await
+        .expect("the kept fetch's answer")
+        .unwrap();
+    assert_eq!(
+        values(first),
+        vec![
+            (0, Bytes::from_static(b"a")),
+            (1, Bytes::from_static(b"b")),
+            (2, Bytes::from_static(b"c"))
+        ]
+    );
+    assert_eq!(consumer.lag("t", 0), Some(0));
+    let second = tokio::time::timeout(Duration::from_secs(20), consumer.poll())
+        .await
+        .expect("the second fetch's answer")
+        .unwrap();
+    assert_eq!(values(second), vec![(3, Bytes::from_static(b"d"))]);
+    drop(peer.await.unwrap());
+}
+
+#[tokio::test]
+async fn assigning_drops_the_fetch_in_flight_and_reads_from_the_new_position() {
+    let (listener, address) = listen().await;
+    let (answer_now, answer) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (stale_header, stale) = connection.read_request().await.unwrap();
+        assert_eq!(fetch_offset(&stale), 0);
+        answer.await.unwrap();
+        // The stale fetch's answer arrives after the reassignment and must be ignored.
+        connection
+            .respond(&stale_header, Ok(&fetch_answer(0, &[b"old"])))
+            .await;
+        let (header, fresh) = connection.read_request().await.unwrap();
+        assert_eq!(fetch_offset(&fresh), 10);
+        connection
+            .respond(&header, Ok(&fetch_answer(10, &[b"new"])))
+            .await;
+        connection
+    });
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    consumer.assign("t", 0, 0);
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), consumer.poll()).await;
+    assert!(
+        cancelled.is_err(),
+        "the fetch was never answered: {cancelled:?}"
+    );
+    consumer.assign("t", 0, 10);
+    answer_now.send(()).unwrap();
+    let records = tokio::time::timeout(Duration::from_secs(20), consumer.poll())
+        .await
+        .expect("the new fetch's answer")
+        .unwrap();
+    let offsets: Vec<u64> = records.iter().map(ConsumedRecord::offset).collect();
+    assert_eq!(offsets, vec![10]);
+    assert_eq!(consumer.position("t", 0), Some(11));
+    drop(peer.await.unwrap());
+}
