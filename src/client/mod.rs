@@ -491,8 +491,8 @@ pub struct ClientConfig {
     /// `reconnect_backoff_ms_max`, with full jitter.
     pub reconnect_backoff_ms_min: u64,
     pub reconnect_backoff_ms_max: u64,
-    /// How long one reconnect keeps trying before the requests waiting for it fail with
-    /// [`ClientError::Connect`]. The next request starts another.
+    /// How long one request waits for the broker to come back before it fails with
+    /// [`ClientError::Connect`]. The next request tries again.
     pub reconnect_timeout_ms: u64,
     /// TCP keepalive on every connection: after this long with nothing received the
     /// kernel sends a probe, then another every this long, and gives the connection up
@@ -579,7 +579,9 @@ impl ClientConfig {
 /// Reconnecting: a request that finds the connection broken starts a reconnect, a task
 /// the client owns, which opens a new connection to the same address (resolved again),
 /// retrying with exponential backoff for up to `reconnect_timeout_ms`; that request and
-/// every other that finds the connection broken meanwhile wait for it. A request
+/// every other that finds the connection broken meanwhile wait for it (so one that comes
+/// late waits less). If it gives up, every request waiting fails with
+/// [`ClientError::Connect`], and the next request starts another. A request
 /// cancelled while it waits (a `timeout` or `select!` around it) leaves the reconnect
 /// running, its attempts and backoff where they are, and the next request uses the
 /// connection it makes. [`Client::close`] ends it at once, and so does dropping the last
@@ -771,6 +773,9 @@ impl Client {
             return Err(ClientError::Closed);
         }
         let Some(mut outcome) = self.join_reconnect() else {
+            if self.is_closed() {
+                return Err(ClientError::Closed);
+            }
             return Ok(self.session_now());
         };
         let outcome = tokio::select! {
@@ -794,7 +799,8 @@ impl Client {
     }
 
     /// The outcome channel of the reconnect running, starting one if none runs; `None`
-    /// when the connection is whole again (a reconnect finished since the caller looked).
+    /// when the connection is whole again (a reconnect finished since the caller looked)
+    /// or the client is closed.
     fn join_reconnect(&self) -> Option<watch::Receiver<ReconnectOutcome>> {
         let mut reconnect = self
             .inner
@@ -807,9 +813,10 @@ impl Client {
         {
             return Some(running.outcome.clone());
         }
-        // Checked under the lock, so two callers never start two reconnects, and one
-        // that just succeeded is not redone.
-        if !self.session_now().connection.is_broken() {
+        // Checked under the lock, so two callers never start two reconnects, one that
+        // just succeeded is not redone, and none starts after `close` (which sets
+        // `closed` before it takes the lock to abort the one running).
+        if self.is_closed() || !self.session_now().connection.is_broken() {
             return None;
         }
         let (sender, outcome) = watch::channel(None);
