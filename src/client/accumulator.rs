@@ -174,6 +174,18 @@ impl Accumulator {
         }
     }
 
+    /// The largest batch built from now on.
+    pub(super) fn batch_bytes_max(&self) -> usize {
+        self.limits.batch_bytes_max
+    }
+
+    /// Builds batches to `batch_bytes_max` from now on (the producer's limit after a
+    /// reconnect to a broker with other limits). Batches already sealed keep their size;
+    /// an open batch already past it takes no more records (the next append seals it).
+    pub(super) fn set_batch_bytes_max(&mut self, batch_bytes_max: usize) {
+        self.limits.batch_bytes_max = batch_bytes_max;
+    }
+
     /// Appends a routed record; says which batch took it, at which index, and whether a
     /// batch was sealed (so the sender needs waking). `budget` is the memory reserved for
     /// the record, kept until its batch completes.
@@ -194,7 +206,8 @@ impl Accumulator {
         let partitions = self.topics.entry(topic_key.clone()).or_default();
         let queue = partitions.entry(partition).or_default();
         // Seal first if this record would overflow the open batch; a record larger than
-        // the limit on its own still goes out, alone, and the broker decides.
+        // the limit on its own still makes a batch, alone (the producer fails it before
+        // sending if it is over the broker's own limit).
         let overflows = queue
             .open
             .as_ref()

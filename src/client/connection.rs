@@ -105,7 +105,9 @@ impl Shared {
 /// the unbounded channel is bounded by `requests_pending_max`.
 struct Outbound {
     correlation_id: u64,
-    request: Request,
+    /// Shared with the caller, which keeps it to send again on a new connection if this
+    /// one breaks (`Client::call`); encoded by the writer with `correlation_id`.
+    request: Arc<Request>,
     /// Only for requests without a response: told when the bytes are written.
     written: Option<(
         oneshot::Sender<Result<(), ClientError>>,
@@ -188,7 +190,7 @@ impl Connection {
     /// Sends a request and waits for its response, decoded.
     pub(super) async fn call(
         &self,
-        request: Request,
+        request: Arc<Request>,
         timeout: Duration,
         operation: &'static str,
     ) -> Result<ResponseBody, ClientError> {
@@ -257,7 +259,7 @@ impl Connection {
             let (written, written_receiver) = oneshot::channel();
             let outbound = Outbound {
                 correlation_id: self.next_correlation_id(),
-                request,
+                request: Arc::new(request),
                 written: Some((written, slot)),
             };
             if self.outbound.send(outbound).is_err() {

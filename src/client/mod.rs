@@ -67,10 +67,12 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::protocol::batch::BatchError;
 use crate::protocol::{
@@ -175,6 +177,19 @@ pub enum ClientError {
     },
     /// A configuration value that cannot work.
     InvalidConfig { field: &'static str, value: u64 },
+    /// A produced batch bigger than the broker takes (`batch_bytes_max` from the
+    /// handshake of the connection it was about to go out on), so it was not sent: it was
+    /// built for a broker with a larger limit before a reconnect to one with a smaller
+    /// limit (a restart with other settings), or it is one record bigger than the limit
+    /// on its own. A batch's bytes never change once built (its producer id and sequence
+    /// are in them), so it is failed rather than split; records sent after the reconnect
+    /// are batched to the new limit.
+    BatchTooLarge {
+        topic: String,
+        partition: u32,
+        size_bytes: u64,
+        limit_bytes: u64,
+    },
     /// A produced batch failed for good after `attempts` sends; `cause` is the last
     /// failure. `maybe_written` says whether the broker may have stored it anyway (an
     /// attempt timed out, the connection broke after it was sent, or the broker said the
@@ -356,6 +371,15 @@ impl fmt::Display for ClientError {
             ClientError::InvalidConfig { field, value } => {
                 write!(f, "invalid client configuration: {field} = {value}")
             }
+            ClientError::BatchTooLarge {
+                topic,
+                partition,
+                size_bytes,
+                limit_bytes,
+            } => write!(
+                f,
+                "batch of {size_bytes} bytes for topic {topic:?} partition {partition} is over the broker's limit of {limit_bytes} bytes"
+            ),
             ClientError::ProduceFailed {
                 maybe_written,
                 attempts,
@@ -470,7 +494,25 @@ pub struct ClientConfig {
     /// How long one request waits for the broker to come back before it fails with
     /// [`ClientError::Connect`]. The next request tries again.
     pub reconnect_timeout_ms: u64,
+    /// TCP keepalive on every connection: after this long with nothing received the
+    /// kernel sends a probe, then another every this long, and gives the connection up
+    /// after [`TCP_KEEPALIVE_PROBES`] unanswered ones (about four times this in all). A
+    /// broker gone silent (a host powered off, a dropped NAT entry) then breaks the
+    /// connection, and with it a consumer's long-poll, even when nothing is being sent;
+    /// without it only a request's own timeout notices. Default 15 s. `None` turns
+    /// keepalive off. The kernel counts whole seconds, up to 32,767: a value under 1 s
+    /// or over that is refused with [`ClientError::InvalidConfig`] (`value` in
+    /// milliseconds).
+    pub tcp_keepalive: Option<Duration>,
 }
+
+/// Unanswered keepalive probes after which the kernel gives a connection up
+/// (`ClientConfig::tcp_keepalive`).
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+
+/// The largest `ClientConfig::tcp_keepalive`: Linux's limit for TCP_KEEPIDLE and
+/// TCP_KEEPINTVL.
+const TCP_KEEPALIVE_MAX: Duration = Duration::from_secs(32_767);
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -483,6 +525,7 @@ impl Default for ClientConfig {
             reconnect_backoff_ms_min: 20,
             reconnect_backoff_ms_max: 2_000,
             reconnect_timeout_ms: 30_000,
+            tcp_keepalive: Some(Duration::from_secs(15)),
         }
     }
 }
@@ -517,6 +560,14 @@ impl ClientConfig {
                 });
             }
         }
+        if let Some(keepalive) = self.tcp_keepalive {
+            if keepalive < Duration::from_secs(1) || keepalive > TCP_KEEPALIVE_MAX {
+                return Err(ClientError::InvalidConfig {
+                    field: "tcp_keepalive",
+                    value: u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -525,9 +576,16 @@ impl ClientConfig {
 /// to clone: clones share the connection. When the last clone is dropped the connection is
 /// shut down.
 ///
-/// Reconnecting: a request that finds the connection broken first opens a new one to the
-/// same address (resolved again), retrying with exponential backoff for up to
-/// `reconnect_timeout_ms`, while other requests wait for that one attempt. A request that
+/// Reconnecting: a request that finds the connection broken starts a reconnect, a task
+/// the client owns, which opens a new connection to the same address (resolved again),
+/// retrying with exponential backoff for up to `reconnect_timeout_ms`; that request and
+/// every other that finds the connection broken meanwhile wait for it (so one that comes
+/// late waits less). If it gives up, every request waiting fails with
+/// [`ClientError::Connect`], and the next request starts another. A request
+/// cancelled while it waits (a `timeout` or `select!` around it) leaves the reconnect
+/// running, its attempts and backoff where they are, and the next request uses the
+/// connection it makes. [`Client::close`] ends it at once, and so does dropping the last
+/// clone. A request that
 /// was on the wire when the connection broke fails with [`ClientError::Disconnected`],
 /// except reads and other requests that are safe to send twice (metadata, fetch, list
 /// offsets, committed offsets, commits, describe groups, stats), which are sent once more
@@ -543,12 +601,38 @@ struct ClientInner {
     address: String,
     config: ClientConfig,
     session: std::sync::Mutex<Arc<Session>>,
-    /// Held by the one request that is reconnecting; the others wait for its outcome.
-    reconnecting: tokio::sync::Mutex<()>,
+    /// The reconnect running, or the last one; `Client::join_reconnect`.
+    reconnect: std::sync::Mutex<Option<Reconnect>>,
     closed: AtomicBool,
     /// Woken by `close`, for requests waiting on a reconnect.
     closing: tokio::sync::Notify,
+    /// Bumped after each new connection is installed (so a reader that sees a new count
+    /// finds the new connection's handshake).
     reconnects: AtomicU64,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        // The task holds the client weakly, so this runs once the last clone is gone:
+        // nobody is left to use what the reconnect would make.
+        let reconnect = self
+            .reconnect
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(reconnect) = reconnect.take() {
+            reconnect.task.abort();
+        }
+    }
+}
+
+/// How a reconnect ended: `Ok` once its connection is installed.
+type ReconnectOutcome = Option<Result<(), ClientError>>;
+
+/// One reconnect: the task ([`reconnect_task`]) and the channel on which it says how it
+/// ended (`None` while it runs).
+struct Reconnect {
+    task: JoinHandle<()>,
+    outcome: watch::Receiver<ReconnectOutcome>,
 }
 
 /// One connection and what the broker said on it.
@@ -590,7 +674,7 @@ impl Client {
                 address,
                 config,
                 session: std::sync::Mutex::new(Arc::new(session)),
-                reconnecting: tokio::sync::Mutex::new(()),
+                reconnect: std::sync::Mutex::new(None),
                 closed: AtomicBool::new(false),
                 closing: tokio::sync::Notify::new(),
                 reconnects: AtomicU64::new(0),
@@ -636,7 +720,7 @@ impl Client {
 
     /// How many times the client has reconnected.
     pub fn reconnects(&self) -> u64 {
-        self.inner.reconnects.load(Ordering::Relaxed)
+        self.inner.reconnects.load(Ordering::Acquire)
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -644,11 +728,21 @@ impl Client {
     }
 
     /// Fails every pending request and every later one with [`ClientError::Closed`], on
-    /// every clone, stops reading and never reconnects. The socket itself closes when the
-    /// last clone is dropped (the writer task then shuts it down).
+    /// every clone, stops reading, ends a reconnect in progress and never reconnects
+    /// again. The socket itself closes when the last clone is dropped (the writer task
+    /// then shuts it down).
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.closing.notify_waiters();
+        let reconnect = self
+            .inner
+            .reconnect
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(reconnect) = reconnect {
+            reconnect.task.abort();
+        }
         self.session_now().connection.close();
     }
 
@@ -661,7 +755,8 @@ impl Client {
     }
 
     /// The connection to send on: the current one, or a new one if it is broken and
-    /// reconnecting is on (module docs of [`Client`]).
+    /// reconnecting is on (module docs of [`Client`]). Cancel safe: the reconnect runs in
+    /// its own task, which a caller giving up does not stop.
     async fn session(&self) -> Result<Arc<Session>, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
@@ -670,90 +765,80 @@ impl Client {
         if !current.connection.is_broken() || !self.inner.config.reconnect {
             return Ok(current);
         }
-        // A close ends the wait for another request's attempt, the attempts and the
-        // backoff alike.
+        // A close ends the wait, whatever the reconnect is doing.
         let closed = self.inner.closing.notified();
         tokio::pin!(closed);
         closed.as_mut().enable();
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
-        tokio::select! {
+        let Some(mut outcome) = self.join_reconnect() else {
+            if self.is_closed() {
+                return Err(ClientError::Closed);
+            }
+            return Ok(self.session_now());
+        };
+        let outcome = tokio::select! {
             biased;
-            () = &mut closed => Err(ClientError::Closed),
-            result = self.reconnect() => result,
+            () = &mut closed => return Err(ClientError::Closed),
+            outcome = outcome.wait_for(Option::is_some) => outcome.map(|outcome| outcome.clone()),
+        };
+        match outcome {
+            Ok(Some(Ok(()))) => Ok(self.session_now()),
+            Ok(Some(Err(error))) => Err(error),
+            Ok(None) => unreachable!("waited for an outcome"),
+            // The task ended without saying how: aborted by a close (or a panic in it).
+            Err(_ended) if self.is_closed() => Err(ClientError::Closed),
+            Err(_ended) => Err(ClientError::Connect {
+                address: self.inner.address.clone(),
+                source: Arc::new(io::Error::other(
+                    "the reconnect task ended without an outcome",
+                )),
+            }),
         }
     }
 
-    /// Opens a new connection, retrying with backoff until `reconnect_timeout_ms`; one
-    /// request at a time does it, the others wait and use its connection.
-    async fn reconnect(&self) -> Result<Arc<Session>, ClientError> {
-        let config = &self.inner.config;
-        let limit = Duration::from_millis(config.reconnect_timeout_ms);
-        let deadline = tokio::time::Instant::now() + limit;
-        // Always a Connect error, naming the address, with the last attempt's failure
-        // (or the time limit) as its cause: nothing was sent on a connection that did
-        // not open.
-        let gave_up = |last: Option<ClientError>| match last {
-            Some(connect @ ClientError::Connect { .. }) => connect,
-            Some(other) => ClientError::Connect {
-                address: self.inner.address.clone(),
-                source: Arc::new(io::Error::other(other)),
-            },
-            None => ClientError::Connect {
-                address: self.inner.address.clone(),
-                source: Arc::new(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the broker did not come back within {} ms (reconnect_timeout_ms)",
-                        limit.as_millis()
-                    ),
-                )),
-            },
-        };
-        let Ok(_reconnecting) =
-            tokio::time::timeout_at(deadline, self.inner.reconnecting.lock()).await
-        else {
-            return Err(gave_up(None));
-        };
-        // Another request may have reconnected while this one waited.
-        let current = self.session_now();
-        if !current.connection.is_broken() {
-            return Ok(current);
+    /// The outcome channel of the reconnect running, starting one if none runs; `None`
+    /// when the connection is whole again (a reconnect finished since the caller looked)
+    /// or the client is closed.
+    fn join_reconnect(&self) -> Option<watch::Receiver<ReconnectOutcome>> {
+        let mut reconnect = self
+            .inner
+            .reconnect
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(running) = reconnect
+            .as_ref()
+            .filter(|running| running.outcome.borrow().is_none() && !running.task.is_finished())
+        {
+            return Some(running.outcome.clone());
         }
-        let mut last = None;
-        for attempt in 1u32.. {
-            match tokio::time::timeout_at(deadline, open_session(&self.inner.address, config)).await
-            {
-                Ok(Ok(session)) => {
-                    let session = Arc::new(session);
-                    *self
-                        .inner
-                        .session
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = session.clone();
-                    self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                    // A close that raced with the attempt wins.
-                    if self.is_closed() {
-                        session.connection.close();
-                        return Err(ClientError::Closed);
-                    }
-                    return Ok(session);
-                }
-                Ok(Err(error)) => last = Some(error),
-                Err(_elapsed) => break,
-            }
-            let delay = backoff_delay(
-                attempt,
-                config.reconnect_backoff_ms_min,
-                config.reconnect_backoff_ms_max,
-            );
-            if tokio::time::Instant::now() + delay >= deadline {
-                break;
-            }
-            tokio::time::sleep(delay).await;
+        // Checked under the lock, so two callers never start two reconnects, one that
+        // just succeeded is not redone, and none starts after `close` (which sets
+        // `closed` before it takes the lock to abort the one running).
+        if self.is_closed() || !self.session_now().connection.is_broken() {
+            return None;
         }
-        Err(gave_up(last))
+        let (sender, outcome) = watch::channel(None);
+        let task = tokio::spawn(reconnect_task(
+            Arc::downgrade(&self.inner),
+            self.inner.address.clone(),
+            self.inner.config.clone(),
+            sender,
+        ));
+        *reconnect = Some(Reconnect {
+            task,
+            outcome: outcome.clone(),
+        });
+        Some(outcome)
+    }
+
+    /// Waits until the client has a connection to send on, reconnecting first if the
+    /// current one is broken, as a request would. The producer calls it before each
+    /// attempt to check its batches against the handshake of the connection they will
+    /// go out on.
+    pub(super) async fn connected(&self) -> Result<(), ClientError> {
+        self.session().await.map(drop)
     }
 
     /// Sends `request` on the current connection (reconnecting first if needed) and
@@ -765,23 +850,31 @@ impl Client {
         timeout: Duration,
         operation: &'static str,
     ) -> Result<ResponseBody, ClientError> {
+        // Shared with the writer rather than cloned: a request is kept for a second send
+        // only in case its connection breaks, which is rare, so the common path pays one
+        // small allocation instead of a deep copy (a fetch's topic names and partitions).
+        let request = Arc::new(request);
         let session = self.session().await?;
-        let topic = whole_request_topic(&request).map(str::to_owned);
-        let resend =
-            (self.inner.config.reconnect && safe_to_resend(&request)).then(|| request.clone());
-        let result = match self.exchange(&session, request, timeout, operation).await {
-            Err(error) if resend.is_some() && error.is_connection_lost() => {
+        let result = match self
+            .exchange(&session, request.clone(), timeout, operation)
+            .await
+        {
+            Err(error)
+                if self.inner.config.reconnect
+                    && safe_to_resend(&request)
+                    && error.is_connection_lost() =>
+            {
                 let session = self.session().await?;
-                let request = resend.expect("checked above");
-                self.exchange(&session, request, timeout, operation).await
+                self.exchange(&session, request.clone(), timeout, operation)
+                    .await
             }
             result => result,
         };
         // A refusal of the whole request about its one topic: the same variant as a
         // refusal of one partition of it.
-        match (result, topic) {
+        match (result, whole_request_topic(&request)) {
             (Err(ClientError::Broker(error)), Some(topic)) => {
-                Err(ClientError::refusal(&topic, None, error))
+                Err(ClientError::refusal(topic, None, error))
             }
             (result, _) => result,
         }
@@ -793,7 +886,7 @@ impl Client {
     async fn exchange(
         &self,
         session: &Session,
-        request: Request,
+        request: Arc<Request>,
         timeout: Duration,
         operation: &'static str,
     ) -> Result<ResponseBody, ClientError> {
@@ -1001,21 +1094,19 @@ impl Client {
     }
 }
 
-/// Connects, sets TCP_NODELAY (requests are small and latency matters more than packet
-/// count; the writer already coalesces queued requests into one write) and does the
-/// handshake.
+/// Connects, sets the socket up ([`configure_socket`]) and does the handshake.
 async fn open_session(address: &str, config: &ClientConfig) -> Result<Session, ClientError> {
     let connect_error = |source: io::Error| ClientError::Connect {
         address: address.to_owned(),
         source: Arc::new(source),
     };
     let stream = TcpStream::connect(address).await.map_err(connect_error)?;
-    stream.set_nodelay(true).map_err(connect_error)?;
+    configure_socket(&stream, config).map_err(connect_error)?;
     let connection = Connection::start(stream, config).map_err(connect_error)?;
     let timeout = Duration::from_millis(config.request_timeout_ms);
-    let request = Request::Handshake(HandshakeRequest {
+    let request = Arc::new(Request::Handshake(HandshakeRequest {
         client_name: config.client_name.clone(),
-    });
+    }));
     let handshake = match connection.call(request, timeout, "handshake").await? {
         ResponseBody::Handshake(handshake) => handshake,
         other => return Err(unexpected_body("handshake", &other)),
@@ -1029,6 +1120,103 @@ async fn open_session(address: &str, config: &ClientConfig) -> Result<Session, C
         connection,
         handshake,
     })
+}
+
+/// TCP_NODELAY (requests are small and latency matters more than packet count; the
+/// writer already coalesces queued requests into one write) and, unless
+/// `tcp_keepalive` is `None`, keepalive probes (`ClientConfig::tcp_keepalive`), so that
+/// a broker gone silent breaks the connection even while nothing is being sent.
+fn configure_socket(stream: &TcpStream, config: &ClientConfig) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(idle) = config.tcp_keepalive {
+        // The interval and probe count are Linux socket options (TCP_KEEPINTVL,
+        // TCP_KEEPCNT); the client, like the broker, targets Linux.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle)
+            .with_retries(TCP_KEEPALIVE_PROBES);
+        socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)?;
+    }
+    Ok(())
+}
+
+/// One reconnect, as a task the client owns (`ClientInner::reconnect`): tries with
+/// backoff until a connection opens or `reconnect_timeout_ms` has passed, installs the
+/// connection, and tells every waiting request how it ended. It holds the client
+/// weakly, so that it never keeps a client nobody holds alive; the client's drop and
+/// [`Client::close`] abort it.
+async fn reconnect_task(
+    client: Weak<ClientInner>,
+    address: String,
+    config: ClientConfig,
+    outcome: watch::Sender<ReconnectOutcome>,
+) {
+    let result = connect_with_backoff(&address, &config).await;
+    let Some(inner) = client.upgrade() else {
+        return;
+    };
+    let result = result.and_then(|session| {
+        let session = Arc::new(session);
+        *inner
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = session.clone();
+        inner.reconnects.fetch_add(1, Ordering::AcqRel);
+        // A close that raced with the attempt wins: it may have closed the connection
+        // this one replaced.
+        if inner.closed.load(Ordering::Acquire) {
+            session.connection.close();
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    });
+    outcome.send_replace(Some(result));
+}
+
+/// Opens a connection, retrying with backoff until `reconnect_timeout_ms` has passed.
+async fn connect_with_backoff(
+    address: &str,
+    config: &ClientConfig,
+) -> Result<Session, ClientError> {
+    let limit = Duration::from_millis(config.reconnect_timeout_ms);
+    let deadline = tokio::time::Instant::now() + limit;
+    // Always a Connect error, naming the address, with the last attempt's failure (or
+    // the time limit) as its cause: nothing was sent on a connection that did not open.
+    let gave_up = |last: Option<ClientError>| match last {
+        Some(connect @ ClientError::Connect { .. }) => connect,
+        Some(other) => ClientError::Connect {
+            address: address.to_owned(),
+            source: Arc::new(io::Error::other(other)),
+        },
+        None => ClientError::Connect {
+            address: address.to_owned(),
+            source: Arc::new(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the broker did not come back within {} ms (reconnect_timeout_ms)",
+                    limit.as_millis()
+                ),
+            )),
+        },
+    };
+    let mut last = None;
+    for attempt in 1u32.. {
+        match tokio::time::timeout_at(deadline, open_session(address, config)).await {
+            Ok(Ok(session)) => return Ok(session),
+            Ok(Err(error)) => last = Some(error),
+            Err(_elapsed) => break,
+        }
+        let delay = backoff_delay(
+            attempt,
+            config.reconnect_backoff_ms_min,
+            config.reconnect_backoff_ms_max,
+        );
+        if tokio::time::Instant::now() + delay >= deadline {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+    }
+    Err(gave_up(last))
 }
 
 /// The one topic a request is about, where a refusal of the whole request is about it.

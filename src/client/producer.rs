@@ -37,6 +37,15 @@
 //! batch was not stored (StorageFull: refused before append) are retried, so nothing is
 //! written twice by a retry.
 //!
+//! Limits after a reconnect. The broker's largest batch comes from the handshake, and a
+//! broker restarted with other settings may take smaller batches than the one the
+//! producer started with. After each reconnect the producer builds new batches to the new
+//! limit ([`Producer::batch_bytes_max`]), and before each attempt it checks every batch
+//! against the handshake of the connection it is about to go out on: a batch built
+//! bigger (open, sealed, or being retried) fails with [`ClientError::BatchTooLarge`]
+//! under a `ProduceFailed`, not split, since its bytes carry its producer id and sequence
+//! and a retry must resend them unchanged.
+//!
 //! Partition counts come from metadata cached per topic; a topic not cached, or an
 //! explicit partition past the cached count, triggers one metadata refresh before the
 //! send fails. A batch refused with UnknownTopic or UnknownPartition drops the cached
@@ -309,11 +318,20 @@ struct ProducerState {
     producer_id: u64,
     /// Jitter and replacement producer ids; seeded from the operating system.
     random: Random,
+    /// `Client::reconnects` when the limits below were read from the handshake.
+    limits_generation: u64,
+    /// The broker's largest batch, from the handshake of the connection counted by
+    /// `limits_generation`.
+    broker_batch_bytes_max: usize,
 }
 
 struct ProducerShared {
     client: Client,
     config: ProducerConfig,
+    /// `ProducerConfig::batch_bytes_max` as the caller gave it, before it was lowered to
+    /// the broker's limit: a broker with a larger limit after a reconnect raises the
+    /// producer's back up to it.
+    batch_bytes_max_requested: usize,
     state: Mutex<ProducerState>,
     /// Wakes the sender: a batch was sealed, a batch opened (new linger deadline), a
     /// request finished, or the producer is closing.
@@ -332,6 +350,23 @@ impl ProducerShared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes the broker's largest batch from the current connection's handshake when
+    /// the client has reconnected since the last look, and builds new batches to it
+    /// (module docs). One atomic load when nothing changed.
+    fn refresh_limits(&self, state: &mut ProducerState) {
+        let generation = self.client.reconnects();
+        if generation == state.limits_generation {
+            return;
+        }
+        // Read after the count, so the handshake is at least as new as the count says.
+        state.limits_generation = generation;
+        state.broker_batch_bytes_max = self.client.handshake().batch_bytes_max as usize;
+        state.accumulator.set_batch_bytes_max(
+            self.batch_bytes_max_requested
+                .min(state.broker_batch_bytes_max),
+        );
     }
 
     fn begin_close(&self) {
@@ -372,8 +407,17 @@ pub struct Producer {
 impl Producer {
     /// Starts the sender task; must be called within a tokio runtime.
     /// `batch_bytes_max` is lowered to the broker's own limit (from the handshake), so
-    /// full batches are never refused for their size.
+    /// full batches are never refused for their size; after a reconnect the new
+    /// handshake's limit applies ([`Producer::batch_bytes_max`]).
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for a setting that cannot work;
+    /// [`ClientError::Io`] when the operating system's random source (for the producer
+    /// id) fails.
     pub fn new(client: Client, mut config: ProducerConfig) -> Result<Producer, ClientError> {
+        let batch_bytes_max_requested = config.batch_bytes_max;
+        // Read before the handshake: a reconnect in between is seen at the next look.
+        let limits_generation = client.reconnects();
         let broker_batch_bytes_max = client.handshake().batch_bytes_max as usize;
         config.batch_bytes_max = config.batch_bytes_max.min(broker_batch_bytes_max);
         config.validate()?;
@@ -390,6 +434,7 @@ impl Producer {
         };
         let shared = Arc::new(ProducerShared {
             client,
+            batch_bytes_max_requested,
             budget: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             slots: Arc::new(Semaphore::new(config.requests_in_flight_max)),
             config,
@@ -402,6 +447,8 @@ impl Producer {
                 closing: false,
                 producer_id,
                 random,
+                limits_generation,
+                broker_batch_bytes_max,
             }),
             wake: Notify::new(),
         });
@@ -412,8 +459,19 @@ impl Producer {
         })
     }
 
+    /// The settings as in force at the start (`batch_bytes_max` lowered to the first
+    /// broker's limit; see [`Producer::batch_bytes_max`] for the one in force now).
     pub fn config(&self) -> &ProducerConfig {
         &self.shared.config
+    }
+
+    /// The size new batches are sealed at now: `ProducerConfig::batch_bytes_max`, lowered
+    /// to the broker's largest batch from the handshake of the client's current
+    /// connection (it follows reconnects to brokers with other limits).
+    pub fn batch_bytes_max(&self) -> usize {
+        let mut state = self.shared.state();
+        self.shared.refresh_limits(&mut state);
+        state.accumulator.batch_bytes_max()
     }
 
     /// The producer id new batches are sent with (0 when not idempotent). It changes
@@ -463,6 +521,7 @@ impl Producer {
                 if state.closing {
                     return Err(ClientError::Closed);
                 }
+                self.shared.refresh_limits(&mut state);
                 if let Some(route) = state.routes.get_mut(topic) {
                     match route.choose(topic, record.partition, key) {
                         Ok(partition) => {
@@ -572,6 +631,7 @@ async fn run_sender(shared: Arc<ProducerShared>) {
             notified.as_mut().enable();
             let deadline = {
                 let mut state = shared.state();
+                shared.refresh_limits(&mut state);
                 state.accumulator.seal_expired(Instant::now());
                 let producer_id = state.producer_id;
                 let batches = state
@@ -788,15 +848,32 @@ async fn send_request(
                 Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
             },
         };
+        let reconnects = shared.client.config().reconnect;
+        let broken_before = shared.client.is_closed() || (!reconnects && shared.client.is_broken());
+        // Reconnect first (if needed), so the batches are checked against the limits of
+        // the broker they go to.
+        let connected = shared.client.connected().await;
+        if connected.is_ok() {
+            let too_large = take_too_large(&shared, &mut batches);
+            settle(&shared, too_large);
+            if batches.is_empty() {
+                shared.state().in_flight.remove(&request_id);
+                shared.wake.notify_one();
+                return;
+            }
+        }
         let started = Instant::now();
         for batch in &mut batches {
             batch.first_sent.get_or_insert(started);
             batch.attempts += 1;
         }
-        let reconnects = shared.client.config().reconnect;
-        let broken_before = shared.client.is_closed() || (!reconnects && shared.client.is_broken());
-        let request = build_request(&shared.config, &batches);
-        let result = shared.client.produce(request).await;
+        let result = match connected {
+            Ok(()) => {
+                let request = build_request(&shared.config, &batches);
+                shared.client.produce(request).await
+            }
+            Err(error) => Err(error),
+        };
         drop(held);
         retry_number += 1;
         let delay = {
@@ -846,6 +923,44 @@ async fn send_request(
         tokio::time::sleep_until(retry_at.into()).await;
         batches = retry;
     }
+}
+
+/// Takes out of `batches` those bigger than the broker's largest batch on the current
+/// connection, each failed for good with [`ClientError::BatchTooLarge`] (module docs);
+/// `maybe_written` stays as earlier attempts left it. Allocates only when one is found.
+fn take_too_large(
+    shared: &ProducerShared,
+    batches: &mut Vec<SealedBatch>,
+) -> Vec<(SealedBatch, Result<Option<u64>, ClientError>)> {
+    let limit = {
+        let mut state = shared.state();
+        shared.refresh_limits(&mut state);
+        state.broker_batch_bytes_max
+    };
+    if batches.iter().all(|batch| batch.batch.len() <= limit) {
+        return Vec::new();
+    }
+    let (fit, too_large): (Vec<SealedBatch>, Vec<SealedBatch>) = std::mem::take(batches)
+        .into_iter()
+        .partition(|batch| batch.batch.len() <= limit);
+    *batches = fit;
+    too_large
+        .into_iter()
+        .map(|batch| {
+            let error = ClientError::BatchTooLarge {
+                topic: batch.topic.to_string(),
+                partition: batch.partition,
+                size_bytes: batch.batch.len() as u64,
+                limit_bytes: limit as u64,
+            };
+            let failed = ClientError::ProduceFailed {
+                cause: Arc::new(error),
+                maybe_written: batch.maybe_written,
+                attempts: batch.attempts,
+            };
+            (batch, Err(failed))
+        })
+        .collect()
 }
 
 /// Resolves the handles of batches that are done and frees their partitions.

@@ -40,13 +40,21 @@ impl ScriptedConnection {
 
     /// Accepts and answers the handshake.
     pub(super) async fn accept_and_handshake(listener: &TcpListener) -> ScriptedConnection {
+        ScriptedConnection::accept_and_answer(listener, &handshake_body()).await
+    }
+
+    /// Accepts and answers the handshake with `handshake` (a broker with other limits).
+    pub(super) async fn accept_and_answer(
+        listener: &TcpListener,
+        handshake: &ResponseBody,
+    ) -> ScriptedConnection {
         let mut connection = ScriptedConnection::accept(listener).await;
         let (header, request) = connection.read_request().await.expect("a handshake");
         assert!(
             matches!(request, Request::Handshake(_)),
             "first request is the handshake"
         );
-        connection.respond(&header, Ok(&handshake_body())).await;
+        connection.respond(&header, Ok(handshake)).await;
         connection
     }
 

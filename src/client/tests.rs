@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use super::test_peer::{listen, ScriptedConnection};
+use super::test_peer::{handshake_body, listen, ScriptedConnection};
 use super::*;
 use crate::protocol::batch::BatchBuilder;
 use crate::protocol::{ProducePartition, ProduceTopic, TopicMetadata, WireError};
@@ -1028,4 +1028,267 @@ async fn assigning_drops_the_fetch_in_flight_and_reads_from_the_new_position() {
     assert_eq!(offsets, vec![10]);
     assert_eq!(consumer.position("t", 0), Some(11));
     drop(peer.await.unwrap());
+}
+
+/// A request cancelled while the reconnect it started is still trying (a `timeout` or a
+/// `select!` around it) leaves the reconnect running: the attempt in progress goes on,
+/// neither dropped nor started again from attempt 1, and the next request is sent on the
+/// connection that attempt made.
+#[tokio::test]
+async fn a_caller_cancelled_mid_reconnect_leaves_the_attempt_running_for_the_next() {
+    let (listener, address) = listen().await;
+    let (attempt_seen, seen) = tokio::sync::oneshot::channel();
+    let (caller_gone, gone) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        drop(ScriptedConnection::accept_and_handshake(&listener).await);
+        // Attempt 1 fails: closed before its handshake is answered.
+        drop(ScriptedConnection::accept(&listener).await);
+        // Attempt 2: its handshake waits until the caller that started the reconnect is
+        // gone.
+        let mut second = ScriptedConnection::accept(&listener).await;
+        let (header, request) = second.read_request().await.expect("attempt 2's handshake");
+        assert!(matches!(request, Request::Handshake(_)), "{request:?}");
+        attempt_seen.send(()).unwrap();
+        gone.await.unwrap();
+        second.respond(&header, Ok(&handshake_body())).await;
+        let (header, request) = second
+            .read_request()
+            .await
+            .expect("the next request, on the connection attempt 2 made");
+        second
+            .respond(&header, Ok(&metadata_body(&topic_of(&request))))
+            .await;
+        (listener, second)
+    });
+    let config = ClientConfig {
+        reconnect_timeout_ms: 20_000,
+        ..quick_reconnect()
+    };
+    let client = Client::connect_with(address, config).await.unwrap();
+    let caller = tokio::spawn({
+        let client = client.clone();
+        async move { client.metadata(&["a"]).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .expect("the reconnect reaches attempt 2")
+        .unwrap();
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    caller_gone.send(()).unwrap();
+    let metadata = client.metadata(&["b"]).await.unwrap();
+    assert_eq!(metadata.topics[0].name, "b");
+    assert_eq!(client.reconnects(), 1);
+    drop(peer.await.unwrap());
+}
+
+/// Dropping the last clone of a client ends its reconnect: nothing is left to use the
+/// connection, so the attempt in progress is given up at once (its socket closes)
+/// instead of running on to its limits.
+#[tokio::test]
+async fn dropping_the_last_clone_ends_a_reconnect_in_progress() {
+    let (listener, address) = listen().await;
+    let config = ClientConfig {
+        reconnect_timeout_ms: 600_000,
+        ..quick_reconnect()
+    };
+    let (client, first) = tokio::join!(
+        Client::connect_with(address, config),
+        ScriptedConnection::accept_and_handshake(&listener)
+    );
+    let client = client.unwrap();
+    drop(first);
+    let caller = tokio::spawn({
+        let client = client.clone();
+        async move { client.metadata(&["a"]).await }
+    });
+    let mut attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        ScriptedConnection::accept(&listener),
+    )
+    .await
+    .expect("the client reconnects");
+    let handshake = attempt.read_request().await.map(|(_, request)| request);
+    assert!(
+        matches!(handshake, Some(Request::Handshake(_))),
+        "{handshake:?}"
+    );
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    // Left alone, the attempt would wait request_timeout_ms (30 s) for its handshake.
+    drop(client);
+    let after = tokio::time::timeout(Duration::from_secs(10), attempt.read_request())
+        .await
+        .expect("the attempt's connection closes once every clone is gone")
+        .map(|(_, request)| request);
+    assert!(after.is_none(), "{after:?}");
+}
+
+/// After a reconnect to a broker that takes smaller batches (restarted with other
+/// settings), batches built for the old limit fail with BatchTooLarge instead of being
+/// sent: the one in flight when the connection broke (which may have been written) and
+/// one sealed behind it (which was not). Records sent afterwards are batched to the new
+/// limit and stored.
+#[tokio::test]
+async fn after_a_reconnect_the_producer_batches_to_the_new_brokers_limit() {
+    let (listener, address) = listen().await;
+    let value = [b'v'; 400];
+    let record_size = BatchBuilder::record_size(None, &value, &[]);
+    // The new broker takes two of these records a batch, not three.
+    let limit = crate::protocol::batch::BATCH_HEADER_SIZE + 2 * record_size + 10;
+    let limited = ResponseBody::Handshake(HandshakeResponse {
+        batch_bytes_max: limit as u32,
+        ..match handshake_body() {
+            ResponseBody::Handshake(handshake) => handshake,
+            other => unreachable!("{other:?}"),
+        }
+    });
+    let (built, batches_built) = tokio::sync::oneshot::channel::<()>();
+    let received: Arc<std::sync::Mutex<Vec<Bytes>>> = Arc::default();
+    let peer = tokio::spawn({
+        let received = received.clone();
+        async move {
+            let mut first = ScriptedConnection::accept_and_handshake(&listener).await;
+            let (header, _) = first.read_request().await.unwrap();
+            first.respond(&header, Ok(&one_partition_metadata())).await;
+            let (_, produce) = first.read_request().await.unwrap();
+            assert!(matches!(produce, Request::Produce(_)), "{produce:?}");
+            // Broken, with the first batch unanswered, once the second is built.
+            batches_built.await.unwrap();
+            drop(first);
+            let mut second = ScriptedConnection::accept_and_answer(&listener, &limited).await;
+            let mut next_offset = 0;
+            while let Some((header, request)) = second.read_request().await {
+                let answer = match request {
+                    Request::Metadata(_) => one_partition_metadata(),
+                    Request::Produce(produce) => {
+                        let batch = produce.topics[0].partitions[0].batch.clone();
+                        let offset = next_offset;
+                        next_offset += u64::from(header_of(&batch).record_count);
+                        received.lock().unwrap().push(batch);
+                        produce_answer(Ok(offset))
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                };
+                second.respond(&header, Ok(&answer)).await;
+            }
+        }
+    });
+    let client = Client::connect_with(address, quick_reconnect())
+        .await
+        .unwrap();
+    let config = ProducerConfig {
+        linger_ms: 600_000,
+        batch_records_max: 3,
+        ..quick_retries()
+    };
+    let producer = Producer::new(client.clone(), config).unwrap();
+    assert_eq!(producer.batch_bytes_max(), 256 << 10, "the first broker's");
+    let send_three = |fill: u8| {
+        let producer = producer.clone();
+        async move {
+            let mut handles = Vec::new();
+            for _ in 0..3 {
+                let record = ProducerRecord::new(Bytes::from(vec![fill; value.len()]));
+                handles.push(producer.send("t", record.with_partition(0)).await.unwrap());
+            }
+            handles
+        }
+    };
+    // Three records: a full batch, sent at once. Three more: sealed behind it.
+    let in_flight = send_three(b'a').await;
+    let sealed = send_three(b'b').await;
+    built.send(()).unwrap();
+    let too_large = |error: &ClientError| {
+        matches!(
+            error.cause(),
+            ClientError::BatchTooLarge { partition: 0, size_bytes, limit_bytes, .. }
+                if *size_bytes > *limit_bytes && *limit_bytes == limit as u64
+        )
+    };
+    for (handles, maybe_written) in [(in_flight, true), (sealed, false)] {
+        let error = tokio::time::timeout(Duration::from_secs(10), handles[0].clone().wait())
+            .await
+            .expect("the batch is answered")
+            .unwrap_err();
+        assert!(too_large(&error), "{}", error.report());
+        assert_eq!(error.maybe_written(), Some(maybe_written), "{error}");
+    }
+    let reported = producer.flush().await.unwrap_err();
+    assert!(too_large(&reported), "{}", reported.report());
+    assert_eq!(producer.batch_bytes_max(), limit);
+    let after = send_three(b'c').await;
+    tokio::time::timeout(Duration::from_secs(10), producer.flush())
+        .await
+        .expect("the records after the reconnect are answered")
+        .unwrap();
+    let offsets: Vec<Option<u64>> = after
+        .into_iter()
+        .map(|handle| handle.try_result().unwrap().unwrap().offset)
+        .collect();
+    assert_eq!(offsets, vec![Some(0), Some(1), Some(2)]);
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "two records a batch, then one");
+    for batch in &received {
+        assert!(batch.len() <= limit, "{} > {limit}", batch.len());
+    }
+    assert_eq!(client.reconnects(), 1);
+    peer.abort();
+}
+
+#[tokio::test]
+async fn connections_get_nodelay_and_the_configured_keepalive() {
+    let (listener, address) = listen().await;
+    for keepalive in [Some(Duration::from_secs(7)), None] {
+        let (stream, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (stream, _accepted) = (stream.unwrap(), accepted.unwrap());
+        let config = ClientConfig {
+            tcp_keepalive: keepalive,
+            ..ClientConfig::default()
+        };
+        configure_socket(&stream, &config).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(stream.nodelay().unwrap());
+        assert_eq!(socket.keepalive().unwrap(), keepalive.is_some());
+        if let Some(idle) = keepalive {
+            assert_eq!(socket.keepalive_time().unwrap(), idle);
+            assert_eq!(socket.keepalive_interval().unwrap(), idle);
+            assert_eq!(socket.keepalive_retries().unwrap(), TCP_KEEPALIVE_PROBES);
+        }
+    }
+}
+
+#[test]
+fn tcp_keepalive_is_validated_at_its_edges() {
+    let validate = |tcp_keepalive| {
+        ClientConfig {
+            tcp_keepalive,
+            ..ClientConfig::default()
+        }
+        .validate()
+    };
+    for (keepalive, value_ms) in [
+        (Duration::ZERO, 0),
+        (Duration::from_millis(999), 999),
+        (Duration::from_secs(32_768), 32_768_000),
+    ] {
+        match validate(Some(keepalive)) {
+            Err(ClientError::InvalidConfig {
+                field: "tcp_keepalive",
+                value,
+            }) => assert_eq!(value, value_ms),
+            other => panic!("{keepalive:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    for accepted in [
+        None,
+        Some(Duration::from_secs(1)),
+        Some(Duration::from_secs(32_767)),
+    ] {
+        validate(accepted).unwrap();
+    }
+    assert_eq!(
+        ClientConfig::default().tcp_keepalive,
+        Some(Duration::from_secs(15))
+    );
 }
