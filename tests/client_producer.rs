@@ -43,11 +43,11 @@ fn record_counts(headers: &[shardq::protocol::batch::BatchHeader]) -> Vec<u32> {
 async fn batches_are_cut_at_the_record_count_and_the_rest_goes_on_flush() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 2).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        batch_records_max: 3,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .batch_records_max(3)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..8u32 {
@@ -91,11 +91,11 @@ async fn batches_are_cut_before_they_pass_the_byte_limit() {
     let record_size = BatchBuilder::record_size(None, &value, &[]);
     // Room for exactly three records, and one byte short of a fourth.
     let batch_bytes_max = BATCH_HEADER_SIZE + 4 * record_size - 1;
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        batch_bytes_max,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .batch_bytes_max(batch_bytes_max)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for _ in 0..7 {
@@ -122,10 +122,10 @@ async fn batches_are_cut_before_they_pass_the_byte_limit() {
 async fn records_queued_before_a_flush_travel_in_one_batch() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..5 {
@@ -154,10 +154,10 @@ async fn records_queued_before_a_flush_travel_in_one_batch() {
 async fn linger_sends_without_a_flush() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: 20,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(20)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let first = producer
         .send("t", ProducerRecord::new("soon"))
@@ -244,12 +244,12 @@ async fn offsets_are_dense_per_partition_across_many_requests() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 4).await.unwrap();
     // Small batches and several requests in flight, so the partitions' batches interleave.
-    let config = ProducerConfig {
-        linger_ms: 0,
-        batch_records_max: 7,
-        requests_in_flight_max: 4,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(0)
+        .batch_records_max(7)
+        .requests_in_flight_max(4)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..400u32 {
@@ -281,10 +281,10 @@ async fn offsets_are_dense_per_partition_across_many_requests() {
 async fn a_refused_partition_fails_only_its_own_records() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 4).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     // Cache the topic's four partitions, then shrink it behind the producer's back: a
     // record for partition 3 passes the producer's check and the broker refuses it.
@@ -412,10 +412,10 @@ async fn every_acks_level_delivers_and_only_acked_levels_report_offsets() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 3).await.unwrap();
     for (partition, acks) in [(0u32, Acks::None), (1, Acks::Memory), (2, Acks::Durable)] {
-        let config = ProducerConfig {
-            acks,
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::builder()
+            .acks(acks)
+            .build()
+            .expect("a valid config");
         let producer = Producer::new(client.clone(), config).unwrap();
         let mut handles = Vec::new();
         for index in 0..3 {
@@ -529,10 +529,10 @@ fn full_batches_fit_the_brokers_limit_from_the_handshake() {
     runtime.block_on(async {
         let client = Client::connect(addr).await.unwrap();
         client.create_topic("big", 1).await.unwrap();
-        let config = ProducerConfig {
-            linger_ms: 600_000,
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::builder()
+            .linger_ms(600_000)
+            .build()
+            .expect("a valid config");
         let producer = Producer::new(client, config).unwrap();
         assert!(producer.config().batch_bytes_max <= 256 * 1024 - 4096);
         let mut handles = Vec::new();
@@ -562,10 +562,10 @@ fn full_batches_fit_the_brokers_limit_from_the_handshake() {
 async fn close_sends_what_lingers_and_every_clone_refuses_later_sends() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let sent = producer
         .send("t", ProducerRecord::new("lingering").with_partition(0))

@@ -226,24 +226,24 @@ mod client_retries {
         let (proxy, dropped) = lossy_proxy(broker.addr(), 1).await;
         let client = Client::connect_with(
             proxy,
-            ClientConfig {
+            ClientConfig::builder()
                 // The client gives up on the lost answer after the broker's own wait
                 // (below) plus this; not asserted on as a time.
-                request_timeout_ms: 200,
-                ..ClientConfig::default()
-            },
+                .request_timeout_ms(200)
+                .build()
+                .expect("a valid config"),
         )
         .await
         .unwrap();
         let producer = Producer::new(
             client,
-            ProducerConfig {
-                request_timeout_ms: 200,
-                linger_ms: 0,
-                retry_backoff_ms_min: 1,
-                retry_backoff_ms_max: 10,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .request_timeout_ms(200)
+                .linger_ms(0)
+                .retry_backoff_ms_min(1)
+                .retry_backoff_ms_max(10)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         let handle = producer
@@ -275,21 +275,21 @@ mod client_retries {
         let (proxy, _dropped) = lossy_proxy(broker.addr(), 1).await;
         let client = Client::connect_with(
             proxy,
-            ClientConfig {
-                request_timeout_ms: 200,
-                ..ClientConfig::default()
-            },
+            ClientConfig::builder()
+                .request_timeout_ms(200)
+                .build()
+                .expect("a valid config"),
         )
         .await
         .unwrap();
         let producer = Producer::new(
             client,
-            ProducerConfig {
-                request_timeout_ms: 200,
-                linger_ms: 0,
-                idempotent: false,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .request_timeout_ms(200)
+                .linger_ms(0)
+                .idempotent(false)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         assert_eq!(producer.producer_id(), 0);

@@ -24,10 +24,10 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
     let client = Client::connect(addr).await.expect("connect");
     let producer = Producer::new(
         client,
-        ProducerConfig {
-            acks: Acks::Durable,
-            ..ProducerConfig::default()
-        },
+        ProducerConfig::builder()
+            .acks(Acks::Durable)
+            .build()
+            .expect("a valid config"),
     )
     .expect("producer");
     let mut handles = Vec::with_capacity(count as usize);

@@ -98,10 +98,10 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
         assert_eq!(metadata.topics[0].retention, retention);
         let producer = Producer::new(
             client.clone(),
-            ProducerConfig {
-                acks: Acks::Durable,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .acks(Acks::Durable)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         // About 2 MiB: eight or so 256 KiB segments.

@@ -1046,10 +1046,10 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
             "shardq: warning: --acks none: the broker sends no answer, so a message it refuses or fails to store is lost without an error here (the broker only logs it)"
         );
     }
-    let config = ProducerConfig {
-        acks: args.acks,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .acks(args.acks)
+        .build()
+        .map_err(failed())?;
     let producer = Producer::new(client, config).map_err(failed())?;
     let key = args.key.map(Bytes::from);
     let mut input = tokio::io::BufReader::new(tokio::io::stdin());

@@ -118,21 +118,28 @@ impl Client {
 }
 
 /// Consumer settings.
+///
+/// Made with [`ConsumerConfig::builder`] (which checks the values) or
+/// [`ConsumerConfig::default`]. Fields are public to read; the struct is
+/// `#[non_exhaustive]`, so settings added later are not a breaking change, and code
+/// outside this crate sets fields through the builder.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
-    /// How long a poll waits on the broker when no partition has new records.
+    /// How long a poll waits on the broker when no partition has new records. Default
+    /// 500 ms.
     pub wait_ms_max: u32,
     /// Most bytes in one poll's response, over all partitions (each partition still
-    /// returns at least one whole batch if it has one).
+    /// returns at least one whole batch if it has one). Default 4 MiB; at least 1.
     pub bytes_max: u32,
-    /// Most bytes asked of any one partition per poll.
+    /// Most bytes asked of any one partition per poll. Default 1 MiB; at least 1.
     pub partition_bytes_max: u32,
     /// The stream group this consumer reads for: partitions start at its committed
-    /// offsets, and `commit` records progress. `None`: no group, positions live in
-    /// memory only.
+    /// offsets, and `commit` records progress. `None` (the default): no group, positions
+    /// live in memory only. Not empty.
     pub group: Option<String>,
     /// With a group: `poll` commits the positions that moved, at most this often.
-    /// `None`: only an explicit `commit` does.
+    /// `None` (the default): only an explicit `commit` does. Needs `group`.
     pub auto_commit_interval: Option<Duration>,
 }
 
@@ -149,12 +156,104 @@ impl Default for ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// A builder starting from [`ConsumerConfig::default`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shardq::client::ConsumerConfig;
+    ///
+    /// let config = ConsumerConfig::builder()
+    ///     .group("reports")
+    ///     .auto_commit_interval(Duration::from_secs(5))
+    ///     .wait_ms_max(100)
+    ///     .build()?;
+    /// assert_eq!(config.group.as_deref(), Some("reports"));
+    /// # Ok::<(), shardq::client::ClientError>(())
+    /// ```
+    pub fn builder() -> ConsumerConfigBuilder {
+        ConsumerConfigBuilder {
+            config: ConsumerConfig::default(),
+        }
+    }
+
     /// These settings, reading for stream group `group` and committing every `interval`
-    /// (`None`: only on `commit`).
+    /// (`None`: only on `commit`). A shorthand kept beside the builder's `group` and
+    /// `auto_commit_interval` setters; unlike [`ConsumerConfigBuilder::build`] it checks
+    /// nothing.
     pub fn with_group(mut self, group: &str, auto_commit_interval: Option<Duration>) -> Self {
         self.group = Some(group.to_owned());
         self.auto_commit_interval = auto_commit_interval;
         self
+    }
+
+    fn validate(&self) -> Result<(), ClientError> {
+        let invalid =
+            |field: &'static str, value: u64| Err(ClientError::InvalidConfig { field, value });
+        if self.bytes_max == 0 {
+            return invalid("bytes_max", 0);
+        }
+        if self.partition_bytes_max == 0 {
+            return invalid("partition_bytes_max", 0);
+        }
+        if self.group.as_deref() == Some("") {
+            // The value is the name's length: an empty name names no group.
+            return invalid("group", 0);
+        }
+        if let (None, Some(interval)) = (&self.group, self.auto_commit_interval) {
+            // Committing needs a group; an interval without one would silently do nothing.
+            return invalid(
+                "auto_commit_interval",
+                u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`ConsumerConfig`]: [`ConsumerConfig::builder`], one setter per field (named
+/// like the field, taking its type, with `Option` fields set to `Some` by their setter),
+/// then [`ConsumerConfigBuilder::build`]. A setter not called leaves the field at its
+/// default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ConsumerConfigBuilder {
+    config: ConsumerConfig,
+}
+
+impl ConsumerConfigBuilder {
+    config_setters! {
+        /// How long a poll waits when nothing is new, in ms (default 500).
+        wait_ms_max: u32;
+        /// Most bytes of one poll's response (default 4 MiB; at least 1).
+        bytes_max: u32;
+        /// Most bytes asked of one partition per poll (default 1 MiB; at least 1).
+        partition_bytes_max: u32;
+    }
+
+    /// Reads for this stream group (default: none). Not empty.
+    #[must_use]
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.config.group = Some(group.into());
+        self
+    }
+
+    /// With a group, `poll` commits at most this often (default: only an explicit
+    /// `commit` does).
+    #[must_use]
+    pub fn auto_commit_interval(mut self, interval: Duration) -> Self {
+        self.config.auto_commit_interval = Some(interval);
+        self
+    }
+
+    /// Checks the settings and returns them.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first field that cannot work, with its
+    /// value: `bytes_max` or `partition_bytes_max` 0, an empty `group` (value 0, its
+    /// length), or an `auto_commit_interval` (value in ms) without a `group`.
+    pub fn build(self) -> Result<ConsumerConfig, ClientError> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 

@@ -62,38 +62,53 @@ use crate::protocol::{
 };
 
 /// Producer settings. Every queue has a limit.
+///
+/// Made with [`ProducerConfig::builder`] (which checks the values) or
+/// [`ProducerConfig::default`]; [`Producer::new`] checks them again. Fields are public to
+/// read; the struct is `#[non_exhaustive]`, so settings added later are not a breaking
+/// change, and code outside this crate sets fields through the builder.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProducerConfig {
-    /// Durability asked of the broker for every request.
+    /// Durability asked of the broker for every request. Default [`Acks::Durable`].
+    /// With [`Acks::None`] the broker never answers, so records go out with
+    /// [`Producer::send_unacknowledged`]; with `Memory` or `Durable`, with
+    /// [`Producer::send`].
     pub acks: Acks,
     /// How long an open batch waits for more records before it is sent. 0 sends at the
     /// next opportunity (still batching what arrives while requests are in flight).
+    /// Default 5 ms.
     pub linger_ms: u64,
-    /// A batch is sealed before it would grow past this. Must stay below the broker's
-    /// largest batch (chunk size minus 4 KiB, about 1 MiB by default).
+    /// A batch is sealed before it would grow past this. Lowered to the broker's largest
+    /// batch (from the handshake) when above it. Default 256 KiB; must hold at least one
+    /// empty record.
     pub batch_bytes_max: usize,
-    /// A batch is sealed when it holds this many records.
+    /// A batch is sealed when it holds this many records. Default 10 000; at least 1.
     pub batch_records_max: u32,
     /// The broker's own wait for durability, sent in each request; the client waits this
-    /// plus the client's `request_timeout_ms` before giving up on an answer.
+    /// plus the client's `request_timeout_ms` before giving up on an answer. Default
+    /// 30 000 ms.
     pub request_timeout_ms: u32,
-    /// Produce requests written and not yet answered.
+    /// Produce requests written and not yet answered. Default 8; at least 1.
     pub requests_in_flight_max: usize,
     /// A request carries batches of many partitions up to about this size (at least one
-    /// batch). Below the broker's `frame_body_bytes_max`.
+    /// batch). Below the broker's `frame_body_bytes_max`. Default 8 MiB; at least 1.
     pub request_bytes_max: usize,
     /// Bytes of records accepted by `send` and not yet answered; `send` waits beyond it.
+    /// Default 64 MiB; at least 1, at most tokio's `Semaphore::MAX_PERMITS`.
     pub buffer_bytes_max: usize,
     /// Mark batches with a producer id and sequence numbers so that the broker stores a
     /// resent batch once, and retry ambiguous failures (timeouts). Off: producer id 0,
-    /// and only failures that prove nothing was stored are retried.
+    /// and only failures that prove nothing was stored are retried. Default true.
     pub idempotent: bool,
     /// Backoff before the n-th retry of a batch: a random wait (full jitter) between 0
-    /// and `min(retry_backoff_ms_max, retry_backoff_ms_min * 2^(n-1))`.
+    /// and `min(retry_backoff_ms_max, retry_backoff_ms_min * 2^(n-1))`. Default 50 ms;
+    /// at least 1.
     pub retry_backoff_ms_min: u64,
+    /// The cap of the retry backoff. Default 2 000 ms; at least `retry_backoff_ms_min`.
     pub retry_backoff_ms_max: u64,
     /// A batch is not sent again once this long has passed since its first send; the
-    /// last error then reaches the caller.
+    /// last error then reaches the caller. Default 30 000 ms; at least 1.
     pub delivery_timeout_ms: u64,
 }
 
@@ -116,7 +131,75 @@ impl Default for ProducerConfig {
     }
 }
 
+/// Builds a [`ProducerConfig`]: [`ProducerConfig::builder`], one setter per field (named
+/// like the field, taking its type: times in milliseconds, like the fields), then
+/// [`ProducerConfigBuilder::build`]. A setter not called leaves the field at its default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ProducerConfigBuilder {
+    config: ProducerConfig,
+}
+
+impl ProducerConfigBuilder {
+    config_setters! {
+        /// Durability asked of the broker (default [`Acks::Durable`]).
+        acks: Acks;
+        /// How long an open batch waits for more records, in ms (default 5).
+        linger_ms: u64;
+        /// Largest batch in bytes (default 256 KiB; lowered to the broker's limit).
+        batch_bytes_max: usize;
+        /// Most records in a batch (default 10 000; at least 1).
+        batch_records_max: u32;
+        /// The broker's wait for durability per request, in ms (default 30 000).
+        request_timeout_ms: u32;
+        /// Produce requests in flight at once (default 8; at least 1).
+        requests_in_flight_max: usize;
+        /// About the largest request in bytes (default 8 MiB; at least 1).
+        request_bytes_max: usize;
+        /// Bytes of records sent and not yet answered (default 64 MiB; at least 1).
+        buffer_bytes_max: usize;
+        /// Idempotent batches and retries of ambiguous failures (default true).
+        idempotent: bool;
+        /// First retry backoff cap, in ms (default 50; at least 1).
+        retry_backoff_ms_min: u64;
+        /// Largest retry backoff, in ms (default 2 000; at least `retry_backoff_ms_min`).
+        retry_backoff_ms_max: u64;
+        /// How long a batch is retried after its first send, in ms (default 30 000; at
+        /// least 1).
+        delivery_timeout_ms: u64;
+    }
+
+    /// Checks the settings and returns them.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first field that cannot work (a zero
+    /// limit, a batch too small for one record, a backoff maximum below its minimum),
+    /// with its value.
+    pub fn build(self) -> Result<ProducerConfig, ClientError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
 impl ProducerConfig {
+    /// A builder starting from [`ProducerConfig::default`].
+    ///
+    /// ```
+    /// use shardq::client::{Acks, ProducerConfig};
+    ///
+    /// let config = ProducerConfig::builder()
+    ///     .acks(Acks::Memory)
+    ///     .linger_ms(0)
+    ///     .build()?;
+    /// assert_eq!(config.linger_ms, 0);
+    /// # Ok::<(), shardq::client::ClientError>(())
+    /// ```
+    pub fn builder() -> ProducerConfigBuilder {
+        ProducerConfigBuilder {
+            config: ProducerConfig::default(),
+        }
+    }
+
     fn validate(&self) -> Result<(), ClientError> {
         let invalid = |field: &'static str, value: usize| {
             Err(ClientError::InvalidConfig {
@@ -936,31 +1019,70 @@ mod tests {
     }
 
     #[test]
-    fn config_limits_are_validated() {
-        assert!(ProducerConfig::default().validate().is_ok());
-        for config in [
-            ProducerConfig {
-                batch_records_max: 0,
-                ..ProducerConfig::default()
-            },
-            ProducerConfig {
-                batch_bytes_max: 10,
-                ..ProducerConfig::default()
-            },
-            ProducerConfig {
-                requests_in_flight_max: 0,
-                ..ProducerConfig::default()
-            },
-            ProducerConfig {
-                buffer_bytes_max: 0,
-                ..ProducerConfig::default()
-            },
+    fn builder_refuses_each_limit_that_cannot_work_by_name() {
+        assert!(ProducerConfig::builder().build().is_ok());
+        let builder = ProducerConfig::builder;
+        for (built, field, value) in [
+            (
+                builder().batch_records_max(0).build(),
+                "batch_records_max",
+                0,
+            ),
+            (builder().batch_bytes_max(10).build(), "batch_bytes_max", 10),
+            (
+                builder().requests_in_flight_max(0).build(),
+                "requests_in_flight_max",
+                0,
+            ),
+            (
+                builder().request_bytes_max(0).build(),
+                "request_bytes_max",
+                0,
+            ),
+            (builder().buffer_bytes_max(0).build(), "buffer_bytes_max", 0),
+            (
+                builder().retry_backoff_ms_min(0).build(),
+                "retry_backoff_ms_min",
+                0,
+            ),
+            (
+                builder().retry_backoff_ms_max(10).build(),
+                "retry_backoff_ms_max",
+                10,
+            ),
+            (
+                builder().delivery_timeout_ms(0).build(),
+                "delivery_timeout_ms",
+                0,
+            ),
         ] {
-            assert!(
-                matches!(config.validate(), Err(ClientError::InvalidConfig { .. })),
-                "{config:?}"
-            );
+            match built {
+                Err(ClientError::InvalidConfig {
+                    field: refused,
+                    value: refused_value,
+                }) => assert_eq!((refused, refused_value), (field, value)),
+                other => panic!("{field} = {value} was not refused: {other:?}"),
+            }
         }
+        // The edges that do work.
+        let config = builder()
+            .batch_records_max(1)
+            .batch_bytes_max(BATCH_HEADER_SIZE + RECORD_OVERHEAD)
+            .retry_backoff_ms_min(7)
+            .retry_backoff_ms_max(7)
+            .linger_ms(0)
+            .acks(Acks::Memory)
+            .idempotent(false)
+            .build()
+            .unwrap();
+        assert_eq!(
+            (config.batch_records_max, config.batch_bytes_max),
+            (1, BATCH_HEADER_SIZE + RECORD_OVERHEAD)
+        );
+        assert_eq!(
+            (config.linger_ms, config.acks, config.idempotent),
+            (0, Acks::Memory, false)
+        );
     }
 
     #[test]
@@ -1086,29 +1208,6 @@ mod tests {
                     maybe_written
                 },
                 "{error} (reconnecting)"
-            );
-        }
-    }
-
-    #[test]
-    fn retry_config_is_validated() {
-        for config in [
-            ProducerConfig {
-                retry_backoff_ms_min: 0,
-                ..ProducerConfig::default()
-            },
-            ProducerConfig {
-                retry_backoff_ms_max: 10,
-                ..ProducerConfig::default()
-            },
-            ProducerConfig {
-                delivery_timeout_ms: 0,
-                ..ProducerConfig::default()
-            },
-        ] {
-            assert!(
-                matches!(config.validate(), Err(ClientError::InvalidConfig { .. })),
-                "{config:?}"
             );
         }
     }

@@ -64,20 +64,18 @@ async fn responses_in_any_order_reach_their_callers() {
 
 /// The client as it is with `reconnect` off: a broken connection is final.
 fn no_reconnect() -> ClientConfig {
-    ClientConfig {
-        reconnect: false,
-        ..ClientConfig::default()
-    }
+    ClientConfig::builder()
+        .reconnect(false)
+        .build()
+        .expect("a valid config")
 }
 
 /// Reconnecting quickly, and giving up soon when nothing answers.
-fn quick_reconnect() -> ClientConfig {
-    ClientConfig {
-        reconnect_backoff_ms_min: 1,
-        reconnect_backoff_ms_max: 10,
-        reconnect_timeout_ms: 2_000,
-        ..ClientConfig::default()
-    }
+fn quick_reconnect() -> ClientConfigBuilder {
+    ClientConfig::builder()
+        .reconnect_backoff_ms_min(1)
+        .reconnect_backoff_ms_max(10)
+        .reconnect_timeout_ms(2_000)
 }
 
 #[tokio::test]
@@ -137,10 +135,10 @@ async fn pending_requests_are_bounded() {
             .await;
         connection
     });
-    let config = ClientConfig {
-        requests_pending_max: 2,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .requests_pending_max(2)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let calls: Vec<_> = ["a", "b", "c"]
         .into_iter()
@@ -163,10 +161,10 @@ async fn request_times_out_without_an_answer() {
         connection.read_request().await.unwrap();
         connection
     });
-    let config = ClientConfig {
-        request_timeout_ms: 50,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .request_timeout_ms(50)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let error = client.metadata(&[]).await.unwrap_err();
     assert!(
@@ -203,10 +201,10 @@ async fn produce_with_acks_none_expects_no_answer_and_keeps_routing() {
             .await;
         connection
     });
-    let config = ClientConfig {
-        requests_pending_max: 1,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .requests_pending_max(1)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let request = ProduceRequest {
         acks: Acks::None,
@@ -302,13 +300,11 @@ async fn producer_peer(
     batches
 }
 
-fn quick_retries() -> ProducerConfig {
-    ProducerConfig {
-        linger_ms: 0,
-        retry_backoff_ms_min: 1,
-        retry_backoff_ms_max: 4,
-        ..ProducerConfig::default()
-    }
+fn quick_retries() -> ProducerConfigBuilder {
+    ProducerConfig::builder()
+        .linger_ms(0)
+        .retry_backoff_ms_min(1)
+        .retry_backoff_ms_max(4)
 }
 
 fn header_of(batch: &Bytes) -> crate::protocol::batch::BatchHeader {
@@ -328,7 +324,7 @@ async fn retriable_refusals_resend_the_same_bytes_and_sequences_follow_send_orde
         })
     }));
     let client = Client::connect(address).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let producer_id = producer.producer_id();
     assert_ne!(producer_id, 0, "idempotent by default");
     let first = producer
@@ -370,11 +366,8 @@ async fn storage_full_until_the_delivery_timeout_fails_as_not_written_and_renews
         })
     }));
     let client = Client::connect(address).await.unwrap();
-    let config = ProducerConfig {
-        // Over almost at once: the refusal becomes final after a retry or two at most.
-        delivery_timeout_ms: 1,
-        ..quick_retries()
-    };
+    // Over almost at once: the refusal becomes final after a retry or two at most.
+    let config = quick_retries().delivery_timeout_ms(1).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let old_id = producer.producer_id();
     let error = producer
@@ -422,7 +415,7 @@ async fn out_of_order_sequence_is_final_and_not_written() {
         )))
     }));
     let client = Client::connect(address).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let error = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
@@ -454,7 +447,7 @@ async fn connection_lost_after_sending_is_final_and_maybe_written_without_reconn
         assert!(matches!(produce, Request::Produce(_)));
     });
     let client = Client::connect_with(address, no_reconnect()).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let error = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
@@ -494,7 +487,7 @@ async fn a_read_lost_with_its_connection_is_sent_again_on_a_new_one() {
             .await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
     let metadata = client.metadata(&["a"]).await.unwrap();
@@ -521,7 +514,7 @@ async fn a_change_lost_with_its_connection_fails_and_the_next_request_reconnects
             .await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
     let error = client.delete_topic("a").await.unwrap_err();
@@ -539,10 +532,7 @@ async fn reconnecting_gives_up_after_its_timeout_naming_the_address() {
         connection.read_request().await.unwrap();
         // Nothing listens any more once the listener goes with this task.
     });
-    let config = ClientConfig {
-        reconnect_timeout_ms: 200,
-        ..quick_reconnect()
-    };
+    let config = quick_reconnect().reconnect_timeout_ms(200).build().unwrap();
     let client = Client::connect_with(address, config).await.unwrap();
     let pending = tokio::spawn({
         let client = client.clone();
@@ -567,7 +557,7 @@ async fn reconnecting_gives_up_after_its_timeout_naming_the_address() {
 async fn a_closed_client_never_reconnects() {
     let (listener, address) = listen().await;
     let (client, _first) = tokio::join!(
-        Client::connect_with(address, quick_reconnect()),
+        Client::connect_with(address, quick_reconnect().build().unwrap()),
         ScriptedConnection::accept_and_handshake(&listener)
     );
     let client = client.unwrap();
@@ -604,10 +594,10 @@ async fn a_batch_lost_with_its_connection_is_sent_again_byte_for_byte_on_the_nex
         second.respond(&header, Ok(&produce_answer(Ok(7)))).await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let metadata = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
@@ -745,10 +735,10 @@ async fn a_close_ends_a_reconnect_in_progress() {
     let (client, first) = tokio::join!(
         Client::connect_with(
             address,
-            ClientConfig {
-                reconnect_timeout_ms: 600_000,
-                ..quick_reconnect()
-            }
+            quick_reconnect()
+                .reconnect_timeout_ms(600_000)
+                .build()
+                .unwrap()
         ),
         ScriptedConnection::accept_and_handshake(&listener)
     );
@@ -780,10 +770,7 @@ async fn a_send_waiting_for_memory_is_refused_when_the_producer_closes() {
     // is never given back.
     let peer = tokio::spawn(producer_peer(listener, |_, _| None));
     let client = Client::connect(address).await.unwrap();
-    let config = ProducerConfig {
-        buffer_bytes_max: 600,
-        ..quick_retries()
-    };
+    let config = quick_retries().buffer_bytes_max(600).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let _held = producer
         .send("t", ProducerRecord::new("x".repeat(512)).with_partition(0))
@@ -832,13 +819,10 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
         let again = tokio::time::timeout(Duration::from_millis(300), second.read_request()).await;
         assert!(again.is_err(), "the batch was sent again: {again:?}");
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let config = ProducerConfig {
-        idempotent: false,
-        ..quick_retries()
-    };
+    let config = quick_retries().idempotent(false).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let sent = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
@@ -855,40 +839,58 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
 
 #[test]
 fn reconnect_settings_are_validated_at_their_edges() {
-    let with = |change: fn(&mut ClientConfig)| {
-        let mut config = ClientConfig::default();
-        change(&mut config);
-        config.validate()
+    let with = |change: fn(ClientConfigBuilder) -> ClientConfigBuilder| {
+        change(ClientConfig::builder()).build().map(drop)
     };
     let refused = |result: Result<(), ClientError>, field: &str| match result {
         Err(ClientError::InvalidConfig { field: named, .. }) => assert_eq!(named, field),
         other => panic!("{field}: expected a refusal, got {other:?}"),
     };
     refused(
-        with(|c| c.reconnect_backoff_ms_min = 0),
+        with(|c| c.reconnect_backoff_ms_min(0)),
         "reconnect_backoff_ms_min",
     );
-    refused(with(|c| c.reconnect_timeout_ms = 0), "reconnect_timeout_ms");
+    refused(with(|c| c.reconnect_timeout_ms(0)), "reconnect_timeout_ms");
     refused(
-        with(|c| {
-            c.reconnect_backoff_ms_min = 10;
-            c.reconnect_backoff_ms_max = 9;
-        }),
+        with(|c| c.reconnect_backoff_ms_min(10).reconnect_backoff_ms_max(9)),
         "reconnect_backoff_ms_max",
     );
+    refused(with(|c| c.requests_pending_max(0)), "requests_pending_max");
+    refused(with(|c| c.request_timeout_ms(0)), "request_timeout_ms");
     // At the edges: 1 ms, and a maximum equal to the minimum.
     with(|c| {
-        c.reconnect_backoff_ms_min = 1;
-        c.reconnect_backoff_ms_max = 1;
-        c.reconnect_timeout_ms = 1;
+        c.reconnect_backoff_ms_min(1)
+            .reconnect_backoff_ms_max(1)
+            .reconnect_timeout_ms(1)
     })
     .unwrap();
     // With reconnecting off, the reconnect settings are not used and not checked.
-    with(|c| {
-        c.reconnect = false;
-        c.reconnect_timeout_ms = 0;
-    })
-    .unwrap();
+    with(|c| c.reconnect(false).reconnect_timeout_ms(0)).unwrap();
+    // Every setter lands in its own field.
+    let config = ClientConfig::builder()
+        .client_name("named")
+        .requests_pending_max(3)
+        .response_body_bytes_max(4)
+        .request_timeout_ms(5)
+        .reconnect(false)
+        .reconnect_backoff_ms_min(6)
+        .reconnect_backoff_ms_max(7)
+        .reconnect_timeout_ms(8)
+        .build()
+        .unwrap();
+    assert_eq!(
+        (
+            config.client_name.as_str(),
+            config.requests_pending_max,
+            config.response_body_bytes_max,
+            config.request_timeout_ms,
+            config.reconnect,
+            config.reconnect_backoff_ms_min,
+            config.reconnect_backoff_ms_max,
+            config.reconnect_timeout_ms,
+        ),
+        ("named", 3, 4, 5, false, 6, 7, 8)
+    );
     // The backoff never exceeds its cap, even for huge attempt counts.
     for attempt in [1, 2, 10, 64, u32::MAX] {
         assert!(super::backoff_delay(attempt, 20, 2_000) <= Duration::from_millis(2_000));
@@ -896,4 +898,64 @@ fn reconnect_settings_are_validated_at_their_edges() {
     // Near the top of the range the doubling saturates instead of overflowing.
     let cap = u64::MAX / 2;
     assert!(super::backoff_delay(40, u64::MAX / 4, cap) <= Duration::from_millis(cap));
+}
+
+#[test]
+fn consumer_builder_sets_each_field_and_refuses_settings_that_cannot_work() {
+    let config = ConsumerConfig::builder()
+        .wait_ms_max(7)
+        .bytes_max(8)
+        .partition_bytes_max(9)
+        .group("reports")
+        .auto_commit_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    assert_eq!(
+        (
+            config.wait_ms_max,
+            config.bytes_max,
+            config.partition_bytes_max,
+            config.group.as_deref(),
+            config.auto_commit_interval,
+        ),
+        (7, 8, 9, Some("reports"), Some(Duration::from_millis(10)))
+    );
+    // The shorthand sets the same two fields.
+    let shorthand =
+        ConsumerConfig::default().with_group("reports", Some(Duration::from_millis(10)));
+    assert_eq!(
+        (shorthand.group, shorthand.auto_commit_interval),
+        (config.group, config.auto_commit_interval)
+    );
+    let defaults = ConsumerConfig::builder().build().unwrap();
+    assert_eq!(
+        (defaults.group, defaults.auto_commit_interval),
+        (None, None),
+        "no group unless asked"
+    );
+    let builder = ConsumerConfig::builder;
+    for (built, field, value) in [
+        (builder().bytes_max(0).build(), "bytes_max", 0),
+        (
+            builder().partition_bytes_max(0).build(),
+            "partition_bytes_max",
+            0,
+        ),
+        (builder().group("").build(), "group", 0),
+        (
+            builder()
+                .auto_commit_interval(Duration::from_secs(5))
+                .build(),
+            "auto_commit_interval",
+            5_000,
+        ),
+    ] {
+        match built {
+            Err(ClientError::InvalidConfig {
+                field: refused,
+                value: refused_value,
+            }) => assert_eq!((refused, refused_value), (field, value)),
+            other => panic!("{field} = {value} was not refused: {other:?}"),
+        }
+    }
 }
