@@ -745,7 +745,7 @@ fn record_outcome(
                 sent.partition, metadata.partition,
                 "the producer routes explicit partitions"
             );
-            let offset = metadata.offset.expect("acks=durable answers carry offsets");
+            let offset = metadata.offset;
             sent.acked_offset = Some(offset);
             report.acknowledged += 1;
         }

@@ -251,7 +251,7 @@ mod client_retries {
             .await
             .unwrap();
         let metadata = handle.await.expect("the retry succeeds");
-        assert_eq!(metadata.offset, Some(0), "the original's offset");
+        assert_eq!(metadata.offset, 0, "the original's offset");
         assert_eq!(dropped.load(Ordering::SeqCst), 1, "an answer was lost");
         // A second record lands right after: the first is stored exactly once.
         let next = producer
@@ -260,7 +260,7 @@ mod client_retries {
             .unwrap()
             .await
             .unwrap();
-        assert_eq!(next.offset, Some(1));
+        assert_eq!(next.offset, 1);
         let records = records_until(&direct, "t", 0, 2).await;
         let values: Vec<&[u8]> = records.iter().map(|record| &record.value[..]).collect();
         assert_eq!(values, vec![&b"once"[..], b"next"]);

@@ -48,13 +48,7 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
             metadata.partition,
             partition_for_key(key.as_bytes(), PARTITIONS)
         );
-        placed.insert(
-            index,
-            (
-                metadata.partition,
-                metadata.offset.expect("durable acks carry offsets"),
-            ),
-        );
+        placed.insert(index, (metadata.partition, metadata.offset));
     }
     placed
 }

@@ -47,7 +47,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{
     Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, SendHandle, StartPosition,
+    ProducerRecord, SendHandle, SentHandle, StartPosition,
 };
 use crate::placement;
 use crate::protocol::batch::{BATCH_HEADER_SIZE, RECORD_OVERHEAD};
@@ -817,7 +817,7 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
                 .map_err(client_error("starting a producer"))?,
         );
     }
-    let (ack_sender, ack_receiver) = mpsc::channel::<(SendHandle, u64)>(ACK_QUEUE_MAX);
+    let (ack_sender, ack_receiver) = mpsc::channel::<(Pending, u64)>(ACK_QUEUE_MAX);
     let collector = tokio::spawn(collect_acks(ack_receiver, shared.measure_start_ns));
     let filler = payload::filler(config.message_size, u64::from(context.index) + 1);
     let mut arena = BytesMut::with_capacity(config.message_size * 1024);
@@ -881,7 +881,19 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
             headers: Vec::new(),
             partition: Some(partition as u32),
         };
-        let handle = match producers[route[partition]].send(topic, record).await {
+        let producer = &producers[route[partition]];
+        let sent = if config.acks == Acks::None {
+            producer
+                .send_unacknowledged(topic, record)
+                .await
+                .map(Pending::Unacknowledged)
+        } else {
+            producer
+                .send(topic, record)
+                .await
+                .map(Pending::Acknowledged)
+        };
+        let handle = match sent {
             Ok(handle) => handle,
             Err(source) => {
                 error = Some(BenchError::Client {
@@ -933,9 +945,33 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
     Ok(result)
 }
 
+/// A record sent: with acks, answered with its offset; with acks none, written (the
+/// latency measured is then the time to the socket). The bench only needs to know when
+/// and whether.
+enum Pending {
+    Acknowledged(SendHandle),
+    Unacknowledged(SentHandle),
+}
+
+impl Pending {
+    fn try_result(&self) -> Option<Result<(), ClientError>> {
+        match self {
+            Pending::Acknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+            Pending::Unacknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+        }
+    }
+
+    async fn wait(self) -> Result<(), ClientError> {
+        match self {
+            Pending::Acknowledged(handle) => handle.await.map(drop),
+            Pending::Unacknowledged(handle) => handle.await.map(drop),
+        }
+    }
+}
+
 /// Resolves send handles in order and records each message's ack latency.
 async fn collect_acks(
-    mut receiver: mpsc::Receiver<(SendHandle, u64)>,
+    mut receiver: mpsc::Receiver<(Pending, u64)>,
     measure_start_ns: u64,
 ) -> Result<ProducerResult, BenchError> {
     let mut result = ProducerResult::empty();

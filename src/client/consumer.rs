@@ -18,9 +18,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Client, ClientError, TIMESTAMP_LATEST};
+use super::{Client, ClientError};
 use crate::protocol::batch::{decode_records, Record};
-use crate::protocol::{ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
+use crate::protocol::{
+    ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic, TIMESTAMP_EARLIEST,
+    TIMESTAMP_LATEST,
+};
 
 /// Records of one partition from one fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,38 +85,87 @@ pub fn fetch_records_from_response(
 }
 
 /// Where a consumer starts reading a partition.
+///
+/// `#[non_exhaustive]`: more ways to start (say, some records before the end) may come,
+/// so a `match` needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StartPosition {
     /// The first offset still stored.
     Beginning,
     /// The high watermark: only records produced from now on.
     End,
+    /// This offset, as given (the broker is not asked; a fetch outside the stored range
+    /// fails with [`ClientError::OffsetOutOfRange`]).
     Offset(u64),
-    /// The first record with a timestamp at or after this time (ms since the epoch).
+    /// The first record with a timestamp at or after this time (ms since the epoch; a
+    /// time before the epoch is the epoch); the high watermark when there is none.
     Time(i64),
+}
+
+/// Which offset [`Client::list_offsets`] asks the broker for, per partition.
+///
+/// A separate type from [`StartPosition`] because every query here is answered by the
+/// broker (an offset the caller already knows needs no request). `#[non_exhaustive]`:
+/// more queries (the largest timestamp, say) may come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OffsetQuery {
+    /// The first offset still stored (`log_start_offset`).
+    Earliest,
+    /// The offset the next record will get (`high_watermark`).
+    Latest,
+    /// The first offset whose record timestamp is at or after this time (ms since the
+    /// epoch), or the high watermark when no record is that late. A time before the
+    /// epoch asks for the epoch: no record is stamped earlier.
+    Time(i64),
+}
+
+impl OffsetQuery {
+    /// The protocol's encoding: -2 and -1 for the ends, else the time. A negative time
+    /// would read as one of the ends (or be refused), so it goes out as 0, which no
+    /// record precedes.
+    pub(super) fn wire_timestamp_ms(self) -> i64 {
+        match self {
+            OffsetQuery::Earliest => TIMESTAMP_EARLIEST,
+            OffsetQuery::Latest => TIMESTAMP_LATEST,
+            OffsetQuery::Time(timestamp_ms) => timestamp_ms.max(0),
+        }
+    }
 }
 
 impl Client {
     /// The partition's `(log_start_offset, high_watermark)`.
+    ///
+    /// # Errors
+    /// As [`Client::list_offsets`].
     pub async fn partition_offsets(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<(u64, u64), ClientError> {
-        let answered = self
-            .list_offsets(topic, &[(partition, TIMESTAMP_LATEST)])
+        let offsets = self
+            .partition_offset(topic, partition, OffsetQuery::Latest)
             .await?;
-        let (_, offsets) =
-            answered
-                .into_iter()
-                .next()
-                .ok_or_else(|| ClientError::UnexpectedResponse {
-                    correlation_id: 0,
-                    reason: format!(
-                        "list offsets has no answer for {topic:?} partition {partition}"
-                    ),
-                })?;
         Ok((offsets.log_start_offset, offsets.high_watermark))
+    }
+
+    /// One partition's answer to `query`.
+    async fn partition_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        query: OffsetQuery,
+    ) -> Result<crate::protocol::PartitionOffsets, ClientError> {
+        let answered = self.list_offsets(topic, &[(partition, query)]).await?;
+        answered
+            .into_iter()
+            .find(|(answered, _)| *answered == partition)
+            .map(|(_, offsets)| offsets)
+            .ok_or_else(|| ClientError::UnexpectedResponse {
+                correlation_id: 0,
+                reason: format!("list offsets has no answer for {topic:?} partition {partition}"),
+            })
     }
 }
 
@@ -231,7 +283,6 @@ impl ConsumerConfigBuilder {
     }
 
     /// Reads for this stream group (default: none). Not empty.
-    #[must_use]
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.config.group = Some(group.into());
         self
@@ -239,7 +290,6 @@ impl ConsumerConfigBuilder {
 
     /// With a group, `poll` commits at most this often (default: only an explicit
     /// `commit` does).
-    #[must_use]
     pub fn auto_commit_interval(mut self, interval: Duration) -> Self {
         self.config.auto_commit_interval = Some(interval);
         self
@@ -366,27 +416,17 @@ impl Consumer {
         partition: u32,
         start: StartPosition,
     ) -> Result<u64, ClientError> {
-        let offset = match start {
-            StartPosition::Offset(offset) => offset,
-            StartPosition::Beginning => self.client.partition_offsets(topic, partition).await?.0,
-            StartPosition::End => self.client.partition_offsets(topic, partition).await?.1,
-            StartPosition::Time(timestamp_ms) => {
-                let answered = self
-                    .client
-                    .list_offsets(topic, &[(partition, timestamp_ms)])
-                    .await?;
-                answered
-                    .into_iter()
-                    .next()
-                    .map(|(_, offsets)| offsets.offset)
-                    .ok_or_else(|| ClientError::UnexpectedResponse {
-                        correlation_id: 0,
-                        reason: format!(
-                            "list offsets has no answer for {topic:?} partition {partition}"
-                        ),
-                    })?
-            }
+        let query = match start {
+            StartPosition::Offset(offset) => return Ok(offset),
+            StartPosition::Beginning => OffsetQuery::Earliest,
+            StartPosition::End => OffsetQuery::Latest,
+            StartPosition::Time(timestamp_ms) => OffsetQuery::Time(timestamp_ms),
         };
+        let offset = self
+            .client
+            .partition_offset(topic, partition, query)
+            .await?
+            .offset;
         Ok(offset)
     }
 

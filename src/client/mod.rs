@@ -57,7 +57,6 @@ macro_rules! config_setters {
     ($($(#[$doc:meta])* $field:ident: $type:ty;)*) => {
         $(
             $(#[$doc])*
-            #[must_use]
             pub fn $field(mut self, $field: $type) -> Self {
                 self.config.$field = $field;
                 self
@@ -103,16 +102,15 @@ pub use crate::protocol::queue::{
     ExpiryPolicy, GroupDescription, GroupKind, GroupPartition, Handle, NackDelay, QueueOrdering,
     QueueSettings, ReceiveRequest, ReceivedMessage, SettleAction,
 };
-pub use crate::protocol::{
-    Acks, ErrorCode, PartitionOffsets, Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
-};
+pub use crate::protocol::{Acks, ErrorCode, PartitionOffsets, Retention, WireError};
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, ConsumedRecord, Consumer, ConsumerConfig,
-    ConsumerConfigBuilder, FetchedRecords, StartPosition,
+    ConsumerConfigBuilder, FetchedRecords, OffsetQuery, StartPosition,
 };
 pub use groups::CommittedPosition;
 pub use producer::{
     Producer, ProducerConfig, ProducerConfigBuilder, ProducerRecord, RecordMetadata, SendHandle,
+    Sent, SentHandle,
 };
 pub use queue::{
     handles_of, QueueConsumer, QueueConsumerBuilder, QueueConsumerConfig,
@@ -581,7 +579,6 @@ pub struct ClientConfigBuilder {
 
 impl ClientConfigBuilder {
     /// Sent in the handshake (default `shardq-client/<version>`).
-    #[must_use]
     pub fn client_name(mut self, client_name: impl Into<String>) -> Self {
         self.config.client_name = client_name.into();
         self
@@ -979,22 +976,27 @@ impl Client {
         }
     }
 
-    /// For each `(partition, timestamp_ms)`: the first offset whose record timestamp is
-    /// at or after the time (the high watermark when none is), with the partition's
-    /// range. `TIMESTAMP_EARLIEST` / `TIMESTAMP_LATEST` ask for the range's ends.
+    /// For each `(partition, query)`: the offset the [`OffsetQuery`] asks for, with the
+    /// partition's range (`log_start_offset`, `high_watermark`), in one request. The
+    /// answers come in the order the broker gives them, each naming its partition.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
+    /// partition the broker does not have, [`ClientError::PartitionRefused`] for another
+    /// refusal of one partition, and the transport's errors.
     pub async fn list_offsets(
         &self,
         topic: &str,
-        partitions: &[(u32, i64)],
+        partitions: &[(u32, OffsetQuery)],
     ) -> Result<Vec<(u32, PartitionOffsets)>, ClientError> {
         let request = Request::ListOffsets(ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: topic.to_owned(),
                 partitions: partitions
                     .iter()
-                    .map(|(partition, timestamp_ms)| ListOffsetsPartition {
+                    .map(|(partition, query)| ListOffsetsPartition {
                         partition: *partition,
-                        timestamp_ms: *timestamp_ms,
+                        timestamp_ms: query.wire_timestamp_ms(),
                     })
                     .collect(),
             }],

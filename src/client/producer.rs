@@ -8,11 +8,13 @@
 //! client's connection. One batch per partition is in flight at a time, so a partition's
 //! records land in the log in the order they were sent.
 //!
-//! Contract: a handle resolves once the broker has answered for its batch: with the
-//! record's offset (the batch's base offset plus the record's index in it) when acked,
-//! with `offset: None` when sent with acks none (the broker never says), or with a
-//! [`ClientError::ProduceFailed`] that says why the batch failed for good and whether it
-//! may have been written, shared by exactly the records of that batch. Memory is bounded
+//! Contract: a [`SendHandle`] (from `send`, acks `Memory` or `Durable`) resolves once the
+//! broker has answered for its batch, with the record's offset (the batch's base offset
+//! plus the record's index in it); a [`SentHandle`] (from `send_unacknowledged`, acks
+//! `None`) once the batch is written, with no offset, since the broker never answers.
+//! Either fails with a [`ClientError::ProduceFailed`] that says why the batch failed for
+//! good and whether it may have been written, shared by exactly the records of that
+//! batch. Memory is bounded
 //! by `buffer_bytes_max`: `send` waits when the records accepted and not yet answered
 //! would exceed it.
 //!
@@ -273,18 +275,36 @@ impl ProducerRecord {
     }
 }
 
-/// Where a record landed.
+/// Where an acknowledged record landed: what a [`SendHandle`] resolves to.
+///
+/// The offset is a plain `u64` because a producer with acks `Memory` or `Durable` (the
+/// only ones [`Producer::send`] serves) always learns it from the broker's answer. A
+/// producer with acks `None` gets no answer, so it sends with
+/// [`Producer::send_unacknowledged`] and learns only a [`Sent`]: no type here holds an
+/// offset that may be missing. `#[non_exhaustive]`: more of the broker's answer (the
+/// append time, say) may come.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordMetadata {
     pub topic: Arc<str>,
     pub partition: u32,
-    /// The record's offset; `None` when sent with acks none, since the broker does not
-    /// answer and so never says.
-    pub offset: Option<u64>,
+    /// The record's offset in its partition.
+    pub offset: u64,
+}
+
+/// A record sent with acks none, as far as the client knows: written to the broker's
+/// connection, for this partition. The broker never answers, so nothing says whether it
+/// was stored or at which offset. What a [`SentHandle`] resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Sent {
+    pub topic: Arc<str>,
+    pub partition: u32,
 }
 
 /// Resolves to a record's [`RecordMetadata`] once its batch is answered. `.await` it, or
-/// call [`SendHandle::wait`]; dropping it does not cancel the send.
+/// call [`SendHandle::wait`]; dropping it does not cancel the send. Returned by
+/// [`Producer::send`].
 #[derive(Debug, Clone)]
 pub struct SendHandle {
     completion: Arc<BatchCompletion>,
@@ -292,6 +312,7 @@ pub struct SendHandle {
 }
 
 impl SendHandle {
+    /// The partition the record was routed to.
     pub fn partition(&self) -> u32 {
         self.completion.partition
     }
@@ -304,19 +325,29 @@ impl SendHandle {
             Ok(base_offset) => Ok(RecordMetadata {
                 topic: self.completion.topic.clone(),
                 partition: self.completion.partition,
-                offset: base_offset.map(|base| base + u64::from(self.index)),
+                offset: base_offset.expect(
+                    "a SendHandle comes only from a producer with acks Memory or Durable, whose batches are answered with an offset",
+                ) + u64::from(self.index),
             }),
             Err(error) => Err(error.clone()),
         }
     }
 
     /// The outcome if the batch has been answered, without waiting.
+    ///
+    /// # Errors
+    /// As [`SendHandle::wait`].
     pub fn try_result(&self) -> Option<Result<RecordMetadata, ClientError>> {
         self.completion
             .outcome()
             .map(|outcome| self.metadata(outcome))
     }
 
+    /// Waits until the batch is answered.
+    ///
+    /// # Errors
+    /// [`ClientError::ProduceFailed`] when the batch failed for good (it says whether it
+    /// may have been written anyway), shared by every record of the batch.
     pub async fn wait(self) -> Result<RecordMetadata, ClientError> {
         let outcome = self.completion.wait().await;
         self.metadata(outcome)
@@ -325,6 +356,58 @@ impl SendHandle {
 
 impl IntoFuture for SendHandle {
     type Output = Result<RecordMetadata, ClientError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+/// Resolves to a [`Sent`] once the record's batch is written to the connection (acks
+/// none: there is no answer to wait for). `.await` it, or call [`SentHandle::wait`];
+/// dropping it does not cancel the send. Returned by [`Producer::send_unacknowledged`].
+#[derive(Debug, Clone)]
+pub struct SentHandle {
+    completion: Arc<BatchCompletion>,
+}
+
+impl SentHandle {
+    /// The partition the record was routed to.
+    pub fn partition(&self) -> u32 {
+        self.completion.partition
+    }
+
+    fn sent(&self, outcome: &Result<Option<u64>, ClientError>) -> Result<Sent, ClientError> {
+        match outcome {
+            Ok(_) => Ok(Sent {
+                topic: self.completion.topic.clone(),
+                partition: self.completion.partition,
+            }),
+            Err(error) => Err(error.clone()),
+        }
+    }
+
+    /// The outcome if the batch has been written (or failed), without waiting.
+    ///
+    /// # Errors
+    /// As [`SentHandle::wait`].
+    pub fn try_result(&self) -> Option<Result<Sent, ClientError>> {
+        self.completion.outcome().map(|outcome| self.sent(outcome))
+    }
+
+    /// Waits until the batch is written to the connection.
+    ///
+    /// # Errors
+    /// [`ClientError::ProduceFailed`] when it could not be written (no connection, the
+    /// client closed); a refusal by the broker is never heard of.
+    pub async fn wait(self) -> Result<Sent, ClientError> {
+        let outcome = self.completion.wait().await;
+        self.sent(outcome)
+    }
+}
+
+impl IntoFuture for SentHandle {
+    type Output = Result<Sent, ClientError>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
@@ -452,6 +535,21 @@ pub struct Producer {
     _owner: Arc<Owner>,
 }
 
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (producer_id, closing) = {
+            let state = self.shared.state();
+            (state.producer_id, state.closing)
+        };
+        f.debug_struct("Producer")
+            .field("client", &self.shared.client)
+            .field("config", &self.shared.config)
+            .field("producer_id", &producer_id)
+            .field("closing", &closing)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Producer {
     /// Starts the sender task; must be called within a tokio runtime.
     /// `batch_bytes_max` is lowered to the broker's own limit (from the handshake), so
@@ -507,12 +605,60 @@ impl Producer {
 
     /// Routes and queues a record. Waits only for memory (`buffer_bytes_max`) and, the
     /// first time a topic is used, for its metadata. The returned handle resolves when
-    /// the record's batch is answered.
+    /// the record's batch is answered, to the record's offset.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming `acks` when the producer's acks are `None`
+    /// (no answer will come, so there is no offset to resolve to: use
+    /// [`Producer::send_unacknowledged`]); [`ClientError::Closed`] after a close;
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
+    /// explicit partition the broker does not have (after one metadata refresh).
     pub async fn send(
         &self,
         topic: &str,
         record: ProducerRecord,
     ) -> Result<SendHandle, ClientError> {
+        if self.shared.config.acks == Acks::None {
+            return Err(ClientError::InvalidConfig {
+                field: "acks",
+                value: Acks::None as u64,
+            });
+        }
+        let (completion, index) = self.enqueue(topic, record).await?;
+        Ok(SendHandle { completion, index })
+    }
+
+    /// Routes and queues a record for a producer whose acks are `None`, as
+    /// [`Producer::send`] does. The returned handle resolves once the record's batch is
+    /// written to the connection: the broker never answers, so a refusal or a failure to
+    /// store it is not heard of (the broker only logs it).
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming `acks` (with its value) when the producer's
+    /// acks are not `None` (its answers carry offsets: use [`Producer::send`]); the rest
+    /// as [`Producer::send`].
+    pub async fn send_unacknowledged(
+        &self,
+        topic: &str,
+        record: ProducerRecord,
+    ) -> Result<SentHandle, ClientError> {
+        let acks = self.shared.config.acks;
+        if acks != Acks::None {
+            return Err(ClientError::InvalidConfig {
+                field: "acks",
+                value: acks as u64,
+            });
+        }
+        let (completion, _index) = self.enqueue(topic, record).await?;
+        Ok(SentHandle { completion })
+    }
+
+    /// Routes and appends a record to its partition's open batch (the body of both sends).
+    async fn enqueue(
+        &self,
+        topic: &str,
+        record: ProducerRecord,
+    ) -> Result<(Arc<BatchCompletion>, u32), ClientError> {
         let headers: Vec<(&str, &[u8])> = record
             .headers
             .iter()
@@ -560,10 +706,7 @@ impl Producer {
                             if outcome.sealed || outcome.index == 0 {
                                 self.shared.wake.notify_one();
                             }
-                            return Ok(SendHandle {
-                                completion: outcome.completion,
-                                index: outcome.index,
-                            });
+                            return Ok((outcome.completion, outcome.index));
                         }
                         Err(error) if refreshed => return Err(error),
                         // Perhaps the topic was recreated with more partitions.

@@ -100,7 +100,6 @@ impl Default for QueueConsumerConfig {
 macro_rules! queue_consumer_setters {
     () => {
         /// Lease asked for each received message (default: the topic's; at least 1 ms).
-        #[must_use]
         pub fn visibility_timeout(mut self, visibility_timeout: Duration) -> Self {
             self.config.visibility_timeout = Some(visibility_timeout);
             self
@@ -312,7 +311,12 @@ impl QueueMessage {
 }
 
 /// Which settle operation a [`SettleOutcome`] answers.
+///
+/// `#[non_exhaustive]`: the broker's settle request is one frame with an action byte, and
+/// more actions than these three (a release that does not count as a delivery, say) may
+/// come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SettleKind {
     Ack,
     Nack,
@@ -330,7 +334,11 @@ impl SettleKind {
 }
 
 /// Why the broker refused one handle (docs/queues.md §3, "Handles").
+///
+/// `#[non_exhaustive]`: a refusal the broker adds later may get its own variant rather
+/// than stay in [`SettleError::Other`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SettleError {
     /// The message was delivered again since: this handle's attempt is superseded (the
     /// broker's message names the current attempt).

@@ -906,13 +906,18 @@ async fn consumer_in_a_group_resumes_at_committed_offsets_and_commits_what_moved
             panic!("expected list offsets, got {request:?}")
         };
         assert_eq!(list.topics[0].partitions[0].partition, 1);
+        assert_eq!(
+            list.topics[0].partitions[0].timestamp_ms,
+            crate::protocol::TIMESTAMP_EARLIEST
+        );
+        // As the broker answers the earliest offset: the log start.
         let body = ResponseBody::ListOffsets(ListOffsetsResponse {
             topics: vec![ListOffsetsTopicResult {
                 name: "t".into(),
                 partitions: vec![ListOffsetsPartitionResult {
                     partition: 1,
                     result: Ok(PartitionOffsets {
-                        offset: 10,
+                        offset: 2,
                         log_start_offset: 2,
                         high_watermark: 10,
                     }),

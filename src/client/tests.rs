@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 use super::test_peer::{listen, ScriptedConnection};
 use super::*;
 use crate::protocol::batch::BatchBuilder;
-use crate::protocol::{ProducePartition, ProduceTopic, TopicMetadata, WireError};
+use crate::protocol::{
+    ProducePartition, ProduceTopic, TopicMetadata, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+};
 
 fn metadata_body(topic: &str) -> ResponseBody {
     ResponseBody::Metadata(MetadataResponse {
@@ -331,12 +333,12 @@ async fn retriable_refusals_resend_the_same_bytes_and_sequences_follow_send_orde
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
         .unwrap();
-    assert_eq!(first.await.unwrap().offset, Some(10));
+    assert_eq!(first.await.unwrap().offset, 10);
     let second = producer
         .send("t", ProducerRecord::new("b").with_partition(0))
         .await
         .unwrap();
-    assert_eq!(second.await.unwrap().offset, Some(11));
+    assert_eq!(second.await.unwrap().offset, 11);
     producer.close().await.unwrap();
     drop(producer);
     client.close();
@@ -604,7 +606,7 @@ async fn a_batch_lost_with_its_connection_is_sent_again_byte_for_byte_on_the_nex
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(metadata.offset, Some(7));
+    assert_eq!(metadata.offset, 7);
     assert_eq!(client.reconnects(), 1);
     drop(peer.await.unwrap());
 }
@@ -958,4 +960,95 @@ fn consumer_builder_sets_each_field_and_refuses_settings_that_cannot_work() {
             other => panic!("{field} = {value} was not refused: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn offset_queries_go_out_as_the_protocol_encodes_them_and_a_known_offset_asks_nothing() {
+    use crate::protocol::{
+        ListOffsetsPartitionResult, ListOffsetsResponse, ListOffsetsTopicResult,
+    };
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let mut asked = Vec::new();
+        // list_offsets, then the consumer's Beginning and End; Offset(3) sends nothing,
+        // so the connection closes after these three.
+        while let Some((header, request)) = connection.read_request().await {
+            let Request::ListOffsets(request) = request else {
+                panic!("expected list offsets, got {request:?}")
+            };
+            let topic = &request.topics[0];
+            let timestamps: Vec<i64> = topic
+                .partitions
+                .iter()
+                .map(|partition| partition.timestamp_ms)
+                .collect();
+            let answer = ResponseBody::ListOffsets(ListOffsetsResponse {
+                topics: vec![ListOffsetsTopicResult {
+                    name: topic.name.clone(),
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|partition| ListOffsetsPartitionResult {
+                            partition: partition.partition,
+                            result: Ok(PartitionOffsets {
+                                // Tells the answers apart: the ends are 10 and 20.
+                                offset: match partition.timestamp_ms {
+                                    TIMESTAMP_EARLIEST => 10,
+                                    TIMESTAMP_LATEST => 20,
+                                    time => 100 + time as u64,
+                                },
+                                log_start_offset: 10,
+                                high_watermark: 20,
+                            }),
+                        })
+                        .collect(),
+                }],
+            });
+            connection.respond(&header, Ok(&answer)).await;
+            asked.push(timestamps);
+        }
+        asked
+    });
+    let client = Client::connect(address).await.unwrap();
+    let answered = client
+        .list_offsets(
+            "t",
+            &[
+                (0, OffsetQuery::Earliest),
+                (1, OffsetQuery::Latest),
+                (2, OffsetQuery::Time(5)),
+                (3, OffsetQuery::Time(-1)),
+            ],
+        )
+        .await
+        .unwrap();
+    let offsets: Vec<(u32, u64)> = answered
+        .iter()
+        .map(|(partition, offsets)| (*partition, offsets.offset))
+        .collect();
+    assert_eq!(offsets, vec![(0, 10), (1, 20), (2, 105), (3, 100)]);
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for (start, offset) in [
+        (StartPosition::Beginning, 10),
+        (StartPosition::End, 20),
+        (StartPosition::Offset(3), 3),
+    ] {
+        assert_eq!(
+            consumer.assign_from("t", 0, start).await.unwrap(),
+            offset,
+            "{start:?}"
+        );
+    }
+    drop(consumer);
+    drop(client);
+    assert_eq!(
+        peer.await.unwrap(),
+        vec![
+            // A time before the epoch goes out as 0, never as an end's -1 or -2.
+            vec![TIMESTAMP_EARLIEST, TIMESTAMP_LATEST, 5, 0],
+            vec![TIMESTAMP_EARLIEST],
+            vec![TIMESTAMP_LATEST],
+        ]
+    );
 }
