@@ -996,7 +996,7 @@ async fn offset_queries_go_out_as_the_protocol_encodes_them_and_a_known_offset_a
                                 offset: match partition.timestamp_ms {
                                     TIMESTAMP_EARLIEST => 10,
                                     TIMESTAMP_LATEST => 20,
-                                    time => 100 + time as u64,
+                                    time => (100 + time) as u64,
                                 },
                                 log_start_offset: 10,
                                 high_watermark: 20,
