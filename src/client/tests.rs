@@ -1052,3 +1052,52 @@ async fn offset_queries_go_out_as_the_protocol_encodes_them_and_a_known_offset_a
         ]
     );
 }
+
+#[tokio::test]
+async fn an_acks_none_producer_resolves_sent_handles_without_an_answer_and_refuses_send() {
+    let (listener, address) = listen().await;
+    // The peer never answers a produce (acks none has no answer to give).
+    let peer = tokio::spawn(producer_peer(listener, |_, _| None));
+    let client = Client::connect(address).await.unwrap();
+    let config = quick_retries().acks(Acks::None).build().unwrap();
+    let producer = Producer::new(client.clone(), config).unwrap();
+    match producer.send("t", ProducerRecord::new("a")).await {
+        Err(ClientError::InvalidConfig {
+            field: "acks",
+            value: 0,
+        }) => {}
+        other => panic!("send on an acks-none producer: {other:?}"),
+    }
+    let sent = producer
+        .send_unacknowledged("t", ProducerRecord::new("b").with_partition(0))
+        .await
+        .unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(20), sent)
+        .await
+        .expect("resolves once written, with no answer")
+        .unwrap();
+    assert_eq!((&*sent.topic, sent.partition), ("t", 0));
+    producer.close().await.unwrap();
+    drop(producer);
+    drop(client);
+    let batches = peer.await.unwrap();
+    assert_eq!(batches.len(), 1, "only the unacknowledged send went out");
+    // And the other way round: an acked producer has no unacknowledged sends.
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(producer_peer(listener, |_, _| None));
+    let client = Client::connect(address).await.unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
+    match producer
+        .send_unacknowledged("t", ProducerRecord::new("c"))
+        .await
+    {
+        Err(ClientError::InvalidConfig {
+            field: "acks",
+            value,
+        }) => assert_eq!(value, Acks::Durable as u64),
+        other => panic!("send_unacknowledged on an acks-durable producer: {other:?}"),
+    }
+    drop(producer);
+    drop(client);
+    assert!(peer.await.unwrap().is_empty(), "nothing was sent");
+}
