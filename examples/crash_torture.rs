@@ -745,7 +745,7 @@ fn record_outcome(
                 sent.partition, metadata.partition,
                 "the producer routes explicit partitions"
             );
-            let offset = metadata.offset.expect("acks=durable answers carry offsets");
+            let offset = metadata.offset;
             sent.acked_offset = Some(offset);
             report.acknowledged += 1;
         }
@@ -885,16 +885,16 @@ async fn run_cycles(
             let client = connect(address)
                 .await
                 .map_err(|message| Failure::Broker { cycle, message })?;
-            let config = ProducerConfig {
-                acks: Acks::Durable,
-                linger_ms: rng.range(0, 2),
-                batch_records_max: rng.range(1, 32) as u32,
-                requests_in_flight_max: rng.range(1, 4) as usize,
-                request_timeout_ms: 10_000,
-                buffer_bytes_max: 4 << 20,
-                ..ProducerConfig::default()
-            };
-            let producer = Producer::new(client, config).map_err(|error| Failure::Broker {
+            let producer = ProducerConfig::builder()
+                .acks(Acks::Durable)
+                .linger_ms(rng.range(0, 2))
+                .batch_records_max(rng.range(1, 32) as u32)
+                .requests_in_flight_max(rng.range(1, 4) as usize)
+                .request_timeout_ms(10_000)
+                .buffer_bytes_max(4 << 20)
+                .build()
+                .and_then(|config| Producer::new(client, config));
+            let producer = producer.map_err(|error| Failure::Broker {
                 cycle,
                 message: format!("producer: {error}"),
             })?;
@@ -1080,14 +1080,14 @@ async fn check_new_topic(
 }
 
 async fn connect(address: SocketAddr) -> Result<Client, String> {
-    let config = ClientConfig {
-        client_name: String::from("crash-torture"),
-        request_timeout_ms: 10_000,
+    let config = ClientConfig::builder()
+        .client_name("crash-torture")
+        .request_timeout_ms(10_000)
         // Each cycle's producers end with the kill: every send pending then must fail
         // (and be verified as kept or dropped), not wait for the next broker.
-        reconnect: false,
-        ..ClientConfig::default()
-    };
+        .reconnect(false)
+        .build()
+        .map_err(|error| format!("client settings: {}", error.report()))?;
     Client::connect_with(address, config)
         .await
         .map_err(|error| format!("connect to {address}: {}", error.report()))

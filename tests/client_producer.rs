@@ -32,7 +32,6 @@ async fn offset_of(handle: SendHandle) -> u64 {
         .expect("the send is answered")
         .expect("the send succeeds")
         .offset
-        .expect("an acked send has an offset")
 }
 
 fn record_counts(headers: &[shardq::protocol::batch::BatchHeader]) -> Vec<u32> {
@@ -43,11 +42,11 @@ fn record_counts(headers: &[shardq::protocol::batch::BatchHeader]) -> Vec<u32> {
 async fn batches_are_cut_at_the_record_count_and_the_rest_goes_on_flush() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 2).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        batch_records_max: 3,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .batch_records_max(3)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..8u32 {
@@ -91,11 +90,11 @@ async fn batches_are_cut_before_they_pass_the_byte_limit() {
     let record_size = BatchBuilder::record_size(None, &value, &[]);
     // Room for exactly three records, and one byte short of a fourth.
     let batch_bytes_max = BATCH_HEADER_SIZE + 4 * record_size - 1;
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        batch_bytes_max,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .batch_bytes_max(batch_bytes_max)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for _ in 0..7 {
@@ -122,10 +121,10 @@ async fn batches_are_cut_before_they_pass_the_byte_limit() {
 async fn records_queued_before_a_flush_travel_in_one_batch() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..5 {
@@ -154,10 +153,10 @@ async fn records_queued_before_a_flush_travel_in_one_batch() {
 async fn linger_sends_without_a_flush() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: 20,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(20)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let first = producer
         .send("t", ProducerRecord::new("soon"))
@@ -244,12 +243,12 @@ async fn offsets_are_dense_per_partition_across_many_requests() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 4).await.unwrap();
     // Small batches and several requests in flight, so the partitions' batches interleave.
-    let config = ProducerConfig {
-        linger_ms: 0,
-        batch_records_max: 7,
-        requests_in_flight_max: 4,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(0)
+        .batch_records_max(7)
+        .requests_in_flight_max(4)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let mut handles = Vec::new();
     for index in 0..400u32 {
@@ -281,10 +280,10 @@ async fn offsets_are_dense_per_partition_across_many_requests() {
 async fn a_refused_partition_fails_only_its_own_records() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 4).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     // Cache the topic's four partitions, then shrink it behind the producer's back: a
     // record for partition 3 passes the producer's check and the broker refuses it.
@@ -412,24 +411,56 @@ async fn every_acks_level_delivers_and_only_acked_levels_report_offsets() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 3).await.unwrap();
     for (partition, acks) in [(0u32, Acks::None), (1, Acks::Memory), (2, Acks::Durable)] {
-        let config = ProducerConfig {
-            acks,
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::builder()
+            .acks(acks)
+            .build()
+            .expect("a valid config");
         let producer = Producer::new(client.clone(), config).unwrap();
-        let mut handles = Vec::new();
-        for index in 0..3 {
-            let record = ProducerRecord::new(format!("{acks:?}-{index}")).with_partition(partition);
-            handles.push(producer.send("t", record).await.unwrap());
-        }
-        producer.close().await.unwrap();
-        let mut offsets = Vec::new();
-        for handle in handles {
-            offsets.push(handle.await.unwrap().offset);
-        }
-        match acks {
-            Acks::None => assert_eq!(offsets, vec![None; 3], "acks none never learns"),
-            _ => assert_eq!(offsets, vec![Some(0), Some(1), Some(2)], "{acks:?}"),
+        let record =
+            |index| ProducerRecord::new(format!("{acks:?}-{index}")).with_partition(partition);
+        if acks == Acks::None {
+            // No answer, so no offset: send refuses, send_unacknowledged resolves to the
+            // partition only.
+            match producer.send("t", record(9)).await {
+                Err(ClientError::InvalidConfig {
+                    field: "acks",
+                    value: 0,
+                }) => {}
+                other => panic!("send with acks none: {other:?}"),
+            }
+            let mut handles = Vec::new();
+            for index in 0..3 {
+                handles.push(
+                    producer
+                        .send_unacknowledged("t", record(index))
+                        .await
+                        .unwrap(),
+                );
+            }
+            producer.close().await.unwrap();
+            for handle in handles {
+                assert_eq!(handle.await.unwrap().partition, partition);
+            }
+        } else {
+            match producer.send_unacknowledged("t", record(9)).await {
+                Err(ClientError::InvalidConfig {
+                    field: "acks",
+                    value,
+                }) => {
+                    assert_eq!(value, acks as u64)
+                }
+                other => panic!("send_unacknowledged with acks {acks:?}: {other:?}"),
+            }
+            let mut handles = Vec::new();
+            for index in 0..3 {
+                handles.push(producer.send("t", record(index)).await.unwrap());
+            }
+            producer.close().await.unwrap();
+            let mut offsets = Vec::new();
+            for handle in handles {
+                offsets.push(handle.await.unwrap().offset);
+            }
+            assert_eq!(offsets, vec![0, 1, 2], "{acks:?}");
         }
         let records = records_until(&client, "t", partition, 3).await;
         assert_eq!(
@@ -438,10 +469,18 @@ async fn every_acks_level_delivers_and_only_acked_levels_report_offsets() {
                 .map(|index| format!("{acks:?}-{index}"))
                 .collect::<Vec<_>>()
         );
-        assert!(matches!(
-            producer.send("t", ProducerRecord::new("late")).await,
-            Err(ClientError::Closed)
-        ));
+        let late = if acks == Acks::None {
+            producer
+                .send_unacknowledged("t", ProducerRecord::new("late"))
+                .await
+                .map(drop)
+        } else {
+            producer
+                .send("t", ProducerRecord::new("late"))
+                .await
+                .map(drop)
+        };
+        assert!(matches!(late, Err(ClientError::Closed)), "{late:?}");
     }
 }
 
@@ -529,10 +568,10 @@ fn full_batches_fit_the_brokers_limit_from_the_handshake() {
     runtime.block_on(async {
         let client = Client::connect(addr).await.unwrap();
         client.create_topic("big", 1).await.unwrap();
-        let config = ProducerConfig {
-            linger_ms: 600_000,
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::builder()
+            .linger_ms(600_000)
+            .build()
+            .expect("a valid config");
         let producer = Producer::new(client, config).unwrap();
         assert!(producer.config().batch_bytes_max <= 256 * 1024 - 4096);
         let mut handles = Vec::new();
@@ -550,7 +589,7 @@ fn full_batches_fit_the_brokers_limit_from_the_handshake() {
             .await
             .expect("no batch is refused for its size");
         for (index, handle) in handles.into_iter().enumerate() {
-            assert_eq!(handle.await.unwrap().offset, Some(index as u64));
+            assert_eq!(handle.await.unwrap().offset, index as u64);
         }
     });
 }
@@ -562,10 +601,10 @@ fn full_batches_fit_the_brokers_limit_from_the_handshake() {
 async fn close_sends_what_lingers_and_every_clone_refuses_later_sends() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 1).await.unwrap();
-    let config = ProducerConfig {
-        linger_ms: LINGER_NEVER_MS,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .linger_ms(LINGER_NEVER_MS)
+        .build()
+        .expect("a valid config");
     let producer = Producer::new(client.clone(), config).unwrap();
     let sent = producer
         .send("t", ProducerRecord::new("lingering").with_partition(0))

@@ -226,8 +226,8 @@ async fn run_acks_successes_and_dead_letters_failures_across_partitions() {
         produce(&client, "jobs", index as u32 % 2, &[value.as_str()]).await;
     }
     let consumer = QueueConsumer::builder(client.clone(), "jobs", "workers")
-        .concurrency(4)
-        .receive_batch(5)
+        .handler_concurrency_max(4)
+        .receive_messages_max(5)
         .build()
         .unwrap();
     let ok = Arc::new(AtomicU64::new(0));
@@ -285,7 +285,7 @@ async fn run_extends_the_lease_of_a_handler_that_outlives_it() {
     produce(&client, "slow", 0, &["x"]).await;
     let consumer = QueueConsumer::builder(client.clone(), "slow", "g")
         .visibility_timeout(Duration::from_millis(2_000))
-        .concurrency(1)
+        .handler_concurrency_max(1)
         .build()
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

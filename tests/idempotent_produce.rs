@@ -226,24 +226,24 @@ mod client_retries {
         let (proxy, dropped) = lossy_proxy(broker.addr(), 1).await;
         let client = Client::connect_with(
             proxy,
-            ClientConfig {
+            ClientConfig::builder()
                 // The client gives up on the lost answer after the broker's own wait
                 // (below) plus this; not asserted on as a time.
-                request_timeout_ms: 200,
-                ..ClientConfig::default()
-            },
+                .request_timeout_ms(200)
+                .build()
+                .expect("a valid config"),
         )
         .await
         .unwrap();
         let producer = Producer::new(
             client,
-            ProducerConfig {
-                request_timeout_ms: 200,
-                linger_ms: 0,
-                retry_backoff_ms_min: 1,
-                retry_backoff_ms_max: 10,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .request_timeout_ms(200)
+                .linger_ms(0)
+                .retry_backoff_ms_min(1)
+                .retry_backoff_ms_max(10)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         let handle = producer
@@ -251,7 +251,7 @@ mod client_retries {
             .await
             .unwrap();
         let metadata = handle.await.expect("the retry succeeds");
-        assert_eq!(metadata.offset, Some(0), "the original's offset");
+        assert_eq!(metadata.offset, 0, "the original's offset");
         assert_eq!(dropped.load(Ordering::SeqCst), 1, "an answer was lost");
         // A second record lands right after: the first is stored exactly once.
         let next = producer
@@ -260,7 +260,7 @@ mod client_retries {
             .unwrap()
             .await
             .unwrap();
-        assert_eq!(next.offset, Some(1));
+        assert_eq!(next.offset, 1);
         let records = records_until(&direct, "t", 0, 2).await;
         let values: Vec<&[u8]> = records.iter().map(|record| &record.value[..]).collect();
         assert_eq!(values, vec![&b"once"[..], b"next"]);
@@ -275,21 +275,21 @@ mod client_retries {
         let (proxy, _dropped) = lossy_proxy(broker.addr(), 1).await;
         let client = Client::connect_with(
             proxy,
-            ClientConfig {
-                request_timeout_ms: 200,
-                ..ClientConfig::default()
-            },
+            ClientConfig::builder()
+                .request_timeout_ms(200)
+                .build()
+                .expect("a valid config"),
         )
         .await
         .unwrap();
         let producer = Producer::new(
             client,
-            ProducerConfig {
-                request_timeout_ms: 200,
-                linger_ms: 0,
-                idempotent: false,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .request_timeout_ms(200)
+                .linger_ms(0)
+                .idempotent(false)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         assert_eq!(producer.producer_id(), 0);

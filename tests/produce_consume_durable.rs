@@ -24,10 +24,10 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
     let client = Client::connect(addr).await.expect("connect");
     let producer = Producer::new(
         client,
-        ProducerConfig {
-            acks: Acks::Durable,
-            ..ProducerConfig::default()
-        },
+        ProducerConfig::builder()
+            .acks(Acks::Durable)
+            .build()
+            .expect("a valid config"),
     )
     .expect("producer");
     let mut handles = Vec::with_capacity(count as usize);
@@ -48,13 +48,7 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
             metadata.partition,
             partition_for_key(key.as_bytes(), PARTITIONS)
         );
-        placed.insert(
-            index,
-            (
-                metadata.partition,
-                metadata.offset.expect("durable acks carry offsets"),
-            ),
-        );
+        placed.insert(index, (metadata.partition, metadata.offset));
     }
     placed
 }

@@ -77,8 +77,8 @@ async fn a_million_messages_four_workers_one_percent_dead_lettered_exactly_once(
         // Each worker has its own connection, as separate processes would.
         let worker_client = Client::connect(broker.addr()).await.unwrap();
         let consumer = QueueConsumer::builder(worker_client, "work", "billing")
-            .receive_batch(500)
-            .concurrency(64)
+            .receive_messages_max(500)
+            .handler_concurrency_max(64)
             .build()
             .unwrap();
         let (succeeded, failed) = (Arc::clone(&succeeded), Arc::clone(&failed));

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use common::client::STEP_TIMEOUT;
 use common::{test_config, TestBroker};
 use shardq::client::{
-    Client, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
-    Retention, StartPosition, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+    Client, ClientError, Consumer, ConsumerConfig, OffsetQuery, Producer, ProducerConfig,
+    ProducerRecord, Retention, StartPosition,
 };
 use shardq::protocol::batch::{check_framing, BatchBuilder};
 use shardq::protocol::{
@@ -98,10 +98,10 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
         assert_eq!(metadata.topics[0].retention, retention);
         let producer = Producer::new(
             client.clone(),
-            ProducerConfig {
-                acks: Acks::Durable,
-                ..ProducerConfig::default()
-            },
+            ProducerConfig::builder()
+                .acks(Acks::Durable)
+                .build()
+                .expect("a valid config"),
         )
         .unwrap();
         // About 2 MiB: eight or so 256 KiB segments.
@@ -247,17 +247,20 @@ fn offsets_are_listed_by_time_and_at_both_ends() {
                 .unwrap();
         }
         let asked = [
-            (0, TIMESTAMP_EARLIEST),
-            (0, TIMESTAMP_LATEST),
-            (0, 0),
-            (0, 1_500),
-            (0, 1_501),
-            (0, 3_500),
-            (0, 3_501),
+            (0, OffsetQuery::Earliest),
+            (0, OffsetQuery::Latest),
+            (0, OffsetQuery::Time(0)),
+            (0, OffsetQuery::Time(1_500)),
+            (0, OffsetQuery::Time(1_501)),
+            (0, OffsetQuery::Time(3_500)),
+            (0, OffsetQuery::Time(3_501)),
+            // Before the epoch: every record is at or after it (not the protocol's -1,
+            // which would ask for the end).
+            (0, OffsetQuery::Time(-1)),
         ];
         let answered = client.list_offsets("times", &asked).await.unwrap();
         let offsets: Vec<u64> = answered.iter().map(|(_, offsets)| offsets.offset).collect();
-        assert_eq!(offsets, vec![0, 6, 0, 1, 2, 5, 6]);
+        assert_eq!(offsets, vec![0, 6, 0, 1, 2, 5, 6, 0]);
         assert!(answered
             .iter()
             .all(|(_, offsets)| offsets.high_watermark == 6));
@@ -269,7 +272,10 @@ fn offsets_are_listed_by_time_and_at_both_ends() {
         assert_eq!(start, 3);
         let records = consumer.poll().await.unwrap();
         assert_eq!(records[0].value(), "at-2500".as_bytes());
-        match client.list_offsets("times", &[(1, 0)]).await {
+        match client
+            .list_offsets("times", &[(1, OffsetQuery::Time(0))])
+            .await
+        {
             Err(ClientError::UnknownPartition {
                 topic, partition, ..
             }) => assert_eq!((topic.as_str(), partition), ("times", 1)),

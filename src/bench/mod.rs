@@ -47,7 +47,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{
     Acks, Client, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
-    SendHandle, StartPosition,
+    SendHandle, SentHandle, StartPosition,
 };
 use crate::placement;
 use crate::protocol::batch::{BATCH_HEADER_SIZE, RECORD_OVERHEAD};
@@ -306,30 +306,32 @@ impl BenchConfig {
         self.batch_size.min(fit.min(u32::MAX as usize) as u32)
     }
 
-    fn producer_config(&self) -> ProducerConfig {
-        let defaults = ProducerConfig::default();
+    /// The producer settings of this run; the client's defaults elsewhere: idempotent, so
+    /// a retried batch is not counted twice by the consumers' verification.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for a bench setting the producer cannot work with
+    /// (a zero buffer or in-flight limit).
+    fn producer_config(&self) -> Result<ProducerConfig, ClientError> {
         let batch_bytes =
             BATCH_HEADER_SIZE + (RECORD_OVERHEAD + self.message_size) * self.batch_size as usize;
-        ProducerConfig {
-            acks: self.acks,
-            // A batch of one never waits; bigger ones wait this long to fill.
-            linger_ms: if self.batch_size > 1 {
-                self.linger_ms
-            } else {
-                0
-            },
-            batch_bytes_max: batch_bytes.min(self.batch_bytes_max),
-            batch_records_max: self.batch_size,
-            // Several batches per request and several requests in flight keep a
-            // partition's pipeline full while one batch waits for its fdatasync.
-            request_bytes_max: defaults.request_bytes_max,
-            requests_in_flight_max: self.requests_in_flight_max,
-            buffer_bytes_max: self.buffer_bytes_max,
-            request_timeout_ms: defaults.request_timeout_ms,
-            // The client's defaults: idempotent, so a retried batch is not counted twice
-            // by the consumers' verification.
-            ..defaults
-        }
+        // A batch of one never waits; bigger ones wait this long to fill.
+        let linger_ms = if self.batch_size > 1 {
+            self.linger_ms
+        } else {
+            0
+        };
+        ProducerConfig::builder()
+            .acks(self.acks)
+            .linger_ms(linger_ms)
+            .batch_bytes_max(batch_bytes.min(self.batch_bytes_max))
+            .batch_records_max(self.batch_size)
+            // Several batches per request (the default request_bytes_max) and several
+            // requests in flight keep a partition's pipeline full while one batch waits
+            // for its fdatasync.
+            .requests_in_flight_max(self.requests_in_flight_max)
+            .buffer_bytes_max(self.buffer_bytes_max)
+            .build()
     }
 }
 
@@ -809,11 +811,13 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
             .await
             .map_err(client_error(format!("producer connecting to {address}")))?;
         producers.push(
-            Producer::new(client, config.producer_config())
+            config
+                .producer_config()
+                .and_then(|producer_config| Producer::new(client, producer_config))
                 .map_err(client_error("starting a producer"))?,
         );
     }
-    let (ack_sender, ack_receiver) = mpsc::channel::<(SendHandle, u64)>(ACK_QUEUE_MAX);
+    let (ack_sender, ack_receiver) = mpsc::channel::<(Pending, u64)>(ACK_QUEUE_MAX);
     let collector = tokio::spawn(collect_acks(ack_receiver, shared.measure_start_ns));
     let filler = payload::filler(config.message_size, u64::from(context.index) + 1);
     let mut arena = BytesMut::with_capacity(config.message_size * 1024);
@@ -877,7 +881,19 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
             headers: Vec::new(),
             partition: Some(partition as u32),
         };
-        let handle = match producers[route[partition]].send(topic, record).await {
+        let producer = &producers[route[partition]];
+        let sent = if config.acks == Acks::None {
+            producer
+                .send_unacknowledged(topic, record)
+                .await
+                .map(Pending::Unacknowledged)
+        } else {
+            producer
+                .send(topic, record)
+                .await
+                .map(Pending::Acknowledged)
+        };
+        let handle = match sent {
             Ok(handle) => handle,
             Err(source) => {
                 error = Some(BenchError::Client {
@@ -929,9 +945,33 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
     Ok(result)
 }
 
+/// A record sent: with acks, answered with its offset; with acks none, written (the
+/// latency measured is then the time to the socket). The bench only needs to know when
+/// and whether.
+enum Pending {
+    Acknowledged(SendHandle),
+    Unacknowledged(SentHandle),
+}
+
+impl Pending {
+    fn try_result(&self) -> Option<Result<(), ClientError>> {
+        match self {
+            Pending::Acknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+            Pending::Unacknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+        }
+    }
+
+    async fn wait(self) -> Result<(), ClientError> {
+        match self {
+            Pending::Acknowledged(handle) => handle.await.map(drop),
+            Pending::Unacknowledged(handle) => handle.await.map(drop),
+        }
+    }
+}
+
 /// Resolves send handles in order and records each message's ack latency.
 async fn collect_acks(
-    mut receiver: mpsc::Receiver<(SendHandle, u64)>,
+    mut receiver: mpsc::Receiver<(Pending, u64)>,
     measure_start_ns: u64,
 ) -> Result<ProducerResult, BenchError> {
     let mut result = ProducerResult::empty();
@@ -1007,12 +1047,12 @@ async fn start_consumer(config: &BenchConfig, unit: &ConsumerUnit) -> Result<Con
         )))?;
     let mut consumer = Consumer::new(
         client,
-        ConsumerConfig {
-            wait_ms_max: 100,
-            bytes_max: 8 << 20,
-            partition_bytes_max: 2 << 20,
-            ..ConsumerConfig::default()
-        },
+        ConsumerConfig::builder()
+            .wait_ms_max(100)
+            .bytes_max(8 << 20)
+            .partition_bytes_max(2 << 20)
+            .build()
+            .map_err(client_error("consumer settings"))?,
     );
     let start = match config.workload {
         Workload::Consume => StartPosition::Beginning,
@@ -1568,7 +1608,9 @@ mod tests {
         let config = BenchConfig::default();
         // 1000 x 1 KiB records are 1,046,064 bytes: two more than a 1 MiB - 4 KiB batch holds.
         assert_eq!(config.effective_batch_records(), 998);
-        assert!(config.producer_config().batch_bytes_max <= BROKER_BATCH_BYTES_MAX_DEFAULT);
+        assert!(
+            config.producer_config().unwrap().batch_bytes_max <= BROKER_BATCH_BYTES_MAX_DEFAULT
+        );
         let small = BenchConfig {
             message_size: 100,
             batch_size: 10,

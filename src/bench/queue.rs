@@ -227,7 +227,7 @@ pub(super) async fn run(
             .await
             .map_err(client_error("queue worker connecting"))?;
         let consumer = QueueConsumer::builder(client, &config.topic, &group)
-            .settle_batch(SETTLE_HANDLES_MAX)
+            .settle_handles_per_request_max(SETTLE_HANDLES_MAX)
             .build()
             .map_err(client_error("queue worker settings"))?;
         let worker = Worker {

@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use shardq::client::{
     Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, ExpiryPolicy, Handle,
     Producer, ProducerConfig, ProducerRecord, QueueOrdering, QueueSettings, Refusal, Retention,
-    SendHandle, StartPosition,
+    SendHandle, SentHandle, StartPosition,
 };
 use shardq::server::ServerError;
 
@@ -1046,15 +1046,15 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
             "shardq: warning: --acks none: the broker sends no answer, so a message it refuses or fails to store is lost without an error here (the broker only logs it)"
         );
     }
-    let config = ProducerConfig {
-        acks: args.acks,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::builder()
+        .acks(args.acks)
+        .build()
+        .map_err(failed())?;
     let producer = Producer::new(client, config).map_err(failed())?;
     let key = args.key.map(Bytes::from);
     let mut input = tokio::io::BufReader::new(tokio::io::stdin());
     let mut line = Vec::new();
-    let mut handles: VecDeque<SendHandle> = VecDeque::new();
+    let mut handles: VecDeque<Pending> = VecDeque::new();
     loop {
         line.clear();
         let read = input
@@ -1080,7 +1080,12 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
             headers: Vec::new(),
             partition: args.partition,
         };
-        handles.push_back(producer.send(&topic, record).await.map_err(failed())?);
+        handles.push_back(if args.acks == Acks::None {
+            let sent = producer.send_unacknowledged(&topic, record).await;
+            Pending::Unacknowledged(sent.map_err(failed())?)
+        } else {
+            Pending::Acknowledged(producer.send(&topic, record).await.map_err(failed())?)
+        });
         // Stop at the first refusal rather than reading on, and keep memory bounded.
         while let Some(front) = handles.front() {
             match front.try_result() {
@@ -1090,7 +1095,7 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
                 Some(Err(error)) => return Err(failed()(error)),
                 None if handles.len() > PRODUCE_HANDLES_MAX => {
                     let oldest = handles.pop_front().expect("front exists");
-                    oldest.await.map_err(failed())?;
+                    oldest.wait().await.map_err(failed())?;
                 }
                 None => break,
             }
@@ -1098,9 +1103,32 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
     }
     producer.close().await.map_err(failed())?;
     for handle in handles {
-        handle.await.map_err(failed())?;
+        handle.wait().await.map_err(failed())?;
     }
     Ok(())
+}
+
+/// A record `produce` sent: with acks, answered with an offset; with acks none, written
+/// and never answered. Either way `produce` only needs to know whether it failed.
+enum Pending {
+    Acknowledged(SendHandle),
+    Unacknowledged(SentHandle),
+}
+
+impl Pending {
+    fn try_result(&self) -> Option<Result<(), ClientError>> {
+        match self {
+            Pending::Acknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+            Pending::Unacknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
+        }
+    }
+
+    async fn wait(self) -> Result<(), ClientError> {
+        match self {
+            Pending::Acknowledged(handle) => handle.await.map(drop),
+            Pending::Unacknowledged(handle) => handle.await.map(drop),
+        }
+    }
 }
 
 fn bench(command: BenchCommand) -> Result<(), CliError> {

@@ -27,9 +27,12 @@ use bytes::Bytes;
 use futures_core::Stream;
 
 use super::groups::CommittedPosition;
-use super::{Client, ClientError, TIMESTAMP_LATEST};
+use super::{Client, ClientError};
 use crate::protocol::batch::{decode_records, Record};
-use crate::protocol::{ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
+use crate::protocol::{
+    ErrorCode, FetchPartition, FetchRequest, FetchResponse, FetchTopic, TIMESTAMP_EARLIEST,
+    TIMESTAMP_LATEST,
+};
 
 /// Records of one partition from one fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,57 +94,113 @@ pub fn fetch_records_from_response(
 }
 
 /// Where a consumer starts reading a partition.
+///
+/// `#[non_exhaustive]`: more ways to start (say, some records before the end) may come,
+/// so a `match` needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StartPosition {
     /// The first offset still stored.
     Beginning,
     /// The high watermark: only records produced from now on.
     End,
+    /// This offset, as given (the broker is not asked; a fetch outside the stored range
+    /// fails with [`ClientError::OffsetOutOfRange`]).
     Offset(u64),
-    /// The first record with a timestamp at or after this time (ms since the epoch).
+    /// The first record with a timestamp at or after this time (ms since the epoch; a
+    /// time before the epoch is the epoch); the high watermark when there is none.
     Time(i64),
+}
+
+/// Which offset [`Client::list_offsets`] asks the broker for, per partition.
+///
+/// A separate type from [`StartPosition`] because every query here is answered by the
+/// broker (an offset the caller already knows needs no request). `#[non_exhaustive]`:
+/// more queries (the largest timestamp, say) may come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OffsetQuery {
+    /// The first offset still stored (`log_start_offset`).
+    Earliest,
+    /// The offset the next record will get (`high_watermark`).
+    Latest,
+    /// The first offset whose record timestamp is at or after this time (ms since the
+    /// epoch), or the high watermark when no record is that late. A time before the
+    /// epoch asks for the epoch: no record is stamped earlier.
+    Time(i64),
+}
+
+impl OffsetQuery {
+    /// The protocol's encoding: -2 and -1 for the ends, else the time. A negative time
+    /// would read as one of the ends (or be refused), so it goes out as 0, which no
+    /// record precedes.
+    pub(super) fn wire_timestamp_ms(self) -> i64 {
+        match self {
+            OffsetQuery::Earliest => TIMESTAMP_EARLIEST,
+            OffsetQuery::Latest => TIMESTAMP_LATEST,
+            OffsetQuery::Time(timestamp_ms) => timestamp_ms.max(0),
+        }
+    }
 }
 
 impl Client {
     /// The partition's `(log_start_offset, high_watermark)`.
+    ///
+    /// # Errors
+    /// As [`Client::list_offsets`].
     pub async fn partition_offsets(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<(u64, u64), ClientError> {
-        let answered = self
-            .list_offsets(topic, &[(partition, TIMESTAMP_LATEST)])
+        let offsets = self
+            .partition_offset(topic, partition, OffsetQuery::Latest)
             .await?;
-        let (_, offsets) =
-            answered
-                .into_iter()
-                .next()
-                .ok_or_else(|| ClientError::UnexpectedResponse {
-                    correlation_id: 0,
-                    reason: format!(
-                        "list offsets has no answer for {topic:?} partition {partition}"
-                    ),
-                })?;
         Ok((offsets.log_start_offset, offsets.high_watermark))
+    }
+
+    /// One partition's answer to `query`.
+    async fn partition_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        query: OffsetQuery,
+    ) -> Result<crate::protocol::PartitionOffsets, ClientError> {
+        let answered = self.list_offsets(topic, &[(partition, query)]).await?;
+        answered
+            .into_iter()
+            .find(|(answered, _)| *answered == partition)
+            .map(|(_, offsets)| offsets)
+            .ok_or_else(|| ClientError::UnexpectedResponse {
+                correlation_id: 0,
+                reason: format!("list offsets has no answer for {topic:?} partition {partition}"),
+            })
     }
 }
 
 /// Consumer settings.
+///
+/// Made with [`ConsumerConfig::builder`] (which checks the values) or
+/// [`ConsumerConfig::default`]. Fields are public to read; the struct is
+/// `#[non_exhaustive]`, so settings added later are not a breaking change, and code
+/// outside this crate sets fields through the builder.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
-    /// How long a poll waits on the broker when no partition has new records.
+    /// How long a poll waits on the broker when no partition has new records. Default
+    /// 500 ms.
     pub wait_ms_max: u32,
     /// Most bytes in one poll's response, over all partitions (each partition still
-    /// returns at least one whole batch if it has one).
+    /// returns at least one whole batch if it has one). Default 4 MiB; at least 1.
     pub bytes_max: u32,
-    /// Most bytes asked of any one partition per poll.
+    /// Most bytes asked of any one partition per poll. Default 1 MiB; at least 1.
     pub partition_bytes_max: u32,
     /// The stream group this consumer reads for: partitions start at its committed
-    /// offsets, and `commit` records progress. `None`: no group, positions live in
-    /// memory only.
+    /// offsets, and `commit` records progress. `None` (the default): no group, positions
+    /// live in memory only. Not empty.
     pub group: Option<String>,
     /// With a group: `poll` commits the positions that moved, at most this often.
-    /// `None`: only an explicit `commit` does.
+    /// `None` (the default): only an explicit `commit` does. Needs `group`.
     pub auto_commit_interval: Option<Duration>,
 }
 
@@ -158,12 +217,102 @@ impl Default for ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// A builder starting from [`ConsumerConfig::default`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shardq::client::ConsumerConfig;
+    ///
+    /// let config = ConsumerConfig::builder()
+    ///     .group("reports")
+    ///     .auto_commit_interval(Duration::from_secs(5))
+    ///     .wait_ms_max(100)
+    ///     .build()?;
+    /// assert_eq!(config.group.as_deref(), Some("reports"));
+    /// # Ok::<(), shardq::client::ClientError>(())
+    /// ```
+    pub fn builder() -> ConsumerConfigBuilder {
+        ConsumerConfigBuilder {
+            config: ConsumerConfig::default(),
+        }
+    }
+
     /// These settings, reading for stream group `group` and committing every `interval`
-    /// (`None`: only on `commit`).
+    /// (`None`: only on `commit`). A shorthand kept beside the builder's `group` and
+    /// `auto_commit_interval` setters; unlike [`ConsumerConfigBuilder::build`] it checks
+    /// nothing.
     pub fn with_group(mut self, group: &str, auto_commit_interval: Option<Duration>) -> Self {
         self.group = Some(group.to_owned());
         self.auto_commit_interval = auto_commit_interval;
         self
+    }
+
+    fn validate(&self) -> Result<(), ClientError> {
+        let invalid =
+            |field: &'static str, value: u64| Err(ClientError::InvalidConfig { field, value });
+        if self.bytes_max == 0 {
+            return invalid("bytes_max", 0);
+        }
+        if self.partition_bytes_max == 0 {
+            return invalid("partition_bytes_max", 0);
+        }
+        if self.group.as_deref() == Some("") {
+            // The value is the name's length: an empty name names no group.
+            return invalid("group", 0);
+        }
+        if let (None, Some(interval)) = (&self.group, self.auto_commit_interval) {
+            // Committing needs a group; an interval without one would silently do nothing.
+            return invalid(
+                "auto_commit_interval",
+                u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`ConsumerConfig`]: [`ConsumerConfig::builder`], one setter per field (named
+/// like the field, taking its type, with `Option` fields set to `Some` by their setter),
+/// then [`ConsumerConfigBuilder::build`]. A setter not called leaves the field at its
+/// default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ConsumerConfigBuilder {
+    config: ConsumerConfig,
+}
+
+impl ConsumerConfigBuilder {
+    config_setters! {
+        /// How long a poll waits when nothing is new, in ms (default 500).
+        wait_ms_max: u32;
+        /// Most bytes of one poll's response (default 4 MiB; at least 1).
+        bytes_max: u32;
+        /// Most bytes asked of one partition per poll (default 1 MiB; at least 1).
+        partition_bytes_max: u32;
+    }
+
+    /// Reads for this stream group (default: none). Not empty.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.config.group = Some(group.into());
+        self
+    }
+
+    /// With a group, `poll` commits at most this often (default: only an explicit
+    /// `commit` does).
+    pub fn auto_commit_interval(mut self, interval: Duration) -> Self {
+        self.config.auto_commit_interval = Some(interval);
+        self
+    }
+
+    /// Checks the settings and returns them.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first field that cannot work, with its
+    /// value: `bytes_max` or `partition_bytes_max` 0, an empty `group` (value 0, its
+    /// length), or an `auto_commit_interval` (value in ms) without a `group`.
+    pub fn build(self) -> Result<ConsumerConfig, ClientError> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -515,20 +664,10 @@ impl Consumer {
             StartPosition::Beginning => offsets.0,
             StartPosition::End => offsets.1,
             StartPosition::Time(timestamp_ms) => {
-                let answered = self
-                    .client
-                    .list_offsets(topic, &[(partition, timestamp_ms)])
-                    .await?;
-                answered
-                    .into_iter()
-                    .next()
-                    .map(|(_, offsets)| offsets.offset)
-                    .ok_or_else(|| ClientError::UnexpectedResponse {
-                        correlation_id: 0,
-                        reason: format!(
-                            "list offsets has no answer for {topic:?} partition {partition}"
-                        ),
-                    })?
+                self.client
+                    .partition_offset(topic, partition, OffsetQuery::Time(timestamp_ms))
+                    .await?
+                    .offset
             }
         };
         self.assign(topic, partition, offset);
@@ -585,9 +724,9 @@ impl Consumer {
         topic: &str,
         partitions: &[u32],
     ) -> Result<Vec<(u32, (u64, u64))>, ClientError> {
-        let query: Vec<(u32, i64)> = partitions
+        let query: Vec<(u32, OffsetQuery)> = partitions
             .iter()
-            .map(|partition| (*partition, TIMESTAMP_LATEST))
+            .map(|partition| (*partition, OffsetQuery::Latest))
             .collect();
         let answered = self.client.list_offsets(topic, &query).await?;
         partitions

@@ -50,6 +50,21 @@
 //!   handle refused by an ack, nack or extend is not an error of the call but an entry of
 //!   its [`SettleOutcome`].
 
+/// Setters of a config builder, one per field, each named like its field and taking the
+/// field's own type: `$builder.$field(value)` sets `self.config.$field`. Used by every
+/// builder of this module so that they read alike.
+macro_rules! config_setters {
+    ($($(#[$doc:meta])* $field:ident: $type:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, $field: $type) -> Self {
+                self.config.$field = $field;
+                self
+            }
+        )*
+    };
+}
+
 mod accumulator;
 mod connection;
 mod consumer;
@@ -89,19 +104,20 @@ pub use crate::protocol::queue::{
     ExpiryPolicy, GroupDescription, GroupKind, GroupPartition, Handle, NackDelay, QueueOrdering,
     QueueSettings, ReceiveRequest, ReceivedMessage, SettleAction,
 };
-pub use crate::protocol::{
-    Acks, ErrorCode, PartitionOffsets, Retention, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
-};
+pub use crate::protocol::{Acks, ErrorCode, PartitionOffsets, Retention, WireError};
 pub use consumer::{
     fetch_records_from_response, is_offset_out_of_range, Assignment, Batches, ConsumedRecord,
-    Consumer, ConsumerConfig, FetchedRecords, StartPosition,
+    Consumer, ConsumerConfig, ConsumerConfigBuilder, FetchedRecords, OffsetQuery, StartPosition,
 };
 pub use groups::CommittedPosition;
-pub use producer::{Producer, ProducerConfig, ProducerRecord, RecordMetadata, SendHandle};
+pub use producer::{
+    Producer, ProducerConfig, ProducerConfigBuilder, ProducerRecord, RecordMetadata, SendHandle,
+    Sent, SentHandle,
+};
 pub use queue::{
-    handles_of, QueueConsumer, QueueConsumerBuilder, QueueConsumerConfig, QueueMessage, Refusal,
-    RunSummary, SettleError, SettleKind, SettleOutcome, HANDLER_PANICKED_REASON,
-    NACK_REASON_BYTES_MAX,
+    handles_of, QueueConsumer, QueueConsumerBuilder, QueueConsumerConfig,
+    QueueConsumerConfigBuilder, QueueMessage, Refusal, RunSummary, SettleError, SettleKind,
+    SettleOutcome, HANDLER_PANICKED_REASON, NACK_REASON_BYTES_MAX,
 };
 
 /// Everything that can go wrong talking to a broker. `Clone`, because one broken
@@ -472,27 +488,41 @@ impl fmt::Debug for ErrorReport<'_> {
 }
 
 /// Connection settings. Every queue has a limit.
+///
+/// Made with [`ClientConfig::builder`] (which checks the values) or
+/// [`ClientConfig::default`]; [`Client::connect_with`] checks them again. Fields are public
+/// to read; the struct is `#[non_exhaustive]`, so settings added later are not a breaking
+/// change, and code outside this crate sets fields through the builder.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
-    /// Sent in the handshake; the broker may log it.
+    /// Sent in the handshake; the broker may log it. Default `shardq-client/<version>`.
     pub client_name: String,
-    /// Most requests written and not yet answered; callers past it wait.
+    /// Most requests written and not yet answered; callers past it wait. Default 256;
+    /// must be at least 1.
     pub requests_pending_max: usize,
     /// Largest response body accepted; a bigger frame breaks the connection rather than
     /// making us buffer it. Matches the broker's default `fetch_bytes_max` plus headroom.
+    /// Default 17 MiB.
     pub response_body_bytes_max: u32,
     /// How long a request (other than a fetch's own long-poll) may wait for its answer.
+    /// Default 30 000 ms; must be at least 1.
     pub request_timeout_ms: u64,
     /// Reconnect when the connection breaks (on by default): the next request opens a
     /// new connection to the same address, resolved again, retrying with exponential
     /// backoff. Off: a broken connection fails every request for good.
     pub reconnect: bool,
     /// The first wait between two connection attempts; each failure doubles it, up to
-    /// `reconnect_backoff_ms_max`, with full jitter.
+    /// `reconnect_backoff_ms_max`, with full jitter. Default 20 ms; with `reconnect` on,
+    /// must be at least 1.
     pub reconnect_backoff_ms_min: u64,
+    /// The longest wait between two connection attempts. Default 2 000 ms; with
+    /// `reconnect` on, must be at least `reconnect_backoff_ms_min`.
     pub reconnect_backoff_ms_max: u64,
-    /// How long one request waits for the broker to come back before it fails with
-    /// [`ClientError::Connect`]. The next request tries again.
+    /// How long one reconnect keeps trying before the requests waiting on it fail with
+    /// [`ClientError::Connect`] (a request that joins a reconnect already under way waits
+    /// only for what is left of it). The next request starts a new one. Default 30 000 ms;
+    /// with `reconnect` on, must be at least 1.
     pub reconnect_timeout_ms: u64,
     /// TCP keepalive on every connection: after this long with nothing received the
     /// kernel sends a probe, then another every this long, and gives the connection up
@@ -531,6 +561,24 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// A builder starting from [`ClientConfig::default`].
+    ///
+    /// ```
+    /// use shardq::client::ClientConfig;
+    ///
+    /// let config = ClientConfig::builder()
+    ///     .request_timeout_ms(5_000)
+    ///     .reconnect(false)
+    ///     .build()?;
+    /// assert_eq!(config.request_timeout_ms, 5_000);
+    /// # Ok::<(), shardq::client::ClientError>(())
+    /// ```
+    pub fn builder() -> ClientConfigBuilder {
+        ClientConfigBuilder {
+            config: ClientConfig::default(),
+        }
+    }
+
     fn validate(&self) -> Result<(), ClientError> {
         if self.requests_pending_max == 0 {
             return Err(ClientError::InvalidConfig {
@@ -569,6 +617,56 @@ impl ClientConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Builds a [`ClientConfig`]: [`ClientConfig::builder`], one setter per field (named like
+/// the field, taking its type: times in milliseconds as `u64`, like the fields), then
+/// [`ClientConfigBuilder::build`]. A setter not called leaves the field at its default.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ClientConfigBuilder {
+    config: ClientConfig,
+}
+
+impl ClientConfigBuilder {
+    /// Sent in the handshake (default `shardq-client/<version>`).
+    pub fn client_name(mut self, client_name: impl Into<String>) -> Self {
+        self.config.client_name = client_name.into();
+        self
+    }
+
+    config_setters! {
+        /// Most requests written and not yet answered (default 256; at least 1).
+        requests_pending_max: usize;
+        /// Largest response body accepted (default 17 MiB).
+        response_body_bytes_max: u32;
+        /// How long a request may wait for its answer, in ms (default 30 000; at least 1).
+        request_timeout_ms: u64;
+        /// Reconnect when the connection breaks (default true).
+        reconnect: bool;
+        /// First wait between connection attempts, in ms (default 20; at least 1 with
+        /// `reconnect`).
+        reconnect_backoff_ms_min: u64;
+        /// Longest wait between connection attempts, in ms (default 2 000; at least
+        /// `reconnect_backoff_ms_min` with `reconnect`).
+        reconnect_backoff_ms_max: u64;
+        /// How long a request waits for the broker to come back, in ms (default 30 000;
+        /// at least 1 with `reconnect`).
+        reconnect_timeout_ms: u64;
+        /// TCP keepalive idle time and probe interval (default 15 s; `None` turns it off;
+        /// from 1 s to 32,767 s).
+        tcp_keepalive: Option<Duration>;
+    }
+
+    /// Checks the settings and returns them.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first field that cannot work (a zero
+    /// limit or timeout, a backoff maximum below its minimum), with its value.
+    pub fn build(self) -> Result<ClientConfig, ClientError> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -975,22 +1073,27 @@ impl Client {
         }
     }
 
-    /// For each `(partition, timestamp_ms)`: the first offset whose record timestamp is
-    /// at or after the time (the high watermark when none is), with the partition's
-    /// range. `TIMESTAMP_EARLIEST` / `TIMESTAMP_LATEST` ask for the range's ends.
+    /// For each `(partition, query)`: the offset the [`OffsetQuery`] asks for, with the
+    /// partition's range (`log_start_offset`, `high_watermark`), in one request. The
+    /// answers come in the order the broker gives them, each naming its partition.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
+    /// partition the broker does not have, [`ClientError::PartitionRefused`] for another
+    /// refusal of one partition, and the transport's errors.
     pub async fn list_offsets(
         &self,
         topic: &str,
-        partitions: &[(u32, i64)],
+        partitions: &[(u32, OffsetQuery)],
     ) -> Result<Vec<(u32, PartitionOffsets)>, ClientError> {
         let request = Request::ListOffsets(ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: topic.to_owned(),
                 partitions: partitions
                     .iter()
-                    .map(|(partition, timestamp_ms)| ListOffsetsPartition {
+                    .map(|(partition, query)| ListOffsetsPartition {
                         partition: *partition,
-                        timestamp_ms: *timestamp_ms,
+                        timestamp_ms: query.wire_timestamp_ms(),
                     })
                     .collect(),
             }],

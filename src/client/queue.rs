@@ -50,22 +50,34 @@ pub const NACK_REASON_BYTES_MAX: usize = 1024;
 pub const HANDLER_PANICKED_REASON: &str = "the handler panicked";
 
 /// Settings of a [`QueueConsumer`]. Every queue has a limit.
+///
+/// Made with [`QueueConsumerConfig::builder`] (which checks the values) or
+/// [`QueueConsumerConfig::default`], or set piece by piece on a [`QueueConsumerBuilder`],
+/// which has the same setters. Fields are public to read; the struct is
+/// `#[non_exhaustive]`, so settings added later are not a breaking change, and code
+/// outside this crate sets fields through a builder.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueConsumerConfig {
-    /// Lease asked for each received message. `None`: the topic's own
+    /// Lease asked for each received message. `None` (the default): the topic's own
     /// (`visibility_timeout_ms` in its queue settings, which `run` reads from metadata).
+    /// At least 1 ms, at most `u32::MAX` ms.
     pub visibility_timeout: Option<Duration>,
     /// Most messages one `run` receive asks for (the broker may cap it further).
+    /// Default 10; at least 1.
     pub receive_messages_max: u32,
     /// How long one `run` receive waits on the broker when nothing is available.
+    /// Default 1 s; at most `u32::MAX` ms.
     pub receive_wait: Duration,
     /// Handlers `run` keeps running at once; it receives only what it has room for.
+    /// Default 8; at least 1.
     pub handler_concurrency_max: u32,
     /// `run` extends a running handler's lease once less than this is left of it (at most
-    /// half the lease, so that a short lease is still extended in time).
+    /// half the lease, so that a short lease is still extended in time). Default 5 s.
     pub extend_margin: Duration,
     /// Most handles one ack, nack or extend request carries; bigger settles are split.
     /// The broker refuses more than its `queue_handles_per_request_max` (1000 by default).
+    /// Default 1000; at least 1.
     pub settle_handles_per_request_max: u32,
 }
 
@@ -79,6 +91,77 @@ impl Default for QueueConsumerConfig {
             extend_margin: Duration::from_secs(5),
             settle_handles_per_request_max: 1000,
         }
+    }
+}
+
+/// The setters shared by [`QueueConsumerConfigBuilder`] and [`QueueConsumerBuilder`]: one
+/// per field of [`QueueConsumerConfig`], named like it, taking its type (`Duration` for
+/// times, like the fields; `visibility_timeout` sets `Some`).
+macro_rules! queue_consumer_setters {
+    () => {
+        /// Lease asked for each received message (default: the topic's; at least 1 ms).
+        pub fn visibility_timeout(mut self, visibility_timeout: Duration) -> Self {
+            self.config.visibility_timeout = Some(visibility_timeout);
+            self
+        }
+
+        config_setters! {
+            /// Most messages one `run` receive asks for (default 10; at least 1).
+            receive_messages_max: u32;
+            /// How long one `run` receive waits when nothing is available (default 1 s).
+            receive_wait: Duration;
+            /// Handlers `run` keeps running at once (default 8; at least 1).
+            handler_concurrency_max: u32;
+            /// Extend a running handler's lease once less than this is left (default 5 s).
+            extend_margin: Duration;
+            /// Most handles per ack, nack or extend request (default 1000; at least 1).
+            settle_handles_per_request_max: u32;
+        }
+    };
+}
+
+impl QueueConsumerConfig {
+    /// A builder starting from [`QueueConsumerConfig::default`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shardq::client::QueueConsumerConfig;
+    ///
+    /// let config = QueueConsumerConfig::builder()
+    ///     .visibility_timeout(Duration::from_secs(30))
+    ///     .handler_concurrency_max(4)
+    ///     .build()?;
+    /// assert_eq!(config.handler_concurrency_max, 4);
+    /// # Ok::<(), shardq::client::ClientError>(())
+    /// ```
+    pub fn builder() -> QueueConsumerConfigBuilder {
+        QueueConsumerConfigBuilder {
+            config: QueueConsumerConfig::default(),
+        }
+    }
+}
+
+/// Builds a [`QueueConsumerConfig`]: [`QueueConsumerConfig::builder`], the setters, then
+/// [`QueueConsumerConfigBuilder::build`]. A setter not called leaves the field at its
+/// default. To build the consumer itself in one go, see [`QueueConsumer::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct QueueConsumerConfigBuilder {
+    config: QueueConsumerConfig,
+}
+
+impl QueueConsumerConfigBuilder {
+    queue_consumer_setters!();
+
+    /// Checks the settings and returns them.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first field that cannot work, with its
+    /// value: a zero limit, a zero `visibility_timeout`, or a duration past the wire's
+    /// u32 milliseconds (value in ms).
+    pub fn build(self) -> Result<QueueConsumerConfig, ClientError> {
+        self.config.validate()?;
+        Ok(self.config)
     }
 }
 
@@ -118,8 +201,12 @@ impl QueueConsumerConfig {
     }
 }
 
-/// Builds a [`QueueConsumer`]: `QueueConsumer::builder(client, topic, group)`.
+/// Builds a [`QueueConsumer`]: `QueueConsumer::builder(client, topic, group)`, then the
+/// setters of [`QueueConsumerConfigBuilder`] (the same names and types) or a whole
+/// [`QueueConsumerConfig`] with [`QueueConsumerBuilder::config`], then
+/// [`QueueConsumerBuilder::build`].
 #[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
 pub struct QueueConsumerBuilder {
     client: Client,
     topic: String,
@@ -128,41 +215,7 @@ pub struct QueueConsumerBuilder {
 }
 
 impl QueueConsumerBuilder {
-    /// Lease asked for each received message (default: the topic's).
-    pub fn visibility_timeout(mut self, visibility: Duration) -> Self {
-        self.config.visibility_timeout = Some(visibility);
-        self
-    }
-
-    /// Most messages one `run` receive asks for (default 10).
-    pub fn receive_batch(mut self, messages_max: u32) -> Self {
-        self.config.receive_messages_max = messages_max;
-        self
-    }
-
-    /// How long one `run` receive waits when nothing is available (default 1 s).
-    pub fn receive_wait(mut self, wait: Duration) -> Self {
-        self.config.receive_wait = wait;
-        self
-    }
-
-    /// Handlers `run` keeps running at once (default 8).
-    pub fn concurrency(mut self, handlers_max: u32) -> Self {
-        self.config.handler_concurrency_max = handlers_max;
-        self
-    }
-
-    /// Extend a running handler's lease once less than this is left (default 5 s).
-    pub fn extend_margin(mut self, margin: Duration) -> Self {
-        self.config.extend_margin = margin;
-        self
-    }
-
-    /// Most handles per ack, nack or extend request (default 1000).
-    pub fn settle_batch(mut self, handles_max: u32) -> Self {
-        self.config.settle_handles_per_request_max = handles_max;
-        self
-    }
+    queue_consumer_setters!();
 
     /// Replaces every setting at once.
     pub fn config(mut self, config: QueueConsumerConfig) -> Self {
@@ -170,7 +223,10 @@ impl QueueConsumerBuilder {
         self
     }
 
-    /// Checks the settings (zero limits, durations past the wire's u32 milliseconds).
+    /// Checks the settings and makes the consumer.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] as [`QueueConsumerConfigBuilder::build`] gives it.
     pub fn build(self) -> Result<QueueConsumer, ClientError> {
         self.config.validate()?;
         Ok(QueueConsumer {
@@ -255,7 +311,12 @@ impl QueueMessage {
 }
 
 /// Which settle operation a [`SettleOutcome`] answers.
+///
+/// `#[non_exhaustive]`: the broker's settle request is one frame with an action byte, and
+/// more actions than these three (a release that does not count as a delivery, say) may
+/// come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SettleKind {
     Ack,
     Nack,
@@ -273,7 +334,11 @@ impl SettleKind {
 }
 
 /// Why the broker refused one handle (docs/queues.md §3, "Handles").
+///
+/// `#[non_exhaustive]`: a refusal the broker adds later may get its own variant rather
+/// than stay in [`SettleError::Other`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SettleError {
     /// The message was delivered again since: this handle's attempt is superseded (the
     /// broker's message names the current attempt).

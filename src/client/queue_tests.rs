@@ -188,15 +188,20 @@ async fn receive_and_builder_refuse_settings_that_cannot_work() {
     );
     let builder = || QueueConsumer::builder(client.clone(), "t", "g");
     assert_eq!(
-        field_of(builder().concurrency(0).build().unwrap_err()),
+        field_of(builder().handler_concurrency_max(0).build().unwrap_err()),
         "handler_concurrency_max"
     );
     assert_eq!(
-        field_of(builder().receive_batch(0).build().unwrap_err()),
+        field_of(builder().receive_messages_max(0).build().unwrap_err()),
         "receive_messages_max"
     );
     assert_eq!(
-        field_of(builder().settle_batch(0).build().unwrap_err()),
+        field_of(
+            builder()
+                .settle_handles_per_request_max(0)
+                .build()
+                .unwrap_err()
+        ),
         "settle_handles_per_request_max"
     );
     assert_eq!(
@@ -220,6 +225,79 @@ async fn receive_and_builder_refuse_settings_that_cannot_work() {
     drop(consumer);
     drop(client);
     peer.await.unwrap();
+}
+
+#[test]
+fn queue_config_builder_sets_each_field_and_refuses_like_the_consumer_builder() {
+    let config = QueueConsumerConfig::builder()
+        .visibility_timeout(Duration::from_millis(1))
+        .receive_messages_max(2)
+        .receive_wait(Duration::from_millis(3))
+        .handler_concurrency_max(4)
+        .extend_margin(Duration::from_millis(5))
+        .settle_handles_per_request_max(6)
+        .build()
+        .unwrap();
+    assert_eq!(
+        (
+            config.visibility_timeout,
+            config.receive_messages_max,
+            config.receive_wait,
+            config.handler_concurrency_max,
+            config.extend_margin,
+            config.settle_handles_per_request_max,
+        ),
+        (
+            Some(Duration::from_millis(1)),
+            2,
+            Duration::from_millis(3),
+            4,
+            Duration::from_millis(5),
+            6
+        )
+    );
+    assert_eq!(
+        QueueConsumerConfig::builder().build().unwrap(),
+        QueueConsumerConfig::default()
+    );
+    let builder = QueueConsumerConfig::builder;
+    for (built, field, value) in [
+        (
+            builder().receive_messages_max(0).build(),
+            "receive_messages_max",
+            0,
+        ),
+        (
+            builder().handler_concurrency_max(0).build(),
+            "handler_concurrency_max",
+            0,
+        ),
+        (
+            builder().settle_handles_per_request_max(0).build(),
+            "settle_handles_per_request_max",
+            0,
+        ),
+        (
+            builder().visibility_timeout(Duration::ZERO).build(),
+            "visibility_timeout",
+            0,
+        ),
+        (
+            builder()
+                .receive_wait(Duration::from_millis(u64::from(u32::MAX) + 1))
+                .build(),
+            "receive_wait",
+            u64::from(u32::MAX) + 1,
+        ),
+    ] {
+        match built {
+            Err(ClientError::InvalidConfig {
+                field: refused,
+                value: refused_value,
+            }) => assert_eq!((refused, refused_value), (field, value)),
+            other => panic!("{field} = {value} was not refused: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -350,7 +428,7 @@ async fn settles_past_the_handle_limit_split_into_requests_and_gather_refusals()
     });
     let client = Client::connect(address).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
-        .settle_batch(2)
+        .settle_handles_per_request_max(2)
         .build()
         .unwrap();
     let handles: Vec<Handle> = (0..5).map(|offset| handle(0, offset, 1)).collect();
@@ -434,8 +512,8 @@ async fn run_acks_ok_nacks_err_with_its_text_and_returns_after_shutdown() {
     });
     let client = Client::connect(address).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
-        .concurrency(2)
-        .receive_batch(10)
+        .handler_concurrency_max(2)
+        .receive_messages_max(10)
         .build()
         .unwrap();
     let summary = consumer
@@ -530,7 +608,7 @@ async fn slow_handler_run(
     let consumer = QueueConsumer::builder(client, "t", "g")
         .visibility_timeout(Duration::from_millis(400))
         .extend_margin(Duration::from_secs(10))
-        .concurrency(1)
+        .handler_concurrency_max(1)
         .build()
         .unwrap();
     let summary = consumer
@@ -612,7 +690,7 @@ async fn run_nacks_a_panicking_handler() {
     let client = Client::connect(address).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
         .visibility_timeout(Duration::from_secs(60))
-        .concurrency(1)
+        .handler_concurrency_max(1)
         .build()
         .unwrap();
     let summary = consumer
@@ -641,10 +719,10 @@ async fn run_returns_the_transport_error_when_the_connection_breaks_without_reco
         connection.read_request().await.unwrap();
         // Dropped with the receive unanswered.
     });
-    let config = ClientConfig {
-        reconnect: false,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .reconnect(false)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
         .visibility_timeout(Duration::from_secs(60))
@@ -677,12 +755,12 @@ async fn run_returns_when_the_broker_stays_unreachable_past_the_reconnect_limit(
         connection.read_request().await.unwrap();
         // Dropped with the receive unanswered, and nothing listens any more.
     });
-    let config = ClientConfig {
-        reconnect_backoff_ms_min: 1,
-        reconnect_backoff_ms_max: 10,
-        reconnect_timeout_ms: 200,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .reconnect_backoff_ms_min(1)
+        .reconnect_backoff_ms_max(10)
+        .reconnect_timeout_ms(200)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let consumer = QueueConsumer::builder(client, "t", "g")
         .visibility_timeout(Duration::from_secs(60))
@@ -822,23 +900,33 @@ async fn consumer_in_a_group_resumes_at_committed_offsets_and_commits_what_moved
         // p0 committed 5; p1 never; p2 committed 1, but retention moved its start to 3.
         let body = committed_body(&[(0, 5, 0, 10), (1, COMMITTED_NONE, 2, 10), (2, 1, 3, 10)]);
         connection.respond(&header, Ok(&body)).await;
-        // p1 starts at the configured position: the beginning.
+        // One request for every partition's range; p1 starts at the configured
+        // position, the beginning, which is its log start.
         let (header, request) = connection.read_request().await.unwrap();
         let Request::ListOffsets(list) = request else {
             panic!("expected list offsets, got {request:?}")
         };
-        assert_eq!(list.topics[0].partitions[0].partition, 1);
+        let asked: Vec<(u32, i64)> = list.topics[0]
+            .partitions
+            .iter()
+            .map(|partition| (partition.partition, partition.timestamp_ms))
+            .collect();
+        let latest = crate::protocol::TIMESTAMP_LATEST;
+        assert_eq!(asked, vec![(0, latest), (1, latest), (2, latest)]);
         let body = ResponseBody::ListOffsets(ListOffsetsResponse {
             topics: vec![ListOffsetsTopicResult {
                 name: "t".into(),
-                partitions: vec![ListOffsetsPartitionResult {
-                    partition: 1,
-                    result: Ok(PartitionOffsets {
-                        offset: 10,
-                        log_start_offset: 2,
-                        high_watermark: 10,
-                    }),
-                }],
+                partitions: [(0, 0), (1, 2), (2, 3)]
+                    .into_iter()
+                    .map(|(partition, log_start_offset)| ListOffsetsPartitionResult {
+                        partition,
+                        result: Ok(PartitionOffsets {
+                            offset: 10,
+                            log_start_offset,
+                            high_watermark: 10,
+                        }),
+                    })
+                    .collect(),
             }],
         });
         connection.respond(&header, Ok(&body)).await;
@@ -914,6 +1002,8 @@ async fn consumer_in_a_group_resumes_at_committed_offsets_and_commits_what_moved
     assert_eq!(consumer.position("t", 2), Some(3), "moved past retention");
     assert_eq!(consumer.committed("t", 0), Some(5));
     assert_eq!(consumer.committed("t", 1), None);
+    assert_eq!(consumer.lag("t", 0), Some(5), "learnt at assignment");
+    assert_eq!(consumer.total_lag(), Some(5 + 8 + 7));
     consumer.commit().await.unwrap();
     assert_eq!(consumer.committed("t", 1), Some(2));
     consumer.assign("t", 0, 7);

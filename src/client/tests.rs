@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 use super::test_peer::{handshake_body, listen, ScriptedConnection};
 use super::*;
 use crate::protocol::batch::BatchBuilder;
-use crate::protocol::{ProducePartition, ProduceTopic, TopicMetadata, WireError};
+use crate::protocol::{
+    ProducePartition, ProduceTopic, TopicMetadata, WireError, TIMESTAMP_EARLIEST, TIMESTAMP_LATEST,
+};
 
 fn metadata_body(topic: &str) -> ResponseBody {
     ResponseBody::Metadata(MetadataResponse {
@@ -64,20 +66,18 @@ async fn responses_in_any_order_reach_their_callers() {
 
 /// The client as it is with `reconnect` off: a broken connection is final.
 fn no_reconnect() -> ClientConfig {
-    ClientConfig {
-        reconnect: false,
-        ..ClientConfig::default()
-    }
+    ClientConfig::builder()
+        .reconnect(false)
+        .build()
+        .expect("a valid config")
 }
 
 /// Reconnecting quickly, and giving up soon when nothing answers.
-fn quick_reconnect() -> ClientConfig {
-    ClientConfig {
-        reconnect_backoff_ms_min: 1,
-        reconnect_backoff_ms_max: 10,
-        reconnect_timeout_ms: 2_000,
-        ..ClientConfig::default()
-    }
+fn quick_reconnect() -> ClientConfigBuilder {
+    ClientConfig::builder()
+        .reconnect_backoff_ms_min(1)
+        .reconnect_backoff_ms_max(10)
+        .reconnect_timeout_ms(2_000)
 }
 
 #[tokio::test]
@@ -137,10 +137,10 @@ async fn pending_requests_are_bounded() {
             .await;
         connection
     });
-    let config = ClientConfig {
-        requests_pending_max: 2,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .requests_pending_max(2)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let calls: Vec<_> = ["a", "b", "c"]
         .into_iter()
@@ -163,10 +163,10 @@ async fn request_times_out_without_an_answer() {
         connection.read_request().await.unwrap();
         connection
     });
-    let config = ClientConfig {
-        request_timeout_ms: 50,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .request_timeout_ms(50)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let error = client.metadata(&[]).await.unwrap_err();
     assert!(
@@ -203,10 +203,10 @@ async fn produce_with_acks_none_expects_no_answer_and_keeps_routing() {
             .await;
         connection
     });
-    let config = ClientConfig {
-        requests_pending_max: 1,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::builder()
+        .requests_pending_max(1)
+        .build()
+        .expect("a valid config");
     let client = Client::connect_with(address, config).await.unwrap();
     let request = ProduceRequest {
         acks: Acks::None,
@@ -302,13 +302,11 @@ async fn producer_peer(
     batches
 }
 
-fn quick_retries() -> ProducerConfig {
-    ProducerConfig {
-        linger_ms: 0,
-        retry_backoff_ms_min: 1,
-        retry_backoff_ms_max: 4,
-        ..ProducerConfig::default()
-    }
+fn quick_retries() -> ProducerConfigBuilder {
+    ProducerConfig::builder()
+        .linger_ms(0)
+        .retry_backoff_ms_min(1)
+        .retry_backoff_ms_max(4)
 }
 
 fn header_of(batch: &Bytes) -> crate::protocol::batch::BatchHeader {
@@ -328,19 +326,19 @@ async fn retriable_refusals_resend_the_same_bytes_and_sequences_follow_send_orde
         })
     }));
     let client = Client::connect(address).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let producer_id = producer.producer_id();
     assert_ne!(producer_id, 0, "idempotent by default");
     let first = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
         .unwrap();
-    assert_eq!(first.await.unwrap().offset, Some(10));
+    assert_eq!(first.await.unwrap().offset, 10);
     let second = producer
         .send("t", ProducerRecord::new("b").with_partition(0))
         .await
         .unwrap();
-    assert_eq!(second.await.unwrap().offset, Some(11));
+    assert_eq!(second.await.unwrap().offset, 11);
     producer.close().await.unwrap();
     drop(producer);
     client.close();
@@ -370,11 +368,8 @@ async fn storage_full_until_the_delivery_timeout_fails_as_not_written_and_renews
         })
     }));
     let client = Client::connect(address).await.unwrap();
-    let config = ProducerConfig {
-        // Over almost at once: the refusal becomes final after a retry or two at most.
-        delivery_timeout_ms: 1,
-        ..quick_retries()
-    };
+    // Over almost at once: the refusal becomes final after a retry or two at most.
+    let config = quick_retries().delivery_timeout_ms(1).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let old_id = producer.producer_id();
     let error = producer
@@ -422,7 +417,7 @@ async fn out_of_order_sequence_is_final_and_not_written() {
         )))
     }));
     let client = Client::connect(address).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let error = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
@@ -454,7 +449,7 @@ async fn connection_lost_after_sending_is_final_and_maybe_written_without_reconn
         assert!(matches!(produce, Request::Produce(_)));
     });
     let client = Client::connect_with(address, no_reconnect()).await.unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let error = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
@@ -494,7 +489,7 @@ async fn a_read_lost_with_its_connection_is_sent_again_on_a_new_one() {
             .await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
     let metadata = client.metadata(&["a"]).await.unwrap();
@@ -521,7 +516,7 @@ async fn a_change_lost_with_its_connection_fails_and_the_next_request_reconnects
             .await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
     let error = client.delete_topic("a").await.unwrap_err();
@@ -539,10 +534,7 @@ async fn reconnecting_gives_up_after_its_timeout_naming_the_address() {
         connection.read_request().await.unwrap();
         // Nothing listens any more once the listener goes with this task.
     });
-    let config = ClientConfig {
-        reconnect_timeout_ms: 200,
-        ..quick_reconnect()
-    };
+    let config = quick_reconnect().reconnect_timeout_ms(200).build().unwrap();
     let client = Client::connect_with(address, config).await.unwrap();
     let pending = tokio::spawn({
         let client = client.clone();
@@ -567,7 +559,7 @@ async fn reconnecting_gives_up_after_its_timeout_naming_the_address() {
 async fn a_closed_client_never_reconnects() {
     let (listener, address) = listen().await;
     let (client, _first) = tokio::join!(
-        Client::connect_with(address, quick_reconnect()),
+        Client::connect_with(address, quick_reconnect().build().unwrap()),
         ScriptedConnection::accept_and_handshake(&listener)
     );
     let client = client.unwrap();
@@ -604,17 +596,17 @@ async fn a_batch_lost_with_its_connection_is_sent_again_byte_for_byte_on_the_nex
         second.respond(&header, Ok(&produce_answer(Ok(7)))).await;
         second
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let producer = Producer::new(client.clone(), quick_retries()).unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
     let metadata = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
         .await
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(metadata.offset, Some(7));
+    assert_eq!(metadata.offset, 7);
     assert_eq!(client.reconnects(), 1);
     drop(peer.await.unwrap());
 }
@@ -745,10 +737,10 @@ async fn a_close_ends_a_reconnect_in_progress() {
     let (client, first) = tokio::join!(
         Client::connect_with(
             address,
-            ClientConfig {
-                reconnect_timeout_ms: 600_000,
-                ..quick_reconnect()
-            }
+            quick_reconnect()
+                .reconnect_timeout_ms(600_000)
+                .build()
+                .unwrap()
         ),
         ScriptedConnection::accept_and_handshake(&listener)
     );
@@ -780,10 +772,7 @@ async fn a_send_waiting_for_memory_is_refused_when_the_producer_closes() {
     // is never given back.
     let peer = tokio::spawn(producer_peer(listener, |_, _| None));
     let client = Client::connect(address).await.unwrap();
-    let config = ProducerConfig {
-        buffer_bytes_max: 600,
-        ..quick_retries()
-    };
+    let config = quick_retries().buffer_bytes_max(600).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let _held = producer
         .send("t", ProducerRecord::new("x".repeat(512)).with_partition(0))
@@ -832,13 +821,10 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
         let again = tokio::time::timeout(Duration::from_millis(300), second.read_request()).await;
         assert!(again.is_err(), "the batch was sent again: {again:?}");
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let config = ProducerConfig {
-        idempotent: false,
-        ..quick_retries()
-    };
+    let config = quick_retries().idempotent(false).build().unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let sent = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
@@ -855,40 +841,58 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
 
 #[test]
 fn reconnect_settings_are_validated_at_their_edges() {
-    let with = |change: fn(&mut ClientConfig)| {
-        let mut config = ClientConfig::default();
-        change(&mut config);
-        config.validate()
+    let with = |change: fn(ClientConfigBuilder) -> ClientConfigBuilder| {
+        change(ClientConfig::builder()).build().map(drop)
     };
     let refused = |result: Result<(), ClientError>, field: &str| match result {
         Err(ClientError::InvalidConfig { field: named, .. }) => assert_eq!(named, field),
         other => panic!("{field}: expected a refusal, got {other:?}"),
     };
     refused(
-        with(|c| c.reconnect_backoff_ms_min = 0),
+        with(|c| c.reconnect_backoff_ms_min(0)),
         "reconnect_backoff_ms_min",
     );
-    refused(with(|c| c.reconnect_timeout_ms = 0), "reconnect_timeout_ms");
+    refused(with(|c| c.reconnect_timeout_ms(0)), "reconnect_timeout_ms");
     refused(
-        with(|c| {
-            c.reconnect_backoff_ms_min = 10;
-            c.reconnect_backoff_ms_max = 9;
-        }),
+        with(|c| c.reconnect_backoff_ms_min(10).reconnect_backoff_ms_max(9)),
         "reconnect_backoff_ms_max",
     );
+    refused(with(|c| c.requests_pending_max(0)), "requests_pending_max");
+    refused(with(|c| c.request_timeout_ms(0)), "request_timeout_ms");
     // At the edges: 1 ms, and a maximum equal to the minimum.
     with(|c| {
-        c.reconnect_backoff_ms_min = 1;
-        c.reconnect_backoff_ms_max = 1;
-        c.reconnect_timeout_ms = 1;
+        c.reconnect_backoff_ms_min(1)
+            .reconnect_backoff_ms_max(1)
+            .reconnect_timeout_ms(1)
     })
     .unwrap();
     // With reconnecting off, the reconnect settings are not used and not checked.
-    with(|c| {
-        c.reconnect = false;
-        c.reconnect_timeout_ms = 0;
-    })
-    .unwrap();
+    with(|c| c.reconnect(false).reconnect_timeout_ms(0)).unwrap();
+    // Every setter lands in its own field.
+    let config = ClientConfig::builder()
+        .client_name("named")
+        .requests_pending_max(3)
+        .response_body_bytes_max(4)
+        .request_timeout_ms(5)
+        .reconnect(false)
+        .reconnect_backoff_ms_min(6)
+        .reconnect_backoff_ms_max(7)
+        .reconnect_timeout_ms(8)
+        .build()
+        .unwrap();
+    assert_eq!(
+        (
+            config.client_name.as_str(),
+            config.requests_pending_max,
+            config.response_body_bytes_max,
+            config.request_timeout_ms,
+            config.reconnect,
+            config.reconnect_backoff_ms_min,
+            config.reconnect_backoff_ms_max,
+            config.reconnect_timeout_ms,
+        ),
+        ("named", 3, 4, 5, false, 6, 7, 8)
+    );
     // The backoff never exceeds its cap, even for huge attempt counts.
     for attempt in [1, 2, 10, 64, u32::MAX] {
         assert!(super::backoff_delay(attempt, 20, 2_000) <= Duration::from_millis(2_000));
@@ -1060,10 +1064,10 @@ async fn a_caller_cancelled_mid_reconnect_leaves_the_attempt_running_for_the_nex
             .await;
         (listener, second)
     });
-    let config = ClientConfig {
-        reconnect_timeout_ms: 20_000,
-        ..quick_reconnect()
-    };
+    let config = quick_reconnect()
+        .reconnect_timeout_ms(20_000)
+        .build()
+        .unwrap();
     let client = Client::connect_with(address, config).await.unwrap();
     let caller = tokio::spawn({
         let client = client.clone();
@@ -1088,10 +1092,10 @@ async fn a_caller_cancelled_mid_reconnect_leaves_the_attempt_running_for_the_nex
 #[tokio::test]
 async fn dropping_the_last_clone_ends_a_reconnect_in_progress() {
     let (listener, address) = listen().await;
-    let config = ClientConfig {
-        reconnect_timeout_ms: 600_000,
-        ..quick_reconnect()
-    };
+    let config = quick_reconnect()
+        .reconnect_timeout_ms(600_000)
+        .build()
+        .unwrap();
     let (client, first) = tokio::join!(
         Client::connect_with(address, config),
         ScriptedConnection::accept_and_handshake(&listener)
@@ -1174,14 +1178,14 @@ async fn after_a_reconnect_the_producer_batches_to_the_new_brokers_limit() {
             }
         }
     });
-    let client = Client::connect_with(address, quick_reconnect())
+    let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let config = ProducerConfig {
-        linger_ms: 600_000,
-        batch_records_max: 3,
-        ..quick_retries()
-    };
+    let config = quick_retries()
+        .linger_ms(600_000)
+        .batch_records_max(3)
+        .build()
+        .unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     assert_eq!(producer.batch_bytes_max(), 256 << 10, "the first broker's");
     let send_three = |fill: u8| {
@@ -1222,11 +1226,11 @@ async fn after_a_reconnect_the_producer_batches_to_the_new_brokers_limit() {
         .await
         .expect("the records after the reconnect are answered")
         .unwrap();
-    let offsets: Vec<Option<u64>> = after
+    let offsets: Vec<u64> = after
         .into_iter()
         .map(|handle| handle.try_result().unwrap().unwrap().offset)
         .collect();
-    assert_eq!(offsets, vec![Some(0), Some(1), Some(2)]);
+    assert_eq!(offsets, vec![0, 1, 2]);
     let received = received.lock().unwrap().clone();
     assert_eq!(received.len(), 2, "two records a batch, then one");
     for batch in &received {
@@ -1242,10 +1246,10 @@ async fn connections_get_nodelay_and_the_configured_keepalive() {
     for keepalive in [Some(Duration::from_secs(7)), None] {
         let (stream, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         let (stream, _accepted) = (stream.unwrap(), accepted.unwrap());
-        let config = ClientConfig {
-            tcp_keepalive: keepalive,
-            ..ClientConfig::default()
-        };
+        let config = ClientConfig::builder()
+            .tcp_keepalive(keepalive)
+            .build()
+            .unwrap();
         configure_socket(&stream, &config).unwrap();
         let socket = socket2::SockRef::from(&stream);
         assert!(stream.nodelay().unwrap());
@@ -1260,13 +1264,7 @@ async fn connections_get_nodelay_and_the_configured_keepalive() {
 
 #[test]
 fn tcp_keepalive_is_validated_at_its_edges() {
-    let validate = |tcp_keepalive| {
-        ClientConfig {
-            tcp_keepalive,
-            ..ClientConfig::default()
-        }
-        .validate()
-    };
+    let validate = |tcp_keepalive| ClientConfig::builder().tcp_keepalive(tcp_keepalive).build();
     for (keepalive, value_ms) in [
         (Duration::ZERO, 0),
         (Duration::from_millis(999), 999),
@@ -1291,4 +1289,208 @@ fn tcp_keepalive_is_validated_at_its_edges() {
         ClientConfig::default().tcp_keepalive,
         Some(Duration::from_secs(15))
     );
+}
+
+#[test]
+fn consumer_builder_sets_each_field_and_refuses_settings_that_cannot_work() {
+    let config = ConsumerConfig::builder()
+        .wait_ms_max(7)
+        .bytes_max(8)
+        .partition_bytes_max(9)
+        .group("reports")
+        .auto_commit_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    assert_eq!(
+        (
+            config.wait_ms_max,
+            config.bytes_max,
+            config.partition_bytes_max,
+            config.group.as_deref(),
+            config.auto_commit_interval,
+        ),
+        (7, 8, 9, Some("reports"), Some(Duration::from_millis(10)))
+    );
+    // The shorthand sets the same two fields.
+    let shorthand =
+        ConsumerConfig::default().with_group("reports", Some(Duration::from_millis(10)));
+    assert_eq!(
+        (shorthand.group, shorthand.auto_commit_interval),
+        (config.group, config.auto_commit_interval)
+    );
+    let defaults = ConsumerConfig::builder().build().unwrap();
+    assert_eq!(
+        (defaults.group, defaults.auto_commit_interval),
+        (None, None),
+        "no group unless asked"
+    );
+    let builder = ConsumerConfig::builder;
+    for (built, field, value) in [
+        (builder().bytes_max(0).build(), "bytes_max", 0),
+        (
+            builder().partition_bytes_max(0).build(),
+            "partition_bytes_max",
+            0,
+        ),
+        (builder().group("").build(), "group", 0),
+        (
+            builder()
+                .auto_commit_interval(Duration::from_secs(5))
+                .build(),
+            "auto_commit_interval",
+            5_000,
+        ),
+    ] {
+        match built {
+            Err(ClientError::InvalidConfig {
+                field: refused,
+                value: refused_value,
+            }) => assert_eq!((refused, refused_value), (field, value)),
+            other => panic!("{field} = {value} was not refused: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn offset_queries_go_out_as_the_protocol_encodes_them_and_assigning_learns_the_range() {
+    use crate::protocol::{
+        ListOffsetsPartitionResult, ListOffsetsResponse, ListOffsetsTopicResult,
+    };
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let mut asked = Vec::new();
+        // list_offsets, then the consumer's Beginning and End; Offset(3) sends nothing,
+        // so the connection closes after these three.
+        while let Some((header, request)) = connection.read_request().await {
+            let Request::ListOffsets(request) = request else {
+                panic!("expected list offsets, got {request:?}")
+            };
+            let topic = &request.topics[0];
+            let timestamps: Vec<i64> = topic
+                .partitions
+                .iter()
+                .map(|partition| partition.timestamp_ms)
+                .collect();
+            let answer = ResponseBody::ListOffsets(ListOffsetsResponse {
+                topics: vec![ListOffsetsTopicResult {
+                    name: topic.name.clone(),
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|partition| ListOffsetsPartitionResult {
+                            partition: partition.partition,
+                            result: Ok(PartitionOffsets {
+                                // Tells the answers apart: the ends are 10 and 20.
+                                offset: match partition.timestamp_ms {
+                                    TIMESTAMP_EARLIEST => 10,
+                                    TIMESTAMP_LATEST => 20,
+                                    time => (100 + time) as u64,
+                                },
+                                log_start_offset: 10,
+                                high_watermark: 20,
+                            }),
+                        })
+                        .collect(),
+                }],
+            });
+            connection.respond(&header, Ok(&answer)).await;
+            asked.push(timestamps);
+        }
+        asked
+    });
+    let client = Client::connect(address).await.unwrap();
+    let answered = client
+        .list_offsets(
+            "t",
+            &[
+                (0, OffsetQuery::Earliest),
+                (1, OffsetQuery::Latest),
+                (2, OffsetQuery::Time(5)),
+                (3, OffsetQuery::Time(-1)),
+            ],
+        )
+        .await
+        .unwrap();
+    let offsets: Vec<(u32, u64)> = answered
+        .iter()
+        .map(|(partition, offsets)| (*partition, offsets.offset))
+        .collect();
+    assert_eq!(offsets, vec![(0, 10), (1, 20), (2, 105), (3, 100)]);
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for (start, offset) in [
+        (StartPosition::Beginning, 10),
+        (StartPosition::End, 20),
+        (StartPosition::Offset(3), 3),
+    ] {
+        assert_eq!(
+            consumer.assign_from("t", 0, start).await.unwrap(),
+            offset,
+            "{start:?}"
+        );
+        // Every start learns the partition's range, so its lag is known before a poll.
+        assert_eq!(consumer.lag("t", 0), Some(20 - offset), "{start:?}");
+    }
+    drop(consumer);
+    drop(client);
+    assert_eq!(
+        peer.await.unwrap(),
+        vec![
+            // A time before the epoch goes out as 0, never as an end's -1 or -2.
+            vec![TIMESTAMP_EARLIEST, TIMESTAMP_LATEST, 5, 0],
+            // One request per assignment, whatever the start: the range answers both ends.
+            vec![TIMESTAMP_LATEST],
+            vec![TIMESTAMP_LATEST],
+            vec![TIMESTAMP_LATEST],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_acks_none_producer_resolves_sent_handles_without_an_answer_and_refuses_send() {
+    let (listener, address) = listen().await;
+    // The peer never answers a produce (acks none has no answer to give).
+    let peer = tokio::spawn(producer_peer(listener, |_, _| None));
+    let client = Client::connect(address).await.unwrap();
+    let config = quick_retries().acks(Acks::None).build().unwrap();
+    let producer = Producer::new(client.clone(), config).unwrap();
+    match producer.send("t", ProducerRecord::new("a")).await {
+        Err(ClientError::InvalidConfig {
+            field: "acks",
+            value: 0,
+        }) => {}
+        other => panic!("send on an acks-none producer: {other:?}"),
+    }
+    let sent = producer
+        .send_unacknowledged("t", ProducerRecord::new("b").with_partition(0))
+        .await
+        .unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(20), sent)
+        .await
+        .expect("resolves once written, with no answer")
+        .unwrap();
+    assert_eq!((&*sent.topic, sent.partition), ("t", 0));
+    producer.close().await.unwrap();
+    drop(producer);
+    drop(client);
+    let batches = peer.await.unwrap();
+    assert_eq!(batches.len(), 1, "only the unacknowledged send went out");
+    // And the other way round: an acked producer has no unacknowledged sends.
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(producer_peer(listener, |_, _| None));
+    let client = Client::connect(address).await.unwrap();
+    let producer = Producer::new(client.clone(), quick_retries().build().unwrap()).unwrap();
+    match producer
+        .send_unacknowledged("t", ProducerRecord::new("c"))
+        .await
+    {
+        Err(ClientError::InvalidConfig {
+            field: "acks",
+            value,
+        }) => assert_eq!(value, Acks::Durable as u64),
+        other => panic!("send_unacknowledged on an acks-durable producer: {other:?}"),
+    }
+    drop(producer);
+    drop(client);
+    assert!(peer.await.unwrap().is_empty(), "nothing was sent");
 }
