@@ -1,0 +1,784 @@
+//! The least a glommio server does for one durable single-message round trip: the
+//! baseline that shardq's own cost per request is measured against (issue 10,
+//! scripts/bench-latency.sh, docs/benchmarks.md).
+//!
+//! What it is: one executor pinned to one CPU, speaking just enough of shardq's wire
+//! protocol (docs/protocol.md: Handshake, Metadata, CreateTopic, Produce) that the same
+//! load generator as `shardq bench produce` drives it, so the client's own cost is in
+//! both figures. Every produced batch is validated (framing, CRC, records), given dense
+//! offsets per partition, stamped, and written with the broker's durability mechanism
+//! before the answer goes out: a file opened read + write with O_DIRECT through glommio's
+//! `DmaFile` (as `storage::DmaStorage::open` does), 4 KiB-aligned block writes through
+//! io_uring, then `fdatasync` through io_uring (or, with `--dsync`, the file opened
+//! O_DSYNC and no fdatasync). Batches are packed back to back as in a segment, and the
+//! partial tail block is rewritten by the next round, as the log does, so a 1 KiB
+//! message touches a fresh block about once in four writes, exactly like the broker.
+//!
+//! What it is not: a broker. One file for every partition, no index, no recovery, no
+//! fetch, no idempotent-producer table (the bench's producer never resends when nothing
+//! fails), no retention, no limits beyond a frame size. Rounds are serialised (one
+//! write + sync at a time, like one partition's group commit); every complete request a
+//! connection has received when a round starts goes into that round.
+//!
+//! ```text
+//! durable_echo serve [--listen ADDR] [--cpu N] [--file PATH] [--file-bytes N]
+//!                    [--blocks written|fallocated] [--dsync] [--memory]
+//! durable_echo client ADDR [--messages N] [--warmup N] [--message-size B]
+//!                    [--acks durable|memory] [--topic NAME]
+//! ```
+//! `serve` prints `durable_echo serving on ADDR` once it accepts connections (port 0
+//! picks a free one). `--blocks written` (default) writes the whole file once before
+//! serving, so every write overwrites written blocks (a recycled segment);
+//! `--blocks fallocated` only reserves them (a fresh segment: each first write into a
+//! block makes the fdatasync commit an unwritten-extent conversion). `--memory` answers
+//! without writing anything; a request with `acks = memory` is answered the same way.
+//! When the write position reaches the end of the file it wraps to 0 (said on stderr:
+//! from then on a fallocated file's blocks are written ones).
+//!
+//! `client` is a blocking std client, one one-record Produce at a time: it creates the
+//! topic (one partition) if missing, connects to the owning shard's port, and prints
+//! round-trip percentiles in microseconds as one JSON object, like
+//! `examples/tcp_pingpong.rs`. It drives durable_echo and shardq alike.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::io::{DmaFile, OpenOptions};
+use glommio::net::TcpListener;
+use glommio::sync::Semaphore;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use shardq::protocol::batch::{stamp_batch, validate_batch, BatchBuilder};
+use shardq::protocol::{
+    decode_frame_header, decode_response, encode_error_response, encode_response, Acks,
+    CreateTopicRequest, DecodeLimits, Decoded, ErrorCode, HandshakeRequest, HandshakeResponse,
+    MetadataRequest, MetadataResponse, Opcode, PartitionMetadata, ProducePartition,
+    ProducePartitionResult, ProduceRequest, ProduceResponse, ProduceTopic, ProduceTopicResult,
+    QueueSettings, Request, ResponseBody, Retention, TopicMetadata, WireError, FRAME_HEADER_SIZE,
+    PROTOCOL_VERSION,
+};
+
+/// The block size of every write: the alignment O_DIRECT needs on this disk and the
+/// broker's chunk alignment.
+const BLOCK_BYTES: u64 = 4096;
+/// The broker's defaults, so the client sizes batches and frames the same way.
+const BATCH_BYTES_MAX: u32 = (1 << 20) - 4096;
+const FRAME_BODY_BYTES_MAX: u32 = 16 << 20;
+const BATCH_RECORDS_MAX: u32 = 100_000;
+const PARTITIONS_MAX: u32 = 4096;
+/// One socket read at most; requests of a single message are ~1.2 KB.
+const READ_BYTES: usize = 64 << 10;
+
+fn main() {
+    let mut arguments = std::env::args().skip(1);
+    match arguments.next().as_deref() {
+        Some("serve") => serve(ServeOptions::parse(arguments)),
+        Some("client") => client(ClientOptions::parse(arguments)),
+        _ => usage("the first argument is serve or client"),
+    }
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!("durable_echo: {problem}");
+    eprintln!(
+        "usage: durable_echo serve [--listen ADDR] [--cpu N] [--file PATH] [--file-bytes N] \
+         [--blocks written|fallocated] [--dsync] [--memory]\n       \
+         durable_echo client ADDR [--messages N] [--warmup N] [--message-size B] \
+         [--acks durable|memory] [--topic NAME]"
+    );
+    std::process::exit(2);
+}
+
+fn value<T: std::str::FromStr>(name: &str, text: Option<String>) -> T {
+    let Some(text) = text else {
+        usage(&format!("{name} needs a value"))
+    };
+    text.parse()
+        .unwrap_or_else(|_| usage(&format!("{name}: {text:?} is not a valid value")))
+}
+
+// --- server ------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    /// Written once before serving: writes overwrite written blocks.
+    Written,
+    /// Reserved with fallocate only: unwritten extents.
+    Fallocated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// O_DIRECT write, then fdatasync (the broker's round).
+    WriteThenFdatasync,
+    /// File opened O_DSYNC: the write returns once durable.
+    OpenDsync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Every `acks = durable` batch is written and synced before its answer.
+    Durable(Sync),
+    /// Nothing is written (`--memory`).
+    Memory,
+}
+
+struct ServeOptions {
+    listen: String,
+    cpu: usize,
+    file: PathBuf,
+    file_bytes: u64,
+    blocks: Blocks,
+    durability: Durability,
+}
+
+impl ServeOptions {
+    fn parse(mut arguments: impl Iterator<Item = String>) -> ServeOptions {
+        let mut options = ServeOptions {
+            listen: "127.0.0.1:0".into(),
+            cpu: 0,
+            file: PathBuf::from("durable_echo.log"),
+            file_bytes: 64 << 20,
+            blocks: Blocks::Written,
+            durability: Durability::Durable(Sync::WriteThenFdatasync),
+        };
+        let mut dsync = false;
+        let mut memory = false;
+        while let Some(argument) = arguments.next() {
+            match argument.as_str() {
+                "--listen" => options.listen = value("--listen", arguments.next()),
+                "--cpu" => options.cpu = value("--cpu", arguments.next()),
+                "--file" => options.file = value("--file", arguments.next()),
+                "--file-bytes" => options.file_bytes = value("--file-bytes", arguments.next()),
+                "--blocks" => {
+                    options.blocks = match value::<String>("--blocks", arguments.next()).as_str() {
+                        "written" => Blocks::Written,
+                        "fallocated" => Blocks::Fallocated,
+                        other => usage(&format!("--blocks {other:?}: written or fallocated")),
+                    }
+                }
+                "--dsync" => dsync = true,
+                "--memory" => memory = true,
+                other => usage(&format!("unknown option {other:?}")),
+            }
+        }
+        if options.file_bytes < 2 * u64::from(BATCH_BYTES_MAX)
+            || options.file_bytes % BLOCK_BYTES != 0
+        {
+            usage("--file-bytes must be a multiple of 4096 and hold two of the largest batches");
+        }
+        options.durability = match (memory, dsync) {
+            (true, _) => Durability::Memory,
+            (false, true) => Durability::Durable(Sync::OpenDsync),
+            (false, false) => Durability::Durable(Sync::WriteThenFdatasync),
+        };
+        options
+    }
+}
+
+/// Makes the data file before the executor starts, with blocking calls: created afresh,
+/// reserved with fallocate (as the broker preallocates segments), written once with
+/// zeros for `Blocks::Written`, and synced, so the first measured round pays no layout.
+/// The executor then opens an existing file of at least 512 bytes, which also keeps
+/// clear of glommio's polled-I/O probe pitfall (docs: DESIGN.md, runtime notes).
+fn prepare_file(path: &Path, size: u64, blocks: Blocks) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    // SAFETY: fallocate on a descriptor this function owns, mode 0 (allocate and extend
+    // the size), with a non-negative range; it touches no memory of ours.
+    let allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if allocated != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if blocks == Blocks::Written {
+        let zeros = vec![0u8; 1 << 20];
+        let mut written = 0;
+        let mut writer = &file;
+        while written < size {
+            let length = (size - written).min(zeros.len() as u64) as usize;
+            writer.write_all(&zeros[..length])?;
+            written += length as u64;
+        }
+    }
+    file.sync_all()
+}
+
+/// Where the next batch goes: the log's byte position and a copy of the partial tail
+/// block, which the next round writes again with the new bytes after it.
+struct Tail {
+    position: u64,
+    block: Vec<u8>,
+}
+
+struct Server {
+    file: Option<DmaFile>,
+    file_bytes: u64,
+    durability: Durability,
+    port: u16,
+    tail: RefCell<Tail>,
+    /// One write + sync round at a time: two rounds in flight would both rewrite the
+    /// shared tail block, and the older one could land last.
+    round: Semaphore,
+    /// Next offset of each partition, by topic.
+    topics: RefCell<HashMap<String, Vec<u64>>>,
+    wrapped: std::cell::Cell<bool>,
+}
+
+fn serve(options: ServeOptions) {
+    if options.durability != Durability::Memory {
+        if let Err(error) = prepare_file(&options.file, options.file_bytes, options.blocks) {
+            eprintln!(
+                "durable_echo: preparing {}: {error}",
+                options.file.display()
+            );
+            std::process::exit(1);
+        }
+    }
+    let listener = std::net::TcpListener::bind(&options.listen).unwrap_or_else(|error| {
+        eprintln!("durable_echo: binding {}: {error}", options.listen);
+        std::process::exit(1);
+    });
+    let address = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let executor = LocalExecutorBuilder::new(Placement::Fixed(options.cpu))
+        .name("durable-echo")
+        .spawn(move || async move {
+            let file = match options.durability {
+                Durability::Memory => None,
+                Durability::Durable(sync) => {
+                    let mut open = OpenOptions::new();
+                    open.read(true).write(true);
+                    if sync == Sync::OpenDsync {
+                        open.custom_flags(libc::O_DSYNC);
+                    }
+                    match open.dma_open(&options.file).await {
+                        Ok(file) => Some(file),
+                        Err(error) => {
+                            eprintln!("durable_echo: opening {}: {error}", options.file.display());
+                            std::process::exit(1);
+                        }
+                    }
+                }
+            };
+            let server = Rc::new(Server {
+                file,
+                file_bytes: options.file_bytes,
+                durability: options.durability,
+                port: address.port(),
+                tail: RefCell::new(Tail {
+                    position: 0,
+                    block: vec![0; BLOCK_BYTES as usize],
+                }),
+                round: Semaphore::new(1),
+                topics: RefCell::new(HashMap::new()),
+                wrapped: std::cell::Cell::new(false),
+            });
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            // SAFETY: the descriptor comes from a listener this closure owns, handed over
+            // with `into_raw_fd`; the glommio listener becomes its only owner.
+            let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+            println!("durable_echo serving on {address}");
+            let _ = std::io::stdout().flush();
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => {
+                        let server = Rc::clone(&server);
+                        glommio::spawn_local(async move {
+                            if let Err(error) = serve_connection(server, stream).await {
+                                eprintln!("durable_echo: connection: {error}");
+                            }
+                        })
+                        .detach();
+                    }
+                    Err(error) => eprintln!("durable_echo: accept: {error}"),
+                }
+            }
+        })
+        .unwrap_or_else(|error| {
+            eprintln!(
+                "durable_echo: starting the executor on CPU {}: {error}",
+                options.cpu
+            );
+            std::process::exit(1);
+        });
+    executor.join().expect("the executor thread does not panic");
+}
+
+/// A produce request decoded and appended in memory, waiting for its round.
+struct PendingProduce {
+    correlation_id: u64,
+    acks: Acks,
+    response: ProduceResponse,
+}
+
+async fn serve_connection(
+    server: Rc<Server>,
+    mut stream: glommio::net::TcpStream,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let limits = DecodeLimits::default();
+    let mut scratch = vec![0u8; READ_BYTES];
+    let mut received = BytesMut::with_capacity(READ_BYTES);
+    let mut out = BytesMut::with_capacity(READ_BYTES);
+    let mut pending: Vec<PendingProduce> = Vec::new();
+    let mut batches: Vec<BytesMut> = Vec::new();
+    loop {
+        let read = stream.read(&mut scratch).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        received.extend_from_slice(&scratch[..read]);
+        // Every complete frame received so far joins this round.
+        loop {
+            let header = match decode_frame_header(&received, FRAME_BODY_BYTES_MAX) {
+                Ok(Decoded::Complete(header)) => header,
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(error) => {
+                    return Err(std::io::Error::other(format!("bad frame header: {error}")))
+                }
+            };
+            if received.len() < header.frame_length() {
+                break;
+            }
+            let mut frame = received.split_to(header.frame_length());
+            let body = frame.split_off(FRAME_HEADER_SIZE).freeze();
+            let id = header.correlation_id;
+            let Some(opcode) = Opcode::from_wire(header.opcode) else {
+                let error = WireError::new(ErrorCode::UnknownOpcode, "unknown opcode");
+                encode_error_response(&mut out, header.opcode, id, &error);
+                continue;
+            };
+            let request = match Request::decode(opcode, body, &limits) {
+                Ok(request) => request,
+                Err(error) => {
+                    let error = WireError::new(error.code(), error.to_string());
+                    encode_error_response(&mut out, header.opcode, id, &error);
+                    continue;
+                }
+            };
+            match request {
+                Request::Produce(request) => {
+                    let acks = request.acks;
+                    let response = server.append(request, &mut batches);
+                    pending.push(PendingProduce {
+                        correlation_id: id,
+                        acks,
+                        response,
+                    });
+                }
+                other => server.answer(other, id, &mut out),
+            }
+        }
+        if !batches.is_empty() {
+            let needs_disk = pending.iter().any(|produce| produce.acks == Acks::Durable);
+            if needs_disk && server.durability != Durability::Memory {
+                server.write_round(&batches).await;
+            }
+            batches.clear();
+        }
+        for produce in pending.drain(..) {
+            if produce.acks != Acks::None {
+                let body = ResponseBody::Produce(produce.response);
+                encode_response(&mut out, Opcode::Produce, produce.correlation_id, Ok(&body));
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+impl Server {
+    /// Handshake, Metadata and CreateTopic: what `shardq bench produce` asks before it
+    /// produces. Anything else is refused with InvalidRequest.
+    fn answer(&self, request: Request, correlation_id: u64, out: &mut BytesMut) {
+        let opcode = request.opcode();
+        let response = match request {
+            Request::Handshake(_) => Ok(ResponseBody::Handshake(HandshakeResponse {
+                protocol_version: PROTOCOL_VERSION,
+                shard_count: 1,
+                shard_id: 0,
+                server_version: format!("durable_echo {}", env!("CARGO_PKG_VERSION")),
+                batch_bytes_max: BATCH_BYTES_MAX,
+            })),
+            Request::Metadata(MetadataRequest { topics: names }) => {
+                let known = self.topics.borrow();
+                let names = if names.is_empty() {
+                    let mut all: Vec<String> = known.keys().cloned().collect();
+                    all.sort();
+                    all
+                } else {
+                    names
+                };
+                let topics = names
+                    .into_iter()
+                    .map(|name| {
+                        let (error, partitions) = match known.get(&name) {
+                            Some(offsets) => (
+                                None,
+                                (0..offsets.len() as u32)
+                                    .map(|partition| PartitionMetadata {
+                                        partition,
+                                        shard: 0,
+                                    })
+                                    .collect(),
+                            ),
+                            None => (
+                                Some(WireError::new(ErrorCode::UnknownTopic, "unknown topic")),
+                                Vec::new(),
+                            ),
+                        };
+                        TopicMetadata {
+                            name,
+                            error,
+                            partitions,
+                            retention: Retention::default(),
+                            queue: QueueSettings::default(),
+                        }
+                    })
+                    .collect();
+                Ok(ResponseBody::Metadata(MetadataResponse {
+                    shard_ports: vec![self.port],
+                    topics,
+                }))
+            }
+            Request::CreateTopic(CreateTopicRequest {
+                name, partitions, ..
+            }) => {
+                if partitions == 0 || partitions > PARTITIONS_MAX {
+                    Err(WireError::new(
+                        ErrorCode::InvalidPartitionCount,
+                        format!("{partitions} partitions: 1 to {PARTITIONS_MAX}"),
+                    ))
+                } else {
+                    match self.topics.borrow_mut().entry(name) {
+                        std::collections::hash_map::Entry::Occupied(_) => Err(WireError::new(
+                            ErrorCode::TopicAlreadyExists,
+                            "topic exists",
+                        )),
+                        std::collections::hash_map::Entry::Vacant(entry) => {
+                            entry.insert(vec![0; partitions as usize]);
+                            Ok(ResponseBody::CreateTopic)
+                        }
+                    }
+                }
+            }
+            _ => Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                "durable_echo answers Handshake, Metadata, CreateTopic and Produce only",
+            )),
+        };
+        encode_response(out, opcode, correlation_id, response.as_ref());
+    }
+
+    /// Validates each batch, gives it its partition's next offsets and stamps it, in
+    /// memory: the round writes `batches` afterwards.
+    fn append(&self, request: ProduceRequest, batches: &mut Vec<BytesMut>) -> ProduceResponse {
+        let mut topics = self.topics.borrow_mut();
+        let append_time_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as i64);
+        let results = request
+            .topics
+            .into_iter()
+            .map(|ProduceTopic { name, partitions }| {
+                let mut offsets = topics.get_mut(&name);
+                let partitions = partitions
+                    .into_iter()
+                    .map(|ProducePartition { partition, batch }| {
+                        let result = match offsets
+                            .as_deref_mut()
+                            .and_then(|offsets| offsets.get_mut(partition as usize))
+                        {
+                            None => Err(WireError::new(
+                                ErrorCode::UnknownPartition,
+                                format!("no partition {partition} of {name:?}"),
+                            )),
+                            Some(next) => match validate_batch(&batch, BATCH_RECORDS_MAX) {
+                                Err(error) => {
+                                    Err(WireError::new(ErrorCode::InvalidBatch, error.to_string()))
+                                }
+                                Ok(header) => {
+                                    let base_offset = *next;
+                                    *next += u64::from(header.record_count);
+                                    let mut stored = BytesMut::from(&batch[..]);
+                                    stamp_batch(&mut stored, base_offset, append_time_ms);
+                                    batches.push(stored);
+                                    Ok(base_offset)
+                                }
+                            },
+                        };
+                        ProducePartitionResult { partition, result }
+                    })
+                    .collect();
+                ProduceTopicResult { name, partitions }
+            })
+            .collect();
+        ProduceResponse { topics: results }
+    }
+
+    /// Writes `batches` after the log's tail, in whole 4 KiB blocks from the tail block's
+    /// start (worked example: tail at byte 5,000 and 1,100 new bytes: the write covers
+    /// bytes 4,096..8,192, the 904 old tail bytes, the new ones, and zeros to the block's
+    /// end), then makes it durable. A failed write or sync ends the process, as the
+    /// broker's does: the file can no longer be trusted.
+    async fn write_round(&self, batches: &[BytesMut]) {
+        let file = self.file.as_ref().expect("a durable server has a file");
+        let _permit = self
+            .round
+            .acquire_permit(1)
+            .await
+            .expect("the round semaphore is never closed");
+        let new_bytes: u64 = batches.iter().map(|batch| batch.len() as u64).sum();
+        let (buffer, position) = {
+            let mut tail = self.tail.borrow_mut();
+            let mut start = tail.position - tail.position % BLOCK_BYTES;
+            let mut kept = (tail.position - start) as usize;
+            if start + (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) > self.file_bytes {
+                if !self.wrapped.replace(true) {
+                    eprintln!("durable_echo: the file is full; writing from its start again (its blocks are written ones from now on)");
+                }
+                start = 0;
+                kept = 0;
+            }
+            let length = (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) as usize;
+            let mut buffer = file.alloc_dma_buffer(length);
+            let bytes = buffer.as_bytes_mut();
+            bytes[..kept].copy_from_slice(&tail.block[..kept]);
+            let mut at = kept;
+            for batch in batches {
+                bytes[at..at + batch.len()].copy_from_slice(batch);
+                at += batch.len();
+            }
+            bytes[at..].fill(0);
+            let tail_start = at - at % BLOCK_BYTES as usize;
+            tail.block[..at - tail_start].copy_from_slice(&bytes[tail_start..at]);
+            tail.position = start + at as u64;
+            (buffer, start)
+        };
+        let length = buffer.len();
+        match file.write_rc_at(Rc::new(buffer), position).await {
+            Ok(written) if written == length => {}
+            Ok(written) => fatal(&format!(
+                "short write at {position}: {written} of {length} bytes"
+            )),
+            Err(error) => fatal(&format!("write at {position}: {error}")),
+        }
+        if self.durability == Durability::Durable(Sync::WriteThenFdatasync) {
+            if let Err(error) = file.fdatasync().await {
+                fatal(&format!("fdatasync: {error}"));
+            }
+        }
+    }
+}
+
+fn fatal(message: &str) -> ! {
+    eprintln!("durable_echo: {message}; stopping");
+    std::process::exit(1);
+}
+
+// --- blocking client -----------------------------------------------------------------------
+
+struct ClientOptions {
+    address: String,
+    messages: usize,
+    warmup: usize,
+    message_size: usize,
+    acks: Acks,
+    topic: String,
+}
+
+impl ClientOptions {
+    fn parse(mut arguments: impl Iterator<Item = String>) -> ClientOptions {
+        let Some(address) = arguments.next() else {
+            usage("client needs an address")
+        };
+        let mut options = ClientOptions {
+            address,
+            messages: 20_000,
+            warmup: 2_000,
+            message_size: 1024,
+            acks: Acks::Durable,
+            topic: "durable-echo".into(),
+        };
+        while let Some(argument) = arguments.next() {
+            match argument.as_str() {
+                "--messages" => options.messages = value("--messages", arguments.next()),
+                "--warmup" => options.warmup = value("--warmup", arguments.next()),
+                "--message-size" => {
+                    options.message_size = value("--message-size", arguments.next())
+                }
+                "--acks" => options.acks = value("--acks", arguments.next()),
+                "--topic" => options.topic = value("--topic", arguments.next()),
+                other => usage(&format!("unknown option {other:?}")),
+            }
+        }
+        if options.messages == 0 || options.acks == Acks::None {
+            usage("client needs --messages of at least 1 and acks memory or durable");
+        }
+        options
+    }
+}
+
+/// One blocking connection: requests out, one response frame back per request.
+struct Blocking {
+    stream: TcpStream,
+    out: BytesMut,
+    next_id: u64,
+}
+
+impl Blocking {
+    fn connect(address: SocketAddr) -> Blocking {
+        let stream = TcpStream::connect(address)
+            .unwrap_or_else(|error| fail(&format!("connecting to {address}: {error}")));
+        stream.set_nodelay(true).expect("set TCP_NODELAY");
+        let mut connection = Blocking {
+            stream,
+            out: BytesMut::with_capacity(READ_BYTES),
+            next_id: 1,
+        };
+        let request = Request::Handshake(HandshakeRequest {
+            client_name: "durable_echo client".into(),
+        });
+        match connection.call(&request) {
+            Ok(ResponseBody::Handshake(_)) => connection,
+            other => fail(&format!("handshake: {other:?}")),
+        }
+    }
+
+    fn call(&mut self, request: &Request) -> Result<ResponseBody, WireError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.out.clear();
+        request.encode(id, &mut self.out);
+        self.stream
+            .write_all(&self.out)
+            .unwrap_or_else(|error| fail(&format!("sending: {error}")));
+        let mut header = [0u8; FRAME_HEADER_SIZE];
+        self.stream
+            .read_exact(&mut header)
+            .unwrap_or_else(|error| fail(&format!("reading a response: {error}")));
+        let header = match decode_frame_header(&header, u32::MAX) {
+            Ok(Decoded::Complete(header)) => header,
+            other => fail(&format!("bad response header: {other:?}")),
+        };
+        assert_eq!(header.correlation_id, id, "one request in flight at a time");
+        let mut body = vec![0u8; header.body_length as usize];
+        self.stream
+            .read_exact(&mut body)
+            .unwrap_or_else(|error| fail(&format!("reading a response: {error}")));
+        decode_response(request.opcode(), Bytes::from(body))
+            .unwrap_or_else(|error| fail(&format!("decoding a response: {error}")))
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("durable_echo client: {message}");
+    std::process::exit(1);
+}
+
+fn client(options: ClientOptions) {
+    let address = options
+        .address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .unwrap_or_else(|| fail(&format!("{:?} is not an address", options.address)));
+    let mut connection = Blocking::connect(address);
+    let create = Request::CreateTopic(CreateTopicRequest {
+        name: options.topic.clone(),
+        partitions: 1,
+        retention: Retention::default(),
+        queue: QueueSettings::default(),
+    });
+    match connection.call(&create) {
+        Ok(_) => {}
+        Err(error) if error.code == ErrorCode::TopicAlreadyExists => {}
+        Err(error) => fail(&format!("creating topic {:?}: {error}", options.topic)),
+    }
+    let metadata = Request::Metadata(MetadataRequest {
+        topics: vec![options.topic.clone()],
+    });
+    let owner_port = match connection.call(&metadata) {
+        Ok(ResponseBody::Metadata(metadata)) => metadata
+            .topics
+            .first()
+            .and_then(|topic| topic.partitions.first())
+            .and_then(|partition| metadata.shard_ports.get(usize::from(partition.shard)))
+            .copied()
+            .unwrap_or_else(|| fail("metadata names no owner for partition 0")),
+        other => fail(&format!("metadata: {other:?}")),
+    };
+    // Straight to the owning shard, as the bench's shard-aware producer does.
+    if owner_port != address.port() {
+        connection = Blocking::connect(SocketAddr::new(address.ip(), owner_port));
+    }
+    let value = vec![0x5au8; options.message_size];
+    let total = options.warmup + options.messages;
+    let mut samples_ns: Vec<u64> = Vec::with_capacity(options.messages);
+    for round in 0..total {
+        let started = Instant::now();
+        let mut builder = BatchBuilder::new(BytesMut::with_capacity(options.message_size + 128));
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as i64);
+        builder.push(now_ms, None, &value, &[]);
+        let request = Request::Produce(ProduceRequest {
+            acks: options.acks,
+            timeout_ms: 0,
+            topics: vec![ProduceTopic {
+                name: options.topic.clone(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    batch: builder.finish(),
+                }],
+            }],
+        });
+        let offset = match connection.call(&request) {
+            Ok(ResponseBody::Produce(response)) => response
+                .topics
+                .first()
+                .and_then(|topic| topic.partitions.first())
+                .map(|partition| partition.result.clone()),
+            other => fail(&format!("produce: {other:?}")),
+        };
+        match offset {
+            Some(Ok(_)) => {}
+            other => fail(&format!("produce refused: {other:?}")),
+        }
+        if round >= options.warmup {
+            samples_ns.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    samples_ns.sort_unstable();
+    let at = |quantile: f64| {
+        let index =
+            ((samples_ns.len() as f64 * quantile).ceil() as usize).clamp(1, samples_ns.len());
+        samples_ns[index - 1] as f64 / 1_000.0
+    };
+    println!(
+        "{{\"message_bytes\": {}, \"acks\": \"{}\", \"messages\": {}, \"p50_us\": {:.2}, \"p90_us\": {:.2}, \"p99_us\": {:.2}, \"p999_us\": {:.2}, \"max_us\": {:.2}}}",
+        options.message_size,
+        options.acks.name(),
+        options.messages,
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        at(0.999),
+        samples_ns[samples_ns.len() - 1] as f64 / 1_000.0
+    );
+}
