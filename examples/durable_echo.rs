@@ -6,41 +6,46 @@
 //! protocol (docs/protocol.md: Handshake, Metadata, CreateTopic, Produce) that the same
 //! load generator as `shardq bench produce` drives it, so the client's own cost is in
 //! both figures. Every produced batch is validated (framing, CRC, records), given dense
-//! offsets per partition, stamped, and written with the broker's durability mechanism
-//! before the answer goes out: a file opened read + write with O_DIRECT through glommio's
-//! `DmaFile` (as `storage::DmaStorage::open` does), 4 KiB-aligned block writes through
-//! io_uring, then `fdatasync` through io_uring (or, with `--dsync`, the file opened
-//! O_DSYNC and no fdatasync). Batches are packed back to back as in a segment, and the
-//! partial tail block is rewritten by the next round, as the log does, so a 1 KiB
-//! message touches a fresh block about once in four writes, exactly like the broker.
+//! offsets in its partition, stamped, and written with the broker's durability
+//! mechanism before the answer goes out: one file per partition, preallocated, opened
+//! read + write with O_DIRECT through glommio's `DmaFile` (as `storage::DmaStorage::open`
+//! does), 4 KiB-aligned block writes through io_uring, then `fdatasync` through io_uring
+//! (or, with `--dsync`, the file opened O_DSYNC and no fdatasync). Batches are packed back
+//! to back as in a segment and the partial tail block is rewritten by the next write, as
+//! the log does, so a 1 KiB message starts a fresh block about once in four writes, like
+//! the broker's.
 //!
-//! What it is not: a broker. One file for every partition, no index, no recovery, no
-//! fetch, no idempotent-producer table (the bench's producer never resends when nothing
-//! fails), no retention, no limits beyond a frame size. Rounds are serialised (one
-//! write + sync at a time, like one partition's group commit); every complete request a
-//! connection has received when a round starts goes into that round.
+//! What it is not: a broker. No index, recovery, fetch, retention, idempotent-producer
+//! table (the bench's producer resends nothing when nothing fails) or limits beyond the
+//! frame size and the responses queued per connection. Like the broker, each request
+//! runs as its own task and answers go out in completion order; one partition's writes
+//! are serialised (one write + sync at a time, which also keeps the file in offset
+//! order), different partitions' run at once. Unlike the broker's group commit, a batch
+//! that arrives while its partition's round is running waits and has a round of its own:
+//! the bench keeps one batch in flight per partition, so there is nothing to merge.
 //!
 //! ```text
-//! durable_echo serve [--listen ADDR] [--cpu N] [--file PATH] [--file-bytes N]
+//! durable_echo serve [--listen ADDR] [--cpu N] [--dir DIR] [--file-bytes N]
 //!                    [--blocks written|fallocated] [--dsync] [--memory]
 //! durable_echo client ADDR [--messages N] [--warmup N] [--message-size B]
 //!                    [--acks durable|memory] [--topic NAME]
 //! ```
 //! `serve` prints `durable_echo serving on ADDR` once it accepts connections (port 0
-//! picks a free one). `--blocks written` (default) writes the whole file once before
-//! serving, so every write overwrites written blocks (a recycled segment);
-//! `--blocks fallocated` only reserves them (a fresh segment: each first write into a
-//! block makes the fdatasync commit an unwritten-extent conversion). `--memory` answers
-//! without writing anything; a request with `acks = memory` is answered the same way.
-//! When the write position reaches the end of the file it wraps to 0 (said on stderr:
-//! from then on a fallocated file's blocks are written ones).
+//! picks a free one). CreateTopic makes `DIR/<topic>-<partition>.log` of `--file-bytes`
+//! (default 64 MiB) for each partition, on the executor's blocking thread: `--blocks
+//! written` (default) writes each file once with zeros, so every write overwrites written
+//! blocks (a recycled segment); `--blocks fallocated` only reserves them (a fresh
+//! segment: a write into a block not written before makes the next fdatasync commit an
+//! unwritten-extent conversion). `--memory` answers without writing anything, and a
+//! request with `acks = memory` is answered the same way. A partition whose file is full
+//! writes from its start again (said on stderr: its blocks are written ones from then on).
 //!
 //! `client` is a blocking std client, one one-record Produce at a time: it creates the
 //! topic (one partition) if missing, connects to the owning shard's port, and prints
 //! round-trip percentiles in microseconds as one JSON object, like
 //! `examples/tcp_pingpong.rs`. It drives durable_echo and shardq alike.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -50,6 +55,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel;
 use glommio::io::{DmaFile, OpenOptions};
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
@@ -72,9 +78,12 @@ const BLOCK_BYTES: u64 = 4096;
 const BATCH_BYTES_MAX: u32 = (1 << 20) - 4096;
 const FRAME_BODY_BYTES_MAX: u32 = 16 << 20;
 const BATCH_RECORDS_MAX: u32 = 100_000;
-const PARTITIONS_MAX: u32 = 4096;
+/// Partitions of one topic; every one has its own file.
+const PARTITIONS_MAX: u32 = 64;
 /// One socket read at most; requests of a single message are ~1.2 KB.
 const READ_BYTES: usize = 64 << 10;
+/// Responses queued for one connection's writer; a produce task waits beyond it.
+const RESPONSES_QUEUED_MAX: usize = 1024;
 
 fn main() {
     let mut arguments = std::env::args().skip(1);
@@ -88,7 +97,7 @@ fn main() {
 fn usage(problem: &str) -> ! {
     eprintln!("durable_echo: {problem}");
     eprintln!(
-        "usage: durable_echo serve [--listen ADDR] [--cpu N] [--file PATH] [--file-bytes N] \
+        "usage: durable_echo serve [--listen ADDR] [--cpu N] [--dir DIR] [--file-bytes N] \
          [--blocks written|fallocated] [--dsync] [--memory]\n       \
          durable_echo client ADDR [--messages N] [--warmup N] [--message-size B] \
          [--acks durable|memory] [--topic NAME]"
@@ -108,7 +117,7 @@ fn value<T: std::str::FromStr>(name: &str, text: Option<String>) -> T {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Blocks {
-    /// Written once before serving: writes overwrite written blocks.
+    /// Written once when the topic is created: writes overwrite written blocks.
     Written,
     /// Reserved with fallocate only: unwritten extents.
     Fallocated,
@@ -133,7 +142,7 @@ enum Durability {
 struct ServeOptions {
     listen: String,
     cpu: usize,
-    file: PathBuf,
+    directory: PathBuf,
     file_bytes: u64,
     blocks: Blocks,
     durability: Durability,
@@ -144,7 +153,7 @@ impl ServeOptions {
         let mut options = ServeOptions {
             listen: "127.0.0.1:0".into(),
             cpu: 0,
-            file: PathBuf::from("durable_echo.log"),
+            directory: PathBuf::from("durable_echo-data"),
             file_bytes: 64 << 20,
             blocks: Blocks::Written,
             durability: Durability::Durable(Sync::WriteThenFdatasync),
@@ -155,7 +164,7 @@ impl ServeOptions {
             match argument.as_str() {
                 "--listen" => options.listen = value("--listen", arguments.next()),
                 "--cpu" => options.cpu = value("--cpu", arguments.next()),
-                "--file" => options.file = value("--file", arguments.next()),
+                "--dir" => options.directory = value("--dir", arguments.next()),
                 "--file-bytes" => options.file_bytes = value("--file-bytes", arguments.next()),
                 "--blocks" => {
                     options.blocks = match value::<String>("--blocks", arguments.next()).as_str() {
@@ -183,11 +192,11 @@ impl ServeOptions {
     }
 }
 
-/// Makes the data file before the executor starts, with blocking calls: created afresh,
-/// reserved with fallocate (as the broker preallocates segments), written once with
-/// zeros for `Blocks::Written`, and synced, so the first measured round pays no layout.
-/// The executor then opens an existing file of at least 512 bytes, which also keeps
-/// clear of glommio's polled-I/O probe pitfall (docs: DESIGN.md, runtime notes).
+/// Makes one partition's file with blocking calls: created afresh, reserved with
+/// fallocate (as the broker preallocates segments), written once with zeros for
+/// `Blocks::Written`, and synced, so the first measured round pays no layout. The
+/// executor then opens an existing file of at least 512 bytes, which also keeps clear
+/// of glommio's polled-I/O probe pitfall (DESIGN.md, runtime notes).
 fn prepare_file(path: &Path, size: u64, blocks: Blocks) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let file = std::fs::OpenOptions::new()
@@ -215,36 +224,42 @@ fn prepare_file(path: &Path, size: u64, blocks: Blocks) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Where the next batch goes: the log's byte position and a copy of the partial tail
-/// block, which the next round writes again with the new bytes after it.
+/// Where a partition's next batch goes: the byte position after its last batch and a
+/// copy of the partial tail block, which the next write rewrites with the new bytes.
 struct Tail {
     position: u64,
     block: Vec<u8>,
 }
 
-struct Server {
+/// One partition: its file (none with `--memory`), its next offset and its tail.
+struct Partition {
     file: Option<DmaFile>,
     file_bytes: u64,
+    sync: Sync,
+    next_offset: Cell<u64>,
+    tail: RefCell<Tail>,
+    /// One write + sync at a time: two in flight would both rewrite the shared tail
+    /// block, and the older one could land last.
+    round: Semaphore,
+    wrapped: Cell<bool>,
+}
+
+struct Server {
+    directory: PathBuf,
+    file_bytes: u64,
+    blocks: Blocks,
     durability: Durability,
     port: u16,
-    tail: RefCell<Tail>,
-    /// One write + sync round at a time: two rounds in flight would both rewrite the
-    /// shared tail block, and the older one could land last.
-    round: Semaphore,
-    /// Next offset of each partition, by topic.
-    topics: RefCell<HashMap<String, Vec<u64>>>,
-    wrapped: std::cell::Cell<bool>,
+    topics: RefCell<HashMap<String, Vec<Rc<Partition>>>>,
 }
 
 fn serve(options: ServeOptions) {
-    if options.durability != Durability::Memory {
-        if let Err(error) = prepare_file(&options.file, options.file_bytes, options.blocks) {
-            eprintln!(
-                "durable_echo: preparing {}: {error}",
-                options.file.display()
-            );
-            std::process::exit(1);
-        }
+    if let Err(error) = std::fs::create_dir_all(&options.directory) {
+        eprintln!(
+            "durable_echo: creating {}: {error}",
+            options.directory.display()
+        );
+        std::process::exit(1);
     }
     let listener = std::net::TcpListener::bind(&options.listen).unwrap_or_else(|error| {
         eprintln!("durable_echo: binding {}: {error}", options.listen);
@@ -253,38 +268,17 @@ fn serve(options: ServeOptions) {
     let address = listener
         .local_addr()
         .expect("a bound listener has an address");
-    let executor = LocalExecutorBuilder::new(Placement::Fixed(options.cpu))
+    let cpu = options.cpu;
+    let executor = LocalExecutorBuilder::new(Placement::Fixed(cpu))
         .name("durable-echo")
         .spawn(move || async move {
-            let file = match options.durability {
-                Durability::Memory => None,
-                Durability::Durable(sync) => {
-                    let mut open = OpenOptions::new();
-                    open.read(true).write(true);
-                    if sync == Sync::OpenDsync {
-                        open.custom_flags(libc::O_DSYNC);
-                    }
-                    match open.dma_open(&options.file).await {
-                        Ok(file) => Some(file),
-                        Err(error) => {
-                            eprintln!("durable_echo: opening {}: {error}", options.file.display());
-                            std::process::exit(1);
-                        }
-                    }
-                }
-            };
             let server = Rc::new(Server {
-                file,
+                directory: options.directory,
                 file_bytes: options.file_bytes,
+                blocks: options.blocks,
                 durability: options.durability,
                 port: address.port(),
-                tail: RefCell::new(Tail {
-                    position: 0,
-                    block: vec![0; BLOCK_BYTES as usize],
-                }),
-                round: Semaphore::new(1),
                 topics: RefCell::new(HashMap::new()),
-                wrapped: std::cell::Cell::new(false),
             });
             use std::os::fd::{FromRawFd, IntoRawFd};
             // SAFETY: the descriptor comes from a listener this closure owns, handed over
@@ -308,40 +302,37 @@ fn serve(options: ServeOptions) {
             }
         })
         .unwrap_or_else(|error| {
-            eprintln!(
-                "durable_echo: starting the executor on CPU {}: {error}",
-                options.cpu
-            );
+            eprintln!("durable_echo: starting the executor on CPU {cpu}: {error}");
             std::process::exit(1);
         });
     executor.join().expect("the executor thread does not panic");
 }
 
-/// A produce request decoded and appended in memory, waiting for its round.
-struct PendingProduce {
-    correlation_id: u64,
-    acks: Acks,
-    response: ProduceResponse,
-}
-
+/// Reads requests and runs each Produce as its own task; a writer task sends every
+/// answer, in completion order, as the broker's connections do.
 async fn serve_connection(
     server: Rc<Server>,
-    mut stream: glommio::net::TcpStream,
+    stream: glommio::net::TcpStream,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let (sender, receiver) = local_channel::new_bounded::<BytesMut>(RESPONSES_QUEUED_MAX);
+    let sender = Rc::new(sender);
+    let writing = glommio::spawn_local(async move {
+        while let Some(frame) = receiver.recv().await {
+            writer.write_all(&frame).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
     let limits = DecodeLimits::default();
     let mut scratch = vec![0u8; READ_BYTES];
     let mut received = BytesMut::with_capacity(READ_BYTES);
-    let mut out = BytesMut::with_capacity(READ_BYTES);
-    let mut pending: Vec<PendingProduce> = Vec::new();
-    let mut batches: Vec<BytesMut> = Vec::new();
     loop {
-        let read = stream.read(&mut scratch).await?;
+        let read = reader.read(&mut scratch).await?;
         if read == 0 {
-            return Ok(());
+            break;
         }
         received.extend_from_slice(&scratch[..read]);
-        // Every complete frame received so far joins this round.
         loop {
             let header = match decode_frame_header(&received, FRAME_BODY_BYTES_MAX) {
                 Ok(Decoded::Complete(header)) => header,
@@ -356,55 +347,47 @@ async fn serve_connection(
             let mut frame = received.split_to(header.frame_length());
             let body = frame.split_off(FRAME_HEADER_SIZE).freeze();
             let id = header.correlation_id;
-            let Some(opcode) = Opcode::from_wire(header.opcode) else {
-                let error = WireError::new(ErrorCode::UnknownOpcode, "unknown opcode");
-                encode_error_response(&mut out, header.opcode, id, &error);
-                continue;
-            };
-            let request = match Request::decode(opcode, body, &limits) {
-                Ok(request) => request,
-                Err(error) => {
-                    let error = WireError::new(error.code(), error.to_string());
-                    encode_error_response(&mut out, header.opcode, id, &error);
-                    continue;
+            let mut out = BytesMut::new();
+            match Opcode::from_wire(header.opcode)
+                .ok_or_else(|| WireError::new(ErrorCode::UnknownOpcode, "unknown opcode"))
+                .and_then(|opcode| {
+                    Request::decode(opcode, body, &limits)
+                        .map_err(|error| WireError::new(error.code(), error.to_string()))
+                }) {
+                Err(error) => encode_error_response(&mut out, header.opcode, id, &error),
+                Ok(Request::Produce(request)) => {
+                    let server = Rc::clone(&server);
+                    let sender = Rc::clone(&sender);
+                    glommio::spawn_local(async move {
+                        let acks = request.acks;
+                        let body = ResponseBody::Produce(server.produce(request).await);
+                        if acks != Acks::None {
+                            let mut out = BytesMut::new();
+                            encode_response(&mut out, Opcode::Produce, id, Ok(&body));
+                            // An error: the writer stopped with the connection.
+                            let _ = sender.send(out).await;
+                        }
+                    })
+                    .detach();
                 }
-            };
-            match request {
-                Request::Produce(request) => {
-                    let acks = request.acks;
-                    let response = server.append(request, &mut batches);
-                    pending.push(PendingProduce {
-                        correlation_id: id,
-                        acks,
-                        response,
-                    });
+                Ok(Request::CreateTopic(request)) => {
+                    let response = server.create_topic(request).await;
+                    encode_response(&mut out, Opcode::CreateTopic, id, response.as_ref());
                 }
-                other => server.answer(other, id, &mut out),
+                Ok(other) => server.answer(other, id, &mut out),
             }
-        }
-        if !batches.is_empty() {
-            let needs_disk = pending.iter().any(|produce| produce.acks == Acks::Durable);
-            if needs_disk && server.durability != Durability::Memory {
-                server.write_round(&batches).await;
+            if !out.is_empty() && sender.send(out).await.is_err() {
+                break;
             }
-            batches.clear();
-        }
-        for produce in pending.drain(..) {
-            if produce.acks != Acks::None {
-                let body = ResponseBody::Produce(produce.response);
-                encode_response(&mut out, Opcode::Produce, produce.correlation_id, Ok(&body));
-            }
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
         }
     }
+    drop(sender);
+    writing.await
 }
 
 impl Server {
-    /// Handshake, Metadata and CreateTopic: what `shardq bench produce` asks before it
-    /// produces. Anything else is refused with InvalidRequest.
+    /// Handshake and Metadata: what `shardq bench produce` asks before it produces
+    /// (with CreateTopic). Anything else is refused with InvalidRequest.
     fn answer(&self, request: Request, correlation_id: u64, out: &mut BytesMut) {
         let opcode = request.opcode();
         let response = match request {
@@ -428,9 +411,9 @@ impl Server {
                     .into_iter()
                     .map(|name| {
                         let (error, partitions) = match known.get(&name) {
-                            Some(offsets) => (
+                            Some(partitions) => (
                                 None,
-                                (0..offsets.len() as u32)
+                                (0..partitions.len() as u32)
                                     .map(|partition| PartitionMetadata {
                                         partition,
                                         shard: 0,
@@ -456,27 +439,6 @@ impl Server {
                     topics,
                 }))
             }
-            Request::CreateTopic(CreateTopicRequest {
-                name, partitions, ..
-            }) => {
-                if partitions == 0 || partitions > PARTITIONS_MAX {
-                    Err(WireError::new(
-                        ErrorCode::InvalidPartitionCount,
-                        format!("{partitions} partitions: 1 to {PARTITIONS_MAX}"),
-                    ))
-                } else {
-                    match self.topics.borrow_mut().entry(name) {
-                        std::collections::hash_map::Entry::Occupied(_) => Err(WireError::new(
-                            ErrorCode::TopicAlreadyExists,
-                            "topic exists",
-                        )),
-                        std::collections::hash_map::Entry::Vacant(entry) => {
-                            entry.insert(vec![0; partitions as usize]);
-                            Ok(ResponseBody::CreateTopic)
-                        }
-                    }
-                }
-            }
             _ => Err(WireError::new(
                 ErrorCode::InvalidRequest,
                 "durable_echo answers Handshake, Metadata, CreateTopic and Produce only",
@@ -485,91 +447,142 @@ impl Server {
         encode_response(out, opcode, correlation_id, response.as_ref());
     }
 
-    /// Validates each batch, gives it its partition's next offsets and stamps it, in
-    /// memory: the round writes `batches` afterwards.
-    fn append(&self, request: ProduceRequest, batches: &mut Vec<BytesMut>) -> ProduceResponse {
-        let mut topics = self.topics.borrow_mut();
+    /// Makes and opens one file per partition (none with `--memory`).
+    async fn create_topic(&self, request: CreateTopicRequest) -> Result<ResponseBody, WireError> {
+        let CreateTopicRequest {
+            name, partitions, ..
+        } = request;
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(WireError::new(
+                ErrorCode::InvalidPartitionCount,
+                format!("{partitions} partitions: 1 to {PARTITIONS_MAX}"),
+            ));
+        }
+        if self.topics.borrow().contains_key(&name) {
+            return Err(WireError::new(
+                ErrorCode::TopicAlreadyExists,
+                "topic exists",
+            ));
+        }
+        let mut made = Vec::with_capacity(partitions as usize);
+        for partition in 0..partitions {
+            let (file, sync) = match self.durability {
+                Durability::Memory => (None, Sync::WriteThenFdatasync),
+                Durability::Durable(sync) => {
+                    // The topic name passed the protocol's name rules: no `/`, not `.`
+                    // or `..`, so this stays inside the directory.
+                    let path = self.directory.join(format!("{name}-{partition}.log"));
+                    (Some(self.open_file(path, sync).await?), sync)
+                }
+            };
+            made.push(Rc::new(Partition {
+                file,
+                file_bytes: self.file_bytes,
+                sync,
+                next_offset: Cell::new(0),
+                tail: RefCell::new(Tail {
+                    position: 0,
+                    block: vec![0; BLOCK_BYTES as usize],
+                }),
+                round: Semaphore::new(1),
+                wrapped: Cell::new(false),
+            }));
+        }
+        match self.topics.borrow_mut().entry(name) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(WireError::new(
+                ErrorCode::TopicAlreadyExists,
+                "topic exists",
+            )),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(made);
+                Ok(ResponseBody::CreateTopic)
+            }
+        }
+    }
+
+    async fn open_file(&self, path: PathBuf, sync: Sync) -> Result<DmaFile, WireError> {
+        let storage_error = |what: &str, error: &dyn std::fmt::Display| {
+            WireError::new(
+                ErrorCode::StorageError,
+                format!("{what} {}: {error}", path.display()),
+            )
+        };
+        let (size, blocks, prepared_path) = (self.file_bytes, self.blocks, path.clone());
+        // Blocking file-system calls go to the executor's blocking thread, as the
+        // broker's metadata calls do, so the reactor keeps serving meanwhile.
+        glommio::executor()
+            .spawn_blocking(move || prepare_file(&prepared_path, size, blocks))
+            .await
+            .map_err(|error| storage_error("preparing", &error))?;
+        let mut open = OpenOptions::new();
+        open.read(true).write(true);
+        if sync == Sync::OpenDsync {
+            open.custom_flags(libc::O_DSYNC);
+        }
+        open.dma_open(&path)
+            .await
+            .map_err(|error| storage_error("opening", &error))
+    }
+
+    /// Validates and appends each batch of the request in turn; answers once each is
+    /// durable (`acks = durable`) or has its offsets (otherwise).
+    async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
+        let durable = request.acks == Acks::Durable && self.durability != Durability::Memory;
+        let mut topics = Vec::with_capacity(request.topics.len());
+        for ProduceTopic { name, partitions } in request.topics {
+            let mut results = Vec::with_capacity(partitions.len());
+            for ProducePartition { partition, batch } in partitions {
+                let found = self
+                    .topics
+                    .borrow()
+                    .get(&name)
+                    .and_then(|partitions| partitions.get(partition as usize))
+                    .cloned();
+                let result = match found {
+                    None => Err(WireError::new(
+                        ErrorCode::UnknownPartition,
+                        format!("no partition {partition} of {name:?}"),
+                    )),
+                    Some(owner) => match validate_batch(&batch, BATCH_RECORDS_MAX) {
+                        Err(error) => {
+                            Err(WireError::new(ErrorCode::InvalidBatch, error.to_string()))
+                        }
+                        Ok(header) => Ok(owner.append(&batch, header.record_count, durable).await),
+                    },
+                };
+                results.push(ProducePartitionResult { partition, result });
+            }
+            topics.push(ProduceTopicResult {
+                name,
+                partitions: results,
+            });
+        }
+        ProduceResponse { topics }
+    }
+}
+
+impl Partition {
+    /// Gives the batch its offsets and, when `durable`, writes it after the partition's
+    /// tail and makes it durable. Returns its base offset.
+    async fn append(&self, batch: &[u8], record_count: u32, durable: bool) -> u64 {
         let append_time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as i64);
-        let results = request
-            .topics
-            .into_iter()
-            .map(|ProduceTopic { name, partitions }| {
-                let mut offsets = topics.get_mut(&name);
-                let partitions = partitions
-                    .into_iter()
-                    .map(|ProducePartition { partition, batch }| {
-                        let result = match offsets
-                            .as_deref_mut()
-                            .and_then(|offsets| offsets.get_mut(partition as usize))
-                        {
-                            None => Err(WireError::new(
-                                ErrorCode::UnknownPartition,
-                                format!("no partition {partition} of {name:?}"),
-                            )),
-                            Some(next) => match validate_batch(&batch, BATCH_RECORDS_MAX) {
-                                Err(error) => {
-                                    Err(WireError::new(ErrorCode::InvalidBatch, error.to_string()))
-                                }
-                                Ok(header) => {
-                                    let base_offset = *next;
-                                    *next += u64::from(header.record_count);
-                                    let mut stored = BytesMut::from(&batch[..]);
-                                    stamp_batch(&mut stored, base_offset, append_time_ms);
-                                    batches.push(stored);
-                                    Ok(base_offset)
-                                }
-                            },
-                        };
-                        ProducePartitionResult { partition, result }
-                    })
-                    .collect();
-                ProduceTopicResult { name, partitions }
-            })
-            .collect();
-        ProduceResponse { topics: results }
-    }
-
-    /// Writes `batches` after the log's tail, in whole 4 KiB blocks from the tail block's
-    /// start (worked example: tail at byte 5,000 and 1,100 new bytes: the write covers
-    /// bytes 4,096..8,192, the 904 old tail bytes, the new ones, and zeros to the block's
-    /// end), then makes it durable. A failed write or sync ends the process, as the
-    /// broker's does: the file can no longer be trusted.
-    async fn write_round(&self, batches: &[BytesMut]) {
-        let file = self.file.as_ref().expect("a durable server has a file");
+        if !durable {
+            let base_offset = self.next_offset.get();
+            self.next_offset.set(base_offset + u64::from(record_count));
+            return base_offset;
+        }
+        let file = self.file.as_ref().expect("a durable partition has a file");
+        // Offsets are given under the permit, so the file holds batches in offset order.
         let _permit = self
             .round
             .acquire_permit(1)
             .await
             .expect("the round semaphore is never closed");
-        let new_bytes: u64 = batches.iter().map(|batch| batch.len() as u64).sum();
-        let (buffer, position) = {
-            let mut tail = self.tail.borrow_mut();
-            let mut start = tail.position - tail.position % BLOCK_BYTES;
-            let mut kept = (tail.position - start) as usize;
-            if start + (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) > self.file_bytes {
-                if !self.wrapped.replace(true) {
-                    eprintln!("durable_echo: the file is full; writing from its start again (its blocks are written ones from now on)");
-                }
-                start = 0;
-                kept = 0;
-            }
-            let length = (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) as usize;
-            let mut buffer = file.alloc_dma_buffer(length);
-            let bytes = buffer.as_bytes_mut();
-            bytes[..kept].copy_from_slice(&tail.block[..kept]);
-            let mut at = kept;
-            for batch in batches {
-                bytes[at..at + batch.len()].copy_from_slice(batch);
-                at += batch.len();
-            }
-            bytes[at..].fill(0);
-            let tail_start = at - at % BLOCK_BYTES as usize;
-            tail.block[..at - tail_start].copy_from_slice(&bytes[tail_start..at]);
-            tail.position = start + at as u64;
-            (buffer, start)
-        };
+        let base_offset = self.next_offset.get();
+        self.next_offset.set(base_offset + u64::from(record_count));
+        let (buffer, position) = self.fill_write(file, batch, base_offset, append_time_ms);
         let length = buffer.len();
         match file.write_rc_at(Rc::new(buffer), position).await {
             Ok(written) if written == length => {}
@@ -578,14 +591,56 @@ impl Server {
             )),
             Err(error) => fatal(&format!("write at {position}: {error}")),
         }
-        if self.durability == Durability::Durable(Sync::WriteThenFdatasync) {
+        if self.sync == Sync::WriteThenFdatasync {
             if let Err(error) = file.fdatasync().await {
                 fatal(&format!("fdatasync: {error}"));
             }
         }
+        base_offset
+    }
+
+    /// The aligned buffer of one write and its file position: whole 4 KiB blocks from
+    /// the tail block's start (worked example: tail at byte 5,000 and a 1,100-byte batch:
+    /// the write covers bytes 4,096..8,192: the 904 tail bytes kept from the last write,
+    /// the batch, and zeros to the block's end; the tail becomes bytes 4,096..6,100).
+    fn fill_write(
+        &self,
+        file: &DmaFile,
+        batch: &[u8],
+        base_offset: u64,
+        append_time_ms: i64,
+    ) -> (glommio::io::DmaBuffer, u64) {
+        let mut tail = self.tail.borrow_mut();
+        let mut start = tail.position - tail.position % BLOCK_BYTES;
+        let mut kept = (tail.position - start) as usize;
+        let new_bytes = batch.len() as u64;
+        if start + (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) > self.file_bytes {
+            if !self.wrapped.replace(true) {
+                eprintln!(
+                    "durable_echo: a partition's file is full; writing from its start again \
+                     (its blocks are written ones from now on)"
+                );
+            }
+            start = 0;
+            kept = 0;
+        }
+        let length = (kept as u64 + new_bytes).next_multiple_of(BLOCK_BYTES) as usize;
+        let mut buffer = file.alloc_dma_buffer(length);
+        let bytes = buffer.as_bytes_mut();
+        bytes[..kept].copy_from_slice(&tail.block[..kept]);
+        let end = kept + batch.len();
+        bytes[kept..end].copy_from_slice(batch);
+        stamp_batch(&mut bytes[kept..end], base_offset, append_time_ms);
+        bytes[end..].fill(0);
+        let tail_start = end - end % BLOCK_BYTES as usize;
+        tail.block[..end - tail_start].copy_from_slice(&bytes[tail_start..end]);
+        tail.position = start + end as u64;
+        (buffer, start)
     }
 }
 
+/// A failed write or sync ends the process, as the broker's does: the file can no longer
+/// be trusted.
 fn fatal(message: &str) -> ! {
     eprintln!("durable_echo: {message}; stopping");
     std::process::exit(1);

@@ -142,7 +142,7 @@ echo_address=
 start_echo() { # name, durable_echo serve options...
     local name=$1; shift
     : > "$work/$name.log"
-    "$DURABLE_ECHO" serve --listen 127.0.0.1:0 --cpu "$cpu" --file "$work/$name.data" "$@" \
+    "$DURABLE_ECHO" serve --listen 127.0.0.1:0 --cpu "$cpu" --dir "$work/$name.data" "$@" \
         > "$work/$name.log" 2>&1 &
     echo_pid=$!
     for _ in $(seq 1 100); do
@@ -164,7 +164,7 @@ echo_run() { # name, acks, durable_echo serve options...
     start_echo "$name" "$@"
     bench_run "$name" "$acks" "$echo_address" "$echo_pid"
     stop_echo
-    rm -f "$work/$name.data"
+    rm -rf "${work:?}/$name.data"
 }
 echo_run echo_memory memory --memory
 echo_run echo_durable_fallocated durable --blocks fallocated
