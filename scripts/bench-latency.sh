@@ -68,6 +68,19 @@ mkdir -p "$data_dir"
 work=$(mktemp -d "$data_dir/shardq-latency.XXXXXX")
 results=$work/results
 mkdir -p "$results"
+# Every measuring command runs in the background and is waited for, so a signal reaches
+# the trap at once and the trap stops it too (bash defers a trap until a foreground
+# command ends, and would leave a client or fio running against a removed directory).
+measure_pid=
+measure() { # output file, command...
+    local out=$1 status=0
+    shift
+    "$@" > "$out" &
+    measure_pid=$!
+    wait "$measure_pid" || status=$?
+    measure_pid=
+    return "$status"
+}
 echo_pid=
 stop_echo() {
     [ -z "$echo_pid" ] && return 0
@@ -76,6 +89,10 @@ stop_echo() {
     echo_pid=
 }
 cleanup() {
+    if [ -n "$measure_pid" ]; then
+        kill "$measure_pid" 2>/dev/null || true
+        wait "$measure_pid" 2>/dev/null || true
+    fi
     stop_echo
     stop_broker
     rm -rf "$work"
@@ -88,7 +105,7 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "latency: data dir $data_dir ($fs_type), $seconds s a run, servers on CPU $cpu, load average $load_before" >&2
 
 echo "== TCP ping-pong, 64 B, $pingpong_rounds round trips" >&2
-"$TCP_PINGPONG" "$pingpong_rounds" 64 > "$results/tcp_pingpong.json"
+measure "$results/tcp_pingpong.json" "$TCP_PINGPONG" "$pingpong_rounds" 64
 
 # fio: one 4 KiB O_DIRECT write at a time, through io_uring like the broker's (its
 # fdatasync is an io_uring request too), else psync where io_uring is refused. Under load
@@ -113,9 +130,9 @@ fio_job() { # name, blocks (written|fallocated), sync (fdatasync|dsync)
         dsync) sync_options=(--sync=dsync) ;;
     esac
     echo "== fio $name" >&2
-    fio --name="$name" --filename="$work/$name.fio" --output-format=json --rw=write --bs=4k \
-        --iodepth=1 --ioengine="$engine" --direct=1 --runtime="$seconds" --ramp_time="$fio_ramp_s" \
-        "${layout[@]}" "${sync_options[@]}" > "$results/$name.json"
+    measure "$results/$name.json" fio --name="$name" --filename="$work/$name.fio" \
+        --output-format=json --rw=write --bs=4k --iodepth=1 --ioengine="$engine" --direct=1 \
+        --runtime="$seconds" --ramp_time="$fio_ramp_s" "${layout[@]}" "${sync_options[@]}"
     rm -f "$work/$name.fio"
 }
 fio_job fio_fdatasync_fallocated fallocated fdatasync
@@ -129,13 +146,13 @@ echo "${bench_command[*]} --acks ACKS --server ADDRESS --server-pid PID" > "$res
 
 bench_run() { # name, acks, address, pid
     echo "== $1: shardq ${bench_command[*]} --acks $2" >&2
-    "$SHARDQ" "${bench_command[@]}" --acks "$2" --server "$3" --server-pid "$4" \
-        --json "$results/$1.json" > "$results/$1.txt"
+    measure "$results/$1.txt" "$SHARDQ" "${bench_command[@]}" --acks "$2" --server "$3" \
+        --server-pid "$4" --json "$results/$1.json"
 }
 blocking_run() { # name, acks, address
     echo "== $1: durable_echo client --acks $2" >&2
-    "$DURABLE_ECHO" client "$3" --acks "$2" --messages "$blocking_messages" \
-        --warmup "$blocking_warmup" > "$results/$1.json"
+    measure "$results/$1.json" "$DURABLE_ECHO" client "$3" --acks "$2" \
+        --messages "$blocking_messages" --warmup "$blocking_warmup"
 }
 
 echo_address=
