@@ -974,10 +974,14 @@ fn built_examples(names: &[&str]) -> PathBuf {
     let profile_directory = Path::new(env!("CARGO_BIN_EXE_shardq"))
         .parent()
         .expect("the binary lies in the profile's directory");
+    let target_directory = profile_directory
+        .parent()
+        .expect("the profile's directory lies in the target directory");
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(repository())
-        .args(["build", "--quiet", "--locked"]);
+        .args(["build", "--quiet", "--locked", "--target-dir"])
+        .arg(target_directory);
     if profile_directory
         .file_name()
         .is_some_and(|name| name == "release")
