@@ -20,7 +20,8 @@
 //! frame size and the responses queued per connection. Like the broker, each request
 //! runs as its own task and answers go out in completion order; one partition's writes
 //! are serialised (one write + sync at a time, which also keeps the file in offset
-//! order), different partitions' run at once. Unlike the broker's group commit, a batch
+//! order), different partitions' run at once, those of one request included (the bench
+//! puts both partitions' batches in one request when both are ready). Unlike the broker's group commit, a batch
 //! that arrives while its partition's round is running waits and has a round of its own:
 //! the bench keeps one batch in flight per partition, so there is nothing to merge.
 //!
@@ -524,40 +525,88 @@ impl Server {
             .map_err(|error| storage_error("opening", &error))
     }
 
-    /// Validates and appends each batch of the request in turn; answers once each is
-    /// durable (`acks = durable`) or has its offsets (otherwise).
+    /// Validates each batch, then appends them: different partitions' at once (one task
+    /// each, as the broker's partitions flush independently), one partition's in the
+    /// order the request lists them. Answers once every batch is durable (`acks =
+    /// durable`) or has its offsets (otherwise).
     async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
         let durable = request.acks == Acks::Durable && self.durability != Durability::Memory;
-        let mut topics = Vec::with_capacity(request.topics.len());
-        for ProduceTopic { name, partitions } in request.topics {
-            let mut results = Vec::with_capacity(partitions.len());
-            for ProducePartition { partition, batch } in partitions {
+        // Per topic: its name and each entry's partition and outcome (none until known).
+        type Entries = Vec<(u32, Option<Result<u64, WireError>>)>;
+        let mut results: Vec<(String, Entries)> = Vec::with_capacity(request.topics.len());
+        // Per partition: its batches as (topic index, entry index, batch, record count).
+        type Appends = Vec<(usize, usize, Bytes, u32)>;
+        let mut groups: Vec<(Rc<Partition>, Appends)> = Vec::new();
+        for (topic_index, ProduceTopic { name, partitions }) in
+            request.topics.into_iter().enumerate()
+        {
+            let mut entries = Vec::with_capacity(partitions.len());
+            for (entry_index, ProducePartition { partition, batch }) in
+                partitions.into_iter().enumerate()
+            {
                 let found = self
                     .topics
                     .borrow()
                     .get(&name)
                     .and_then(|partitions| partitions.get(partition as usize))
                     .cloned();
-                let result = match found {
-                    None => Err(WireError::new(
+                let refused = match (found, validate_batch(&batch, BATCH_RECORDS_MAX)) {
+                    (None, _) => Some(WireError::new(
                         ErrorCode::UnknownPartition,
                         format!("no partition {partition} of {name:?}"),
                     )),
-                    Some(owner) => match validate_batch(&batch, BATCH_RECORDS_MAX) {
-                        Err(error) => {
-                            Err(WireError::new(ErrorCode::InvalidBatch, error.to_string()))
+                    (Some(_), Err(error)) => {
+                        Some(WireError::new(ErrorCode::InvalidBatch, error.to_string()))
+                    }
+                    (Some(owner), Ok(header)) => {
+                        let append = (topic_index, entry_index, batch, header.record_count);
+                        match groups
+                            .iter_mut()
+                            .find(|(known, _)| Rc::ptr_eq(known, &owner))
+                        {
+                            Some((_, appends)) => appends.push(append),
+                            None => groups.push((owner, vec![append])),
                         }
-                        Ok(header) => Ok(owner.append(&batch, header.record_count, durable).await),
-                    },
+                        None
+                    }
                 };
-                results.push(ProducePartitionResult { partition, result });
+                entries.push((partition, refused.map(Err)));
             }
-            topics.push(ProduceTopicResult {
-                name,
-                partitions: results,
-            });
+            results.push((name, entries));
         }
-        ProduceResponse { topics }
+        let tasks: Vec<_> = groups
+            .into_iter()
+            .map(|(partition, appends)| {
+                glommio::spawn_local(async move {
+                    let mut offsets = Vec::with_capacity(appends.len());
+                    for (topic_index, entry_index, batch, record_count) in appends {
+                        let offset = partition.append(&batch, record_count, durable).await;
+                        offsets.push((topic_index, entry_index, offset));
+                    }
+                    offsets
+                })
+            })
+            .collect();
+        for task in tasks {
+            for (topic_index, entry_index, offset) in task.await {
+                results[topic_index].1[entry_index].1 = Some(Ok(offset));
+            }
+        }
+        ProduceResponse {
+            topics: results
+                .into_iter()
+                .map(|(name, entries)| ProduceTopicResult {
+                    name,
+                    partitions: entries
+                        .into_iter()
+                        .map(|(partition, result)| ProducePartitionResult {
+                            partition,
+                            result: result.expect("every entry was refused or appended"),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 }
 

@@ -19,7 +19,7 @@
 # Bounded: each fio job and each bench run measures S seconds (default 10) after a 1 s
 # warm-up; the blocking client sends 10,000 messages a run: about 3 minutes in all.
 # Environment:
-#   BENCH_LATENCY_SHORT=1   a quick pass for tests and CI (about 20 s): 1 s per fio job,
+#   BENCH_LATENCY_SHORT=1   a quick pass for tests and CI (about 30 s): 1 s per fio job,
 #                           0.5 s warm-up + 1 s per bench run, 300 blocking round trips,
 #                           5,000 ping-pongs. Its figures are for checking the script,
 #                           not for the record.
