@@ -27,7 +27,8 @@
 #                           the binaries to use; by default release builds of this
 #                           checkout, built when missing (cargo build --release).
 # Servers run on the first CPU this process may use (durable_echo `--cpu`; shardq
-# `--cores 1` takes the lowest online CPU); the bench client is not pinned. Installs fio
+# `--cores 1` takes the lowest online CPU); clients on the others (`--client-cpus`,
+# taskset), so a one-shard server and its client never share a CPU. Installs fio
 # and python3 with apt-get when missing. Every server it starts is stopped by pid on exit.
 set -euo pipefail
 
@@ -100,12 +101,25 @@ cleanup() {
 trap cleanup EXIT
 
 cpu=$(python3 -c 'import os; print(min(os.sched_getaffinity(0)))')
+# The clients run on the other CPUs: a blocking client that the scheduler puts on the
+# server's CPU pays a context switch each way (10 us round trips became 55-75 us, at
+# random, in unpinned runs). With one CPU there is nothing to choose.
+client_cpus=$(python3 -c 'import os; print(",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != '"$cpu"'))')
+client_pin=()
+bench_pin=()
+if [ -n "$client_cpus" ]; then
+    client_pin=(taskset -c "$client_cpus")
+    bench_pin=(--client-cpus "$client_cpus")
+fi
 fs_type=$(findmnt -no FSTYPE -T "$work" || echo unknown)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "latency: data dir $data_dir ($fs_type), $seconds s a run, servers on CPU $cpu, load average $load_before" >&2
+echo "latency: data dir $data_dir ($fs_type), $seconds s a run, servers on CPU $cpu, clients on CPUs ${client_cpus:-$cpu}, load average $load_before" >&2
 
 echo "== TCP ping-pong, 64 B, $pingpong_rounds round trips" >&2
-measure "$results/tcp_pingpong.json" "$TCP_PINGPONG" "$pingpong_rounds" 64
+# Between the servers' CPU and the clients', where the other rows' round trips cross.
+pingpong_cpus=()
+[ -n "$client_cpus" ] && pingpong_cpus=("$cpu" "${client_cpus%%,*}")
+measure "$results/tcp_pingpong.json" "$TCP_PINGPONG" "$pingpong_rounds" 64 "${pingpong_cpus[@]}"
 
 # fio: one 4 KiB O_DIRECT write at a time, through io_uring like the broker's (its
 # fdatasync is an io_uring request too), else psync where io_uring is refused. Under load
@@ -141,7 +155,7 @@ fio_job fio_dsync_fallocated fallocated dsync
 fio_job fio_dsync_written written dsync
 
 bench_command=(bench produce --topic latency --partitions 2 --message-size 1024 --batch-size 1
-    --rate 1000 --warmup-s "$warmup_s" --duration-s "$seconds" --quiet)
+    --rate 1000 --warmup-s "$warmup_s" --duration-s "$seconds" "${bench_pin[@]}" --quiet)
 echo "${bench_command[*]} --acks ACKS --server ADDRESS --server-pid PID" > "$results/bench.command"
 
 bench_run() { # name, acks, address, pid
@@ -151,7 +165,7 @@ bench_run() { # name, acks, address, pid
 }
 blocking_run() { # name, acks, address
     echo "== $1: durable_echo client --acks $2" >&2
-    measure "$results/$1.json" "$DURABLE_ECHO" client "$3" --acks "$2" \
+    measure "$results/$1.json" "${client_pin[@]}" "$DURABLE_ECHO" client "$3" --acks "$2" \
         --messages "$blocking_messages" --warmup "$blocking_warmup"
 }
 
@@ -213,9 +227,9 @@ stop_broker
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 - "$results" "$json_out" "$data_dir" "$fs_type" "$seconds" "$short" "$cpu" \
-    "$load_before" "$load_after" "$engine" <<'PY'
+    "$load_before" "$load_after" "$engine" "$client_cpus" <<'PY'
 import datetime, json, os, sys
-results, out, data_dir, fs_type, seconds, short, cpu, load_before, load_after, engine = sys.argv[1:11]
+results, out, data_dir, fs_type, seconds, short, cpu, load_before, load_after, engine, client_cpus = sys.argv[1:12]
 
 def load(name):
     return json.load(open(os.path.join(results, name + ".json")))
@@ -223,7 +237,7 @@ def load(name):
 figures = {}
 ping = load("tcp_pingpong")
 figures["tcp_pingpong_64b"] = {
-    "what": "64 B TCP ping-pong, loopback (examples/tcp_pingpong)",
+    "what": f"64 B TCP ping-pong, loopback (examples/tcp_pingpong), CPUs: {ping.get('cpus', 'not pinned')}",
     "p50_us": ping["p50_us"], "p99_us": ping["p99_us"],
 }
 
@@ -317,6 +331,7 @@ result = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "host_cpus": os.cpu_count(),
     "server_cpu": int(cpu),
+    "client_cpus": client_cpus or "not pinned (one CPU)",
     "load_average_before": load_before,
     "load_average_after": load_after,
     "short_mode": short == "1",
