@@ -1,9 +1,13 @@
 //! 64-byte TCP ping-pong over loopback: the floor under any request/response latency on
 //! this host (two syscalls and a wake-up each way). Used by scripts/bench-baseline.sh.
 //!
-//! `cargo run --release --example tcp_pingpong -- [ITERATIONS] [MESSAGE_BYTES]` prints one
-//! JSON object: round-trip percentiles in microseconds. Bounded: ITERATIONS round trips
-//! (default 50,000) after 5,000 warm-up ones, then both threads exit.
+//! `cargo run --release --example tcp_pingpong -- [ITERATIONS] [MESSAGE_BYTES] [ECHO_CPU
+//! CLIENT_CPU]` prints one JSON object: round-trip percentiles in microseconds. Bounded:
+//! ITERATIONS round trips (default 50,000) after 5,000 warm-up ones, then both threads
+//! exit. With the two CPUs the echo thread and the client thread are pinned to them
+//! (scripts/bench-latency.sh puts them where its servers and clients run): unpinned, the
+//! scheduler may run both on one CPU, where a round trip is two direct switches (a few
+//! microseconds) instead of two cross-CPU wake-ups (tens on a VM).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,11 +21,27 @@ fn main() {
     let size: usize = arguments
         .next()
         .map_or(64, |text| text.parse().expect("MESSAGE_BYTES is a number"));
+    let pinned: Option<(usize, usize)> = arguments.next().map(|echo_cpu| {
+        let client_cpu = arguments.next().expect("CLIENT_CPU follows ECHO_CPU");
+        (
+            echo_cpu.parse().expect("ECHO_CPU is a number"),
+            client_cpu.parse().expect("CLIENT_CPU is a number"),
+        )
+    });
+    let pin = |cpu: usize| {
+        assert!(
+            core_affinity::set_for_current(core_affinity::CoreId { id: cpu }),
+            "pinning a thread to CPU {cpu}"
+        );
+    };
     let warmup = 5_000;
     let total = warmup + iterations;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let address = listener.local_addr().expect("local address");
     let echo = std::thread::spawn(move || {
+        if let Some((echo_cpu, _)) = pinned {
+            pin(echo_cpu);
+        }
         let (mut stream, _) = listener.accept().expect("accept");
         stream.set_nodelay(true).expect("nodelay");
         let mut buffer = vec![0u8; size];
@@ -30,6 +50,9 @@ fn main() {
             stream.write_all(&buffer).expect("write pong");
         }
     });
+    if let Some((_, client_cpu)) = pinned {
+        pin(client_cpu);
+    }
     let mut stream = TcpStream::connect(address).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     let ping = vec![0x5au8; size];
@@ -50,8 +73,12 @@ fn main() {
             ((samples_ns.len() as f64 * quantile).ceil() as usize).clamp(1, samples_ns.len());
         samples_ns[index - 1] as f64 / 1_000.0
     };
+    let cpus = match pinned {
+        Some((echo_cpu, client_cpu)) => format!("\"echo {echo_cpu}, client {client_cpu}\""),
+        None => "\"not pinned\"".to_owned(),
+    };
     println!(
-        "{{\"message_bytes\": {size}, \"iterations\": {iterations}, \"p50_us\": {:.2}, \"p90_us\": {:.2}, \"p99_us\": {:.2}, \"p999_us\": {:.2}, \"max_us\": {:.2}}}",
+        "{{\"message_bytes\": {size}, \"iterations\": {iterations}, \"cpus\": {cpus}, \"p50_us\": {:.2}, \"p90_us\": {:.2}, \"p99_us\": {:.2}, \"p999_us\": {:.2}, \"max_us\": {:.2}}}",
         at(0.50),
         at(0.90),
         at(0.99),

@@ -25,13 +25,9 @@ while [ $# -gt 0 ]; do
 done
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-need_install=()
-command -v fio >/dev/null || need_install+=(fio)
-command -v iperf3 >/dev/null || need_install+=(iperf3)
-if [ ${#need_install[@]} -gt 0 ]; then
-    echo "installing ${need_install[*]} with apt-get" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
-fi
+# shellcheck source=lib/tools.sh
+. "$repo/scripts/lib/tools.sh"
+install_missing fio iperf3
 
 mkdir -p "$data_dir"
 work=$(mktemp -d "$data_dir/shardq-baseline.XXXXXX")

@@ -1,6 +1,7 @@
 //! The operator scripts, run for real: `scripts/install.sh` into a staging root (`--root`)
-//! from a copy of the checkout's install inputs, and `scripts/tune-host.sh` against a fake
-//! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`).
+//! from a copy of the checkout's install inputs, `scripts/tune-host.sh` against a fake
+//! `/sys` and `/proc` tree (`SHARDQ_TUNE_SYS_ROOT`, `SHARDQ_TUNE_PROC_ROOT`), and
+//! `scripts/bench-latency.sh` in its short mode (`BENCH_LATENCY_SHORT=1`) on debug builds.
 //!
 //! Not covered here, because it would change the machine running the tests: installing
 //! into the real root (user creation, `systemctl`, the real `/proc/sys`) and tuning the
@@ -917,10 +918,11 @@ fn tune_host_refuses_a_state_file_others_can_write_or_own() {
     host.tune(&["revert"]).expect_status(0, "revert");
 }
 
-/// The two scripts this file tests are kept shellcheck-clean. Skipped, saying so, where
-/// shellcheck is not installed (`apt-get install shellcheck`).
+/// The scripts this file tests are kept shellcheck-clean (sourced helpers followed from
+/// the script's own directory). Skipped, saying so, where shellcheck is not installed
+/// (`apt-get install shellcheck`).
 #[test]
-fn install_and_tune_scripts_pass_shellcheck() {
+fn install_tune_and_latency_scripts_pass_shellcheck() {
     let Ok(output) = Command::new("shellcheck").arg("--version").output() else {
         eprintln!("shellcheck is not installed: skipping (apt-get install shellcheck)");
         return;
@@ -929,9 +931,156 @@ fn install_and_tune_scripts_pass_shellcheck() {
     let run = Run::from(
         Command::new("shellcheck")
             .current_dir(repository())
-            .args(["scripts/install.sh", "scripts/tune-host.sh"])
+            .args([
+                "-x",
+                "-P",
+                "SCRIPTDIR",
+                "scripts/install.sh",
+                "scripts/tune-host.sh",
+                "scripts/bench-latency.sh",
+            ])
             .output()
             .unwrap(),
     );
     run.expect_status(0, "shellcheck");
+}
+
+// --- bench-latency.sh ------------------------------------------------------------------
+
+/// Every figure `bench-latency.sh` reports, by its name in the JSON.
+const LATENCY_FIGURES: [&str; 17] = [
+    "tcp_pingpong_64b",
+    "fio_fdatasync_fallocated",
+    "fio_fdatasync_written",
+    "fio_dsync_fallocated",
+    "fio_dsync_written",
+    "echo_memory",
+    "echo_durable_fallocated",
+    "echo_durable_written",
+    "echo_dsync_written",
+    "shardq_memory_cores1",
+    "shardq_durable_cores1",
+    "shardq_memory",
+    "shardq_durable",
+    "blocking_echo_memory",
+    "blocking_echo_durable_fallocated",
+    "blocking_shardq_memory_cores1",
+    "blocking_shardq_durable_cores1",
+];
+
+/// Builds the examples the script runs, with the cargo and the profile that built this
+/// test (a no-op when `cargo test` built them already), and returns their directory.
+fn built_examples(names: &[&str]) -> PathBuf {
+    let profile_directory = Path::new(env!("CARGO_BIN_EXE_shardq"))
+        .parent()
+        .expect("the binary lies in the profile's directory");
+    let target_directory = profile_directory
+        .parent()
+        .expect("the profile's directory lies in the target directory");
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(repository())
+        .args(["build", "--quiet", "--locked", "--target-dir"])
+        .arg(target_directory);
+    if profile_directory
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        command.arg("--release");
+    }
+    for name in names {
+        command.args(["--example", name]);
+    }
+    let status = command.status().expect("run cargo build");
+    assert!(status.success(), "cargo build of {names:?}: {status}");
+    profile_directory.join("examples")
+}
+
+#[test]
+fn bench_latency_short_mode_reports_every_figure_and_cleans_up() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("fio is not installed: skipping (apt-get install fio; .ci/run installs it)");
+        return;
+    }
+    let examples = built_examples(&["durable_echo", "tcp_pingpong"]);
+    let temporary = tempfile::tempdir().unwrap();
+    let data = temporary.path().join("data");
+    let json = temporary.path().join("latency.json");
+    let run = Run::from(
+        Command::new("bash")
+            .arg(repository().join("scripts/bench-latency.sh"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--json")
+            .arg(&json)
+            .env("BENCH_LATENCY_SHORT", "1")
+            .env("SHARDQ", env!("CARGO_BIN_EXE_shardq"))
+            .env("DURABLE_ECHO", examples.join("durable_echo"))
+            .env("TCP_PINGPONG", examples.join("tcp_pingpong"))
+            .output()
+            .expect("run scripts/bench-latency.sh"),
+    );
+    run.expect_status(0, "bench-latency.sh in short mode")
+        .expect_output("SHORT MODE", "bench-latency.sh in short mode");
+
+    let report: serde_json::Value = serde_json::from_str(&read(&json)).unwrap();
+    assert_eq!(report["short_mode"], true, "{report:#}");
+    let figures = report["figures"].as_object().expect("a figures object");
+    let mut names: Vec<&str> = figures.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut expected = LATENCY_FIGURES.to_vec();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{report:#}");
+    for name in LATENCY_FIGURES {
+        let figure = &figures[name];
+        let p50 = figure["p50_us"].as_f64().unwrap_or(-1.0);
+        let p99 = figure["p99_us"].as_f64().unwrap_or(-1.0);
+        assert!(
+            p50 > 0.0 && p99 >= p50,
+            "{name}: p50 {p50} us, p99 {p99} us\n{report:#}"
+        );
+        assert!(
+            run.stdout.contains(name),
+            "{name} is not printed\n{}",
+            run.stdout
+        );
+    }
+    // Every bench run sent what the rate asked (1,000 msg/s for the measured second).
+    for name in LATENCY_FIGURES
+        .iter()
+        .filter(|name| name.starts_with("echo_") || name.starts_with("shardq_"))
+    {
+        let messages = figures[*name]["messages"].as_u64().unwrap_or(0);
+        assert!(messages >= 900, "{name}: {messages} messages\n{report:#}");
+    }
+    let overhead = report["overhead"].as_array().expect("an overhead list");
+    assert_eq!(overhead.len(), 7, "{report:#}");
+    for row in overhead {
+        for key in ["p50_diff_us", "p99_diff_us", "p50_ratio", "p99_ratio"] {
+            assert!(row[key].is_f64() || row[key].is_i64(), "{key} in {row}");
+        }
+        for side in ["shardq", "baseline"] {
+            let name = row[side].as_str().unwrap_or("");
+            assert!(LATENCY_FIGURES.contains(&name), "{side} {name:?} in {row}");
+        }
+    }
+    // The servers were stopped: no process names the data dir on its command line (each
+    // server's data file or directory lies under it); and the work directory is gone.
+    let data_text = data.to_str().unwrap();
+    for entry in fs::read_dir("/proc").unwrap() {
+        let path = entry.unwrap().path();
+        if let Ok(command_line) = fs::read(path.join("cmdline")) {
+            let command_line = String::from_utf8_lossy(&command_line).replace('\0', " ");
+            assert!(
+                !command_line.contains(data_text),
+                "still running after the script: {} {command_line}",
+                path.display()
+            );
+        }
+    }
+    let left: Vec<_> = fs::read_dir(&data)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the data dir: {left:?}");
 }
