@@ -60,7 +60,11 @@ async fn one_poll_reads_every_partition_and_advances_positions() {
         2
     );
     assert_eq!(consumer.position("t", 0), Some(0));
-    assert_eq!(consumer.high_watermark("t", 0), None, "no poll yet");
+    assert_eq!(
+        consumer.high_watermark("t", 0),
+        Some(3),
+        "learnt at assignment"
+    );
     // Re-assigning replaces the position rather than adding a second one.
     consumer.assign("t", 1, 1);
     let records = consumer.poll_with_wait(0).await.unwrap();
@@ -357,4 +361,162 @@ async fn commits_past_the_watermark_are_refused_and_purged_logs_resume_at_their_
         3,
         "the commit at 1 is behind the purged log's start"
     );
+}
+
+/// Values `"{partition}:{index}"`, `per_partition` to each of `partitions`, sent through
+/// one producer.
+async fn produce_numbered(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    range: std::ops::Range<u32>,
+) {
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for index in range {
+        for partition in 0..partitions {
+            let record =
+                ProducerRecord::new(format!("{partition}:{index}")).with_partition(partition);
+            producer.send(topic, record).await.unwrap();
+        }
+    }
+    producer.close().await.unwrap();
+}
+
+/// The test: a record stream raced in a `select!` against a branch that is ready
+/// on its second poll, so every poll that finds the fetch in flight is cancelled. Thousands
+/// of cancellations must lose, repeat or reorder nothing and stall nothing, both while
+/// catching up and while long-polling at the end for records produced meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_thousands_of_times_in_a_select_loop_reads_everything_once() {
+    use futures_util::StreamExt;
+
+    const CAUGHT_UP: u32 = 1_500;
+    const TAIL: u32 = 200;
+    const CANCELLED_MIN: u64 = 2_000;
+    let (_dir, _broker, client) = start().await;
+    client.create_topic("s", 2).await.unwrap();
+    produce_numbered(&client, "s", 2, 0..CAUGHT_UP).await;
+    // Small fetches: many rounds, each one in flight while the loop cancels.
+    let config = ConsumerConfig::builder()
+        .partition_bytes_max(2_048)
+        .wait_ms_max(100)
+        .build()
+        .unwrap();
+    let mut consumer = Consumer::new(client.clone(), config);
+    consumer
+        .assign_topic("s", StartPosition::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.total_lag(),
+        Some(2 * u64::from(CAUGHT_UP)),
+        "the range is learnt at assignment"
+    );
+    let mut next_index = [0u32; 2];
+    let mut cancelled = 0u64;
+    let mut tail = None;
+    let total = 2 * (CAUGHT_UP + TAIL);
+    let mut read = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while read < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stalled after {read} of {total} records ({cancelled} cancellations)"
+        );
+        tokio::select! {
+            item = consumer.next() => {
+                let record = item.expect("the stream ends only when closed").unwrap();
+                let partition = record.partition();
+                let expected = format!("{partition}:{}", next_index[partition as usize]);
+                assert_eq!(record.value(), expected.as_bytes(), "offset {}", record.offset());
+                assert_eq!(record.offset(), u64::from(next_index[partition as usize]));
+                next_index[partition as usize] += 1;
+                read += 1;
+            }
+            _ = tokio::task::yield_now() => cancelled += 1,
+        }
+        if read == 2 * CAUGHT_UP && tail.is_none() {
+            // Caught up: the stream now long-polls, cancelled all the while, for records
+            // produced one by one from here.
+            assert_eq!(consumer.total_lag(), Some(0));
+            assert_eq!(consumer.assignment("s", 0).unwrap().at_end(), Some(true));
+            let client = client.clone();
+            tail = Some(tokio::spawn(async move {
+                for index in CAUGHT_UP..CAUGHT_UP + TAIL {
+                    produce_numbered(&client, "s", 2, index..index + 1).await;
+                }
+            }));
+        }
+    }
+    tail.expect("the tail was produced").await.unwrap();
+    eprintln!("{read} records read through {cancelled} cancelled polls");
+    assert!(
+        cancelled >= CANCELLED_MIN,
+        "only {cancelled} cancellations: the test did not exercise cancelling"
+    );
+    assert_eq!(next_index, [CAUGHT_UP + TAIL; 2]);
+    for partition in 0..2 {
+        assert_eq!(
+            consumer.position("s", partition),
+            Some(u64::from(CAUGHT_UP + TAIL))
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_batch_stream_yields_each_poll_and_ends_when_the_client_closes() {
+    use futures_util::StreamExt;
+
+    let (_dir, _broker, client) = start().await;
+    produce_six(&client).await;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    // Nothing assigned: both streams end at once rather than spin.
+    assert!(consumer.next().await.is_none());
+    assert!(consumer.batches().next().await.is_none());
+    consumer.assign("t", 0, 0);
+    consumer.assign("t", 1, 4);
+    // An error is an item, and the stream goes on after it with nothing lost.
+    let error = consumer.batches().next().await.unwrap().unwrap_err();
+    assert!(is_offset_out_of_range(&error), "{error}");
+    assert_eq!(consumer.position("t", 0), Some(0));
+    consumer.assign("t", 1, 0);
+    let mut records = Vec::new();
+    let mut batches = consumer.batches();
+    while records.len() < 6 {
+        let batch = tokio::time::timeout(STEP_TIMEOUT, batches.next())
+            .await
+            .expect("a batch in time")
+            .expect("the stream goes on")
+            .unwrap();
+        assert!(!batch.is_empty(), "an empty poll is not an item");
+        records.extend(batch);
+    }
+    assert_eq!(batches.consumer().total_lag(), Some(0));
+    let mut sorted = seen(&records);
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![
+            (0, 0, "0".into()),
+            (0, 1, "2".into()),
+            (0, 2, "4".into()),
+            (1, 0, "1".into()),
+            (1, 1, "3".into()),
+            (1, 2, "5".into())
+        ]
+    );
+    // Closed while long-polling: the stream ends.
+    let closer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            client.close();
+        })
+    };
+    let end = tokio::time::timeout(STEP_TIMEOUT, batches.next())
+        .await
+        .expect("the stream ends when the client closes");
+    assert!(end.is_none(), "{end:?}");
+    closer.await.unwrap();
+    assert!(consumer.next().await.is_none());
 }

@@ -651,8 +651,8 @@ impl ClientConfigBuilder {
         /// Longest wait between connection attempts, in ms (default 2 000; at least
         /// `reconnect_backoff_ms_min` with `reconnect`).
         reconnect_backoff_ms_max: u64;
-        /// How long a request waits for the broker to come back, in ms (default 30 000;
-        /// at least 1 with `reconnect`).
+        /// How long one reconnect keeps trying, in ms (default 30 000; at least 1 with
+        /// `reconnect`).
         reconnect_timeout_ms: u64;
         /// TCP keepalive idle time and probe interval (default 15 s; `None` turns it off;
         /// from 1 s to 32,767 s).
@@ -704,8 +704,8 @@ struct ClientInner {
     closed: AtomicBool,
     /// Woken by `close`, for requests waiting on a reconnect.
     closing: tokio::sync::Notify,
-    /// Bumped after each new connection is installed (so a reader that sees a new count
-    /// finds the new connection's handshake).
+    /// Bumped as each new connection is installed, under the session lock (so whoever
+    /// takes the new connection also sees the new count).
     reconnects: AtomicU64,
 }
 
@@ -1260,11 +1260,16 @@ async fn reconnect_task(
     };
     let result = result.and_then(|session| {
         let session = Arc::new(session);
-        *inner
-            .session
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = session.clone();
-        inner.reconnects.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut current = inner
+                .session
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *current = session.clone();
+            // Counted before anyone can take the new session, so whoever sees it also
+            // sees the count (the producer reads its limits again when the count moves).
+            inner.reconnects.fetch_add(1, Ordering::AcqRel);
+        }
         // A close that raced with the attempt wins: it may have closed the connection
         // this one replaced.
         if inner.closed.load(Ordering::Acquire) {

@@ -1075,10 +1075,39 @@ async fn send_request(
             },
         };
         let reconnects = shared.client.config().reconnect;
-        let broken_before = shared.client.is_closed() || (!reconnects && shared.client.is_broken());
+        // The delivery timeout counts from the first try, waiting for a reconnect included.
+        let started = Instant::now();
+        for batch in &mut batches {
+            batch.first_sent.get_or_insert(started);
+            batch.attempts += 1;
+        }
         // Reconnect first (if needed), so the batches are checked against the limits of
         // the broker they go to.
-        let connected = shared.client.connected().await;
+        // Waited on no longer than the oldest batch may live: the reconnect goes on in
+        // its own task, and the batches fail as not written.
+        let oldest = batches
+            .iter()
+            .filter_map(|batch| batch.first_sent)
+            .min()
+            .unwrap_or(started);
+        let connected = tokio::time::timeout_at(
+            (oldest + delivery_timeout).into(),
+            shared.client.connected(),
+        )
+        .await
+        .unwrap_or_else(|_elapsed| {
+            Err(ClientError::Connect {
+                address: shared.client.address().to_owned(),
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection within the producer's delivery timeout",
+                )),
+            })
+        });
+        // Nothing of this try left when there was no connection to send it on.
+        let broken_before = connected.is_err()
+            || shared.client.is_closed()
+            || (!reconnects && shared.client.is_broken());
         if connected.is_ok() {
             let too_large = take_too_large(&shared, &mut batches);
             settle(&shared, too_large);
@@ -1087,11 +1116,6 @@ async fn send_request(
                 shared.wake.notify_one();
                 return;
             }
-        }
-        let started = Instant::now();
-        for batch in &mut batches {
-            batch.first_sent.get_or_insert(started);
-            batch.attempts += 1;
         }
         let result = match connected {
             Ok(()) => {

@@ -1494,3 +1494,85 @@ async fn an_acks_none_producer_resolves_sent_handles_without_an_answer_and_refus
     drop(client);
     assert!(peer.await.unwrap().is_empty(), "nothing was sent");
 }
+
+/// A producer whose broker answered the metadata and one produce and then went away for
+/// good (its listener closed, so every reconnect is refused); returned once the client has
+/// seen the connection break, with the route to `t` partition 0 known.
+async fn producer_whose_broker_is_gone(config: ProducerConfigBuilder) -> (Client, Producer) {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(producer_peer(listener, |index, _| {
+        (index == 0).then_some(Ok(0))
+    }));
+    let client_config = quick_reconnect()
+        .reconnect_timeout_ms(600_000)
+        .build()
+        .unwrap();
+    let client = Client::connect_with(address, client_config).await.unwrap();
+    let producer = Producer::new(client.clone(), config.build().unwrap()).unwrap();
+    let warm = producer
+        .send("t", ProducerRecord::new("warm").with_partition(0))
+        .await
+        .unwrap();
+    assert_eq!(warm.await.unwrap().offset, 0);
+    peer.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !client.is_broken() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the break is never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (client, producer)
+}
+
+/// The delivery timeout counts the wait for a reconnect: a batch whose broker never comes
+/// back fails when its delivery timeout ends, not when a (much longer) reconnect gives
+/// up, and as not written, since it never left.
+#[tokio::test]
+async fn a_batch_waiting_for_a_reconnect_fails_at_its_delivery_timeout_as_not_written() {
+    let (client, producer) =
+        producer_whose_broker_is_gone(quick_retries().delivery_timeout_ms(200)).await;
+    let handle = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), handle)
+        .await
+        .expect("failed at the delivery timeout, not the reconnect's")
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(false), "{}", error.report());
+    assert!(
+        matches!(error.cause(), ClientError::Connect { .. }),
+        "{}",
+        error.report()
+    );
+    client.close();
+}
+
+/// A close while a batch waits for a reconnect fails it as not written: it never left.
+#[tokio::test]
+async fn a_batch_waiting_for_a_reconnect_when_the_client_closes_was_not_written() {
+    let (client, producer) =
+        producer_whose_broker_is_gone(quick_retries().delivery_timeout_ms(600_000)).await;
+    let handle = producer
+        .send("t", ProducerRecord::new("a").with_partition(0))
+        .await
+        .unwrap();
+    // Wait until the batch's send has started a reconnect (nothing else would), then
+    // close while it waits on it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while client.inner.reconnect.lock().unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect started"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client.close();
+    let error = tokio::time::timeout(Duration::from_secs(20), handle)
+        .await
+        .expect("the close ends the wait")
+        .unwrap_err();
+    assert_eq!(error.maybe_written(), Some(false), "{}", error.report());
+}
