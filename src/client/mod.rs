@@ -1,7 +1,15 @@
 //! The tokio client: one TCP connection to a broker, pipelined requests, a batching
-//! [`Producer`], a polling [`Consumer`] (which may read for a stream group: resume at its
-//! committed offsets, [`Consumer::commit`]), and a [`QueueConsumer`] for queue groups
-//! (receive, ack, nack, extend, and the [`QueueConsumer::run`] worker loop).
+//! [`Producer`], a [`Consumer`] that is a cancel-safe [`Stream`](futures_core::Stream)
+//! of records (which may read for a stream group: resume at its committed offsets,
+//! [`Consumer::commit`]), and a [`QueueConsumer`] for queue groups (receive, ack, nack,
+//! extend, and the [`QueueConsumer::run`] worker loop).
+//!
+//! Where to start: [`Client::connect`], [`Producer`], [`Consumer`], [`QueueConsumer`],
+//! and [`ClientError`] for what can fail. Settings are built with
+//! [`ClientConfig::builder`], [`ProducerConfig::builder`], [`ConsumerConfig::builder`]
+//! and [`QueueConsumer::builder`], which refuse a value that cannot work with
+//! [`ClientError::InvalidConfig`]. Whole programs are in `examples/` (`producer.rs`,
+//! `consumer.rs`, `queue_worker.rs`, `pipeline.rs`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), shardq::client::ClientError> {
@@ -257,6 +265,24 @@ impl ClientError {
     /// [`ClientError::ProduceFailed`] is retriable when its last cause was (the producer
     /// has already retried it until `delivery_timeout_ms`; see `maybe_written` before
     /// sending the record again).
+    ///
+    /// ```no_run
+    /// # async fn example(client: shardq::client::Client) {
+    /// use std::time::Duration;
+    ///
+    /// let metadata = loop {
+    ///     match client.metadata(&["orders"]).await {
+    ///         Ok(metadata) => break metadata,
+    ///         Err(error) if error.is_retriable() => {
+    ///             eprintln!("retrying: {}", error.report());
+    ///             tokio::time::sleep(Duration::from_secs(1)).await;
+    ///         }
+    ///         Err(error) => panic!("{}", error.report()), // a bug or a bad name: give up
+    ///     }
+    /// };
+    /// # let _ = metadata;
+    /// # }
+    /// ```
     pub fn is_retriable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Io { .. } | ClientError::Timeout { .. } => {
@@ -312,7 +338,24 @@ impl ClientError {
         }
     }
 
-    /// The error and every cause under it, on one line, separated by `: `.
+    /// The error and every cause under it, on one line, separated by `: `: what to
+    /// print or log (`Display` alone says only what failed, not why).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use shardq::client::ClientError;
+    ///
+    /// let error = ClientError::Disconnected {
+    ///     peer: "127.0.0.1:9740".parse().unwrap(),
+    ///     cause: Arc::new(ClientError::Timeout { operation: "fetch", timeout_ms: 30_000 }),
+    /// };
+    /// assert_eq!(
+    ///     error.report().to_string(),
+    ///     "connection to broker 127.0.0.1:9740 is broken: fetch got no answer within 30000 ms"
+    /// );
+    /// assert!(error.is_retriable()); // a lost connection: the next call reconnects
+    /// assert!(!ClientError::Closed.is_retriable());
+    /// ```
     pub fn report(&self) -> ErrorReport<'_> {
         ErrorReport(self)
     }
@@ -755,11 +798,51 @@ impl fmt::Debug for Client {
 impl Client {
     /// Connects with the default [`ClientConfig`] and does the handshake. `address` is
     /// `host:port` (a name is resolved again on every reconnect), or a `SocketAddr`.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), shardq::client::ClientError> {
+    /// use shardq::client::Client;
+    ///
+    /// let client = Client::connect("127.0.0.1:9740").await?;
+    /// println!("{} shards", client.shard_count());
+    /// client.create_topic("orders", 4).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when the address does not resolve or the connection is
+    /// refused (the first connection is tried once: reconnecting is for connections
+    /// that were made); the handshake's errors, such as [`ClientError::Timeout`] or a
+    /// [`ClientError::Protocol`] for a broker of another protocol version.
+    ///
+    /// # Cancel safety
+    /// Dropping it closes the connection it was opening; nothing else is left behind.
     pub async fn connect(address: impl fmt::Display) -> Result<Client, ClientError> {
         Client::connect_with(address, ClientConfig::default()).await
     }
 
     /// Connects with `config` and does the handshake.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), shardq::client::ClientError> {
+    /// use shardq::client::{Client, ClientConfig};
+    ///
+    /// let config = ClientConfig::builder()
+    ///     .client_name("billing")
+    ///     .reconnect_timeout_ms(60_000) // ride out a minute of broker restart
+    ///     .build()?;
+    /// let client = Client::connect_with("broker.internal:9740", config).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for a setting that cannot work (the checks of
+    /// [`ClientConfigBuilder::build`]); otherwise as [`Client::connect`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::connect`].
     pub async fn connect_with(
         address: impl fmt::Display,
         config: ClientConfig,
@@ -821,6 +904,7 @@ impl Client {
         self.inner.reconnects.load(Ordering::Acquire)
     }
 
+    /// The settings the client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
     }
@@ -1001,6 +1085,15 @@ impl Client {
 
     /// Topic metadata; an empty list asks for every topic. A topic the broker does not
     /// know comes back with its `error` set, not as an error of the whole call.
+    ///
+    /// # Errors
+    /// The transport's errors ([`ClientError::Timeout`], [`ClientError::Disconnected`]
+    /// after reconnecting failed, [`ClientError::Closed`], ...) and
+    /// [`ClientError::Broker`] for a refusal of the whole request.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, like every call of [`Client`] that only reads: a dropped call leaves
+    /// its answer to be discarded when it arrives, and a reconnect it started running.
     pub async fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse, ClientError> {
         let request = Request::Metadata(MetadataRequest {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
@@ -1011,12 +1104,26 @@ impl Client {
         }
     }
 
-    /// Creates a topic that keeps everything (no retention limit).
+    /// Creates a topic that keeps everything (no retention limit), with the broker's
+    /// default queue settings.
+    ///
+    /// # Errors
+    /// [`ClientError::Broker`] with [`ErrorCode::TopicAlreadyExists`] (see
+    /// [`ClientError::wire_code`]) when the name is taken, or another code for a name
+    /// or partition count the broker refuses; the transport's errors.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may or may not have created the topic, and it is
+    /// not sent again after a broken connection.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
         self.create_topic_with(name, partitions, Retention::default())
             .await
     }
 
+    /// Creates a topic with this retention (and the broker's default queue settings).
+    ///
+    /// # Errors
+    /// As [`Client::create_topic`].
     pub async fn create_topic_with(
         &self,
         name: &str,
@@ -1029,6 +1136,9 @@ impl Client {
 
     /// Creates a topic with its retention and queue settings (`None` fields take the
     /// broker's `queue_*` defaults).
+    ///
+    /// # Errors
+    /// As [`Client::create_topic`].
     pub async fn create_topic_with_queue(
         &self,
         name: &str,
@@ -1049,6 +1159,10 @@ impl Client {
     }
 
     /// Changes a topic's retention; its queue settings stay as they are.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have,
+    /// [`ClientError::Broker`] for a value it refuses; the transport's errors.
     pub async fn alter_topic(&self, name: &str, retention: Retention) -> Result<(), ClientError> {
         self.alter_topic_with(name, Some(retention), QueueSettings::default())
             .await
@@ -1056,6 +1170,9 @@ impl Client {
 
     /// Changes a topic's retention (`None`: unchanged) and the queue settings given
     /// (`None` fields stay as they are).
+    ///
+    /// # Errors
+    /// As [`Client::alter_topic`].
     pub async fn alter_topic_with(
         &self,
         name: &str,
@@ -1118,6 +1235,11 @@ impl Client {
         Ok(answered)
     }
 
+    /// Deletes a topic and everything stored in it.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have; the
+    /// transport's errors.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let request = Request::DeleteTopic(DeleteTopicRequest {
             name: name.to_owned(),
@@ -1132,7 +1254,12 @@ impl Client {
     /// returns `Ok(None)` once the request is written to the socket. Otherwise the
     /// response is returned as is, per-partition errors included, for the caller to read.
     /// The wait is bounded by the request's own `timeout_ms` plus `request_timeout_ms`,
-    /// so that the broker's own Timeout answer normally arrives first.
+    /// so that the broker's own Timeout answer normally arrives first. This is the raw
+    /// request: no batching, retries or idempotence (see [`Producer`]).
+    ///
+    /// # Errors
+    /// The transport's errors and a refusal of the whole request; refusals of single
+    /// partitions are in the response.
     pub async fn produce(
         &self,
         request: ProduceRequest,
@@ -1159,6 +1286,10 @@ impl Client {
 
     /// Sends a fetch request. The wait is bounded by its long-poll `wait_ms_max` plus
     /// `request_timeout_ms`.
+    ///
+    /// # Errors
+    /// The transport's errors and a refusal of the whole request; refusals of single
+    /// partitions are in the response.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, ClientError> {
         let timeout = Duration::from_millis(
             u64::from(request.wait_ms_max) + self.inner.config.request_timeout_ms,
@@ -1172,6 +1303,11 @@ impl Client {
     /// Fetches one partition from `offset` and decodes its records (checking every
     /// batch's CRC32C). Records before `offset` in the first batch are dropped. At
     /// `offset == high_watermark` the broker waits up to `wait_ms_max` for new data.
+    ///
+    /// # Errors
+    /// As [`fetch_records_from_response`]: [`ClientError::OffsetOutOfRange`],
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`],
+    /// [`ClientError::Batch`] for a batch that fails its check; the transport's errors.
     pub async fn fetch_records(
         &self,
         topic: &str,
