@@ -18,6 +18,7 @@ use crate::protocol::{ErrorCode, Request, ResponseBody, StatsRequest, StatsRespo
 /// A stream group's position in one partition, with the partition's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommittedPosition {
+    /// The partition.
     pub partition: u32,
     /// The next offset the group will read; `None` when it never committed here.
     pub offset: Option<u64>,

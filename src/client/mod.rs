@@ -141,13 +141,18 @@ pub use queue::{
 pub enum ClientError {
     /// Resolving or connecting to the broker failed.
     Connect {
+        /// The address as given to [`Client::connect`].
         address: String,
+        /// Why: the resolver's or the socket's error, or that a reconnect ran out of time.
         source: Arc<io::Error>,
     },
     /// The socket failed while doing `context`.
     Io {
+        /// What the client was doing ("reading responses", say).
         context: &'static str,
+        /// The broker's address.
         peer: SocketAddr,
+        /// The socket's error.
         source: Arc<io::Error>,
     },
     /// The broker sent bytes that do not parse.
@@ -156,51 +161,82 @@ pub enum ClientError {
     Broker(WireError),
     /// The broker refused one partition of a produce or fetch; the rest may have succeeded.
     PartitionRefused {
+        /// The topic of the refused partition.
         topic: String,
+        /// The refused partition.
         partition: u32,
+        /// The broker's error code and message.
         error: WireError,
     },
     /// A fetch asked for an offset outside what the partition stores.
     OffsetOutOfRange {
+        /// The topic read.
         topic: String,
+        /// The partition read.
         partition: u32,
+        /// The offset asked for.
         requested: u64,
+        /// The first offset still stored.
         log_start_offset: u64,
+        /// One past the last offset readable.
         high_watermark: u64,
     },
     /// A fetched record batch failed its CRC or framing check.
     Batch {
+        /// The topic read.
         topic: String,
+        /// The partition read.
         partition: u32,
+        /// What was wrong with the batch.
         source: BatchError,
     },
     /// The broker answered something we did not ask for.
-    UnexpectedResponse { correlation_id: u64, reason: String },
+    UnexpectedResponse {
+        /// The request's correlation id (0 where the mix-up was found later).
+        correlation_id: u64,
+        /// What was unexpected.
+        reason: String,
+    },
     /// The connection broke; `cause` is the first failure, shared by every request that
     /// was pending on it (and, with `ClientConfig::reconnect` off, every later one).
     Disconnected {
+        /// The broker's address.
         peer: SocketAddr,
+        /// The first failure of the connection.
         cause: Arc<ClientError>,
     },
     /// The client or producer was closed by its owner.
     Closed,
     /// No answer within the limit.
     Timeout {
+        /// The request that got no answer ("fetch", say).
         operation: &'static str,
+        /// How long it waited, in ms.
         timeout_ms: u64,
     },
     /// A topic named in a request does not exist (or was deleted while the request was
     /// in flight).
-    UnknownTopic { topic: String },
+    UnknownTopic {
+        /// The topic asked for.
+        topic: String,
+    },
     /// A partition outside the topic's partition count; the count where the client knew
     /// it from metadata.
     UnknownPartition {
+        /// The topic.
         topic: String,
+        /// The partition asked for.
         partition: u32,
+        /// The topic's partition count, where the client knew it.
         partition_count: Option<u32>,
     },
     /// A configuration value that cannot work.
-    InvalidConfig { field: &'static str, value: u64 },
+    InvalidConfig {
+        /// The setting or argument, named as in the code.
+        field: &'static str,
+        /// Its value (a time in ms, a length for a string).
+        value: u64,
+    },
     /// A produced batch bigger than the broker takes (`batch_bytes_max` from the
     /// handshake of the connection it was about to go out on), so it was not sent: it was
     /// built for a broker with a larger limit before a reconnect to one with a smaller
@@ -209,9 +245,13 @@ pub enum ClientError {
     /// are in them), so it is failed rather than split; records sent after the reconnect
     /// are batched to the new limit.
     BatchTooLarge {
+        /// The batch's topic.
         topic: String,
+        /// The batch's partition.
         partition: u32,
+        /// The batch's size.
         size_bytes: u64,
+        /// The broker's limit.
         limit_bytes: u64,
     },
     /// A produced batch failed for good after `attempts` sends; `cause` is the last
@@ -220,24 +260,35 @@ pub enum ClientError {
     /// batch was appended but not durable): false only when every attempt was refused
     /// before anything was appended.
     ProduceFailed {
+        /// The last attempt's failure.
         cause: Arc<ClientError>,
+        /// Whether the broker may have stored the batch anyway.
         maybe_written: bool,
+        /// How many times the batch was sent.
         attempts: u32,
     },
     /// An ack, nack or extend that the broker refused for some handles (each with why);
     /// made by [`SettleOutcome::into_result`] for callers that want all-or-error.
     HandlesRefused {
+        /// "ack", "nack" or "extend".
         operation: &'static str,
+        /// The topic of the handles.
         topic: String,
+        /// The queue group.
         group: String,
+        /// Each refused handle, with why.
         refused: Vec<Refusal>,
     },
     /// The broker refused a stream group's commit for one partition (the other
     /// partitions of the request may have been committed).
     CommitRefused {
+        /// The stream group.
         group: String,
+        /// The topic committed.
         topic: String,
+        /// The refused partition.
         partition: u32,
+        /// The broker's error code and message.
         error: WireError,
     },
     /// `commit` on a consumer that has no stream group (`ConsumerConfig::group`).

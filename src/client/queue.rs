@@ -323,12 +323,16 @@ impl QueueMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SettleKind {
+    /// [`QueueConsumer::ack`].
     Ack,
+    /// [`QueueConsumer::nack`].
     Nack,
+    /// [`QueueConsumer::extend`].
     Extend,
 }
 
 impl SettleKind {
+    /// "ack", "nack" or "extend".
     pub fn name(self) -> &'static str {
         match self {
             SettleKind::Ack => "ack",
@@ -360,6 +364,8 @@ pub enum SettleError {
 }
 
 impl SettleError {
+    /// The refusal a wire code stands for ([`SettleError::Other`] for codes without
+    /// their own variant).
     pub fn from_code(code: ErrorCode) -> SettleError {
         match code {
             ErrorCode::HandleStale => SettleError::Stale,
@@ -397,7 +403,9 @@ impl fmt::Display for SettleError {
 /// One refused handle: which, why, and the broker's own words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The refused handle.
     pub handle: Handle,
+    /// Why it was refused.
     pub error: SettleError,
     /// The broker's message (may be empty).
     pub detail: String,
@@ -426,6 +434,7 @@ impl fmt::Display for Refusal {
 /// The answer to an ack, nack or extend: which handles the broker refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleOutcome {
+    /// The operation answered.
     pub kind: SettleKind,
     /// Handles sent.
     pub handles: usize,
