@@ -317,6 +317,21 @@ impl ConsumerConfigBuilder {
     /// [`ClientError::InvalidConfig`] naming the first field that cannot work, with its
     /// value: `bytes_max` or `partition_bytes_max` 0, an empty `group` (value 0, its
     /// length), or an `auto_commit_interval` (value in ms) without a `group`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shardq::client::{ClientError, ConsumerConfig};
+    ///
+    /// // Committing needs a group to commit for.
+    /// let error = ConsumerConfig::builder()
+    ///     .auto_commit_interval(Duration::from_secs(5))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(
+    ///     error,
+    ///     ClientError::InvalidConfig { field: "auto_commit_interval", value: 5_000 }
+    /// ));
+    /// ```
     pub fn build(self) -> Result<ConsumerConfig, ClientError> {
         self.config.validate()?;
         Ok(self.config)
@@ -550,6 +565,10 @@ type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Dropping a consumer forgets its positions (there is nothing to close): a group
+/// consumer commits first to keep them, and the [`Client`] stays open for its other
+/// users.
 ///
 /// # Cancel safety
 /// [`Consumer::poll`], [`Consumer::poll_with_wait`] and the streams are cancel safe: a

@@ -186,6 +186,17 @@ impl ProducerConfigBuilder {
     /// [`ClientError::InvalidConfig`] naming the first field that cannot work (a zero
     /// limit, a batch too small for one record, a backoff maximum below its minimum),
     /// with its value.
+    ///
+    /// ```
+    /// use shardq::client::{ClientError, ProducerConfig};
+    ///
+    /// let error = ProducerConfig::builder().batch_records_max(0).build().unwrap_err();
+    /// assert!(matches!(
+    ///     error,
+    ///     ClientError::InvalidConfig { field: "batch_records_max", value: 0 }
+    /// ));
+    /// assert_eq!(error.to_string(), "invalid client configuration: batch_records_max = 0");
+    /// ```
     pub fn build(self) -> Result<ProducerConfig, ClientError> {
         self.config.validate()?;
         Ok(self.config)

@@ -584,6 +584,17 @@ struct Inner {
 /// clones share the client and the settings. Many consumers (in one process or many)
 /// may serve one group: each message is leased to one of them at a time.
 ///
+/// Guarantees (the queue itself lives on the broker, docs/queues.md):
+/// - a received message is leased to this caller until its lease ends
+///   ([`QueueMessage::lease_deadline`] estimates it, erring early); unsettled by then, it
+///   is delivered again with its attempt plus one (at-least-once);
+/// - an ack, nack or extend answers per handle in a [`SettleOutcome`]: every handle not
+///   listed as refused took effect, and each refusal says why ([`SettleError`]);
+/// - a transport error instead leaves the handles of the failed request unknown, and
+///   settling them again is safe;
+/// - dropping the consumer releases nothing: messages it leased come back when their
+///   leases end.
+///
 /// ```no_run
 /// # async fn example() -> Result<(), shardq::client::ClientError> {
 /// use std::time::Duration;
