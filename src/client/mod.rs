@@ -783,6 +783,13 @@ impl ClientConfigBuilder {
 /// offsets, committed offsets, commits, describe groups, stats), which are sent once more
 /// on the new connection. A [`Producer`] retries its batches itself (idempotently, so a
 /// batch is stored once); a [`Consumer`] keeps its positions and reads on from them.
+///
+/// # Cancel safety
+/// Dropping the future of any call leaves the connection whole: a separate task writes
+/// each request, whole or not at all. A request already written still reaches the
+/// broker and takes effect (a dropped `create_topic` may have created the topic), and
+/// keeps its place under `requests_pending_max` until the broker answers; the answer is
+/// then discarded. A reconnect that the call started goes on in its own task.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
