@@ -45,7 +45,8 @@ async fn produce(address: &str, count: u64, topic: &str) -> Result<(), ClientErr
     for index in 0..count {
         let record =
             ProducerRecord::new(format!("record {index}")).with_key(format!("key-{}", index % 8));
-        // Resolves at once: the record is queued in its partition's batch.
+        // Returns once the record is queued in its partition's batch (waiting only for
+        // buffer memory, and for metadata the first time).
         last = Some(producer.send(topic, record).await?);
     }
     // Sends what is still lingering, waits for every answer, refuses later sends.
