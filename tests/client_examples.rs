@@ -37,20 +37,25 @@ fn spawn_example(directory: &Path, name: &str, arguments: &[&str]) -> std::proce
 }
 
 /// Waits for a started example to exit (killing it and failing after
-/// [`EXAMPLE_TIMEOUT`]); asserts it succeeded and returns its stdout.
-fn finish_example(name: &str, child: std::process::Child) -> String {
+/// [`EXAMPLE_TIMEOUT`]) and returns its status and output.
+fn wait_example(name: &str, child: std::process::Child) -> Output {
     let pid = child.id();
     let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = sender.send(child.wait_with_output());
     });
-    let output: Output = match receiver.recv_timeout(EXAMPLE_TIMEOUT) {
+    match receiver.recv_timeout(EXAMPLE_TIMEOUT) {
         Ok(output) => output.expect("wait for the example"),
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             panic!("example {name} did not finish within {EXAMPLE_TIMEOUT:?}");
         }
-    };
+    }
+}
+
+/// Waits for a started example to exit; asserts it succeeded and returns its stdout.
+fn finish_example(name: &str, child: std::process::Child) -> String {
+    let output = wait_example(name, child);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -183,6 +188,28 @@ fn queue_worker_example_acks_every_job_and_redelivers_the_ones_it_nacks() {
         )),
         "the summary counts every ack and nack:\n{stdout}"
     );
+}
+
+#[test]
+fn every_example_exits_non_zero_with_the_whole_error_when_no_broker_listens() {
+    let examples = examples();
+    // A port nothing listens on: bound, then given back.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    for name in ["producer", "consumer", "queue_worker", "pipeline"] {
+        let output = wait_example(name, spawn_example(&examples, name, &[&address, "1"]));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        // The error and its cause on one line (`ClientError::report`).
+        let expected = format!("{name}: cannot connect to {address}: ");
+        assert!(
+            stderr.starts_with(&expected) && stderr.to_lowercase().contains("refused"),
+            "{name} said {stderr:?}, expected {expected:?} and the refusal"
+        );
+    }
 }
 
 /// `shardq serve` with 2 shards on `port`, waited for off the async threads.
