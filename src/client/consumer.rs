@@ -996,7 +996,7 @@ impl Consumer {
     ///     for record in &records {
     ///         println!("{} {}", record.partition(), record.offset());
     ///     }
-    ///     consumer.commit().await?; // what this poll handed out is done
+    ///     consumer.commit().await?; // (a group consumer) what this poll handed out is done
     /// }
     /// # }
     /// ```
