@@ -1,11 +1,22 @@
 //! shardq: a thread-per-core message broker for bare-metal Linux.
 //!
-//! Map of the crate and the data path:
+//! Map of the crate and the data path. Always built:
 //! - [`protocol`]: the sans-IO wire codec (frames, requests, record batches). Shared by the
 //!   broker and the client; no runtime.
 //! - [`delivery`]: queue semantics per (partition, group) as a sans-IO state machine:
 //!   leases, acks, nacks, retries with backoff, delay, TTL, dead-lettering, and its
-//!   journal codec. No runtime; the shard will drive it (docs/queues.md).
+//!   journal codec. No runtime; the shard drives it (docs/queues.md).
+//! - [`placement`]: which shard owns a partition, and which partition a key goes to.
+//!
+//! With feature `client` (on by default; alone: `default-features = false, features =
+//! ["client"]`, which pulls no server code):
+//! - `client`: the tokio client, built on `protocol` only: a connection that reconnects
+//!   by itself, an idempotent batching producer that retries with backoff, a consumer
+//!   that is a cancel-safe `Stream` of records (for stream groups too), and a queue
+//!   consumer that receives, acks, nacks and extends for queue groups. Start at its
+//!   module docs; `examples/` has whole programs.
+//!
+//! With feature `server` (on by default), the broker:
 //! - `storage`: one partition's log: O_DIRECT segment files written through io_uring
 //!   (glommio `DmaFile`), aligned append chunks, group commit, recovery, and the
 //!   idempotent producers' table that stores a resent batch once.
@@ -13,14 +24,14 @@
 //!   forwards requests between shards over glommio's channel mesh.
 //! - `server`: listeners, connections, request dispatch, start-up and shutdown, systemd
 //!   notification (readiness, recovery progress, watchdog: `server::notify`).
-//! - `client`: the tokio client (feature `client`), built on `protocol` only; its
-//!   producer is idempotent and retries with backoff; its consumer reads for stream
-//!   groups and its queue consumer receives, acks, nacks and extends for queue groups.
 //! - `config`: broker settings and their limits.
 //! - `logs`: what the broker's `tracing` events share (the fatal exit's last line);
 //!   the binary installs the subscriber that writes them.
 //! - `metrics`: per-shard metric registries (the `metrics` crate's recorder, one per
 //!   shard thread), their Prometheus rendering and the HTTP endpoint with health checks.
+//!
+//! With feature `bench`: `bench`, the load generator behind `shardq bench` (client side
+//! only). The data path:
 //!
 //! ```text
 //! client ──TCP──> shard k: decode frame, validate batches, split by partition

@@ -16,6 +16,8 @@
 //!   (`shard::Shard::install_topic`);
 //! - `SHARDQ_TEST_FDATASYNC_DELAY_MS=<ms>`: every log round waits this long before its
 //!   fdatasync ([`fdatasync_delay`]).
+//!
+//! [`fdatasync_delay`]: crate::test_hooks::fdatasync_delay
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};

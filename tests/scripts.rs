@@ -8,11 +8,15 @@
 //! real host. Both paths are printed by `--dry-run`, which the tests also run; the sysctl
 //! step's comparisons run against a fake `/proc/sys` (`SHARDQ_INSTALL_PROC_SYS`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::process::built_examples;
 
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -967,34 +971,6 @@ const LATENCY_FIGURES: [&str; 17] = [
     "blocking_shardq_memory_cores1",
     "blocking_shardq_durable_cores1",
 ];
-
-/// Builds the examples the script runs, with the cargo and the profile that built this
-/// test (a no-op when `cargo test` built them already), and returns their directory.
-fn built_examples(names: &[&str]) -> PathBuf {
-    let profile_directory = Path::new(env!("CARGO_BIN_EXE_shardq"))
-        .parent()
-        .expect("the binary lies in the profile's directory");
-    let target_directory = profile_directory
-        .parent()
-        .expect("the profile's directory lies in the target directory");
-    let mut command = Command::new(env!("CARGO"));
-    command
-        .current_dir(repository())
-        .args(["build", "--quiet", "--locked", "--target-dir"])
-        .arg(target_directory);
-    if profile_directory
-        .file_name()
-        .is_some_and(|name| name == "release")
-    {
-        command.arg("--release");
-    }
-    for name in names {
-        command.args(["--example", name]);
-    }
-    let status = command.status().expect("run cargo build");
-    assert!(status.success(), "cargo build of {names:?}: {status}");
-    profile_directory.join("examples")
-}
 
 #[test]
 fn bench_latency_short_mode_reports_every_figure_and_cleans_up() {

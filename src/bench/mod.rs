@@ -26,6 +26,9 @@
 //! CRC32C ([`payload`]). Per (producer, partition) the sequence must arrive dense from 0
 //! in the partition it was sent to; at the end the last sequence seen must equal what the
 //! producer sent there. Anything else is an error naming the partition and offset.
+//!
+//! [`rate`]: crate::bench::rate
+//! [`payload`]: crate::bench::payload
 
 pub mod payload;
 pub mod plot;

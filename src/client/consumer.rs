@@ -46,6 +46,13 @@ pub struct FetchedRecords {
 }
 
 /// Finds one partition in a fetch response and decodes its records from `offset` on.
+///
+/// # Errors
+/// [`ClientError::OffsetOutOfRange`] when `offset` is outside the stored range;
+/// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] or
+/// [`ClientError::PartitionRefused`] for the partition's refusal;
+/// [`ClientError::Batch`] for a batch that fails its CRC or framing check;
+/// [`ClientError::UnexpectedResponse`] when the response has no such partition.
 pub fn fetch_records_from_response(
     response: &FetchResponse,
     topic: &str,
@@ -310,13 +317,44 @@ impl ConsumerConfigBuilder {
     /// [`ClientError::InvalidConfig`] naming the first field that cannot work, with its
     /// value: `bytes_max` or `partition_bytes_max` 0, an empty `group` (value 0, its
     /// length), or an `auto_commit_interval` (value in ms) without a `group`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shardq::client::{ClientError, ConsumerConfig};
+    ///
+    /// // Committing needs a group to commit for.
+    /// let error = ConsumerConfig::builder()
+    ///     .auto_commit_interval(Duration::from_secs(5))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(
+    ///     error,
+    ///     ClientError::InvalidConfig { field: "auto_commit_interval", value: 5_000 }
+    /// ));
+    /// ```
     pub fn build(self) -> Result<ConsumerConfig, ClientError> {
         self.config.validate()?;
         Ok(self.config)
     }
 }
 
-/// A record with the topic and partition it was read from.
+/// A record with the topic and partition it was read from: what a [`Consumer`] hands
+/// out. Its accessors borrow; [`ConsumedRecord::into_record`] takes the record out.
+///
+/// ```
+/// use shardq::client::{ConsumedRecord, Record};
+///
+/// let record = Record {
+///     offset: 41,
+///     timestamp_ms: 1_764_460_800_000,
+///     key: Some("customer-7".into()),
+///     value: "order paid".into(),
+///     headers: Vec::new(),
+/// };
+/// let consumed = ConsumedRecord::new("orders", 3, record);
+/// assert_eq!((consumed.topic(), consumed.partition(), consumed.offset()), ("orders", 3, 41));
+/// assert_eq!(consumed.value().as_ref(), b"order paid");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumedRecord {
     topic: Arc<str>,
@@ -394,10 +432,12 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// The topic of the assigned partition.
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
+    /// The assigned partition.
     pub fn partition(&self) -> u32 {
         self.partition
     }
@@ -477,6 +517,59 @@ type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
 /// - over a broker restart the consumer reads on from its positions, as its [`Client`]
 ///   reconnects (`ClientConfig::reconnect`).
 ///
+/// As a stream, with [`futures_util::StreamExt`](https://docs.rs/futures-util) (or any
+/// `Stream` combinators), committing every 100 records:
+///
+/// ```no_run
+/// # async fn example() -> Result<(), shardq::client::ClientError> {
+/// use futures_util::StreamExt;
+/// use shardq::client::{Client, Consumer, ConsumerConfig, StartPosition};
+///
+/// let client = Client::connect("127.0.0.1:9740").await?;
+/// let config = ConsumerConfig::builder().group("reports").build()?;
+/// let mut consumer = Consumer::new(client, config);
+/// consumer.assign_topic("orders", StartPosition::Beginning).await?;
+/// let mut handled = 0u64;
+/// while let Some(record) = consumer.next().await {
+///     let record = record?;
+///     println!("{}/{}: {:?}", record.partition(), record.offset(), record.value());
+///     handled += 1;
+///     if handled % 100 == 0 {
+///         consumer.commit().await?;
+///         println!("lag {:?}", consumer.total_lag());
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// In a `select!` loop beside other work: a `next()` that loses the race loses nothing.
+///
+/// ```no_run
+/// # async fn example(mut consumer: shardq::client::Consumer) -> Result<(), shardq::client::ClientError> {
+/// use std::time::Duration;
+/// use futures_util::StreamExt;
+///
+/// let mut commit_timer = tokio::time::interval(Duration::from_secs(5));
+/// loop {
+///     tokio::select! {
+///         record = consumer.next() => match record {
+///             Some(record) => println!("{}", record?.offset()),
+///             None => break, // nothing assigned, or the client closed
+///         },
+///         _ = commit_timer.tick() => consumer.commit().await?,
+///         _ = tokio::signal::ctrl_c() => break,
+///     }
+/// }
+/// consumer.commit().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Dropping a consumer forgets its positions (there is nothing to close): a group
+/// consumer commits first to keep them, and the [`Client`] stays open for its other
+/// users.
+///
 /// # Cancel safety
 /// [`Consumer::poll`], [`Consumer::poll_with_wait`] and the streams are cancel safe: a
 /// fetch (or automatic commit) still in flight when the poll is dropped is kept, and the
@@ -514,6 +607,9 @@ impl fmt::Debug for Consumer {
 }
 
 impl Consumer {
+    /// A consumer with nothing assigned; assign partitions with [`Consumer::assign`],
+    /// [`Consumer::assign_from`] or [`Consumer::assign_topic`]. Nothing is sent yet.
+    /// `config` is taken as it is: check it with [`ConsumerConfig::builder`].
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
         Consumer {
             client,
@@ -530,10 +626,12 @@ impl Consumer {
         self.config.group.as_deref()
     }
 
+    /// The client the consumer reads through.
     pub fn client(&self) -> &Client {
         &self.client
     }
 
+    /// The consumer's settings.
     pub fn config(&self) -> &ConsumerConfig {
         &self.config
     }
@@ -617,6 +715,10 @@ impl Consumer {
     /// # Errors
     /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] when the broker
     /// has no such partition; any error of the requests it makes.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the partition is assigned only in the step that returns, so a
+    /// dropped call assigns nothing.
     pub async fn assign_from(
         &mut self,
         topic: &str,
@@ -681,7 +783,15 @@ impl Consumer {
     /// # Errors
     /// [`ClientError::UnknownTopic`] when the broker has no such topic; any error of the
     /// requests it makes (a metadata request, one list-offsets request for all
-    /// partitions, and with a group one committed-offsets request).
+    /// partitions, with a group one committed-offsets request, and with
+    /// [`StartPosition::Time`] one list-offsets request per partition the group has not
+    /// committed).
+    ///
+    /// # Cancel safety
+    /// With [`StartPosition::Time`] (one more request per partition), a dropped call may
+    /// leave some partitions assigned and others not; calling it again assigns them all.
+    /// With the other start positions every partition is assigned in the step that
+    /// returns, so a dropped call assigns none.
     pub async fn assign_topic(
         &mut self,
         topic: &str,
@@ -758,6 +868,10 @@ impl Consumer {
     /// # Errors
     /// Any error of the list-offsets requests; assignments not yet refreshed keep what
     /// they knew.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a dropped call leaves some watermarks refreshed and others as they
+    /// were; positions are not touched.
     pub async fn refresh_watermarks(&mut self) -> Result<(), ClientError> {
         for (topic, partitions) in self.assigned_by_topic(|_| true) {
             let partitions: Vec<u32> = partitions.iter().map(|(partition, _)| *partition).collect();
@@ -872,7 +986,20 @@ impl Consumer {
     /// The records fetched and not yet handed out, or one Fetch naming every assigned
     /// partition, waiting up to `wait_ms_max` when none has new records (then the result
     /// is empty). Records are grouped by partition, in offset order within each. With
-    /// `auto_commit_interval` set, commits first when it is due.
+    /// `auto_commit_interval` set, commits first when it is due. With nothing assigned,
+    /// returns an empty list at once.
+    ///
+    /// ```no_run
+    /// # async fn example(mut consumer: shardq::client::Consumer) -> Result<(), shardq::client::ClientError> {
+    /// loop {
+    ///     let records = consumer.poll().await?; // empty when the long-poll expired
+    ///     for record in &records {
+    ///         println!("{} {}", record.partition(), record.offset());
+    ///     }
+    ///     consumer.commit().await?; // (a group consumer) what this poll handed out is done
+    /// }
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// Any error of the fetch or the automatic commit (nothing is lost: positions do not
@@ -888,6 +1015,12 @@ impl Consumer {
 
     /// As [`Consumer::poll`], with this call's own long-poll limit (a fetch already in
     /// flight from a cancelled poll keeps the limit it was sent with).
+    ///
+    /// # Errors
+    /// As [`Consumer::poll`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: see [`Consumer`].
     pub async fn poll_with_wait(
         &mut self,
         wait_ms_max: u32,

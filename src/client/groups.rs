@@ -18,6 +18,7 @@ use crate::protocol::{ErrorCode, Request, ResponseBody, StatsRequest, StatsRespo
 /// A stream group's position in one partition, with the partition's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommittedPosition {
+    /// The partition.
     pub partition: u32,
     /// The next offset the group will read; `None` when it never committed here.
     pub offset: Option<u64>,
@@ -43,6 +44,14 @@ impl CommittedPosition {
 impl Client {
     /// Durably records, for stream group `group`, the next offset to read of each listed
     /// `(partition, offset)` of `topic`: everything before it is done.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
+    /// partition the broker does not have, [`ClientError::CommitRefused`] for another
+    /// refusal of one partition (the others may be committed), [`ClientError::Broker`]
+    /// for a refusal of the whole request; the transport's errors. A commit is sent once
+    /// more on a new connection when the one it was on broke (it sets positions, so a
+    /// second copy does no harm).
     pub async fn commit_offsets(
         &self,
         group: &str,
@@ -91,6 +100,12 @@ impl Client {
 
     /// Stream group `group`'s committed offsets of `partitions` of `topic` (every
     /// partition when the list is empty), each with the partition's stored range.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
+    /// partition the broker does not have, [`ClientError::PartitionRefused`] for another
+    /// refusal of one partition, [`ClientError::Broker`] for a refusal of the whole
+    /// request; the transport's errors.
     pub async fn committed_offsets(
         &self,
         group: &str,
@@ -128,6 +143,11 @@ impl Client {
 
     /// The groups of `topic` (stream and queue), or only `group`, each partition with its
     /// position, backlog and (queue groups) in-flight and counters.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have,
+    /// [`ClientError::Broker`] for another refusal of the request; the transport's
+    /// errors.
     pub async fn describe_groups(
         &self,
         topic: &str,
@@ -150,6 +170,10 @@ impl Client {
     /// doing: offsets, bytes and segments per partition, records and bytes in and out
     /// since the broker started, connections and requests per shard. Counters restart
     /// at zero with the broker; rates are differences between two answers.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] when one topic is named and the broker does not have
+    /// it, [`ClientError::Broker`] for another refusal; the transport's errors.
     pub async fn stats(&self, topics: &[&str]) -> Result<StatsResponse, ClientError> {
         let request = Request::Stats(StatsRequest {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
@@ -164,6 +188,11 @@ impl Client {
     /// (`retry_delay_ms_min`, `retry_delay_ms_max`) may be given, and they win over the
     /// topic's; one not given stays as it is. The group is created if it does not exist.
     /// Returns once every partition's change is durable (docs/queues.md §3).
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have,
+    /// [`ClientError::Broker`] for a setting it refuses (one other than the retry
+    /// delays, a value out of range); the transport's errors.
     pub async fn alter_group(
         &self,
         topic: &str,
@@ -183,6 +212,11 @@ impl Client {
 
     /// Deletes every record `topic` stores now: each partition's log start moves to its
     /// high watermark. Returns what each partition lost.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have,
+    /// [`ClientError::Broker`] for another refusal of the request; the transport's
+    /// errors.
     pub async fn purge_topic(&self, topic: &str) -> Result<Vec<PurgedPartition>, ClientError> {
         let request = Request::PurgeTopic(PurgeTopicRequest {
             topic: topic.to_owned(),

@@ -1,7 +1,15 @@
 //! The tokio client: one TCP connection to a broker, pipelined requests, a batching
-//! [`Producer`], a polling [`Consumer`] (which may read for a stream group: resume at its
-//! committed offsets, [`Consumer::commit`]), and a [`QueueConsumer`] for queue groups
-//! (receive, ack, nack, extend, and the [`QueueConsumer::run`] worker loop).
+//! [`Producer`], a [`Consumer`] that is a cancel-safe [`Stream`](futures_core::Stream)
+//! of records (which may read for a stream group: resume at its committed offsets,
+//! [`Consumer::commit`]), and a [`QueueConsumer`] for queue groups (receive, ack, nack,
+//! extend, and the [`QueueConsumer::run`] worker loop).
+//!
+//! Where to start: [`Client::connect`], [`Producer`], [`Consumer`], [`QueueConsumer`],
+//! and [`ClientError`] for what can fail. Settings are built with
+//! [`ClientConfig::builder`], [`ProducerConfig::builder`], [`ConsumerConfig::builder`]
+//! and [`QueueConsumer::builder`], which refuse a value that cannot work with
+//! [`ClientError::InvalidConfig`]. Whole programs are in `examples/` (`producer.rs`,
+//! `consumer.rs`, `queue_worker.rs`, `pipeline.rs`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), shardq::client::ClientError> {
@@ -133,13 +141,18 @@ pub use queue::{
 pub enum ClientError {
     /// Resolving or connecting to the broker failed.
     Connect {
+        /// The address as given to [`Client::connect`].
         address: String,
+        /// Why: the resolver's or the socket's error, or that a reconnect ran out of time.
         source: Arc<io::Error>,
     },
     /// The socket failed while doing `context`.
     Io {
+        /// What the client was doing ("reading responses", say).
         context: &'static str,
+        /// The broker's address.
         peer: SocketAddr,
+        /// The socket's error.
         source: Arc<io::Error>,
     },
     /// The broker sent bytes that do not parse.
@@ -148,51 +161,82 @@ pub enum ClientError {
     Broker(WireError),
     /// The broker refused one partition of a produce or fetch; the rest may have succeeded.
     PartitionRefused {
+        /// The topic of the refused partition.
         topic: String,
+        /// The refused partition.
         partition: u32,
+        /// The broker's error code and message.
         error: WireError,
     },
     /// A fetch asked for an offset outside what the partition stores.
     OffsetOutOfRange {
+        /// The topic read.
         topic: String,
+        /// The partition read.
         partition: u32,
+        /// The offset asked for.
         requested: u64,
+        /// The first offset still stored.
         log_start_offset: u64,
+        /// One past the last offset readable.
         high_watermark: u64,
     },
     /// A fetched record batch failed its CRC or framing check.
     Batch {
+        /// The topic read.
         topic: String,
+        /// The partition read.
         partition: u32,
+        /// What was wrong with the batch.
         source: BatchError,
     },
     /// The broker answered something we did not ask for.
-    UnexpectedResponse { correlation_id: u64, reason: String },
+    UnexpectedResponse {
+        /// The request's correlation id (0 where the mix-up was found later).
+        correlation_id: u64,
+        /// What was unexpected.
+        reason: String,
+    },
     /// The connection broke; `cause` is the first failure, shared by every request that
     /// was pending on it (and, with `ClientConfig::reconnect` off, every later one).
     Disconnected {
+        /// The broker's address.
         peer: SocketAddr,
+        /// The first failure of the connection.
         cause: Arc<ClientError>,
     },
     /// The client or producer was closed by its owner.
     Closed,
     /// No answer within the limit.
     Timeout {
+        /// The request that got no answer ("fetch", say).
         operation: &'static str,
+        /// How long it waited, in ms.
         timeout_ms: u64,
     },
     /// A topic named in a request does not exist (or was deleted while the request was
     /// in flight).
-    UnknownTopic { topic: String },
+    UnknownTopic {
+        /// The topic asked for.
+        topic: String,
+    },
     /// A partition outside the topic's partition count; the count where the client knew
     /// it from metadata.
     UnknownPartition {
+        /// The topic.
         topic: String,
+        /// The partition asked for.
         partition: u32,
+        /// The topic's partition count, where the client knew it.
         partition_count: Option<u32>,
     },
     /// A configuration value that cannot work.
-    InvalidConfig { field: &'static str, value: u64 },
+    InvalidConfig {
+        /// The setting or argument, named as in the code.
+        field: &'static str,
+        /// Its value (a time in ms, a length for a string).
+        value: u64,
+    },
     /// A produced batch bigger than the broker takes (`batch_bytes_max` from the
     /// handshake of the connection it was about to go out on), so it was not sent: it was
     /// built for a broker with a larger limit before a reconnect to one with a smaller
@@ -201,9 +245,13 @@ pub enum ClientError {
     /// are in them), so it is failed rather than split; records sent after the reconnect
     /// are batched to the new limit.
     BatchTooLarge {
+        /// The batch's topic.
         topic: String,
+        /// The batch's partition.
         partition: u32,
+        /// The batch's size.
         size_bytes: u64,
+        /// The broker's limit.
         limit_bytes: u64,
     },
     /// A produced batch failed for good after `attempts` sends; `cause` is the last
@@ -212,24 +260,35 @@ pub enum ClientError {
     /// batch was appended but not durable): false only when every attempt was refused
     /// before anything was appended.
     ProduceFailed {
+        /// The last attempt's failure.
         cause: Arc<ClientError>,
+        /// Whether the broker may have stored the batch anyway.
         maybe_written: bool,
+        /// How many times the batch was sent.
         attempts: u32,
     },
     /// An ack, nack or extend that the broker refused for some handles (each with why);
     /// made by [`SettleOutcome::into_result`] for callers that want all-or-error.
     HandlesRefused {
+        /// "ack", "nack" or "extend".
         operation: &'static str,
+        /// The topic of the handles.
         topic: String,
+        /// The queue group.
         group: String,
+        /// Each refused handle, with why.
         refused: Vec<Refusal>,
     },
     /// The broker refused a stream group's commit for one partition (the other
     /// partitions of the request may have been committed).
     CommitRefused {
+        /// The stream group.
         group: String,
+        /// The topic committed.
         topic: String,
+        /// The refused partition.
         partition: u32,
+        /// The broker's error code and message.
         error: WireError,
     },
     /// `commit` on a consumer that has no stream group (`ConsumerConfig::group`).
@@ -257,6 +316,24 @@ impl ClientError {
     /// [`ClientError::ProduceFailed`] is retriable when its last cause was (the producer
     /// has already retried it until `delivery_timeout_ms`; see `maybe_written` before
     /// sending the record again).
+    ///
+    /// ```no_run
+    /// # async fn example(client: shardq::client::Client) {
+    /// use std::time::Duration;
+    ///
+    /// let metadata = loop {
+    ///     match client.metadata(&["orders"]).await {
+    ///         Ok(metadata) => break metadata,
+    ///         Err(error) if error.is_retriable() => {
+    ///             eprintln!("retrying: {}", error.report());
+    ///             tokio::time::sleep(Duration::from_secs(1)).await;
+    ///         }
+    ///         Err(error) => panic!("{}", error.report()), // a bug or a bad name: give up
+    ///     }
+    /// };
+    /// # let _ = metadata;
+    /// # }
+    /// ```
     pub fn is_retriable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Io { .. } | ClientError::Timeout { .. } => {
@@ -312,7 +389,24 @@ impl ClientError {
         }
     }
 
-    /// The error and every cause under it, on one line, separated by `: `.
+    /// The error and every cause under it, on one line, separated by `: `: what to
+    /// print or log (`Display` alone says only what failed, not why).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use shardq::client::ClientError;
+    ///
+    /// let error = ClientError::Disconnected {
+    ///     peer: "127.0.0.1:9740".parse().unwrap(),
+    ///     cause: Arc::new(ClientError::Timeout { operation: "fetch", timeout_ms: 30_000 }),
+    /// };
+    /// assert_eq!(
+    ///     error.report().to_string(),
+    ///     "connection to broker 127.0.0.1:9740 is broken: fetch got no answer within 30000 ms"
+    /// );
+    /// assert!(error.is_retriable()); // a lost connection: the next call reconnects
+    /// assert!(!ClientError::Closed.is_retriable());
+    /// ```
     pub fn report(&self) -> ErrorReport<'_> {
         ErrorReport(self)
     }
@@ -689,6 +783,13 @@ impl ClientConfigBuilder {
 /// offsets, committed offsets, commits, describe groups, stats), which are sent once more
 /// on the new connection. A [`Producer`] retries its batches itself (idempotently, so a
 /// batch is stored once); a [`Consumer`] keeps its positions and reads on from them.
+///
+/// # Cancel safety
+/// Dropping the future of any call leaves the connection whole: a separate task writes
+/// each request, whole or not at all. A request already written still reaches the
+/// broker and takes effect (a dropped `create_topic` may have created the topic), and
+/// keeps its place under `requests_pending_max` until the broker answers; the answer is
+/// then discarded. A reconnect that the call started goes on in its own task.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -755,11 +856,51 @@ impl fmt::Debug for Client {
 impl Client {
     /// Connects with the default [`ClientConfig`] and does the handshake. `address` is
     /// `host:port` (a name is resolved again on every reconnect), or a `SocketAddr`.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), shardq::client::ClientError> {
+    /// use shardq::client::Client;
+    ///
+    /// let client = Client::connect("127.0.0.1:9740").await?;
+    /// println!("{} shards", client.shard_count());
+    /// client.create_topic("orders", 4).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when the address does not resolve or the connection is
+    /// refused (the first connection is tried once: reconnecting is for connections
+    /// that were made); the handshake's errors, such as [`ClientError::Timeout`] or a
+    /// [`ClientError::Protocol`] for a broker of another protocol version.
+    ///
+    /// # Cancel safety
+    /// Dropping it closes the connection it was opening; nothing else is left behind.
     pub async fn connect(address: impl fmt::Display) -> Result<Client, ClientError> {
         Client::connect_with(address, ClientConfig::default()).await
     }
 
     /// Connects with `config` and does the handshake.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), shardq::client::ClientError> {
+    /// use shardq::client::{Client, ClientConfig};
+    ///
+    /// let config = ClientConfig::builder()
+    ///     .client_name("billing")
+    ///     .reconnect_timeout_ms(60_000) // ride out a minute of broker restart
+    ///     .build()?;
+    /// let client = Client::connect_with("broker.internal:9740", config).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for a setting that cannot work (the checks of
+    /// [`ClientConfigBuilder::build`]); otherwise as [`Client::connect`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::connect`].
     pub async fn connect_with(
         address: impl fmt::Display,
         config: ClientConfig,
@@ -821,6 +962,7 @@ impl Client {
         self.inner.reconnects.load(Ordering::Acquire)
     }
 
+    /// The settings the client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
     }
@@ -1001,6 +1143,15 @@ impl Client {
 
     /// Topic metadata; an empty list asks for every topic. A topic the broker does not
     /// know comes back with its `error` set, not as an error of the whole call.
+    ///
+    /// # Errors
+    /// The transport's errors ([`ClientError::Timeout`], [`ClientError::Disconnected`]
+    /// after reconnecting failed, [`ClientError::Closed`], ...) and
+    /// [`ClientError::Broker`] for a refusal of the whole request.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, like every call of [`Client`] that only reads: a dropped call leaves
+    /// its answer to be discarded when it arrives, and a reconnect it started running.
     pub async fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse, ClientError> {
         let request = Request::Metadata(MetadataRequest {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
@@ -1011,12 +1162,26 @@ impl Client {
         }
     }
 
-    /// Creates a topic that keeps everything (no retention limit).
+    /// Creates a topic that keeps everything (no retention limit), with the broker's
+    /// default queue settings.
+    ///
+    /// # Errors
+    /// [`ClientError::Broker`] with [`ErrorCode::TopicAlreadyExists`] (see
+    /// [`ClientError::wire_code`]) when the name is taken, or another code for a name
+    /// or partition count the broker refuses; the transport's errors.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may or may not have created the topic, and it is
+    /// not sent again after a broken connection.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
         self.create_topic_with(name, partitions, Retention::default())
             .await
     }
 
+    /// Creates a topic with this retention (and the broker's default queue settings).
+    ///
+    /// # Errors
+    /// As [`Client::create_topic`].
     pub async fn create_topic_with(
         &self,
         name: &str,
@@ -1029,6 +1194,9 @@ impl Client {
 
     /// Creates a topic with its retention and queue settings (`None` fields take the
     /// broker's `queue_*` defaults).
+    ///
+    /// # Errors
+    /// As [`Client::create_topic`].
     pub async fn create_topic_with_queue(
         &self,
         name: &str,
@@ -1049,6 +1217,10 @@ impl Client {
     }
 
     /// Changes a topic's retention; its queue settings stay as they are.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have,
+    /// [`ClientError::Broker`] for a value it refuses; the transport's errors.
     pub async fn alter_topic(&self, name: &str, retention: Retention) -> Result<(), ClientError> {
         self.alter_topic_with(name, Some(retention), QueueSettings::default())
             .await
@@ -1056,6 +1228,9 @@ impl Client {
 
     /// Changes a topic's retention (`None`: unchanged) and the queue settings given
     /// (`None` fields stay as they are).
+    ///
+    /// # Errors
+    /// As [`Client::alter_topic`].
     pub async fn alter_topic_with(
         &self,
         name: &str,
@@ -1118,6 +1293,11 @@ impl Client {
         Ok(answered)
     }
 
+    /// Deletes a topic and everything stored in it.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownTopic`] for a topic the broker does not have; the
+    /// transport's errors.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let request = Request::DeleteTopic(DeleteTopicRequest {
             name: name.to_owned(),
@@ -1132,7 +1312,12 @@ impl Client {
     /// returns `Ok(None)` once the request is written to the socket. Otherwise the
     /// response is returned as is, per-partition errors included, for the caller to read.
     /// The wait is bounded by the request's own `timeout_ms` plus `request_timeout_ms`,
-    /// so that the broker's own Timeout answer normally arrives first.
+    /// so that the broker's own Timeout answer normally arrives first. This is the raw
+    /// request: no batching, retries or idempotence (see [`Producer`]).
+    ///
+    /// # Errors
+    /// The transport's errors and a refusal of the whole request; refusals of single
+    /// partitions are in the response.
     pub async fn produce(
         &self,
         request: ProduceRequest,
@@ -1159,6 +1344,10 @@ impl Client {
 
     /// Sends a fetch request. The wait is bounded by its long-poll `wait_ms_max` plus
     /// `request_timeout_ms`.
+    ///
+    /// # Errors
+    /// The transport's errors and a refusal of the whole request; refusals of single
+    /// partitions are in the response.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, ClientError> {
         let timeout = Duration::from_millis(
             u64::from(request.wait_ms_max) + self.inner.config.request_timeout_ms,
@@ -1172,6 +1361,11 @@ impl Client {
     /// Fetches one partition from `offset` and decodes its records (checking every
     /// batch's CRC32C). Records before `offset` in the first batch are dropped. At
     /// `offset == high_watermark` the broker waits up to `wait_ms_max` for new data.
+    ///
+    /// # Errors
+    /// As [`fetch_records_from_response`]: [`ClientError::OffsetOutOfRange`],
+    /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`],
+    /// [`ClientError::Batch`] for a batch that fails its check; the transport's errors.
     pub async fn fetch_records(
         &self,
         topic: &str,

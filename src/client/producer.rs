@@ -186,6 +186,17 @@ impl ProducerConfigBuilder {
     /// [`ClientError::InvalidConfig`] naming the first field that cannot work (a zero
     /// limit, a batch too small for one record, a backoff maximum below its minimum),
     /// with its value.
+    ///
+    /// ```
+    /// use shardq::client::{ClientError, ProducerConfig};
+    ///
+    /// let error = ProducerConfig::builder().batch_records_max(0).build().unwrap_err();
+    /// assert!(matches!(
+    ///     error,
+    ///     ClientError::InvalidConfig { field: "batch_records_max", value: 0 }
+    /// ));
+    /// assert_eq!(error.to_string(), "invalid client configuration: batch_records_max = 0");
+    /// ```
     pub fn build(self) -> Result<ProducerConfig, ClientError> {
         self.config.validate()?;
         Ok(self.config)
@@ -246,17 +257,32 @@ impl ProducerConfig {
     }
 }
 
-/// A record to send.
+/// A record to send: a value, and optionally a key, headers and a partition.
+///
+/// ```
+/// use shardq::client::ProducerRecord;
+///
+/// let record = ProducerRecord::new("order 17 paid")
+///     .with_key("customer-7")
+///     .with_header("trace-id", "4bf92f35");
+/// assert_eq!(record.partition, None); // routed by the key's hash
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerRecord {
+    /// Routes the record when `partition` is `None`: records of one key go to one
+    /// partition ([`crate::placement::partition_for_key`]), so they keep their order.
+    /// Default `None` (no key: round-robin).
     pub key: Option<Bytes>,
+    /// The payload.
     pub value: Bytes,
+    /// Name/value pairs stored with the record, in this order. Default none.
     pub headers: Vec<(String, Bytes)>,
     /// Send to this partition rather than routing by key or round-robin.
     pub partition: Option<u32>,
 }
 
 impl ProducerRecord {
+    /// A record of `value`, with no key, headers or partition.
     pub fn new(value: impl Into<Bytes>) -> ProducerRecord {
         ProducerRecord {
             value: value.into(),
@@ -264,16 +290,20 @@ impl ProducerRecord {
         }
     }
 
+    /// The record with this key (routing by its hash unless a partition is set).
     pub fn with_key(mut self, key: impl Into<Bytes>) -> ProducerRecord {
         self.key = Some(key.into());
         self
     }
 
+    /// The record sent to this partition, whatever its key. A partition the topic does
+    /// not have fails the send with [`ClientError::UnknownPartition`].
     pub fn with_partition(mut self, partition: u32) -> ProducerRecord {
         self.partition = Some(partition);
         self
     }
 
+    /// The record with one more header (after those already added).
     pub fn with_header(
         mut self,
         name: impl Into<String>,
@@ -295,7 +325,9 @@ impl ProducerRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RecordMetadata {
+    /// The topic the record was sent to.
     pub topic: Arc<str>,
+    /// The partition it was stored in.
     pub partition: u32,
     /// The record's offset in its partition.
     pub offset: u64,
@@ -307,7 +339,9 @@ pub struct RecordMetadata {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Sent {
+    /// The topic the record was sent to.
     pub topic: Arc<str>,
+    /// The partition it was sent to.
     pub partition: u32,
 }
 
@@ -357,6 +391,10 @@ impl SendHandle {
     /// # Errors
     /// [`ClientError::ProduceFailed`] when the batch failed for good (it says whether it
     /// may have been written anyway), shared by every record of the batch.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the record is sent and retried whether or not anything waits for
+    /// it; a dropped wait only loses sight of the outcome.
     pub async fn wait(self) -> Result<RecordMetadata, ClientError> {
         let outcome = self.completion.wait().await;
         self.metadata(outcome)
@@ -409,6 +447,9 @@ impl SentHandle {
     /// # Errors
     /// [`ClientError::ProduceFailed`] when it could not be written (no connection, the
     /// client closed); a refusal by the broker is never heard of.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`SendHandle::wait`].
     pub async fn wait(self) -> Result<Sent, ClientError> {
         let outcome = self.completion.wait().await;
         self.sent(outcome)
@@ -560,6 +601,44 @@ impl Drop for Owner {
 
 /// A batching producer over one [`Client`]. Cheap to clone; clones share the batches.
 ///
+/// [`Producer::send`] queues a record in its partition's open batch and returns a
+/// [`SendHandle`] at once; a background task sends batches that are full
+/// (`batch_bytes_max`, `batch_records_max`) or have waited `linger_ms`, several
+/// partitions' batches per request, up to `requests_in_flight_max` requests at once.
+///
+/// Guarantees:
+/// - records of one partition are stored in the order they were sent: a partition has
+///   one batch in flight at a time, and a retried batch goes out before any later one;
+/// - nothing is stored twice: an idempotent producer (the default) marks each batch with
+///   its producer id and sequence, so the broker stores a resent batch once; without
+///   idempotence only failures that prove nothing was stored are retried;
+/// - a batch that fails retriably (a timeout, a broken connection, the broker stopping
+///   or out of disk) is resent, byte for byte, with backoff, until `delivery_timeout_ms`;
+///   then its records' handles fail with one [`ClientError::ProduceFailed`] that says
+///   whether it may have been stored anyway ([`ClientError::maybe_written`]);
+/// - memory is bounded: `send` waits while `buffer_bytes_max` bytes of records are
+///   unanswered.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), shardq::client::ClientError> {
+/// use shardq::client::{Client, Producer, ProducerConfig, ProducerRecord};
+///
+/// let client = Client::connect("127.0.0.1:9740").await?;
+/// let producer = Producer::new(client, ProducerConfig::default())?;
+/// // Queued at once; many sends share a batch.
+/// let handle = producer.send("orders", ProducerRecord::new("paid").with_key("c-7")).await?;
+/// for index in 0..100 {
+///     producer.send("orders", ProducerRecord::new(format!("item {index}"))).await?;
+/// }
+/// // Waits for the first record's answer (its batch goes out after linger_ms).
+/// let metadata = handle.await?;
+/// println!("stored at {}/{}", metadata.partition, metadata.offset);
+/// // Sends what lingers and waits for every answer; later sends fail with Closed.
+/// producer.close().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Closing: [`Producer::close`] refuses later sends at once with [`ClientError::Closed`]
 /// (on every clone) and waits until every record already sent is answered. Dropping the
 /// last clone without closing does the same in the background: the records already sent
@@ -670,7 +749,14 @@ impl Producer {
     /// (no answer will come, so there is no offset to resolve to: use
     /// [`Producer::send_unacknowledged`]); [`ClientError::Closed`] after a close;
     /// [`ClientError::UnknownTopic`] / [`ClientError::UnknownPartition`] for a topic or
-    /// explicit partition the broker does not have (after one metadata refresh).
+    /// explicit partition the broker does not have (after one metadata refresh); the
+    /// metadata request's own errors. A failure to store the record is not an error of
+    /// `send` but of its handle.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the record is queued in the same step in which `send` returns, so a
+    /// `send` dropped before it returns (while it waits for memory or for metadata) has
+    /// queued nothing. Dropping the returned [`SendHandle`] does not unsend the record.
     pub async fn send(
         &self,
         topic: &str,
@@ -695,6 +781,9 @@ impl Producer {
     /// [`ClientError::InvalidConfig`] naming `acks` (with its value) when the producer's
     /// acks are not `None` (its answers carry offsets: use [`Producer::send`]); the rest
     /// as [`Producer::send`].
+    ///
+    /// # Cancel safety
+    /// As [`Producer::send`].
     pub async fn send_unacknowledged(
         &self,
         topic: &str,
@@ -807,8 +896,17 @@ impl Producer {
     }
 
     /// Sends every record queued so far, without waiting for linger, and waits until all
-    /// of them are answered. Returns the first error among them (each handle still
-    /// carries its own outcome).
+    /// of them are answered (with acks `None`: written).
+    ///
+    /// # Errors
+    /// The first error of a batch that failed since the previous flush returned (a
+    /// [`ClientError::ProduceFailed`]; each handle still carries its own outcome), even
+    /// one that failed before this flush began. `Ok` means every batch answered since
+    /// then succeeded.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the batches go out whether or not the flush is awaited, and an error
+    /// not yet reported is kept for the next flush.
     pub async fn flush(&self) -> Result<(), ClientError> {
         let completions: Vec<Arc<BatchCompletion>> = {
             let mut state = self.shared.state();
@@ -828,7 +926,16 @@ impl Producer {
         }
     }
 
-    /// Refuses further sends (on every clone), then flushes.
+    /// Refuses further sends (on every clone, with [`ClientError::Closed`]), then
+    /// flushes: sends what is queued and waits for every answer. The [`Client`] stays
+    /// open for other users.
+    ///
+    /// # Errors
+    /// As [`Producer::flush`].
+    ///
+    /// # Cancel safety
+    /// The producer is closed from the first poll on; a dropped `close` leaves the queued
+    /// records going out in the background, as dropping the producer does.
     pub async fn close(&self) -> Result<(), ClientError> {
         self.shared.begin_close();
         self.flush().await

@@ -258,22 +258,27 @@ impl QueueMessage {
         self.message.handle.attempt
     }
 
+    /// The partition the message is stored in.
     pub fn partition(&self) -> u32 {
         self.message.handle.partition
     }
 
+    /// The message's offset in its partition.
     pub fn offset(&self) -> u64 {
         self.message.handle.offset
     }
 
+    /// The message's key, if it was produced with one.
     pub fn key(&self) -> Option<&Bytes> {
         self.message.key.as_ref()
     }
 
+    /// The message's value.
     pub fn value(&self) -> &Bytes {
         &self.message.value
     }
 
+    /// The message's headers, in the order they were produced.
     pub fn headers(&self) -> &[(String, Bytes)] {
         &self.message.headers
     }
@@ -318,12 +323,16 @@ impl QueueMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SettleKind {
+    /// [`QueueConsumer::ack`].
     Ack,
+    /// [`QueueConsumer::nack`].
     Nack,
+    /// [`QueueConsumer::extend`].
     Extend,
 }
 
 impl SettleKind {
+    /// "ack", "nack" or "extend".
     pub fn name(self) -> &'static str {
         match self {
             SettleKind::Ack => "ack",
@@ -355,6 +364,8 @@ pub enum SettleError {
 }
 
 impl SettleError {
+    /// The refusal a wire code stands for ([`SettleError::Other`] for codes without
+    /// their own variant).
     pub fn from_code(code: ErrorCode) -> SettleError {
         match code {
             ErrorCode::HandleStale => SettleError::Stale,
@@ -392,7 +403,9 @@ impl fmt::Display for SettleError {
 /// One refused handle: which, why, and the broker's own words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The refused handle.
     pub handle: Handle,
+    /// Why it was refused.
     pub error: SettleError,
     /// The broker's message (may be empty).
     pub detail: String,
@@ -421,6 +434,7 @@ impl fmt::Display for Refusal {
 /// The answer to an ack, nack or extend: which handles the broker refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleOutcome {
+    /// The operation answered.
     pub kind: SettleKind,
     /// Handles sent.
     pub handles: usize,
@@ -457,8 +471,10 @@ impl SettleOutcome {
         self.handles - self.refused.len()
     }
 
-    /// `Ok` when [`SettleOutcome::is_success`], else [`ClientError::HandlesRefused`]
-    /// with the failures.
+    /// `Ok` when [`SettleOutcome::is_success`], for callers that want all or an error.
+    ///
+    /// # Errors
+    /// [`ClientError::HandlesRefused`] with the failures (naming `topic` and `group`).
     pub fn into_result(self, topic: &str, group: &str) -> Result<(), ClientError> {
         if self.is_success() {
             return Ok(());
@@ -484,6 +500,10 @@ impl Client {
 
     /// Receive from a queue group once: the request as the protocol has it, answered with
     /// the broker's messages. The wait is bounded by `wait_ms` plus `request_timeout_ms`.
+    /// [`QueueConsumer::receive`] is the same with checked arguments.
+    ///
+    /// # Errors
+    /// As [`QueueConsumer::receive`].
     pub async fn receive(
         &self,
         request: ReceiveRequest,
@@ -502,6 +522,13 @@ impl Client {
     /// Ack, nack or extend `handles` of `topic`'s `group`, in requests of at most
     /// `handles_per_request_max` handles. Refusals are collected, not errors; the first
     /// transport error ends the call (earlier requests stay settled).
+    /// [`QueueConsumer::ack`], `nack` and `extend` are the same for one consumer.
+    ///
+    /// # Errors
+    /// As [`QueueConsumer::ack`].
+    ///
+    /// # Panics
+    /// When `handles_per_request_max` is 0.
     pub async fn settle(
         &self,
         topic: &str,
@@ -557,6 +584,17 @@ struct Inner {
 /// clones share the client and the settings. Many consumers (in one process or many)
 /// may serve one group: each message is leased to one of them at a time.
 ///
+/// Guarantees (the queue itself lives on the broker, docs/queues.md):
+/// - a received message is leased to this caller until its lease ends
+///   ([`QueueMessage::lease_deadline`] estimates it, erring early); unsettled by then, it
+///   is delivered again with its attempt plus one (at-least-once);
+/// - an ack, nack or extend answers per handle in a [`SettleOutcome`]: every handle not
+///   listed as refused took effect, and each refusal says why ([`SettleError`]);
+/// - a transport error instead leaves the handles of the failed request unknown, and
+///   settling them again is safe;
+/// - dropping the consumer releases nothing: messages it leased come back when their
+///   leases end.
+///
 /// ```no_run
 /// # async fn example() -> Result<(), shardq::client::ClientError> {
 /// use std::time::Duration;
@@ -596,6 +634,7 @@ impl fmt::Debug for QueueConsumer {
 /// What a [`QueueConsumer::run`] did, counted per message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
+    /// Messages received (a redelivered message counts again).
     pub received: u64,
     /// Handlers that returned `Ok` and whose ack the broker took.
     pub acked: u64,
@@ -627,6 +666,9 @@ const RUN_SETTLES_IN_FLIGHT_MAX: usize = 8;
 type SettleCounts = (u64, u64, u64);
 
 impl QueueConsumer {
+    /// A builder of a consumer of `topic` for queue group `group`, starting from
+    /// [`QueueConsumerConfig::default`]. The group needs no creating: the broker makes
+    /// it at its first receive.
     pub fn builder(client: Client, topic: &str, group: &str) -> QueueConsumerBuilder {
         QueueConsumerBuilder {
             client,
@@ -636,18 +678,22 @@ impl QueueConsumer {
         }
     }
 
+    /// The topic it receives from.
     pub fn topic(&self) -> &str {
         &self.inner.topic
     }
 
+    /// The queue group it serves.
     pub fn group(&self) -> &str {
         &self.inner.group
     }
 
+    /// Its settings.
     pub fn config(&self) -> &QueueConsumerConfig {
         &self.inner.config
     }
 
+    /// The client it talks through.
     pub fn client(&self) -> &Client {
         &self.inner.client
     }
@@ -655,6 +701,18 @@ impl QueueConsumer {
     /// Leases up to `messages_max` available messages, each for `visibility` (`None`:
     /// the consumer's setting, else the topic's). With none available the broker waits
     /// up to `wait` for one; an empty answer is normal.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for `messages_max` 0, a visibility of 0 or either
+    /// time past the wire's `u32` milliseconds; [`ClientError::UnknownTopic`] for a topic
+    /// the broker does not have; [`ClientError::Broker`] for another refusal; the
+    /// transport's errors (a receive is not sent again after a broken connection: it
+    /// may have leased messages, which come back when their leases end).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a receive dropped after it was sent may have leased messages
+    /// that nobody gets. They are not lost: the broker delivers them again once their
+    /// leases end (the visibility timeout).
     pub async fn receive(
         &self,
         messages_max: u32,
@@ -703,12 +761,49 @@ impl QueueConsumer {
     /// Done with these deliveries: they are never delivered again. A handle answered
     /// [`SettleError::AlreadySettled`] (say, a retried ack) is in the outcome's
     /// `refused` list but not among its `failures`.
+    ///
+    /// ```no_run
+    /// # async fn example(consumer: shardq::client::QueueConsumer) -> Result<(), shardq::client::ClientError> {
+    /// use std::time::Duration;
+    /// use shardq::client::handles_of;
+    ///
+    /// let messages = consumer.receive(10, None, Duration::from_secs(1)).await?;
+    /// // ... handle them ...
+    /// let outcome = consumer.ack(&handles_of(&messages)).await?;
+    /// for refusal in outcome.failures() {
+    ///     eprintln!("not acked: {refusal}"); // the lease ran out, say: it comes back
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// A refusal of single handles is not an error but an entry of the
+    /// [`SettleOutcome`] ([`SettleOutcome::into_result`] makes it one). Errors are the
+    /// transport's ([`ClientError::Timeout`], [`ClientError::Disconnected`], ...) and a
+    /// refusal of the whole request ([`ClientError::UnknownTopic`],
+    /// [`ClientError::Broker`]); then nothing is known of the handles of the request
+    /// that failed (requests of `settle_handles_per_request_max` handles sent before it
+    /// took effect).
+    ///
+    /// # Cancel safety
+    /// A dropped ack may or may not have taken effect (in part, when it took several
+    /// requests). Acking the same handles again is safe: an ack that already took effect
+    /// is answered [`SettleError::AlreadySettled`], which is not a failure.
     pub async fn ack(&self, handles: &[Handle]) -> Result<SettleOutcome, ClientError> {
         self.settle(SettleAction::Ack, handles).await
     }
 
     /// These deliveries failed: each message is delivered again after `delay` (or goes
     /// to the dead-letter topic if this was its last allowed delivery, with `reason`).
+    /// `reason` is cut to [`NACK_REASON_BYTES_MAX`] bytes.
+    ///
+    /// # Errors
+    /// As [`QueueConsumer::ack`].
+    ///
+    /// # Cancel safety
+    /// A dropped nack may or may not have taken effect; a nack repeated after one that
+    /// did is refused for that handle (its delivery is over) and changes nothing.
     pub async fn nack(
         &self,
         handles: &[Handle],
@@ -723,6 +818,14 @@ impl QueueConsumer {
     }
 
     /// Still working: each lease now ends `visibility` from now (this may shorten it).
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for a `visibility` past the wire's `u32`
+    /// milliseconds; otherwise as [`QueueConsumer::ack`].
+    ///
+    /// # Cancel safety
+    /// A dropped extend may or may not have taken effect; repeating it sets the leases
+    /// again, from the time of the repeat.
     pub async fn extend(
         &self,
         handles: &[Handle],
@@ -803,6 +906,18 @@ impl QueueConsumer {
     /// then aborted and their messages come back when their leases run out. A refused
     /// ack, nack or extension of one handle is counted in [`RunSummary::refused`] and the
     /// loop goes on.
+    ///
+    /// # Errors
+    /// The lease length's metadata request failing (when `visibility_timeout` is not
+    /// set), [`ClientError::Connect`] after `reconnect_timeout_ms` without a broker, or
+    /// any error that is not retriable (above); the summary of what was done is then
+    /// lost, the acks and nacks it counted stay done.
+    ///
+    /// # Cancel safety
+    /// Dropping the `run` future is an abrupt stop: running handlers are aborted and
+    /// acks and nacks not yet answered may be lost, so their messages are delivered
+    /// again when their leases end (nothing is lost, some is done twice). To stop
+    /// cleanly, resolve `shutdown` and await `run`.
     ///
     /// ```no_run
     /// # async fn charge(_: &[u8]) -> Result<(), std::io::Error> { Ok(()) }

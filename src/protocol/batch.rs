@@ -418,10 +418,15 @@ fn parse_record(batch: &[u8], position: usize, index: u32) -> Result<RecordView<
 /// An owned record, as a consumer receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The record's offset in its partition.
     pub offset: u64,
+    /// The producer's timestamp, in ms since the epoch.
     pub timestamp_ms: i64,
+    /// The key, if it was produced with one.
     pub key: Option<Bytes>,
+    /// The payload.
     pub value: Bytes,
+    /// Name/value pairs, in the order they were produced.
     pub headers: Vec<(String, Bytes)>,
 }
 

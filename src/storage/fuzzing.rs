@@ -31,6 +31,8 @@
 //!   bytes.
 //!
 //! A violated invariant is a panic: what libFuzzer and proptest report.
+//!
+//! [`recover_segment_image`]: crate::storage::fuzzing::recover_segment_image
 
 use std::path::{Path, PathBuf};
 

@@ -221,3 +221,32 @@ pub fn fixed_port_range(count: u16) -> u16 {
     }
     panic!("no {count} consecutive free ports below {ephemeral_low}")
 }
+
+/// Builds the examples `names` with the cargo and the profile that built this test (a
+/// no-op when `cargo test` built them already), and returns their directory
+/// (`target/<profile>/examples`).
+pub fn built_examples(names: &[&str]) -> std::path::PathBuf {
+    let profile_directory = Path::new(env!("CARGO_BIN_EXE_shardq"))
+        .parent()
+        .expect("the binary lies in the profile's directory");
+    let target_directory = profile_directory
+        .parent()
+        .expect("the profile's directory lies in the target directory");
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--locked", "--target-dir"])
+        .arg(target_directory);
+    if profile_directory
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        command.arg("--release");
+    }
+    for name in names {
+        command.args(["--example", name]);
+    }
+    let status = command.status().expect("run cargo build");
+    assert!(status.success(), "cargo build of {names:?}: {status}");
+    profile_directory.join("examples")
+}
