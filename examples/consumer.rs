@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
 async fn consume(address: &str, count: u64, topic: &str) -> Result<(), ClientError> {
     let client = Client::connect(address).await?;
     let config = ConsumerConfig::builder().group("example-group").build()?;
-    let mut consumer = Consumer::new(client, config);
+    let mut consumer = Consumer::new(client, config)?;
     // Each partition starts at the group's committed offset, or at the beginning where
     // the group never committed.
     consumer

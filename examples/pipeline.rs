@@ -56,7 +56,7 @@ async fn pipeline(address: &str, count: u64) -> Result<(), ClientError> {
     // Idempotent is the default: a batch resent after a lost answer is stored once.
     let producer = Producer::new(client.clone(), ProducerConfig::default())?;
     let config = ConsumerConfig::builder().group("pipeline").build()?;
-    let mut consumer = Consumer::new(client, config);
+    let mut consumer = Consumer::new(client, config)?;
     consumer
         .assign_topic(INPUT, StartPosition::Beginning)
         .await?;

@@ -51,7 +51,7 @@ fn seen(records: &[ConsumedRecord]) -> Vec<(u32, u64, String)> {
 async fn one_poll_reads_every_partition_and_advances_positions() {
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     assert_eq!(
         consumer
             .assign_topic("t", StartPosition::Beginning)
@@ -96,7 +96,7 @@ async fn one_poll_reads_every_partition_and_advances_positions() {
 async fn start_positions_resolve_against_the_broker() {
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     assert_eq!(
         consumer
             .assign_from("t", 0, StartPosition::Beginning)
@@ -117,7 +117,7 @@ async fn start_positions_resolve_against_the_broker() {
         vec![(0, 0, "0".into()), (0, 1, "2".into()), (0, 2, "4".into())],
         "the partition assigned at its end has nothing yet"
     );
-    let mut from_offset = Consumer::new(client, ConsumerConfig::default());
+    let mut from_offset = Consumer::new(client, ConsumerConfig::default()).unwrap();
     assert_eq!(
         from_offset
             .assign_from("t", 1, StartPosition::Offset(2))
@@ -134,7 +134,7 @@ async fn start_positions_resolve_against_the_broker() {
 async fn an_offset_past_the_watermark_is_out_of_range_and_loses_nothing() {
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     consumer.assign("t", 0, 0);
     consumer.assign("t", 1, 4);
     let error = consumer.poll_with_wait(0).await.unwrap_err();
@@ -154,7 +154,7 @@ async fn an_offset_past_the_watermark_is_out_of_range_and_loses_nothing() {
 #[tokio::test]
 async fn assigning_an_unknown_topic_fails() {
     let (_dir, _broker, client) = start().await;
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     let error = consumer
         .assign_topic("missing", StartPosition::Beginning)
         .await
@@ -171,7 +171,7 @@ async fn assigning_an_unknown_topic_fails() {
 async fn a_long_poll_returns_when_a_record_arrives() {
     let (_dir, _broker, client) = start().await;
     client.create_topic("t", 2).await.unwrap();
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     consumer
         .assign_topic("t", StartPosition::End)
         .await
@@ -224,7 +224,7 @@ async fn long_poll_across_shards(connection_shard: u16, data_shard: u16) {
     };
     let partitions = [owned_by(0), owned_by(1)];
     let data_partition = partitions[usize::from(data_shard)];
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     for partition in partitions {
         consumer.assign("t", partition, 0);
     }
@@ -276,7 +276,7 @@ async fn group_consumer_resumes_where_the_group_committed() {
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
     let config = || ConsumerConfig::default().with_group("readers", None);
-    let mut first = Consumer::new(client.clone(), config());
+    let mut first = Consumer::new(client.clone(), config()).unwrap();
     first
         .assign_topic("t", StartPosition::Beginning)
         .await
@@ -293,14 +293,15 @@ async fn group_consumer_resumes_where_the_group_committed() {
         .collect();
     assert_eq!(offsets, vec![(0, Some(3)), (1, Some(1))]);
     // A new reader of the group starts at the commits, not at its start position.
-    let mut second = Consumer::new(client.clone(), config());
+    let mut second = Consumer::new(client.clone(), config()).unwrap();
     second.assign_topic("t", StartPosition::End).await.unwrap();
     assert_eq!(second.position("t", 0), Some(3));
     assert_eq!(second.position("t", 1), Some(1));
     let records = second.poll_with_wait(0).await.unwrap();
     assert_eq!(seen(&records), vec![(1, 1, "3".into()), (1, 2, "5".into())]);
     // Another group is untouched: it starts at its start position.
-    let mut other = Consumer::new(client, ConsumerConfig::default().with_group("others", None));
+    let mut other =
+        Consumer::new(client, ConsumerConfig::default().with_group("others", None)).unwrap();
     assert_eq!(
         other
             .assign_from("t", 0, StartPosition::Beginning)
@@ -316,7 +317,7 @@ async fn auto_commit_records_what_earlier_polls_returned() {
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
     let config = ConsumerConfig::default().with_group("auto", Some(std::time::Duration::ZERO));
-    let mut consumer = Consumer::new(client.clone(), config);
+    let mut consumer = Consumer::new(client.clone(), config).unwrap();
     consumer
         .assign_topic("t", StartPosition::Beginning)
         .await
@@ -352,7 +353,8 @@ async fn commits_past_the_watermark_are_refused_and_purged_logs_resume_at_their_
     client.commit_offsets("g", "t", &[(0, 1)]).await.unwrap();
     let purged = client.purge_topic("t").await.unwrap();
     assert_eq!(purged.iter().map(|p| p.records).sum::<u64>(), 6);
-    let mut consumer = Consumer::new(client, ConsumerConfig::default().with_group("g", None));
+    let mut consumer =
+        Consumer::new(client, ConsumerConfig::default().with_group("g", None)).unwrap();
     assert_eq!(
         consumer
             .assign_from("t", 0, StartPosition::Beginning)
@@ -402,7 +404,7 @@ async fn a_stream_cancelled_thousands_of_times_in_a_select_loop_reads_everything
         .wait_ms_max(100)
         .build()
         .unwrap();
-    let mut consumer = Consumer::new(client.clone(), config);
+    let mut consumer = Consumer::new(client.clone(), config).unwrap();
     consumer
         .assign_topic("s", StartPosition::Beginning)
         .await
@@ -469,7 +471,7 @@ async fn the_batch_stream_yields_each_poll_and_ends_when_the_client_closes() {
 
     let (_dir, _broker, client) = start().await;
     produce_six(&client).await;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     // Nothing assigned: both streams end at once rather than spin.
     assert!(consumer.next().await.is_none());
     assert!(consumer.batches().next().await.is_none());

@@ -155,7 +155,7 @@ async fn producer_and_consumer_carry_on_across_kill_9_and_restart() {
             .expect("a valid config"),
     )
     .unwrap();
-    let consumer = Consumer::new(consumer_client.clone(), ConsumerConfig::default());
+    let consumer = Consumer::new(consumer_client.clone(), ConsumerConfig::default()).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));

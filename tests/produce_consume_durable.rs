@@ -55,7 +55,7 @@ async fn produce(addr: std::net::SocketAddr, from: u64, count: u64) -> BTreeMap<
 
 async fn consume_all(addr: std::net::SocketAddr, expected: usize) -> Contents {
     let client = Client::connect(addr).await.expect("connect");
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     consumer
         .assign_topic("orders", StartPosition::Beginning)
         .await

@@ -146,7 +146,8 @@ async fn a_million_messages_four_workers_one_percent_dead_lettered_exactly_once(
     }
 
     // Each failing message is in the DLQ exactly once, with its source named.
-    let mut consumer = shardq::client::Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer =
+        shardq::client::Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     let dlq_partitions: Vec<u32> = (0..PARTITIONS).collect();
     let dead = dead_letters(&client, &mut consumer, &dlq_partitions, bad_total).await;
     let mut seen = vec![0u8; MESSAGES as usize];

@@ -157,7 +157,7 @@ fn retention_by_size_then_by_age_moves_the_log_start_and_refuses_older_offsets()
             other => panic!("expected OffsetOutOfRange, got {other:?}"),
         }
         // A consumer from the beginning starts at the new log start, dense from there.
-        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
         let first = consumer
             .assign_from("logs", 0, StartPosition::Beginning)
             .await
@@ -264,7 +264,7 @@ fn offsets_are_listed_by_time_and_at_both_ends() {
         assert!(answered
             .iter()
             .all(|(_, offsets)| offsets.high_watermark == 6));
-        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
         let start = consumer
             .assign_from("times", 0, StartPosition::Time(2_100))
             .await

@@ -1056,7 +1056,8 @@ async fn start_consumer(config: &BenchConfig, unit: &ConsumerUnit) -> Result<Con
             .partition_bytes_max(2 << 20)
             .build()
             .map_err(client_error("consumer settings"))?,
-    );
+    )
+    .map_err(client_error("consumer settings"))?;
     let start = match config.workload {
         Workload::Consume => StartPosition::Beginning,
         _ => StartPosition::End,

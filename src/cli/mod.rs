@@ -1256,7 +1256,7 @@ async fn consume(client: Client, args: ConsumeArgs) -> Result<(), CliError> {
         config = config.with_group(group, None);
     }
     let commits = args.group.is_some() && !args.no_commit;
-    let mut consumer = Consumer::new(client, config);
+    let mut consumer = Consumer::new(client, config).map_err(failed())?;
     match args.partition {
         Some(partition) => {
             consumer

@@ -527,7 +527,7 @@ type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
 ///
 /// let client = Client::connect("127.0.0.1:9740").await?;
 /// let config = ConsumerConfig::builder().group("reports").build()?;
-/// let mut consumer = Consumer::new(client, config);
+/// let mut consumer = Consumer::new(client, config)?;
 /// consumer.assign_topic("orders", StartPosition::Beginning).await?;
 /// let mut handled = 0u64;
 /// while let Some(record) = consumer.next().await {
@@ -586,6 +586,11 @@ pub struct Consumer {
     /// has moved past them. Emptied whenever `assignments` changes, so the indexes hold.
     buffered: VecDeque<(usize, ConsumedRecord)>,
     in_flight: Option<InFlight>,
+    /// Errors the streams yielded in a row; each is followed by a pause
+    /// (`stream_pause`) before the next fetch, growing like the client's reconnect
+    /// backoff, so a refusal that repeats is not asked again at once.
+    stream_errors: u32,
+    stream_pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl fmt::Debug for Consumer {
@@ -609,16 +614,23 @@ impl fmt::Debug for Consumer {
 impl Consumer {
     /// A consumer with nothing assigned; assign partitions with [`Consumer::assign`],
     /// [`Consumer::assign_from`] or [`Consumer::assign_topic`]. Nothing is sent yet.
-    /// `config` is taken as it is: check it with [`ConsumerConfig::builder`].
-    pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer {
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] for settings that cannot work, as
+    /// [`ConsumerConfigBuilder::build`] checks them (a config changed field by field, or
+    /// made by [`ConsumerConfig::with_group`], is checked here).
+    pub fn new(client: Client, config: ConsumerConfig) -> Result<Consumer, ClientError> {
+        config.validate()?;
+        Ok(Consumer {
             client,
             config,
             assignments: Vec::new(),
             last_commit: Instant::now(),
             buffered: VecDeque::new(),
             in_flight: None,
-        }
+            stream_errors: 0,
+            stream_pause: None,
+        })
     }
 
     /// The stream group, if the consumer reads for one.
@@ -694,6 +706,8 @@ impl Consumer {
     fn assignments_changed(&mut self) {
         self.buffered.clear();
         self.in_flight = None;
+        self.stream_errors = 0;
+        self.stream_pause = None;
     }
 
     fn learn_offsets(&mut self, topic: &str, partition: u32, offsets: (u64, u64)) {
@@ -1069,10 +1083,12 @@ impl Consumer {
                         unreachable!("the commit just polled is in flight");
                     };
                     self.mark_committed(&offsets[..committed]);
+                    // Failed or not, the next commit is due an interval from now, so a
+                    // commit that keeps failing does not keep every poll from fetching.
+                    self.last_commit = Instant::now();
                     if let Some(error) = error {
                         return Poll::Ready(Err(error));
                     }
-                    self.last_commit = Instant::now();
                     // The fetch goes out next time round.
                     self.in_flight = Some(self.fetch(wait_ms_max));
                 }
@@ -1171,13 +1187,44 @@ impl Consumer {
             if let Some(record) = self.hand_out() {
                 return Poll::Ready(Some(Ok(record)));
             }
-            if self.assignments.is_empty() {
-                return Poll::Ready(None);
+            if let Err(end) = ready!(self.poll_stream_fetch(cx)) {
+                return Poll::Ready(end.map(Err));
             }
-            match ready!(self.poll_fetch(cx, self.config.wait_ms_max)) {
-                Ok(()) => {}
-                Err(ClientError::Closed) => return Poll::Ready(None),
-                Err(error) => return Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    /// For the streams, with the buffer empty: one fetch answered (`Ok`), or what the
+    /// stream yields instead: `Err(None)` to end (nothing assigned, the client closed or
+    /// its connection broken for good), `Err(Some(error))` for an error item.
+    fn poll_stream_fetch(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Option<ClientError>>> {
+        // A request in flight is driven to its error first, so the error that broke the
+        // connection is yielded before the stream ends.
+        let broken_for_good = self.in_flight.is_none()
+            && (self.client.is_closed()
+                || (!self.client.config().reconnect && self.client.is_broken()));
+        if self.assignments.is_empty() || broken_for_good {
+            return Poll::Ready(Err(None));
+        }
+        if let Some(pause) = &mut self.stream_pause {
+            ready!(pause.as_mut().poll(cx));
+            self.stream_pause = None;
+        }
+        match ready!(self.poll_fetch(cx, self.config.wait_ms_max)) {
+            Ok(()) => {
+                self.stream_errors = 0;
+                Poll::Ready(Ok(()))
+            }
+            Err(ClientError::Closed) => Poll::Ready(Err(None)),
+            Err(error) => {
+                self.stream_errors = self.stream_errors.saturating_add(1);
+                let config = self.client.config();
+                let pause = super::backoff_delay(
+                    self.stream_errors,
+                    config.reconnect_backoff_ms_min.max(1),
+                    config.reconnect_backoff_ms_max.max(1),
+                );
+                self.stream_pause = Some(Box::pin(tokio::time::sleep(pause)));
+                Poll::Ready(Err(Some(error)))
             }
         }
     }
@@ -1188,8 +1235,11 @@ impl Consumer {
 ///
 /// An error is yielded as an item and the stream goes on: polling again retries what
 /// failed, having lost nothing (an [`ClientError::OffsetOutOfRange`] stays until the
-/// partition is assigned elsewhere). The stream ends when nothing is assigned or the
-/// client is closed; it yields again once something is assigned.
+/// partition is assigned elsewhere), after a pause that grows with each error in a row
+/// like the client's reconnect backoff (`reconnect_backoff_ms_min` to `_max`). The
+/// stream ends when nothing is assigned, the client is closed, or its connection broke
+/// with `reconnect` off (after yielding the error that broke it); it yields again once
+/// something is assigned.
 ///
 /// # Cancel safety
 /// Cancel safe (a `next()` dropped in a `select!` loses nothing and wastes no fetch): see
@@ -1230,13 +1280,8 @@ impl Stream for Batches<'_> {
                 }
                 return Poll::Ready(Some(Ok(records)));
             }
-            if consumer.assignments.is_empty() {
-                return Poll::Ready(None);
-            }
-            match ready!(consumer.poll_fetch(cx, consumer.config.wait_ms_max)) {
-                Ok(()) => {}
-                Err(ClientError::Closed) => return Poll::Ready(None),
-                Err(error) => return Poll::Ready(Some(Err(error))),
+            if let Err(end) = ready!(consumer.poll_stream_fetch(cx)) {
+                return Poll::Ready(end.map(Err));
             }
         }
     }

@@ -19,7 +19,7 @@
 //! let client = Client::connect("127.0.0.1:9740").await?;
 //! // A stream group: start where "reports" left off, commit every 5 s as polls go.
 //! let config = ConsumerConfig::default().with_group("reports", Some(Duration::from_secs(5)));
-//! let mut consumer = Consumer::new(client.clone(), config);
+//! let mut consumer = Consumer::new(client.clone(), config)?;
 //! consumer.assign_topic("orders", StartPosition::Beginning).await?;
 //! for record in consumer.poll().await? {
 //!     println!("{} {}", record.partition(), record.offset());

@@ -991,7 +991,7 @@ async fn consumer_in_a_group_resumes_at_committed_offsets_and_commits_what_moved
     });
     let client = Client::connect(address).await.unwrap();
     let config = ConsumerConfig::default().with_group("g", Some(Duration::ZERO));
-    let mut consumer = Consumer::new(client, config);
+    let mut consumer = Consumer::new(client, config).unwrap();
     assert_eq!(consumer.group(), Some("g"));
     consumer
         .assign_topic("t", StartPosition::Beginning)
@@ -1022,7 +1022,7 @@ async fn commit_without_a_group_is_refused_before_the_wire() {
         assert!(connection.read_request().await.is_none());
     });
     let client = Client::connect(address).await.unwrap();
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     consumer.assign("t", 0, 4);
     let error = consumer.commit().await.unwrap_err();
     assert!(matches!(error, ClientError::NotInGroup), "{error}");

@@ -957,7 +957,7 @@ async fn a_cancelled_poll_leaves_its_fetch_for_the_next_poll_to_take() {
         connection
     });
     let client = Client::connect_with(address, no_reconnect()).await.unwrap();
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     consumer.assign("t", 0, 0);
     // The request is out once the client has written it: poll until then and drop it.
     let cancelled = tokio::time::timeout(Duration::from_millis(200), consumer.poll()).await;
@@ -1015,7 +1015,7 @@ async fn assigning_drops_the_fetch_in_flight_and_reads_from_the_new_position() {
         connection
     });
     let client = Client::connect_with(address, no_reconnect()).await.unwrap();
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
     consumer.assign("t", 0, 0);
     let cancelled = tokio::time::timeout(Duration::from_millis(200), consumer.poll()).await;
     assert!(
@@ -1417,7 +1417,7 @@ async fn offset_queries_go_out_as_the_protocol_encodes_them_and_assigning_learns
         .map(|(partition, offsets)| (*partition, offsets.offset))
         .collect();
     assert_eq!(offsets, vec![(0, 10), (1, 20), (2, 105), (3, 100)]);
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default()).unwrap();
     for (start, offset) in [
         (StartPosition::Beginning, 10),
         (StartPosition::End, 20),
@@ -1575,4 +1575,72 @@ async fn a_batch_waiting_for_a_reconnect_when_the_client_closes_was_not_written(
         .expect("the close ends the wait")
         .unwrap_err();
     assert_eq!(error.maybe_written(), Some(false), "{}", error.report());
+}
+
+/// With reconnecting off, a stream yields the error that broke its connection and then
+/// ends, rather than yielding the same error at once, forever.
+#[tokio::test]
+async fn a_stream_ends_after_its_connection_breaks_for_good() {
+    use futures_util::StreamExt;
+
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let (_, fetch) = connection.read_request().await.unwrap();
+        assert_eq!(fetch_offset(&fetch), 0);
+        // Dropped unanswered.
+    });
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
+    let mut consumer = Consumer::new(client, ConsumerConfig::default()).unwrap();
+    consumer.assign("t", 0, 0);
+    let first = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("an item");
+    match first {
+        Some(Err(error)) => assert!(
+            matches!(error, ClientError::Disconnected { .. }),
+            "{}",
+            error.report()
+        ),
+        other => panic!("expected the error that broke the connection, got {other:?}"),
+    }
+    assert!(consumer.next().await.is_none(), "ends after the error");
+    assert!(consumer.batches().next().await.is_none());
+    assert_eq!(consumer.position("t", 0), Some(0));
+    peer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_config_that_cannot_work_is_refused_by_new() {
+    let (listener, address) = listen().await;
+    let peer =
+        tokio::spawn(async move { ScriptedConnection::accept_and_handshake(&listener).await });
+    let client = Client::connect_with(address, no_reconnect()).await.unwrap();
+    // `with_group` checks nothing; `new` does.
+    let error = Consumer::new(
+        client.clone(),
+        ConsumerConfig::default().with_group("", None),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, ClientError::InvalidConfig { field: "group", .. }),
+        "{error}"
+    );
+    // What code outside the crate gets by setting a field of a default config.
+    let config = ConsumerConfig {
+        bytes_max: 0,
+        ..ConsumerConfig::default()
+    };
+    let error = Consumer::new(client, config).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::InvalidConfig {
+                field: "bytes_max",
+                value: 0
+            }
+        ),
+        "{error}"
+    );
+    drop(peer.await.unwrap());
 }
