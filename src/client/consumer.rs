@@ -555,7 +555,7 @@ type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
 ///     tokio::select! {
 ///         record = consumer.next() => match record {
 ///             Some(record) => println!("{}", record?.offset()),
-///             None => break, // nothing assigned, or the client closed
+///             None => break, // nothing assigned, or the client closed or broken for good
 ///         },
 ///         _ = commit_timer.tick() => consumer.commit().await?,
 ///         _ = tokio::signal::ctrl_c() => break,
@@ -566,9 +566,9 @@ type TopicOffsets = (Arc<str>, Vec<(u32, u64)>);
 /// # }
 /// ```
 ///
-/// Dropping a consumer forgets its positions (there is nothing to close): a group
-/// consumer commits first to keep them, and the [`Client`] stays open for its other
-/// users.
+/// Dropping a consumer forgets its positions (there is nothing to close, and nothing is
+/// committed on drop): a group consumer that should resume where it stopped calls
+/// [`Consumer::commit`] first. The [`Client`] stays open for its other users.
 ///
 /// # Cancel safety
 /// [`Consumer::poll`], [`Consumer::poll_with_wait`] and the streams are cancel safe: a

@@ -241,9 +241,10 @@ pub enum ClientError {
     /// handshake of the connection it was about to go out on), so it was not sent: it was
     /// built for a broker with a larger limit before a reconnect to one with a smaller
     /// limit (a restart with other settings), or it is one record bigger than the limit
-    /// on its own. A batch's bytes never change once built (its producer id and sequence
-    /// are in them), so it is failed rather than split; records sent after the reconnect
-    /// are batched to the new limit.
+    /// on its own. It is failed, not split: a batch sent before must go out again byte
+    /// for byte (its producer id and sequence are in it), and the producer does not yet
+    /// split one never sent either (its records' handles belong to the batch). Records
+    /// sent after the reconnect are batched to the new limit.
     BatchTooLarge {
         /// The batch's topic.
         topic: String,

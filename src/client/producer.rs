@@ -45,8 +45,11 @@
 //! limit ([`Producer::batch_bytes_max`]), and before each attempt it checks every batch
 //! against the handshake of the connection it is about to go out on: a batch built
 //! bigger (open, sealed, or being retried) fails with [`ClientError::BatchTooLarge`]
-//! under a `ProduceFailed`, not split, since its bytes carry its producer id and sequence
-//! and a retry must resend them unchanged.
+//! under a `ProduceFailed`, not split. A batch already sent must be resent unchanged (its
+//! bytes carry its producer id and sequence); one never sent could in principle be
+//! split, but is not (its records' handles belong to the batch): only records queued
+//! before a reconnect to a broker restarted with a smaller `batch_bytes_max` are
+//! affected.
 //!
 //! Partition counts come from metadata cached per topic; a topic not cached, or an
 //! explicit partition past the cached count, triggers one metadata refresh before the
