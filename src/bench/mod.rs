@@ -951,20 +951,26 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
 /// A record sent: with acks, answered with its offset; with acks none, written (the
 /// latency measured is then the time to the socket). The bench only needs to know when
 /// and whether.
-enum Pending {
+/// A sent record's handle, whichever the producer's acks ([`Producer::send`] or
+/// [`Producer::send_unacknowledged`]), for the bench and the CLI's produce, which choose
+/// the acks at run time.
+#[derive(Debug)]
+pub enum Pending {
     Acknowledged(SendHandle),
     Unacknowledged(SentHandle),
 }
 
 impl Pending {
-    fn try_result(&self) -> Option<Result<(), ClientError>> {
+    /// The outcome, if the batch is done.
+    pub fn try_result(&self) -> Option<Result<(), ClientError>> {
         match self {
             Pending::Acknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
             Pending::Unacknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
         }
     }
 
-    async fn wait(self) -> Result<(), ClientError> {
+    /// Waits for the outcome.
+    pub async fn wait(self) -> Result<(), ClientError> {
         match self {
             Pending::Acknowledged(handle) => handle.await.map(drop),
             Pending::Unacknowledged(handle) => handle.await.map(drop),

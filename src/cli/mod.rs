@@ -22,10 +22,11 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 
+use shardq::bench::Pending;
 use shardq::client::{
     Acks, Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, ExpiryPolicy, Handle,
     Producer, ProducerConfig, ProducerRecord, QueueOrdering, QueueSettings, Refusal, Retention,
-    SendHandle, SentHandle, StartPosition,
+    StartPosition,
 };
 use shardq::server::ServerError;
 
@@ -1106,29 +1107,6 @@ async fn produce(client: Client, args: ProduceArgs) -> Result<(), CliError> {
         handle.wait().await.map_err(failed())?;
     }
     Ok(())
-}
-
-/// A record `produce` sent: with acks, answered with an offset; with acks none, written
-/// and never answered. Either way `produce` only needs to know whether it failed.
-enum Pending {
-    Acknowledged(SendHandle),
-    Unacknowledged(SentHandle),
-}
-
-impl Pending {
-    fn try_result(&self) -> Option<Result<(), ClientError>> {
-        match self {
-            Pending::Acknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
-            Pending::Unacknowledged(handle) => handle.try_result().map(|result| result.map(drop)),
-        }
-    }
-
-    async fn wait(self) -> Result<(), ClientError> {
-        match self {
-            Pending::Acknowledged(handle) => handle.await.map(drop),
-            Pending::Unacknowledged(handle) => handle.await.map(drop),
-        }
-    }
 }
 
 fn bench(command: BenchCommand) -> Result<(), CliError> {

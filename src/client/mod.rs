@@ -1582,3 +1582,20 @@ fn unexpected_body(operation: &'static str, body: &ResponseBody) -> ClientError 
         reason: format!("{operation} got a response body of another kind: {body:?}"),
     }
 }
+
+/// For tests of the config builders: each `(built, field, value)` must be an
+/// [`ClientError::InvalidConfig`] naming `field` with `value`.
+#[cfg(test)]
+pub(crate) fn assert_each_refused<T: fmt::Debug>(
+    cases: impl IntoIterator<Item = (Result<T, ClientError>, &'static str, u64)>,
+) {
+    for (built, field, value) in cases {
+        match built {
+            Err(ClientError::InvalidConfig {
+                field: refused,
+                value: refused_value,
+            }) => assert_eq!((refused, refused_value), (field, value)),
+            other => panic!("{field} = {value} was not refused: {other:?}"),
+        }
+    }
+}

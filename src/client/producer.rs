@@ -1414,7 +1414,7 @@ mod tests {
     fn builder_refuses_each_limit_that_cannot_work_by_name() {
         assert!(ProducerConfig::builder().build().is_ok());
         let builder = ProducerConfig::builder;
-        for (built, field, value) in [
+        crate::client::assert_each_refused([
             (
                 builder().batch_records_max(0).build(),
                 "batch_records_max",
@@ -1447,15 +1447,7 @@ mod tests {
                 "delivery_timeout_ms",
                 0,
             ),
-        ] {
-            match built {
-                Err(ClientError::InvalidConfig {
-                    field: refused,
-                    value: refused_value,
-                }) => assert_eq!((refused, refused_value), (field, value)),
-                other => panic!("{field} = {value} was not refused: {other:?}"),
-            }
-        }
+        ]);
         // The edges that do work.
         let config = builder()
             .batch_records_max(1)
