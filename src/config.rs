@@ -120,6 +120,14 @@ pub struct ServerConfig {
     /// would otherwise become every later segment's time-index maximum, and lookups by
     /// time would be wrong until it aged out.
     pub timestamp_future_ms_max: u64,
+    /// How long a shard with nothing to do keeps polling (its io_uring rings and task
+    /// queues) before it parks its thread, in microseconds. 0 (the default): park at once,
+    /// so an idle broker uses no CPU. Spinning saves the wake-up of a parked thread on each
+    /// request that arrives within the budget, at the price of burning the shard's CPU for
+    /// that long after every burst; and it starves the kernel worker that runs the
+    /// shard's fdatasync on the same CPU, which makes durable acknowledgements slower
+    /// (docs/benchmarks.md, issue 10). At most `SPIN_BEFORE_PARK_US_MAX`.
+    pub spin_before_park_us: u32,
     /// How long start-up keeps trying to bind a listening address that is in use (a
     /// broker killed a moment ago leaves its sockets bound for a few hundred ms).
     /// 0: fail at once.
@@ -239,6 +247,7 @@ impl Default for ServerConfig {
             log_lines_per_window_max: 5,
             log_window_ms: 10_000,
             bind_retry_ms: 10_000,
+            spin_before_park_us: 0,
             timestamp_future_ms_max: 3_600_000,
             producers_per_partition_max: 10_000,
             producer_snapshot_interval_bytes: 16 << 20,
@@ -321,6 +330,8 @@ pub const CHUNK_MEMORY_BYTES_PER_SHARD_MAX: usize = 256 << 30;
 /// The deepest shard-to-shard channel: every shard holds one to every other, so the
 /// memory is the square of the shards times this.
 pub const MESH_CHANNEL_CAPACITY_MAX: usize = 1 << 20;
+/// The longest `spin_before_park_us` (100 ms): longer is a busy loop, not a spin.
+pub const SPIN_BEFORE_PARK_US_MAX: u32 = 100_000;
 
 /// The largest tail cache per shard.
 pub const TAIL_CACHE_BYTES_PER_SHARD_MAX: usize = 1 << 40;
@@ -512,6 +523,13 @@ impl ServerConfig {
                     "from {four_chunks} (4 chunks of chunk_size_bytes = {}) to {CHUNK_MEMORY_BYTES_PER_SHARD_MAX}",
                     self.chunk_size_bytes
                 ),
+            );
+        }
+        if self.spin_before_park_us > SPIN_BEFORE_PARK_US_MAX {
+            return fail(
+                "spin_before_park_us",
+                &self.spin_before_park_us,
+                format!("from 0 (off) to {SPIN_BEFORE_PARK_US_MAX}"),
             );
         }
         if self.mesh_channel_capacity > MESH_CHANNEL_CAPACITY_MAX {

@@ -1134,6 +1134,7 @@ fn rows() -> Vec<Row> {
         // From 4 chunks (of 1 MiB) to 256 GiB.
         R::range("chunk_memory_bytes_per_shard_max", 4 << 20, 256 * GIB),
         R::range("mesh_channel_capacity", 1, 1 << 20),
+        R::range("spin_before_park_us", 0, 100_000),
         R::range("tail_cache_bytes_per_shard", 0, 1 << 40),
         // The window holds at least the in-flight leases (4096); the lease default
         // (30 s) is at most the longest lease; retry delays do not run backwards.

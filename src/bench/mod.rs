@@ -6,13 +6,17 @@
 //! non-zero exit) only when the broker loses, reorders, duplicates or corrupts messages.
 //!
 //! Where things run:
-//! - each producer is its own OS thread (optionally pinned with `--client-cpus`) driving
-//!   its send loop with `Handle::block_on`: in fixed-rate mode it sleeps with the
-//!   kernel's timer (timer slack 1 ns) between sends, which a tokio worker could not do
-//!   without stalling the connection tasks behind it, and tokio's own timer only has
-//!   millisecond resolution;
-//! - connections, the producers' sender tasks, consumers and ack collectors run on a
-//!   multi-thread tokio runtime whose workers are pinned the same way.
+//! - each producer is its own OS thread (optionally pinned with `--client-cpus`) with its
+//!   own current-thread tokio runtime, on which its connections, its client's sender and
+//!   connection tasks and its ack collector run too: a message goes from the send loop to
+//!   the socket, and its answer from the socket to the collector, without waking another
+//!   thread. In fixed-rate mode it waits for each send time on a timerfd (nanosecond
+//!   resolution; tokio's own timer has millisecond resolution), so the answers that arrive
+//!   meanwhile are read at once. A multi-thread runtime with the send loop on a thread of
+//!   its own cost about 100 us more per round trip on 2 vCPUs (docs/benchmarks.md,
+//!   issue 10): each message woke three threads;
+//! - consumers and the progress sampler run on a multi-thread tokio runtime whose workers
+//!   are pinned the same way.
 //!
 //! Measurement:
 //! - produce latency: from the send time (in fixed-rate mode the *intended* send time, so
@@ -39,13 +43,14 @@ pub mod report;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use tokio::runtime::Handle;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::client::{
@@ -395,15 +400,6 @@ fn pin_to_next(cpus: &[usize], next: &AtomicUsize) {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
 }
 
-/// Sleeps with 1 ns timer slack so fixed-rate sends are not 50 us late.
-fn set_fine_timer_slack() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) takes an integer argument and only changes this
-    // thread's timer slack.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-    }
-}
-
 async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Outcome, BenchError> {
     let bootstrap = Client::connect(config.server.as_str())
         .await
@@ -595,15 +591,22 @@ fn start_producers(
             quota: quotas[index as usize],
             shared: shared.clone(),
         };
-        let handle = Handle::current();
         let cpus = config.client_cpus.clone();
         let next_cpu = next_cpu.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bench-producer-{index}"))
             .spawn(move || {
                 pin_to_next(&cpus, &next_cpu);
-                set_fine_timer_slack();
-                handle.block_on(run_producer(context))
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| BenchError::Io {
+                        context: "starting a producer's tokio runtime".into(),
+                        source,
+                    })?;
+                let result = runtime.block_on(run_producer(context));
+                runtime.shutdown_timeout(Duration::from_secs(1));
+                result
             })
             .map_err(|source| BenchError::Io {
                 context: "starting a producer thread".into(),
@@ -772,20 +775,88 @@ impl ProducerResult {
     }
 }
 
-/// Waits until `deadline_ns` on the producer's own thread: tokio's timer for the long
-/// part, then the kernel's (1 ns slack) for the last 2 ms.
-async fn wait_until(deadline_ns: u64) {
-    loop {
-        let now = now_ns();
-        if now >= deadline_ns {
-            return;
+/// Waits for absolute realtime-clock instants (the clock of [`now_ns`]) on a timerfd,
+/// inside the producer's runtime: the thread sleeps in the runtime's epoll, so answers
+/// that arrive before the deadline are handled at once.
+struct SendClock {
+    timer: AsyncFd<OwnedFd>,
+}
+
+impl SendClock {
+    fn new() -> Result<SendClock, BenchError> {
+        let io_error = |source| BenchError::Io {
+            context: "creating the producer's send timer (timerfd)".into(),
+            source,
+        };
+        // SAFETY: timerfd_create takes two integer arguments and returns a new descriptor
+        // or -1; nothing else is touched.
+        let fd = unsafe {
+            libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        };
+        if fd < 0 {
+            return Err(io_error(std::io::Error::last_os_error()));
         }
-        let remaining = Duration::from_nanos(deadline_ns - now);
-        if remaining > Duration::from_millis(3) {
-            tokio::time::sleep(remaining - Duration::from_millis(2)).await;
-        } else {
-            // This thread is not a runtime worker: blocking it stalls nothing else.
-            std::thread::sleep(remaining);
+        // SAFETY: `fd` was just returned by timerfd_create and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open, with the same
+        // descriptor, until the AsyncFd is dropped.
+        let timer = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|failed| io_error(failed.into()))?;
+        Ok(SendClock { timer })
+    }
+
+    /// Returns once the realtime clock has reached `deadline_ns`.
+    async fn wait_until(&self, deadline_ns: u64) -> Result<(), BenchError> {
+        let io_error = |source| BenchError::Io {
+            context: "waiting on the producer's send timer (timerfd)".into(),
+            source,
+        };
+        if now_ns() >= deadline_ns {
+            return Ok(());
+        }
+        let setting = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: the descriptor is a live timerfd owned by `self`; `setting` is a valid
+        // itimerspec and the old value is not asked for (null).
+        let armed = unsafe {
+            libc::timerfd_settime(
+                self.timer.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &setting,
+                std::ptr::null_mut(),
+            )
+        };
+        if armed < 0 {
+            return Err(io_error(std::io::Error::last_os_error()));
+        }
+        loop {
+            let mut ready = self.timer.readable().await.map_err(io_error)?;
+            let mut expirations = 0u64;
+            // SAFETY: reads 8 bytes (the expiration count) from the timerfd into a u64
+            // that lives across the call.
+            let read = unsafe {
+                libc::read(
+                    self.timer.as_raw_fd(),
+                    (&mut expirations as *mut u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+            if read == std::mem::size_of::<u64>() as isize {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(io_error(error));
+            }
+            ready.clear_ready();
         }
     }
 }
@@ -829,6 +900,10 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
         .rate_per_s
         .filter(|rate| *rate > 0)
         .map(|rate| rate::RateSchedule::new(shared.start_ns, rate));
+    let schedule = match schedule {
+        Some(schedule) => Some((schedule, SendClock::new()?)),
+        None => None,
+    };
     let end_ns = match config.stop {
         Stop::Duration(duration) => shared.measure_start_ns + duration.as_nanos() as u64,
         Stop::Messages(_) => u64::MAX,
@@ -841,7 +916,7 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
     let mut unsent_due: u64 = 0;
     while sends_anything && measured < context.quota && !shared.failed.load(Ordering::Relaxed) {
         let sent_ns = match &schedule {
-            Some(schedule) => {
+            Some((schedule, send_clock)) => {
                 let intended = schedule.intended_ns(index);
                 if intended >= end_ns {
                     break;
@@ -853,7 +928,10 @@ async fn run_producer(context: ProducerContext) -> Result<ProducerResult, BenchE
                     unsent_due = schedule.due_by(end_ns - 1).saturating_sub(index);
                     break;
                 }
-                wait_until(intended).await;
+                if let Err(failed) = send_clock.wait_until(intended).await {
+                    error = Some(failed);
+                    break;
+                }
                 intended
             }
             None => {

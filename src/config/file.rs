@@ -520,6 +520,7 @@ config_keys! {
         recycle_segments: Bool,
         timestamp_future_ms_max: U64,
         bind_retry_ms: U32,
+        spin_before_park_us: U32,
         tail_cache_bytes_per_shard: Usize,
         producers_per_partition_max: Usize,
         producer_snapshot_interval_bytes: U64,

@@ -559,9 +559,13 @@ impl ServerHandle {
                     message: format!("creating its stop signal: {error}"),
                 })?;
             handle.stop_signals.push(stop_signal);
-            let builder = LocalExecutorBuilder::new(Placement::Fixed(shard_cpus[shard]))
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(shard_cpus[shard]))
                 .name(&format!("{SHARD_THREAD_PREFIX}{shard}"))
                 .io_memory(io_memory);
+            if config.spin_before_park_us > 0 {
+                builder = builder
+                    .spin_before_park(Duration::from_micros(config.spin_before_park_us.into()));
+            }
             // The sockets move into the closure whole: if the executor never runs it,
             // dropping the closure closes them.
             let spawned = builder.spawn(move || async move {
