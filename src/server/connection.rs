@@ -77,6 +77,9 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const READ_BYTES_MAX: usize = 4 * READ_CHUNK_BYTES;
 /// What a connection without a buffer reads into first (most requests fit).
 const FIRST_READ_BYTES: usize = 1024;
+/// The zero-filled window a read waiting for data gives glommio; reads of data already
+/// there go into the buffer's spare capacity unfilled (`Socket::recv_now`).
+const WAIT_READ_BYTES: usize = 16 * 1024;
 /// The most responses the writer takes at once.
 const WRITE_BATCH_FRAMES_MAX: usize = 64;
 /// The most buffers one `sendmsg` takes: Linux's IOV_MAX (more fails with EMSGSIZE).
@@ -235,6 +238,31 @@ impl Socket {
             return Err(io::Error::last_os_error());
         }
         Ok(sent as usize)
+    }
+
+    /// Receives what the socket has now into `spare` (memory not yet initialised),
+    /// without waiting: `WouldBlock` when nothing is there. This is the call glommio 0.9's
+    /// own read makes first (`net::yolo_recv`, a `recv` with MSG_DONTWAIT; it only polls
+    /// for readiness through io_uring when that would block, and a poll consumes no
+    /// data), made here so the kernel writes into the buffer's spare capacity instead of
+    /// into memory that had to be zero-filled first.
+    fn recv_now(&self, spare: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+        let descriptor = self.0.borrow().as_raw_fd();
+        // SAFETY: the descriptor belongs to the stream this value keeps alive; `spare` is
+        // valid for writes of its length for the whole call, and the kernel writes at
+        // most that many bytes into it (never reads it), so uninitialised memory is fine.
+        let received = unsafe {
+            libc::recv(
+                descriptor,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(received as usize)
     }
 
     fn shutdown(&self, how: std::net::Shutdown) {
@@ -891,9 +919,26 @@ async fn read_some(
             if buffer.capacity() - start < READ_CHUNK_BYTES / 4 {
                 buffer.reserve(READ_CHUNK_BYTES);
             }
-            // Zero-filled so the socket reads into initialised memory; at most a few
-            // chunks per read.
-            let end = buffer.capacity().min(start + READ_BYTES_MAX);
+            // What the socket has now goes straight into the spare capacity, at most a
+            // few chunks per read: zero-filling it first cost a memset of up to
+            // READ_BYTES_MAX per read, more than the data of a small request.
+            let room = (buffer.capacity() - start).min(READ_BYTES_MAX);
+            match socket.recv_now(&mut buffer.spare_capacity_mut()[..room]) {
+                Ok(0) => return Read::EndOfStream,
+                Ok(read) => {
+                    // SAFETY: the kernel initialised `read` bytes of the spare capacity,
+                    // right after the buffer's `start` initialised bytes.
+                    unsafe { buffer.set_len(start + read) };
+                    return Read::Data;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Read::Failed,
+            }
+            // Nothing there yet: wait through glommio (readiness through io_uring, with
+            // the socket's read timeout) into a small zero-filled window; what follows
+            // a first packet is read without zero-filling on the next call.
+            let end = start + room.min(WAIT_READ_BYTES);
             buffer.resize(end, 0);
             match socket.read(&mut buffer[start..]).await {
                 Ok(0) => Read::EndOfStream,
