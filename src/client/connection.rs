@@ -5,7 +5,9 @@
 //! dropped half-way through `write_all` would leave half a frame on the wire and corrupt
 //! every later request. The writer task owns the write half, so a frame is either written
 //! whole or the connection is declared broken. It also coalesces requests queued behind
-//! each other into one `write` from one reused `BytesMut`.
+//! each other into one vectored write: small frames are copied into one reused `BytesMut`,
+//! large produce batches are written from the producer's own buffers
+//! (`Request::encode_parts`).
 //!
 //! Ordering that makes routing race-free: a caller registers its correlation id in the
 //! pending table *before* handing the request to the writer, so the reader can never see
@@ -286,20 +288,32 @@ async fn write_loop(
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
 ) {
     let mut buffer = BytesMut::with_capacity(WRITE_COALESCE_BYTES_MAX);
+    let mut parts: Vec<Bytes> = Vec::new();
     let mut written = Vec::new();
     while let Some(first) = outbound.recv().await {
         let mut next = Some(first);
+        let mut queued = 0;
         while let Some(item) = next.take() {
-            item.request.encode(item.correlation_id, &mut buffer);
+            // Small frames are coalesced into `buffer`; large produce batches are written
+            // from the producer's own buffers, not copied.
+            let before = buffer.len() + parts.iter().map(Bytes::len).sum::<usize>();
+            item.request
+                .encode_parts(item.correlation_id, &mut buffer, &mut parts);
+            queued += buffer.len() + parts.iter().map(Bytes::len).sum::<usize>() - before;
             if let Some(notify) = item.written {
                 written.push(notify);
             }
-            if buffer.len() < WRITE_COALESCE_BYTES_MAX {
+            if queued < WRITE_COALESCE_BYTES_MAX {
                 next = outbound.try_recv().ok();
             }
         }
-        let result = stream.write_all(&buffer).await;
-        buffer.clear();
+        if !buffer.is_empty() {
+            parts.push(buffer.split().freeze());
+        }
+        let result = write_parts(&mut stream, &mut parts).await;
+        parts.clear();
+        // The written parts are gone, so the buffer can take its memory back.
+        buffer.reserve(WRITE_COALESCE_BYTES_MAX);
         match result {
             Ok(()) => {
                 for (notify, _slot) in written.drain(..) {
@@ -322,6 +336,41 @@ async fn write_loop(
     }
     // Every handle is gone: tell the broker we are done.
     let _ = stream.shutdown().await;
+}
+
+/// The most buffers one vectored write takes (Linux's IOV_MAX is 1024).
+const WRITE_PARTS_MAX: usize = 64;
+
+/// Writes every part, in order, with vectored writes.
+async fn write_parts(stream: &mut OwnedWriteHalf, parts: &mut [Bytes]) -> io::Result<()> {
+    let mut first = 0;
+    while first < parts.len() {
+        let last = parts.len().min(first + WRITE_PARTS_MAX);
+        let slices: Vec<io::IoSlice<'_>> = parts[first..last]
+            .iter()
+            .map(|part| io::IoSlice::new(part))
+            .collect();
+        let mut sent = stream.write_vectored(&slices).await?;
+        if sent == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the socket took no bytes",
+            ));
+        }
+        while sent > 0 {
+            let part = &mut parts[first];
+            let taken = sent.min(part.len());
+            part.advance(taken);
+            sent -= taken;
+            if part.is_empty() {
+                first += 1;
+            }
+        }
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
 }
 
 async fn read_loop(shared: Arc<Shared>, mut stream: OwnedReadHalf) {
@@ -401,5 +450,46 @@ async fn read_frames(shared: &Shared, stream: &mut OwnedReadHalf) -> ClientError
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts far larger than the socket's buffers are written whole and in order, however
+    /// the kernel cuts the vectored writes (mid-part, across parts), including more parts
+    /// than one write takes.
+    #[tokio::test]
+    async fn write_parts_writes_every_byte_in_order_across_partial_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (_read_half, mut write_half) = client.unwrap().into_split();
+        let (mut peer, _) = accepted.unwrap();
+        let mut parts: Vec<Bytes> = (0..WRITE_PARTS_MAX + 7)
+            .map(|index| {
+                let length = if index % 3 == 0 { 300_000 } else { 1 + index };
+                Bytes::from(
+                    (0..length)
+                        .map(|byte| (byte + index) as u8)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let expected = parts.concat();
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            peer.read_to_end(&mut received).await.unwrap();
+            received
+        });
+        write_parts(&mut write_half, &mut parts).await.unwrap();
+        write_half.shutdown().await.unwrap();
+        let received = reader.await.unwrap();
+        assert_eq!(received.len(), expected.len());
+        assert!(
+            received == expected,
+            "the bytes arrived changed or reordered"
+        );
     }
 }

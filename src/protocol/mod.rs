@@ -1045,6 +1045,47 @@ impl Request {
 
     /// Encodes the whole request frame.
     pub fn encode(&self, correlation_id: u64, out: &mut BytesMut) {
+        self.encode_cutting(correlation_id, out, usize::MAX, &mut Vec::new());
+    }
+
+    /// Encodes the request frame as buffers, for a vectored write: it is appended to
+    /// `out`, except that each record batch of a Produce request of at least
+    /// `REQUEST_PART_BYTES_MIN` bytes is not copied. For each such batch, what `out` holds
+    /// up to it (earlier frames included) is split off into `parts`, followed by the
+    /// batch itself (a reference to the caller's bytes). Writing `parts` in order and
+    /// then what is left in `out` gives exactly the bytes `encode` appends.
+    pub fn encode_parts(&self, correlation_id: u64, out: &mut BytesMut, parts: &mut Vec<Bytes>) {
+        let start = out.len();
+        let mut cuts = Vec::new();
+        self.encode_cutting(correlation_id, out, REQUEST_PART_BYTES_MIN, &mut cuts);
+        if cuts.is_empty() {
+            return;
+        }
+        // The frame's length counts the batches left out of `out`.
+        let left_out: usize = cuts.iter().map(|(_, batch)| batch.len()).sum();
+        let length_field = &mut out[start..start + 4];
+        let body_length = u32::from_le_bytes(length_field.try_into().expect("4 bytes"));
+        let body_length =
+            u32::try_from(body_length as usize + left_out).expect("frame below 4 GiB");
+        length_field.copy_from_slice(&body_length.to_le_bytes());
+        let mut taken = 0;
+        for (position, batch) in cuts {
+            parts.push(out.split_to(position - taken).freeze());
+            parts.push(batch);
+            taken = position;
+        }
+    }
+
+    /// Encodes the frame into `out`; a Produce batch of at least `cut_min` bytes gets
+    /// only its length written, and its position in `out` (where its bytes belong) is
+    /// recorded in `cuts`. The header's length counts only what is in `out`.
+    fn encode_cutting(
+        &self,
+        correlation_id: u64,
+        out: &mut BytesMut,
+        cut_min: usize,
+        cuts: &mut Vec<(usize, Bytes)>,
+    ) {
         encode_frame(
             out,
             self.opcode() as u8,
@@ -1106,7 +1147,15 @@ impl Request {
                         writer.count(topic.partitions.len());
                         for partition in &topic.partitions {
                             writer.u32(partition.partition);
-                            writer.bytes(&partition.batch);
+                            if partition.batch.len() < cut_min {
+                                writer.bytes(&partition.batch);
+                                continue;
+                            }
+                            writer.u32(
+                                u32::try_from(partition.batch.len())
+                                    .expect("wire byte strings are below 4 GiB"),
+                            );
+                            cuts.push((writer.buffer.len(), partition.batch.clone()));
                         }
                     }
                 }
@@ -1264,6 +1313,9 @@ pub fn encode_response(
 /// Record batches at least this large stay in their own buffers in
 /// `encode_response_parts` instead of being copied into the frame.
 pub const RESPONSE_PART_BYTES_MIN: usize = 16 * 1024;
+/// Produce batches at least this long are written by the client from the caller's
+/// buffers (`Request::encode_parts`) instead of being copied into the frame.
+pub const REQUEST_PART_BYTES_MIN: usize = RESPONSE_PART_BYTES_MIN;
 
 /// Encodes a response frame as buffers that, written one after another, are exactly the
 /// bytes `encode_response` produces. A Fetch response's record batches of at least
@@ -1886,6 +1938,62 @@ mod tests {
         let decoded =
             decode_response(Opcode::Fetch, out.freeze().slice(FRAME_HEADER_SIZE..)).unwrap();
         assert_eq!(decoded, Err(error));
+    }
+
+    /// The parts of a request, written in order and followed by what is left in the
+    /// buffer, are the bytes of the one-buffer encoding, after whatever the buffer held
+    /// before; large produce batches are the caller's buffers, not copies.
+    #[test]
+    fn request_parts_concatenate_to_the_encoded_request() {
+        let large = Bytes::from(vec![7u8; REQUEST_PART_BYTES_MIN]);
+        let partition = |partition, batch: &Bytes| ProducePartition {
+            partition,
+            batch: batch.clone(),
+        };
+        let small = Bytes::from_static(b"small batch");
+        let produce = |partitions: Vec<ProducePartition>| {
+            Request::Produce(ProduceRequest {
+                acks: Acks::Durable,
+                timeout_ms: 5_000,
+                topics: vec![
+                    ProduceTopic {
+                        name: "t".into(),
+                        partitions,
+                    },
+                    ProduceTopic {
+                        name: "u".into(),
+                        partitions: vec![partition(9, &small)],
+                    },
+                ],
+            })
+        };
+        let requests = [
+            produce(vec![
+                partition(0, &large),
+                partition(1, &small),
+                partition(2, &large),
+            ]),
+            produce(vec![partition(1, &small)]),
+            Request::Metadata(MetadataRequest {
+                topics: vec!["t".into()],
+            }),
+        ];
+        for (index, request) in requests.iter().enumerate() {
+            let earlier = b"frames queued before";
+            let mut whole = BytesMut::from(&earlier[..]);
+            request.encode(41, &mut whole);
+            let mut out = BytesMut::from(&earlier[..]);
+            let mut parts = Vec::new();
+            request.encode_parts(41, &mut out, &mut parts);
+            let mut written = parts.concat();
+            written.extend_from_slice(&out);
+            assert_eq!(written, whole.to_vec(), "request {index}");
+            let shared = parts
+                .iter()
+                .filter(|part| part.as_ptr() == large.as_ptr())
+                .count();
+            assert_eq!(shared, if index == 0 { 2 } else { 0 }, "request {index}");
+        }
     }
 
     /// The parts of a response, written in order, are the bytes of the one-buffer
