@@ -177,10 +177,14 @@ fn bench_produce_then_consume_reads_back_and_zeros_the_other_side() {
 fn bench_e2e_at_a_fixed_rate_paces_every_producer_and_verifies_everything() {
     let data = tempfile::tempdir().expect("temp dir");
     let broker = TestBroker::start(data.path(), 2);
+    // The broker runs in this process.
+    let server_pid = std::process::id().to_string();
     let (_, value) = run_bench(
         &broker,
         &[
             "e2e",
+            "--server-pid",
+            &server_pid,
             "--messages",
             "200",
             "--rate",
@@ -201,6 +205,16 @@ fn bench_e2e_at_a_fixed_rate_paces_every_producer_and_verifies_everything() {
     assert_eq!(value["produced_messages"].as_u64(), Some(200));
     assert_eq!(value["verified_messages"].as_u64(), Some(200));
     assert_eq!(value["produce_latency_us"]["count"].as_u64(), Some(200));
+    // The broker's CPU from /proc/PID/stat, and per million messages from it.
+    let cpu_s = value["server_cpu_s"].as_f64().expect("server_cpu_s");
+    assert!(cpu_s >= 0.0, "server_cpu_s {cpu_s} with --server-pid given");
+    let per_million = value["server_cpu_s_per_million_messages"]
+        .as_f64()
+        .expect("server_cpu_s_per_million_messages");
+    assert!(
+        (per_million - cpu_s / 200.0 * 1e6).abs() <= 0.01 * per_million.max(1.0),
+        "{per_million} s per million from {cpu_s} s over 200 messages"
+    );
     let duration_s = value["duration_s"].as_f64().expect("duration_s");
     assert!(
         duration_s >= 0.9,

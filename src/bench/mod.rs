@@ -523,6 +523,7 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         server_cpu_after,
         (end_ns.saturating_sub(shared.measure_start_ns.max(shared.start_ns))) as f64 / 1e9,
     );
+    let server_cpu_s = cpu_seconds(server_cpu_before, server_cpu_after);
     let produced_side = SideTotals {
         messages: produced.measured_messages,
         bytes: produced.measured_messages * config.message_size as u64,
@@ -554,6 +555,7 @@ async fn run_async(config: BenchConfig, next_cpu: Arc<AtomicUsize>) -> Result<Ou
         client_cpus,
         server_cpus,
         server_cpu_percent,
+        server_cpu_s,
         idle_connections: 0,
         timeline,
         queue: Default::default(),
@@ -1492,6 +1494,7 @@ async fn run_idle(
         client_cpus,
         server_cpus,
         server_cpu_percent: cpu_percent(before, after, seconds),
+        server_cpu_s: cpu_seconds(before, after),
         idle_connections: config.idle_connections,
         ..Report::default()
     };
@@ -1530,6 +1533,14 @@ fn clock_ticks_per_s() -> f64 {
 }
 
 /// CPU use in percent of one core; -1 when unknown.
+/// CPU seconds used between two readings of the same process; -1 when unknown.
+fn cpu_seconds(before: Option<u64>, after: Option<u64>) -> f64 {
+    match (before, after) {
+        (Some(before), Some(after)) => after.saturating_sub(before) as f64 / clock_ticks_per_s(),
+        _ => -1.0,
+    }
+}
+
 fn cpu_percent(before: Option<u64>, after: Option<u64>, seconds: f64) -> f64 {
     match (before, after) {
         (Some(before), Some(after)) if seconds > 0.0 => {

@@ -30,8 +30,9 @@ use hdrhistogram::Histogram;
 use super::payload::{self, PayloadHeader};
 use super::report::{latency_histogram, Percentiles, QueueTotals, Report, SideTotals};
 use super::{
-    acks_name, client_error, cpu_percent, join_producers, now_ns, process_cpu_ticks, run_sampler,
-    start_producers, BenchConfig, BenchError, Layout, Outcome, Placement, Shared, DRAIN_TIMEOUT,
+    acks_name, client_error, cpu_percent, cpu_seconds, join_producers, now_ns, process_cpu_ticks,
+    run_sampler, start_producers, BenchConfig, BenchError, Layout, Outcome, Placement, Shared,
+    DRAIN_TIMEOUT,
 };
 use crate::client::{Client, Handle, NackDelay, QueueConsumer, QueueSettings};
 
@@ -343,6 +344,7 @@ pub(super) async fn run(
             server_cpu_after,
             (end_ns.saturating_sub(shared.start_ns)) as f64 / 1e9,
         ),
+        server_cpu_s: cpu_seconds(server_cpu_before, server_cpu_after),
         idle_connections: 0,
         timeline,
         queue: totals,

@@ -144,6 +144,9 @@ pub struct Report {
     /// Server CPU use over the measured window, percent of one core; negative when the
     /// server's pid was not given.
     pub server_cpu_percent: f64,
+    /// Server CPU seconds (user + system, from /proc/PID/stat) over the same window;
+    /// negative when the server's pid was not given.
+    pub server_cpu_s: f64,
     /// Idle workload: connections held open.
     pub idle_connections: u32,
     pub timeline: Timeline,
@@ -158,7 +161,7 @@ fn round3(value: f64) -> f64 {
 impl Report {
     /// The `--json` object.
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut value = json!({
             "workload": self.workload,
             "messages": self.produced.messages.max(self.consumed.messages),
             "bytes": self.produced.bytes.max(self.consumed.bytes),
@@ -201,7 +204,21 @@ impl Report {
                 "produce_msgs_per_s": self.timeline.produce_per_s,
                 "consume_msgs_per_s": self.timeline.consume_per_s,
             },
-        })
+        });
+        // Beside server_cpu_percent (one json! call cannot take more keys).
+        value["server_cpu_s"] = json!(round3(self.server_cpu_s));
+        value["server_cpu_s_per_million_messages"] = json!(round3(self.server_cpu_s_per_million()));
+        value
+    }
+
+    /// Server CPU seconds per million messages (the larger of the two sides' measured
+    /// counts); negative when unknown or when nothing was measured.
+    pub fn server_cpu_s_per_million(&self) -> f64 {
+        let messages = self.produced.messages.max(self.consumed.messages);
+        if self.server_cpu_s < 0.0 || messages == 0 {
+            return -1.0;
+        }
+        self.server_cpu_s / messages as f64 * 1e6
     }
 
     /// The summary table for people.
@@ -229,8 +246,9 @@ impl Report {
         ));
         if self.server_cpu_percent >= 0.0 {
             text.push_str(&format!(
-                "server cpu: {:.2}% of one core over the measured window\n",
-                self.server_cpu_percent
+                "server cpu: {:.2}% of one core over the measured window, {:.3} s per million messages\n",
+                self.server_cpu_percent,
+                self.server_cpu_s_per_million()
             ));
         }
         text.push_str(&format!(
