@@ -200,7 +200,7 @@ impl PartitionQueue {
             return None;
         }
         if let Some((retry, _)) = self.retries.front() {
-            return self.retry_at.map_or(true, |at| at <= now).then_some(retry);
+            return self.retry_at.is_none_or(|at| at <= now).then_some(retry);
         }
         let front = self.sealed.front()?;
         // A new producer id's batches wait for the old id's to be answered.

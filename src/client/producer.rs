@@ -5,8 +5,11 @@
 //! open batch and returns a [`SendHandle`] at once. A sender task seals batches that are
 //! full or have lingered `linger_ms`, packs sealed batches of many partitions into one
 //! Produce request, and keeps up to `requests_in_flight_max` requests pipelined on the
-//! client's connection. One batch per partition is in flight at a time, so a partition's
-//! records land in the log in the order they were sent.
+//! client's connection, with up to `batches_in_flight_per_partition_max` batches of one
+//! partition among them. The sender task hands requests to the connection one at a time,
+//! in the order it took their batches, and the broker appends one connection's batches
+//! of a partition in arrival order (docs/protocol.md §5.5), so a partition's records
+//! land in the log in the order they were sent.
 //!
 //! Contract: a [`SendHandle`] (from `send`, acks `Memory` or `Durable`) resolves once the
 //! broker has answered for its batch, with the record's offset (the batch's base offset
@@ -25,12 +28,18 @@
 //! ShuttingDown, StorageFull, a broken connection, or no answer within the client's
 //! timeout) is sent again, byte for byte, after an exponential backoff with full jitter,
 //! until it succeeds or `delivery_timeout_ms` has passed since its first send. Order per
-//! partition holds because a partition has one batch in flight: the next batch of that
-//! partition is sent only once the retried one is done, so no later batch can overtake
-//! it or fail with OutOfOrderSequence because of it. A batch that fails for good leaves
-//! the broker unsure of the partition's sequence (did the last attempt land?), so the
-//! producer then takes a new producer id, which the broker does not know and so accepts
-//! at any sequence. When the connection breaks the batch is retried on the client's next
+//! partition holds across retries (`accumulator.rs`, "Answers and retries"): when a
+//! batch fails, its partition sends nothing more until every batch of it in flight is
+//! answered; the later ones the broker refused as out of order (nothing of them was
+//! appended, since the failed one left a gap in the sequence) are not failed for that,
+//! but sent again right behind the failed one, in order, with the same bytes; later ones
+//! already stored stay stored, and a resend of a batch already stored is answered as a
+//! duplicate. A batch that fails for good leaves the broker unsure of the partition's
+//! sequence (did the last attempt land?): the later batches of its partition not stored
+//! by then fail with it (`maybe_written` as their own attempts left it), and the
+//! producer takes a new producer id, which the broker does not know and so accepts at
+//! any sequence; batches under the new id go out only once the old id's batches of
+//! their partition are all answered. When the connection breaks the batch is retried on the client's next
 //! connection (the broker keeps producer ids and sequences across restarts, so a batch
 //! that did land is not stored again); with `ClientConfig::reconnect` off the error is
 //! final, with `maybe_written` true when the request may have reached the broker.
@@ -86,9 +95,9 @@ const _: () = assert!(
     "the client would keep more batches in flight than the broker can deduplicate"
 );
 
-/// Batches of one partition in flight by default (docs/benchmarks.md, "Ordered
-/// pipelining").
-pub const BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT: usize = 4;
+/// Batches of one partition in flight by default: the most an idempotent producer may
+/// keep, which did best in the measurement (docs/benchmarks.md, "Ordered pipelining").
+pub const BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT: usize = PRODUCER_BATCHES_KEPT;
 
 /// Producer settings. Every queue has a limit.
 ///
@@ -124,7 +133,7 @@ pub struct ProducerConfig {
     /// the broker appends them in the order they were written). More than one lets a
     /// producer of small batches keep the disk busy while answers travel: with batch
     /// size 1 and durable acks, one batch in flight caps a partition at one record per
-    /// round trip. Default 4 (docs/benchmarks.md, "Ordered pipelining"); at least 1. An
+    /// round trip. Default 5 (docs/benchmarks.md, "Ordered pipelining"); at least 1. An
     /// idempotent producer takes at most 5, the batches the broker remembers per
     /// producer (`PRODUCER_BATCHES_KEPT`, §8.1): a retry of the oldest must still be
     /// recognised once the later ones are stored. A producer that is not idempotent and
@@ -196,7 +205,7 @@ impl ProducerConfigBuilder {
         request_timeout_ms: u32;
         /// Produce requests in flight at once (default 8; at least 1).
         requests_in_flight_max: usize;
-        /// Batches of one partition in flight at once (default 4; 1 to 5 when
+        /// Batches of one partition in flight at once (default 5; 1 to 5 when
         /// idempotent, 1 when not idempotent with acks).
         batches_in_flight_per_partition_max: usize;
         /// About the largest request in bytes (default 8 MiB; at least 1).
@@ -653,8 +662,10 @@ impl Drop for Owner {
 /// partitions' batches per request, up to `requests_in_flight_max` requests at once.
 ///
 /// Guarantees:
-/// - records of one partition are stored in the order they were sent: a partition has
-///   one batch in flight at a time, and a retried batch goes out before any later one;
+/// - records of one partition are stored in the order they were sent, with up to
+///   `batches_in_flight_per_partition_max` batches of it in flight: requests are written
+///   in the order their batches were taken, the broker appends them in that order, and a
+///   retried batch goes out again before any later one of its partition;
 /// - nothing is stored twice: an idempotent producer (the default) marks each batch with
 ///   its producer id and sequence, so the broker stores a resent batch once; without
 ///   idempotence only failures that prove nothing was stored are retried;

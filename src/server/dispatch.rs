@@ -606,11 +606,14 @@ pub async fn finish(
     }
 }
 
+/// One owner's reply to its share of a produce, on its way.
+type OwnerReply = Pin<Box<dyn Future<Output = ShardReply>>>;
+
 /// A produce admitted on every owner: the response with refused entries filled in, and
 /// the owners' replies to wait for.
 pub struct StartedProduce {
     response: ProduceResponse,
-    replies: Vec<(Vec<Slot>, Pin<Box<dyn Future<Output = ShardReply>>>)>,
+    replies: Vec<(Vec<Slot>, OwnerReply)>,
 }
 
 impl StartedProduce {
@@ -699,15 +702,14 @@ async fn start_produce(shard: &Rc<Shard>, request: ProduceRequest) -> StartedPro
             partitions,
         });
     }
-    let mut replies: Vec<(Vec<Slot>, Pin<Box<dyn Future<Output = ShardReply>>>)> =
-        Vec::with_capacity(split.groups.len());
+    let mut replies: Vec<(Vec<Slot>, OwnerReply)> = Vec::with_capacity(split.groups.len());
     for (owner, slots, items) in split.groups {
         let request = ShardRequest::Produce {
             acks: request.acks,
             timeout,
             items,
         };
-        let reply: Pin<Box<dyn Future<Output = ShardReply>>> = if owner == shard.id {
+        let reply: OwnerReply = if owner == shard.id {
             // Admitted here and now; appends when the request's task polls it.
             shard.begin(request)
         } else {
