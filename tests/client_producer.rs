@@ -626,3 +626,54 @@ async fn close_sends_what_lingers_and_every_clone_refuses_later_sends() {
     let records = records_until(&client, "t", 0, 1).await;
     assert_eq!(record_values(&records), vec!["lingering"]);
 }
+
+/// Several batches of a partition in flight (one record each, so every record is its own
+/// request) through a connection to one shard, for a partition of that shard and one of
+/// the other: stored in the order sent, each at the offset its handle says. Order needs
+/// both halves: the producer writes requests in the order it took the batches, and the
+/// broker appends one connection's requests for a partition in arrival order
+/// (docs/protocol.md §5.5). A multi-threaded runtime, so that nothing but the producer's
+/// own ordering keeps its requests in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_batches_in_flight_per_partition_are_stored_in_the_order_sent() {
+    let (_dir, _broker, client) = start().await;
+    client.create_topic("t", 2).await.unwrap();
+    let config = ProducerConfig::builder()
+        .linger_ms(0)
+        .batch_records_max(1)
+        .batches_in_flight_per_partition_max(shardq::client::PRODUCER_BATCHES_KEPT)
+        .requests_in_flight_max(16)
+        .build()
+        .expect("a valid config");
+    let producer = Producer::new(client.clone(), config).unwrap();
+    const PER_PARTITION: usize = 2_000;
+    let mut handles = Vec::new();
+    for index in 0..PER_PARTITION {
+        for partition in 0..2u32 {
+            let record = ProducerRecord::new(format!("{index:05}")).with_partition(partition);
+            handles.push((partition, index, producer.send("t", record).await.unwrap()));
+        }
+    }
+    producer.flush().await.unwrap();
+    for (partition, index, handle) in handles {
+        assert_eq!(
+            offset_of(handle).await,
+            index as u64,
+            "partition {partition}, record {index}"
+        );
+    }
+    for partition in 0..2u32 {
+        let records = records_until(&client, "t", partition, PER_PARTITION).await;
+        let expected: Vec<String> = (0..PER_PARTITION)
+            .map(|index| format!("{index:05}"))
+            .collect();
+        assert_eq!(record_values(&records), expected, "partition {partition}");
+        assert!(
+            record_counts(&stored_batches(&client, "t", partition).await)
+                .iter()
+                .all(|count| *count == 1),
+            "one record per batch, so one batch per request"
+        );
+    }
+    producer.close().await.unwrap();
+}

@@ -288,6 +288,7 @@ mod client_retries {
                 .request_timeout_ms(200)
                 .linger_ms(0)
                 .idempotent(false)
+                .batches_in_flight_per_partition_max(1)
                 .build()
                 .expect("a valid config"),
         )

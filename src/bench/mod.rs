@@ -128,6 +128,9 @@ pub struct BenchConfig {
     pub buffer_bytes_max: usize,
     /// Produce requests in flight per connection.
     pub requests_in_flight_max: usize,
+    /// Batches of one partition in flight per producer
+    /// (`ProducerConfig::batches_in_flight_per_partition_max`).
+    pub batches_in_flight_per_partition_max: usize,
     pub stop: Stop,
     /// Fixed rate over all producers; `None` for as fast as possible.
     pub rate_per_s: Option<u64>,
@@ -185,6 +188,8 @@ impl Default for BenchConfig {
             acks: Acks::Durable,
             buffer_bytes_max: 8 << 20,
             requests_in_flight_max: 8,
+            batches_in_flight_per_partition_max:
+                crate::client::BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT,
             stop: Stop::Duration(Duration::from_secs(10)),
             rate_per_s: None,
             warmup: Duration::ZERO,
@@ -338,6 +343,9 @@ impl BenchConfig {
             // requests in flight keep a partition's pipeline full while one batch waits
             // for its fdatasync.
             .requests_in_flight_max(self.requests_in_flight_max)
+            // Several batches of a partition in flight: with batches of one record, one
+            // at a time would cap a partition at one message per round trip.
+            .batches_in_flight_per_partition_max(self.batches_in_flight_per_partition_max)
             .buffer_bytes_max(self.buffer_bytes_max)
             .build()
     }

@@ -298,6 +298,10 @@ pub struct BenchArgs {
     /// Produce requests in flight per connection.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub requests_in_flight: usize,
+    /// Batches of one partition in flight per producer (1 to 5: the broker appends them
+    /// in the order they were sent).
+    #[arg(long, value_name = "N", default_value_t = shardq::client::BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT)]
+    pub in_flight_per_partition: usize,
     /// Stop after this many measured messages (in all).
     #[arg(long, value_name = "N", conflicts_with = "duration_s")]
     pub messages: Option<u64>,
@@ -1167,6 +1171,7 @@ fn bench(command: BenchCommand) -> Result<(), CliError> {
         acks: args.acks,
         buffer_bytes_max: args.buffer_bytes_max,
         requests_in_flight_max: args.requests_in_flight,
+        batches_in_flight_per_partition_max: args.in_flight_per_partition,
         stop,
         rate_per_s: args.rate,
         warmup: seconds(args.warmup_s, "--warmup-s")?,

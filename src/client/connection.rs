@@ -198,46 +198,62 @@ impl Connection {
     ) -> Result<ResponseBody, ClientError> {
         let opcode = request.opcode();
         let exchange = async {
-            let slot = self.slot().await?;
-            let correlation_id = self.next_correlation_id();
-            let (responder, response) = oneshot::channel();
-            {
-                let mut table = self.shared.pending();
-                if let Some(failure) = &table.failure {
-                    return Err(failure.clone());
-                }
-                table.waiters.insert(
-                    correlation_id,
-                    Waiter {
-                        opcode,
-                        responder,
-                        _slot: slot,
-                    },
-                );
-            }
-            let outbound = Outbound {
-                correlation_id,
-                request,
-                written: None,
-            };
-            if self.outbound.send(outbound).is_err() {
-                // The writer has stopped, so the connection has failed and our waiter
-                // has been (or is being) failed with the cause.
-                return Err(self.shared.failure());
-            }
-            match response.await {
-                Ok(result) => result,
-                Err(_dropped) => Err(self.shared.failure()),
-            }
+            let response = self.enqueue(request).await?;
+            self.response(opcode, response).await
         };
-        let body = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result?,
-            Err(_elapsed) => {
-                return Err(ClientError::Timeout {
-                    operation,
-                    timeout_ms: timeout.as_millis() as u64,
-                })
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(ClientError::Timeout {
+                operation,
+                timeout_ms: timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Registers a request and hands it to the writer, waiting only for a slot; its
+    /// response comes through the returned receiver ([`Connection::response`]).
+    /// Requests enqueued one after another by one caller are written in that order.
+    pub(super) async fn enqueue(&self, request: Arc<Request>) -> Result<Response, ClientError> {
+        let opcode = request.opcode();
+        let slot = self.slot().await?;
+        let correlation_id = self.next_correlation_id();
+        let (responder, response) = oneshot::channel();
+        {
+            let mut table = self.shared.pending();
+            if let Some(failure) = &table.failure {
+                return Err(failure.clone());
             }
+            table.waiters.insert(
+                correlation_id,
+                Waiter {
+                    opcode,
+                    responder,
+                    _slot: slot,
+                },
+            );
+        }
+        let outbound = Outbound {
+            correlation_id,
+            request,
+            written: None,
+        };
+        if self.outbound.send(outbound).is_err() {
+            // The writer has stopped, so the connection has failed and our waiter
+            // has been (or is being) failed with the cause.
+            return Err(self.shared.failure());
+        }
+        Ok(response)
+    }
+
+    /// Waits for the response of an enqueued request and decodes it.
+    pub(super) async fn response(
+        &self,
+        opcode: Opcode,
+        response: Response,
+    ) -> Result<ResponseBody, ClientError> {
+        let body = match response.await {
+            Ok(result) => result?,
+            Err(_dropped) => return Err(self.shared.failure()),
         };
         match decode_response(opcode, body) {
             Ok(Ok(body)) => Ok(body),
@@ -246,41 +262,41 @@ impl Connection {
         }
     }
 
-    /// Sends a request the broker does not answer (produce with acks none); returns once
-    /// the bytes are written to the socket.
-    pub(super) async fn send_without_response(
+    /// Hands a request the broker does not answer to the writer, waiting only for a
+    /// slot; the returned receiver says when it is written ([`Connection::written`]).
+    pub(super) async fn enqueue_without_response(
         &self,
-        request: Request,
-        timeout: Duration,
-    ) -> Result<(), ClientError> {
-        let exchange = async {
-            let slot = self.slot().await?;
-            if let Some(failure) = &self.shared.pending().failure {
-                return Err(failure.clone());
-            }
-            let (written, written_receiver) = oneshot::channel();
-            let outbound = Outbound {
-                correlation_id: self.next_correlation_id(),
-                request: Arc::new(request),
-                written: Some((written, slot)),
-            };
-            if self.outbound.send(outbound).is_err() {
-                return Err(self.shared.failure());
-            }
-            match written_receiver.await {
-                Ok(result) => result,
-                Err(_dropped) => Err(self.shared.failure()),
-            }
+        request: Arc<Request>,
+    ) -> Result<Written, ClientError> {
+        let slot = self.slot().await?;
+        if let Some(failure) = &self.shared.pending().failure {
+            return Err(failure.clone());
+        }
+        let (written, written_receiver) = oneshot::channel();
+        let outbound = Outbound {
+            correlation_id: self.next_correlation_id(),
+            request,
+            written: Some((written, slot)),
         };
-        match tokio::time::timeout(timeout, exchange).await {
+        if self.outbound.send(outbound).is_err() {
+            return Err(self.shared.failure());
+        }
+        Ok(written_receiver)
+    }
+
+    /// Waits until a request enqueued without response is written.
+    pub(super) async fn written(&self, written: Written) -> Result<(), ClientError> {
+        match written.await {
             Ok(result) => result,
-            Err(_elapsed) => Err(ClientError::Timeout {
-                operation: "produce (acks none)",
-                timeout_ms: timeout.as_millis() as u64,
-            }),
+            Err(_dropped) => Err(self.shared.failure()),
         }
     }
 }
+
+/// Where an enqueued request's response arrives.
+pub(super) type Response = oneshot::Receiver<Result<Bytes, ClientError>>;
+/// Where a request without response learns it was written.
+pub(super) type Written = oneshot::Receiver<Result<(), ClientError>>;
 
 async fn write_loop(
     shared: Arc<Shared>,

@@ -101,7 +101,7 @@ use crate::protocol::batch::BatchError;
 use crate::protocol::{
     AlterTopicRequest, CreateTopicRequest, DeleteTopicRequest, FetchRequest, FetchResponse,
     HandshakeRequest, HandshakeResponse, ListOffsetsPartition, ListOffsetsRequest,
-    ListOffsetsTopic, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    ListOffsetsTopic, MetadataRequest, MetadataResponse, Opcode, ProduceRequest, ProduceResponse,
     ProtocolError, Request, ResponseBody, PROTOCOL_VERSION,
 };
 
@@ -120,7 +120,7 @@ pub use consumer::{
 pub use groups::CommittedPosition;
 pub use producer::{
     Producer, ProducerConfig, ProducerConfigBuilder, ProducerRecord, RecordMetadata, SendHandle,
-    Sent, SentHandle,
+    Sent, SentHandle, BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT, PRODUCER_BATCHES_KEPT,
 };
 pub use queue::{
     handles_of, QueueConsumer, QueueConsumerBuilder, QueueConsumerConfig,
@@ -1323,24 +1323,55 @@ impl Client {
         &self,
         request: ProduceRequest,
     ) -> Result<Option<ProduceResponse>, ClientError> {
+        self.start_produce(request).await?.wait().await
+    }
+
+    /// The first half of [`Client::produce`]: waits for a connection and a slot on it,
+    /// and hands the request to the connection's writer. Requests one caller starts one
+    /// after another are written in that order, which is what lets the producer keep
+    /// several batches of a partition in flight (docs/protocol.md §5.5, "Order of
+    /// pipelined produce requests"). The timeout of the whole exchange counts from here.
+    pub(super) async fn start_produce(
+        &self,
+        request: ProduceRequest,
+    ) -> Result<StartedProduce, ClientError> {
         let timeout = Duration::from_millis(
             u64::from(request.timeout_ms) + self.inner.config.request_timeout_ms,
         );
-        if request.acks == Acks::None {
-            self.session()
-                .await?
-                .connection
-                .send_without_response(Request::Produce(request), timeout)
-                .await?;
-            return Ok(None);
-        }
-        match self
-            .call(Request::Produce(request), timeout, "produce")
-            .await?
-        {
-            ResponseBody::Produce(response) => Ok(Some(response)),
-            other => Err(unexpected_body("produce", &other)),
-        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let acks = request.acks;
+        let request = Arc::new(Request::Produce(request));
+        let session = self.session().await?;
+        let enqueue = async {
+            if acks == Acks::None {
+                session
+                    .connection
+                    .enqueue_without_response(request)
+                    .await
+                    .map(Waiting::Written)
+            } else {
+                session
+                    .connection
+                    .enqueue(request)
+                    .await
+                    .map(Waiting::Response)
+            }
+        };
+        let waiting = match tokio::time::timeout_at(deadline, enqueue).await {
+            Ok(waiting) => waiting?,
+            Err(_elapsed) => {
+                return Err(ClientError::Timeout {
+                    operation: "produce",
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+            }
+        };
+        Ok(StartedProduce {
+            session,
+            waiting,
+            deadline,
+            timeout,
+        })
     }
 
     /// Sends a fetch request. The wait is bounded by its long-poll `wait_ms_max` plus
@@ -1541,6 +1572,66 @@ fn whole_request_topic(request: &Request) -> Option<&str> {
 
 /// Requests whose second copy does no harm: reads, and commits (which set a position
 /// rather than move it).
+/// A produce handed to the connection ([`Client::start_produce`]); [`StartedProduce::wait`]
+/// waits for its outcome.
+pub(super) struct StartedProduce {
+    session: Arc<Session>,
+    waiting: Waiting,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+enum Waiting {
+    Response(connection::Response),
+    Written(connection::Written),
+}
+
+impl StartedProduce {
+    /// The broker's answer (`None` for acks none, once the request is written). No
+    /// answer by the deadline also gives up the connection, as any call does.
+    pub(super) async fn wait(self) -> Result<Option<ProduceResponse>, ClientError> {
+        let StartedProduce {
+            session,
+            waiting,
+            deadline,
+            timeout,
+        } = self;
+        let connection = &session.connection;
+        // A request with an answer that never came: the broker stopped answering.
+        let answered = matches!(waiting, Waiting::Response(_));
+        let outcome = match waiting {
+            Waiting::Written(written) => {
+                tokio::time::timeout_at(deadline, async {
+                    connection.written(written).await.map(|()| None)
+                })
+                .await
+            }
+            Waiting::Response(response) => {
+                tokio::time::timeout_at(deadline, async {
+                    match connection.response(Opcode::Produce, response).await? {
+                        ResponseBody::Produce(response) => Ok(Some(response)),
+                        other => Err(unexpected_body("produce", &other)),
+                    }
+                })
+                .await
+            }
+        };
+        match outcome {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                let timed_out = ClientError::Timeout {
+                    operation: "produce",
+                    timeout_ms: timeout.as_millis() as u64,
+                };
+                if answered {
+                    connection.abandon(timed_out.clone());
+                }
+                Err(timed_out)
+            }
+        }
+    }
+}
+
 fn safe_to_resend(request: &Request) -> bool {
     matches!(
         request,

@@ -5,8 +5,11 @@
 //! open batch and returns a [`SendHandle`] at once. A sender task seals batches that are
 //! full or have lingered `linger_ms`, packs sealed batches of many partitions into one
 //! Produce request, and keeps up to `requests_in_flight_max` requests pipelined on the
-//! client's connection. One batch per partition is in flight at a time, so a partition's
-//! records land in the log in the order they were sent.
+//! client's connection, with up to `batches_in_flight_per_partition_max` batches of one
+//! partition among them. The sender task hands requests to the connection one at a time,
+//! in the order it took their batches, and the broker appends one connection's batches
+//! of a partition in arrival order (docs/protocol.md §5.5), so a partition's records
+//! land in the log in the order they were sent.
 //!
 //! Contract: a [`SendHandle`] (from `send`, acks `Memory` or `Durable`) resolves once the
 //! broker has answered for its batch, with the record's offset (the batch's base offset
@@ -25,12 +28,18 @@
 //! ShuttingDown, StorageFull, a broken connection, or no answer within the client's
 //! timeout) is sent again, byte for byte, after an exponential backoff with full jitter,
 //! until it succeeds or `delivery_timeout_ms` has passed since its first send. Order per
-//! partition holds because a partition has one batch in flight: the next batch of that
-//! partition is sent only once the retried one is done, so no later batch can overtake
-//! it or fail with OutOfOrderSequence because of it. A batch that fails for good leaves
-//! the broker unsure of the partition's sequence (did the last attempt land?), so the
-//! producer then takes a new producer id, which the broker does not know and so accepts
-//! at any sequence. When the connection breaks the batch is retried on the client's next
+//! partition holds across retries (`accumulator.rs`, "Answers and retries"): when a
+//! batch fails, its partition sends nothing more until every batch of it in flight is
+//! answered; the later ones the broker refused as out of order (nothing of them was
+//! appended, since the failed one left a gap in the sequence) are not failed for that,
+//! but sent again right behind the failed one, in order, with the same bytes; later ones
+//! already stored stay stored, and a resend of a batch already stored is answered as a
+//! duplicate. A batch that fails for good leaves the broker unsure of the partition's
+//! sequence (did the last attempt land?): the later batches of its partition not stored
+//! by then fail with it (`maybe_written` as their own attempts left it), and the
+//! producer takes a new producer id, which the broker does not know and so accepts at
+//! any sequence; batches under the new id go out only once the old id's batches of
+//! their partition are all answered. When the connection breaks the batch is retried on the client's next
 //! connection (the broker keeps producer ids and sequences across restarts, so a batch
 //! that did land is not stored again); with `ClientConfig::reconnect` off the error is
 //! final, with `maybe_written` true when the request may have reached the broker.
@@ -66,14 +75,29 @@ use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::accumulator::{
-    Accumulator, AccumulatorLimits, AppendRecord, BatchCompletion, SealedBatch,
+    Accumulator, AccumulatorLimits, Answer, AppendRecord, BatchCompletion, SealedBatch,
 };
-use super::{Client, ClientError};
+use super::{Client, ClientError, StartedProduce};
 use crate::placement;
 use crate::protocol::batch::{BatchBuilder, BATCH_HEADER_SIZE, PRODUCER_ID_NONE, RECORD_OVERHEAD};
 use crate::protocol::{
     Acks, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
+
+/// The batches the broker remembers per idempotent producer and partition
+/// (docs/protocol.md §8.1): the most an idempotent producer keeps in flight per
+/// partition, so that a retry of the oldest is still recognised as a duplicate.
+pub const PRODUCER_BATCHES_KEPT: usize = 5;
+
+#[cfg(feature = "server")]
+const _: () = assert!(
+    PRODUCER_BATCHES_KEPT == crate::storage::producers::PRODUCER_BATCHES_KEPT,
+    "the client would keep more batches in flight than the broker can deduplicate"
+);
+
+/// Batches of one partition in flight by default: the most an idempotent producer may
+/// keep, which did best in the measurement (docs/benchmarks.md, "Ordered pipelining").
+pub const BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT: usize = PRODUCER_BATCHES_KEPT;
 
 /// Producer settings. Every queue has a limit.
 ///
@@ -105,6 +129,18 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u32,
     /// Produce requests written and not yet answered. Default 8; at least 1.
     pub requests_in_flight_max: usize,
+    /// Batches of one partition written and not yet answered (docs/protocol.md §5.5:
+    /// the broker appends them in the order they were written). More than one lets a
+    /// producer of small batches keep the disk busy while answers travel: with batch
+    /// size 1 and durable acks, one batch in flight caps a partition at one record per
+    /// round trip. Default 5 (docs/benchmarks.md, "Ordered pipelining"); at least 1. An
+    /// idempotent producer takes at most 5, the batches the broker remembers per
+    /// producer (`PRODUCER_BATCHES_KEPT`, §8.1): a retry of the oldest must still be
+    /// recognised once the later ones are stored. A producer that is not idempotent and
+    /// asks for answers takes only 1: its retries (StorageFull) could otherwise store a
+    /// batch after a later one, and nothing on the broker would notice, so it is refused
+    /// rather than documented as reordering.
+    pub batches_in_flight_per_partition_max: usize,
     /// A request carries batches of many partitions up to about this size (at least one
     /// batch). Below the broker's `frame_body_bytes_max`. Default 8 MiB; at least 1.
     pub request_bytes_max: usize,
@@ -135,6 +171,7 @@ impl Default for ProducerConfig {
             batch_records_max: 10_000,
             request_timeout_ms: 30_000,
             requests_in_flight_max: 8,
+            batches_in_flight_per_partition_max: BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT,
             request_bytes_max: 8 << 20,
             buffer_bytes_max: 64 << 20,
             idempotent: true,
@@ -168,6 +205,9 @@ impl ProducerConfigBuilder {
         request_timeout_ms: u32;
         /// Produce requests in flight at once (default 8; at least 1).
         requests_in_flight_max: usize;
+        /// Batches of one partition in flight at once (default 5; 1 to 5 when
+        /// idempotent, 1 when not idempotent with acks).
+        batches_in_flight_per_partition_max: usize;
         /// About the largest request in bytes (default 8 MiB; at least 1).
         request_bytes_max: usize;
         /// Bytes of records sent and not yet answered (default 64 MiB; at least 1).
@@ -243,6 +283,18 @@ impl ProducerConfig {
         }
         if self.request_bytes_max == 0 {
             return invalid("request_bytes_max", 0);
+        }
+        let batches_in_flight = self.batches_in_flight_per_partition_max;
+        let batches_in_flight_max = if self.idempotent {
+            PRODUCER_BATCHES_KEPT
+        } else if self.acks == Acks::None {
+            // No answers, so no retries: the broker's order is the whole story.
+            usize::MAX
+        } else {
+            1
+        };
+        if batches_in_flight == 0 || batches_in_flight > batches_in_flight_max {
+            return invalid("batches_in_flight_per_partition_max", batches_in_flight);
         }
         if self.buffer_bytes_max == 0 || self.buffer_bytes_max > Semaphore::MAX_PERMITS {
             return invalid("buffer_bytes_max", self.buffer_bytes_max);
@@ -610,8 +662,10 @@ impl Drop for Owner {
 /// partitions' batches per request, up to `requests_in_flight_max` requests at once.
 ///
 /// Guarantees:
-/// - records of one partition are stored in the order they were sent: a partition has
-///   one batch in flight at a time, and a retried batch goes out before any later one;
+/// - records of one partition are stored in the order they were sent, with up to
+///   `batches_in_flight_per_partition_max` batches of it in flight: requests are written
+///   in the order their batches were taken, the broker appends them in that order, and a
+///   retried batch goes out again before any later one of its partition;
 /// - nothing is stored twice: an idempotent producer (the default) marks each batch with
 ///   its producer id and sequence, so the broker stores a resent batch once; without
 ///   idempotence only failures that prove nothing was stored are retried;
@@ -694,6 +748,7 @@ impl Producer {
             batch_records_max: config.batch_records_max,
             batch_bytes_max: config.batch_bytes_max,
             linger: Duration::from_millis(config.linger_ms),
+            in_flight_per_partition_max: config.batches_in_flight_per_partition_max,
         };
         let shared = Arc::new(ProducerShared {
             client,
@@ -954,25 +1009,32 @@ fn now_ms() -> i64 {
 }
 
 /// The sender task: waits for an in-flight slot, then for sendable batches (or a linger
-/// deadline), and spawns one request at a time. Stops once closing and drained.
+/// or retry deadline), and hands one request at a time to the connection, in the order
+/// it took them: that order, with the broker's (docs/protocol.md §5.5), is what keeps a
+/// partition's batches in order with several in flight. A task per request then waits
+/// for the answer. Stops once closing and drained.
 async fn run_sender(shared: Arc<ProducerShared>) {
+    let delivery_timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
     loop {
         let slot = match shared.slots.clone().acquire_owned().await {
             Ok(slot) => slot,
             Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
         };
-        let (request_id, batches) = loop {
+        let (request_id, mut batches) = loop {
             let notified = shared.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let deadline = {
                 let mut state = shared.state();
                 shared.refresh_limits(&mut state);
-                state.accumulator.seal_expired(Instant::now());
+                let now = Instant::now();
+                state.accumulator.seal_expired(now);
                 let producer_id = state.producer_id;
-                let batches = state
-                    .accumulator
-                    .take_request(shared.config.request_bytes_max, producer_id);
+                let batches = state.accumulator.take_request(
+                    shared.config.request_bytes_max,
+                    producer_id,
+                    now,
+                );
                 if !batches.is_empty() {
                     let request_id = state.next_request_id;
                     state.next_request_id += 1;
@@ -986,7 +1048,13 @@ async fn run_sender(shared: Arc<ProducerShared>) {
                 if state.closing && state.accumulator.is_empty() {
                     return;
                 }
-                state.accumulator.next_deadline()
+                match (
+                    state.accumulator.next_deadline(),
+                    state.accumulator.next_retry(),
+                ) {
+                    (Some(linger), Some(retry)) => Some(linger.min(retry)),
+                    (linger, retry) => linger.or(retry),
+                }
             };
             match deadline {
                 Some(deadline) => {
@@ -998,7 +1066,62 @@ async fn run_sender(shared: Arc<ProducerShared>) {
                 None => notified.await,
             }
         };
-        tokio::spawn(send_request(shared.clone(), request_id, batches, slot));
+        let reconnects = shared.client.config().reconnect;
+        // The delivery timeout counts from the first try, waiting for a reconnect included.
+        let started = Instant::now();
+        for batch in &mut batches {
+            batch.first_sent.get_or_insert(started);
+            batch.attempts += 1;
+        }
+        // Reconnect first (if needed), so the batches are checked against the limits of
+        // the broker they go to. Waited on no longer than the oldest batch may live: the
+        // reconnect goes on in its own task, and the batches fail as not written.
+        let oldest = batches
+            .iter()
+            .filter_map(|batch| batch.first_sent)
+            .min()
+            .unwrap_or(started);
+        let connected = tokio::time::timeout_at(
+            (oldest + delivery_timeout).into(),
+            shared.client.connected(),
+        )
+        .await
+        .unwrap_or_else(|_elapsed| {
+            Err(ClientError::Connect {
+                address: shared.client.address().to_owned(),
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection within the producer's delivery timeout",
+                )),
+            })
+        });
+        // Nothing of this try left when there was no connection to send it on.
+        let broken_before = connected.is_err()
+            || shared.client.is_closed()
+            || (!reconnects && shared.client.is_broken());
+        let start = match connected {
+            Ok(()) => {
+                let too_large = take_too_large(&shared, &mut batches);
+                hand_answers(&shared, too_large);
+                if batches.is_empty() {
+                    shared.state().in_flight.remove(&request_id);
+                    shared.wake.notify_one();
+                    continue;
+                }
+                // Handed to the connection here, in take order.
+                let request = build_request(&shared.config, &batches);
+                shared.client.start_produce(request).await
+            }
+            Err(error) => Err(error),
+        };
+        tokio::spawn(finish_request(
+            shared.clone(),
+            request_id,
+            batches,
+            start,
+            broken_before,
+            slot,
+        ));
     }
 }
 
@@ -1164,125 +1287,91 @@ impl Random {
     }
 }
 
-/// Sends a request's batches, retrying the ones that fail retriably (module docs), and
-/// settles each batch once it is done. The partition of a batch stays in flight, so
-/// nothing else of it is sent, until the batch is settled.
-async fn send_request(
+/// Waits for the answer of a request handed to the connection (or takes the error that
+/// kept it from going) and gives each batch's answer to the accumulator, which settles
+/// the batches that are done and queues again the ones to retry (module docs).
+async fn finish_request(
     shared: Arc<ProducerShared>,
     request_id: u64,
-    mut batches: Vec<SealedBatch>,
+    batches: Vec<SealedBatch>,
+    start: Result<StartedProduce, ClientError>,
+    broken_before: bool,
     slot: OwnedSemaphorePermit,
 ) {
-    let mut slot = Some(slot);
+    let result = match start {
+        Ok(started) => started.wait().await,
+        Err(error) => Err(error),
+    };
+    drop(slot);
+    answer(&shared, batches, &result, broken_before);
+    shared.state().in_flight.remove(&request_id);
+    shared.wake.notify_one();
+}
+
+/// Reads each batch's outcome from `result` (a request's, or an error that kept the
+/// batches from going, with `broken_before` saying they did not leave) and hands it to
+/// the accumulator; settles what that finishes.
+fn answer(
+    shared: &ProducerShared,
+    batches: Vec<SealedBatch>,
+    result: &Result<Option<ProduceResponse>, ClientError>,
+    broken_before: bool,
+) {
+    let reconnects = shared.client.config().reconnect;
+    let answers = batches
+        .into_iter()
+        .map(|mut batch| {
+            let answer = match batch_outcome(&batch, result) {
+                Ok(offset) => Answer::Stored(offset),
+                Err(error) => {
+                    let verdict = verdict(&error, broken_before, reconnects);
+                    batch.maybe_written |= verdict.maybe_written;
+                    if shared.config.idempotent
+                        && error.wire_code() == Some(ErrorCode::OutOfOrderSequence)
+                    {
+                        Answer::OutOfOrder(error)
+                    } else if verdict.retriable
+                        && shared.config.acks != Acks::None
+                        && (shared.config.idempotent || !batch.maybe_written)
+                    {
+                        Answer::Retriable(error)
+                    } else {
+                        Answer::Failed(error)
+                    }
+                }
+            };
+            (batch, answer)
+        })
+        .collect();
+    hand_answers(shared, answers);
+}
+
+/// Gives the accumulator each batch's answer, with the backoff it waits if sent again,
+/// and settles the batches that are done.
+fn hand_answers(shared: &ProducerShared, answers: Vec<(SealedBatch, Answer)>) {
+    if answers.is_empty() {
+        return;
+    }
     let delivery_timeout = Duration::from_millis(shared.config.delivery_timeout_ms);
-    let mut retry_number = 0u32;
-    loop {
-        let held = match slot.take() {
-            Some(held) => held,
-            None => match shared.slots.clone().acquire_owned().await {
-                Ok(held) => held,
-                Err(_closed) => unreachable!("the in-flight semaphore is never closed"),
-            },
-        };
-        let reconnects = shared.client.config().reconnect;
-        // The delivery timeout counts from the first try, waiting for a reconnect included.
-        let started = Instant::now();
-        for batch in &mut batches {
-            batch.first_sent.get_or_insert(started);
-            batch.attempts += 1;
-        }
-        // Reconnect first (if needed), so the batches are checked against the limits of
-        // the broker they go to.
-        // Waited on no longer than the oldest batch may live: the reconnect goes on in
-        // its own task, and the batches fail as not written.
-        let oldest = batches
-            .iter()
-            .filter_map(|batch| batch.first_sent)
-            .min()
-            .unwrap_or(started);
-        let connected = tokio::time::timeout_at(
-            (oldest + delivery_timeout).into(),
-            shared.client.connected(),
-        )
-        .await
-        .unwrap_or_else(|_elapsed| {
-            Err(ClientError::Connect {
-                address: shared.client.address().to_owned(),
-                source: Arc::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no connection within the producer's delivery timeout",
-                )),
-            })
-        });
-        // Nothing of this try left when there was no connection to send it on.
-        let broken_before = connected.is_err()
-            || shared.client.is_closed()
-            || (!reconnects && shared.client.is_broken());
-        if connected.is_ok() {
-            let too_large = take_too_large(&shared, &mut batches);
-            settle(&shared, too_large);
-            if batches.is_empty() {
-                shared.state().in_flight.remove(&request_id);
-                shared.wake.notify_one();
-                return;
-            }
-        }
-        let result = match connected {
-            Ok(()) => {
-                let request = build_request(&shared.config, &batches);
-                shared.client.produce(request).await
-            }
-            Err(error) => Err(error),
-        };
-        drop(held);
-        retry_number += 1;
-        let delay = {
-            let random = shared.state().random.next();
-            backoff(
-                retry_number,
+    let mut settled = Vec::new();
+    {
+        let mut state = shared.state();
+        for (batch, answer) in answers {
+            let random = state.random.next();
+            let delay = backoff(
+                batch.attempts,
                 shared.config.retry_backoff_ms_min,
                 shared.config.retry_backoff_ms_max,
                 random,
-            )
-        };
-        let retry_at = Instant::now() + delay;
-        let mut retry = Vec::new();
-        let mut settled = Vec::new();
-        for mut batch in batches {
-            let error = match batch_outcome(&batch, &result) {
-                Ok(offset) => {
-                    settled.push((batch, Ok(offset)));
-                    continue;
-                }
-                Err(error) => error,
-            };
-            let verdict = verdict(&error, broken_before, reconnects);
-            batch.maybe_written |= verdict.maybe_written;
-            let first_sent = batch.first_sent.expect("set before sending");
-            let retry_allowed = verdict.retriable
-                && shared.config.acks != Acks::None
-                && (shared.config.idempotent || !batch.maybe_written)
-                && retry_at <= first_sent + delivery_timeout;
-            if retry_allowed {
-                retry.push(batch);
-            } else {
-                let failed = ClientError::ProduceFailed {
-                    cause: Arc::new(error),
-                    maybe_written: batch.maybe_written,
-                    attempts: batch.attempts,
-                };
-                settled.push((batch, Err(failed)));
-            }
+            );
+            let done =
+                state
+                    .accumulator
+                    .answered(batch, answer, Instant::now() + delay, delivery_timeout);
+            settled.extend(done);
         }
-        settle(&shared, settled);
-        if retry.is_empty() {
-            shared.state().in_flight.remove(&request_id);
-            shared.wake.notify_one();
-            return;
-        }
-        tokio::time::sleep_until(retry_at.into()).await;
-        batches = retry;
     }
+    settle(shared, settled);
 }
 
 /// Takes out of `batches` those bigger than the broker's largest batch on the current
@@ -1291,7 +1380,7 @@ async fn send_request(
 fn take_too_large(
     shared: &ProducerShared,
     batches: &mut Vec<SealedBatch>,
-) -> Vec<(SealedBatch, Result<Option<u64>, ClientError>)> {
+) -> Vec<(SealedBatch, Answer)> {
     let limit = {
         let mut state = shared.state();
         shared.refresh_limits(&mut state);
@@ -1313,12 +1402,7 @@ fn take_too_large(
                 size_bytes: batch.batch.len() as u64,
                 limit_bytes: limit as u64,
             };
-            let failed = ClientError::ProduceFailed {
-                cause: Arc::new(error),
-                maybe_written: batch.maybe_written,
-                attempts: batch.attempts,
-            };
-            (batch, Err(failed))
+            (batch, Answer::Failed(error))
         })
         .collect()
 }
@@ -1356,9 +1440,6 @@ fn settle(shared: &ProducerShared, settled: Vec<(SealedBatch, Result<Option<u64>
     }
     {
         let mut state = shared.state();
-        for (batch, _) in &settled {
-            state.accumulator.finish(&batch.topic, batch.partition);
-        }
         for topic in stale_topics {
             state.routes.remove(&*topic);
         }
@@ -1447,7 +1528,46 @@ mod tests {
                 "delivery_timeout_ms",
                 0,
             ),
+            (
+                builder().batches_in_flight_per_partition_max(0).build(),
+                "batches_in_flight_per_partition_max",
+                0,
+            ),
+            // Past the broker's memory of a producer's batches.
+            (
+                builder()
+                    .batches_in_flight_per_partition_max(PRODUCER_BATCHES_KEPT + 1)
+                    .build(),
+                "batches_in_flight_per_partition_max",
+                PRODUCER_BATCHES_KEPT as u64 + 1,
+            ),
+            // Not idempotent, with answers: its retries could reorder.
+            (
+                builder().idempotent(false).build(),
+                "batches_in_flight_per_partition_max",
+                BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT as u64,
+            ),
+            (
+                builder()
+                    .idempotent(false)
+                    .acks(Acks::Memory)
+                    .batches_in_flight_per_partition_max(2)
+                    .build(),
+                "batches_in_flight_per_partition_max",
+                2,
+            ),
         ]);
+        // The edges that do work: the broker's memory, and any number without answers.
+        assert!(builder()
+            .batches_in_flight_per_partition_max(PRODUCER_BATCHES_KEPT)
+            .build()
+            .is_ok());
+        assert!(builder()
+            .idempotent(false)
+            .acks(Acks::None)
+            .batches_in_flight_per_partition_max(64)
+            .build()
+            .is_ok());
         // The edges that do work.
         let config = builder()
             .batch_records_max(1)
@@ -1457,6 +1577,7 @@ mod tests {
             .linger_ms(0)
             .acks(Acks::Memory)
             .idempotent(false)
+            .batches_in_flight_per_partition_max(1)
             .build()
             .unwrap();
         assert_eq!(

@@ -355,16 +355,17 @@ async fn retriable_refusals_resend_the_same_bytes_and_sequences_follow_send_orde
 #[tokio::test]
 async fn storage_full_until_the_delivery_timeout_fails_as_not_written_and_renews_the_id() {
     let (listener, address) = listen().await;
-    let peer = tokio::spawn(producer_peer(listener, |index, batch| {
+    let mut first_id = None;
+    let peer = tokio::spawn(producer_peer(listener, move |_, batch| {
         let header = header_of(batch);
-        Some(match index {
-            // Refused before append, again and again.
-            0..=2 => Err(WireError::new(ErrorCode::StorageFull, "disk full")),
-            // After that batch fails for good the next comes under a new producer id.
-            _ => {
-                assert_ne!(header.producer_id, 0);
-                Ok(0)
-            }
+        assert_ne!(header.producer_id, 0);
+        let first_id = *first_id.get_or_insert(header.producer_id);
+        Some(if header.producer_id == first_id {
+            // Refused before append, again and again, until the batch fails for good.
+            Err(WireError::new(ErrorCode::StorageFull, "disk full"))
+        } else {
+            // The next batch comes under a new producer id.
+            Ok(0)
         })
     }));
     let client = Client::connect(address).await.unwrap();
@@ -386,17 +387,12 @@ async fn storage_full_until_the_delivery_timeout_fails_as_not_written_and_renews
         new_id, old_id,
         "a batch failed for good renews the producer id"
     );
-    // Keep sending until the peer accepts (it refuses the first three requests).
-    loop {
-        let outcome = producer
-            .send("t", ProducerRecord::new("b").with_partition(0))
-            .await
-            .unwrap()
-            .await;
-        if outcome.is_ok() {
-            break;
-        }
-    }
+    let outcome = producer
+        .send("t", ProducerRecord::new("b").with_partition(0))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.unwrap().offset, 0);
     // Close reports the refusals of the first sends; they were checked above.
     assert!(producer.close().await.is_err());
     drop(producer);
@@ -824,7 +820,11 @@ async fn without_idempotence_a_batch_lost_with_its_connection_is_not_sent_again(
     let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
-    let config = quick_retries().idempotent(false).build().unwrap();
+    let config = quick_retries()
+        .idempotent(false)
+        .batches_in_flight_per_partition_max(1)
+        .build()
+        .unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
     let sent = producer
         .send("t", ProducerRecord::new("a").with_partition(0))
@@ -1181,9 +1181,12 @@ async fn after_a_reconnect_the_producer_batches_to_the_new_brokers_limit() {
     let client = Client::connect_with(address, quick_reconnect().build().unwrap())
         .await
         .unwrap();
+    // One batch in flight: the second waits, sealed, and is never sent to the first
+    // broker.
     let config = quick_retries()
         .linger_ms(600_000)
         .batch_records_max(3)
+        .batches_in_flight_per_partition_max(1)
         .build()
         .unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
@@ -1635,4 +1638,102 @@ async fn a_consumer_config_that_cannot_work_is_refused_by_new() {
         "{error}"
     );
     drop(peer.await.unwrap());
+}
+
+#[tokio::test]
+async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_it_in_order() {
+    let (listener, address) = listen().await;
+    let peer = tokio::spawn(async move {
+        let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
+        let mut produces = Vec::new();
+        let mut batches: Vec<Bytes> = Vec::new();
+        // Three batches of partition 0 in flight before any answer.
+        while produces.len() < 3 {
+            let (header, request) = connection.read_request().await.expect("a request");
+            match request {
+                Request::Metadata(_) => {
+                    connection
+                        .respond(&header, Ok(&one_partition_metadata()))
+                        .await;
+                }
+                Request::Produce(produce) => {
+                    batches.push(produce.topics[0].partitions[0].batch.clone());
+                    produces.push(header);
+                }
+                other => panic!("unexpected request {other:?}"),
+            }
+        }
+        // Answered last to first: the broker refuses the first for a full disk, so the
+        // next two have a gap in their sequence.
+        let out_of_order = || {
+            Err(WireError::new(
+                ErrorCode::OutOfOrderSequence,
+                "expected sequence 0, got 1",
+            ))
+        };
+        let answers = [
+            Err(WireError::new(ErrorCode::StorageFull, "disk full")),
+            out_of_order(),
+            out_of_order(),
+        ];
+        for (header, answer) in produces.iter().zip(answers).rev() {
+            connection
+                .respond(header, Ok(&produce_answer(answer)))
+                .await;
+        }
+        // Then all three again, in order, stored at 0, 1, 2.
+        for offset in 0..3u64 {
+            let (header, request) = connection.read_request().await.expect("a resend");
+            let Request::Produce(produce) = request else {
+                panic!("unexpected request {request:?}")
+            };
+            batches.push(produce.topics[0].partitions[0].batch.clone());
+            connection
+                .respond(&header, Ok(&produce_answer(Ok(offset))))
+                .await;
+        }
+        while connection.read_request().await.is_some() {}
+        batches
+    });
+    let client = Client::connect(address).await.unwrap();
+    let config = quick_retries()
+        .batch_records_max(1)
+        .batches_in_flight_per_partition_max(3)
+        .build()
+        .unwrap();
+    let producer = Producer::new(client.clone(), config).unwrap();
+    let mut handles = Vec::new();
+    for value in ["a", "b", "c"] {
+        handles.push(
+            producer
+                .send("t", ProducerRecord::new(value).with_partition(0))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut offsets = Vec::new();
+    for handle in handles {
+        offsets.push(
+            handle
+                .await
+                .expect("stored, not failed for being out of order")
+                .offset,
+        );
+    }
+    assert_eq!(offsets, vec![0, 1, 2]);
+    producer.close().await.unwrap();
+    drop(producer);
+    client.close();
+    drop(client);
+    let batches = peer.await.unwrap();
+    let sequences: Vec<u64> = batches
+        .iter()
+        .map(|batch| header_of(batch).sequence)
+        .collect();
+    assert_eq!(
+        sequences,
+        vec![0, 1, 2, 0, 1, 2],
+        "sent in order, and resent in order after the refused one"
+    );
+    assert_eq!(&batches[..3], &batches[3..], "resends are the same bytes");
 }

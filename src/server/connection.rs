@@ -4,6 +4,19 @@
 //! `connection_requests_in_flight_max` at once). Responses go, in completion order,
 //! through a bounded local channel to a writer task.
 //!
+//! Order (protocol.md §5.5): produce requests for one partition append in the order
+//! their frames arrived on the connection. Every await between decode and append could
+//! reorder them if nothing held them in line: the reader's own waits (byte budgets, the
+//! in-flight semaphore) cannot, since it handles one frame at a time; but a request's
+//! task may start late, an earlier batch of the same request may wait for a chunk or a
+//! segment roll on its owner while a later request's batch finds room, and two tasks
+//! sending to one owner over a full mesh channel are woken in no promised order. So the
+//! reader itself, before it spawns the task, admits the produce to the append line of
+//! each partition (`dispatch::start`, `shard::append_order`): tickets taken at once for
+//! this shard's partitions, the sub-request handed to the mesh at once for another
+//! owner's (which takes its tickets as it receives it, in channel order). Each append
+//! then waits for its predecessor's append, not for its durability.
+//!
 //! Limits (invariant 6), each of which pauses reading rather than failing anything:
 //! - bytes: before it reads a frame's body, the reader takes a `Lease` of the frame's
 //!   length on the connection's byte budget and then on the shard's
@@ -750,6 +763,10 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
         let correlation_id = header.correlation_id;
         // Owed from now: a shutdown waits for the answers of requests already read.
         shard.owe_response();
+        // Here, in frame order, a produce takes its place in the append line of every
+        // partition it names (protocol.md §5.5): whatever its task meets later, it
+        // appends after the produces read before it on this connection.
+        let request = dispatch::start(shard, request).await;
         glommio::spawn_local(async move {
             let connection = task_connection;
             let shard = &connection.shard;
@@ -759,7 +776,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
             };
             let outcome = if abandonable {
                 let handled = futures_lite::future::or(
-                    async { Some(dispatch::handle(shard, request, &caller).await) },
+                    async { Some(dispatch::finish(shard, request, &caller).await) },
                     async {
                         connection.client_gone.wait().await;
                         None
@@ -773,7 +790,7 @@ async fn read_requests(connection: &Rc<Connection>) -> End {
                 };
                 outcome
             } else {
-                dispatch::handle(shard, request, &caller).await
+                dispatch::finish(shard, request, &caller).await
             };
             connection.last_activity.set(Instant::now());
             shard.metrics.request(

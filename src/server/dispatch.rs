@@ -1,6 +1,8 @@
 //! Request dispatch on the shard that received the request: validate, split by owning
 //! shard, route, and reassemble one response in the order the request listed things.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,7 +106,9 @@ pub async fn handle(
             )?;
             Ok(ResponseBody::AlterTopic)
         }
-        Request::Produce(request) => Ok(ResponseBody::Produce(produce(shard, request).await)),
+        Request::Produce(request) => Ok(ResponseBody::Produce(
+            start_produce(shard, request).await.finish().await,
+        )),
         Request::Fetch(request) => Ok(ResponseBody::Fetch(fetch(shard, request).await)),
         Request::ListOffsets(request) => Ok(ResponseBody::ListOffsets(
             list_offsets(shard, request).await,
@@ -565,7 +569,82 @@ impl<T> Split<T> {
     }
 }
 
-async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse {
+/// A request the connection's reader has started ([`start`]); [`finish`] runs the rest.
+pub enum Started {
+    /// Nothing of it has run yet.
+    Request(Request),
+    /// A produce admitted to its partitions' append lines.
+    Produce(StartedProduce),
+}
+
+/// Starts `request` in the connection's reader, in frame order, before its task runs.
+/// A produce is validated, split by owner and admitted to the append line of every
+/// partition it names (docs/protocol.md §5.5, "Order of pipelined produce requests"):
+/// this shard's partitions take their tickets now, and the sub-request for each other
+/// owner is handed to the mesh now, so the owner admits it in the order the frames
+/// arrived. Only that hand-off waits (for room in a full mesh channel: backpressure,
+/// which pauses this connection's reading). Any other request is left for [`finish`].
+pub async fn start(shard: &Rc<Shard>, request: Request) -> Started {
+    match request {
+        // A broker shutting down refuses it whole, in `handle`.
+        Request::Produce(request) if !shard.is_shutting_down() => {
+            Started::Produce(start_produce(shard, request).await)
+        }
+        request => Started::Request(request),
+    }
+}
+
+/// Runs what [`start`] left, in the request's own task.
+pub async fn finish(
+    shard: &Rc<Shard>,
+    started: Started,
+    caller: &Caller<'_>,
+) -> Result<ResponseBody, WireError> {
+    match started {
+        Started::Request(request) => handle(shard, request, caller).await,
+        Started::Produce(produce) => Ok(ResponseBody::Produce(produce.finish().await)),
+    }
+}
+
+/// One owner's reply to its share of a produce, on its way.
+type OwnerReply = Pin<Box<dyn Future<Output = ShardReply>>>;
+
+/// A produce admitted on every owner: the response with refused entries filled in, and
+/// the owners' replies to wait for.
+pub struct StartedProduce {
+    response: ProduceResponse,
+    replies: Vec<(Vec<Slot>, OwnerReply)>,
+}
+
+impl StartedProduce {
+    /// Waits for every owner and puts the response together in request order.
+    pub async fn finish(self) -> ProduceResponse {
+        let StartedProduce {
+            mut response,
+            replies,
+        } = self;
+        // Owners work concurrently whatever order they are waited in: a remote owner
+        // runs without being polled, and this shard's own appends run here first.
+        let mut answered = Vec::with_capacity(replies.len());
+        for (slots, reply) in replies {
+            answered.push((slots, reply.await));
+        }
+        place_replies(
+            answered,
+            |reply| match reply {
+                ShardReply::Produce(results) => Ok(results),
+                other => Err(other),
+            },
+            Err,
+            |(topic_index, partition_index), result| {
+                response.topics[topic_index].partitions[partition_index].result = result;
+            },
+        );
+        response
+    }
+}
+
+async fn start_produce(shard: &Rc<Shard>, request: ProduceRequest) -> StartedProduce {
     let timeout = match request.timeout_ms {
         0 => PRODUCE_TIMEOUT_DEFAULT,
         milliseconds => Duration::from_millis(u64::from(milliseconds)),
@@ -623,24 +702,23 @@ async fn produce(shard: &Rc<Shard>, request: ProduceRequest) -> ProduceResponse 
             partitions,
         });
     }
-    let replies = run_groups(shard, split, |items| ShardRequest::Produce {
-        acks: request.acks,
-        timeout,
-        items,
-    })
-    .await;
-    place_replies(
-        replies,
-        |reply| match reply {
-            ShardReply::Produce(results) => Ok(results),
-            other => Err(other),
-        },
-        Err,
-        |(topic_index, partition_index), result| {
-            response.topics[topic_index].partitions[partition_index].result = result;
-        },
-    );
-    response
+    let mut replies: Vec<(Vec<Slot>, OwnerReply)> = Vec::with_capacity(split.groups.len());
+    for (owner, slots, items) in split.groups {
+        let request = ShardRequest::Produce {
+            acks: request.acks,
+            timeout,
+            items,
+        };
+        let reply: OwnerReply = if owner == shard.id {
+            // Admitted here and now; appends when the request's task polls it.
+            shard.begin(request)
+        } else {
+            // Admitted by the owner when it takes the request off the mesh.
+            Box::pin(shard.send(owner, request).await.reply())
+        };
+        replies.push((slots, reply));
+    }
+    StartedProduce { response, replies }
 }
 
 /// Whether a fetch reply has something to tell the consumer: data or an error.

@@ -14,7 +14,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 
+pub mod append_order;
 mod offsets;
 pub mod queues;
 pub mod stats;
@@ -41,6 +44,7 @@ use crate::server::data_dir::topics_directory;
 use crate::storage::{
     ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError, TailCache,
 };
+use append_order::{AppendOrder, AppendTicket};
 use offsets::{CommitError, OffsetStore};
 
 /// File in a topic's directory that records its partition count.
@@ -335,6 +339,8 @@ pub struct Shard {
     pub shard_ports: Vec<u16>,
     catalog: RefCell<BTreeMap<String, TopicConfig>>,
     logs: RefCell<HashMap<String, Vec<Option<Rc<PartitionLog>>>>>,
+    /// The append line of every owned partition, beside `logs` (`append_order`).
+    append_orders: RefCell<HashMap<String, Vec<Option<Rc<AppendOrder>>>>>,
     /// Stream groups' committed offsets of every owned partition, by (topic, partition).
     offset_stores: RefCell<HashMap<(String, u32), Rc<OffsetStore>>>,
     /// Shard 0 only: topics being created or deleted right now.
@@ -384,6 +390,7 @@ impl Shard {
             shard_ports,
             catalog: RefCell::new(BTreeMap::new()),
             logs: RefCell::new(HashMap::new()),
+            append_orders: RefCell::new(HashMap::new()),
             offset_stores: RefCell::new(HashMap::new()),
             topics_changing: RefCell::new(HashSet::new()),
             budget,
@@ -638,6 +645,17 @@ impl Shard {
                 offset_stores.insert((name.to_owned(), partition), store);
             }
         }
+        let topic_name: Arc<str> = Arc::from(name);
+        let orders = (0..partitions)
+            .map(|partition| {
+                owned[partition as usize]
+                    .is_some()
+                    .then(|| AppendOrder::new(Arc::clone(&topic_name), partition))
+            })
+            .collect();
+        self.append_orders
+            .borrow_mut()
+            .insert(name.to_owned(), orders);
         self.logs.borrow_mut().insert(name.to_owned(), owned);
         self.catalog.borrow_mut().insert(name.to_owned(), topic);
         Ok(())
@@ -651,6 +669,7 @@ impl Shard {
             .retain(|(topic, _), _| topic != name);
         // Their journals close before the directories go.
         self.remove_queue_groups(name).await;
+        self.append_orders.borrow_mut().remove(name);
         let owned = self.logs.borrow_mut().remove(name).unwrap_or_default();
         for log in owned.into_iter().flatten() {
             log.close().await;
@@ -722,20 +741,50 @@ impl Shard {
     /// mesh. The reply comes back to this shard either way.
     pub async fn route(self: &Rc<Self>, owner: ShardId, request: ShardRequest) -> ShardReply {
         if owner == self.id {
-            // Boxed: a topic change executes on shard 0, which routes to every shard,
-            // itself included.
-            let local: std::pin::Pin<Box<dyn std::future::Future<Output = ShardReply>>> =
-                Box::pin(Rc::clone(self).execute(request));
-            return local.await;
+            // Boxed (`begin`): a topic change executes on shard 0, which routes to every
+            // shard, itself included.
+            return self.begin(request).await;
         }
+        self.send(owner, request).await.reply().await
+    }
+
+    /// Starts `request` on this shard: a produce is admitted to its partitions' append
+    /// lines now, in this synchronous step (`append_order`); the rest runs when the
+    /// returned future is polled.
+    pub fn begin(
+        self: &Rc<Self>,
+        request: ShardRequest,
+    ) -> Pin<Box<dyn Future<Output = ShardReply>>> {
+        match request {
+            ShardRequest::Produce {
+                acks,
+                timeout,
+                items,
+            } => {
+                let admitted = self.admit_produce(items);
+                let shard = Rc::clone(self);
+                Box::pin(async move {
+                    ShardReply::Produce(shard.produce_owned(acks, timeout, admitted).await)
+                })
+            }
+            request => Box::pin(Rc::clone(self).execute(request)),
+        }
+    }
+
+    /// Hands `request` to shard `owner` over the mesh, waiting only for room in the
+    /// channel; the reply is waited for with [`SentRequest::reply`]. Requests one task
+    /// sends to one owner reach it, and are admitted there, in the order they were sent
+    /// (the mesh channel between two shards is first in, first out).
+    pub async fn send(self: &Rc<Self>, owner: ShardId, request: ShardRequest) -> SentRequest {
+        assert_ne!(owner, self.id, "a shard runs its own work without the mesh");
         self.metrics.mesh_request(request.kind());
         let id = self.next_request_id.get();
         self.next_request_id.set(id + 1);
         let (sender, receiver) = oneshot::channel();
         self.awaiting.borrow_mut().insert(id, (owner, sender));
-        // Dropped with this future if the caller gives up before the reply: forgets the
-        // request here and, for a long-poll, tells the owner to stop it.
-        let mut forget = ForgetOnDrop {
+        // Dropped with the reply's future if the caller gives up before the reply:
+        // forgets the request here and, for a long-poll, tells the owner to stop it.
+        let forget = ForgetOnDrop {
             shard: Rc::clone(self),
             owner,
             id,
@@ -748,19 +797,37 @@ impl Shard {
             .await
             .is_err()
         {
-            return failed_reply(WireError::new(
+            return SentRequest::Failed(failed_reply(WireError::new(
                 ErrorCode::ShuttingDown,
                 format!("shard {owner} is not accepting work"),
-            ));
+            )));
         }
-        let reply = receiver.await;
-        forget.armed = false;
-        reply.unwrap_or_else(|_| {
-            failed_reply(WireError::new(
-                ErrorCode::ShuttingDown,
-                format!("shard {owner} stopped before answering"),
-            ))
-        })
+        SentRequest::Sent {
+            owner,
+            receiver,
+            forget,
+        }
+    }
+
+    /// Admits a produce's items to their partitions' append lines, in item order: one
+    /// ticket per item of a partition this shard owns (`None` for one it cannot append
+    /// to, which fails at append with the reason).
+    pub fn admit_produce(
+        &self,
+        items: Vec<ProduceItem>,
+    ) -> Vec<(ProduceItem, Option<AppendTicket>)> {
+        let orders = self.append_orders.borrow();
+        items
+            .into_iter()
+            .map(|item| {
+                let ticket = orders
+                    .get(&*item.topic)
+                    .and_then(|partitions| partitions.get(item.partition as usize))
+                    .and_then(Option::as_ref)
+                    .map(AppendOrder::take);
+                (item, ticket)
+            })
+            .collect()
     }
 
     /// Serves what shard `peer` sends over the mesh until it stops sending: runs its
@@ -782,23 +849,24 @@ impl Shard {
                         stopped
                     });
                     let shard = Rc::clone(&self);
+                    // Admitted now, in the order the mesh delivers: a produce's place in
+                    // its partitions' append lines is the order its asker sent it in.
+                    let work = self.begin(request);
                     glommio::spawn_local(async move {
                         let reply = match cancelled {
                             // A long-poll the asking shard gave up on stops here too,
                             // instead of holding memory until its deadline.
                             Some(stopped) => {
-                                let reply = futures_lite::future::or(
-                                    async { Some(Rc::clone(&shard).execute(request).await) },
-                                    async {
+                                let reply =
+                                    futures_lite::future::or(async { Some(work.await) }, async {
                                         let _ = stopped.await;
                                         None
-                                    },
-                                )
-                                .await;
+                                    })
+                                    .await;
                                 shard.cancellable.borrow_mut().remove(&(peer, id));
                                 reply
                             }
-                            None => Some(Rc::clone(&shard).execute(request).await),
+                            None => Some(work.await),
                         };
                         if let Some(reply) = reply {
                             // An asker that stopped no longer reads: nothing to tell.
@@ -838,7 +906,10 @@ impl Shard {
                 acks,
                 timeout,
                 items,
-            } => ShardReply::Produce(self.produce_owned(acks, timeout, items).await),
+            } => {
+                let admitted = self.admit_produce(items);
+                ShardReply::Produce(self.produce_owned(acks, timeout, admitted).await)
+            }
             ShardRequest::Fetch {
                 wait,
                 bytes_max,
@@ -1184,25 +1255,36 @@ impl Shard {
         }
     }
 
-    async fn produce_owned(
+    /// Appends each admitted item in its partition's turn (`append_order`), then waits
+    /// for the durability asked for. Only the appends are ordered: the durable waits of
+    /// pipelined requests overlap, so one round can make many of them durable.
+    pub async fn produce_owned(
         &self,
         acks: Acks,
         timeout: Duration,
-        items: Vec<ProduceItem>,
+        items: Vec<(ProduceItem, Option<AppendTicket>)>,
     ) -> Vec<Result<u64, WireError>> {
         // The timeout covers the whole request, backpressure and segment rolls included.
         let deadline = Instant::now() + timeout;
         let mut results = Vec::with_capacity(items.len());
         let mut durable_waits = Vec::new();
-        for (index, item) in items.iter().enumerate() {
+        for (index, (item, ticket)) in items.into_iter().enumerate() {
             let log = match self.log(&item.topic, item.partition) {
                 Ok(log) => log,
                 Err(error) => {
+                    // Dropping the ticket gives its turn up.
                     results.push(Err(error));
                     continue;
                 }
             };
-            match log.append(&item.batch).await {
+            if let Some(ticket) = &ticket {
+                ticket.turn().await;
+            }
+            let appended = log.append(&item.batch).await;
+            if let Some(ticket) = ticket {
+                ticket.appended();
+            }
+            match appended {
                 Ok(outcome) => {
                     results.push(Ok(outcome.base_offset));
                     durable_waits.push((index, log, outcome.next_offset));
@@ -1611,7 +1693,7 @@ impl RecoveredTotals {
 
 /// Forgets a request sent to another shard whose asker gave up before the reply came
 /// (a client that disconnected during a long-poll), and asks the owner to stop it.
-struct ForgetOnDrop {
+pub struct ForgetOnDrop {
     shard: Rc<Shard>,
     owner: ShardId,
     id: u64,
@@ -1632,6 +1714,41 @@ impl Drop for ForgetOnDrop {
                 .shard
                 .mesh
                 .try_send_to(usize::from(self.owner), MeshMessage::Cancel { id: self.id });
+        }
+    }
+}
+
+/// A request handed to another shard ([`Shard::send`]).
+pub enum SentRequest {
+    Sent {
+        owner: ShardId,
+        receiver: oneshot::Receiver<ShardReply>,
+        forget: ForgetOnDrop,
+    },
+    /// The owner was not accepting work: this is the reply.
+    Failed(ShardReply),
+}
+
+impl SentRequest {
+    /// Waits for the owner's reply. Dropping this before it resolves forgets the request
+    /// (and stops it on the owner if it is a long-poll).
+    pub async fn reply(self) -> ShardReply {
+        match self {
+            SentRequest::Failed(reply) => reply,
+            SentRequest::Sent {
+                owner,
+                receiver,
+                mut forget,
+            } => {
+                let reply = receiver.await;
+                forget.armed = false;
+                reply.unwrap_or_else(|_| {
+                    failed_reply(WireError::new(
+                        ErrorCode::ShuttingDown,
+                        format!("shard {owner} stopped before answering"),
+                    ))
+                })
+            }
         }
     }
 }
