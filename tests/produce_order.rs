@@ -227,3 +227,71 @@ fn produces_after_a_refused_one_still_append_in_frame_order() {
         check_order(&broker, ordered, large, &kinds);
     }
 }
+
+/// Sends `frames` produce frames in one write on a connection to `shard`'s own port,
+/// each naming `first` (a large batch) and then `second` (a small one), and returns
+/// the number answered with both stored.
+fn cross_burst(broker: &TestBroker, shard: u16, first: u32, second: u32, frames: usize) -> usize {
+    let mut client = RawClient::connect(broker.shard_addr(usize::from(shard)));
+    let mut bytes = BytesMut::new();
+    for number in 0..frames {
+        let request = Request::Produce(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 30_000,
+            topics: vec![ProduceTopic {
+                name: TOPIC.into(),
+                partitions: vec![
+                    ProducePartition {
+                        partition: first,
+                        batch: batch(&vec![b'x'; LARGE_BATCH_BYTES], None),
+                    },
+                    ProducePartition {
+                        partition: second,
+                        batch: batch(format!("{shard}-{number:03}").as_bytes(), None),
+                    },
+                ],
+            }],
+        });
+        request.encode(1 + number as u64, &mut bytes);
+    }
+    client.send_bytes(&bytes);
+    let mut stored = 0;
+    for _ in 0..frames {
+        // A broker that stopped answering fails here, after the read timeout.
+        let (_, _, body) = client
+            .read_frame()
+            .expect("every frame answered (the broker did not stall)");
+        let Ok(Ok(ResponseBody::Produce(response))) = decode_response(Opcode::Produce, body) else {
+            panic!("not a produce response")
+        };
+        if response.topics[0]
+            .partitions
+            .iter()
+            .all(|p| p.result.is_ok())
+        {
+            stored += 1;
+        }
+    }
+    stored
+}
+
+/// Two connections, one on each shard, pipelining produces that name a partition of
+/// each shard in opposite orders, each listing the other shard's partition first. Each
+/// request holds its place in line on its own shard while its other part waits on the
+/// other shard: the shard's own part must run without waiting for the remote one, or
+/// the two lines wait for each other forever.
+#[test]
+fn requests_naming_partitions_of_two_shards_in_opposite_orders_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(dir.path());
+    RawClient::connect(broker.addr()).create_topic(TOPIC, PARTITIONS);
+    let (on_zero, _) = partitions_of(0);
+    let (on_one, _) = partitions_of(1);
+    const CROSS_FRAMES: usize = 40;
+    let stored = std::thread::scope(|scope| {
+        let zero = scope.spawn(|| cross_burst(&broker, 0, on_one, on_zero, CROSS_FRAMES));
+        let one = scope.spawn(|| cross_burst(&broker, 1, on_zero, on_one, CROSS_FRAMES));
+        (zero.join().unwrap(), one.join().unwrap())
+    });
+    assert_eq!(stored, (CROSS_FRAMES, CROSS_FRAMES));
+}

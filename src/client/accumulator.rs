@@ -238,6 +238,13 @@ pub(super) struct Accumulator {
     /// §8.1). Kept when a partition's queue empties, or the broker would see the
     /// sequence restart. One entry per partition the producer ever wrote to.
     batch_sequences: HashMap<Arc<str>, HashMap<u32, u64>>,
+    /// Per partition, the producer id under which a batch was last stored there. Until
+    /// one batch of the current id is stored in a partition, the broker does not know
+    /// the id there and accepts its first batch whatever the sequence
+    /// (docs/protocol.md §8.1): with a batch refused before append (StorageFull) and the
+    /// next one stored, the refused one could never be stored after it. So an id goes
+    /// one batch at a time in a partition until the broker has stored one of it.
+    stored_under: HashMap<Arc<str>, HashMap<u32, u64>>,
     next_sequence: u64,
     /// Numbers the takes of batches, over all partitions.
     next_take: u64,
@@ -254,6 +261,7 @@ impl Accumulator {
             limits,
             topics: HashMap::new(),
             batch_sequences: HashMap::new(),
+            stored_under: HashMap::new(),
             next_sequence: 0,
             next_take: 0,
         }
@@ -394,12 +402,19 @@ impl Accumulator {
         now: Instant,
     ) -> Vec<SealedBatch> {
         let in_flight_max = self.limits.in_flight_per_partition_max;
+        let stored_under = &self.stored_under;
         let mut candidates: Vec<(u64, Arc<str>, u32)> = self
             .topics
             .iter()
             .flat_map(|(topic, partitions)| {
                 partitions.iter().filter_map(|(partition, queue)| {
-                    let next = queue.next_to_send(producer_id, in_flight_max, now)?;
+                    let known = producer_id == PRODUCER_ID_NONE
+                        || stored_under
+                            .get(topic)
+                            .and_then(|partitions| partitions.get(partition))
+                            == Some(&producer_id);
+                    let limit = if known { in_flight_max } else { 1 };
+                    let next = queue.next_to_send(producer_id, limit, now)?;
                     Some((next.sealed_order, topic.clone(), *partition))
                 })
             })
@@ -499,6 +514,12 @@ impl Accumulator {
             "{topic}/{partition}: an answer for take {} that is not in flight",
             batch.take
         );
+        if matches!(answer, Answer::Stored(_)) && batch.producer_id != PRODUCER_ID_NONE {
+            self.stored_under
+                .entry(topic.clone())
+                .or_default()
+                .insert(partition, batch.producer_id);
+        }
         queue.answers.insert(batch.take, (batch, answer));
         let mut settled = Vec::new();
         while let Some(front) = queue.in_flight.front().copied() {
@@ -876,7 +897,52 @@ mod tests {
         for value in values {
             accumulator.append("t", 0, &record(value.as_bytes()), None, Instant::now());
         }
+        // As if a batch of producer 9 had been stored in the partition before (see
+        // `a_new_producer_id_sends_one_batch_of_a_partition_until_one_is_stored`).
         accumulator
+            .stored_under
+            .entry("t".into())
+            .or_default()
+            .insert(0, 9);
+        accumulator
+    }
+
+    #[test]
+    fn a_new_producer_id_sends_one_batch_of_a_partition_until_one_is_stored() {
+        let mut accumulator = Accumulator::new(AccumulatorLimits {
+            in_flight_per_partition_max: 3,
+            ..limits(1, 1 << 20, 0)
+        });
+        for value in ["1", "2", "3", "4"] {
+            accumulator.append("t", 0, &record(value.as_bytes()), None, Instant::now());
+        }
+        let first = take_all(&mut accumulator, 9);
+        assert_eq!(
+            sequences(&first),
+            vec![0],
+            "the broker does not know producer 9 in this partition yet"
+        );
+        // Refused before append: still unknown there, still one at a time.
+        use crate::protocol::ErrorCode::StorageFull;
+        let refused = first.into_iter().next().unwrap();
+        assert!(answer(
+            &mut accumulator,
+            refused,
+            Answer::Retriable(refusal(StorageFull))
+        )
+        .is_empty());
+        let again = take_all(&mut accumulator, 9);
+        assert_eq!(sequences(&again), vec![0], "the refused one again, alone");
+        assert_eq!(
+            offsets(stored(
+                &mut accumulator,
+                again.into_iter().next().unwrap(),
+                0
+            )),
+            vec![("1".into(), Some(0))]
+        );
+        // Stored under 9: the rest go up to the limit.
+        assert_eq!(sequences(&take_all(&mut accumulator, 9)), vec![1, 2, 3]);
     }
 
     /// Takes one request after another (one batch of partition 0 each) until nothing

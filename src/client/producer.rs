@@ -139,7 +139,10 @@ pub struct ProducerConfig {
     /// recognised once the later ones are stored. A producer that is not idempotent and
     /// asks for answers takes only 1: its retries (StorageFull) could otherwise store a
     /// batch after a later one, and nothing on the broker would notice, so it is refused
-    /// rather than documented as reordering.
+    /// rather than documented as reordering. Under a new producer id, a partition gets
+    /// one batch at a time until the broker has stored one of that id there (§8.1: the
+    /// broker takes an unknown id's first batch at any sequence). `idempotent(false)` on
+    /// the builder lowers this to 1 unless it was set.
     pub batches_in_flight_per_partition_max: usize,
     /// A request carries batches of many partitions up to about this size (at least one
     /// batch). Below the broker's `frame_body_bytes_max`. Default 8 MiB; at least 1.
@@ -189,9 +192,35 @@ impl Default for ProducerConfig {
 #[must_use = "a builder does nothing until build() is called"]
 pub struct ProducerConfigBuilder {
     config: ProducerConfig,
+    /// `batches_in_flight_per_partition_max` was set by the caller: `idempotent(false)`
+    /// then leaves it alone (and `build` refuses a value it cannot honour).
+    batches_in_flight_set: bool,
 }
 
 impl ProducerConfigBuilder {
+    /// Batches of one partition in flight at once (default 5; 1 to 5 when idempotent, 1
+    /// when not idempotent with acks).
+    pub fn batches_in_flight_per_partition_max(mut self, batches: usize) -> Self {
+        self.config.batches_in_flight_per_partition_max = batches;
+        self.batches_in_flight_set = true;
+        self
+    }
+
+    /// Idempotent batches and retries of ambiguous failures (default true). Turning it
+    /// off also lowers `batches_in_flight_per_partition_max` to 1 unless it was set:
+    /// without sequence numbers, more than one in flight could reorder on a retry.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.config.idempotent = idempotent;
+        if !self.batches_in_flight_set {
+            self.config.batches_in_flight_per_partition_max = if idempotent {
+                BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT
+            } else {
+                1
+            };
+        }
+        self
+    }
+
     config_setters! {
         /// Durability asked of the broker (default [`Acks::Durable`]).
         acks: Acks;
@@ -205,15 +234,10 @@ impl ProducerConfigBuilder {
         request_timeout_ms: u32;
         /// Produce requests in flight at once (default 8; at least 1).
         requests_in_flight_max: usize;
-        /// Batches of one partition in flight at once (default 5; 1 to 5 when
-        /// idempotent, 1 when not idempotent with acks).
-        batches_in_flight_per_partition_max: usize;
         /// About the largest request in bytes (default 8 MiB; at least 1).
         request_bytes_max: usize;
         /// Bytes of records sent and not yet answered (default 64 MiB; at least 1).
         buffer_bytes_max: usize;
-        /// Idempotent batches and retries of ambiguous failures (default true).
-        idempotent: bool;
         /// First retry backoff cap, in ms (default 50; at least 1).
         retry_backoff_ms_min: u64;
         /// Largest retry backoff, in ms (default 2 000; at least `retry_backoff_ms_min`).
@@ -262,6 +286,7 @@ impl ProducerConfig {
     pub fn builder() -> ProducerConfigBuilder {
         ProducerConfigBuilder {
             config: ProducerConfig::default(),
+            batches_in_flight_set: false,
         }
     }
 
@@ -1541,11 +1566,15 @@ mod tests {
                 "batches_in_flight_per_partition_max",
                 PRODUCER_BATCHES_KEPT as u64 + 1,
             ),
-            // Not idempotent, with answers: its retries could reorder.
+            // Not idempotent, with answers, and more asked for: its retries could
+            // reorder.
             (
-                builder().idempotent(false).build(),
+                builder()
+                    .batches_in_flight_per_partition_max(2)
+                    .idempotent(false)
+                    .build(),
                 "batches_in_flight_per_partition_max",
-                BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT as u64,
+                2,
             ),
             (
                 builder()
@@ -1557,6 +1586,19 @@ mod tests {
                 2,
             ),
         ]);
+        // Turning idempotence off without asking for a number gives 1, and back on the
+        // default again.
+        let config = builder().idempotent(false).build().unwrap();
+        assert_eq!(config.batches_in_flight_per_partition_max, 1);
+        let config = builder()
+            .idempotent(false)
+            .idempotent(true)
+            .build()
+            .unwrap();
+        assert_eq!(
+            config.batches_in_flight_per_partition_max,
+            BATCHES_IN_FLIGHT_PER_PARTITION_DEFAULT
+        );
         // The edges that do work: the broker's memory, and any number without answers.
         assert!(builder()
             .batches_in_flight_per_partition_max(PRODUCER_BATCHES_KEPT)

@@ -1647,13 +1647,20 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
         let mut connection = ScriptedConnection::accept_and_handshake(&listener).await;
         let mut produces = Vec::new();
         let mut batches: Vec<Bytes> = Vec::new();
-        // Three batches of partition 0 in flight before any answer.
+        // The first batch goes alone (the broker does not know the producer yet) and is
+        // stored; then three batches of partition 0 in flight before any answer.
         while produces.len() < 3 {
             let (header, request) = connection.read_request().await.expect("a request");
             match request {
                 Request::Metadata(_) => {
                     connection
                         .respond(&header, Ok(&one_partition_metadata()))
+                        .await;
+                }
+                Request::Produce(produce) if batches.is_empty() => {
+                    batches.push(produce.topics[0].partitions[0].batch.clone());
+                    connection
+                        .respond(&header, Ok(&produce_answer(Ok(0))))
                         .await;
                 }
                 Request::Produce(produce) => {
@@ -1668,7 +1675,7 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
         let out_of_order = || {
             Err(WireError::new(
                 ErrorCode::OutOfOrderSequence,
-                "expected sequence 0, got 1",
+                "expected sequence 1, got 2",
             ))
         };
         let answers = [
@@ -1681,8 +1688,8 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
                 .respond(header, Ok(&produce_answer(answer)))
                 .await;
         }
-        // Then all three again, in order, stored at 0, 1, 2.
-        for offset in 0..3u64 {
+        // Then all three again, in order, stored at 1, 2, 3.
+        for offset in 1..4u64 {
             let (header, request) = connection.read_request().await.expect("a resend");
             let Request::Produce(produce) = request else {
                 panic!("unexpected request {request:?}")
@@ -1702,6 +1709,11 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
         .build()
         .unwrap();
     let producer = Producer::new(client.clone(), config).unwrap();
+    let first = producer
+        .send("t", ProducerRecord::new("w").with_partition(0))
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap().offset, 0);
     let mut handles = Vec::new();
     for value in ["a", "b", "c"] {
         handles.push(
@@ -1720,7 +1732,7 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
                 .offset,
         );
     }
-    assert_eq!(offsets, vec![0, 1, 2]);
+    assert_eq!(offsets, vec![1, 2, 3]);
     producer.close().await.unwrap();
     drop(producer);
     client.close();
@@ -1732,8 +1744,8 @@ async fn pipelined_batches_refused_behind_a_retriable_failure_are_resent_after_i
         .collect();
     assert_eq!(
         sequences,
-        vec![0, 1, 2, 0, 1, 2],
+        vec![0, 1, 2, 3, 1, 2, 3],
         "sent in order, and resent in order after the refused one"
     );
-    assert_eq!(&batches[..3], &batches[3..], "resends are the same bytes");
+    assert_eq!(&batches[1..4], &batches[4..], "resends are the same bytes");
 }

@@ -624,7 +624,12 @@ impl StartedProduce {
             replies,
         } = self;
         // Owners work concurrently whatever order they are waited in: a remote owner
-        // runs without being polled, and this shard's own appends run here first.
+        // runs without being polled. This shard's own share is first in `replies` and
+        // must be: it runs only when polled, and it holds tickets of this shard's
+        // partitions that other requests, remote ones included, wait behind. Polled
+        // after a remote reply, two requests naming partitions of two shards in
+        // opposite orders (one from each shard) would each wait for the other's
+        // remote share forever.
         let mut answered = Vec::with_capacity(replies.len());
         for (slots, reply) in replies {
             answered.push((slots, reply.await));
@@ -709,14 +714,15 @@ async fn start_produce(shard: &Rc<Shard>, request: ProduceRequest) -> StartedPro
             timeout,
             items,
         };
-        let reply: OwnerReply = if owner == shard.id {
-            // Admitted here and now; appends when the request's task polls it.
-            shard.begin(request)
+        if owner == shard.id {
+            // Admitted here and now; appends when the request's task polls it, which it
+            // does first (see `StartedProduce::finish`).
+            replies.insert(0, (slots, shard.begin(request)));
         } else {
             // Admitted by the owner when it takes the request off the mesh.
-            Box::pin(shard.send(owner, request).await.reply())
-        };
-        replies.push((slots, reply));
+            let reply: OwnerReply = Box::pin(shard.send(owner, request).await.reply());
+            replies.push((slots, reply));
+        }
     }
     StartedProduce { response, replies }
 }
