@@ -81,6 +81,16 @@ pub struct ServerConfig {
     /// position, instead of a whole segment when it is created: a new partition costs
     /// one step of disk.
     pub segment_preallocate_step_bytes: u64,
+    /// Each partition keeps its active segment written (zeros) this far past its appended
+    /// end, so that durable rounds write into written blocks rather than fallocated ones
+    /// (whose first write makes fdatasync commit the file system journal). Never past
+    /// the segment size; only while the partition has no write waiting.
+    pub segment_zero_fill_lookahead_bytes: u64,
+    /// Bytes per zero-fill write: a durable round arriving meanwhile waits for at most one
+    /// such write (or one fdatasync of them).
+    pub segment_zero_fill_chunk_bytes: u64,
+    /// Disk bandwidth a shard's partitions may spend zero-filling, together. 0: off.
+    pub segment_zero_fill_bytes_per_second_per_shard: u64,
     /// Size of one aligned append chunk; a batch must fit in one chunk.
     pub chunk_size_bytes: usize,
     /// Per-shard budget for append chunks, written or waiting to be; appends wait
@@ -221,6 +231,9 @@ impl Default for ServerConfig {
             list_offsets_scan_bytes_max: 64 << 20,
             segment_size_bytes: 1 << 30,
             segment_preallocate_step_bytes: 4 << 20,
+            segment_zero_fill_lookahead_bytes: 4 << 20,
+            segment_zero_fill_chunk_bytes: 64 << 10,
+            segment_zero_fill_bytes_per_second_per_shard: 32 << 20,
             chunk_size_bytes: 1 << 20,
             chunk_memory_bytes_per_shard_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
@@ -321,6 +334,13 @@ pub const CHUNK_MEMORY_BYTES_PER_SHARD_MAX: usize = 256 << 30;
 /// The deepest shard-to-shard channel: every shard holds one to every other, so the
 /// memory is the square of the shards times this.
 pub const MESH_CHANNEL_CAPACITY_MAX: usize = 1 << 20;
+
+/// The largest zero-fill write: each is one buffer of zeros from the shard's I/O memory,
+/// and a durable round may wait for one.
+pub const SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX: u64 = 16 << 20;
+
+/// The highest zero-fill bandwidth per shard: past any single disk.
+pub const SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX: u64 = 64 << 30;
 
 /// The largest tail cache per shard.
 pub const TAIL_CACHE_BYTES_PER_SHARD_MAX: usize = 1 << 40;
@@ -550,6 +570,39 @@ impl ServerConfig {
                 "segment_preallocate_step_bytes",
                 &self.segment_preallocate_step_bytes,
                 format!("a multiple of {alignment}, at least {alignment}"),
+            );
+        }
+        if self.segment_zero_fill_chunk_bytes < alignment as u64
+            || self.segment_zero_fill_chunk_bytes % alignment as u64 != 0
+            || self.segment_zero_fill_chunk_bytes > SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX
+        {
+            return fail(
+                "segment_zero_fill_chunk_bytes",
+                &self.segment_zero_fill_chunk_bytes,
+                format!("a multiple of {alignment} from {alignment} to {SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX}"),
+            );
+        }
+        if self.segment_zero_fill_lookahead_bytes % alignment as u64 != 0
+            || (self.segment_zero_fill_lookahead_bytes != 0
+                && self.segment_zero_fill_lookahead_bytes < self.segment_zero_fill_chunk_bytes)
+            || self.segment_zero_fill_lookahead_bytes > self.segment_size_bytes
+        {
+            return fail(
+                "segment_zero_fill_lookahead_bytes",
+                &self.segment_zero_fill_lookahead_bytes,
+                format!(
+                    "0 (off) or a multiple of {alignment} from {} (segment_zero_fill_chunk_bytes) to {} (segment_size_bytes)",
+                    self.segment_zero_fill_chunk_bytes, self.segment_size_bytes
+                ),
+            );
+        }
+        if self.segment_zero_fill_bytes_per_second_per_shard
+            > SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX
+        {
+            return fail(
+                "segment_zero_fill_bytes_per_second_per_shard",
+                &self.segment_zero_fill_bytes_per_second_per_shard,
+                format!("from 0 (off) to {SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX}"),
             );
         }
         let frame_bytes_max = u64::from(self.frame_body_bytes_max) + 16;
