@@ -585,14 +585,16 @@ impl ServerConfig {
         if self.segment_zero_fill_lookahead_bytes % alignment as u64 != 0
             || (self.segment_zero_fill_lookahead_bytes != 0
                 && self.segment_zero_fill_lookahead_bytes < self.segment_zero_fill_chunk_bytes)
-            || self.segment_zero_fill_lookahead_bytes > self.segment_size_bytes
+            || self.segment_zero_fill_lookahead_bytes > SEGMENT_SIZE_BYTES_MAX
         {
+            // Past the segment size is allowed: the fill stops at the segment's end, and a
+            // small segment should not force the lookahead down with it.
             return fail(
                 "segment_zero_fill_lookahead_bytes",
                 &self.segment_zero_fill_lookahead_bytes,
                 format!(
-                    "0 (off) or a multiple of {alignment} from {} (segment_zero_fill_chunk_bytes) to {} (segment_size_bytes)",
-                    self.segment_zero_fill_chunk_bytes, self.segment_size_bytes
+                    "0 (off) or a multiple of {alignment} from {} (segment_zero_fill_chunk_bytes) to {SEGMENT_SIZE_BYTES_MAX}",
+                    self.segment_zero_fill_chunk_bytes
                 ),
             );
         }
@@ -893,6 +895,59 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn zero_fill_settings_are_refused_past_their_edges() {
+        let at = |lookahead: u64, chunk: u64, rate: u64| ServerConfig {
+            segment_size_bytes: 64 << 20,
+            segment_zero_fill_lookahead_bytes: lookahead,
+            segment_zero_fill_chunk_bytes: chunk,
+            segment_zero_fill_bytes_per_second_per_shard: rate,
+            ..ServerConfig::default()
+        };
+        let block = ALIGNMENT_BYTES as u64;
+        let chunk_max = SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX;
+        let rate_max = SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX;
+        for accepted in [
+            at(4 << 20, 64 << 10, 32 << 20),
+            // Off either way: no bandwidth, or no lookahead.
+            at(4 << 20, 64 << 10, 0),
+            at(0, 64 << 10, 32 << 20),
+            // At the edges: one block; the largest chunk and rate; a lookahead past the
+            // segment size (the fill stops at the segment's end).
+            at(block, block, 1),
+            at(64 << 20, chunk_max, rate_max),
+            at(SEGMENT_SIZE_BYTES_MAX, block, 1),
+        ] {
+            assert!(accepted.validate().is_ok(), "{accepted:?}");
+        }
+        let refused = |config: ServerConfig, key: &str, value: u64| {
+            let error = config.validate().unwrap_err();
+            assert_eq!(
+                (error.key, error.value.clone()),
+                (key, value.to_string()),
+                "{error}"
+            );
+        };
+        let chunk_key = "segment_zero_fill_chunk_bytes";
+        refused(at(4 << 20, 0, 1), chunk_key, 0);
+        refused(at(4 << 20, block + 1, 1), chunk_key, block + 1);
+        refused(
+            at(64 << 20, chunk_max + block, 1),
+            chunk_key,
+            chunk_max + block,
+        );
+        let lookahead_key = "segment_zero_fill_lookahead_bytes";
+        refused(at(block + 1, block, 1), lookahead_key, block + 1);
+        // Shorter than one chunk, past the largest segment.
+        refused(at(32 << 10, 64 << 10, 1), lookahead_key, 32 << 10);
+        let past = SEGMENT_SIZE_BYTES_MAX + block;
+        refused(at(past, block, 1), lookahead_key, past);
+        let rate_key = "segment_zero_fill_bytes_per_second_per_shard";
+        refused(at(4 << 20, 64 << 10, rate_max + 1), rate_key, rate_max + 1);
+        let error = at(4 << 20, 64 << 10, rate_max + 1).validate().unwrap_err();
+        assert!(error.to_string().contains("from 0 (off)"), "{error}");
     }
 
     #[test]

@@ -822,6 +822,30 @@ mod tests {
     }
 
     #[test]
+    fn file_sets_the_zero_fill_keys() {
+        let layered = file(
+            "segment_zero_fill_lookahead_bytes = 8_388_608
+segment_zero_fill_chunk_bytes = 131072
+segment_zero_fill_bytes_per_second_per_shard = 0
+",
+        )
+        .unwrap();
+        assert_eq!(layered.config.segment_zero_fill_lookahead_bytes, 8 << 20);
+        assert_eq!(layered.config.segment_zero_fill_chunk_bytes, 128 << 10);
+        assert_eq!(
+            layered.config.segment_zero_fill_bytes_per_second_per_shard,
+            0
+        );
+        let defaults = file("").unwrap().config;
+        assert_eq!(defaults.segment_zero_fill_lookahead_bytes, 4 << 20);
+        assert_eq!(defaults.segment_zero_fill_chunk_bytes, 64 << 10);
+        assert_eq!(
+            defaults.segment_zero_fill_bytes_per_second_per_shard,
+            32 << 20
+        );
+    }
+
+    #[test]
     fn unknown_key_names_the_key_the_file_and_the_line() {
         let error = file("listen = \"127.0.0.1:1\"\nsegment_size = 4096\n")
             .unwrap_err()
