@@ -21,6 +21,11 @@
 //! watermark and release the producers waiting on it. Appends that arrive during a round
 //! go into the next one. Rounds never overlap, which is what makes rewriting the partial
 //! block safe: two writes of the same block are never in flight together.
+//!
+//! Zero-fill. When the flusher has no round to run it writes zeros ahead of the active
+//! segment's appended end, one chunk or one fdatasync at a time, within the shard's
+//! bandwidth budget, so that later rounds write into blocks already written
+//! (`storage::zero_fill` has why, and why it never overwrites data).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
