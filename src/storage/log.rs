@@ -438,6 +438,8 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     zero_filled_bytes: std::cell::Cell<u64>,
     /// Woken after each zero-fill step, for whoever waits on its progress (tests).
     zero_fill_progress: Notify,
+    /// The last zero-fill step found nothing to do, and no round ran since.
+    zero_fill_idle: std::cell::Cell<bool>,
 }
 
 /// Milliseconds since the Unix epoch by the broker's clock.
@@ -516,6 +518,7 @@ impl<S: LogStorage> PartitionLog<S> {
             zero_fill_in_flight: std::cell::Cell::new(false),
             zero_filled_bytes: std::cell::Cell::new(0),
             zero_fill_progress: Notify::new(),
+            zero_fill_idle: std::cell::Cell::new(false),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -1623,6 +1626,7 @@ impl<S: LogStorage> PartitionLog<S> {
             }
         };
         self.zero_fill_in_flight.set(false);
+        self.zero_fill_idle.set(matches!(step, ZeroFillStep::Idle));
         self.zero_fill_progress.notify_all();
         step
     }
@@ -1660,7 +1664,9 @@ impl<S: LogStorage> PartitionLog<S> {
     }
 
     /// Waits until the active segment is written (and synced) up to `bytes`, or the
-    /// flusher has nothing left to do; for tests, which must wait on a condition.
+    /// flusher has nothing left to do (zero-fill found nothing to write since the last
+    /// round), or the partition stopped; for tests, which must wait on a condition and
+    /// then check how far the fill got.
     #[cfg(test)]
     pub(crate) async fn wait_zero_filled(&self, bytes: u64) {
         loop {
@@ -1671,7 +1677,7 @@ impl<S: LogStorage> PartitionLog<S> {
                 if segment.written_bytes >= bytes && !segment.zero_fill_unsynced {
                     return;
                 }
-                if state.failed.is_some() || state.closed {
+                if state.failed.is_some() || state.closed || self.zero_fill_idle.get() {
                     return;
                 }
             }
@@ -1745,6 +1751,7 @@ impl<S: LogStorage> PartitionLog<S> {
     /// Writes a round and settles its outcome: durable, to be retried (disk full), or
     /// the partition stops.
     async fn run_round(&self, round: Round<S::File>) {
+        self.zero_fill_idle.set(false);
         let error = match self.write_round(&round).await {
             Ok(()) => {
                 self.round_durable(&round);
