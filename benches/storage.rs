@@ -19,6 +19,7 @@ use glommio::LocalExecutorBuilder;
 use shardq::protocol::batch::BatchBuilder;
 use shardq::storage::{
     ChunkBudget, DmaStorage, FailurePolicy, LogConfig, Notify, PartitionLog, TailCache,
+    ZeroFillBudget, ZeroFillConfig,
 };
 
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -40,6 +41,7 @@ fn config_with_step(preallocate_step_bytes: u64) -> LogConfig {
         recycle_segments: true,
         producers_per_partition_max: 10_000,
         producer_snapshot_interval_bytes: 16 << 20,
+        zero_fill: ZeroFillConfig::OFF,
     }
 }
 
@@ -89,6 +91,7 @@ async fn open_with(directory: &Path, cache: &Rc<TailCache>, config: LogConfig) -
         ChunkBudget::new(64 << 20, CHUNK_BYTES),
         Rc::clone(cache),
         Rc::new(Notify::new()),
+        ZeroFillBudget::off(),
     )
     .await
     .unwrap()

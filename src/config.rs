@@ -81,6 +81,16 @@ pub struct ServerConfig {
     /// position, instead of a whole segment when it is created: a new partition costs
     /// one step of disk.
     pub segment_preallocate_step_bytes: u64,
+    /// Each partition keeps its active segment written (zeros) this far past its appended
+    /// end, so that durable rounds write into written blocks rather than fallocated ones
+    /// (whose first write makes fdatasync commit the file system journal). Never past
+    /// the segment size; only while the partition has no write waiting.
+    pub segment_zero_fill_lookahead_bytes: u64,
+    /// Bytes per zero-fill write: a durable round arriving meanwhile waits for at most one
+    /// such write (or one fdatasync of them).
+    pub segment_zero_fill_chunk_bytes: u64,
+    /// Disk bandwidth a shard's partitions may spend zero-filling, together. 0: off.
+    pub segment_zero_fill_bytes_per_second_per_shard: u64,
     /// Size of one aligned append chunk; a batch must fit in one chunk.
     pub chunk_size_bytes: usize,
     /// Per-shard budget for append chunks, written or waiting to be; appends wait
@@ -229,6 +239,9 @@ impl Default for ServerConfig {
             list_offsets_scan_bytes_max: 64 << 20,
             segment_size_bytes: 1 << 30,
             segment_preallocate_step_bytes: 4 << 20,
+            segment_zero_fill_lookahead_bytes: 4 << 20,
+            segment_zero_fill_chunk_bytes: 64 << 10,
+            segment_zero_fill_bytes_per_second_per_shard: 32 << 20,
             chunk_size_bytes: 1 << 20,
             chunk_memory_bytes_per_shard_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
@@ -332,6 +345,13 @@ pub const CHUNK_MEMORY_BYTES_PER_SHARD_MAX: usize = 256 << 30;
 pub const MESH_CHANNEL_CAPACITY_MAX: usize = 1 << 20;
 /// The longest `spin_before_park_us` (100 ms): longer is a busy loop, not a spin.
 pub const SPIN_BEFORE_PARK_US_MAX: u32 = 100_000;
+
+/// The largest zero-fill write: each is one buffer of zeros from the shard's I/O memory,
+/// and a durable round may wait for one.
+pub const SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX: u64 = 16 << 20;
+
+/// The highest zero-fill bandwidth per shard: past any single disk.
+pub const SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX: u64 = 64 << 30;
 
 /// The largest tail cache per shard.
 pub const TAIL_CACHE_BYTES_PER_SHARD_MAX: usize = 1 << 40;
@@ -568,6 +588,41 @@ impl ServerConfig {
                 "segment_preallocate_step_bytes",
                 &self.segment_preallocate_step_bytes,
                 format!("a multiple of {alignment}, at least {alignment}"),
+            );
+        }
+        if self.segment_zero_fill_chunk_bytes < alignment as u64
+            || self.segment_zero_fill_chunk_bytes % alignment as u64 != 0
+            || self.segment_zero_fill_chunk_bytes > SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX
+        {
+            return fail(
+                "segment_zero_fill_chunk_bytes",
+                &self.segment_zero_fill_chunk_bytes,
+                format!("a multiple of {alignment} from {alignment} to {SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX}"),
+            );
+        }
+        if self.segment_zero_fill_lookahead_bytes % alignment as u64 != 0
+            || (self.segment_zero_fill_lookahead_bytes != 0
+                && self.segment_zero_fill_lookahead_bytes < self.segment_zero_fill_chunk_bytes)
+            || self.segment_zero_fill_lookahead_bytes > SEGMENT_SIZE_BYTES_MAX
+        {
+            // Past the segment size is allowed: the fill stops at the segment's end, and a
+            // small segment should not force the lookahead down with it.
+            return fail(
+                "segment_zero_fill_lookahead_bytes",
+                &self.segment_zero_fill_lookahead_bytes,
+                format!(
+                    "0 (off) or a multiple of {alignment} from {} (segment_zero_fill_chunk_bytes) to {SEGMENT_SIZE_BYTES_MAX}",
+                    self.segment_zero_fill_chunk_bytes
+                ),
+            );
+        }
+        if self.segment_zero_fill_bytes_per_second_per_shard
+            > SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX
+        {
+            return fail(
+                "segment_zero_fill_bytes_per_second_per_shard",
+                &self.segment_zero_fill_bytes_per_second_per_shard,
+                format!("from 0 (off) to {SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX}"),
             );
         }
         let frame_bytes_max = u64::from(self.frame_body_bytes_max) + 16;
@@ -858,6 +913,59 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn zero_fill_settings_are_refused_past_their_edges() {
+        let at = |lookahead: u64, chunk: u64, rate: u64| ServerConfig {
+            segment_size_bytes: 64 << 20,
+            segment_zero_fill_lookahead_bytes: lookahead,
+            segment_zero_fill_chunk_bytes: chunk,
+            segment_zero_fill_bytes_per_second_per_shard: rate,
+            ..ServerConfig::default()
+        };
+        let block = ALIGNMENT_BYTES as u64;
+        let chunk_max = SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX;
+        let rate_max = SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX;
+        for accepted in [
+            at(4 << 20, 64 << 10, 32 << 20),
+            // Off either way: no bandwidth, or no lookahead.
+            at(4 << 20, 64 << 10, 0),
+            at(0, 64 << 10, 32 << 20),
+            // At the edges: one block; the largest chunk and rate; a lookahead past the
+            // segment size (the fill stops at the segment's end).
+            at(block, block, 1),
+            at(64 << 20, chunk_max, rate_max),
+            at(SEGMENT_SIZE_BYTES_MAX, block, 1),
+        ] {
+            assert!(accepted.validate().is_ok(), "{accepted:?}");
+        }
+        let refused = |config: ServerConfig, key: &str, value: u64| {
+            let error = config.validate().unwrap_err();
+            assert_eq!(
+                (error.key, error.value.clone()),
+                (key, value.to_string()),
+                "{error}"
+            );
+        };
+        let chunk_key = "segment_zero_fill_chunk_bytes";
+        refused(at(4 << 20, 0, 1), chunk_key, 0);
+        refused(at(4 << 20, block + 1, 1), chunk_key, block + 1);
+        refused(
+            at(64 << 20, chunk_max + block, 1),
+            chunk_key,
+            chunk_max + block,
+        );
+        let lookahead_key = "segment_zero_fill_lookahead_bytes";
+        refused(at(block + 1, block, 1), lookahead_key, block + 1);
+        // Shorter than one chunk, past the largest segment.
+        refused(at(32 << 10, 64 << 10, 1), lookahead_key, 32 << 10);
+        let past = SEGMENT_SIZE_BYTES_MAX + block;
+        refused(at(past, block, 1), lookahead_key, past);
+        let rate_key = "segment_zero_fill_bytes_per_second_per_shard";
+        refused(at(4 << 20, 64 << 10, rate_max + 1), rate_key, rate_max + 1);
+        let error = at(4 << 20, 64 << 10, rate_max + 1).validate().unwrap_err();
+        assert!(error.to_string().contains("from 0 (off)"), "{error}");
     }
 
     #[test]

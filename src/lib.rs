@@ -18,8 +18,9 @@
 //!
 //! With feature `server` (on by default), the broker:
 //! - `storage`: one partition's log: O_DIRECT segment files written through io_uring
-//!   (glommio `DmaFile`), aligned append chunks, group commit, recovery, and the
-//!   idempotent producers' table that stores a resent batch once.
+//!   (glommio `DmaFile`), aligned append chunks, group commit, zero-fill ahead of the
+//!   write position while idle, recovery, and the idempotent producers' table that
+//!   stores a resent batch once.
 //! - `shard`: the per-core event loop: owns partitions, places partitions on shards,
 //!   forwards requests between shards over glommio's channel mesh.
 //! - `server`: listeners, connections, request dispatch, start-up and shutdown, systemd

@@ -1126,6 +1126,20 @@ fn rows() -> Vec<Row> {
         .above_mentions("a multiple of 4096")
         .also_refused(0, aligned("segment_preallocate_step_bytes"), "4096")
         .also_refused(I64_MAX / 4096 * 4096 + 4096, By::Loader, ""),
+        // Zero-fill ahead of the write position: whole blocks, a chunk of one block to
+        // 16 MiB (given a lookahead that holds the largest), a lookahead of 0 (off) or
+        // from one chunk (64 KiB) to the largest segment, any rate to 64 GiB/s.
+        R::range("segment_zero_fill_chunk_bytes", 4096, 16 << 20)
+            .given(&[("segment_zero_fill_lookahead_bytes", 16 << 20)])
+            .also_refused(6144, aligned("segment_zero_fill_chunk_bytes"), "4096"),
+        R::range("segment_zero_fill_lookahead_bytes", 0, 4_294_963_200)
+            .also_refused(4096, aligned("segment_zero_fill_lookahead_bytes"), "65536")
+            .also_refused(
+                (64 << 10) + 2048,
+                aligned("segment_zero_fill_lookahead_bytes"),
+                "4096",
+            ),
+        R::range("segment_zero_fill_bytes_per_second_per_shard", 0, 64 * GIB),
         // Whole blocks, from 2 blocks to 1 GiB (with a budget of 4 of the largest).
         R::range("chunk_size_bytes", 8192, GIB)
             .given(&[("chunk_memory_bytes_per_shard_max", 4 * GIB)])

@@ -506,6 +506,9 @@ config_keys! {
         read_buffers_pooled_per_shard_max: U32,
         segment_size_bytes: U64,
         segment_preallocate_step_bytes: U64,
+        segment_zero_fill_lookahead_bytes: U64,
+        segment_zero_fill_chunk_bytes: U64,
+        segment_zero_fill_bytes_per_second_per_shard: U64,
         chunk_size_bytes: Usize,
         chunk_memory_bytes_per_shard_max: Usize,
         fetch_wait_ms_max: U32,
@@ -817,6 +820,30 @@ mod tests {
             }
         );
         assert_eq!(layered.source("listen"), &Source::Default);
+    }
+
+    #[test]
+    fn file_sets_the_zero_fill_keys() {
+        let layered = file(
+            "segment_zero_fill_lookahead_bytes = 8_388_608
+segment_zero_fill_chunk_bytes = 131072
+segment_zero_fill_bytes_per_second_per_shard = 0
+",
+        )
+        .unwrap();
+        assert_eq!(layered.config.segment_zero_fill_lookahead_bytes, 8 << 20);
+        assert_eq!(layered.config.segment_zero_fill_chunk_bytes, 128 << 10);
+        assert_eq!(
+            layered.config.segment_zero_fill_bytes_per_second_per_shard,
+            0
+        );
+        let defaults = file("").unwrap().config;
+        assert_eq!(defaults.segment_zero_fill_lookahead_bytes, 4 << 20);
+        assert_eq!(defaults.segment_zero_fill_chunk_bytes, 64 << 10);
+        assert_eq!(
+            defaults.segment_zero_fill_bytes_per_second_per_shard,
+            32 << 20
+        );
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub const FAMILIES: &[Family] = &[
     family("shardq_durable_rounds_total", Kind::Counter, PARTITION, "Group-commit rounds completed (writes then fdatasync)."),
     family("shardq_retention_deleted_segments_total", Kind::Counter, PARTITION, "Segments deleted by retention or purge."),
     family("shardq_retention_deleted_bytes_total", Kind::Counter, PARTITION, "Bytes deleted by retention or purge."),
+    family("shardq_zero_fill_bytes_total", Kind::Counter, PARTITION, "Zero bytes written ahead of the write position so that durable rounds find written blocks (segment_zero_fill_*)."),
+    family("shardq_zero_fill_lookahead_bytes", Kind::Gauge, PARTITION, "How far past its appended end the active segment is known written (as of the last zero-fill write)."),
     // Storage, per shard.
     family("shardq_durable_round_records", Kind::Histogram, &[], "Records made durable per group-commit round."),
     family("shardq_durable_round_bytes", Kind::Histogram, &[], "Bytes written per group-commit round (whole blocks, the rewritten partial block included)."),

@@ -43,6 +43,7 @@ use crate::protocol::{
 use crate::server::data_dir::topics_directory;
 use crate::storage::{
     ChunkBudget, DmaStorage, LogConfig, Notify, PartitionLog, StorageError, TailCache,
+    ZeroFillBudget, ZeroFillConfig,
 };
 use append_order::{AppendOrder, AppendTicket};
 use offsets::{CommitError, OffsetStore};
@@ -346,6 +347,9 @@ pub struct Shard {
     /// Shard 0 only: topics being created or deleted right now.
     topics_changing: RefCell<HashSet<String>>,
     budget: Rc<ChunkBudget>,
+    /// The disk bandwidth this shard's partitions may spend zero-filling ahead of their
+    /// writes (storage::zero_fill), shared by all of them.
+    zero_fill_budget: Rc<ZeroFillBudget>,
     tail_cache: Rc<TailCache>,
     data_arrived: Rc<Notify>,
     mesh: Senders<MeshMessage>,
@@ -383,6 +387,8 @@ impl Shard {
             config.chunk_size_bytes,
         );
         let tail_cache = TailCache::new(config.tail_cache_bytes_per_shard);
+        let zero_fill_budget =
+            ZeroFillBudget::new(config.segment_zero_fill_bytes_per_second_per_shard);
         Rc::new(Shard {
             id,
             count,
@@ -394,6 +400,7 @@ impl Shard {
             offset_stores: RefCell::new(HashMap::new()),
             topics_changing: RefCell::new(HashSet::new()),
             budget,
+            zero_fill_budget,
             tail_cache,
             data_arrived: Rc::new(Notify::new()),
             mesh,
@@ -433,6 +440,10 @@ impl Shard {
             recycle_segments: self.config.recycle_segments,
             producers_per_partition_max: self.config.producers_per_partition_max,
             producer_snapshot_interval_bytes: self.config.producer_snapshot_interval_bytes,
+            zero_fill: ZeroFillConfig {
+                lookahead_bytes: self.config.segment_zero_fill_lookahead_bytes,
+                chunk_bytes: self.config.segment_zero_fill_chunk_bytes,
+            },
         }
     }
 
@@ -585,6 +596,7 @@ impl Shard {
                     Rc::clone(&self.budget),
                     Rc::clone(&self.tail_cache),
                     Rc::clone(&self.data_arrived),
+                    Rc::clone(&self.zero_fill_budget),
                 )
                 .await;
                 match opened {

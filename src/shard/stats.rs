@@ -129,6 +129,11 @@ impl ShardMetrics {
             fdatasync_seconds: self.histogram("shardq_fdatasync_seconds"),
             tail_cache_hits: self.tail_cache_hits.clone(),
             tail_cache_misses: self.tail_cache_misses.clone(),
+            zero_fill_bytes: self.counter("shardq_zero_fill_bytes_total", labels()),
+            zero_fill_lookahead_bytes: self.registry.register_gauge(
+                &Key::from_parts("shardq_zero_fill_lookahead_bytes", labels()),
+                &METADATA,
+            ),
         }
     }
 

@@ -81,6 +81,9 @@ struct UnsyncedWrite {
     file: Rc<DmaFile>,
     /// A segment file (`.log`): what "a torn data write" counts.
     segment: bool,
+    /// Every byte written was zero: on a segment, a zero-fill write ahead of the data
+    /// (storage::zero_fill), resolved at a crash like any other write.
+    zeros: bool,
     position: u64,
     previous: Vec<u8>,
     /// The write reached the file: an fdatasync that starts after this covers it.
@@ -169,6 +172,9 @@ pub struct CrashReport {
     pub segment_writes_torn: u64,
     /// Blocks left holding a prefix of the new bytes over the old ones.
     pub blocks_written_part_way: u64,
+    /// Unsynced writes of only zeros to segment files (zero-fill writes) resolved at the
+    /// crash, whichever way.
+    pub segment_zero_writes_unsynced: u64,
     /// Unsynced directory changes that survived.
     pub metadata_kept: u64,
     /// Unsynced directory changes undone.
@@ -183,6 +189,7 @@ impl CrashReport {
         self.writes_torn += other.writes_torn;
         self.segment_writes_torn += other.segment_writes_torn;
         self.blocks_written_part_way += other.blocks_written_part_way;
+        self.segment_zero_writes_unsynced += other.segment_zero_writes_unsynced;
         self.metadata_kept += other.metadata_kept;
         self.metadata_undone += other.metadata_undone;
     }
@@ -335,6 +342,9 @@ impl FaultPlan {
         // Newest first: each write finds in its range what it wrote, or what a later
         // write's outcome left there.
         for write in writes.into_iter().rev() {
+            if write.segment && write.zeros {
+                report.segment_zero_writes_unsynced += 1;
+            }
             let blocks = write.previous.len() / ALIGNMENT_BYTES;
             let current = write
                 .file
@@ -451,6 +461,7 @@ impl LogFile for FaultyFile {
             id,
             file: Rc::clone(&self.inner),
             segment: self.is_segment(),
+            zeros: buffer.as_bytes().iter().all(|byte| *byte == 0),
             position,
             previous,
             completed: false,

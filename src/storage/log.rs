@@ -21,6 +21,11 @@
 //! watermark and release the producers waiting on it. Appends that arrive during a round
 //! go into the next one. Rounds never overlap, which is what makes rewriting the partial
 //! block safe: two writes of the same block are never in flight together.
+//!
+//! Zero-fill. When the flusher has no round to run it writes zeros ahead of the active
+//! segment's appended end, one chunk or one fdatasync at a time, within the shard's
+//! bandwidth budget, so that later rounds write into blocks already written
+//! (`storage::zero_fill` has why, and why it never overwrites data).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -42,6 +47,7 @@ use super::index::{
 use super::producer_snapshot;
 use super::producers::{KeptBatch, ProducerTable, SequenceCheck, SnapshotPoint};
 use super::recovery::{self, RecoveredSegment};
+use super::zero_fill::{self, ZeroFillBudget, ZeroFillConfig};
 use super::{align_down, align_up, ChunkBudget, Notify, StorageError, ALIGNMENT_BYTES};
 use crate::protocol::batch::{
     check_framing, decode_records, stamp_batch, BatchHeader, BATCH_HEADER_SIZE,
@@ -65,6 +71,9 @@ pub struct LogConfig {
     /// The producer table is snapshotted after a round once this many bytes were
     /// appended since the last snapshot (also at a segment roll and at close).
     pub producer_snapshot_interval_bytes: u64,
+    /// Zero-filling ahead of the write position (`storage::zero_fill`); the bandwidth
+    /// budget is the shard's (`PartitionLog::open`).
+    pub zero_fill: ZeroFillConfig,
 }
 
 /// What a write or fdatasync error other than "disk full" does. Either way the partition
@@ -101,6 +110,10 @@ pub struct LogMetrics {
     pub fdatasync_seconds: metrics::Histogram,
     pub tail_cache_hits: metrics::Counter,
     pub tail_cache_misses: metrics::Counter,
+    /// Zero bytes written ahead of the write position (`storage::zero_fill`).
+    pub zero_fill_bytes: metrics::Counter,
+    /// How far the active segment is known written past its appended end.
+    pub zero_fill_lookahead_bytes: metrics::Gauge,
 }
 
 impl Default for LogMetrics {
@@ -117,6 +130,8 @@ impl Default for LogMetrics {
             fdatasync_seconds: metrics::Histogram::noop(),
             tail_cache_hits: metrics::Counter::noop(),
             tail_cache_misses: metrics::Counter::noop(),
+            zero_fill_bytes: metrics::Counter::noop(),
+            zero_fill_lookahead_bytes: metrics::Gauge::noop(),
         }
     }
 }
@@ -174,6 +189,12 @@ pub(crate) struct Segment<F> {
     /// The file's size: space reserved so far. Rounds grow it a step at a time before
     /// they write past it.
     pub allocated_bytes: u64,
+    /// Every byte of the file below this has been written at least once (data, zeros, or
+    /// an earlier life of a recycled file): writes there find written extents. Past it
+    /// the file may hold unwritten (fallocated) extents. Only ever an underestimate.
+    pub written_bytes: u64,
+    /// Zeros were written to the file and no fdatasync has covered them yet.
+    pub zero_fill_unsynced: bool,
     pub next_offset: u64,
     /// Largest batch timestamp in the segment (`i64::MIN` while empty).
     pub max_timestamp_ms: i64,
@@ -365,6 +386,16 @@ struct Extension<F> {
     size: u64,
 }
 
+/// What a zero-fill step did, for the flusher loop.
+enum ZeroFillStep {
+    /// A write or sync ran (or space was reserved): look for a round, then go on.
+    Done,
+    /// Nothing to do: wait for an append.
+    Idle,
+    /// The shard's bandwidth budget is spent for this long.
+    Wait(Duration),
+}
+
 /// What one group-commit round writes and what it makes durable.
 struct Round<F> {
     /// Space reserved before the writes; kept with a round retried after a full disk.
@@ -399,6 +430,16 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     producer_snapshot_lock: glommio::sync::Semaphore,
     producer_snapshot_offset: std::cell::Cell<Option<u64>>,
     metrics: RefCell<LogMetrics>,
+    /// The shard's bandwidth budget for zero-filling (`storage::zero_fill`).
+    zero_fill_budget: Rc<ZeroFillBudget>,
+    /// A zero-fill write or sync is in flight (on the flusher): no round may be.
+    zero_fill_in_flight: std::cell::Cell<bool>,
+    /// Zero bytes this log has written, over its life (the metric counts the same).
+    zero_filled_bytes: std::cell::Cell<u64>,
+    /// Woken after each zero-fill step, for whoever waits on its progress (tests).
+    zero_fill_progress: Notify,
+    /// The last zero-fill step found nothing to do, and no round ran since.
+    zero_fill_idle: std::cell::Cell<bool>,
 }
 
 /// Milliseconds since the Unix epoch by the broker's clock.
@@ -418,6 +459,7 @@ impl<S: LogStorage> PartitionLog<S> {
         budget: Rc<ChunkBudget>,
         tail_cache: Rc<TailCache>,
         data_arrived: Rc<Notify>,
+        zero_fill_budget: Rc<ZeroFillBudget>,
     ) -> Result<Rc<PartitionLog<S>>, StorageError> {
         assert!(
             config.chunk_size_bytes <= budget.chunk_size_bytes(),
@@ -472,6 +514,11 @@ impl<S: LogStorage> PartitionLog<S> {
             producer_snapshot_lock: glommio::sync::Semaphore::new(1),
             producer_snapshot_offset: std::cell::Cell::new(None),
             metrics: RefCell::new(LogMetrics::default()),
+            zero_fill_budget,
+            zero_fill_in_flight: std::cell::Cell::new(false),
+            zero_filled_bytes: std::cell::Cell::new(0),
+            zero_fill_progress: Notify::new(),
+            zero_fill_idle: std::cell::Cell::new(false),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -1451,16 +1498,260 @@ impl<S: LogStorage> PartitionLog<S> {
                     self.run_round(round).await
                 }
                 None if closed => return,
-                None => {
-                    let _ = wanted.await;
-                }
+                None => match self.zero_fill_step().await {
+                    ZeroFillStep::Done => {}
+                    ZeroFillStep::Idle => {
+                        let _ = wanted.await;
+                    }
+                    ZeroFillStep::Wait(wait) => {
+                        // The budget is spent: back when it has room, or at once for an
+                        // append.
+                        let _ = glommio::timer::timeout(wait, async {
+                            let _ = wanted.await;
+                            Ok(())
+                        })
+                        .await;
+                    }
+                },
             }
         }
+    }
+
+    /// One step of zero-filling the active segment ahead of its write position
+    /// (`storage::zero_fill` has why, and why it never overwrites data): at most one chunk
+    /// write or one fdatasync. Runs on the flusher only, and only when it has no round to
+    /// run, so a round waits for at most one such step. A full disk pauses it until the
+    /// next round; any other error stops the partition as a failed round does (the segment
+    /// file can no longer be trusted).
+    async fn zero_fill_step(&self) -> ZeroFillStep {
+        let (plan, file, path, segment_base, grow_to) = {
+            let mut state = self.state.borrow_mut();
+            if state.failed.is_some()
+                || state.full
+                || state.closed
+                || state.rolling
+                || !self.zero_fill_budget.enabled()
+            {
+                return ZeroFillStep::Idle;
+            }
+            let segment_size_bytes = self.config.segment_size_bytes;
+            let step = self.config.preallocate_step_bytes;
+            let segment = state.segments.last_mut().expect("a log has a segment");
+            let view = zero_fill::SegmentView {
+                end_position: segment.end_position,
+                written_bytes: segment.written_bytes,
+                zero_fill_unsynced: segment.zero_fill_unsynced,
+                segment_size_bytes,
+            };
+            let plan = zero_fill::plan(
+                &self.config.zero_fill,
+                &self.zero_fill_budget,
+                &view,
+                std::time::Instant::now(),
+            );
+            let mut grow_to = None;
+            if let zero_fill::Plan::Write { position, length } = plan {
+                // Space first: a write past the reserved size would grow the file
+                // unreserved. Steps as a round grows it (`extensions_for`); the size
+                // change reaches the disk with the zero-fill's fdatasync.
+                let end = position + length;
+                if end > segment.allocated_bytes {
+                    let cap = segment_size_bytes.max(segment.allocated_bytes);
+                    let size = (end.div_ceil(step) * step).min(cap);
+                    assert!(size >= end, "zero-filling never passes the segment size");
+                    segment.allocated_bytes = size;
+                    grow_to = Some(size);
+                }
+            }
+            (
+                plan,
+                Rc::clone(&segment.file),
+                segment.path.clone(),
+                segment.base_offset,
+                grow_to,
+            )
+        };
+        self.zero_fill_in_flight.set(true);
+        if let Some(size) = grow_to {
+            if let Err(source) = file.pre_allocate(size).await {
+                return self.zero_fill_failed(StorageError::io(
+                    "preallocating for zero-fill",
+                    &path,
+                    source,
+                ));
+            }
+        }
+        let step = match plan {
+            zero_fill::Plan::Idle => ZeroFillStep::Idle,
+            zero_fill::Plan::Wait(wait) => ZeroFillStep::Wait(wait),
+            zero_fill::Plan::Sync => match file.fdatasync().await {
+                Ok(()) => {
+                    self.with_zero_filled_segment(segment_base, |segment| {
+                        segment.zero_fill_unsynced = false;
+                    });
+                    ZeroFillStep::Done
+                }
+                Err(source) => self.zero_fill_failed(StorageError::io(
+                    "syncing zero-filled segment",
+                    &path,
+                    source,
+                )),
+            },
+            zero_fill::Plan::Write { position, length } => {
+                let mut buffer = file.allocate_buffer(length as usize);
+                // The arena recycles memory: the bytes must be zeros, which recovery
+                // reads as the end of the log.
+                buffer.as_bytes_mut().fill(0);
+                match write_whole(
+                    &*file,
+                    Rc::new(buffer),
+                    position,
+                    &path,
+                    "zero-filling segment",
+                )
+                .await
+                {
+                    Ok(()) => {
+                        self.with_zero_filled_segment(segment_base, |segment| {
+                            segment.written_bytes = segment.written_bytes.max(position + length);
+                            segment.zero_fill_unsynced = true;
+                        });
+                        self.metrics.borrow().zero_fill_bytes.increment(length);
+                        self.zero_filled_bytes
+                            .set(self.zero_filled_bytes.get() + length);
+                        ZeroFillStep::Done
+                    }
+                    Err(error) => self.zero_fill_failed(error),
+                }
+            }
+        };
+        self.zero_fill_in_flight.set(false);
+        self.zero_fill_idle.set(matches!(step, ZeroFillStep::Idle));
+        self.zero_fill_progress.notify_all();
+        step
+    }
+
+    /// Zero bytes written ahead of the write position so far (`storage::zero_fill`).
+    pub fn zero_filled_bytes(&self) -> u64 {
+        self.zero_filled_bytes.get()
+    }
+
+    /// How far the active segment is known written: its written high-water mark.
+    pub fn active_segment_written_bytes(&self) -> u64 {
+        let state = self.state.borrow();
+        state
+            .segments
+            .last()
+            .expect("a log has a segment")
+            .written_bytes
+    }
+
+    /// Resolves after the flusher's next zero-fill step (tests).
+    #[cfg(test)]
+    pub(crate) async fn wait_zero_fill_step(&self) {
+        let _ = self.zero_fill_progress.listen().await;
+    }
+
+    /// Bytes appended to the active segment (tests).
+    #[cfg(test)]
+    pub(crate) fn active_segment_end(&self) -> u64 {
+        let state = self.state.borrow();
+        state
+            .segments
+            .last()
+            .expect("a log has a segment")
+            .end_position
+    }
+
+    /// Waits until the active segment is written (and synced) up to `bytes`, or the
+    /// flusher has nothing left to do (zero-fill found nothing to write since the last
+    /// round), or the partition stopped; for tests, which must wait on a condition and
+    /// then check how far the fill got.
+    #[cfg(test)]
+    pub(crate) async fn wait_zero_filled(&self, bytes: u64) {
+        loop {
+            let progress = self.zero_fill_progress.listen();
+            {
+                let state = self.state.borrow();
+                let segment = state.segments.last().expect("a log has a segment");
+                if segment.written_bytes >= bytes && !segment.zero_fill_unsynced {
+                    return;
+                }
+                if state.failed.is_some() || state.closed || self.zero_fill_idle.get() {
+                    return;
+                }
+            }
+            let _ = progress.await;
+        }
+    }
+
+    /// Updates the segment a zero-fill step worked on, if it is still in the log, and
+    /// the lookahead gauge.
+    fn with_zero_filled_segment(
+        &self,
+        base_offset: u64,
+        update: impl FnOnce(&mut Segment<S::File>),
+    ) {
+        let mut state = self.state.borrow_mut();
+        if let Some(segment) = state
+            .segments
+            .iter_mut()
+            .rev()
+            .find(|segment| segment.base_offset == base_offset)
+        {
+            update(segment);
+            let lookahead = segment
+                .written_bytes
+                .saturating_sub(align_up(segment.end_position));
+            self.metrics
+                .borrow()
+                .zero_fill_lookahead_bytes
+                .set(lookahead as f64);
+        }
+    }
+
+    /// A zero-fill write or sync failed. A full disk is left to the rounds (which refuse
+    /// appends and retry); anything else stops the partition: an fdatasync error on the
+    /// segment file means writes before it may be lost while later syncs report success.
+    fn zero_fill_failed(&self, error: StorageError) -> ZeroFillStep {
+        self.zero_fill_in_flight.set(false);
+        self.zero_fill_progress.notify_all();
+        if matches!(error, StorageError::NoSpace { .. }) {
+            tracing::debug!(
+                partition_directory = %self.directory.display(),
+                error = %error,
+                "zero-filling ahead of the write position: {error}; paused until the next append"
+            );
+            return ZeroFillStep::Idle;
+        }
+        let waiters: Vec<_> = {
+            let mut state = self.state.borrow_mut();
+            state.failed = Some(StorageError::Stopped {
+                reason: error.to_string(),
+            });
+            state.sealed.clear();
+            state.active = None;
+            state.durable_waiters.drain(..).collect()
+        };
+        tracing::error!(
+            partition_directory = %self.directory.display(),
+            error = %error,
+            "{error}; the partition has stopped"
+        );
+        let reported = StorageError::Stopped {
+            reason: error.to_string(),
+        };
+        for (_, waiter) in waiters {
+            let _ = waiter.send(Err(reported.clone()));
+        }
+        self.apply_failure_policy("zero-filling ahead of the write position", &error);
+        ZeroFillStep::Idle
     }
 
     /// Writes a round and settles its outcome: durable, to be retried (disk full), or
     /// the partition stops.
     async fn run_round(&self, round: Round<S::File>) {
+        self.zero_fill_idle.set(false);
         let error = match self.write_round(&round).await {
             Ok(()) => {
                 self.round_durable(&round);
@@ -1538,6 +1829,12 @@ impl<S: LogStorage> PartitionLog<S> {
     }
 
     async fn write_round(&self, round: &Round<S::File>) -> Result<(), StorageError> {
+        // Zero-fill and rounds share the flusher task: a zero-fill write never overlaps a
+        // round's writes of the same blocks (storage::zero_fill, the contract).
+        assert!(
+            !self.zero_fill_in_flight.get(),
+            "a round must not start while a zero-fill write or sync is in flight"
+        );
         for extension in &round.extensions {
             // The size change reaches the disk with this round's fdatasync of the file.
             extension
@@ -1634,6 +1931,20 @@ impl<S: LogStorage> PartitionLog<S> {
             metrics.round_bytes.record(bytes as f64);
             drop(metrics);
             state.durable_offset = round.next_offset;
+            for chunk in &round.chunks {
+                let end = chunk.file_start + chunk.buffer.len() as u64;
+                if let Some(segment) = state
+                    .segments
+                    .iter_mut()
+                    .rev()
+                    .find(|segment| Rc::ptr_eq(&segment.file, &chunk.file))
+                {
+                    // Written and synced: whatever zeros the round's fdatasync covered
+                    // are synced too.
+                    segment.written_bytes = segment.written_bytes.max(end);
+                    segment.zero_fill_unsynced = false;
+                }
+            }
             for segment in state.segments.iter_mut() {
                 match segment.base_offset.cmp(&round.segment_base_offset) {
                     std::cmp::Ordering::Less => segment.durable_position = segment.end_position,

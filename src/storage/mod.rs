@@ -33,6 +33,7 @@ mod producer_snapshot;
 pub mod producers;
 mod recovery;
 mod sync;
+mod zero_fill;
 
 pub use cache::TailCache;
 pub use file::{run_blocking, DmaStorage, LogFile, LogStorage};
@@ -41,6 +42,7 @@ pub use log::{
     PartitionLog, TimeLookup,
 };
 pub use sync::{ChunkBudget, Notify};
+pub use zero_fill::{ZeroFillBudget, ZeroFillConfig};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -153,14 +153,20 @@ pub(crate) async fn create_segment<S: LogStorage>(
         // more ahead of the write position as the segment fills.
         let allocated = size.max(config.preallocate_step_bytes.min(config.segment_size_bytes));
         preallocate(&file, &path, allocated).await?;
+        // A recycled file was written up to its old size (its data, and the zeros
+        // written ahead of it: storage::zero_fill), so it needs no zero-filling; a new
+        // one is all unwritten extents. (Not exact for a recycled file: a segment rolled
+        // before zero-filling reached its end leaves its last blocks unwritten, and
+        // rounds writing there pay the extent conversion as they would without it.)
+        let written = if recycled { size } else { 0 };
         // The index is not preallocated: it is small, written without fdatasync while
         // the segment fills, and rebuilt from the segment if a crash loses any of it.
         let index_file = open_file(storage, &index_path, true).await?;
         sync_directory(storage, directory).await?;
-        Ok::<_, StorageError>((file, index_file, allocated))
+        Ok::<_, StorageError>((file, index_file, allocated, written))
     }
     .await;
-    let (file, index_file, allocated_bytes) = match created {
+    let (file, index_file, allocated_bytes, written_bytes) = match created {
         Ok(files) => files,
         Err(error) => {
             // Leave no half-made segment behind: recovery would take it for the next one.
@@ -192,6 +198,8 @@ pub(crate) async fn create_segment<S: LogStorage>(
         end_position: 0,
         durable_position: 0,
         allocated_bytes,
+        written_bytes,
+        zero_fill_unsynced: false,
         next_offset: base_offset,
         max_timestamp_ms: i64::MIN,
         last_append_ms: i64::MIN,
@@ -567,6 +575,10 @@ pub(crate) async fn settle_segment<F: LogFile>(
         start: _,
         scan,
     } = scanned;
+    // What is known written: a sealed segment is never written again, so its size will
+    // do. The last one is cut at its end below, and what lies past the end's block reads
+    // as unwritten extents again; zero-filling starts over from there.
+    let mut written_bytes = file_size;
     if last {
         // Whatever lies past the recovered end goes, torn or not: the chunks of one
         // round are written concurrently, so a crash can keep a later chunk and lose
@@ -582,6 +594,7 @@ pub(crate) async fn settle_segment<F: LogFile>(
             file.pre_allocate(file_size)
                 .await
                 .map_err(|source| StorageError::io("preallocating segment", &path, source))?;
+            written_bytes = super::align_up(scan.end_position);
         }
         file.fdatasync()
             .await
@@ -603,6 +616,8 @@ pub(crate) async fn settle_segment<F: LogFile>(
         end_position: scan.end_position,
         durable_position: scan.end_position,
         allocated_bytes: file_size,
+        written_bytes,
+        zero_fill_unsynced: false,
         next_offset: scan.next_offset,
         max_timestamp_ms: scan.max_timestamp_ms,
         last_append_ms: scan.last_append_ms,

@@ -29,6 +29,7 @@ fn config(recycle_segments: bool) -> LogConfig {
         recycle_segments,
         producers_per_partition_max: 1_000,
         producer_snapshot_interval_bytes: 16 << 20,
+        zero_fill: ZeroFillConfig::OFF,
     }
 }
 
@@ -41,6 +42,7 @@ async fn open(directory: &Path, recycle_segments: bool) -> Rc<PartitionLog> {
         ChunkBudget::new(1 << 20, config.chunk_size_bytes),
         TailCache::new(0),
         Rc::new(Notify::new()),
+        ZeroFillBudget::off(),
     )
     .await
     .unwrap()
