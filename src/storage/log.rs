@@ -1559,7 +1559,8 @@ impl<S: LogStorage> PartitionLog<S> {
                     let cap = segment_size_bytes.max(segment.allocated_bytes);
                     let size = (end.div_ceil(step) * step).min(cap);
                     assert!(size >= end, "zero-filling never passes the segment size");
-                    segment.allocated_bytes = size;
+                    // Recorded once the allocation succeeded: a failed one (a full disk)
+                    // must leave the next round to reserve the space itself.
                     grow_to = Some(size);
                 }
             }
@@ -1580,6 +1581,9 @@ impl<S: LogStorage> PartitionLog<S> {
                     source,
                 ));
             }
+            self.with_zero_filled_segment(segment_base, |segment| {
+                segment.allocated_bytes = segment.allocated_bytes.max(size);
+            });
         }
         let step = match plan {
             zero_fill::Plan::Idle => ZeroFillStep::Idle,
