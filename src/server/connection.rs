@@ -90,9 +90,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const READ_BYTES_MAX: usize = 4 * READ_CHUNK_BYTES;
 /// What a connection without a buffer reads into first (most requests fit).
 const FIRST_READ_BYTES: usize = 1024;
-/// The zero-filled window a read waiting for data gives glommio; reads of data already
-/// there go into the buffer's spare capacity unfilled (`Socket::recv_now`).
-const WAIT_READ_BYTES: usize = 16 * 1024;
+/// The zero-filled window a read waiting for data gives glommio (most requests fit);
+/// the rest of a frame already begun goes into the buffer's spare capacity unfilled
+/// (`Socket::recv_now`).
+const WAIT_READ_BYTES: usize = 4 * 1024;
 /// The most responses the writer takes at once.
 const WRITE_BATCH_FRAMES_MAX: usize = 64;
 /// The most buffers one `sendmsg` takes: Linux's IOV_MAX (more fails with EMSGSIZE).
@@ -936,25 +937,30 @@ async fn read_some(
             if buffer.capacity() - start < READ_CHUNK_BYTES / 4 {
                 buffer.reserve(READ_CHUNK_BYTES);
             }
-            // What the socket has now goes straight into the spare capacity, at most a
-            // few chunks per read: zero-filling it first cost a memset of up to
-            // READ_BYTES_MAX per read, more than the data of a small request.
+            // With part of a frame buffered, the rest is most likely there already: it
+            // goes straight into the spare capacity, at most a few chunks per read.
+            // Zero-filling that room first cost a memset of up to READ_BYTES_MAX per
+            // read, more than the data of a small request. With nothing buffered the
+            // next request has most likely not arrived, so the call would only add a
+            // syscall that finds nothing.
             let room = (buffer.capacity() - start).min(READ_BYTES_MAX);
-            match socket.recv_now(&mut buffer.spare_capacity_mut()[..room]) {
-                Ok(0) => return Read::EndOfStream,
-                Ok(read) => {
-                    // SAFETY: the kernel initialised `read` bytes of the spare capacity,
-                    // right after the buffer's `start` initialised bytes.
-                    unsafe { buffer.set_len(start + read) };
-                    return Read::Data;
+            if start > 0 {
+                match socket.recv_now(&mut buffer.spare_capacity_mut()[..room]) {
+                    Ok(0) => return Read::EndOfStream,
+                    Ok(read) => {
+                        // SAFETY: the kernel initialised `read` bytes of the spare
+                        // capacity, right after the buffer's `start` initialised bytes.
+                        unsafe { buffer.set_len(start + read) };
+                        return Read::Data;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Read::Failed,
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Read::Failed,
             }
-            // Nothing there yet: wait through glommio (readiness through io_uring, with
-            // the socket's read timeout) into a small zero-filled window; what follows
-            // a first packet is read without zero-filling on the next call.
+            // Wait through glommio (readiness through io_uring, with the socket's read
+            // timeout) into a small zero-filled window; the rest of a larger frame is
+            // read without zero-filling on the next call.
             let end = start + room.min(WAIT_READ_BYTES);
             buffer.resize(end, 0);
             match socket.read(&mut buffer[start..]).await {
