@@ -134,9 +134,10 @@ pub struct ServerConfig {
     /// queues) before it parks its thread, in microseconds. 0 (the default): park at once,
     /// so an idle broker uses no CPU. Spinning saves the wake-up of a parked thread on each
     /// request that arrives within the budget, at the price of burning the shard's CPU for
-    /// that long after every burst; and it starves the kernel worker that runs the
-    /// shard's fdatasync on the same CPU, which makes durable acknowledgements slower
-    /// (docs/benchmarks.md, issue 10). At most `SPIN_BEFORE_PARK_US_MAX`.
+    /// that long after every burst; and it holds up the kernel worker that runs the
+    /// shard's fdatasync on the same CPU, which lengthens the tail of durable
+    /// acknowledgements (docs/benchmarks.md, issue 10: 200 us took 17% off the durable
+    /// p50 and made its p99 1.4x worse). At most `SPIN_BEFORE_PARK_US_MAX`.
     pub spin_before_park_us: u32,
     /// How long start-up keeps trying to bind a listening address that is in use (a
     /// broker killed a moment ago leaves its sockets bound for a few hundred ms).
