@@ -308,18 +308,19 @@ async fn write_loop(
     let mut written = Vec::new();
     while let Some(first) = outbound.recv().await {
         let mut next = Some(first);
-        let mut queued = 0;
+        // Bytes in `parts` (what is split off `buffer` moves there).
+        let mut parts_bytes = 0;
         while let Some(item) = next.take() {
             // Small frames are coalesced into `buffer`; large produce batches are written
             // from the producer's own buffers, not copied.
-            let before = buffer.len() + parts.iter().map(Bytes::len).sum::<usize>();
+            let parts_before = parts.len();
             item.request
                 .encode_parts(item.correlation_id, &mut buffer, &mut parts);
-            queued += buffer.len() + parts.iter().map(Bytes::len).sum::<usize>() - before;
+            parts_bytes += parts[parts_before..].iter().map(Bytes::len).sum::<usize>();
             if let Some(notify) = item.written {
                 written.push(notify);
             }
-            if queued < WRITE_COALESCE_BYTES_MAX {
+            if buffer.len() + parts_bytes < WRITE_COALESCE_BYTES_MAX {
                 next = outbound.try_recv().ok();
             }
         }

@@ -914,14 +914,8 @@ impl Shard {
     /// Executes work on the partitions this shard owns.
     pub async fn execute(self: Rc<Self>, request: ShardRequest) -> ShardReply {
         match request {
-            ShardRequest::Produce {
-                acks,
-                timeout,
-                items,
-            } => {
-                let admitted = self.admit_produce(items);
-                ShardReply::Produce(self.produce_owned(acks, timeout, admitted).await)
-            }
+            // Admitted to the append lines in one place, `begin`.
+            request @ ShardRequest::Produce { .. } => self.begin(request).await,
             ShardRequest::Fetch {
                 wait,
                 bytes_max,
