@@ -31,7 +31,7 @@
 //! durable_echo serve [--listen ADDR] [--cpu N] [--dir DIR] [--file-bytes N]
 //!                    [--blocks written|fallocated] [--dsync] [--memory]
 //! durable_echo client ADDR [--messages N] [--warmup N] [--message-size B]
-//!                    [--acks durable|memory] [--topic NAME]
+//!                    [--acks durable|memory] [--topic NAME] [--rate N]
 //! ```
 //! `serve` prints `durable_echo serving on ADDR` once it accepts connections (port 0
 //! picks a free one). CreateTopic makes `DIR/<topic>-<partition>.log` of `--file-bytes`
@@ -46,7 +46,11 @@
 //! `client` is a blocking std client, one one-record Produce at a time: it creates the
 //! topic (one partition) if missing, connects to the owning shard's port, and prints
 //! round-trip percentiles in microseconds as one JSON object, like
-//! `examples/tcp_pingpong.rs`. It drives durable_echo and shardq alike.
+//! `examples/tcp_pingpong.rs`. It drives durable_echo and shardq alike. By default it
+//! sends the next request as soon as the last is answered, so neither side's CPU ever
+//! goes idle; `--rate N` sends one request every 1/N s instead (sleeping in between, as
+//! `shardq bench --rate` does), so each round trip starts from idle CPUs on both sides.
+//! Each round trip is timed from its actual send, so the rate's timer is not in it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -54,7 +58,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -103,7 +107,7 @@ fn usage(problem: &str) -> ! {
         "usage: durable_echo serve [--listen ADDR] [--cpu N] [--dir DIR] [--file-bytes N] \
          [--blocks written|fallocated] [--dsync] [--memory]\n       \
          durable_echo client ADDR [--messages N] [--warmup N] [--message-size B] \
-         [--acks durable|memory] [--topic NAME]"
+         [--acks durable|memory] [--topic NAME] [--rate N]"
     );
     std::process::exit(2);
 }
@@ -706,6 +710,8 @@ struct ClientOptions {
     message_size: usize,
     acks: Acks,
     topic: String,
+    /// Requests per second, paced; none: back to back.
+    rate_per_s: Option<u32>,
 }
 
 impl ClientOptions {
@@ -720,6 +726,7 @@ impl ClientOptions {
             message_size: 1024,
             acks: Acks::Durable,
             topic: "durable-echo".into(),
+            rate_per_s: None,
         };
         while let Some(argument) = arguments.next() {
             match argument.as_str() {
@@ -730,11 +737,15 @@ impl ClientOptions {
                 }
                 "--acks" => options.acks = value("--acks", arguments.next()),
                 "--topic" => options.topic = value("--topic", arguments.next()),
+                "--rate" => options.rate_per_s = Some(value("--rate", arguments.next())),
                 other => usage(&format!("unknown option {other:?}")),
             }
         }
         if options.messages == 0 || options.acks == Acks::None {
             usage("client needs --messages of at least 1 and acks memory or durable");
+        }
+        if options.rate_per_s == Some(0) {
+            usage("client needs a --rate of at least 1 request per second");
         }
         options
     }
@@ -836,7 +847,18 @@ fn client(options: ClientOptions) {
     let value = vec![0x5au8; options.message_size];
     let total = options.warmup + options.messages;
     let mut samples_ns: Vec<u64> = Vec::with_capacity(options.messages);
+    let interval = options
+        .rate_per_s
+        .map(|rate| Duration::from_nanos(1_000_000_000 / u64::from(rate)));
+    let first_send = Instant::now();
     for round in 0..total {
+        if let Some(interval) = interval {
+            let intended = first_send + interval * round as u32;
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+        }
         let started = Instant::now();
         let mut builder = BatchBuilder::new(BytesMut::with_capacity(options.message_size + 128));
         let now_ms = SystemTime::now()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Single-message latency of shardq against baselines measured in the same run (issue 10):
-#   1. 64 B TCP ping-pong (examples/tcp_pingpong): the network's floor
+#   1. 64 B TCP ping-pong (examples/tcp_pingpong): the network's floor, back to back
+#      (neither CPU ever idle) and paced at the bench's 1,000/s (both CPUs idle between
+#      round trips, as in every bench row: on a VM each wake-up from idle costs tens of
+#      microseconds, so this is the floor the bench rows stand on)
 #   2. fio, 4 KiB O_DIRECT writes one at a time (psync, as scripts/bench-baseline.sh):
 #      write + fdatasync, and writes to a file opened O_DSYNC, each into fallocated
 #      (unwritten) blocks and into blocks written before: the disk's floor
@@ -11,17 +14,20 @@
 #   4. shardq itself with the same bench command: acks memory and durable, `--cores 1`
 #      and every core, each on a fresh broker
 #   5. durable_echo's blocking client (one request at a time, no tokio) against
-#      durable_echo and `shardq --cores 1`: the servers without the tokio client's cost
+#      durable_echo and `shardq --cores 1`: the servers without the tokio client's cost,
+#      back to back and paced at 1,000/s (`--rate`; the paced rows against the bench's
+#      rows are the tokio client's own cost)
 # It prints every figure (p50 / p99 in us) and shardq's overhead over durable_echo
 # (difference and ratio), and writes everything to one JSON file.
 #
 # Usage: scripts/bench-latency.sh [--data-dir DIR] [--json FILE] [--seconds S]
 # Bounded: each fio job and each bench run measures S seconds (default 10) after a 1 s
-# warm-up; the blocking client sends 10,000 messages a run: about 3 minutes in all.
+# warm-up; the blocking client sends 10,000 messages a run (10 s when paced), the
+# paced ping-pong 10,000 round trips: about 4 minutes in all.
 # Environment:
 #   BENCH_LATENCY_SHORT=1   a quick pass for tests and CI (about 30 s): 1 s per fio job,
 #                           0.5 s warm-up + 1 s per bench run, 300 blocking round trips,
-#                           5,000 ping-pongs. Its figures are for checking the script,
+#                           5,000 ping-pongs back to back, 300 paced. Its figures are for checking the script,
 #                           not for the record.
 #   SHARDQ, DURABLE_ECHO, TCP_PINGPONG
 #                           the binaries to use; by default release builds of this
@@ -50,6 +56,9 @@ if [ "$short" = 1 ]; then
 else
     warmup_s=1 fio_ramp_s=1 pingpong_rounds=50000 blocking_messages=10000 blocking_warmup=1000
 fi
+# The one rate every paced row runs at: the bench's, the paced ping-pong's and the paced
+# blocking client's.
+rate_per_s=1000
 
 # shellcheck source=lib/tools.sh
 . "$repo/scripts/lib/tools.sh"
@@ -120,6 +129,16 @@ echo "== TCP ping-pong, 64 B, $pingpong_rounds round trips" >&2
 pingpong_cpus=()
 [ -n "$client_cpus" ] && pingpong_cpus=("$cpu" "${client_cpus%%,*}")
 measure "$results/tcp_pingpong.json" "$TCP_PINGPONG" "$pingpong_rounds" 64 "${pingpong_cpus[@]}"
+if [ ${#pingpong_cpus[@]} -gt 0 ]; then
+    echo "== TCP ping-pong, 64 B, $blocking_messages round trips at $rate_per_s/s" >&2
+    measure "$results/tcp_pingpong_paced.json" "$TCP_PINGPONG" "$blocking_messages" 64 \
+        "${pingpong_cpus[@]}" "$rate_per_s"
+else
+    # Without a second CPU there is nothing to pin, and the paced form takes the CPUs.
+    echo "== TCP ping-pong, 64 B, $blocking_messages round trips at $rate_per_s/s, both on CPU $cpu" >&2
+    measure "$results/tcp_pingpong_paced.json" "$TCP_PINGPONG" "$blocking_messages" 64 \
+        "$cpu" "$cpu" "$rate_per_s"
+fi
 
 # fio: one 4 KiB O_DIRECT write at a time, through io_uring like the broker's (its
 # fdatasync is an io_uring request too), else psync where io_uring is refused. Under load
@@ -155,7 +174,7 @@ fio_job fio_dsync_fallocated fallocated dsync
 fio_job fio_dsync_written written dsync
 
 bench_command=(bench produce --topic latency --partitions 2 --message-size 1024 --batch-size 1
-    --rate 1000 --warmup-s "$warmup_s" --duration-s "$seconds" "${bench_pin[@]}" --quiet)
+    --rate "$rate_per_s" --warmup-s "$warmup_s" --duration-s "$seconds" "${bench_pin[@]}" --quiet)
 echo "${bench_command[*]} --acks ACKS --server ADDRESS --server-pid PID" > "$results/bench.command"
 
 bench_run() { # name, acks, address, pid
@@ -163,10 +182,10 @@ bench_run() { # name, acks, address, pid
     measure "$results/$1.txt" "$SHARDQ" "${bench_command[@]}" --acks "$2" --server "$3" \
         --server-pid "$4" --json "$results/$1.json"
 }
-blocking_run() { # name, acks, address
-    echo "== $1: durable_echo client --acks $2" >&2
+blocking_run() { # name, acks, address, client options...
+    echo "== $1: durable_echo client --acks $2 ${*:4}" >&2
     measure "$results/$1.json" "${client_pin[@]}" "$DURABLE_ECHO" client "$3" --acks "$2" \
-        --messages "$blocking_messages" --warmup "$blocking_warmup"
+        --messages "$blocking_messages" --warmup "$blocking_warmup" "${@:4}"
 }
 
 echo_address=
@@ -216,13 +235,19 @@ shardq_run shardq_durable durable ""
 
 start_echo blocking_echo_memory --memory
 blocking_run blocking_echo_memory memory "$echo_address"
+blocking_run paced_blocking_echo_memory memory "$echo_address" --rate "$rate_per_s"
 stop_echo
 start_echo blocking_echo_durable_fallocated --blocks fallocated
 blocking_run blocking_echo_durable_fallocated durable "$echo_address"
 stop_echo
+start_echo paced_blocking_echo_durable_fallocated --blocks fallocated
+blocking_run paced_blocking_echo_durable_fallocated durable "$echo_address" --rate "$rate_per_s"
+stop_echo
 start_broker "$work/blocking_shardq" "$port" 1
 blocking_run blocking_shardq_memory_cores1 memory "127.0.0.1:$port"
+blocking_run paced_blocking_shardq_memory_cores1 memory "127.0.0.1:$port" --rate "$rate_per_s"
 blocking_run blocking_shardq_durable_cores1 durable "127.0.0.1:$port"
+blocking_run paced_blocking_shardq_durable_cores1 durable "127.0.0.1:$port" --rate "$rate_per_s"
 stop_broker
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -237,8 +262,13 @@ def load(name):
 figures = {}
 ping = load("tcp_pingpong")
 figures["tcp_pingpong_64b"] = {
-    "what": f"64 B TCP ping-pong, loopback (examples/tcp_pingpong), CPUs: {ping.get('cpus', 'not pinned')}",
+    "what": f"64 B TCP ping-pong, loopback (examples/tcp_pingpong), back to back, CPUs: {ping.get('cpus', 'not pinned')}",
     "p50_us": ping["p50_us"], "p99_us": ping["p99_us"],
+}
+paced = load("tcp_pingpong_paced")
+figures["tcp_pingpong_64b_paced"] = {
+    "what": f"64 B TCP ping-pong, loopback, {paced['rate_per_s']} round trips/s (idle CPUs between), CPUs: {paced['cpus']}",
+    "p50_us": paced["p50_us"], "p99_us": paced["p99_us"],
 }
 
 def pct(lat, q):
@@ -298,6 +328,10 @@ for name, what in [
     ("blocking_echo_durable_fallocated", "blocking client, durable_echo fallocated blocks, acks durable"),
     ("blocking_shardq_memory_cores1", "blocking client, shardq --cores 1, acks memory"),
     ("blocking_shardq_durable_cores1", "blocking client, shardq --cores 1, acks durable"),
+    ("paced_blocking_echo_memory", "blocking client at the bench's rate, durable_echo --memory, acks memory"),
+    ("paced_blocking_echo_durable_fallocated", "blocking client at the bench's rate, durable_echo fallocated blocks, acks durable"),
+    ("paced_blocking_shardq_memory_cores1", "blocking client at the bench's rate, shardq --cores 1, acks memory"),
+    ("paced_blocking_shardq_durable_cores1", "blocking client at the bench's rate, shardq --cores 1, acks durable"),
 ]:
     run = load(name)
     figures[name] = {
@@ -315,6 +349,12 @@ pairs = [
     ("shardq_durable_cores1", "echo_durable_written"),
     ("blocking_shardq_memory_cores1", "blocking_echo_memory"),
     ("blocking_shardq_durable_cores1", "blocking_echo_durable_fallocated"),
+    ("paced_blocking_shardq_memory_cores1", "paced_blocking_echo_memory"),
+    ("paced_blocking_shardq_durable_cores1", "paced_blocking_echo_durable_fallocated"),
+    # The same server at the same rate, the tokio client against the blocking one: the
+    # tokio client's own cost per round trip.
+    ("shardq_memory_cores1", "paced_blocking_shardq_memory_cores1"),
+    ("shardq_durable_cores1", "paced_blocking_shardq_durable_cores1"),
 ]
 overhead = []
 for ours, base in pairs:
@@ -326,6 +366,23 @@ for ours, base in pairs:
         "p50_ratio": round(a["p50_us"] / b["p50_us"], 2) if b["p50_us"] else None,
         "p99_ratio": round(a["p99_us"] / b["p99_us"], 2) if b["p99_us"] else None,
     })
+
+# Issue 10's goals, against the floors of this run: the back-to-back ping-pong the issue
+# names, and the same ping-pong at the bench's rate (the floor a paced client stands on).
+written = figures["fio_fdatasync_written"]["p50_us"]
+goals = []
+for floor in ["tcp_pingpong_64b", "tcp_pingpong_64b_paced"]:
+    ping_p50 = figures[floor]["p50_us"]
+    for row, limit, slack in [
+        ("shardq_memory_cores1", ping_p50 + 25, "ping-pong p50 + 25 us"),
+        ("shardq_durable_cores1", ping_p50 + written + 40, "ping-pong p50 + fio written write+fdatasync p50 + 40 us"),
+    ]:
+        p50 = figures[row]["p50_us"]
+        goals.append({
+            "figure": row, "floor": floor, "limit": slack,
+            "limit_p50_us": round(limit, 1), "p50_us": p50,
+            "over_limit_us": round(p50 - limit, 1), "met": p50 <= limit,
+        })
 
 result = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -342,6 +399,7 @@ result = {
     "bench_command": open(os.path.join(results, "bench.command")).read().strip(),
     "figures": figures,
     "overhead": overhead,
+    "goals": goals,
 }
 json.dump(result, open(out, "w"), indent=2)
 
@@ -350,10 +408,15 @@ print(f"single-message latency, {result['date']}, {os.cpu_count()} CPUs, data on
 print(f"  {'figure':<34} {'p50 us':>9} {'p99 us':>9}  what")
 for name, figure in figures.items():
     print(f"  {name:<34} {figure['p50_us']:>9.1f} {figure['p99_us']:>9.1f}  {figure['what']}")
-print("shardq over the baseline (same client, same run):")
+print("shardq over the baseline (same run; the client is the one each row names):")
 print(f"  {'shardq':<31} {'baseline':<33} {'p50 +us':>8} {'p99 +us':>8} {'p50 x':>6} {'p99 x':>6}")
 for row in overhead:
     print(f"  {row['shardq']:<31} {row['baseline']:<33} {row['p50_diff_us']:>8.1f} "
           f"{row['p99_diff_us']:>8.1f} {row['p50_ratio'] or 0:>6.2f} {row['p99_ratio'] or 0:>6.2f}")
+print("issue 10's p50 goals against each floor:")
+for goal in goals:
+    print(f"  {goal['figure']:<24} over {goal['floor']:<24} p50 {goal['p50_us']:>7.1f} us, "
+          f"limit {goal['limit_p50_us']:>7.1f} ({goal['limit']}): "
+          f"{'met' if goal['met'] else 'missed by %.1f us' % goal['over_limit_us']}")
 PY
 echo "wrote $json_out" >&2

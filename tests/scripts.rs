@@ -952,8 +952,9 @@ fn install_tune_and_latency_scripts_pass_shellcheck() {
 // --- bench-latency.sh ------------------------------------------------------------------
 
 /// Every figure `bench-latency.sh` reports, by its name in the JSON.
-const LATENCY_FIGURES: [&str; 17] = [
+const LATENCY_FIGURES: [&str; 22] = [
     "tcp_pingpong_64b",
+    "tcp_pingpong_64b_paced",
     "fio_fdatasync_fallocated",
     "fio_fdatasync_written",
     "fio_dsync_fallocated",
@@ -970,6 +971,10 @@ const LATENCY_FIGURES: [&str; 17] = [
     "blocking_echo_durable_fallocated",
     "blocking_shardq_memory_cores1",
     "blocking_shardq_durable_cores1",
+    "paced_blocking_echo_memory",
+    "paced_blocking_echo_durable_fallocated",
+    "paced_blocking_shardq_memory_cores1",
+    "paced_blocking_shardq_durable_cores1",
 ];
 
 #[test]
@@ -1030,7 +1035,7 @@ fn bench_latency_short_mode_reports_every_figure_and_cleans_up() {
         assert!(messages >= 900, "{name}: {messages} messages\n{report:#}");
     }
     let overhead = report["overhead"].as_array().expect("an overhead list");
-    assert_eq!(overhead.len(), 7, "{report:#}");
+    assert_eq!(overhead.len(), 11, "{report:#}");
     for row in overhead {
         for key in ["p50_diff_us", "p99_diff_us", "p50_ratio", "p99_ratio"] {
             assert!(row[key].is_f64() || row[key].is_i64(), "{key} in {row}");
@@ -1040,6 +1045,25 @@ fn bench_latency_short_mode_reports_every_figure_and_cleans_up() {
             assert!(LATENCY_FIGURES.contains(&name), "{side} {name:?} in {row}");
         }
     }
+    // Each p50 goal of issue 10 against both floors, with its limit worked out from this
+    // run's own figures.
+    let goals = report["goals"].as_array().expect("a goals list");
+    assert_eq!(goals.len(), 4, "{report:#}");
+    for goal in goals {
+        let floor = goal["floor"].as_str().unwrap_or("");
+        let figure = goal["figure"].as_str().unwrap_or("");
+        assert!(floor.starts_with("tcp_pingpong_64b"), "{goal}");
+        let floor_p50 = figures[floor]["p50_us"].as_f64().unwrap();
+        let limit = goal["limit_p50_us"].as_f64().unwrap_or(-1.0);
+        assert!(limit > floor_p50, "{goal}\n{report:#}");
+        let p50 = figures[figure]["p50_us"].as_f64().unwrap();
+        assert_eq!(goal["met"].as_bool(), Some(p50 <= limit), "{goal}");
+    }
+    assert!(
+        run.stdout.contains("issue 10's p50 goals"),
+        "the goals are not printed\n{}",
+        run.stdout
+    );
     // The servers were stopped: no process names the data dir on its command line (each
     // server's data file or directory lies under it); and the work directory is gone.
     let data_text = data.to_str().unwrap();
