@@ -42,6 +42,7 @@ fn config_with_step(preallocate_step_bytes: u64) -> LogConfig {
         producers_per_partition_max: 10_000,
         producer_snapshot_interval_bytes: 16 << 20,
         zero_fill: ZeroFillConfig::OFF,
+        dsync_write_bytes_max: 64 * 1024,
     }
 }
 

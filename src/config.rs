@@ -91,6 +91,10 @@ pub struct ServerConfig {
     pub segment_zero_fill_chunk_bytes: u64,
     /// Disk bandwidth a shard's partitions may spend zero-filling, together. 0: off.
     pub segment_zero_fill_bytes_per_second_per_shard: u64,
+    /// A durable round that is one write of at most this many bytes (and grows no file)
+    /// is written through an O_DSYNC handle of its segment, durable when the write
+    /// returns, instead of a write then an fdatasync. 0: every round fdatasyncs.
+    pub segment_dsync_write_bytes_max: u64,
     /// Size of one aligned append chunk; a batch must fit in one chunk.
     pub chunk_size_bytes: usize,
     /// Per-shard budget for append chunks, written or waiting to be; appends wait
@@ -243,6 +247,7 @@ impl Default for ServerConfig {
             segment_zero_fill_lookahead_bytes: 4 << 20,
             segment_zero_fill_chunk_bytes: 64 << 10,
             segment_zero_fill_bytes_per_second_per_shard: 32 << 20,
+            segment_dsync_write_bytes_max: 1 << 20,
             chunk_size_bytes: 1 << 20,
             chunk_memory_bytes_per_shard_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
@@ -353,6 +358,10 @@ pub const SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX: u64 = 16 << 20;
 
 /// The highest zero-fill bandwidth per shard: past any single disk.
 pub const SEGMENT_ZERO_FILL_BYTES_PER_SECOND_PER_SHARD_MAX: u64 = 64 << 30;
+
+/// The largest `segment_dsync_write_bytes_max`: a round is one chunk at most, and a chunk
+/// at most `CHUNK_SIZE_BYTES_MAX`.
+pub const SEGMENT_DSYNC_WRITE_BYTES_MAX: u64 = CHUNK_SIZE_BYTES_MAX as u64;
 
 /// The largest tail cache per shard.
 pub const TAIL_CACHE_BYTES_PER_SHARD_MAX: usize = 1 << 40;
@@ -599,6 +608,17 @@ impl ServerConfig {
                 "segment_zero_fill_chunk_bytes",
                 &self.segment_zero_fill_chunk_bytes,
                 format!("a multiple of {alignment} from {alignment} to {SEGMENT_ZERO_FILL_CHUNK_BYTES_MAX}"),
+            );
+        }
+        if self.segment_dsync_write_bytes_max % alignment as u64 != 0
+            || self.segment_dsync_write_bytes_max > SEGMENT_DSYNC_WRITE_BYTES_MAX
+        {
+            return fail(
+                "segment_dsync_write_bytes_max",
+                &self.segment_dsync_write_bytes_max,
+                format!(
+                    "0 (off) or a multiple of {alignment} up to {SEGMENT_DSYNC_WRITE_BYTES_MAX}"
+                ),
             );
         }
         if self.segment_zero_fill_lookahead_bytes % alignment as u64 != 0

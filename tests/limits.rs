@@ -1140,6 +1140,14 @@ fn rows() -> Vec<Row> {
                 "4096",
             ),
         R::range("segment_zero_fill_bytes_per_second_per_shard", 0, 64 * GIB),
+        // O_DSYNC rounds: 0 (off) or whole blocks up to the largest chunk (1 GiB).
+        R::range("segment_dsync_write_bytes_max", 0, GIB)
+            .also_refused(6144, aligned("segment_dsync_write_bytes_max"), "4096")
+            .also_refused(
+                GIB + 4096,
+                aligned("segment_dsync_write_bytes_max"),
+                "1073741824",
+            ),
         // Whole blocks, from 2 blocks to 1 GiB (with a budget of 4 of the largest).
         R::range("chunk_size_bytes", 8192, GIB)
             .given(&[("chunk_memory_bytes_per_shard_max", 4 * GIB)])

@@ -509,6 +509,7 @@ config_keys! {
         segment_zero_fill_lookahead_bytes: U64,
         segment_zero_fill_chunk_bytes: U64,
         segment_zero_fill_bytes_per_second_per_shard: U64,
+        segment_dsync_write_bytes_max: U64,
         chunk_size_bytes: Usize,
         chunk_memory_bytes_per_shard_max: Usize,
         fetch_wait_ms_max: U32,
@@ -823,14 +824,16 @@ mod tests {
     }
 
     #[test]
-    fn file_sets_the_zero_fill_keys() {
+    fn file_sets_the_zero_fill_and_dsync_keys() {
         let layered = file(
             "segment_zero_fill_lookahead_bytes = 8_388_608
 segment_zero_fill_chunk_bytes = 131072
 segment_zero_fill_bytes_per_second_per_shard = 0
+segment_dsync_write_bytes_max = 0
 ",
         )
         .unwrap();
+        assert_eq!(layered.config.segment_dsync_write_bytes_max, 0);
         assert_eq!(layered.config.segment_zero_fill_lookahead_bytes, 8 << 20);
         assert_eq!(layered.config.segment_zero_fill_chunk_bytes, 128 << 10);
         assert_eq!(
@@ -838,6 +841,7 @@ segment_zero_fill_bytes_per_second_per_shard = 0
             0
         );
         let defaults = file("").unwrap().config;
+        assert_eq!(defaults.segment_dsync_write_bytes_max, 1 << 20);
         assert_eq!(defaults.segment_zero_fill_lookahead_bytes, 4 << 20);
         assert_eq!(defaults.segment_zero_fill_chunk_bytes, 64 << 10);
         assert_eq!(

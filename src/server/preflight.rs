@@ -261,6 +261,9 @@ const DESCRIPTORS_PER_SHARD: u64 = 11;
 const DESCRIPTORS_PER_PROCESS: u64 = 7;
 /// Each segment holds its `.log` and `.index` open while its partition is open.
 const DESCRIPTORS_PER_SEGMENT: u64 = 2;
+/// With O_DSYNC rounds (`segment_dsync_write_bytes_max` above 0) each partition holds a
+/// second descriptor of the segment it writes.
+const DESCRIPTORS_PER_PARTITION_DSYNC: u64 = 1;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -1197,10 +1200,15 @@ fn check_open_files(config: &ServerConfig, shards: usize, state: Option<&DataDir
             }),
         _ => (0, 0),
     };
+    let segment_descriptors = if config.segment_dsync_write_bytes_max > 0 {
+        segment_descriptors + partitions * DESCRIPTORS_PER_PARTITION_DSYNC
+    } else {
+        segment_descriptors
+    };
     let fixed = DESCRIPTORS_PER_PROCESS + DESCRIPTORS_PER_SHARD * shards as u64;
     let needed = connections + segment_descriptors + fixed;
     let found = format!(
-        "{} (serve raises its soft limit to it); needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions + {fixed} for the shards and the process",
+        "{} (serve raises its soft limit to it); needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions (with one O_DSYNC descriptor each when segment_dsync_write_bytes_max is above 0) + {fixed} for the shards and the process",
         limit.map_or_else(|| "hard limit unlimited".to_owned(), |limit| format!("hard limit {limit}"))
     );
     let fix = format!(

@@ -444,6 +444,8 @@ impl Shard {
                 lookahead_bytes: self.config.segment_zero_fill_lookahead_bytes,
                 chunk_bytes: self.config.segment_zero_fill_chunk_bytes,
             },
+            // At most CHUNK_SIZE_BYTES_MAX (1 GiB): validated, so it fits.
+            dsync_write_bytes_max: self.config.segment_dsync_write_bytes_max as usize,
         }
     }
 

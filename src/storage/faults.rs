@@ -14,7 +14,12 @@
 //! - a write not yet covered by a completed fdatasync of its file is, at the crash, kept,
 //!   lost, or torn: each 4 KiB block independently keeps the new bytes, keeps the old
 //!   ones, or holds a prefix of the new bytes over the old ones (a block written part
-//!   way). An fdatasync covers only the writes that had completed when it started;
+//!   way). An fdatasync covers only the writes that had completed when it started. A
+//!   write through a handle opened for durable writes (`open_dsync`, O_DSYNC) is covered
+//!   once it returns success, and by nothing else: one still in flight at the crash is
+//!   kept, lost or torn like any other. Its blocks keep its bytes whatever becomes of
+//!   older unsynced writes to them (a zero-fill ahead of the data, say): the disk holds
+//!   the newest durable content of a block;
 //! - a directory entry change (a file created, renamed, removed; a directory created)
 //!   not yet followed by a completed fsync of its directory may be undone at the crash.
 //!   Changes are undone as a suffix of the order they were made in: a journaling file
@@ -71,6 +76,13 @@ fn os_error(fault: Fault) -> io::Error {
     }
 }
 
+/// The (device, inode) of the file at `path`: two handles of one file share it.
+fn identity(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
 fn crashed_error() -> io::Error {
     io::Error::other("simulated crash: storage is gone")
 }
@@ -79,6 +91,8 @@ struct UnsyncedWrite {
     /// In the order the writes started.
     id: u64,
     file: Rc<DmaFile>,
+    /// (device, inode): the file whatever handle wrote it.
+    identity: (u64, u64),
     /// A segment file (`.log`): what "a torn data write" counts.
     segment: bool,
     /// Every byte written was zero: on a segment, a zero-fill write ahead of the data
@@ -206,8 +220,14 @@ pub struct FaultPlan {
     pub next_sync: Cell<Option<Fault>>,
     /// The next open of a segment file (`.log`): a roll creating its segment, say.
     pub next_segment_open: Cell<Option<Fault>>,
+    /// The next `open_dsync` fails this way (once).
+    pub next_dsync_open: Cell<Option<Fault>>,
     /// Reads that reached the files: what the tail cache is meant to spare.
     pub reads: Cell<u64>,
+    /// Writes through handles opened for durable writes that returned success.
+    pub dsync_writes: Cell<u64>,
+    /// Completed fdatasyncs, of any file.
+    pub fdatasyncs: Cell<u64>,
     /// The storage crashes at this operation (counted from 1 over the plan's life).
     pub crash_at_operation: Cell<Option<u64>>,
     /// The storage crashes some operations after the next one that matches this trigger:
@@ -428,8 +448,12 @@ impl FaultyStorage {
 
 pub struct FaultyFile {
     inner: Rc<DmaFile>,
+    /// (device, inode), taken at open.
+    identity: (u64, u64),
     path: PathBuf,
     plan: Rc<FaultPlan>,
+    /// Opened by `open_dsync`: each write is durable when it returns.
+    dsync: bool,
 }
 
 impl FaultyFile {
@@ -460,12 +484,14 @@ impl LogFile for FaultyFile {
         self.plan.unsynced.borrow_mut().push(UnsyncedWrite {
             id,
             file: Rc::clone(&self.inner),
+            identity: self.identity,
             segment: self.is_segment(),
             zeros: buffer.as_bytes().iter().all(|byte| *byte == 0),
             position,
             previous,
             completed: false,
         });
+        let durable_bytes = self.dsync.then(|| Rc::clone(&buffer));
         let written = if fault == Some(Fault::Short) {
             let half = (buffer.len() / 2 / ALIGNMENT_BYTES * ALIGNMENT_BYTES).max(ALIGNMENT_BYTES);
             let half = half.min(buffer.len());
@@ -489,6 +515,30 @@ impl LogFile for FaultyFile {
         }
         let written = written?;
         operation.finish()?;
+        if let Some(bytes) = durable_bytes {
+            // Returned before any crash: O_DSYNC made it durable. Older unsynced writes to
+            // the same blocks can no longer take them back: what they would restore there
+            // is now these bytes.
+            let bytes = &bytes.as_bytes()[..written.min(bytes.len())];
+            let end = position + bytes.len() as u64;
+            let mut unsynced = self.plan.unsynced.borrow_mut();
+            for older in unsynced
+                .iter_mut()
+                .filter(|older| older.id < id && older.identity == self.identity)
+            {
+                let from = older.position.max(position);
+                let to = (older.position + older.previous.len() as u64).min(end);
+                if from < to {
+                    older.previous
+                        [(from - older.position) as usize..(to - older.position) as usize]
+                        .copy_from_slice(
+                            &bytes[(from - position) as usize..(to - position) as usize],
+                        );
+                }
+            }
+            unsynced.retain(|write| write.id != id);
+            self.plan.dsync_writes.set(self.plan.dsync_writes.get() + 1);
+        }
         Ok(written)
     }
 
@@ -511,11 +561,12 @@ impl LogFile for FaultyFile {
             .unsynced
             .borrow()
             .iter()
-            .filter(|write| write.completed && Rc::ptr_eq(&write.file, &self.inner))
+            .filter(|write| write.completed && write.identity == self.identity)
             .map(|write| write.id)
             .collect();
         self.inner.fdatasync().await?;
         operation.finish()?;
+        self.plan.fdatasyncs.set(self.plan.fdatasyncs.get() + 1);
         self.plan
             .unsynced
             .borrow_mut()
@@ -566,8 +617,26 @@ impl LogStorage for FaultyStorage {
         operation.finish()?;
         Ok(FaultyFile {
             inner: Rc::new(inner),
+            identity: identity(path)?,
             path: path.to_path_buf(),
             plan: Rc::clone(&self.plan),
+            dsync: false,
+        })
+    }
+
+    async fn open_dsync(&self, path: &Path) -> io::Result<FaultyFile> {
+        let operation = self.plan.begin("open_dsync", path)?;
+        if let Some(fault) = self.plan.next_dsync_open.take() {
+            return Err(os_error(fault));
+        }
+        let inner = DmaStorage.open_dsync(path).await?;
+        operation.finish()?;
+        Ok(FaultyFile {
+            inner: Rc::new(inner),
+            identity: identity(path)?,
+            path: path.to_path_buf(),
+            plan: Rc::clone(&self.plan),
+            dsync: true,
         })
     }
 

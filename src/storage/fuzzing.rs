@@ -231,6 +231,7 @@ fn recover_once(image: &SegmentImage, segment: &[u8], index: Option<&[u8]>) -> R
         producers_per_partition_max: 10_000,
         producer_snapshot_interval_bytes: 16 << 20,
         zero_fill: super::ZeroFillConfig::OFF,
+        dsync_write_bytes_max: 64 * 1024,
     };
     let (scan, outcome) = block_on(async {
         let scanned = match scan_segment_files(

@@ -74,6 +74,11 @@ pub struct LogConfig {
     /// Zero-filling ahead of the write position (`storage::zero_fill`); the bandwidth
     /// budget is the shard's (`PartitionLog::open`).
     pub zero_fill: ZeroFillConfig,
+    /// A round that is one write of at most this many bytes (and grows no file) goes
+    /// through the segment's O_DSYNC handle, durable when the write returns, instead of
+    /// a write and then an fdatasync: one disk operation and one wake-up fewer. 0: every
+    /// round is a write and an fdatasync.
+    pub dsync_write_bytes_max: usize,
 }
 
 /// What a write or fdatasync error other than "disk full" does. Either way the partition
@@ -397,6 +402,30 @@ enum ZeroFillStep {
 }
 
 /// What one group-commit round writes and what it makes durable.
+/// A segment's O_DSYNC handle (`PartitionLog::dsync_handle`).
+struct DsyncHandle<F> {
+    /// The segment's own file, weak so that the handle never keeps the segment from
+    /// being recycled (`delete_segments` counts its strong references).
+    segment: std::rc::Weak<F>,
+    /// None: opening it failed, and that segment's rounds fdatasync.
+    handle: Option<Rc<F>>,
+}
+
+impl<F> DsyncHandle<F> {
+    fn is_for(&self, file: &Rc<F>) -> bool {
+        std::ptr::eq(self.segment.as_ptr(), Rc::as_ptr(file))
+    }
+}
+
+/// How a round's writes were made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RoundSync {
+    /// Written, then every file written was fdatasync'ed.
+    Synced,
+    /// One write through an O_DSYNC handle: durable as written, and nothing else with it.
+    Written,
+}
+
 struct Round<F> {
     /// Space reserved before the writes; kept with a round retried after a full disk.
     extensions: Vec<Extension<F>>,
@@ -440,6 +469,8 @@ pub struct PartitionLog<S: LogStorage = DmaStorage> {
     zero_fill_progress: Notify,
     /// The last zero-fill step found nothing to do, and no round ran since.
     zero_fill_idle: std::cell::Cell<bool>,
+    /// The O_DSYNC handle of the last segment rounds wrote through one.
+    dsync_handle: RefCell<Option<DsyncHandle<S::File>>>,
 }
 
 /// Milliseconds since the Unix epoch by the broker's clock.
@@ -519,6 +550,7 @@ impl<S: LogStorage> PartitionLog<S> {
             zero_filled_bytes: std::cell::Cell::new(0),
             zero_fill_progress: Notify::new(),
             zero_fill_idle: std::cell::Cell::new(false),
+            dsync_handle: RefCell::new(None),
         });
         let flusher = glommio::spawn_local(Rc::clone(&log).run_flusher()).detach();
         *log.flusher.borrow_mut() = Some(flusher);
@@ -967,6 +999,17 @@ impl<S: LogStorage> PartitionLog<S> {
                 segment.durable_position, segment.end_position,
                 "only segments that are entirely durable are deleted"
             );
+        }
+        // A removed segment's O_DSYNC handle goes with it, before the file may be kept as
+        // the spare (and written again as another segment).
+        {
+            let mut handle = self.dsync_handle.borrow_mut();
+            let held_by_removed = handle
+                .as_ref()
+                .is_some_and(|kept| removed.iter().any(|segment| kept.is_for(&segment.file)));
+            if held_by_removed {
+                *handle = None;
+            }
         }
         // The log start has already moved: reads below it get OffsetOutOfRange, and a
         // read in flight keeps its own handle on the file until it finishes. One deleted
@@ -1757,8 +1800,8 @@ impl<S: LogStorage> PartitionLog<S> {
     async fn run_round(&self, round: Round<S::File>) {
         self.zero_fill_idle.set(false);
         let error = match self.write_round(&round).await {
-            Ok(()) => {
-                self.round_durable(&round);
+            Ok(sync) => {
+                self.round_durable(&round, sync);
                 // On the flusher, after the round's waiters are released; the next round
                 // waits for it (about one small write and two syncs per
                 // `producer_snapshot_interval_bytes`).
@@ -1832,7 +1875,7 @@ impl<S: LogStorage> PartitionLog<S> {
         }
     }
 
-    async fn write_round(&self, round: &Round<S::File>) -> Result<(), StorageError> {
+    async fn write_round(&self, round: &Round<S::File>) -> Result<RoundSync, StorageError> {
         // Zero-fill and rounds share the flusher task: a zero-fill write never overlaps a
         // round's writes of the same blocks (storage::zero_fill, the contract).
         assert!(
@@ -1847,6 +1890,17 @@ impl<S: LogStorage> PartitionLog<S> {
                 .await
                 .map_err(|source| StorageError::io("preallocating", &extension.path, source))?;
         }
+        // One write and nothing to grow: durable as it is written (O_DSYNC), with no
+        // fdatasync after it.
+        let dsync = match round.chunks.as_slice() {
+            [chunk]
+                if round.extensions.is_empty()
+                    && chunk.buffer.len() <= self.config.dsync_write_bytes_max =>
+            {
+                self.dsync_handle(chunk).await
+            }
+            _ => None,
+        };
         let started = std::time::Instant::now();
         let mut writes = Vec::with_capacity(round.chunks.len());
         let mut files: Vec<(Rc<S::File>, PathBuf)> = Vec::new();
@@ -1854,7 +1908,7 @@ impl<S: LogStorage> PartitionLog<S> {
             if !files.iter().any(|(file, _)| Rc::ptr_eq(file, &chunk.file)) {
                 files.push((Rc::clone(&chunk.file), chunk.path.clone()));
             }
-            let file = Rc::clone(&chunk.file);
+            let file = dsync.clone().unwrap_or_else(|| Rc::clone(&chunk.file));
             let buffer = Rc::clone(&chunk.buffer);
             let path = chunk.path.clone();
             let file_start = chunk.file_start;
@@ -1901,10 +1955,14 @@ impl<S: LogStorage> PartitionLog<S> {
             .write_seconds
             .record(started.elapsed().as_secs_f64());
         // A fault point for tests of durable produces that time out (debug builds only):
-        // `SHARDQ_TEST_FDATASYNC_DELAY_MS` holds every round here, written but not synced.
+        // `SHARDQ_TEST_FDATASYNC_DELAY_MS` holds every round here, before its fdatasync
+        // (after its O_DSYNC write), unacknowledged.
         #[cfg(debug_assertions)]
         if let Some(delay) = crate::test_hooks::fdatasync_delay() {
             glommio::timer::sleep(delay).await;
+        }
+        if dsync.is_some() {
+            return Ok(RoundSync::Written);
         }
         for (file, path) in &files {
             let sync_started = std::time::Instant::now();
@@ -1915,10 +1973,40 @@ impl<S: LogStorage> PartitionLog<S> {
                 .fdatasync_seconds
                 .record(sync_started.elapsed().as_secs_f64());
         }
-        Ok(())
+        Ok(RoundSync::Synced)
     }
 
-    fn round_durable(&self, round: &Round<S::File>) {
+    /// The O_DSYNC handle of `chunk`'s segment: the one kept from the last round if it
+    /// wrote the same segment, else opened now (once a segment; the last one is
+    /// dropped). None when opening it failed: that segment's rounds then fdatasync, as
+    /// they would with `dsync_write_bytes_max` 0, and one warning says so.
+    async fn dsync_handle(&self, chunk: &SealedChunk<S::File>) -> Option<Rc<S::File>> {
+        if let Some(kept) = &*self.dsync_handle.borrow() {
+            if kept.is_for(&chunk.file) {
+                return kept.handle.clone();
+            }
+        }
+        let handle = match self.storage.open_dsync(&chunk.path).await {
+            Ok(handle) => Some(Rc::new(handle)),
+            Err(source) => {
+                let error =
+                    StorageError::io("opening segment for O_DSYNC writes", &chunk.path, source);
+                tracing::warn!(
+                    partition_directory = %self.directory.display(),
+                    error = %error,
+                    "{error}; this segment's rounds use write + fdatasync instead"
+                );
+                None
+            }
+        };
+        self.dsync_handle.replace(Some(DsyncHandle {
+            segment: Rc::downgrade(&chunk.file),
+            handle: handle.clone(),
+        }));
+        handle
+    }
+
+    fn round_durable(&self, round: &Round<S::File>, sync: RoundSync) {
         let released = {
             let mut state = self.state.borrow_mut();
             state.full = false;
@@ -1943,10 +2031,12 @@ impl<S: LogStorage> PartitionLog<S> {
                     .rev()
                     .find(|segment| Rc::ptr_eq(&segment.file, &chunk.file))
                 {
-                    // Written and synced: whatever zeros the round's fdatasync covered
-                    // are synced too.
                     segment.written_bytes = segment.written_bytes.max(end);
-                    segment.zero_fill_unsynced = false;
+                    // Whatever zeros the round's fdatasync covered are synced too; an
+                    // O_DSYNC write covers only itself.
+                    if sync == RoundSync::Synced {
+                        segment.zero_fill_unsynced = false;
+                    }
                 }
             }
             for segment in state.segments.iter_mut() {

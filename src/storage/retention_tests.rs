@@ -30,6 +30,7 @@ fn config(recycle_segments: bool) -> LogConfig {
         producers_per_partition_max: 1_000,
         producer_snapshot_interval_bytes: 16 << 20,
         zero_fill: ZeroFillConfig::OFF,
+        dsync_write_bytes_max: 64 * 1024,
     }
 }
 

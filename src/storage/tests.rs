@@ -33,6 +33,8 @@ thread_local! {
     /// Zero-fill for logs opened on this thread: (lookahead bytes, chunk bytes, bytes per
     /// second of the shard budget). Off unless a test turns it on.
     static TEST_ZERO_FILL: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 4096, 0)) };
+    // `LogConfig::dsync_write_bytes_max`: on for every one-chunk round unless a test says.
+    static TEST_DSYNC_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(64 * 1024) };
 }
 
 /// A fresh shard budget for zero-filling at this thread's rate (0: off).
@@ -59,6 +61,7 @@ fn config() -> LogConfig {
                 chunk_bytes,
             }
         }),
+        dsync_write_bytes_max: TEST_DSYNC_BYTES.with(|bytes| bytes.get()),
     }
 }
 
@@ -640,10 +643,74 @@ fn roll_into_a_full_disk_is_refused_and_retried_without_losing_the_tail() {
     });
 }
 
+/// A round that is one write within `dsync_write_bytes_max` goes through the segment's
+/// O_DSYNC handle and is acknowledged with no fdatasync; a bigger one, or any with the
+/// setting at 0, writes and then fdatasyncs. Either way it reads back after a reopen.
+#[test]
+fn one_write_rounds_within_the_dsync_limit_need_no_fdatasync() {
+    // (dsync_write_bytes_max, value bytes of 3 records, written through O_DSYNC)
+    for (limit, value_size, dsync) in [(4096, 100, true), (4096, 1400, false), (0, 100, false)] {
+        let (root, directory) = partition_dir();
+        run(root.path(), move || async move {
+            TEST_DSYNC_BYTES.with(|bytes| bytes.set(limit));
+            let storage = Rc::new(FaultyStorage::new());
+            let plan = Rc::clone(&storage.plan);
+            let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+            let syncs_before = plan.fdatasyncs.get();
+            log.append(&batch(0, 3, value_size)).await.unwrap();
+            log.wait_durable(3).await.unwrap();
+            let syncs = plan.fdatasyncs.get() - syncs_before;
+            let case = format!("limit {limit}, values of {value_size} bytes");
+            if dsync {
+                assert_eq!((plan.dsync_writes.get(), syncs), (1, 0), "{case}");
+            } else {
+                assert_eq!(plan.dsync_writes.get(), 0, "{case}");
+                assert!(syncs >= 1, "{case}: acknowledged with no fdatasync");
+            }
+            log.close().await;
+            let log = open_with(storage, &directory).await.unwrap();
+            let records = read_all_from(&log, 0).await;
+            check_dense(&records, 0);
+            assert_eq!(records.len(), 3, "{case}");
+            log.close().await;
+        });
+    }
+}
+
+/// A segment whose O_DSYNC handle cannot be opened still takes durable rounds: they write
+/// and fdatasync, the partition keeps running, and the open is not tried again for that
+/// segment.
+#[test]
+fn a_segment_without_a_dsync_handle_falls_back_to_fdatasync() {
+    let (root, directory) = partition_dir();
+    run(root.path(), move || async move {
+        let storage = Rc::new(FaultyStorage::new());
+        let plan = Rc::clone(&storage.plan);
+        let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+        plan.next_dsync_open.set(Some(Fault::Eio));
+        let syncs_before = plan.fdatasyncs.get();
+        log.append(&batch(0, 3, 100)).await.unwrap();
+        log.wait_durable(3).await.unwrap();
+        assert_eq!(plan.dsync_writes.get(), 0);
+        assert!(plan.fdatasyncs.get() > syncs_before);
+        assert_eq!(plan.next_dsync_open.get(), None, "the open was tried");
+        // A second open would succeed now; the segment keeps its fallback.
+        log.append(&batch(3, 3, 100)).await.unwrap();
+        log.wait_durable(6).await.unwrap();
+        assert_eq!(plan.dsync_writes.get(), 0);
+        let records = read_all_from(&log, 0).await;
+        check_dense(&records, 0);
+        assert_eq!(records.len(), 6);
+        log.close().await;
+    });
+}
+
 #[test]
 fn an_fsync_error_stops_the_partition_and_keeps_what_was_durable() {
     let (root, directory) = partition_dir();
     run(root.path(), move || async move {
+        // Every round an fdatasync: with O_DSYNC writes a one-chunk round has none.
+        TEST_DSYNC_BYTES.with(|bytes| bytes.set(0));
         let storage = Rc::new(FaultyStorage::new());
         let plan = Rc::clone(&storage.plan);
         let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
@@ -1081,6 +1148,10 @@ async fn model_run(seed: u64, directory: &Path) -> ModelCounts {
             (0, 4096, 0)
         })
     });
+    // Three seeds in seven write one-chunk rounds through the O_DSYNC handle (durable as
+    // written: crashes land in those writes, over zero-filled blocks too); the rest write
+    // and fdatasync every round, where a crash between the two tears more tails.
+    TEST_DSYNC_BYTES.with(|bytes| bytes.set(if seed % 7 < 3 { 64 * 1024 } else { 0 }));
     let mut rng = TestRng::new(seed);
     let mut counts = ModelCounts::default();
     let mut model = Model {
