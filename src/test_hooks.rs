@@ -14,8 +14,9 @@
 //! - `SHARDQ_TEST_STOP_DELAY_MS=<ms>`: a stop takes this much longer (`server::run_shard`);
 //! - `SHARDQ_TEST_PANIC_ON_TOPIC=<topic>`: the last shard panics installing that topic
 //!   (`shard::Shard::install_topic`);
-//! - `SHARDQ_TEST_FDATASYNC_DELAY_MS=<ms>`: every log round waits this long before its
-//!   fdatasync ([`fdatasync_delay`]).
+//! - `SHARDQ_TEST_FDATASYNC_DELAY_MS=<ms>`: every log round waits this long after its
+//!   writes, before its fdatasync (a round written through O_DSYNC: before it is
+//!   acknowledged) ([`fdatasync_delay`]).
 //!
 //! [`fdatasync_delay`]: crate::test_hooks::fdatasync_delay
 

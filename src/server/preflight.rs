@@ -1200,15 +1200,17 @@ fn check_open_files(config: &ServerConfig, shards: usize, state: Option<&DataDir
             }),
         _ => (0, 0),
     };
-    let segment_descriptors = if config.segment_dsync_write_bytes_max > 0 {
-        segment_descriptors + partitions * DESCRIPTORS_PER_PARTITION_DSYNC
+    // Not needed to recover or serve (a segment whose O_DSYNC open fails fdatasyncs its
+    // rounds), so counted only in what is needed without warning.
+    let dsync_descriptors = if config.segment_dsync_write_bytes_max > 0 {
+        partitions * DESCRIPTORS_PER_PARTITION_DSYNC
     } else {
-        segment_descriptors
+        0
     };
     let fixed = DESCRIPTORS_PER_PROCESS + DESCRIPTORS_PER_SHARD * shards as u64;
-    let needed = connections + segment_descriptors + fixed;
+    let needed = connections + segment_descriptors + dsync_descriptors + fixed;
     let found = format!(
-        "{} (serve raises its soft limit to it); needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions (with one O_DSYNC descriptor each when segment_dsync_write_bytes_max is above 0) + {fixed} for the shards and the process",
+        "{} (serve raises its soft limit to it); needed {needed}: {connections} connections (connections_max, connections_per_shard_max x {shards} shards) + {segment_descriptors} segment files of {partitions} partitions + {dsync_descriptors} O_DSYNC segment handles (one a partition, segment_dsync_write_bytes_max) + {fixed} for the shards and the process",
         limit.map_or_else(|| "hard limit unlimited".to_owned(), |limit| format!("hard limit {limit}"))
     );
     let fix = format!(

@@ -127,6 +127,7 @@ impl ShardMetrics {
             round_bytes: self.histogram("shardq_durable_round_bytes"),
             write_seconds: self.histogram("shardq_write_seconds"),
             fdatasync_seconds: self.histogram("shardq_fdatasync_seconds"),
+            dsync_write_seconds: self.histogram("shardq_dsync_write_seconds"),
             tail_cache_hits: self.tail_cache_hits.clone(),
             tail_cache_misses: self.tail_cache_misses.clone(),
             zero_fill_bytes: self.counter("shardq_zero_fill_bytes_total", labels()),

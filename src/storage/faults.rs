@@ -76,11 +76,13 @@ fn os_error(fault: Fault) -> io::Error {
     }
 }
 
-/// The (device, inode) of the file at `path`: two handles of one file share it.
-fn identity(path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = std::fs::metadata(path)?;
-    Ok((metadata.dev(), metadata.ino()))
+/// The (device, inode) of an open file, from its descriptor: two handles of one file
+/// share it.
+fn identity(file: &DmaFile) -> (u64, u64) {
+    (
+        (u64::from(file.dev_major()) << 32) | u64::from(file.dev_minor()),
+        file.inode(),
+    )
 }
 
 fn crashed_error() -> io::Error {
@@ -193,6 +195,12 @@ pub struct CrashReport {
     pub metadata_kept: u64,
     /// Unsynced directory changes undone.
     pub metadata_undone: u64,
+    /// Writes through O_DSYNC handles that returned before the crash, over the storage's
+    /// life: durable, so not resolved by it.
+    pub dsync_writes: u64,
+    /// Times such a write covered blocks of an older unsynced write (a zero-fill), which
+    /// the crash then could not take back.
+    pub dsync_over_unsynced: u64,
 }
 
 impl CrashReport {
@@ -202,6 +210,8 @@ impl CrashReport {
         self.writes_dropped += other.writes_dropped;
         self.writes_torn += other.writes_torn;
         self.segment_writes_torn += other.segment_writes_torn;
+        self.dsync_writes += other.dsync_writes;
+        self.dsync_over_unsynced += other.dsync_over_unsynced;
         self.blocks_written_part_way += other.blocks_written_part_way;
         self.segment_zero_writes_unsynced += other.segment_zero_writes_unsynced;
         self.metadata_kept += other.metadata_kept;
@@ -226,6 +236,9 @@ pub struct FaultPlan {
     pub reads: Cell<u64>,
     /// Writes through handles opened for durable writes that returned success.
     pub dsync_writes: Cell<u64>,
+    /// Times one of those covered blocks of an older unsynced write (a zero-fill): blocks
+    /// a crash can no longer take back.
+    pub dsync_over_unsynced: Cell<u64>,
     /// Completed fdatasyncs, of any file.
     pub fdatasyncs: Cell<u64>,
     /// The storage crashes at this operation (counted from 1 over the plan's life).
@@ -423,6 +436,8 @@ impl FaultPlan {
         let kept = rng.below(changes.len() as u64 + 1) as usize;
         report.metadata_kept = kept as u64;
         report.metadata_undone = (changes.len() - kept) as u64;
+        report.dsync_writes = self.dsync_writes.get();
+        report.dsync_over_unsynced = self.dsync_over_unsynced.get();
         for change in changes[kept..].iter().rev() {
             change.undo();
         }
@@ -529,6 +544,16 @@ impl LogFile for FaultyFile {
                 let from = older.position.max(position);
                 let to = (older.position + older.previous.len() as u64).min(end);
                 if from < to {
+                    // Two writes of one block in flight together have no defined result
+                    // on a disk; the log never issues them (rounds do not overlap, and
+                    // zero-fill never runs beside a round).
+                    assert!(
+                        older.completed,
+                        "an O_DSYNC write overlapped a write still in flight to the same blocks"
+                    );
+                    self.plan
+                        .dsync_over_unsynced
+                        .set(self.plan.dsync_over_unsynced.get() + 1);
                     older.previous
                         [(from - older.position) as usize..(to - older.position) as usize]
                         .copy_from_slice(
@@ -616,8 +641,8 @@ impl LogStorage for FaultyStorage {
         }
         operation.finish()?;
         Ok(FaultyFile {
+            identity: identity(&inner),
             inner: Rc::new(inner),
-            identity: identity(path)?,
             path: path.to_path_buf(),
             plan: Rc::clone(&self.plan),
             dsync: false,
@@ -632,8 +657,8 @@ impl LogStorage for FaultyStorage {
         let inner = DmaStorage.open_dsync(path).await?;
         operation.finish()?;
         Ok(FaultyFile {
+            identity: identity(&inner),
             inner: Rc::new(inner),
-            identity: identity(path)?,
             path: path.to_path_buf(),
             plan: Rc::clone(&self.plan),
             dsync: true,

@@ -645,35 +645,41 @@ fn roll_into_a_full_disk_is_refused_and_retried_without_losing_the_tail() {
 
 /// A round that is one write within `dsync_write_bytes_max` goes through the segment's
 /// O_DSYNC handle and is acknowledged with no fdatasync; a bigger one, or any with the
-/// setting at 0, writes and then fdatasyncs. Either way it reads back after a reopen.
+/// setting at 0, writes and then fdatasyncs. Either way what was acknowledged survives a
+/// crash right after (which loses or tears every write no fdatasync or O_DSYNC covered).
 #[test]
 fn one_write_rounds_within_the_dsync_limit_need_no_fdatasync() {
     // (dsync_write_bytes_max, value bytes of 3 records, written through O_DSYNC)
     for (limit, value_size, dsync) in [(4096, 100, true), (4096, 1400, false), (0, 100, false)] {
-        let (root, directory) = partition_dir();
-        run(root.path(), move || async move {
-            TEST_DSYNC_BYTES.with(|bytes| bytes.set(limit));
-            let storage = Rc::new(FaultyStorage::new());
-            let plan = Rc::clone(&storage.plan);
-            let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
-            let syncs_before = plan.fdatasyncs.get();
-            log.append(&batch(0, 3, value_size)).await.unwrap();
-            log.wait_durable(3).await.unwrap();
-            let syncs = plan.fdatasyncs.get() - syncs_before;
-            let case = format!("limit {limit}, values of {value_size} bytes");
-            if dsync {
-                assert_eq!((plan.dsync_writes.get(), syncs), (1, 0), "{case}");
-            } else {
-                assert_eq!(plan.dsync_writes.get(), 0, "{case}");
-                assert!(syncs >= 1, "{case}: acknowledged with no fdatasync");
-            }
-            log.close().await;
-            let log = open_with(storage, &directory).await.unwrap();
-            let records = read_all_from(&log, 0).await;
-            check_dense(&records, 0);
-            assert_eq!(records.len(), 3, "{case}");
-            log.close().await;
-        });
+        for seed in 1..=6 {
+            let (root, directory) = partition_dir();
+            run(root.path(), move || async move {
+                TEST_DSYNC_BYTES.with(|bytes| bytes.set(limit));
+                let storage = Rc::new(FaultyStorage::new());
+                let plan = Rc::clone(&storage.plan);
+                let log = open_with(Rc::clone(&storage), &directory).await.unwrap();
+                let syncs_before = plan.fdatasyncs.get();
+                log.append(&batch(0, 3, value_size)).await.unwrap();
+                log.wait_durable(3).await.unwrap();
+                let syncs = plan.fdatasyncs.get() - syncs_before;
+                let case = format!("limit {limit}, values of {value_size} bytes, seed {seed}");
+                if dsync {
+                    assert_eq!((plan.dsync_writes.get(), syncs), (1, 0), "{case}");
+                } else {
+                    assert_eq!(plan.dsync_writes.get(), 0, "{case}");
+                    assert!(syncs >= 1, "{case}: acknowledged with no fdatasync");
+                }
+                let report = plan.crash(&mut TestRng::new(seed)).await;
+                log.close().await;
+                let log = open_with(Rc::new(FaultyStorage::new()), &directory)
+                    .await
+                    .unwrap();
+                let records = read_all_from(&log, 0).await;
+                check_dense(&records, 0);
+                assert_eq!(records.len(), 3, "{case}: {report:?}");
+                log.close().await;
+            });
+        }
     }
 }
 
@@ -891,6 +897,16 @@ fn model_based_crash_recovery() {
             total.faults_injected,
             150,
         ),
+        (
+            "rounds written through O_DSYNC before a crash",
+            total.storage.dsync_writes,
+            200,
+        ),
+        (
+            "O_DSYNC writes over unsynced zero-fill",
+            total.storage.dsync_over_unsynced,
+            30,
+        ),
     ];
     for (what, count, minimum) in minimums {
         assert!(
@@ -1085,7 +1101,7 @@ impl std::fmt::Display for ModelCounts {
             .collect();
         write!(
             f,
-            "crashes {} ({}), {} with a torn segment write; unsynced writes kept {} dropped {} torn {} ({} of segments, {} blocks part way, {} zero-fill), in flight {}; directory changes kept {} undone {}; recoveries {}, {} cut a torn tail; records acknowledged {} recovered {}, unacknowledged kept {} lost {}; faults injected {}",
+            "crashes {} ({}), {} with a torn segment write; unsynced writes kept {} dropped {} torn {} ({} of segments, {} blocks part way, {} zero-fill), in flight {}; O_DSYNC writes {} ({} over unsynced zero-fill); directory changes kept {} undone {}; recoveries {}, {} cut a torn tail; records acknowledged {} recovered {}, unacknowledged kept {} lost {}; faults injected {}",
             self.crashes,
             sites.join(", "),
             self.crashes_with_torn_segment_write,
@@ -1096,6 +1112,8 @@ impl std::fmt::Display for ModelCounts {
             storage.blocks_written_part_way,
             storage.segment_zero_writes_unsynced,
             storage.operations_in_flight,
+            storage.dsync_writes,
+            storage.dsync_over_unsynced,
             storage.metadata_kept,
             storage.metadata_undone,
             self.recoveries,
