@@ -1201,7 +1201,7 @@ fn check_open_files(config: &ServerConfig, shards: usize, state: Option<&DataDir
         _ => (0, 0),
     };
     // Not needed to recover or serve (a segment whose O_DSYNC open fails fdatasyncs its
-    // rounds), so counted only in what is needed without warning.
+    // rounds): they count toward the warning below, not toward the failure.
     let dsync_descriptors = if config.segment_dsync_write_bytes_max > 0 {
         partitions * DESCRIPTORS_PER_PARTITION_DSYNC
     } else {

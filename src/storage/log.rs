@@ -76,8 +76,8 @@ pub struct LogConfig {
     pub zero_fill: ZeroFillConfig,
     /// A round that is one write of at most this many bytes (and grows no file) goes
     /// through the segment's O_DSYNC handle, durable when the write returns, instead of
-    /// a write and then an fdatasync: one disk operation and one wake-up fewer. 0: every
-    /// round is a write and an fdatasync.
+    /// a write and then an fdatasync: one I/O and one wake-up fewer. 0: every round is a
+    /// write and an fdatasync.
     pub dsync_write_bytes_max: usize,
 }
 
@@ -404,7 +404,6 @@ enum ZeroFillStep {
     Wait(Duration),
 }
 
-/// What one group-commit round writes and what it makes durable.
 /// A segment's O_DSYNC handle (`PartitionLog::dsync_handle`).
 struct DsyncHandle<F> {
     /// The segment's own file, weak so that the handle never keeps the segment from
@@ -429,6 +428,7 @@ enum RoundSync {
     Written,
 }
 
+/// What one group-commit round writes and what it makes durable.
 struct Round<F> {
     /// Space reserved before the writes; kept with a round retried after a full disk.
     extensions: Vec<Extension<F>>,
