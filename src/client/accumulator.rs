@@ -947,6 +947,14 @@ mod tests {
 
     /// Takes one request after another (one batch of partition 0 each) until nothing
     /// more may go.
+    /// The three batches taken, in take order.
+    fn three_batches(taken: Vec<SealedBatch>) -> [SealedBatch; 3] {
+        let count = taken.len();
+        taken
+            .try_into()
+            .unwrap_or_else(|_| panic!("{count} batches taken, three expected"))
+    }
+
     fn take_all(accumulator: &mut Accumulator, producer_id: u64) -> Vec<SealedBatch> {
         let mut taken = Vec::new();
         loop {
@@ -983,12 +991,7 @@ mod tests {
             vec![0, 1, 2],
             "three in flight, in order"
         );
-        let mut taken = taken.into_iter();
-        let (a, b, c) = (
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-        );
+        let [a, b, c] = three_batches(taken);
         // Answers out of order settle in order: b waits for a.
         assert!(stored(&mut accumulator, b, 1).is_empty());
         assert_eq!(
@@ -1005,12 +1008,7 @@ mod tests {
     #[test]
     fn a_retriable_failure_sends_it_and_the_batches_refused_behind_it_again_in_order() {
         let mut accumulator = pipelined(3, &["1", "2", "3", "4"]);
-        let mut taken = take_all(&mut accumulator, 9).into_iter();
-        let (one, two, three) = (
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-        );
+        let [one, two, three] = three_batches(take_all(&mut accumulator, 9));
         // 3 and 2 are answered first: refused as out of order, since 1 was not stored.
         use crate::protocol::ErrorCode::{OutOfOrderSequence, StorageFull};
         assert!(answer(
@@ -1053,12 +1051,7 @@ mod tests {
     #[test]
     fn a_failure_for_good_fails_the_later_batches_refused_behind_it() {
         let mut accumulator = pipelined(3, &["1", "2", "3", "4"]);
-        let mut taken = take_all(&mut accumulator, 9).into_iter();
-        let (one, two, three) = (
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-            taken.next().unwrap(),
-        );
+        let [one, two, three] = three_batches(take_all(&mut accumulator, 9));
         use crate::protocol::ErrorCode::{InvalidBatch, OutOfOrderSequence};
         let failed = answer(&mut accumulator, one, Answer::Failed(refusal(InvalidBatch)));
         assert!(
